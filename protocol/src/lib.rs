@@ -1,0 +1,19 @@
+//! deckhand's protocol: everything two parties must agree on, as pure code.
+//!
+//! Content ids, chunk maps, manifests, signed envelopes, the S3 key layout and the peer wire frames all
+//! live here. Nothing in this crate touches a file, a socket or a clock: callers pass bytes and `now`,
+//! and get values or errors back. That keeps every rule testable without I/O (see ARCHITECTURE.md).
+
+pub mod chunk;
+pub mod envelope;
+pub mod id;
+pub mod keys;
+pub mod layout;
+pub mod manifest;
+pub mod wire;
+
+pub use chunk::{Chunk, ChunkMap, ChunkMapError, ChunkParams, CHUNK_PARAMS};
+pub use envelope::{Envelope, TrustPolicy, VerifiedManifest, VerifyError};
+pub use id::{BlobId, IdError};
+pub use keys::{KeyError, KeyId, PublicKey, SecretKey};
+pub use manifest::{Artifact, Canary, Manifest, ManifestError, RecognizerSettings, Role};

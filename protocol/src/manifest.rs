@@ -1,0 +1,447 @@
+//! The release manifest, schema `deckhand.manifest/v1`: which blobs make up a release, and how to run it.
+//!
+//! A manifest is only ever parsed from payload bytes whose signatures were already checked
+//! (see [`crate::envelope`]); [`Manifest::from_payload`] enforces the size and shape limits here.
+
+use crate::id::BlobId;
+use crate::layout;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// The schema string every v1 manifest carries.
+pub const SCHEMA: &str = "deckhand.manifest/v1";
+/// The largest manifest payload accepted, in bytes.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// The most artifacts one manifest may list.
+pub const MAX_ARTIFACTS: usize = 16;
+/// The most canary images one manifest may list.
+pub const MAX_CANARIES: usize = 64;
+/// The longest media type or card id accepted.
+pub const MAX_TEXT: usize = 256;
+
+/// What an artifact is for. The first five are required in every release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The Hailo-8 model.
+    Hef,
+    /// The same model as ONNX, for CPU-only machines.
+    Onnx,
+    /// The usearch index of the reference embeddings.
+    Index,
+    /// index.json: row -> card id.
+    Labels,
+    /// metadata.json: card id -> details.
+    Metadata,
+    /// embeddings.npy: the raw reference embeddings (optional).
+    Embeddings,
+}
+
+impl Role {
+    pub const REQUIRED: [Role; 5] = [Role::Hef, Role::Onnx, Role::Index, Role::Labels, Role::Metadata];
+    pub const ALL: [Role; 6] = [
+        Role::Hef,
+        Role::Onnx,
+        Role::Index,
+        Role::Labels,
+        Role::Metadata,
+        Role::Embeddings,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Hef => "hef",
+            Role::Onnx => "onnx",
+            Role::Index => "index",
+            Role::Labels => "labels",
+            Role::Metadata => "metadata",
+            Role::Embeddings => "embeddings",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One blob of a release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub role: Role,
+    pub blob: BlobId,
+    pub size: u64,
+    pub chunk_map: BlobId,
+    pub media_type: String,
+}
+
+/// An image the recognizer must recognise as `card_id` before a release may go live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    pub image: BlobId,
+    pub size: u64,
+    pub chunk_map: BlobId,
+    pub media_type: String,
+    pub card_id: String,
+}
+
+/// Memory order of the model input tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelLayout {
+    Nchw,
+    Nhwc,
+}
+
+/// The distance the index was built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Cos,
+    Ip,
+    L2sq,
+}
+
+/// How to turn an image into a model input, and when a match counts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecognizerSettings {
+    pub input_width: u32,
+    pub input_height: u32,
+    pub layout: ChannelLayout,
+    /// Per-channel mean, RGB, applied after scaling pixels to 0..1.
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation, RGB.
+    pub std: [f32; 3],
+    pub embedding_dim: u32,
+    pub metric: Metric,
+    /// Below this similarity the answer is "no card".
+    pub min_score: f32,
+}
+
+/// A release: schema `deckhand.manifest/v1`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema: String,
+    pub deployment: String,
+    /// Strictly increasing per deployment; agents never accept a version at or below one they accepted.
+    pub version: u64,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub artifacts: Vec<Artifact>,
+    pub recognizer: RecognizerSettings,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canaries: Vec<Canary>,
+}
+
+/// A blob a release needs, whatever its role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobRef {
+    pub blob: BlobId,
+    pub size: u64,
+    pub chunk_map: BlobId,
+}
+
+/// Why a manifest payload was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest payload is {len} bytes, over the limit of {MAX_PAYLOAD}")]
+    Oversized { len: usize },
+    #[error("manifest schema {0:?} is not supported (expected {SCHEMA:?})")]
+    UnknownSchema(String),
+    #[error("manifest is not valid JSON for {SCHEMA}: {0}")]
+    Json(String),
+    #[error("manifest lists {0} artifacts, over the limit of {MAX_ARTIFACTS}")]
+    TooManyArtifacts(usize),
+    #[error("manifest lists {0} canaries, over the limit of {MAX_CANARIES}")]
+    TooManyCanaries(usize),
+    #[error("manifest names role {0} more than once")]
+    DuplicateRole(Role),
+    #[error("manifest has no {0} artifact")]
+    MissingRole(Role),
+    #[error("manifest deployment name is invalid: {0}")]
+    Deployment(#[from] layout::LayoutError),
+    #[error("manifest version must be at least 1")]
+    ZeroVersion,
+    #[error("manifest expires ({expires_at}) before it was created ({created_at})")]
+    ExpiresBeforeCreated { created_at: Timestamp, expires_at: Timestamp },
+    #[error("{what} is empty (size 0)")]
+    EmptyBlob { what: String },
+    #[error("{what} is invalid: {why}")]
+    Field { what: String, why: &'static str },
+}
+
+fn check_text(what: impl Fn() -> String, s: &str) -> Result<(), ManifestError> {
+    let why = if s.is_empty() {
+        "empty"
+    } else if s.len() > MAX_TEXT {
+        "longer than 256 bytes"
+    } else if s.chars().any(char::is_control) {
+        "contains control characters"
+    } else {
+        return Ok(());
+    };
+    Err(ManifestError::Field { what: what(), why })
+}
+
+impl RecognizerSettings {
+    fn validate(&self) -> Result<(), ManifestError> {
+        let field = |what: &str, why| Err(ManifestError::Field { what: format!("recognizer.{what}"), why });
+        if !(1..=4096).contains(&self.input_width) {
+            return field("input_width", "must be 1..=4096");
+        }
+        if !(1..=4096).contains(&self.input_height) {
+            return field("input_height", "must be 1..=4096");
+        }
+        if !(1..=65536).contains(&self.embedding_dim) {
+            return field("embedding_dim", "must be 1..=65536");
+        }
+        if !self.mean.iter().all(|m| m.is_finite()) {
+            return field("mean", "must be finite");
+        }
+        if !self.std.iter().all(|s| s.is_finite() && *s > 0.0) {
+            return field("std", "must be finite and above 0");
+        }
+        if !self.min_score.is_finite() {
+            return field("min_score", "must be finite");
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Parses and checks a payload: size, schema, then shape. Use on verified payload bytes only.
+    pub fn from_payload(payload: &[u8]) -> Result<Self, ManifestError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ManifestError::Oversized { len: payload.len() });
+        }
+        // Read the schema first, so a future schema gets a clear error rather than a field error.
+        #[derive(Deserialize)]
+        struct Probe {
+            schema: Option<String>,
+        }
+        let probe: Probe = serde_json::from_slice(payload).map_err(|e| ManifestError::Json(e.to_string()))?;
+        match probe.schema.as_deref() {
+            Some(SCHEMA) => {}
+            Some(other) => return Err(ManifestError::UnknownSchema(other.to_owned())),
+            None => return Err(ManifestError::UnknownSchema(String::new())),
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(payload).map_err(|e| ManifestError::Json(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// The payload bytes to sign.
+    pub fn to_payload(&self) -> Vec<u8> {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks everything but signatures and expiry.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.schema != SCHEMA {
+            return Err(ManifestError::UnknownSchema(self.schema.clone()));
+        }
+        layout::Name::deployment(&self.deployment)?;
+        if self.version == 0 {
+            return Err(ManifestError::ZeroVersion);
+        }
+        if self.expires_at <= self.created_at {
+            return Err(ManifestError::ExpiresBeforeCreated {
+                created_at: self.created_at,
+                expires_at: self.expires_at,
+            });
+        }
+        if self.artifacts.len() > MAX_ARTIFACTS {
+            return Err(ManifestError::TooManyArtifacts(self.artifacts.len()));
+        }
+        if self.canaries.len() > MAX_CANARIES {
+            return Err(ManifestError::TooManyCanaries(self.canaries.len()));
+        }
+        let mut seen = BTreeSet::new();
+        for a in &self.artifacts {
+            if !seen.insert(a.role) {
+                return Err(ManifestError::DuplicateRole(a.role));
+            }
+            if a.size == 0 {
+                return Err(ManifestError::EmptyBlob {
+                    what: format!("artifact {}", a.role),
+                });
+            }
+            check_text(|| format!("artifact {} media_type", a.role), &a.media_type)?;
+        }
+        if let Some(missing) = Role::REQUIRED.into_iter().find(|r| !seen.contains(r)) {
+            return Err(ManifestError::MissingRole(missing));
+        }
+        for (i, c) in self.canaries.iter().enumerate() {
+            if c.size == 0 {
+                return Err(ManifestError::EmptyBlob {
+                    what: format!("canary {i}"),
+                });
+            }
+            check_text(|| format!("canary {i} card_id"), &c.card_id)?;
+            check_text(|| format!("canary {i} media_type"), &c.media_type)?;
+        }
+        self.recognizer.validate()
+    }
+
+    pub fn artifact(&self, role: Role) -> Option<&Artifact> {
+        self.artifacts.iter().find(|a| a.role == role)
+    }
+
+    /// Every blob the release needs (artifacts and canary images), without duplicates, in a stable order.
+    pub fn blobs(&self) -> Vec<BlobRef> {
+        let artifacts = self.artifacts.iter().map(|a| BlobRef {
+            blob: a.blob,
+            size: a.size,
+            chunk_map: a.chunk_map,
+        });
+        let canaries = self.canaries.iter().map(|c| BlobRef {
+            blob: c.image,
+            size: c.size,
+            chunk_map: c.chunk_map,
+        });
+        let set: BTreeSet<BlobRef> = artifacts.chain(canaries).collect();
+        set.into_iter().collect()
+    }
+
+    /// Total bytes of the release's blobs (each distinct blob once).
+    pub fn total_bytes(&self) -> u64 {
+        self.blobs().iter().map(|b| b.size).sum()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample(version: u64) -> Manifest {
+        let artifact = |role: Role, n: u8| Artifact {
+            role,
+            blob: BlobId::of(&[n]),
+            size: 1000 + u64::from(n),
+            chunk_map: BlobId::of(&[n, n]),
+            media_type: "application/octet-stream".into(),
+        };
+        Manifest {
+            schema: SCHEMA.into(),
+            deployment: "shop-1".into(),
+            version,
+            created_at: "2026-11-01T00:00:00Z".parse().unwrap(),
+            expires_at: "2026-12-01T00:00:00Z".parse().unwrap(),
+            artifacts: Role::ALL.iter().enumerate().map(|(i, r)| artifact(*r, i as u8)).collect(),
+            recognizer: RecognizerSettings {
+                input_width: 224,
+                input_height: 224,
+                layout: ChannelLayout::Nchw,
+                mean: [0.485, 0.456, 0.406],
+                std: [0.229, 0.224, 0.225],
+                embedding_dim: 768,
+                metric: Metric::Cos,
+                min_score: 0.5,
+            },
+            canaries: vec![Canary {
+                image: BlobId::of(b"canary"),
+                size: 10,
+                chunk_map: BlobId::of(b"canary map"),
+                media_type: "image/png".into(),
+                card_id: "base1-4".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn payload_round_trips() {
+        let m = sample(3);
+        assert_eq!(Manifest::from_payload(&m.to_payload()).unwrap(), m);
+        assert_eq!(m.blobs().len(), 7);
+    }
+
+    #[test]
+    fn limits_and_shape_are_enforced() {
+        let big = vec![b' '; MAX_PAYLOAD + 1];
+        assert_eq!(Manifest::from_payload(&big), Err(ManifestError::Oversized { len: MAX_PAYLOAD + 1 }));
+
+        let mut m = sample(1);
+        m.schema = "deckhand.manifest/v2".into();
+        assert_eq!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::UnknownSchema("deckhand.manifest/v2".into()))
+        );
+        assert_eq!(
+            Manifest::from_payload(b"{\"version\": 1}"),
+            Err(ManifestError::UnknownSchema(String::new()))
+        );
+
+        let mut m = sample(1);
+        let extra = m.artifacts[0].clone();
+        m.artifacts.extend(std::iter::repeat_n(extra, MAX_ARTIFACTS));
+        assert_eq!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::TooManyArtifacts(MAX_ARTIFACTS + 6))
+        );
+
+        let mut m = sample(1);
+        m.artifacts.push(m.artifacts[2].clone());
+        assert_eq!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::DuplicateRole(Role::Index)));
+
+        let mut m = sample(1);
+        m.artifacts.retain(|a| a.role != Role::Labels);
+        assert_eq!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::MissingRole(Role::Labels)));
+
+        let mut m = sample(1);
+        m.canaries = vec![m.canaries[0].clone(); MAX_CANARIES + 1];
+        assert_eq!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::TooManyCanaries(MAX_CANARIES + 1))
+        );
+
+        let mut m = sample(1);
+        m.version = 0;
+        assert_eq!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::ZeroVersion));
+
+        let mut m = sample(1);
+        m.expires_at = m.created_at;
+        assert!(matches!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::ExpiresBeforeCreated { .. })
+        ));
+
+        let mut m = sample(1);
+        m.artifacts[1].size = 0;
+        assert!(matches!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::EmptyBlob { .. })));
+
+        let mut m = sample(1);
+        m.deployment = "../etc".into();
+        assert!(matches!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::Deployment(_))));
+
+        let mut m = sample(1);
+        m.recognizer.std[1] = 0.0;
+        let err = Manifest::from_payload(&m.to_payload()).unwrap_err();
+        assert!(err.to_string().contains("recognizer.std"), "{err}");
+
+        let mut m = sample(1);
+        m.canaries[0].card_id = String::new();
+        assert!(matches!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::Field { .. })));
+    }
+
+    #[test]
+    fn unknown_fields_and_roles_are_refused() {
+        let m = sample(1);
+        let mut v: serde_json::Value = serde_json::from_slice(&m.to_payload()).unwrap();
+        v["surprise"] = serde_json::json!(1);
+        let err = Manifest::from_payload(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, ManifestError::Json(ref s) if s.contains("surprise")), "{err}");
+
+        let mut v: serde_json::Value = serde_json::from_slice(&m.to_payload()).unwrap();
+        v["artifacts"][0]["role"] = serde_json::json!("tflite");
+        let err = Manifest::from_payload(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, ManifestError::Json(ref s) if s.contains("tflite")), "{err}");
+    }
+}

@@ -1,0 +1,445 @@
+//! Peer wire messages, spoken over QUIC with ALPN `deckhand/1`.
+//!
+//! Each request opens one bidirectional stream: the requester writes one request frame and finishes its
+//! side; the responder writes one response frame and finishes. A frame is a 4-byte big-endian length, then
+//! that many bytes: a 1-byte tag and the body. Tags are fixed forever within `deckhand/1`; a new message
+//! takes a new tag, and a change of meaning takes a new ALPN. Requests use tags 0x01..=0x7f, responses
+//! 0x80..=0xff; unassigned tags are reserved.
+//!
+//! Every frame has a length limit, checked from the 4-byte header before a single body byte is read or
+//! allocated, and every field inside has its own limit.
+
+use crate::chunk::MAX_CHUNK_LEN;
+use crate::envelope::MAX_ENVELOPE;
+use crate::id::BlobId;
+
+/// The ALPN of this protocol version.
+pub const ALPN: &[u8] = b"deckhand/1";
+/// The largest request frame body.
+pub const MAX_REQUEST: usize = 4 * 1024;
+/// The largest response frame body: a maximal chunk plus its tag.
+pub const MAX_RESPONSE: usize = MAX_CHUNK_LEN as usize + 64;
+/// The longest agent id, deployment name, address or error message carried.
+pub const MAX_STR: usize = 256;
+/// The largest status document relayed for `/v1/fleet`.
+pub const MAX_STATUS: usize = 256 * 1024;
+/// The largest chunk bitmap: one bit per chunk of a map at its chunk limit.
+pub const MAX_BITMAP: usize = (crate::chunk::MAX_CHUNKS as usize).div_ceil(8);
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {len} bytes is over the limit of {limit}")]
+    FrameTooLarge { len: usize, limit: usize },
+    #[error("frame is empty")]
+    Empty,
+    #[error("unknown message tag {0:#04x}")]
+    UnknownTag(u8),
+    #[error("message ends early while reading {0}")]
+    Truncated(&'static str),
+    #[error("{what} is {len} bytes, over the limit of {limit}")]
+    FieldTooLarge { what: &'static str, len: usize, limit: usize },
+    #[error("{0} is not valid UTF-8")]
+    Utf8(&'static str),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("invalid flag byte {0} for an optional field")]
+    Flag(u8),
+}
+
+/// A release an agent holds or wants: its version and manifest id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReleaseRef {
+    pub version: u64,
+    pub manifest: BlobId,
+}
+
+/// What an agent tells its peers about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub agent_id: String,
+    pub deployment: String,
+    /// The release the agent serves recognitions from.
+    pub active: Option<ReleaseRef>,
+    /// The release the agent is downloading.
+    pub pending: Option<ReleaseRef>,
+    /// The address the agent's QUIC endpoint listens on, as the agent sees it.
+    pub listen: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Exchange hellos; the response is the responder's [`Response::Hello`].
+    Hello(Hello),
+    /// The newest verified manifest envelope the responder holds for a deployment.
+    GetManifest { deployment: String },
+    /// One verified chunk (or a small whole blob such as a chunk map) by content id.
+    GetChunk { id: BlobId },
+    /// Which chunks of a blob the responder holds, as a bitmap in chunk-map order.
+    GetHave { blob: BlobId },
+    /// The responder's status document (JSON), for `/v1/fleet`.
+    GetStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Hello(Hello),
+    Manifest { envelope: Vec<u8> },
+    Chunk { data: Vec<u8> },
+    /// Bit `i` (least significant bit first within each byte) says chunk `i` is held.
+    Have { bitmap: Vec<u8> },
+    Status { json: Vec<u8> },
+    /// The responder is at its serving limit; try another peer or later.
+    Busy,
+    NotFound,
+    Error { message: String },
+}
+
+mod tag {
+    pub const HELLO: u8 = 0x01;
+    pub const GET_MANIFEST: u8 = 0x02;
+    pub const GET_CHUNK: u8 = 0x03;
+    pub const GET_HAVE: u8 = 0x04;
+    pub const GET_STATUS: u8 = 0x05;
+
+    pub const R_HELLO: u8 = 0x81;
+    pub const R_MANIFEST: u8 = 0x82;
+    pub const R_CHUNK: u8 = 0x83;
+    pub const R_HAVE: u8 = 0x84;
+    pub const R_STATUS: u8 = 0x85;
+    pub const R_BUSY: u8 = 0xfd;
+    pub const R_NOT_FOUND: u8 = 0xfe;
+    pub const R_ERROR: u8 = 0xff;
+}
+
+/// Reads a frame header and checks it against `limit`: the body length to read next.
+pub fn frame_len(header: [u8; 4], limit: usize) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > limit {
+        return Err(WireError::FrameTooLarge { len, limit });
+    }
+    if len == 0 {
+        return Err(WireError::Empty);
+    }
+    Ok(len)
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn new(tag: u8) -> Self {
+        // Room for the length header, filled in by `finish`.
+        W(vec![0, 0, 0, 0, tag])
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(b);
+    }
+    fn id(&mut self, id: &BlobId) {
+        self.0.extend_from_slice(id.as_bytes());
+    }
+    fn release(&mut self, r: &Option<ReleaseRef>) {
+        match r {
+            None => self.0.push(0),
+            Some(r) => {
+                self.0.push(1);
+                self.u64(r.version);
+                self.id(&r.manifest);
+            }
+        }
+    }
+    fn hello(&mut self, h: &Hello) {
+        self.bytes(h.agent_id.as_bytes());
+        self.bytes(h.deployment.as_bytes());
+        self.release(&h.active);
+        self.release(&h.pending);
+        self.bytes(h.listen.as_bytes());
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = (self.0.len() - 4) as u32;
+        self.0[..4].copy_from_slice(&len.to_be_bytes());
+        self.0
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated(what));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8, what)?);
+        Ok(u64::from_be_bytes(b))
+    }
+    fn bytes(&mut self, what: &'static str, limit: usize) -> Result<Vec<u8>, WireError> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4, what)?);
+        let len = u32::from_be_bytes(b) as usize;
+        if len > limit {
+            return Err(WireError::FieldTooLarge { what, len, limit });
+        }
+        // `take` checks the bytes are present before anything is copied, so the allocation is bounded
+        // by the frame, which was bounded by its header check.
+        Ok(self.take(len, what)?.to_vec())
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, WireError> {
+        String::from_utf8(self.bytes(what, MAX_STR)?).map_err(|_| WireError::Utf8(what))
+    }
+    fn id(&mut self, what: &'static str) -> Result<BlobId, WireError> {
+        let mut b = [0u8; 32];
+        b.copy_from_slice(self.take(32, what)?);
+        Ok(BlobId::from_bytes(b))
+    }
+    fn release(&mut self, what: &'static str) -> Result<Option<ReleaseRef>, WireError> {
+        match self.u8(what)? {
+            0 => Ok(None),
+            1 => Ok(Some(ReleaseRef {
+                version: self.u64(what)?,
+                manifest: self.id(what)?,
+            })),
+            other => Err(WireError::Flag(other)),
+        }
+    }
+    fn hello(&mut self) -> Result<Hello, WireError> {
+        Ok(Hello {
+            agent_id: self.string("agent id")?,
+            deployment: self.string("deployment")?,
+            active: self.release("active release")?,
+            pending: self.release("pending release")?,
+            listen: self.string("listen address")?,
+        })
+    }
+    fn end<T>(self, value: T) -> Result<T, WireError> {
+        if self.0.is_empty() { Ok(value) } else { Err(WireError::Trailing(self.0.len())) }
+    }
+}
+
+fn split_tag(body: &[u8]) -> Result<(u8, R<'_>), WireError> {
+    match body.split_first() {
+        Some((tag, rest)) => Ok((*tag, R(rest))),
+        None => Err(WireError::Empty),
+    }
+}
+
+impl Request {
+    /// The whole frame, header included.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Request::Hello(h) => {
+                let mut w = W::new(tag::HELLO);
+                w.hello(h);
+                w.finish()
+            }
+            Request::GetManifest { deployment } => {
+                let mut w = W::new(tag::GET_MANIFEST);
+                w.bytes(deployment.as_bytes());
+                w.finish()
+            }
+            Request::GetChunk { id } => {
+                let mut w = W::new(tag::GET_CHUNK);
+                w.id(id);
+                w.finish()
+            }
+            Request::GetHave { blob } => {
+                let mut w = W::new(tag::GET_HAVE);
+                w.id(blob);
+                w.finish()
+            }
+            Request::GetStatus => W::new(tag::GET_STATUS).finish(),
+        }
+    }
+
+    /// Decodes a frame body (after the header checked by [`frame_len`] with [`MAX_REQUEST`]).
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        if body.len() > MAX_REQUEST {
+            return Err(WireError::FrameTooLarge {
+                len: body.len(),
+                limit: MAX_REQUEST,
+            });
+        }
+        let (t, mut r) = split_tag(body)?;
+        let msg = match t {
+            tag::HELLO => Request::Hello(r.hello()?),
+            tag::GET_MANIFEST => Request::GetManifest {
+                deployment: r.string("deployment")?,
+            },
+            tag::GET_CHUNK => Request::GetChunk { id: r.id("chunk id")? },
+            tag::GET_HAVE => Request::GetHave { blob: r.id("blob id")? },
+            tag::GET_STATUS => Request::GetStatus,
+            other => return Err(WireError::UnknownTag(other)),
+        };
+        r.end(msg)
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Hello(h) => {
+                let mut w = W::new(tag::R_HELLO);
+                w.hello(h);
+                w.finish()
+            }
+            Response::Manifest { envelope } => {
+                let mut w = W::new(tag::R_MANIFEST);
+                w.bytes(envelope);
+                w.finish()
+            }
+            Response::Chunk { data } => {
+                let mut w = W::new(tag::R_CHUNK);
+                w.bytes(data);
+                w.finish()
+            }
+            Response::Have { bitmap } => {
+                let mut w = W::new(tag::R_HAVE);
+                w.bytes(bitmap);
+                w.finish()
+            }
+            Response::Status { json } => {
+                let mut w = W::new(tag::R_STATUS);
+                w.bytes(json);
+                w.finish()
+            }
+            Response::Busy => W::new(tag::R_BUSY).finish(),
+            Response::NotFound => W::new(tag::R_NOT_FOUND).finish(),
+            Response::Error { message } => {
+                let mut w = W::new(tag::R_ERROR);
+                let mut end = message.len().min(MAX_STR);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                w.bytes(&message.as_bytes()[..end]);
+                w.finish()
+            }
+        }
+    }
+
+    /// Decodes a frame body (after the header checked by [`frame_len`] with [`MAX_RESPONSE`]).
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        if body.len() > MAX_RESPONSE {
+            return Err(WireError::FrameTooLarge {
+                len: body.len(),
+                limit: MAX_RESPONSE,
+            });
+        }
+        let (t, mut r) = split_tag(body)?;
+        let msg = match t {
+            tag::R_HELLO => Response::Hello(r.hello()?),
+            tag::R_MANIFEST => Response::Manifest {
+                envelope: r.bytes("manifest envelope", MAX_ENVELOPE)?,
+            },
+            tag::R_CHUNK => Response::Chunk {
+                data: r.bytes("chunk", MAX_CHUNK_LEN as usize)?,
+            },
+            tag::R_HAVE => Response::Have {
+                bitmap: r.bytes("bitmap", MAX_BITMAP)?,
+            },
+            tag::R_STATUS => Response::Status {
+                json: r.bytes("status", MAX_STATUS)?,
+            },
+            tag::R_BUSY => Response::Busy,
+            tag::R_NOT_FOUND => Response::NotFound,
+            tag::R_ERROR => Response::Error {
+                message: r.string("error message")?,
+            },
+            other => return Err(WireError::UnknownTag(other)),
+        };
+        r.end(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn body(frame: &[u8], limit: usize) -> &[u8] {
+        let len = frame_len(frame[..4].try_into().unwrap(), limit).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        &frame[4..]
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            agent_id: "pi-1".into(),
+            deployment: "shop".into(),
+            active: Some(ReleaseRef { version: 3, manifest: BlobId::of(b"m3") }),
+            pending: None,
+            listen: "127.0.0.1:7000".into(),
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let requests = [
+            Request::Hello(hello()),
+            Request::GetManifest { deployment: "shop".into() },
+            Request::GetChunk { id: BlobId::of(b"c") },
+            Request::GetHave { blob: BlobId::of(b"b") },
+            Request::GetStatus,
+        ];
+        for m in requests {
+            assert_eq!(Request::decode(body(&m.encode(), MAX_REQUEST)).unwrap(), m);
+        }
+        let responses = [
+            Response::Hello(hello()),
+            Response::Manifest { envelope: b"{}".to_vec() },
+            Response::Chunk { data: vec![7; 70_000] },
+            Response::Have { bitmap: vec![0b1010_0101; 9] },
+            Response::Status { json: b"{\"a\":1}".to_vec() },
+            Response::Busy,
+            Response::NotFound,
+            Response::Error { message: "no".into() },
+        ];
+        for m in responses {
+            assert_eq!(Response::decode(body(&m.encode(), MAX_RESPONSE)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_before_reading_or_allocating() {
+        assert_eq!(
+            frame_len(u32::MAX.to_be_bytes(), MAX_RESPONSE),
+            Err(WireError::FrameTooLarge { len: u32::MAX as usize, limit: MAX_RESPONSE })
+        );
+        assert_eq!(frame_len([0; 4], MAX_REQUEST), Err(WireError::Empty));
+        // A field claiming 4 GiB inside a small frame is refused without allocating it.
+        let mut frame = vec![tag::R_CHUNK];
+        frame.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(Response::decode(&frame), Err(WireError::FieldTooLarge { what: "chunk", .. })));
+        // A field claiming more than is present is truncated, not read past.
+        let mut frame = vec![tag::R_CHUNK];
+        frame.extend_from_slice(&100u32.to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(Response::decode(&frame), Err(WireError::Truncated("chunk")));
+        let long = Request::GetManifest { deployment: "x".repeat(MAX_STR + 1) }.encode();
+        assert!(matches!(Request::decode(&long[4..]), Err(WireError::FieldTooLarge { .. })));
+        assert_eq!(Request::decode(&[0x42]), Err(WireError::UnknownTag(0x42)));
+        assert_eq!(Request::decode(&[tag::GET_STATUS, 0]), Err(WireError::Trailing(1)));
+        // A response tag is not a request.
+        assert_eq!(Request::decode(&[tag::R_BUSY]), Err(WireError::UnknownTag(tag::R_BUSY)));
+        let long_error = Response::Error { message: "é".repeat(MAX_STR) }.encode();
+        assert!(Response::decode(&long_error[4..]).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+    }
+}
