@@ -84,7 +84,12 @@ pub enum ChunkMapError {
     #[error("chunk map claims {count} chunks but carries {bytes} bytes of entries")]
     EntryBytes { count: u32, bytes: usize },
     #[error("chunk {index} has length {len}, outside {min}..={max}")]
-    ChunkLen { index: usize, len: u32, min: u32, max: u32 },
+    ChunkLen {
+        index: usize,
+        len: u32,
+        min: u32,
+        max: u32,
+    },
     #[error("chunk lengths add up to {sum}, but the blob size is {size}")]
     SizeMismatch { sum: u64, size: u64 },
 }
@@ -92,19 +97,30 @@ pub enum ChunkMapError {
 impl ChunkParams {
     fn check(self) -> Result<Self, ChunkMapError> {
         let ChunkParams { min, avg, max } = self;
-        let ok = (fastcdc::v2020::MINIMUM_MIN as u32..=fastcdc::v2020::MINIMUM_MAX as u32).contains(&min)
-            && (fastcdc::v2020::AVERAGE_MIN as u32..=fastcdc::v2020::AVERAGE_MAX as u32).contains(&avg)
+        let ok = (fastcdc::v2020::MINIMUM_MIN as u32..=fastcdc::v2020::MINIMUM_MAX as u32)
+            .contains(&min)
+            && (fastcdc::v2020::AVERAGE_MIN as u32..=fastcdc::v2020::AVERAGE_MAX as u32)
+                .contains(&avg)
             && (fastcdc::v2020::MAXIMUM_MIN as u32..=MAX_CHUNK_LEN).contains(&max)
             && min <= avg
             && avg <= max;
-        if ok { Ok(self) } else { Err(ChunkMapError::Params { min, avg, max }) }
+        if ok {
+            Ok(self)
+        } else {
+            Err(ChunkMapError::Params { min, avg, max })
+        }
     }
 }
 
 /// Cuts `data` into content-defined chunks: yields (offset, length) pairs covering `data` exactly.
 pub fn cut(params: ChunkParams, data: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    fastcdc::v2020::FastCDC::new(data, params.min as usize, params.avg as usize, params.max as usize)
-        .map(|c| (c.offset, c.length))
+    fastcdc::v2020::FastCDC::new(
+        data,
+        params.min as usize,
+        params.avg as usize,
+        params.max as usize,
+    )
+    .map(|c| (c.offset, c.length))
 }
 
 impl ChunkMap {
@@ -120,7 +136,9 @@ impl ChunkMap {
     /// If `params` are outside FastCDC's ranges; [`CHUNK_PARAMS`] are not.
     pub fn build_with(params: ChunkParams, data: &[u8]) -> Self {
         #[allow(clippy::expect_used)]
-        let params = params.check().expect("chunk parameters are compile-time constants within range");
+        let params = params
+            .check()
+            .expect("chunk parameters are compile-time constants within range");
         let chunks_of = |data: &[u8]| -> Vec<Chunk> {
             cut(params, data)
                 .map(|(offset, len)| Chunk {
@@ -135,7 +153,9 @@ impl ChunkMap {
                 let whole = s.spawn(|| BlobId::of(data));
                 let chunks = chunks_of(data);
                 // A panic in blake3 would be a bug in blake3; re-raise it rather than invent a hash.
-                let blob = whole.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                let blob = whole
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
                 (blob, chunks)
             })
         } else {
@@ -357,7 +377,10 @@ mod tests {
         let data = noise(7, 300_000);
         let good = ChunkMap::build(&data).encode();
 
-        assert_eq!(ChunkMap::decode(&good[..10]), Err(ChunkMapError::Truncated(10)));
+        assert_eq!(
+            ChunkMap::decode(&good[..10]),
+            Err(ChunkMapError::Truncated(10))
+        );
         let mut bad = good.clone();
         bad[0] = b'X';
         assert_eq!(ChunkMap::decode(&bad), Err(ChunkMapError::Magic));
@@ -366,21 +389,36 @@ mod tests {
         assert_eq!(ChunkMap::decode(&bad), Err(ChunkMapError::Version(9)));
         let mut bad = good.clone();
         bad[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(ChunkMap::decode(&bad), Err(ChunkMapError::Params { .. })));
+        assert!(matches!(
+            ChunkMap::decode(&bad),
+            Err(ChunkMapError::Params { .. })
+        ));
         // Claiming a huge count must fail before allocating for it.
         let mut bad = good.clone();
         bad[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(ChunkMap::decode(&bad), Err(ChunkMapError::TooManyChunks(u32::MAX)));
+        assert_eq!(
+            ChunkMap::decode(&bad),
+            Err(ChunkMapError::TooManyChunks(u32::MAX))
+        );
         let mut bad = good.clone();
         bad.push(0);
-        assert!(matches!(ChunkMap::decode(&bad), Err(ChunkMapError::EntryBytes { .. })));
+        assert!(matches!(
+            ChunkMap::decode(&bad),
+            Err(ChunkMapError::EntryBytes { .. })
+        ));
         let mut bad = good.clone();
         let size_at = HEADER_LEN - 12;
         bad[size_at..size_at + 8].copy_from_slice(&1u64.to_le_bytes());
-        assert!(matches!(ChunkMap::decode(&bad), Err(ChunkMapError::SizeMismatch { .. })));
+        assert!(matches!(
+            ChunkMap::decode(&bad),
+            Err(ChunkMapError::SizeMismatch { .. })
+        ));
         let mut bad = good.clone();
         bad[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&1u32.to_le_bytes());
-        assert!(matches!(ChunkMap::decode(&bad), Err(ChunkMapError::ChunkLen { index: 0, .. })));
+        assert!(matches!(
+            ChunkMap::decode(&bad),
+            Err(ChunkMapError::ChunkLen { index: 0, .. })
+        ));
     }
 
     #[test]

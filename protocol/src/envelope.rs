@@ -65,7 +65,11 @@ pub struct VerifiedManifest {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum VerifyError {
     #[error("{what} is {len} bytes, over the limit of {limit}")]
-    Oversized { what: &'static str, len: usize, limit: usize },
+    Oversized {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
     #[error("envelope is not valid DSSE JSON: {0}")]
     Json(String),
     #[error("envelope payload type is {0:?}, expected {PAYLOAD_TYPE:?}")]
@@ -78,11 +82,20 @@ pub enum VerifyError {
         "manifest has {valid} valid signature(s) from distinct trusted keys, {required} required \
          ({untrusted} from untrusted keys, {invalid} invalid)"
     )]
-    Threshold { valid: usize, required: usize, untrusted: usize, invalid: usize },
+    Threshold {
+        valid: usize,
+        required: usize,
+        untrusted: usize,
+        invalid: usize,
+    },
     #[error("signed manifest is invalid: {0}")]
     Manifest(#[from] ManifestError),
     #[error("manifest version {version} expired at {expires_at} (now {now})")]
-    Expired { version: u64, expires_at: Timestamp, now: Timestamp },
+    Expired {
+        version: u64,
+        expires_at: Timestamp,
+        now: Timestamp,
+    },
     #[error("manifest version {version} is not above the highest accepted version {highest}")]
     Stale { version: u64, highest: u64 },
     #[error("manifest is for deployment {found:?}, expected {expected:?}")]
@@ -135,8 +148,12 @@ impl Envelope {
 
 impl TrustPolicy {
     /// `threshold` distinct keys out of `keys` must sign.
-    pub fn new(keys: impl IntoIterator<Item = PublicKey>, threshold: usize) -> Result<Self, VerifyError> {
-        let keys: BTreeMap<KeyId, PublicKey> = keys.into_iter().map(|k| (k.id().clone(), k)).collect();
+    pub fn new(
+        keys: impl IntoIterator<Item = PublicKey>,
+        threshold: usize,
+    ) -> Result<Self, VerifyError> {
+        let keys: BTreeMap<KeyId, PublicKey> =
+            keys.into_iter().map(|k| (k.id().clone(), k)).collect();
         if threshold == 0 || threshold > keys.len() {
             return Err(VerifyError::Policy {
                 keys: keys.len(),
@@ -163,7 +180,8 @@ impl TrustPolicy {
                 limit: MAX_ENVELOPE,
             });
         }
-        let env: Envelope = serde_json::from_slice(envelope).map_err(|e| VerifyError::Json(e.to_string()))?;
+        let env: Envelope =
+            serde_json::from_slice(envelope).map_err(|e| VerifyError::Json(e.to_string()))?;
         if env.payload_type != PAYLOAD_TYPE {
             return Err(VerifyError::PayloadType(env.payload_type));
         }
@@ -186,7 +204,12 @@ impl TrustPolicy {
         let mut valid = BTreeSet::new();
         let (mut untrusted, mut invalid) = (0, 0);
         for s in &env.signatures {
-            let Some(key) = self.keys.iter().find(|(id, _)| id.as_str() == s.keyid).map(|(_, k)| k) else {
+            let Some(key) = self
+                .keys
+                .iter()
+                .find(|(id, _)| id.as_str() == s.keyid)
+                .map(|(_, k)| k)
+            else {
                 untrusted += 1;
                 continue;
             };
@@ -230,7 +253,11 @@ impl TrustPolicy {
 impl VerifiedManifest {
     /// Refuses a manifest for another deployment, or one not strictly newer than `highest_accepted`
     /// (so a replayed older manifest, from S3 or from a peer, never rolls an agent back).
-    pub fn check_admissible(&self, deployment: &str, highest_accepted: Option<u64>) -> Result<(), VerifyError> {
+    pub fn check_admissible(
+        &self,
+        deployment: &str,
+        highest_accepted: Option<u64>,
+    ) -> Result<(), VerifyError> {
         if self.manifest.deployment != deployment {
             return Err(VerifyError::Deployment {
                 expected: deployment.to_owned(),
@@ -268,7 +295,10 @@ mod tests {
     #[test]
     fn pae_matches_the_dsse_spec_example() {
         // The example from the DSSE protocol document.
-        assert_eq!(pae("http://example.com/HelloWorld", b"hello world"), b"DSSEv1 29 http://example.com/HelloWorld 11 hello world");
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+        );
     }
 
     #[test]
@@ -281,8 +311,17 @@ mod tests {
         assert_eq!(v.id, BlobId::of(&m.to_payload()));
         assert_eq!(v.signers.len(), 2);
         v.check_admissible("shop-1", Some(4)).unwrap();
-        assert_eq!(v.check_admissible("shop-1", Some(5)), Err(VerifyError::Stale { version: 5, highest: 5 }));
-        assert!(matches!(v.check_admissible("shop-2", None), Err(VerifyError::Deployment { .. })));
+        assert_eq!(
+            v.check_admissible("shop-1", Some(5)),
+            Err(VerifyError::Stale {
+                version: 5,
+                highest: 5
+            })
+        );
+        assert!(matches!(
+            v.check_admissible("shop-2", None),
+            Err(VerifyError::Deployment { .. })
+        ));
     }
 
     #[test]
@@ -292,17 +331,43 @@ mod tests {
         // Two signatures by the same key are one key.
         let env = Envelope::sign_manifest(&m, &[&a, &a]).to_bytes();
         let err = policy(&[&a, &b], 2).verify(&env, now()).unwrap_err();
-        assert_eq!(err, VerifyError::Threshold { valid: 1, required: 2, untrusted: 0, invalid: 0 });
+        assert_eq!(
+            err,
+            VerifyError::Threshold {
+                valid: 1,
+                required: 2,
+                untrusted: 0,
+                invalid: 0
+            }
+        );
         // An untrusted key does not count.
         let c = key(3);
         let env = Envelope::sign_manifest(&m, &[&a, &c]).to_bytes();
         let err = policy(&[&a, &b], 2).verify(&env, now()).unwrap_err();
-        assert_eq!(err, VerifyError::Threshold { valid: 1, required: 2, untrusted: 1, invalid: 0 });
+        assert_eq!(
+            err,
+            VerifyError::Threshold {
+                valid: 1,
+                required: 2,
+                untrusted: 1,
+                invalid: 0
+            }
+        );
         // A signature claiming a trusted key id but made by another key is invalid.
         let mut env = Envelope::sign_manifest(&m, &[&a, &c]);
         env.signatures[1].keyid = b.id().to_string();
-        let err = policy(&[&a, &b], 2).verify(&env.to_bytes(), now()).unwrap_err();
-        assert_eq!(err, VerifyError::Threshold { valid: 1, required: 2, untrusted: 0, invalid: 1 });
+        let err = policy(&[&a, &b], 2)
+            .verify(&env.to_bytes(), now())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::Threshold {
+                valid: 1,
+                required: 2,
+                untrusted: 0,
+                invalid: 1
+            }
+        );
     }
 
     #[test]
@@ -312,7 +377,9 @@ mod tests {
         let env = Envelope::sign_manifest(&m, &[&a]).to_bytes();
         let err = policy(&[&a], 1).verify(&env, m.expires_at).unwrap_err();
         assert!(matches!(err, VerifyError::Expired { version: 1, .. }));
-        policy(&[&a], 1).verify(&env, m.expires_at - jiff::SignedDuration::from_secs(1)).unwrap();
+        policy(&[&a], 1)
+            .verify(&env, m.expires_at - jiff::SignedDuration::from_secs(1))
+            .unwrap();
     }
 
     #[test]
@@ -320,25 +387,49 @@ mod tests {
         let a = key(1);
         let pol = policy(&[&a], 1);
         let huge = vec![b'{'; MAX_ENVELOPE + 1];
-        assert!(matches!(pol.verify(&huge, now()), Err(VerifyError::Oversized { what: "envelope", .. })));
+        assert!(matches!(
+            pol.verify(&huge, now()),
+            Err(VerifyError::Oversized {
+                what: "envelope",
+                ..
+            })
+        ));
 
         let big_payload = vec![b' '; MAX_PAYLOAD + 10];
         let env = Envelope::sign(&big_payload, &[&a]).to_bytes();
-        assert!(matches!(pol.verify(&env, now()), Err(VerifyError::Oversized { what: "manifest payload", .. })));
+        assert!(matches!(
+            pol.verify(&env, now()),
+            Err(VerifyError::Oversized {
+                what: "manifest payload",
+                ..
+            })
+        ));
 
         let mut env = Envelope::sign_manifest(&sample(1), &[&a]);
         env.signatures = vec![env.signatures[0].clone(); MAX_SIGNATURES + 1];
-        assert_eq!(pol.verify(&env.to_bytes(), now()).unwrap_err(), VerifyError::TooManySignatures(17));
+        assert_eq!(
+            pol.verify(&env.to_bytes(), now()).unwrap_err(),
+            VerifyError::TooManySignatures(17)
+        );
 
         let mut env = Envelope::sign_manifest(&sample(1), &[&a]);
         env.payload_type = "application/json".into();
-        assert!(matches!(pol.verify(&env.to_bytes(), now()), Err(VerifyError::PayloadType(_))));
+        assert!(matches!(
+            pol.verify(&env.to_bytes(), now()),
+            Err(VerifyError::PayloadType(_))
+        ));
 
-        assert!(matches!(pol.verify(b"not json", now()), Err(VerifyError::Json(_))));
+        assert!(matches!(
+            pol.verify(b"not json", now()),
+            Err(VerifyError::Json(_))
+        ));
 
         // A payload with a bad schema, but properly signed, fails on the manifest after signatures pass.
         let env = Envelope::sign(b"{\"schema\":\"other/v9\"}", &[&a]).to_bytes();
-        assert!(matches!(pol.verify(&env, now()), Err(VerifyError::Manifest(ManifestError::UnknownSchema(_)))));
+        assert!(matches!(
+            pol.verify(&env, now()),
+            Err(VerifyError::Manifest(ManifestError::UnknownSchema(_)))
+        ));
     }
 
     #[test]

@@ -60,7 +60,11 @@ impl BlobId {
 }
 
 fn parse_hex(s: &str) -> Option<BlobId> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut out = [0u8; 32];
@@ -121,12 +125,30 @@ mod tests {
 
         let upper = format!("b3:{}", id.to_hex().to_uppercase());
         assert!(matches!(upper.parse::<BlobId>(), Err(IdError::Digits(_))));
-        assert!(matches!(id.to_hex().parse::<BlobId>(), Err(IdError::Prefix(_))));
-        assert!(matches!(format!("B3:{}", id.to_hex()).parse::<BlobId>(), Err(IdError::Prefix(_))));
-        assert!(matches!(format!("{text}0").parse::<BlobId>(), Err(IdError::Length(_))));
-        assert!(matches!(text[..66].parse::<BlobId>(), Err(IdError::Length(_))));
-        assert!(matches!(format!("b3:{}g", &id.to_hex()[..63]).parse::<BlobId>(), Err(IdError::Digits(_))));
-        assert!(matches!(format!(" {text}").parse::<BlobId>(), Err(IdError::Prefix(_))));
+        assert!(matches!(
+            id.to_hex().parse::<BlobId>(),
+            Err(IdError::Prefix(_))
+        ));
+        assert!(matches!(
+            format!("B3:{}", id.to_hex()).parse::<BlobId>(),
+            Err(IdError::Prefix(_))
+        ));
+        assert!(matches!(
+            format!("{text}0").parse::<BlobId>(),
+            Err(IdError::Length(_))
+        ));
+        assert!(matches!(
+            text[..66].parse::<BlobId>(),
+            Err(IdError::Length(_))
+        ));
+        assert!(matches!(
+            format!("b3:{}g", &id.to_hex()[..63]).parse::<BlobId>(),
+            Err(IdError::Digits(_))
+        ));
+        assert!(matches!(
+            format!(" {text}").parse::<BlobId>(),
+            Err(IdError::Prefix(_))
+        ));
         assert!(matches!("b3:".parse::<BlobId>(), Err(IdError::Length(_))));
         // A multi-byte character must not slip through a length check.
         let sneaky = format!("b3:{}é", &id.to_hex()[..62]);

@@ -51,7 +51,9 @@ pub struct PublicKey {
 
 impl PublicKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length(bytes.len()))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| KeyError::Length(bytes.len()))?;
         let key = VerifyingKey::from_bytes(&arr).map_err(|_| KeyError::InvalidPoint)?;
         // A small-order key lets anybody forge; verify_strict refuses those signatures, and so do we here.
         if key.is_weak() {
@@ -121,14 +123,19 @@ impl SecretKey {
 
     pub fn from_file_text(text: &str) -> Result<Self, KeyError> {
         let bytes = parse_tagged(text, SECRET_TAG)?;
-        let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length(bytes.len()))?;
+        let seed: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::Length(bytes.len()))?;
         Ok(Self::from_seed(&seed))
     }
 }
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretKey").field("id", self.id()).finish_non_exhaustive()
+        f.debug_struct("SecretKey")
+            .field("id", self.id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -138,7 +145,9 @@ fn parse_tagged(text: &str, tag: &'static str) -> Result<Vec<u8>, KeyError> {
         .strip_prefix(tag)
         .and_then(|r| r.strip_prefix(' '))
         .ok_or(KeyError::Tag { expected: tag })?;
-    STANDARD.decode(rest.trim()).map_err(|e| KeyError::Base64(e.to_string()))
+    STANDARD
+        .decode(rest.trim())
+        .map_err(|e| KeyError::Base64(e.to_string()))
 }
 
 #[cfg(test)]
@@ -163,11 +172,20 @@ mod tests {
             PublicKey::from_file_text(&sk.to_file_text()),
             Err(KeyError::Tag { expected: PUB_TAG })
         );
-        assert!(matches!(PublicKey::from_file_text("deckhand-ed25519-pub !!!"), Err(KeyError::Base64(_))));
-        assert_eq!(PublicKey::from_file_text("deckhand-ed25519-pub AAAA"), Err(KeyError::Length(3)));
+        assert!(matches!(
+            PublicKey::from_file_text("deckhand-ed25519-pub !!!"),
+            Err(KeyError::Base64(_))
+        ));
+        assert_eq!(
+            PublicKey::from_file_text("deckhand-ed25519-pub AAAA"),
+            Err(KeyError::Length(3))
+        );
         // The identity point is a weak key.
         let mut identity = [0u8; 32];
         identity[0] = 1;
-        assert_eq!(PublicKey::from_bytes(&identity), Err(KeyError::InvalidPoint));
+        assert_eq!(
+            PublicKey::from_bytes(&identity),
+            Err(KeyError::InvalidPoint)
+        );
     }
 }

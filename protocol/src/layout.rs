@@ -29,16 +29,28 @@ pub const MAX_SEGMENT: usize = 255;
 pub enum LayoutError {
     #[error("{what} is empty")]
     Empty { what: &'static str },
-    #[error("{what} {value:?} contains an empty path segment (\"//\", or a leading or trailing \"/\")")]
+    #[error(
+        "{what} {value:?} contains an empty path segment (\"//\", or a leading or trailing \"/\")"
+    )]
     EmptySegment { what: &'static str, value: String },
     #[error("{what} {value:?} contains a \".\" or \"..\" segment")]
     DotSegment { what: &'static str, value: String },
-    #[error("{what} {value:?} contains the character {ch:?}, outside the safe set [A-Za-z0-9!_.*'()-]")]
-    BadChar { what: &'static str, value: String, ch: char },
+    #[error(
+        "{what} {value:?} contains the character {ch:?}, outside the safe set [A-Za-z0-9!_.*'()-]"
+    )]
+    BadChar {
+        what: &'static str,
+        value: String,
+        ch: char,
+    },
     #[error("{what} {value:?} must start with a letter or digit")]
     BadStart { what: &'static str, value: String },
     #[error("{what} is {len} bytes, over the limit of {limit}")]
-    TooLong { what: &'static str, len: usize, limit: usize },
+    TooLong {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
     #[error("key {0:?} does not fit the layout")]
     Unrecognized(String),
 }
@@ -106,7 +118,10 @@ impl Name {
             });
         }
         check_segment(what, s, s)?;
-        if let Some(ch) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c))) {
+        if let Some(ch) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+        {
             return Err(LayoutError::BadChar {
                 what,
                 value: s.to_owned(),
@@ -169,13 +184,31 @@ impl fmt::Display for RelPath {
 /// What a key in the layout is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Key {
-    Dataset { dataset: Name, path: RelPath },
-    Training { job: Name, path: RelPath },
-    Compilation { job: Name, target: Name, path: RelPath },
-    Manifest { deployment: Name, version: u64 },
-    Current { deployment: Name },
+    Dataset {
+        dataset: Name,
+        path: RelPath,
+    },
+    Training {
+        job: Name,
+        path: RelPath,
+    },
+    Compilation {
+        job: Name,
+        target: Name,
+        path: RelPath,
+    },
+    Manifest {
+        deployment: Name,
+        version: u64,
+    },
+    Current {
+        deployment: Name,
+    },
     Blob(BlobId),
-    Migration { journal: Name, path: RelPath },
+    Migration {
+        journal: Name,
+        path: RelPath,
+    },
 }
 
 /// The key layout under one bucket prefix.
@@ -194,7 +227,9 @@ impl Layout {
         let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
         if trimmed.is_empty() {
             if prefix.is_empty() {
-                return Ok(Self { prefix: String::new() });
+                return Ok(Self {
+                    prefix: String::new(),
+                });
             }
             return Err(LayoutError::EmptySegment {
                 what: "bucket prefix",
@@ -221,7 +256,11 @@ impl Layout {
 
     /// The prefix under which every key of the layout lives (empty or ending in `/`).
     pub fn root(&self) -> String {
-        if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) }
+        if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        }
     }
 
     pub fn dataset(&self, dataset: &Name, path: &RelPath) -> String {
@@ -238,7 +277,9 @@ impl Layout {
 
     /// The key of one signed manifest version. Twenty digits keep lexical order equal to numeric order.
     pub fn manifest(&self, deployment: &Name, version: u64) -> String {
-        self.join(&format!("deployments/{deployment}/manifest/{version:020}.json"))
+        self.join(&format!(
+            "deployments/{deployment}/manifest/{version:020}.json"
+        ))
     }
 
     /// The prefix to list a deployment's manifest versions under.
@@ -296,7 +337,9 @@ impl Layout {
                 target: Name::new("target", target)?,
                 path: tail(4)?,
             }),
-            ["deployments", "_blob", hex] => BlobId::from_hex(hex).map(Key::Blob).map_err(|_| unrecognized()),
+            ["deployments", "_blob", hex] => BlobId::from_hex(hex)
+                .map(Key::Blob)
+                .map_err(|_| unrecognized()),
             ["deployments", deployment, "current.json"] => Ok(Key::Current {
                 deployment: Name::deployment(deployment)?,
             }),
@@ -337,16 +380,49 @@ mod tests {
             let l = Layout::new(prefix).unwrap();
             let id = BlobId::of(b"x");
             let keys = [
-                (l.dataset(&name("cards"), &rel("raw/card_0001.png")), Key::Dataset { dataset: name("cards"), path: rel("raw/card_0001.png") }),
-                (l.training(&name("job-1"), &rel("output/model.tar.gz")), Key::Training { job: name("job-1"), path: rel("output/model.tar.gz") }),
+                (
+                    l.dataset(&name("cards"), &rel("raw/card_0001.png")),
+                    Key::Dataset {
+                        dataset: name("cards"),
+                        path: rel("raw/card_0001.png"),
+                    },
+                ),
+                (
+                    l.training(&name("job-1"), &rel("output/model.tar.gz")),
+                    Key::Training {
+                        job: name("job-1"),
+                        path: rel("output/model.tar.gz"),
+                    },
+                ),
                 (
                     l.compilation(&name("job-2"), &name("hailo8"), &rel("model.hef")),
-                    Key::Compilation { job: name("job-2"), target: name("hailo8"), path: rel("model.hef") },
+                    Key::Compilation {
+                        job: name("job-2"),
+                        target: name("hailo8"),
+                        path: rel("model.hef"),
+                    },
                 ),
-                (l.manifest(&name("shop"), 42), Key::Manifest { deployment: name("shop"), version: 42 }),
-                (l.current(&name("shop")), Key::Current { deployment: name("shop") }),
+                (
+                    l.manifest(&name("shop"), 42),
+                    Key::Manifest {
+                        deployment: name("shop"),
+                        version: 42,
+                    },
+                ),
+                (
+                    l.current(&name("shop")),
+                    Key::Current {
+                        deployment: name("shop"),
+                    },
+                ),
                 (l.blob(&id), Key::Blob(id)),
-                (l.migration(&name("m1"), &rel("journal.json")), Key::Migration { journal: name("m1"), path: rel("journal.json") }),
+                (
+                    l.migration(&name("m1"), &rel("journal.json")),
+                    Key::Migration {
+                        journal: name("m1"),
+                        path: rel("journal.json"),
+                    },
+                ),
             ];
             for (key, kind) in keys {
                 assert!(!key.contains("//") && !key.starts_with('/'), "{key}");
@@ -354,8 +430,14 @@ mod tests {
             }
         }
         let l = Layout::new("p").unwrap();
-        assert_eq!(l.manifest(&name("shop"), 7), "p/deployments/shop/manifest/00000000000000000007.json");
-        assert_eq!(l.manifest(&name("shop"), u64::MAX), "p/deployments/shop/manifest/18446744073709551615.json");
+        assert_eq!(
+            l.manifest(&name("shop"), 7),
+            "p/deployments/shop/manifest/00000000000000000007.json"
+        );
+        assert_eq!(
+            l.manifest(&name("shop"), u64::MAX),
+            "p/deployments/shop/manifest/18446744073709551615.json"
+        );
         assert_eq!(Layout::new("p/").unwrap(), l);
     }
 
@@ -366,16 +448,32 @@ mod tests {
         assert!(matches!(err("a/b"), LayoutError::BadChar { ch: '/', .. }));
         assert!(matches!(err("."), LayoutError::DotSegment { .. }));
         assert!(matches!(err(".."), LayoutError::DotSegment { .. }));
-        assert!(matches!(err("shop 1"), LayoutError::BadChar { ch: ' ', .. }));
-        assert!(matches!(err("shop\u{e9}"), LayoutError::BadChar { ch: '\u{e9}', .. }));
+        assert!(matches!(
+            err("shop 1"),
+            LayoutError::BadChar { ch: ' ', .. }
+        ));
+        assert!(matches!(
+            err("shop\u{e9}"),
+            LayoutError::BadChar { ch: '\u{e9}', .. }
+        ));
         assert!(matches!(err("shop\n"), LayoutError::BadChar { .. }));
         assert!(matches!(err("shop*"), LayoutError::BadChar { ch: '*', .. }));
         assert!(matches!(err("_blob"), LayoutError::BadStart { .. }));
         assert!(matches!(err("-x"), LayoutError::BadStart { .. }));
         assert!(matches!(err(".hidden"), LayoutError::BadStart { .. }));
-        assert!(matches!(err(&"a".repeat(MAX_NAME + 1)), LayoutError::TooLong { limit: MAX_NAME, .. }));
+        assert!(matches!(
+            err(&"a".repeat(MAX_NAME + 1)),
+            LayoutError::TooLong {
+                limit: MAX_NAME,
+                ..
+            }
+        ));
         Name::new("deployment", &"a".repeat(MAX_NAME)).unwrap();
-        assert!(err("shop 1").to_string().starts_with("deployment \"shop 1\""));
+        assert!(
+            err("shop 1")
+                .to_string()
+                .starts_with("deployment \"shop 1\"")
+        );
     }
 
     #[test]
@@ -390,12 +488,30 @@ mod tests {
         assert!(matches!(err("a/b c"), LayoutError::BadChar { ch: ' ', .. }));
         assert!(matches!(err("a\\b"), LayoutError::BadChar { ch: '\\', .. }));
         assert!(matches!(err("a/%20"), LayoutError::BadChar { ch: '%', .. }));
-        assert!(matches!(err(&"a".repeat(MAX_SEGMENT + 1)), LayoutError::TooLong { limit: MAX_SEGMENT, .. }));
-        assert!(matches!(err(&"a/".repeat(600)), LayoutError::TooLong { limit: MAX_KEY, .. }));
+        assert!(matches!(
+            err(&"a".repeat(MAX_SEGMENT + 1)),
+            LayoutError::TooLong {
+                limit: MAX_SEGMENT,
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&"a/".repeat(600)),
+            LayoutError::TooLong { limit: MAX_KEY, .. }
+        ));
         RelPath::new("path", "card(1)/it's_*!.png").unwrap();
-        assert!(matches!(Layout::new("//"), Err(LayoutError::EmptySegment { .. })));
-        assert!(matches!(Layout::new("/"), Err(LayoutError::EmptySegment { .. })));
-        assert!(matches!(Layout::new("a b"), Err(LayoutError::BadChar { .. })));
+        assert!(matches!(
+            Layout::new("//"),
+            Err(LayoutError::EmptySegment { .. })
+        ));
+        assert!(matches!(
+            Layout::new("/"),
+            Err(LayoutError::EmptySegment { .. })
+        ));
+        assert!(matches!(
+            Layout::new("a b"),
+            Err(LayoutError::BadChar { .. })
+        ));
     }
 
     #[test]
@@ -414,10 +530,22 @@ mod tests {
         ] {
             assert!(l.classify(key).is_err(), "{key}");
         }
-        assert!(matches!(l.classify("datasets//x"), Err(LayoutError::EmptySegment { .. })));
-        assert!(matches!(l.classify("datasets/a b/x"), Err(LayoutError::BadChar { .. })));
-        assert!(matches!(l.classify(&"a".repeat(2000)), Err(LayoutError::TooLong { .. })));
+        assert!(matches!(
+            l.classify("datasets//x"),
+            Err(LayoutError::EmptySegment { .. })
+        ));
+        assert!(matches!(
+            l.classify("datasets/a b/x"),
+            Err(LayoutError::BadChar { .. })
+        ));
+        assert!(matches!(
+            l.classify(&"a".repeat(2000)),
+            Err(LayoutError::TooLong { .. })
+        ));
         let p = Layout::new("fleet").unwrap();
-        assert!(matches!(p.classify("other/datasets/a/b"), Err(LayoutError::Unrecognized(_))));
+        assert!(matches!(
+            p.classify("other/datasets/a/b"),
+            Err(LayoutError::Unrecognized(_))
+        ));
     }
 }

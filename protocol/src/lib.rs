@@ -12,7 +12,7 @@ pub mod layout;
 pub mod manifest;
 pub mod wire;
 
-pub use chunk::{Chunk, ChunkMap, ChunkMapError, ChunkParams, CHUNK_PARAMS};
+pub use chunk::{CHUNK_PARAMS, Chunk, ChunkMap, ChunkMapError, ChunkParams};
 pub use envelope::{Envelope, TrustPolicy, VerifiedManifest, VerifyError};
 pub use id::{BlobId, IdError};
 pub use keys::{KeyError, KeyId, PublicKey, SecretKey};

@@ -39,7 +39,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const REQUIRED: [Role; 5] = [Role::Hef, Role::Onnx, Role::Index, Role::Labels, Role::Metadata];
+    pub const REQUIRED: [Role; 5] = [
+        Role::Hef,
+        Role::Onnx,
+        Role::Index,
+        Role::Labels,
+        Role::Metadata,
+    ];
     pub const ALL: [Role; 6] = [
         Role::Hef,
         Role::Onnx,
@@ -169,7 +175,10 @@ pub enum ManifestError {
     #[error("manifest version must be at least 1")]
     ZeroVersion,
     #[error("manifest expires ({expires_at}) before it was created ({created_at})")]
-    ExpiresBeforeCreated { created_at: Timestamp, expires_at: Timestamp },
+    ExpiresBeforeCreated {
+        created_at: Timestamp,
+        expires_at: Timestamp,
+    },
     #[error("{what} is empty (size 0)")]
     EmptyBlob { what: String },
     #[error("{what} is invalid: {why}")]
@@ -191,7 +200,12 @@ fn check_text(what: impl Fn() -> String, s: &str) -> Result<(), ManifestError> {
 
 impl RecognizerSettings {
     fn validate(&self) -> Result<(), ManifestError> {
-        let field = |what: &str, why| Err(ManifestError::Field { what: format!("recognizer.{what}"), why });
+        let field = |what: &str, why| {
+            Err(ManifestError::Field {
+                what: format!("recognizer.{what}"),
+                why,
+            })
+        };
         if !(1..=4096).contains(&self.input_width) {
             return field("input_width", "must be 1..=4096");
         }
@@ -225,7 +239,8 @@ impl Manifest {
         struct Probe {
             schema: Option<String>,
         }
-        let probe: Probe = serde_json::from_slice(payload).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let probe: Probe =
+            serde_json::from_slice(payload).map_err(|e| ManifestError::Json(e.to_string()))?;
         match probe.schema.as_deref() {
             Some(SCHEMA) => {}
             Some(other) => return Err(ManifestError::UnknownSchema(other.to_owned())),
@@ -335,7 +350,11 @@ pub(crate) mod tests {
             version,
             created_at: "2026-11-01T00:00:00Z".parse().unwrap(),
             expires_at: "2026-12-01T00:00:00Z".parse().unwrap(),
-            artifacts: Role::ALL.iter().enumerate().map(|(i, r)| artifact(*r, i as u8)).collect(),
+            artifacts: Role::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, r)| artifact(*r, i as u8))
+                .collect(),
             recognizer: RecognizerSettings {
                 input_width: 224,
                 input_height: 224,
@@ -366,7 +385,12 @@ pub(crate) mod tests {
     #[test]
     fn limits_and_shape_are_enforced() {
         let big = vec![b' '; MAX_PAYLOAD + 1];
-        assert_eq!(Manifest::from_payload(&big), Err(ManifestError::Oversized { len: MAX_PAYLOAD + 1 }));
+        assert_eq!(
+            Manifest::from_payload(&big),
+            Err(ManifestError::Oversized {
+                len: MAX_PAYLOAD + 1
+            })
+        );
 
         let mut m = sample(1);
         m.schema = "deckhand.manifest/v2".into();
@@ -381,7 +405,8 @@ pub(crate) mod tests {
 
         let mut m = sample(1);
         let extra = m.artifacts[0].clone();
-        m.artifacts.extend(std::iter::repeat_n(extra, MAX_ARTIFACTS));
+        m.artifacts
+            .extend(std::iter::repeat_n(extra, MAX_ARTIFACTS));
         assert_eq!(
             Manifest::from_payload(&m.to_payload()),
             Err(ManifestError::TooManyArtifacts(MAX_ARTIFACTS + 6))
@@ -389,11 +414,17 @@ pub(crate) mod tests {
 
         let mut m = sample(1);
         m.artifacts.push(m.artifacts[2].clone());
-        assert_eq!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::DuplicateRole(Role::Index)));
+        assert_eq!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::DuplicateRole(Role::Index))
+        );
 
         let mut m = sample(1);
         m.artifacts.retain(|a| a.role != Role::Labels);
-        assert_eq!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::MissingRole(Role::Labels)));
+        assert_eq!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::MissingRole(Role::Labels))
+        );
 
         let mut m = sample(1);
         m.canaries = vec![m.canaries[0].clone(); MAX_CANARIES + 1];
@@ -404,7 +435,10 @@ pub(crate) mod tests {
 
         let mut m = sample(1);
         m.version = 0;
-        assert_eq!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::ZeroVersion));
+        assert_eq!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::ZeroVersion)
+        );
 
         let mut m = sample(1);
         m.expires_at = m.created_at;
@@ -415,11 +449,17 @@ pub(crate) mod tests {
 
         let mut m = sample(1);
         m.artifacts[1].size = 0;
-        assert!(matches!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::EmptyBlob { .. })));
+        assert!(matches!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::EmptyBlob { .. })
+        ));
 
         let mut m = sample(1);
         m.deployment = "../etc".into();
-        assert!(matches!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::Deployment(_))));
+        assert!(matches!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::Deployment(_))
+        ));
 
         let mut m = sample(1);
         m.recognizer.std[1] = 0.0;
@@ -428,7 +468,10 @@ pub(crate) mod tests {
 
         let mut m = sample(1);
         m.canaries[0].card_id = String::new();
-        assert!(matches!(Manifest::from_payload(&m.to_payload()), Err(ManifestError::Field { .. })));
+        assert!(matches!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::Field { .. })
+        ));
     }
 
     #[test]
@@ -437,11 +480,17 @@ pub(crate) mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&m.to_payload()).unwrap();
         v["surprise"] = serde_json::json!(1);
         let err = Manifest::from_payload(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert!(matches!(err, ManifestError::Json(ref s) if s.contains("surprise")), "{err}");
+        assert!(
+            matches!(err, ManifestError::Json(ref s) if s.contains("surprise")),
+            "{err}"
+        );
 
         let mut v: serde_json::Value = serde_json::from_slice(&m.to_payload()).unwrap();
         v["artifacts"][0]["role"] = serde_json::json!("tflite");
         let err = Manifest::from_payload(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert!(matches!(err, ManifestError::Json(ref s) if s.contains("tflite")), "{err}");
+        assert!(
+            matches!(err, ManifestError::Json(ref s) if s.contains("tflite")),
+            "{err}"
+        );
     }
 }

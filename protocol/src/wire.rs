@@ -38,7 +38,11 @@ pub enum WireError {
     #[error("message ends early while reading {0}")]
     Truncated(&'static str),
     #[error("{what} is {len} bytes, over the limit of {limit}")]
-    FieldTooLarge { what: &'static str, len: usize, limit: usize },
+    FieldTooLarge {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
     #[error("{0} is not valid UTF-8")]
     Utf8(&'static str),
     #[error("{0} trailing bytes after the message")]
@@ -84,15 +88,25 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     Hello(Hello),
-    Manifest { envelope: Vec<u8> },
-    Chunk { data: Vec<u8> },
+    Manifest {
+        envelope: Vec<u8>,
+    },
+    Chunk {
+        data: Vec<u8>,
+    },
     /// Bit `i` (least significant bit first within each byte) says chunk `i` is held.
-    Have { bitmap: Vec<u8> },
-    Status { json: Vec<u8> },
+    Have {
+        bitmap: Vec<u8>,
+    },
+    Status {
+        json: Vec<u8>,
+    },
     /// The responder is at its serving limit; try another peer or later.
     Busy,
     NotFound,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 mod tag {
@@ -223,7 +237,11 @@ impl<'a> R<'a> {
         })
     }
     fn end<T>(self, value: T) -> Result<T, WireError> {
-        if self.0.is_empty() { Ok(value) } else { Err(WireError::Trailing(self.0.len())) }
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(WireError::Trailing(self.0.len()))
+        }
     }
 }
 
@@ -276,8 +294,12 @@ impl Request {
             tag::GET_MANIFEST => Request::GetManifest {
                 deployment: r.string("deployment")?,
             },
-            tag::GET_CHUNK => Request::GetChunk { id: r.id("chunk id")? },
-            tag::GET_HAVE => Request::GetHave { blob: r.id("blob id")? },
+            tag::GET_CHUNK => Request::GetChunk {
+                id: r.id("chunk id")?,
+            },
+            tag::GET_HAVE => Request::GetHave {
+                blob: r.id("blob id")?,
+            },
             tag::GET_STATUS => Request::GetStatus,
             other => return Err(WireError::UnknownTag(other)),
         };
@@ -376,7 +398,10 @@ mod tests {
         Hello {
             agent_id: "pi-1".into(),
             deployment: "shop".into(),
-            active: Some(ReleaseRef { version: 3, manifest: BlobId::of(b"m3") }),
+            active: Some(ReleaseRef {
+                version: 3,
+                manifest: BlobId::of(b"m3"),
+            }),
             pending: None,
             listen: "127.0.0.1:7000".into(),
         }
@@ -386,9 +411,15 @@ mod tests {
     fn every_message_round_trips() {
         let requests = [
             Request::Hello(hello()),
-            Request::GetManifest { deployment: "shop".into() },
-            Request::GetChunk { id: BlobId::of(b"c") },
-            Request::GetHave { blob: BlobId::of(b"b") },
+            Request::GetManifest {
+                deployment: "shop".into(),
+            },
+            Request::GetChunk {
+                id: BlobId::of(b"c"),
+            },
+            Request::GetHave {
+                blob: BlobId::of(b"b"),
+            },
             Request::GetStatus,
         ];
         for m in requests {
@@ -396,16 +427,29 @@ mod tests {
         }
         let responses = [
             Response::Hello(hello()),
-            Response::Manifest { envelope: b"{}".to_vec() },
-            Response::Chunk { data: vec![7; 70_000] },
-            Response::Have { bitmap: vec![0b1010_0101; 9] },
-            Response::Status { json: b"{\"a\":1}".to_vec() },
+            Response::Manifest {
+                envelope: b"{}".to_vec(),
+            },
+            Response::Chunk {
+                data: vec![7; 70_000],
+            },
+            Response::Have {
+                bitmap: vec![0b1010_0101; 9],
+            },
+            Response::Status {
+                json: b"{\"a\":1}".to_vec(),
+            },
             Response::Busy,
             Response::NotFound,
-            Response::Error { message: "no".into() },
+            Response::Error {
+                message: "no".into(),
+            },
         ];
         for m in responses {
-            assert_eq!(Response::decode(body(&m.encode(), MAX_RESPONSE)).unwrap(), m);
+            assert_eq!(
+                Response::decode(body(&m.encode(), MAX_RESPONSE)).unwrap(),
+                m
+            );
         }
     }
 
@@ -413,25 +457,46 @@ mod tests {
     fn limits_are_checked_before_reading_or_allocating() {
         assert_eq!(
             frame_len(u32::MAX.to_be_bytes(), MAX_RESPONSE),
-            Err(WireError::FrameTooLarge { len: u32::MAX as usize, limit: MAX_RESPONSE })
+            Err(WireError::FrameTooLarge {
+                len: u32::MAX as usize,
+                limit: MAX_RESPONSE
+            })
         );
         assert_eq!(frame_len([0; 4], MAX_REQUEST), Err(WireError::Empty));
         // A field claiming 4 GiB inside a small frame is refused without allocating it.
         let mut frame = vec![tag::R_CHUNK];
         frame.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(Response::decode(&frame), Err(WireError::FieldTooLarge { what: "chunk", .. })));
+        assert!(matches!(
+            Response::decode(&frame),
+            Err(WireError::FieldTooLarge { what: "chunk", .. })
+        ));
         // A field claiming more than is present is truncated, not read past.
         let mut frame = vec![tag::R_CHUNK];
         frame.extend_from_slice(&100u32.to_be_bytes());
         frame.extend_from_slice(&[1, 2, 3]);
         assert_eq!(Response::decode(&frame), Err(WireError::Truncated("chunk")));
-        let long = Request::GetManifest { deployment: "x".repeat(MAX_STR + 1) }.encode();
-        assert!(matches!(Request::decode(&long[4..]), Err(WireError::FieldTooLarge { .. })));
+        let long = Request::GetManifest {
+            deployment: "x".repeat(MAX_STR + 1),
+        }
+        .encode();
+        assert!(matches!(
+            Request::decode(&long[4..]),
+            Err(WireError::FieldTooLarge { .. })
+        ));
         assert_eq!(Request::decode(&[0x42]), Err(WireError::UnknownTag(0x42)));
-        assert_eq!(Request::decode(&[tag::GET_STATUS, 0]), Err(WireError::Trailing(1)));
+        assert_eq!(
+            Request::decode(&[tag::GET_STATUS, 0]),
+            Err(WireError::Trailing(1))
+        );
         // A response tag is not a request.
-        assert_eq!(Request::decode(&[tag::R_BUSY]), Err(WireError::UnknownTag(tag::R_BUSY)));
-        let long_error = Response::Error { message: "é".repeat(MAX_STR) }.encode();
+        assert_eq!(
+            Request::decode(&[tag::R_BUSY]),
+            Err(WireError::UnknownTag(tag::R_BUSY))
+        );
+        let long_error = Response::Error {
+            message: "é".repeat(MAX_STR),
+        }
+        .encode();
         assert!(Response::decode(&long_error[4..]).is_ok());
     }
 

@@ -1,0 +1,94 @@
+//! File-system steps the store's crash story depends on: durable renames, positioned I/O, preallocation.
+
+use crate::StoreError;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+pub(crate) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Makes a directory entry change (create, rename, unlink) in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))
+}
+
+/// Renames `from` to `to` and makes the new name durable: after this returns, a power cut leaves `to`.
+pub(crate) fn durable_rename(from: &Path, to: &Path) -> Result<(), StoreError> {
+    std::fs::rename(from, to).map_err(io("rename", from))?;
+    if let Some(dir) = to.parent() {
+        sync_dir(dir)?;
+    }
+    if let Some(dir) = from.parent().filter(|d| Some(*d) != to.parent()) {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Writes `data` to a new file at `path` and syncs it (the caller renames it into place).
+pub(crate) fn write_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("create", path))?;
+    f.write_all_at(data, 0).map_err(io("write", path))?;
+    f.sync_all().map_err(io("sync", path))
+}
+
+/// Reserves `len` bytes for `file` so that a full disk is reported now, not halfway through a download.
+pub(crate) fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    file.set_len(len).map_err(io("size", path))?;
+    if len == 0 {
+        return Ok(());
+    }
+    let Ok(len) = libc::off_t::try_from(len) else {
+        return Err(StoreError::Io {
+            op: "preallocate",
+            path: path.to_owned(),
+            source: std::io::Error::from(std::io::ErrorKind::FileTooLarge),
+        });
+    };
+    // SAFETY: the descriptor is open for writing for the whole call; posix_fallocate reads no memory.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    // Some file systems (tmpfs on old kernels, some FUSE) cannot preallocate; the sparse file still works.
+    if rc != 0 && rc != libc::EOPNOTSUPP && rc != libc::EINVAL {
+        return Err(StoreError::Io {
+            op: "preallocate",
+            path: path.to_owned(),
+            source: std::io::Error::from_raw_os_error(rc),
+        });
+    }
+    Ok(())
+}
+
+/// Hashes a whole file through a memory map, using every core for large files.
+pub(crate) fn hash_file(path: &Path) -> Result<(blake3::Hash, u64), StoreError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap_rayon(path).map_err(io("hash", path))?;
+    Ok((hasher.finalize(), hasher.count()))
+}
+
+/// Reads exactly `len` bytes at `offset`.
+pub(crate) fn read_at(
+    file: &File,
+    offset: u64,
+    len: u32,
+    path: &Path,
+) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(io("read", path))?;
+    Ok(buf)
+}

@@ -1,0 +1,434 @@
+//! Unit tests of the store against real files and a real SQLite catalog in a temporary directory.
+
+use super::*;
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, Options::default()).unwrap()
+}
+
+/// Fills a begun blob from `data`, chunk by chunk.
+fn fill(store: &Store, map: &ChunkMap, data: &[u8]) -> usize {
+    let mut n = 0;
+    for c in store.missing(&map.blob()).unwrap() {
+        let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
+        n += store.put_chunk(&c.id, &data[r]).unwrap();
+    }
+    n
+}
+
+#[test]
+fn import_then_read_everything_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(1, 1_500_000);
+    let src = dir.path().join("src.bin");
+    std::fs::write(&src, &data).unwrap();
+    let imp = store.import_file(&src).unwrap();
+    assert_eq!(imp.blob, BlobId::of(&data));
+    assert_eq!(imp.size, data.len() as u64);
+    assert!(store.has(&imp.blob).unwrap());
+    assert_eq!(
+        std::fs::read(store.blob_path(&imp.blob).unwrap()).unwrap(),
+        data
+    );
+    assert_eq!(
+        store.read_chunk_map(&imp.chunk_map_id).unwrap(),
+        imp.chunk_map
+    );
+    for c in imp.chunk_map.chunks() {
+        let got = store.read_chunk(&c.id).unwrap().unwrap();
+        assert_eq!(BlobId::of(&got), c.id);
+    }
+    // The chunk map is itself served as content by id.
+    assert_eq!(
+        store.read_chunk(&imp.chunk_map_id).unwrap().unwrap(),
+        imp.chunk_map.encode()
+    );
+    let bitmap = store.have_bitmap(&imp.blob).unwrap().unwrap();
+    assert_eq!(bitmap.len(), imp.chunk_map.chunks().len().div_ceil(8));
+    // Importing again is a no-op that returns the same answer.
+    let again = store.import_bytes(&data).unwrap();
+    assert_eq!(again.blob, imp.blob);
+    assert_eq!(store.usage().unwrap().blobs, 2);
+    assert!(matches!(
+        store.blob_path(&BlobId::of(b"nope")),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn a_blob_is_filled_chunk_by_chunk_and_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(2, 900_000);
+    let map = ChunkMap::build(&data);
+    store.begin(&map).unwrap();
+    store.begin(&map).unwrap();
+    assert!(!store.has(&map.blob()).unwrap());
+    let missing = store.missing(&map.blob()).unwrap();
+    assert_eq!(missing.len(), map.chunks().len());
+    assert!(matches!(
+        store.complete(&map.blob()),
+        Err(StoreError::Incomplete { .. })
+    ));
+
+    // Bytes that do not hash to the id are refused and change nothing.
+    let c0 = missing[0];
+    let mut bad = data[..c0.len as usize].to_vec();
+    bad[10] ^= 1;
+    assert!(matches!(
+        store.put_chunk(&c0.id, &bad),
+        Err(StoreError::ContentMismatch { .. })
+    ));
+    assert_eq!(
+        store.missing(&map.blob()).unwrap().len(),
+        map.chunks().len()
+    );
+    assert_eq!(store.read_chunk(&c0.id).unwrap(), None);
+
+    // One good chunk is then readable from the partial blob, verified.
+    assert_eq!(
+        store.put_chunk(&c0.id, &data[..c0.len as usize]).unwrap(),
+        1
+    );
+    assert_eq!(
+        store.read_chunk(&c0.id).unwrap().unwrap(),
+        &data[..c0.len as usize]
+    );
+    assert_eq!(store.have_bitmap(&map.blob()).unwrap().unwrap()[0] & 1, 1);
+    let info = store.info(&map.blob()).unwrap().unwrap();
+    assert_eq!(info.have_bytes, u64::from(c0.len));
+
+    fill(&store, &map, &data);
+    assert!(store.missing(&map.blob()).unwrap().is_empty());
+    store.complete(&map.blob()).unwrap();
+    assert!(store.has(&map.blob()).unwrap());
+    assert_eq!(
+        std::fs::read(store.blob_path(&map.blob()).unwrap()).unwrap(),
+        data
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("partial"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn chunks_held_in_any_blob_are_reused_not_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let old = noise(3, 2_000_000);
+    store.import_bytes(&old).unwrap();
+    let mut new = old.clone();
+    new.splice(1_000_000..1_000_000, noise(4, 500));
+    let map = ChunkMap::build(&new);
+    store.begin(&map).unwrap();
+    let (copied, _) = store.fill_local(&map.blob()).unwrap();
+    let missing = store.missing(&map.blob()).unwrap();
+    assert!(
+        copied as usize >= map.chunks().len() - 3,
+        "copied {copied} of {}",
+        map.chunks().len()
+    );
+    assert!(missing.len() <= 3, "{} chunks still missing", missing.len());
+    fill(&store, &map, &new);
+    store.complete(&map.blob()).unwrap();
+}
+
+#[test]
+fn a_chunk_map_that_lies_about_its_blob_is_refused_at_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(5, 300_000);
+    let real = ChunkMap::build(&data);
+    // Same chunks, but a different blob id: every chunk verifies, the whole does not.
+    let mut bytes = real.encode();
+    bytes[17..49].copy_from_slice(BlobId::of(b"other").as_bytes());
+    let liar = ChunkMap::decode(&bytes).unwrap();
+    store.begin(&liar).unwrap();
+    fill(&store, &liar, &data);
+    assert!(matches!(
+        store.complete(&liar.blob()),
+        Err(StoreError::BlobMismatch { .. })
+    ));
+    assert!(!store.has(&liar.blob()).unwrap());
+    assert!(store.info(&liar.blob()).unwrap().is_none());
+}
+
+#[test]
+fn gc_keeps_pinned_blobs_and_their_chunk_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store.import_bytes(&noise(6, 400_000)).unwrap();
+    let b = store.import_bytes(&noise(7, 300_000)).unwrap();
+    let c = ChunkMap::build(&noise(8, 200_000));
+    store.begin(&c).unwrap();
+    store.set_pin("active", &[a.blob]).unwrap();
+    let report = store.gc().unwrap();
+    // b, b's chunk map, c (partial) and c's chunk map go; a and a's chunk map stay.
+    assert_eq!(report.blobs_removed, 4);
+    assert_eq!(
+        report.bytes_freed,
+        300_000 + 200_000 + b.chunk_map.encode().len() as u64 + c.encode().len() as u64
+    );
+    assert!(store.has(&a.blob).unwrap());
+    assert!(store.has(&a.chunk_map_id).unwrap());
+    assert!(!store.has(&b.blob).unwrap());
+    assert!(store.info(&c.blob()).unwrap().is_none());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("blobs")).unwrap().count(),
+        2
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("partial"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(store.pins("active").unwrap(), vec![a.blob]);
+    assert_eq!(store.gc().unwrap(), GcReport::default());
+}
+
+#[test]
+fn a_release_over_budget_is_refused_before_any_byte_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        Options {
+            budget: Some(1_000_000),
+        },
+    )
+    .unwrap();
+    let a = store.import_bytes(&noise(9, 600_000)).unwrap();
+    let big = ChunkMap::build(&noise(10, 500_000));
+    let err = store
+        .reserve(&[(a.blob, a.size), (big.blob(), big.size())])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::BudgetExceeded {
+                needed: 500_000,
+                budget: 1_000_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("budget"));
+    assert!(store.info(&big.blob()).unwrap().is_none());
+    // What is already held costs nothing more.
+    store.reserve(&[(a.blob, a.size)]).unwrap();
+    store.reserve(&[(big.blob(), 300_000)]).unwrap();
+}
+
+#[test]
+fn verify_quarantines_bit_rot_and_it_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(11, 700_000);
+    let imp = store.import_bytes(&data).unwrap();
+    assert!(store.verify().unwrap().corrupt.is_empty());
+
+    // Flip one byte in the middle of the stored file, as an SD card might.
+    let path = store.blob_path(&imp.blob).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[350_000] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let report = store.verify().unwrap();
+    assert_eq!(report.corrupt.len(), 1);
+    assert_eq!(report.corrupt[0].0, imp.blob);
+    assert!(!store.has(&imp.blob).unwrap());
+    for c in imp.chunk_map.chunks() {
+        assert_eq!(store.read_chunk(&c.id).unwrap(), None);
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_corrupt_chunk_is_detected_on_read_even_without_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(12, 400_000);
+    let map = ChunkMap::build(&data);
+    store.begin(&map).unwrap();
+    fill(&store, &map, &data);
+    // Damage a recorded chunk of the partial blob behind the store's back.
+    let c = map.chunks()[1];
+    let part = dir.path().join("partial").join(map.blob().to_hex());
+    let f = OpenOptions::new().write(true).open(&part).unwrap();
+    f.write_all_at(&[0xff; 8], c.offset + 3).unwrap();
+    assert_eq!(store.read_chunk(&c.id).unwrap(), None);
+    assert_eq!(store.missing(&map.blob()).unwrap(), vec![c]);
+    let report = store.verify().unwrap();
+    assert_eq!(report.chunks_reset, 0, "the read already reset it");
+}
+
+#[test]
+fn verify_resets_bad_chunks_of_partial_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(13, 400_000);
+    let map = ChunkMap::build(&data);
+    store.begin(&map).unwrap();
+    fill(&store, &map, &data);
+    let c = map.chunks()[2];
+    let part = dir.path().join("partial").join(map.blob().to_hex());
+    OpenOptions::new()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .write_all_at(&[1, 2, 3], c.offset)
+        .unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.chunks_reset, 1);
+    assert_eq!(store.missing(&map.blob()).unwrap(), vec![c]);
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path());
+    // flock locks belong to the open file description, so a second open in this process conflicts too.
+    assert!(matches!(
+        Store::open(dir.path(), Options::default()),
+        Err(StoreError::Locked(_))
+    ));
+}
+
+#[test]
+fn recovery_repairs_what_a_crash_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = noise(14, 600_000);
+    let map = ChunkMap::build(&data);
+    let kept = noise(15, 100_000);
+    {
+        let store = open(dir.path());
+        store.import_bytes(&kept).unwrap();
+        store.begin(&map).unwrap();
+        fill(&store, &map, &data);
+    }
+    // A crash between the rename into blobs/ and the commit: the file moved, the catalog still says partial.
+    std::fs::rename(
+        dir.path().join("partial").join(map.blob().to_hex()),
+        dir.path().join("blobs").join(map.blob().to_hex()),
+    )
+    .unwrap();
+    // Leftovers: a temporary import file and an orphan blob file the catalog never recorded.
+    std::fs::write(dir.path().join("tmp").join("import-1-0"), b"half").unwrap();
+    std::fs::write(
+        dir.path()
+            .join("blobs")
+            .join(BlobId::of(b"orphan").to_hex()),
+        b"orphan",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("partial").join(BlobId::of(b"p").to_hex()),
+        b"p",
+    )
+    .unwrap();
+
+    let store = open(dir.path());
+    let rec = store.recovery().clone();
+    assert_eq!(rec.completions_finished, 1);
+    assert_eq!(rec.temp_files_removed, 1);
+    assert_eq!(rec.orphan_files_removed, 2);
+    assert!(store.has(&map.blob()).unwrap());
+    assert!(store.has(&BlobId::of(&kept)).unwrap());
+    assert!(store.verify().unwrap().corrupt.is_empty());
+}
+
+#[test]
+fn recovery_forgets_a_complete_blob_whose_file_vanished() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = open(dir.path());
+        store.import_bytes(&noise(16, 50_000)).unwrap().blob
+    };
+    std::fs::remove_file(dir.path().join("blobs").join(id.to_hex())).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.recovery().lost_blobs_forgotten, 1);
+    assert!(!store.has(&id).unwrap());
+}
+
+#[test]
+fn meta_values_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        store.set_meta("highest_version", b"7", true).unwrap();
+        store
+            .set_meta_many(&[("a", b"1"), ("b", b"2")], true)
+            .unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.get_meta("highest_version").unwrap().as_deref(),
+        Some(&b"7"[..])
+    );
+    assert_eq!(store.get_meta("b").unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(store.get_meta("missing").unwrap(), None);
+}
+
+#[test]
+fn concurrent_chunk_writers_share_one_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(17, 3_000_000);
+    let map = ChunkMap::build(&data);
+    store.begin(&map).unwrap();
+    let missing = store.missing(&map.blob()).unwrap();
+    std::thread::scope(|s| {
+        for part in missing.chunks(missing.len().div_ceil(4)) {
+            let (store, data) = (&store, &data);
+            s.spawn(move || {
+                for c in part {
+                    let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
+                    store.put_chunk(&c.id, &data[r]).unwrap();
+                }
+            });
+        }
+    });
+    store.complete(&map.blob()).unwrap();
+    assert_eq!(
+        std::fs::read(store.blob_path(&map.blob()).unwrap()).unwrap(),
+        data
+    );
+}
+
+#[test]
+fn raw_blobs_are_checked_against_their_expected_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let err = store.put_raw_expect(&BlobId::of(b"a"), b"b").unwrap_err();
+    assert!(matches!(err, StoreError::ContentMismatch { .. }));
+    let id = store.put_raw(b"hello").unwrap();
+    assert_eq!(store.read_blob(&id, 100).unwrap(), b"hello");
+    assert!(matches!(
+        store.read_blob(&id, 2),
+        Err(StoreError::TooLarge { .. })
+    ));
+}
