@@ -105,7 +105,12 @@ fn store_survives_sigkill_at_random_points() {
         };
         // Nothing recorded before this run may have been fetched again by it.
         let fetched = std::fs::read_to_string(&log).unwrap_or_default();
-        for line in fetched.lines() {
+        // Only whole lines: the child writes each in one call, but stay strict about what counts.
+        for line in fetched
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(str::trim_end)
+        {
             let (blob, offset) = line.split_once(' ').unwrap();
             let k = (blob.to_owned(), offset.parse::<u64>().unwrap());
             assert!(

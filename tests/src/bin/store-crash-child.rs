@@ -57,8 +57,9 @@ fn run(store_dir: &str, source_dir: &str, log: &str) -> Result<(), Box<dyn std::
                             // Say what is about to be fetched before fetching it.
                             {
                                 let mut log = log.lock().map_err(|_| "log lock poisoned")?;
-                                writeln!(log, "{blob_hex} {}", c.offset)
-                                    .map_err(|e| e.to_string())?;
+                                // One write call per line, so a kill cannot leave half a line.
+                                let line = format!("{blob_hex} {}\n", c.offset);
+                                log.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
                             }
                             let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
                             store

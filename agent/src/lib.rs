@@ -1,0 +1,8 @@
+//! deckhand-agent's library: everything the agent daemon does, and the pieces the operator's CLI reuses.
+//!
+//! `tools` depends on this crate for the S3 origin client and the release loaders; this crate never
+//! depends on `tools`.
+
+pub mod fixtures;
+pub mod maintenance;
+pub mod telemetry;

@@ -1,0 +1,92 @@
+//! `deckhand keygen`: a new ed25519 signing key pair, NAME.key (mode 0600) and NAME.pub.
+
+use anyhow::{Context as _, bail};
+use deckhand_protocol::SecretKey;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+/// The two files written and the key id.
+#[derive(Debug)]
+pub struct KeyPair {
+    pub secret: PathBuf,
+    pub public: PathBuf,
+    pub key_id: String,
+}
+
+/// Writes `{out}.key` and `{out}.pub`. Refuses to overwrite either file.
+pub fn keygen(out: &Path) -> anyhow::Result<KeyPair> {
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .with_context(|| {
+            format!(
+                "--out {}: needs a file name to write NAME.key and NAME.pub",
+                out.display()
+            )
+        })?;
+    let secret_path = out.with_file_name(format!("{name}.key"));
+    let public_path = out.with_file_name(format!("{name}.pub"));
+    for p in [&secret_path, &public_path] {
+        if p.exists() {
+            bail!(
+                "--out {}: {} already exists; refusing to overwrite a key",
+                out.display(),
+                p.display()
+            );
+        }
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)
+        .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
+    let key = SecretKey::from_seed(&seed);
+    seed.fill(0);
+
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_path)
+        .with_context(|| format!("cannot create {}", secret_path.display()))?;
+    f.write_all(key.to_file_text().as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", secret_path.display()))?;
+    std::fs::write(&public_path, key.public().to_file_text())
+        .with_context(|| format!("cannot write {}", public_path.display()))?;
+    Ok(KeyPair {
+        secret: secret_path,
+        public: public_path,
+        key_id: key.id().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deckhand_protocol::PublicKey;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn writes_a_private_key_and_refuses_to_overwrite_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = keygen(&dir.path().join("ops")).unwrap();
+        let mode = std::fs::metadata(&pair.secret)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let sk =
+            SecretKey::from_file_text(&std::fs::read_to_string(&pair.secret).unwrap()).unwrap();
+        let pk =
+            PublicKey::from_file_text(&std::fs::read_to_string(&pair.public).unwrap()).unwrap();
+        assert_eq!(sk.public(), &pk);
+        assert_eq!(pk.id().to_string(), pair.key_id);
+        let err = keygen(&dir.path().join("ops")).unwrap_err().to_string();
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        // Two keys are never the same.
+        let other = keygen(&dir.path().join("ops2")).unwrap();
+        assert_ne!(other.key_id, pair.key_id);
+    }
+}
