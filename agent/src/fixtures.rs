@@ -89,6 +89,172 @@ pub fn card_id(i: usize) -> String {
     format!("set{}-{}", i / 200, i % 200 + 1)
 }
 
+/// A HEF with a version-0 header (big-endian magic, version, size, reserved, MD5 of the body) around
+/// `body`. Real HEFs carry a protobuf body; the test stand-in for HailoRT reads its own body format.
+pub fn hef_v0(body: &[u8]) -> Vec<u8> {
+    use md5::Digest as _;
+    let mut out = Vec::with_capacity(32 + body.len());
+    out.extend_from_slice(&crate::loaders::HEF_MAGIC.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&md5::Md5::digest(body));
+    out.extend_from_slice(body);
+    out
+}
+
+/// Encodes an RGB image as PNG.
+pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    // Encoding an in-memory RGB buffer to an in-memory PNG cannot fail.
+    let _ = img.write_to(&mut out, image::ImageFormat::Png);
+    out.into_inner()
+}
+
+/// Encodes an RGB image as JPEG at `quality` (1..=100).
+pub fn encode_jpeg(img: &image::RgbImage, quality: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+    let _ = img.write_with_encoder(enc);
+    out
+}
+
+/// The sample embedding model: input `image` [N, 3, size, size] (float, normalised RGB), average-pooled
+/// by `pool` to a small colour thumbnail, flattened, centred, and projected by a fixed random matrix to
+/// `dim` outputs named `embedding`. Deterministic for a given seed.
+pub fn embedding_model_onnx(size: u32, pool: u32, dim: usize, seed: u64) -> Vec<u8> {
+    use prost::Message as _;
+    use tract_onnx::pb;
+    let side = (size / pool) as usize;
+    let features = 3 * side * side;
+    let mut rng = SplitMix(seed);
+    let scale = 1.0 / (features as f32).sqrt();
+    let weights: Vec<f32> = (0..features * dim).map(|_| rng.normal() * scale).collect();
+
+    let tensor_type = |dims: Vec<pb::tensor_shape_proto::Dimension>| pb::TypeProto {
+        denotation: String::new(),
+        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+            elem_type: pb::tensor_proto::DataType::Float as i32,
+            shape: Some(pb::TensorShapeProto { dim: dims }),
+        })),
+    };
+    let fixed = |v: i64| pb::tensor_shape_proto::Dimension {
+        denotation: String::new(),
+        value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)),
+    };
+    let batch = || pb::tensor_shape_proto::Dimension {
+        denotation: String::new(),
+        value: Some(pb::tensor_shape_proto::dimension::Value::DimParam(
+            "N".into(),
+        )),
+    };
+    let ints = |name: &str, v: Vec<i64>| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v,
+        ..Default::default()
+    };
+    let int = |name: &str, v: i64| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>| {
+        pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| (*s).into()).collect(),
+            output: vec![output.into()],
+            name: output.into(),
+            attribute,
+            ..Default::default()
+        }
+    };
+    let graph = pb::GraphProto {
+        name: "deckhand-sample-embedder".into(),
+        node: vec![
+            node(
+                "AveragePool",
+                &["image"],
+                "pooled",
+                vec![
+                    ints("kernel_shape", vec![pool as i64; 2]),
+                    ints("strides", vec![pool as i64; 2]),
+                ],
+            ),
+            node("Flatten", &["pooled"], "flat", vec![int("axis", 1)]),
+            node(
+                "ReduceMean",
+                &["flat"],
+                "mean",
+                vec![ints("axes", vec![1]), int("keepdims", 1)],
+            ),
+            node("Sub", &["flat", "mean"], "centred", vec![]),
+            node("MatMul", &["centred", "projection"], "embedding", vec![]),
+        ],
+        initializer: vec![pb::TensorProto {
+            name: "projection".into(),
+            dims: vec![features as i64, dim as i64],
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            raw_data: weights.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            ..Default::default()
+        }],
+        input: vec![pb::ValueInfoProto {
+            name: "image".into(),
+            r#type: Some(tensor_type(vec![
+                batch(),
+                fixed(3),
+                fixed(size as i64),
+                fixed(size as i64),
+            ])),
+            doc_string: String::new(),
+        }],
+        output: vec![pb::ValueInfoProto {
+            name: "embedding".into(),
+            r#type: Some(tensor_type(vec![batch(), fixed(dim as i64)])),
+            doc_string: String::new(),
+        }],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        producer_name: "deckhand-fixtures".into(),
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Writes a usearch index (f32, cosine unless `metric` says otherwise) holding `vectors` under keys
+/// 0..N, to `path`.
+pub fn write_usearch_index(
+    path: &std::path::Path,
+    dim: usize,
+    metric: usearch::MetricKind,
+    vectors: &[Vec<f32>],
+) -> Result<(), String> {
+    let opts = usearch::IndexOptions {
+        dimensions: dim,
+        metric,
+        quantization: usearch::ScalarKind::F32,
+        connectivity: 16,
+        expansion_add: 128,
+        expansion_search: 64,
+        multi: false,
+    };
+    let index = usearch::Index::new(&opts).map_err(|e| e.to_string())?;
+    index.reserve(vectors.len()).map_err(|e| e.to_string())?;
+    for (row, v) in vectors.iter().enumerate() {
+        index.add(row as u64, v).map_err(|e| e.to_string())?;
+    }
+    let p = path.to_str().ok_or("index path is not UTF-8")?;
+    index.save(p).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

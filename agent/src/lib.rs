@@ -4,5 +4,7 @@
 //! depends on `tools`.
 
 pub mod fixtures;
+pub mod loaders;
 pub mod maintenance;
+pub mod origin;
 pub mod telemetry;

@@ -173,6 +173,20 @@ impl TrustPolicy {
 
     /// Runs every check and returns the manifest, or the first reason to refuse it.
     pub fn verify(&self, envelope: &[u8], now: Timestamp) -> Result<VerifiedManifest, VerifyError> {
+        self.check(envelope, Some(now))
+    }
+
+    /// Every check but expiry. Only for an operator re-signing old content under a new version and a new
+    /// expiry (`deckhand rollback`); agents always use [`TrustPolicy::verify`].
+    pub fn verify_ignoring_expiry(&self, envelope: &[u8]) -> Result<VerifiedManifest, VerifyError> {
+        self.check(envelope, None)
+    }
+
+    fn check(
+        &self,
+        envelope: &[u8],
+        now: Option<Timestamp>,
+    ) -> Result<VerifiedManifest, VerifyError> {
         if envelope.len() > MAX_ENVELOPE {
             return Err(VerifyError::Oversized {
                 what: "envelope",
@@ -234,7 +248,9 @@ impl TrustPolicy {
         }
 
         let manifest = Manifest::from_payload(&payload)?;
-        if now >= manifest.expires_at {
+        if let Some(now) = now
+            && now >= manifest.expires_at
+        {
             return Err(VerifyError::Expired {
                 version: manifest.version,
                 expires_at: manifest.expires_at,
@@ -248,6 +264,24 @@ impl TrustPolicy {
             signers: valid.into_iter().collect(),
         })
     }
+}
+
+/// Decodes an envelope's manifest WITHOUT checking any signature, for display only (`deckhand versions`
+/// without `--trust`). Nothing may act on its result.
+pub fn inspect_unverified(envelope: &[u8]) -> Result<Manifest, VerifyError> {
+    if envelope.len() > MAX_ENVELOPE {
+        return Err(VerifyError::Oversized {
+            what: "envelope",
+            len: envelope.len(),
+            limit: MAX_ENVELOPE,
+        });
+    }
+    let env: Envelope =
+        serde_json::from_slice(envelope).map_err(|e| VerifyError::Json(e.to_string()))?;
+    let payload = STANDARD
+        .decode(&env.payload)
+        .map_err(|e| VerifyError::PayloadBase64(e.to_string()))?;
+    Ok(Manifest::from_payload(&payload)?)
 }
 
 impl VerifiedManifest {
@@ -380,6 +414,19 @@ mod tests {
         policy(&[&a], 1)
             .verify(&env, m.expires_at - jiff::SignedDuration::from_secs(1))
             .unwrap();
+        // Only the operator's re-signing path may look past expiry, and it still checks signatures.
+        assert_eq!(
+            policy(&[&a], 1)
+                .verify_ignoring_expiry(&env)
+                .unwrap()
+                .manifest,
+            m
+        );
+        let other = key(2);
+        assert!(matches!(
+            policy(&[&other], 1).verify_ignoring_expiry(&env),
+            Err(VerifyError::Threshold { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,608 @@
+//! Release loaders: read and check each kind of file a release is made of. One implementation, used by
+//! the operator's `deckhand publish` (to refuse a broken release before upload) and by the agent's
+//! recognizer (to load a release from the store).
+//!
+//! Accepted forms follow the seeds: `index.json` as an array or an object of row -> card id;
+//! `metadata.json` as an object keyed by card id or an array of objects with an id field; `embeddings.npy`
+//! as float32 [N, D]; the HEF's big-endian header (magic 0x01484546, version, sizes, MD5 for version 0).
+
+use deckhand_protocol::manifest::{ChannelLayout, Metric};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Why a release file was refused. `what` names the role, `file` the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{what} {file}: cannot read: {source}")]
+    Read {
+        what: &'static str,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {file}: {why}")]
+    Invalid {
+        what: &'static str,
+        file: String,
+        why: String,
+    },
+}
+
+impl LoadError {
+    pub fn invalid(what: &'static str, file: &Path, why: impl Into<String>) -> Self {
+        LoadError::Invalid {
+            what,
+            file: file.display().to_string(),
+            why: why.into(),
+        }
+    }
+}
+
+/// Reads a file that must exist and not be empty.
+pub fn read_nonempty(what: &'static str, path: &Path) -> Result<Vec<u8>, LoadError> {
+    let data = std::fs::read(path).map_err(|source| LoadError::Read {
+        what,
+        file: path.display().to_string(),
+        source,
+    })?;
+    if data.is_empty() {
+        return Err(LoadError::invalid(what, path, "file is empty"));
+    }
+    Ok(data)
+}
+
+// ---------------------------------------------------------------- HEF
+
+/// The HEF magic, "FEH\x01" read as a big-endian u32.
+pub const HEF_MAGIC: u32 = 0x0148_4546;
+
+/// A HEF's outer header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HefHeader {
+    pub version: u32,
+    pub proto_size: u32,
+    pub header_size: usize,
+    /// Whether a checksum in the header was verified (version 0 carries an MD5 of the body).
+    pub checksum_verified: bool,
+}
+
+/// Checks that bytes look like a HEF: magic, known version, sizes that agree with the file, and for
+/// version 0 the MD5 of everything after the header. (HailoRT runs the same checks when it loads a HEF.)
+pub fn check_hef(data: &[u8]) -> Result<HefHeader, String> {
+    let be = |at: usize| -> Option<u32> {
+        data.get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let magic = be(0).ok_or("file is shorter than a HEF header")?;
+    if magic != HEF_MAGIC {
+        return Err(format!(
+            "not a HEF: magic is {magic:#010x}, expected {HEF_MAGIC:#010x}"
+        ));
+    }
+    let version = be(4).ok_or("file is shorter than a HEF header")?;
+    let proto_size = be(8).ok_or("file is shorter than a HEF header")?;
+    let header_size = match version {
+        0 | 1 => 32,
+        2 => 40,
+        3 => 56,
+        v => {
+            return Err(format!(
+                "HEF header version {v} is not one HailoRT 4.x reads (0..=3)"
+            ));
+        }
+    };
+    if data.len() < header_size {
+        return Err(format!(
+            "file is {} bytes, shorter than its {header_size}-byte v{version} header",
+            data.len()
+        ));
+    }
+    let residue = data.len() - header_size;
+    if proto_size == 0 || proto_size as usize > residue {
+        return Err(format!(
+            "header says the network is {proto_size} bytes, but {residue} bytes follow the header"
+        ));
+    }
+    let mut checksum_verified = false;
+    if version == 0 {
+        if residue != proto_size as usize {
+            return Err(format!(
+                "v0 header says {proto_size} bytes follow, the file has {residue}"
+            ));
+        }
+        use md5::Digest as _;
+        let actual = md5::Md5::digest(&data[header_size..]);
+        if actual.as_slice() != &data[16..32] {
+            return Err(
+                "HEF MD5 in the header does not match its contents (truncated or corrupted)".into(),
+            );
+        }
+        checksum_verified = true;
+    }
+    Ok(HefHeader {
+        version,
+        proto_size,
+        header_size,
+        checksum_verified,
+    })
+}
+
+// ---------------------------------------------------------------- ONNX
+
+/// What the release needs to know about an ONNX model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnnxInfo {
+    /// Input dimensions, `None` where symbolic (a batch dimension).
+    pub input_shape: Vec<Option<usize>>,
+    pub layout: ChannelLayout,
+    pub width: u32,
+    pub height: u32,
+    /// The size of the last output dimension: the embedding dimension.
+    pub output_dim: usize,
+}
+
+/// Loads an ONNX model with tract and reads its input size, channel layout and output dimension.
+pub fn inspect_onnx(path: &Path) -> Result<OnnxInfo, LoadError> {
+    use tract_onnx::prelude::*;
+    let bad = |why: String| LoadError::invalid("onnx", path, why);
+    let model = tract_onnx::onnx()
+        .model_for_path(path)
+        .map_err(|e| bad(format!("does not load as ONNX: {e}")))?;
+    let model = model
+        .into_typed()
+        .map_err(|e| bad(format!("cannot type the model: {e}")))?;
+    if model.inputs.len() != 1 || model.outputs.is_empty() {
+        return Err(bad(format!(
+            "expected one image input and an embedding output, found {} inputs and {} outputs",
+            model.inputs.len(),
+            model.outputs.len()
+        )));
+    }
+    let input = model.input_fact(0).map_err(|e| bad(e.to_string()))?;
+    let dims: Vec<Option<usize>> = input
+        .shape
+        .iter()
+        .map(|d| d.to_i64().ok().map(|v| v as usize))
+        .collect();
+    let (layout, height, width) = match dims.as_slice() {
+        [_, Some(3), Some(h), Some(w)] => (ChannelLayout::Nchw, *h, *w),
+        [_, Some(h), Some(w), Some(3)] => (ChannelLayout::Nhwc, *h, *w),
+        other => {
+            return Err(bad(format!(
+                "input shape {other:?} is not [N,3,H,W] or [N,H,W,3]"
+            )));
+        }
+    };
+    let output = model.output_fact(0).map_err(|e| bad(e.to_string()))?;
+    let output_dim = output
+        .shape
+        .iter()
+        .last()
+        .and_then(|d| d.to_i64().ok())
+        .filter(|d| *d > 0)
+        .ok_or_else(|| {
+            bad(format!(
+                "output shape {:?} has no fixed embedding dimension",
+                output.shape
+            ))
+        })? as usize;
+    Ok(OnnxInfo {
+        input_shape: dims,
+        layout,
+        width: width as u32,
+        height: height as u32,
+        output_dim,
+    })
+}
+
+// ---------------------------------------------------------------- usearch
+
+/// A usearch index header, read with `Index::metadata` before anything is loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexHeader {
+    pub dimensions: usize,
+    pub metric: Metric,
+    pub scalar: String,
+    pub count: u64,
+    pub multi: bool,
+}
+
+/// Reads the header of a usearch index file, then views (memory-maps) the index to prove it loads and
+/// holds as many vectors as the header says.
+pub fn inspect_index(path: &Path) -> Result<IndexHeader, LoadError> {
+    let bad = |why: String| LoadError::invalid("index", path, why);
+    let p = path
+        .to_str()
+        .ok_or_else(|| bad("path is not UTF-8".into()))?;
+    let meta = usearch::Index::metadata(p).map_err(|e| bad(format!("not a usearch index: {e}")))?;
+    let header = header_from(&meta).map_err(bad)?;
+    let index = usearch::Index::new(&meta.into())
+        .map_err(|e| bad(format!("cannot create an index for it: {e}")))?;
+    index
+        .view(p)
+        .map_err(|e| bad(format!("does not load: {e}")))?;
+    if index.size() as u64 != header.count || index.dimensions() != header.dimensions {
+        return Err(bad(format!(
+            "header says {} vectors of {} dimensions, the loaded index has {} of {}",
+            header.count,
+            header.dimensions,
+            index.size(),
+            index.dimensions()
+        )));
+    }
+    Ok(header)
+}
+
+fn header_from(meta: &usearch::IndexMetadata) -> Result<IndexHeader, String> {
+    use usearch::{MetricKind, ScalarKind};
+    let metric = match meta.metric {
+        MetricKind::Cos => Metric::Cos,
+        MetricKind::IP => Metric::Ip,
+        MetricKind::L2sq => Metric::L2sq,
+        other => {
+            return Err(format!(
+                "metric {other:?} is not supported (cos, ip or l2sq)"
+            ));
+        }
+    };
+    let scalar = match meta.quantization {
+        ScalarKind::F32 => "f32",
+        ScalarKind::F16 => "f16",
+        ScalarKind::BF16 => "bf16",
+        ScalarKind::F64 => "f64",
+        ScalarKind::I8 => "i8",
+        other => return Err(format!("scalar kind {other:?} is not supported")),
+    };
+    if !(1..=65536).contains(&meta.dimensions) {
+        return Err(format!("header claims {} dimensions", meta.dimensions));
+    }
+    Ok(IndexHeader {
+        dimensions: meta.dimensions as usize,
+        metric,
+        scalar: scalar.to_owned(),
+        count: meta.count_present,
+        multi: meta.multi,
+    })
+}
+
+// ---------------------------------------------------------------- labels and metadata
+
+fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses index.json into row -> card id. An array is taken in order; an object must map every row
+/// `0..N` exactly once (keys are decimal row numbers).
+pub fn parse_labels(data: &[u8]) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_slice(data).map_err(|e| format!("not valid JSON: {e}"))?;
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(row, item)| {
+                id_text(item)
+                    .ok_or_else(|| format!("row {row}: card id {item} is not a string or integer"))
+            })
+            .collect(),
+        Value::Object(map) => {
+            let mut rows: Vec<Option<String>> = vec![None; map.len()];
+            for (k, item) in &map {
+                let row: usize = k
+                    .parse()
+                    .map_err(|_| format!("key {k:?} is not a row number"))?;
+                let slot = rows.get_mut(row).ok_or_else(|| {
+                    format!(
+                        "row {row} is out of range for {} labels (rows must be 0..{})",
+                        map.len(),
+                        map.len()
+                    )
+                })?;
+                *slot = Some(id_text(item).ok_or_else(|| {
+                    format!("row {row}: card id {item} is not a string or integer")
+                })?);
+            }
+            rows.into_iter()
+                .enumerate()
+                .map(|(row, id)| id.ok_or_else(|| format!("row {row} has no card id")))
+                .collect()
+        }
+        other => Err(format!(
+            "expected an array or an object of row -> card id, found {}",
+            kind(&other)
+        )),
+    }
+}
+
+/// Parses metadata.json into card id -> details. An object is keyed by card id; an array holds objects
+/// with an `id` (or `card_id`) field. A card id may appear only once.
+pub fn parse_metadata(data: &[u8]) -> Result<HashMap<String, Value>, String> {
+    let v: Value = serde_json::from_slice(data).map_err(|e| format!("not valid JSON: {e}"))?;
+    match v {
+        Value::Object(map) => Ok(map.into_iter().collect()),
+        Value::Array(items) => {
+            let mut out = HashMap::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                let id = item
+                    .get("id")
+                    .or_else(|| item.get("card_id"))
+                    .and_then(id_text)
+                    .ok_or_else(|| format!("entry {i} has no \"id\" or \"card_id\" field"))?;
+                if out.insert(id.clone(), item).is_some() {
+                    return Err(format!("card id {id:?} appears more than once"));
+                }
+            }
+            Ok(out)
+        }
+        other => Err(format!(
+            "expected an object keyed by card id or an array of cards, found {}",
+            kind(&other)
+        )),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+// ---------------------------------------------------------------- embeddings.npy
+
+/// Reads the header of a float32 `.npy` matrix: (rows, columns, offset of the data).
+pub fn npy_header(data: &[u8]) -> Result<(usize, usize, usize), String> {
+    if data.len() < 10 || &data[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file (no \\x93NUMPY magic)".into());
+    }
+    let (header_len, start) = match data[6] {
+        1 => (u16::from_le_bytes([data[8], data[9]]) as usize, 10usize),
+        2 | 3 if data.len() >= 12 => (
+            u32::from_le_bytes([data[8], data[9], data[10], data[11]]) as usize,
+            12,
+        ),
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    let end = start
+        .checked_add(header_len)
+        .filter(|e| *e <= data.len())
+        .ok_or(".npy header runs past the end of the file")?;
+    let header = std::str::from_utf8(&data[start..end]).map_err(|_| ".npy header is not text")?;
+    if !header.contains("'descr': '<f4'") {
+        return Err(format!(
+            "embeddings must be little-endian float32 ('<f4'); header is {}",
+            header.trim()
+        ));
+    }
+    if header.contains("'fortran_order': True") {
+        return Err("embeddings must be in C order, not Fortran order".into());
+    }
+    let shape = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
+        .ok_or("no shape in the .npy header")?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("shape ({shape}) is not a list of integers"))
+        })
+        .collect::<Result<_, _>>()?;
+    let [rows, cols] = dims[..] else {
+        return Err(format!("embeddings must be 2-D [N, D], shape is ({shape})"));
+    };
+    let need = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(4))
+        .ok_or("shape overflows")?;
+    if data.len() - end != need {
+        return Err(format!(
+            "shape ({rows}, {cols}) needs {need} bytes of data, the file has {}",
+            data.len() - end
+        ));
+    }
+    Ok((rows, cols, end))
+}
+
+// ---------------------------------------------------------------- images
+
+/// Checks that bytes are a decodable JPEG or PNG: returns (width, height, format name).
+pub fn check_image(data: &[u8]) -> Result<(u32, u32, &'static str), String> {
+    let format =
+        image::guess_format(data).map_err(|_| "not an image (neither JPEG nor PNG)".to_owned())?;
+    let name = match format {
+        image::ImageFormat::Jpeg => "jpeg",
+        image::ImageFormat::Png => "png",
+        other => {
+            return Err(format!(
+                "image format {other:?} is not accepted (JPEG or PNG)"
+            ));
+        }
+    };
+    let img = image::load_from_memory_with_format(data, format)
+        .map_err(|e| format!("image does not decode: {e}"))?;
+    Ok((img.width(), img.height(), name))
+}
+
+/// The media type of an accepted image format name.
+pub fn image_media_type(format: &str) -> &'static str {
+    if format == "png" {
+        "image/png"
+    } else {
+        "image/jpeg"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_in_both_seed_forms() {
+        assert_eq!(
+            parse_labels(br#"["a", "b", 7]"#).unwrap(),
+            vec!["a", "b", "7"]
+        );
+        assert_eq!(
+            parse_labels(br#"{"1": "b", "0": "a"}"#).unwrap(),
+            vec!["a", "b"]
+        );
+        assert!(
+            parse_labels(br#"{"0": "a", "2": "c"}"#)
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            parse_labels(br#"{"x": "a"}"#)
+                .unwrap_err()
+                .contains("not a row number")
+        );
+        assert!(
+            parse_labels(br#"["a", null]"#)
+                .unwrap_err()
+                .contains("row 1")
+        );
+        assert!(
+            parse_labels(br#"42"#)
+                .unwrap_err()
+                .contains("found a number")
+        );
+        assert!(parse_labels(b"{").unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn metadata_in_both_seed_forms() {
+        let m = parse_metadata(br#"{"a": {"name": "A"}, "b": {"name": "B"}}"#).unwrap();
+        assert_eq!(m["b"]["name"], "B");
+        let m =
+            parse_metadata(br#"[{"id": "a", "name": "A"}, {"card_id": 5, "name": "F"}]"#).unwrap();
+        assert_eq!(m["5"]["name"], "F");
+        assert!(
+            parse_metadata(br#"[{"id": "a"}, {"id": "a"}]"#)
+                .unwrap_err()
+                .contains("more than once")
+        );
+        assert!(
+            parse_metadata(br#"[{"name": "x"}]"#)
+                .unwrap_err()
+                .contains("entry 0")
+        );
+    }
+
+    #[test]
+    fn npy_headers_are_checked() {
+        let npy = crate::fixtures::npy_f32(2, 3, &[1.0; 6]);
+        assert_eq!(npy_header(&npy).unwrap(), (2, 3, npy.len() - 24));
+        assert!(
+            npy_header(&npy[..npy.len() - 1])
+                .unwrap_err()
+                .contains("needs 24 bytes")
+        );
+        assert!(npy_header(b"hello world").unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn hef_headers_are_checked() {
+        let hef = crate::fixtures::hef_v0(b"network description and weights");
+        let h = check_hef(&hef).unwrap();
+        assert_eq!(
+            (h.version, h.header_size, h.checksum_verified),
+            (0, 32, true)
+        );
+        let mut bad = hef.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(check_hef(&bad).unwrap_err().contains("MD5"));
+        assert!(
+            check_hef(&hef[..hef.len() - 1])
+                .unwrap_err()
+                .contains("follow")
+        );
+        assert!(
+            check_hef(b"\x89PNG\r\n\x1a\n rest of a png file")
+                .unwrap_err()
+                .contains("magic")
+        );
+        let mut v9 = hef.clone();
+        v9[7] = 9;
+        assert!(check_hef(&v9).unwrap_err().contains("version 9"));
+        assert!(check_hef(&hef[..10]).unwrap_err().contains("shorter"));
+    }
+
+    #[test]
+    fn the_sample_onnx_model_is_inspected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        std::fs::write(
+            &path,
+            crate::fixtures::embedding_model_onnx(224, 14, 768, 1),
+        )
+        .unwrap();
+        let info = inspect_onnx(&path).unwrap();
+        assert_eq!(
+            (info.layout, info.width, info.height, info.output_dim),
+            (ChannelLayout::Nchw, 224, 224, 768)
+        );
+        assert_eq!(info.input_shape[0], None, "batch is symbolic");
+        std::fs::write(&path, b"definitely not protobuf").unwrap();
+        let err = inspect_onnx(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("onnx ") && err.contains("does not load"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn usearch_headers_are_read_and_the_index_viewed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usearch.index");
+        let vectors: Vec<Vec<f32>> = (0..50)
+            .map(|i| (0..16).map(|j| ((i * 16 + j) as f32).sin()).collect())
+            .collect();
+        crate::fixtures::write_usearch_index(&path, 16, usearch::MetricKind::Cos, &vectors)
+            .unwrap();
+        let h = inspect_index(&path).unwrap();
+        assert_eq!(
+            (h.dimensions, h.metric, h.count, h.scalar.as_str()),
+            (16, Metric::Cos, 50, "f32")
+        );
+        let truncated = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &truncated[..truncated.len() / 2]).unwrap();
+        assert!(inspect_index(&path).is_err());
+        std::fs::write(
+            &path,
+            b"garbage garbage garbage garbage garbage garbage garbage garbage",
+        )
+        .unwrap();
+        let err = inspect_index(&path).unwrap_err().to_string();
+        assert!(err.starts_with("index "), "{err}");
+    }
+
+    #[test]
+    fn images_are_checked() {
+        let png =
+            crate::fixtures::encode_png(&image::RgbImage::from_pixel(4, 3, image::Rgb([1, 2, 3])));
+        assert_eq!(check_image(&png).unwrap(), (4, 3, "png"));
+        assert!(
+            check_image(b"not an image")
+                .unwrap_err()
+                .contains("not an image")
+        );
+        assert!(
+            check_image(&png[..20])
+                .unwrap_err()
+                .contains("does not decode")
+        );
+    }
+}
