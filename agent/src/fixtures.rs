@@ -127,9 +127,7 @@ pub fn embedding_model_onnx(size: u32, pool: u32, dim: usize, seed: u64) -> Vec<
     use tract_onnx::pb;
     let side = (size / pool) as usize;
     let features = 3 * side * side;
-    let mut rng = SplitMix(seed);
-    let scale = 1.0 / (features as f32).sqrt();
-    let weights: Vec<f32> = (0..features * dim).map(|_| rng.normal() * scale).collect();
+    let weights = projection(features, dim, seed);
 
     let tensor_type = |dims: Vec<pb::tensor_shape_proto::Dimension>| pb::TypeProto {
         denotation: String::new(),
@@ -255,6 +253,129 @@ pub fn write_usearch_index(
     index.save(p).map_err(|e| e.to_string())
 }
 
+/// The shape of a generated sample release.
+#[derive(Clone, Debug)]
+pub struct SampleSpec {
+    /// Square input size of the model, in pixels.
+    pub input: u32,
+    /// Average-pool factor (input / pool is the thumbnail side).
+    pub pool: u32,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Reference rows in the index.
+    pub rows: usize,
+    /// Distinct cards (rows beyond this share cards).
+    pub cards: usize,
+    pub seed: u64,
+}
+
+impl SampleSpec {
+    /// A small release that loads in milliseconds, for tests.
+    pub fn small(seed: u64) -> Self {
+        Self {
+            input: 32,
+            pool: 4,
+            dim: 64,
+            rows: 48,
+            cards: 40,
+            seed,
+        }
+    }
+}
+
+/// The model weights the sample ONNX model and the sample HEF share.
+fn projection(features: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix(seed);
+    let scale = 1.0 / (features as f32).sqrt();
+    (0..features * dim).map(|_| rng.normal() * scale).collect()
+}
+
+/// The body of the sample HEF that the test stand-in for HailoRT reads: magic `DHSTANDIN1`, then input
+/// size, pool and dimension as little-endian u32, then the projection weights as little-endian f32.
+pub fn standin_hef_body(input: u32, pool: u32, dim: usize, seed: u64) -> Vec<u8> {
+    let side = (input / pool) as usize;
+    let features = 3 * side * side;
+    let mut out = b"DHSTANDIN1".to_vec();
+    for v in [input, pool, dim as u32] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for w in projection(features, dim, seed) {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+/// Writes a complete sample release into `dir`: model.onnx, model.hef, usearch.index, index.json (an
+/// object), metadata.json (an array), embeddings.npy and one canary image.
+pub fn write_sample_release(
+    dir: &std::path::Path,
+    spec: &SampleSpec,
+) -> Result<crate::release::ReleaseFiles, String> {
+    let err = |e: std::io::Error| e.to_string();
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let files = crate::release::ReleaseFiles {
+        hef: dir.join("model.hef"),
+        onnx: dir.join("model.onnx"),
+        index: dir.join("usearch.index"),
+        labels: dir.join("index.json"),
+        metadata: dir.join("metadata.json"),
+        embeddings: Some(dir.join("embeddings.npy")),
+        canaries: vec![(dir.join("canary.png"), card_id(0))],
+    };
+    std::fs::write(
+        &files.onnx,
+        embedding_model_onnx(spec.input, spec.pool, spec.dim, spec.seed),
+    )
+    .map_err(err)?;
+    std::fs::write(
+        &files.hef,
+        hef_v0(&standin_hef_body(
+            spec.input, spec.pool, spec.dim, spec.seed,
+        )),
+    )
+    .map_err(err)?;
+    let mut rng = SplitMix(spec.seed ^ 0x5eed);
+    let vectors: Vec<Vec<f32>> = (0..spec.rows)
+        .map(|_| (0..spec.dim).map(|_| rng.normal()).collect())
+        .collect();
+    write_usearch_index(&files.index, spec.dim, usearch::MetricKind::Cos, &vectors)?;
+    let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
+    std::fs::write(
+        files.embeddings.as_ref().ok_or("no embeddings path")?,
+        npy_f32(spec.rows, spec.dim, &flat),
+    )
+    .map_err(err)?;
+    let labels: serde_json::Map<String, serde_json::Value> = (0..spec.rows)
+        .map(|r| {
+            (
+                r.to_string(),
+                serde_json::Value::String(card_id(r % spec.cards)),
+            )
+        })
+        .collect();
+    std::fs::write(
+        &files.labels,
+        serde_json::to_vec(&labels).map_err(|e| e.to_string())?,
+    )
+    .map_err(err)?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&metadata_json(spec.cards, spec.seed)).map_err(|e| e.to_string())?;
+    let as_array: Vec<serde_json::Value> = meta
+        .as_object()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    std::fs::write(
+        &files.metadata,
+        serde_json::to_vec(&as_array).map_err(|e| e.to_string())?,
+    )
+    .map_err(err)?;
+    let img = image::RgbImage::from_fn(spec.input * 2, spec.input * 3, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 5) as u8, 128])
+    });
+    std::fs::write(&files.canaries[0].0, encode_png(&img)).map_err(err)?;
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +385,31 @@ mod tests {
         assert_eq!(noise(5, 1000), noise(5, 1000));
         assert_ne!(noise(5, 1000), noise(6, 1000));
         assert_eq!(metadata_json(50, 1), metadata_json(50, 1));
+    }
+
+    #[test]
+    fn the_sample_release_passes_every_release_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_sample_release(dir.path(), &SampleSpec::small(3)).unwrap();
+        let checked = crate::release::check_release(&files, &Default::default()).unwrap();
+        assert_eq!(
+            (checked.rows, checked.cards, checked.settings.embedding_dim),
+            (48, 40, 64)
+        );
+        assert_eq!(
+            (checked.settings.input_width, checked.canary_media_types[0]),
+            (32, "image/png")
+        );
+        // Deterministic: the same spec writes the same bytes.
+        let again = tempfile::tempdir().unwrap();
+        let files2 = write_sample_release(again.path(), &SampleSpec::small(3)).unwrap();
+        for (a, b) in [
+            (&files.onnx, &files2.onnx),
+            (&files.hef, &files2.hef),
+            (&files.labels, &files2.labels),
+        ] {
+            assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        }
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod fixtures;
 pub mod loaders;
 pub mod maintenance;
 pub mod origin;
+pub mod release;
 pub mod telemetry;

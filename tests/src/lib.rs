@@ -2,6 +2,46 @@
 //! helpers to run and kill real processes.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The path of one of deckhand's real binaries (`deckhand`, `deckhand-agent`), built on first use in the
+/// same profile as the running test, so integration tests run the programs users run.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or_else(|| panic!("odd test path {}", exe.display()))
+            .to_owned();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or_else(|| panic!("no workspace root"));
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(root).args([
+            "build",
+            "-q",
+            "-p",
+            "deckhand-tools",
+            "-p",
+            "deckhand-agent",
+            "--bins",
+        ]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo to build the binaries: {e}"));
+        assert!(status.success(), "building deckhand's binaries failed");
+        profile_dir
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
 
 /// Deterministic pseudo-random bytes (splitmix64): the same seed always gives the same data.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {

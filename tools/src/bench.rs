@@ -1,6 +1,6 @@
 //! `deckhand bench ...`: measured figures, printed. Benchmarks print; tests assert.
 
-use anyhow::Context as _;
+use crate::error::ToolError;
 use deckhand_agent::fixtures::{SplitMix, metadata_json, noise, npy_f32};
 use deckhand_protocol::chunk::{ChunkMap, ChunkParams};
 use deckhand_store::{Options, Store};
@@ -20,19 +20,22 @@ fn best_and_median(mut v: Vec<Duration>) -> (Duration, Duration) {
 }
 
 /// Store import throughput of a `size_mib` file beside plain blake3 hashing of the same file.
-pub fn store(size_mib: u64, dir: Option<&Path>, rounds: usize) -> anyhow::Result<()> {
+pub fn store(size_mib: u64, dir: Option<&Path>, rounds: usize) -> Result<(), ToolError> {
     let work = match dir {
         Some(d) => tempfile::Builder::new()
             .prefix("deckhand-bench-")
             .tempdir_in(d),
         None => tempfile::Builder::new().prefix("deckhand-bench-").tempdir(),
     }
-    .context("cannot create a benchmark directory")?;
+    .map_err(ToolError::io(
+        "create a benchmark directory in",
+        &std::env::temp_dir(),
+    ))?;
     let file = work.path().join("input.bin");
     let size = size_mib * 1024 * 1024;
-    std::fs::write(&file, noise(0xbe7c, size as usize)).context("cannot write the input file")?;
+    std::fs::write(&file, noise(0xbe7c, size as usize)).map_err(ToolError::io("write", &file))?;
     // Read once so every measurement below starts from the same warm page cache.
-    std::fs::read(&file).context("cannot read the input file")?;
+    std::fs::read(&file).map_err(ToolError::io("read", &file))?;
     let rounds = rounds.max(1);
 
     let mut multi = Vec::new();
@@ -41,26 +44,31 @@ pub fn store(size_mib: u64, dir: Option<&Path>, rounds: usize) -> anyhow::Result
     for round in 0..rounds {
         let t = Instant::now();
         let mut h = blake3::Hasher::new();
-        h.update_mmap_rayon(&file)?;
+        h.update_mmap_rayon(&file)
+            .map_err(ToolError::io("hash", &file))?;
         let expected = h.finalize();
         multi.push(t.elapsed());
 
         let t = Instant::now();
         let mut h = blake3::Hasher::new();
-        h.update_mmap(&file)?;
+        h.update_mmap(&file).map_err(ToolError::io("hash", &file))?;
         single.push(t.elapsed());
 
         let store_dir = work.path().join(format!("store-{round}"));
-        let store = Store::open(&store_dir, Options::default())?;
+        let store = Store::open(&store_dir, Options::default())
+            .map_err(|e| ToolError::Failed(e.to_string()))?;
         let t = Instant::now();
-        let imported = store.import_file(&file)?;
+        let imported = store
+            .import_file(&file)
+            .map_err(|e| ToolError::Failed(e.to_string()))?;
         import.push(t.elapsed());
-        anyhow::ensure!(
-            imported.blob.as_bytes() == expected.as_bytes(),
-            "import hashed differently from blake3"
-        );
+        if imported.blob.as_bytes() != expected.as_bytes() {
+            return Err(ToolError::Failed(
+                "import hashed differently from blake3".into(),
+            ));
+        }
         drop(store);
-        std::fs::remove_dir_all(&store_dir)?;
+        std::fs::remove_dir_all(&store_dir).map_err(ToolError::io("remove", &store_dir))?;
     }
     let (m_best, m_med) = best_and_median(multi);
     let (s_best, s_med) = best_and_median(single);
@@ -152,7 +160,7 @@ fn release_pairs(rows: usize) -> Vec<Pair> {
 
 /// Chunk-size trade-off: chunks per MiB (requests), bytes to transfer for a typical update (dedup), and
 /// chunking speed, for several FastCDC parameter sets.
-pub fn chunking() -> anyhow::Result<()> {
+pub fn chunking() -> Result<(), ToolError> {
     let sets = [
         (16, 64, 256),
         (32, 128, 512),

@@ -1,6 +1,6 @@
 //! `deckhand keygen`: a new ed25519 signing key pair, NAME.key (mode 0600) and NAME.pub.
 
-use anyhow::{Context as _, bail};
+use crate::error::ToolError;
 use deckhand_protocol::SecretKey;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -15,31 +15,31 @@ pub struct KeyPair {
 }
 
 /// Writes `{out}.key` and `{out}.pub`. Refuses to overwrite either file.
-pub fn keygen(out: &Path) -> anyhow::Result<KeyPair> {
+pub fn keygen(out: &Path) -> Result<KeyPair, ToolError> {
     let name = out
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| !n.is_empty())
-        .with_context(|| {
-            format!(
+        .ok_or_else(|| {
+            ToolError::Usage(format!(
                 "--out {}: needs a file name to write NAME.key and NAME.pub",
                 out.display()
-            )
+            ))
         })?;
     let secret_path = out.with_file_name(format!("{name}.key"));
     let public_path = out.with_file_name(format!("{name}.pub"));
     for p in [&secret_path, &public_path] {
         if p.exists() {
-            bail!(
+            return Err(ToolError::Failed(format!(
                 "--out {}: {} already exists; refusing to overwrite a key",
                 out.display(),
                 p.display()
-            );
+            )));
         }
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed)
-        .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
+        .map_err(|e| ToolError::Failed(format!("no randomness from the operating system: {e}")))?;
     let key = SecretKey::from_seed(&seed);
     seed.fill(0);
 
@@ -48,12 +48,12 @@ pub fn keygen(out: &Path) -> anyhow::Result<KeyPair> {
         .create_new(true)
         .mode(0o600)
         .open(&secret_path)
-        .with_context(|| format!("cannot create {}", secret_path.display()))?;
+        .map_err(ToolError::io("create", &secret_path))?;
     f.write_all(key.to_file_text().as_bytes())
         .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", secret_path.display()))?;
+        .map_err(ToolError::io("write", &secret_path))?;
     std::fs::write(&public_path, key.public().to_file_text())
-        .with_context(|| format!("cannot write {}", public_path.display()))?;
+        .map_err(ToolError::io("write", &public_path))?;
     Ok(KeyPair {
         secret: secret_path,
         public: public_path,

@@ -1,21 +1,40 @@
-//! `deckhand`: the operator's CLI.
+//! `deckhand`: the operator's CLI. Flags are parsed by clap, then validated into settled values; a bad
+//! value is a usage error (exit 2) naming the flag. Failures exit 1.
 
-mod bench;
-mod keygen;
-
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use clap::{Args, Parser, Subcommand};
+use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
+use deckhand_agent::release::SettingsOverrides;
+use deckhand_protocol::layout::Name;
+use deckhand_protocol::manifest::{ChannelLayout, Metric};
+use deckhand_protocol::{PublicKey, SecretKey, TrustPolicy};
+use deckhand_tools::publish::{Input, Inputs, PublishOptions};
+use deckhand_tools::{ToolError, bench, keygen, publish, releases};
+use jiff::SignedDuration;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
     name = "deckhand",
     version,
-    about = "Publish and inspect deckhand releases"
+    about = "Publish, inspect and roll back deckhand releases"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args, Clone)]
+struct OriginArgs {
+    /// Where releases live: s3://bucket/prefix or file:///dir.
+    #[arg(long)]
+    origin: String,
+    /// An S3-compatible endpoint; path-style addressing is used with it.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// The deployment name (e.g. shop-1).
+    #[arg(long)]
+    deployment: String,
 }
 
 #[derive(Subcommand)]
@@ -25,19 +44,145 @@ enum Command {
         /// Path and base name of the key files.
         #[arg(long)]
         out: PathBuf,
-        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Validate a release, upload what the origin lacks, and publish a signed manifest as the next version.
+    Publish(Box<PublishArgs>),
+    /// List a deployment's versions with their artifacts and dates.
+    Versions {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// Public keys to check signatures with (repeatable); without, signatures are not checked.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a new, higher version naming the artifacts of version V. Nothing is re-uploaded.
+    Rollback {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// The version whose artifacts to publish again.
+        #[arg(long)]
+        to: u64,
+        /// The signing key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Further keys version V may be signed with (the signing key is always trusted).
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// How long the new manifest stays valid (e.g. 30d, 12h).
+        #[arg(long, default_value = "30d")]
+        expires_in: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a release: signatures, and every blob and chunk map present with the right size and hash.
+    Verify {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// The version to check (default: current.json).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Trusted public keys (repeatable, at least one).
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// How many distinct trusted keys must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export releases for a shop with no internet.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
     },
     /// Measure and print performance figures.
     Bench {
         #[command(subcommand)]
-        what: Bench,
+        what: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    origin: OriginArgs,
+    /// The signing key (NAME.key from `deckhand keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The Hailo model (a local path or s3://bucket/key).
+    #[arg(long)]
+    hef: String,
+    /// The same model as ONNX.
+    #[arg(long)]
+    onnx: String,
+    /// The usearch index of reference embeddings.
+    #[arg(long)]
+    index: String,
+    /// index.json: row -> card id.
+    #[arg(long)]
+    labels: String,
+    /// metadata.json: card id -> details.
+    #[arg(long)]
+    metadata: String,
+    /// embeddings.npy (optional).
+    #[arg(long)]
+    embeddings: Option<String>,
+    /// How long the manifest stays valid (e.g. 30d, 12h, 90m).
+    #[arg(long, default_value = "30d")]
+    expires_in: String,
+    /// IMAGE=CARD_ID: an image the release must recognise as CARD_ID before agents activate it (repeatable).
+    #[arg(long)]
+    canary: Vec<String>,
+    /// Model input size, WxH or N (default: read from the ONNX input).
+    #[arg(long)]
+    input_size: Option<String>,
+    /// Input channel layout, nchw or nhwc (default: read from the ONNX input).
+    #[arg(long)]
+    layout: Option<String>,
+    /// Per-channel mean, R,G,B, for pixels scaled to 0..1 (default: ImageNet's).
+    #[arg(long)]
+    mean: Option<String>,
+    /// Per-channel standard deviation, R,G,B (default: ImageNet's).
+    #[arg(long)]
+    std: Option<String>,
+    /// Index metric, cos, ip or l2sq (default: from the index header).
+    #[arg(long)]
+    metric: Option<String>,
+    /// Minimum similarity for a match (default 0.5).
+    #[arg(long)]
+    min_score: Option<f32>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Write the signed manifest and every blob it names to DIR (itself a file:// origin).
+    Export {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// The version to export (default: current.json).
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Check the manifest against these keys before exporting.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
 #[derive(Subcommand)]
-enum Bench {
+enum BenchCommand {
     /// Store import throughput of a large file beside plain blake3 hashing of the same file.
     Store {
         /// Size of the file to import, in MiB.
@@ -57,23 +202,223 @@ enum Bench {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     deckhand_agent::telemetry::init(false);
-    match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("deckhand: error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("deckhand: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("deckhand: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn usage(flag: &str, value: &str, why: impl std::fmt::Display) -> ToolError {
+    ToolError::Usage(format!("--{flag} {value:?}: {why}"))
+}
+
+/// Settled origin flags.
+struct Target {
+    origin: Origin,
+    config: OriginConfig,
+    deployment: Name,
+}
+
+async fn target(a: &OriginArgs) -> Result<Target, ToolError> {
+    let url: OriginUrl = a
+        .origin
+        .parse()
+        .map_err(|e| usage("origin", &a.origin, e))?;
+    let deployment =
+        Name::deployment(&a.deployment).map_err(|e| usage("deployment", &a.deployment, e))?;
+    let config = OriginConfig {
+        endpoint_url: a.endpoint_url.clone().filter(|e| !e.is_empty()),
+        ..OriginConfig::default()
+    };
+    let origin = Origin::connect(&url, &config).await?;
+    Ok(Target {
+        origin,
+        config,
+        deployment,
+    })
+}
+
+fn read_secret_key(path: &Path) -> Result<SecretKey, ToolError> {
+    let text = std::fs::read_to_string(path).map_err(ToolError::io("read key", path))?;
+    SecretKey::from_file_text(&text).map_err(|e| usage("key", &path.display().to_string(), e))
+}
+
+fn read_public_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>, ToolError> {
+    paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(ToolError::io("read trusted key", p))?;
+            PublicKey::from_file_text(&text)
+                .map_err(|e| usage("trust", &p.display().to_string(), e))
+        })
+        .collect()
+}
+
+/// Parses `30d`, `12h`, `90m`, `45s` or `2w`.
+fn parse_duration(flag: &str, s: &str) -> Result<SignedDuration, ToolError> {
+    let bad = |why: &str| usage(flag, s, why);
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| bad("needs a unit: s, m, h, d or w"))?;
+    let (n, unit) = s.split_at(split);
+    let n: i64 = n
+        .parse()
+        .map_err(|_| bad("expected a whole number and a unit, like 30d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad("the unit must be s, m, h, d or w")),
+    };
+    if n <= 0 {
+        return Err(bad("must be above zero"));
+    }
+    n.checked_mul(secs)
+        .map(SignedDuration::from_secs)
+        .ok_or_else(|| bad("too long"))
+}
+
+fn parse_triple(flag: &str, s: &str) -> Result<[f32; 3], ToolError> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| usage(flag, s, "expected three numbers, R,G,B"))?;
+    let arr: [f32; 3] = v
+        .try_into()
+        .map_err(|_| usage(flag, s, "expected exactly three numbers, R,G,B"))?;
+    if arr.iter().any(|x| !x.is_finite()) {
+        return Err(usage(flag, s, "numbers must be finite"));
+    }
+    Ok(arr)
+}
+
+fn parse_input(flag: &str, s: &str) -> Result<Input, ToolError> {
+    s.parse().map_err(|e: String| usage(flag, s, e))
+}
+
+fn publish_options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, ToolError> {
+    let input_size = match &a.input_size {
+        None => None,
+        Some(s) => {
+            let parse = |p: &str| p.parse::<u32>().ok().filter(|v| (1..=4096).contains(v));
+            let (w, h) = match s.split_once('x') {
+                Some((w, h)) => (parse(w), parse(h)),
+                None => (parse(s), parse(s)),
+            };
+            match (w, h) {
+                (Some(w), Some(h)) => Some((w, h)),
+                _ => return Err(usage("input-size", s, "expected WxH or N, each 1..=4096")),
+            }
+        }
+    };
+    let layout = match a.layout.as_deref() {
+        None => None,
+        Some("nchw") => Some(ChannelLayout::Nchw),
+        Some("nhwc") => Some(ChannelLayout::Nhwc),
+        Some(other) => return Err(usage("layout", other, "expected nchw or nhwc")),
+    };
+    let metric = match a.metric.as_deref() {
+        None => None,
+        Some("cos") => Some(Metric::Cos),
+        Some("ip") => Some(Metric::Ip),
+        Some("l2sq") => Some(Metric::L2sq),
+        Some(other) => return Err(usage("metric", other, "expected cos, ip or l2sq")),
+    };
+    if let Some(m) = a.min_score
+        && !m.is_finite()
+    {
+        return Err(usage(
+            "min-score",
+            &m.to_string(),
+            "must be a finite number",
+        ));
+    }
+    let mut canaries = Vec::new();
+    for c in &a.canary {
+        let (img, card) = c
+            .rsplit_once('=')
+            .filter(|(i, c)| !i.is_empty() && !c.is_empty())
+            .ok_or_else(|| usage("canary", c, "expected IMAGE=CARD_ID"))?;
+        canaries.push((parse_input("canary", img)?, card.to_owned()));
+    }
+    Ok(PublishOptions {
+        deployment,
+        inputs: Inputs {
+            hef: parse_input("hef", &a.hef)?,
+            onnx: parse_input("onnx", &a.onnx)?,
+            index: parse_input("index", &a.index)?,
+            labels: parse_input("labels", &a.labels)?,
+            metadata: parse_input("metadata", &a.metadata)?,
+            embeddings: a
+                .embeddings
+                .as_deref()
+                .map(|e| parse_input("embeddings", e))
+                .transpose()?,
+            canaries,
+        },
+        expires_in: parse_duration("expires-in", &a.expires_in)?,
+        overrides: SettingsOverrides {
+            input_size,
+            layout,
+            mean: a
+                .mean
+                .as_deref()
+                .map(|m| parse_triple("mean", m))
+                .transpose()?,
+            std: a
+                .std
+                .as_deref()
+                .map(|s| parse_triple("std", s))
+                .transpose()?,
+            metric,
+            min_score: a.min_score,
+        },
+        progress: !a.no_progress,
+    })
+}
+
+fn work_dir() -> Result<tempfile::TempDir, ToolError> {
+    tempfile::Builder::new()
+        .prefix("deckhand-")
+        .tempdir()
+        .map_err(ToolError::io(
+            "create a work directory in",
+            &std::env::temp_dir(),
+        ))
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn run(command: Command) -> Result<ExitCode, ToolError> {
     match command {
         Command::Keygen { out, json } => {
             let pair = keygen::keygen(&out)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"key_id": pair.key_id, "secret": pair.secret, "public": pair.public})
+                print_json(
+                    &serde_json::json!({"key_id": pair.key_id, "secret": pair.secret, "public": pair.public}),
                 );
             } else {
                 println!("{}", pair.key_id);
@@ -83,15 +428,233 @@ fn run(command: Command) -> anyhow::Result<()> {
                     pair.public.display()
                 );
             }
-            Ok(())
         }
-        Command::Bench { what } => match what {
-            Bench::Store {
-                size_mib,
-                dir,
-                rounds,
-            } => bench::store(size_mib, dir.as_deref(), rounds as usize),
-            Bench::Chunking => bench::chunking(),
-        },
+        Command::Publish(a) => {
+            let key = read_secret_key(&a.key)?;
+            let deployment = Name::deployment(&a.origin.deployment)
+                .map_err(|e| usage("deployment", &a.origin.deployment, e))?;
+            let opts = publish_options(&a, deployment)?;
+            let t = target(&a.origin).await?;
+            let work = work_dir()?;
+            let (prepared, published) =
+                publish::publish(&t.origin, &t.config, &key, &opts, work.path()).await?;
+            if a.json {
+                print_json(&serde_json::json!({
+                    "version": published.version,
+                    "manifest_id": published.id.to_string(),
+                    "manifest_key": published.manifest_key,
+                    "uploaded": prepared.uploaded.len(),
+                    "already_present": prepared.skipped.len(),
+                    "bytes_uploaded": prepared.bytes_uploaded,
+                    "current_updated": published.current_updated,
+                }));
+            } else {
+                println!(
+                    "published version {} manifest {}",
+                    published.version, published.id
+                );
+                eprintln!(
+                    "uploaded {} blobs and chunk maps ({} bytes of blobs); {} already present",
+                    prepared.uploaded.len(),
+                    prepared.bytes_uploaded,
+                    prepared.skipped.len()
+                );
+                if !published.current_updated {
+                    eprintln!(
+                        "note: current.json already names a newer version and was left as it is"
+                    );
+                }
+            }
+        }
+        Command::Versions {
+            origin,
+            trust,
+            json,
+        } => {
+            let t = target(&origin).await?;
+            let keys = read_public_keys(&trust)?;
+            let policy = if keys.is_empty() {
+                None
+            } else {
+                Some(TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?)
+            };
+            let lines = releases::versions(&t.origin, &t.deployment, policy.as_ref()).await?;
+            if json {
+                print_json(&lines);
+            } else if lines.is_empty() {
+                println!("no versions of {} in {}", t.deployment, t.origin.url());
+            } else {
+                for v in &lines {
+                    println!(
+                        "version {:>4}  created {}  expires {}  signature {}{}",
+                        v.version,
+                        v.created_at.as_deref().unwrap_or("?"),
+                        v.expires_at.as_deref().unwrap_or("?"),
+                        v.signature,
+                        if v.current { "  (current)" } else { "" }
+                    );
+                    for (role, blob, size) in &v.artifacts {
+                        println!("    {role:<10} {blob}  {size} bytes");
+                    }
+                }
+            }
+        }
+        Command::Rollback {
+            origin,
+            to,
+            key,
+            trust,
+            expires_in,
+            json,
+        } => {
+            let key = read_secret_key(&key)?;
+            let expires_in = parse_duration("expires-in", &expires_in)?;
+            let mut keys = read_public_keys(&trust)?;
+            keys.push(key.public().clone());
+            let policy = TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?;
+            let t = target(&origin).await?;
+            let (_, published) =
+                publish::rollback(&t.origin, &t.deployment, to, &key, &policy, expires_in).await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "version": published.version, "rolled_back_to": to, "manifest_id": published.id.to_string()
+                }));
+            } else {
+                println!(
+                    "published version {} with the artifacts of version {to}, manifest {}",
+                    published.version, published.id
+                );
+            }
+        }
+        Command::Verify {
+            origin,
+            version,
+            trust,
+            threshold,
+            json,
+        } => {
+            let keys = read_public_keys(&trust)?;
+            let policy = TrustPolicy::new(keys, threshold)
+                .map_err(|e| usage("threshold", &threshold.to_string(), e))?;
+            let t = target(&origin).await?;
+            let work = work_dir()?;
+            let report =
+                releases::verify(&t.origin, &t.deployment, version, &policy, work.path()).await?;
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "{}: version {}, {} blobs, {} bytes checked",
+                    report.manifest_key,
+                    report.version.map_or("?".to_owned(), |v| v.to_string()),
+                    report.blobs_checked,
+                    report.bytes_checked
+                );
+                for p in &report.problems {
+                    println!("PROBLEM: {p}");
+                }
+                if report.problems.is_empty() {
+                    println!("ok");
+                }
+            }
+            if !report.problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Bundle {
+            command:
+                BundleCommand::Export {
+                    origin,
+                    version,
+                    out,
+                    trust,
+                    json,
+                },
+        } => {
+            let keys = read_public_keys(&trust)?;
+            let policy = if keys.is_empty() {
+                None
+            } else {
+                Some(TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?)
+            };
+            let t = target(&origin).await?;
+            let report =
+                releases::bundle_export(&t.origin, &t.deployment, version, policy.as_ref(), &out)
+                    .await?;
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "exported version {} to {}: {} blobs and chunk maps, {} bytes",
+                    report.version, report.dir, report.blobs, report.bytes
+                );
+            }
+        }
+        Command::Bench { what } => {
+            let result = match what {
+                BenchCommand::Store {
+                    size_mib,
+                    dir,
+                    rounds,
+                } => bench::store(size_mib, dir.as_deref(), rounds as usize),
+                BenchCommand::Chunking => bench::chunking(),
+            };
+            result?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_or_name_the_flag() {
+        assert_eq!(
+            parse_duration("expires-in", "30d").unwrap(),
+            SignedDuration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("expires-in", "90m").unwrap(),
+            SignedDuration::from_secs(5400)
+        );
+        for bad in ["30", "d", "-1d", "0h", "3y", "1.5d", ""] {
+            let err = parse_duration("expires-in", bad).unwrap_err();
+            assert!(
+                matches!(err, ToolError::Usage(ref m) if m.starts_with("--expires-in")),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn triples_and_inputs_parse_or_name_the_flag() {
+        assert_eq!(parse_triple("mean", "0.5, 0.5,0.5").unwrap(), [0.5; 3]);
+        assert!(
+            parse_triple("mean", "1,2")
+                .unwrap_err()
+                .to_string()
+                .starts_with("--mean")
+        );
+        assert!(
+            parse_triple("std", "a,b,c")
+                .unwrap_err()
+                .to_string()
+                .starts_with("--std")
+        );
+        assert_eq!(
+            parse_input("hef", "s3://b/models/compilation/j/hailo8/m.hef").unwrap(),
+            Input::Remote {
+                bucket: "b".into(),
+                key: "models/compilation/j/hailo8/m.hef".into()
+            }
+        );
+        assert!(
+            parse_input("hef", "s3://b")
+                .unwrap_err()
+                .to_string()
+                .starts_with("--hef")
+        );
     }
 }

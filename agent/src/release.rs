@@ -1,0 +1,227 @@
+//! Whole-release checks: every file of a release loads, and the files agree with each other.
+//!
+//! `deckhand publish` runs these before a single byte is uploaded; the recognizer relies on the same rules
+//! when it loads a release from the store.
+
+use crate::loaders::{self, IndexHeader, LoadError, OnnxInfo};
+use deckhand_protocol::manifest::{ChannelLayout, Metric, RecognizerSettings};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The ImageNet mean and standard deviation, for RGB scaled to 0..1.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// The default minimum similarity for a match.
+pub const DEFAULT_MIN_SCORE: f32 = 0.5;
+
+/// The files of a release, on local disk.
+#[derive(Clone, Debug)]
+pub struct ReleaseFiles {
+    pub hef: PathBuf,
+    pub onnx: PathBuf,
+    pub index: PathBuf,
+    pub labels: PathBuf,
+    pub metadata: PathBuf,
+    pub embeddings: Option<PathBuf>,
+    /// Canary image and the card id it must be recognised as.
+    pub canaries: Vec<(PathBuf, String)>,
+}
+
+/// Recognizer settings the operator gave explicitly; the rest are read from the files.
+#[derive(Clone, Debug, Default)]
+pub struct SettingsOverrides {
+    pub input_size: Option<(u32, u32)>,
+    pub layout: Option<ChannelLayout>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    pub metric: Option<Metric>,
+    pub min_score: Option<f32>,
+}
+
+/// What the checks established.
+#[derive(Clone, Debug)]
+pub struct CheckedRelease {
+    pub settings: RecognizerSettings,
+    pub onnx: OnnxInfo,
+    pub index: IndexHeader,
+    pub rows: usize,
+    pub cards: usize,
+    /// The media type of each canary image, in order.
+    pub canary_media_types: Vec<&'static str>,
+}
+
+/// Why a release was refused. Each message names the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+fn nonempty(what: &'static str, path: &Path) -> Result<(), LoadError> {
+    let meta = std::fs::metadata(path).map_err(|source| LoadError::Read {
+        what,
+        file: path.display().to_string(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(LoadError::invalid(what, path, "is not a regular file"));
+    }
+    if meta.len() == 0 {
+        return Err(LoadError::invalid(what, path, "file is empty"));
+    }
+    Ok(())
+}
+
+/// Checks a release as a whole, and settles its recognizer settings.
+pub fn check_release(
+    files: &ReleaseFiles,
+    o: &SettingsOverrides,
+) -> Result<CheckedRelease, ReleaseError> {
+    let hef = loaders::read_nonempty("hef", &files.hef)?;
+    loaders::check_hef(&hef).map_err(|why| LoadError::invalid("hef", &files.hef, why))?;
+    drop(hef);
+
+    nonempty("onnx", &files.onnx)?;
+    let onnx = loaders::inspect_onnx(&files.onnx)?;
+    nonempty("index", &files.index)?;
+    let index = loaders::inspect_index(&files.index)?;
+    let labels_bytes = loaders::read_nonempty("labels", &files.labels)?;
+    let labels = loaders::parse_labels(&labels_bytes)
+        .map_err(|why| LoadError::invalid("labels", &files.labels, why))?;
+    let metadata_bytes = loaders::read_nonempty("metadata", &files.metadata)?;
+    let metadata = loaders::parse_metadata(&metadata_bytes)
+        .map_err(|why| LoadError::invalid("metadata", &files.metadata, why))?;
+
+    let mismatch = |s: String| Err(ReleaseError::Mismatch(s));
+    if onnx.output_dim != index.dimensions {
+        return mismatch(format!(
+            "onnx {} outputs {}-dimension embeddings but index {} holds {}-dimension vectors",
+            files.onnx.display(),
+            onnx.output_dim,
+            files.index.display(),
+            index.dimensions
+        ));
+    }
+    if labels.len() as u64 != index.count {
+        return mismatch(format!(
+            "labels {} has {} rows but index {} holds {} vectors",
+            files.labels.display(),
+            labels.len(),
+            files.index.display(),
+            index.count
+        ));
+    }
+    check_card_ids(&labels, &metadata, &files.labels, &files.metadata)?;
+
+    if let Some(path) = &files.embeddings {
+        let data = loaders::read_nonempty("embeddings", path)?;
+        let (rows, cols, _) = loaders::npy_header(&data)
+            .map_err(|why| LoadError::invalid("embeddings", path, why))?;
+        if rows as u64 != index.count || cols != index.dimensions {
+            return mismatch(format!(
+                "embeddings {} is [{rows}, {cols}] but index {} holds {} vectors of {} dimensions",
+                path.display(),
+                files.index.display(),
+                index.count,
+                index.dimensions
+            ));
+        }
+    }
+
+    let mut canary_media_types = Vec::with_capacity(files.canaries.len());
+    for (path, card) in &files.canaries {
+        let data = loaders::read_nonempty("canary image", path)?;
+        let (_, _, format) = loaders::check_image(&data)
+            .map_err(|why| LoadError::invalid("canary image", path, why))?;
+        if !metadata.contains_key(card) {
+            return mismatch(format!(
+                "canary image {} expects card {card:?}, which metadata {} does not have",
+                path.display(),
+                files.metadata.display()
+            ));
+        }
+        canary_media_types.push(loaders::image_media_type(format));
+    }
+
+    let settings = settle_settings(&onnx, &index, o)?;
+    Ok(CheckedRelease {
+        settings,
+        rows: labels.len(),
+        cards: metadata.len(),
+        onnx,
+        index,
+        canary_media_types,
+    })
+}
+
+/// Every card id the labels name must have metadata. Several rows may share a card.
+pub fn check_card_ids(
+    labels: &[String],
+    metadata: &HashMap<String, serde_json::Value>,
+    labels_path: &Path,
+    metadata_path: &Path,
+) -> Result<(), ReleaseError> {
+    let missing: Vec<(usize, &String)> = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| !metadata.contains_key(*id))
+        .collect();
+    if let Some((row, id)) = missing.first() {
+        return Err(ReleaseError::Mismatch(format!(
+            "labels {} row {row} names card {id:?}, which metadata {} does not have ({} rows name missing cards)",
+            labels_path.display(),
+            metadata_path.display(),
+            missing.len()
+        )));
+    }
+    Ok(())
+}
+
+fn settle_settings(
+    onnx: &OnnxInfo,
+    index: &IndexHeader,
+    o: &SettingsOverrides,
+) -> Result<RecognizerSettings, ReleaseError> {
+    if let Some((w, h)) = o.input_size
+        && (w, h) != (onnx.width, onnx.height)
+    {
+        return Err(ReleaseError::Mismatch(format!(
+            "--input-size {w}x{h} disagrees with the ONNX input, which is fixed at {}x{}",
+            onnx.width, onnx.height
+        )));
+    }
+    if let Some(layout) = o.layout
+        && layout != onnx.layout
+    {
+        return Err(ReleaseError::Mismatch(format!(
+            "--layout {layout:?} disagrees with the ONNX input, which is {:?} ({:?})",
+            onnx.layout, onnx.input_shape
+        )));
+    }
+    if let Some(metric) = o.metric
+        && metric != index.metric
+    {
+        return Err(ReleaseError::Mismatch(format!(
+            "--metric {metric:?} disagrees with the index header, which says {:?}",
+            index.metric
+        )));
+    }
+    let std = o.std.unwrap_or(IMAGENET_STD);
+    if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        return Err(ReleaseError::Mismatch(format!(
+            "--std {std:?} must be finite and above 0"
+        )));
+    }
+    Ok(RecognizerSettings {
+        input_width: onnx.width,
+        input_height: onnx.height,
+        layout: onnx.layout,
+        mean: o.mean.unwrap_or(IMAGENET_MEAN),
+        std,
+        embedding_dim: index.dimensions as u32,
+        metric: index.metric,
+        min_score: o.min_score.unwrap_or(DEFAULT_MIN_SCORE),
+    })
+}

@@ -1,0 +1,765 @@
+//! The operator's publishing workflow against a real S3 server (s3s-fs, in-process) spoken to over HTTP by
+//! aws-sdk-s3, and against a `file://` origin: publish, list, verify, roll back, export; refusals that
+//! leave the bucket unchanged; a version race; incremental uploads; and a publish killed mid-upload.
+
+use deckhand_agent::fixtures::{self, SampleSpec, SplitMix};
+use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
+use deckhand_agent::release::{ReleaseFiles, SettingsOverrides};
+use deckhand_protocol::layout::Name;
+use deckhand_protocol::manifest::Metric;
+use deckhand_protocol::{SecretKey, TrustPolicy};
+use deckhand_tests::{TestDir, bin};
+use deckhand_tools::locals3::LocalS3;
+use deckhand_tools::publish::{self, Input, Inputs, PublishOptions};
+use deckhand_tools::{ToolError, releases};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn key(seed: u8) -> SecretKey {
+    SecretKey::from_seed(&[seed; 32])
+}
+
+fn trust(k: &SecretKey) -> TrustPolicy {
+    TrustPolicy::new([k.public().clone()], 1).unwrap()
+}
+
+fn shop() -> Name {
+    Name::deployment("shop-1").unwrap()
+}
+
+fn options(files: &ReleaseFiles) -> PublishOptions {
+    let l = |p: &Path| Input::Local(p.to_owned());
+    PublishOptions {
+        deployment: shop(),
+        inputs: Inputs {
+            hef: l(&files.hef),
+            onnx: l(&files.onnx),
+            index: l(&files.index),
+            labels: l(&files.labels),
+            metadata: l(&files.metadata),
+            embeddings: files.embeddings.as_deref().map(l),
+            canaries: files
+                .canaries
+                .iter()
+                .map(|(p, c)| (l(p), c.clone()))
+                .collect(),
+        },
+        expires_in: jiff::SignedDuration::from_hours(24 * 30),
+        overrides: SettingsOverrides::default(),
+        progress: false,
+    }
+}
+
+/// Every object in the origin: key -> (size, sha of content via blake3).
+async fn snapshot(origin: &Origin) -> BTreeMap<String, (u64, String)> {
+    let mut out = BTreeMap::new();
+    for o in origin.list(origin.layout().prefix()).await.unwrap() {
+        let body = origin.get(&o.key).await.unwrap();
+        out.insert(o.key, (o.size, blake3::hash(&body).to_hex().to_string()));
+    }
+    out
+}
+
+struct S3World {
+    _dir: TestDir,
+    s3: LocalS3,
+    origin: Origin,
+    cfg: OriginConfig,
+    work: std::path::PathBuf,
+    files: ReleaseFiles,
+}
+
+async fn s3_world(name: &str) -> S3World {
+    let dir = TestDir::new(name);
+    let s3 = LocalS3::start(&dir.join("s3"), "cards").unwrap();
+    let cfg = s3.origin_config();
+    let origin = Origin::connect(&s3.origin_url("fleet"), &cfg)
+        .await
+        .unwrap();
+    let files =
+        fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(1)).unwrap();
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    S3World {
+        _dir: dir,
+        s3,
+        origin,
+        cfg,
+        work,
+        files,
+    }
+}
+
+#[tokio::test]
+async fn publish_verify_and_roll_back_with_a_file_origin() {
+    let dir = TestDir::new("publish-file");
+    let files =
+        fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(2)).unwrap();
+    let root = dir.join("origin");
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = OriginConfig::default();
+    let origin = Origin::connect(&OriginUrl::File { root }, &cfg)
+        .await
+        .unwrap();
+    let k = key(1);
+    let (p1, v1) = publish::publish(&origin, &cfg, &k, &options(&files), &dir.join("work1"))
+        .await
+        .unwrap();
+    assert_eq!(v1.version, 1);
+    assert_eq!(p1.uploaded.len(), 14, "7 blobs and 7 chunk maps");
+    let report = releases::verify(&origin, &shop(), None, &trust(&k), dir.path())
+        .await
+        .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.blobs_checked, 7);
+
+    std::fs::write(
+        &files.metadata,
+        std::fs::read(&files.metadata).unwrap().repeat(1),
+    )
+    .unwrap();
+    let mut changed = files.clone();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
+    let mut meta = meta.as_array().unwrap().clone();
+    meta[0]["price_usd"] = serde_json::json!(1234.5);
+    changed.metadata = dir.join("metadata-v2.json");
+    std::fs::write(&changed.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let (_, v2) = publish::publish(&origin, &cfg, &k, &options(&changed), &dir.join("work2"))
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+
+    let (_, v3) = publish::rollback(
+        &origin,
+        &shop(),
+        1,
+        &k,
+        &trust(&k),
+        jiff::SignedDuration::from_hours(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v3.version, 3);
+    let lines = releases::versions(&origin, &shop(), Some(&trust(&k)))
+        .await
+        .unwrap();
+    assert_eq!(
+        lines.iter().map(|l| l.version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(lines.iter().all(|l| l.signature == "ok"));
+    assert!(lines[2].current && !lines[0].current);
+    assert_eq!(
+        lines[2].artifacts, lines[0].artifacts,
+        "a rollback names the old artifacts"
+    );
+    assert_ne!(lines[1].artifacts, lines[0].artifacts);
+    let report = releases::verify(&origin, &shop(), None, &trust(&k), dir.path())
+        .await
+        .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.version, Some(3));
+}
+
+/// Runs the real `deckhand` binary against the local S3 server.
+fn deckhand(s3: &LocalS3, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("deckhand"));
+    cmd.args(args).env("AWS_ENDPOINT_URL", s3.endpoint());
+    for (k, v) in s3.env() {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+#[test]
+fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
+    let dir = TestDir::new("cli-round-trip");
+    let s3 = LocalS3::start(&dir.join("s3"), "cards").unwrap();
+    let files =
+        fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(3)).unwrap();
+    let origin = s3.origin_arg("fleet");
+    let ops = dir.join("ops");
+    let out = deckhand(&s3, &["keygen", "--out", ops.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).trim().starts_with("ed25519:"));
+    let (key, pubkey) = (dir.join("ops.key"), dir.join("ops.pub"));
+    let p = |p: &Path| p.to_str().unwrap().to_owned();
+    let canary = format!("{}={}", p(&files.canaries[0].0), files.canaries[0].1);
+    let publish_args = |metadata: &Path| -> Vec<String> {
+        [
+            "publish",
+            "--origin",
+            &origin,
+            "--deployment",
+            "shop-1",
+            "--key",
+            &p(&key),
+            "--hef",
+            &p(&files.hef),
+            "--onnx",
+            &p(&files.onnx),
+            "--index",
+            &p(&files.index),
+            "--labels",
+            &p(&files.labels),
+            "--metadata",
+            &p(metadata),
+            "--embeddings",
+            &p(files.embeddings.as_ref().unwrap()),
+            "--canary",
+            &canary,
+            "--expires-in",
+            "30d",
+            "--json",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let args = publish_args(&files.metadata);
+    let v1 = json(&deckhand(
+        &s3,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(v1["version"], 1);
+    assert!(v1["manifest_id"].as_str().unwrap().starts_with("b3:"));
+
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
+    meta[1]["rarity"] = serde_json::json!("Secret Rare");
+    let meta2 = dir.join("metadata2.json");
+    std::fs::write(&meta2, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let args = publish_args(&meta2);
+    let v2 = json(&deckhand(
+        &s3,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(v2["version"], 2);
+    assert_eq!(
+        v2["uploaded"], 2,
+        "only metadata.json and its chunk map are new: {v2}"
+    );
+
+    let common = ["--origin", &origin, "--deployment", "shop-1"];
+    let listed = json(&deckhand(
+        &s3,
+        &[
+            &["versions"],
+            &common[..],
+            &["--trust", &p(&pubkey), "--json"],
+        ]
+        .concat(),
+    ));
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[1]["current"], true);
+    assert_eq!(listed[0]["signature"], "ok");
+
+    let out = deckhand(
+        &s3,
+        &[&["verify"], &common[..], &["--trust", &p(&pubkey)]].concat(),
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("ok"));
+
+    let rb = json(&deckhand(
+        &s3,
+        &[
+            &["rollback"],
+            &common[..],
+            &["--to", "1", "--key", &p(&key), "--json"],
+        ]
+        .concat(),
+    ));
+    assert_eq!(rb["version"], 3);
+    let listed = json(&deckhand(
+        &s3,
+        &[&["versions"], &common[..], &["--json"]].concat(),
+    ));
+    assert_eq!(listed[2]["artifacts"], listed[0]["artifacts"]);
+    assert_eq!(listed[2]["current"], true);
+    assert_eq!(listed[2]["signature"], "unverified");
+
+    let bundle = dir.join("usb-stick");
+    let exported = json(&deckhand(
+        &s3,
+        &[
+            &["bundle", "export"],
+            &common[..],
+            &["--out", &p(&bundle), "--trust", &p(&pubkey), "--json"],
+        ]
+        .concat(),
+    ));
+    assert_eq!(exported["version"], 3);
+    assert_eq!(exported["blobs"], 14);
+    let file_origin = format!("file://{}", p(&bundle));
+    let out = deckhand(
+        &s3,
+        &[
+            "verify",
+            "--origin",
+            &file_origin,
+            "--deployment",
+            "shop-1",
+            "--trust",
+            &p(&pubkey),
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+
+    // Wrong flags are usage errors (exit 2) naming the flag.
+    let out = deckhand(
+        &s3,
+        &[
+            "versions",
+            "--origin",
+            "http://nope",
+            "--deployment",
+            "shop-1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--origin"), "{}", stderr(&out));
+    let out = deckhand(
+        &s3,
+        &["versions", "--origin", &origin, "--deployment", "shop 1"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--deployment"), "{}", stderr(&out));
+    let out = deckhand(
+        &s3,
+        &[
+            "rollback",
+            "--origin",
+            &origin,
+            "--deployment",
+            "shop-1",
+            "--to",
+            "9",
+            "--key",
+            &p(&key),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("version 9"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn a_version_taken_by_another_publisher_is_an_error_that_overwrites_nothing() {
+    let w = s3_world("publish-race").await;
+    let (a, b) = (key(1), key(2));
+    // Both read the origin and choose version 1 before either writes its manifest.
+    let pa = publish::prepare(&w.origin, &w.cfg, &a, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    let pb = publish::prepare(&w.origin, &w.cfg, &b, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    assert_eq!((pa.manifest.version, pb.manifest.version), (1, 1));
+    publish::commit(&w.origin, &pb).await.unwrap();
+    let before = snapshot(&w.origin).await;
+    let err = publish::commit(&w.origin, &pa).await.unwrap_err();
+    assert!(
+        matches!(err, ToolError::VersionTaken { version: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nothing was overwritten"));
+    assert_eq!(
+        snapshot(&w.origin).await,
+        before,
+        "the losing publisher changed the bucket"
+    );
+    let l = w.origin.layout();
+    assert_eq!(
+        w.origin.get(&l.manifest(&shop(), 1)).await.unwrap(),
+        pb.envelope
+    );
+    assert_eq!(
+        w.origin.get(&l.current(&shop())).await.unwrap(),
+        pb.envelope
+    );
+}
+
+#[tokio::test]
+async fn republishing_with_one_changed_file_uploads_only_that_file() {
+    let w = s3_world("publish-incremental").await;
+    let k = key(1);
+    publish::publish(&w.origin, &w.cfg, &k, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    let mut changed = w.files.clone();
+    let mut labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&w.files.labels).unwrap()).unwrap();
+    labels["3"] = labels["4"].clone();
+    changed.labels = w.work.join("index-v2.json");
+    std::fs::write(&changed.labels, serde_json::to_vec(&labels).unwrap()).unwrap();
+    w.s3.stats().reset();
+    let (p, v) = publish::publish(&w.origin, &w.cfg, &k, &options(&changed), &w.work)
+        .await
+        .unwrap();
+    let l = w.origin.layout();
+    let labels_artifact = p
+        .manifest
+        .artifacts
+        .iter()
+        .find(|a| a.role == deckhand_protocol::Role::Labels)
+        .unwrap();
+    let expected = vec![
+        l.blob(&labels_artifact.blob),
+        l.blob(&labels_artifact.chunk_map),
+        l.manifest(&shop(), 2),
+        l.current(&shop()),
+    ];
+    assert_eq!(w.s3.stats().puts(), expected, "PUTs seen by the server");
+    assert_eq!(v.version, 2);
+    assert_eq!(p.skipped.len(), 12);
+}
+
+/// Every validation failure names the file and the problem, and leaves the bucket as it was.
+#[tokio::test]
+async fn a_broken_release_is_refused_before_anything_is_uploaded() {
+    let w = s3_world("publish-refusals").await;
+    let k = key(1);
+    publish::publish(&w.origin, &w.cfg, &k, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    let before = snapshot(&w.origin).await;
+    let bad = w.work.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let write = |name: &str, data: &[u8]| {
+        let p = bad.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let other_dim = fixtures::write_sample_release(
+        &bad.join("dim32"),
+        &SampleSpec {
+            dim: 32,
+            ..SampleSpec::small(9)
+        },
+    )
+    .unwrap();
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&w.files.labels).unwrap()).unwrap();
+    let mut short_labels = labels.clone();
+    short_labels.as_object_mut().unwrap().remove("47");
+    let mut unknown_card = labels.clone();
+    unknown_card["5"] = serde_json::json!("no-such-card");
+
+    type Mutate = Box<dyn Fn(&mut PublishOptions)>;
+    let local = |p: std::path::PathBuf| Input::Local(p);
+    let cases: Vec<(&str, Mutate, &[&str])> = vec![
+        (
+            "missing file",
+            Box::new(move |o| o.inputs.hef = local("/nonexistent/model.hef".into())),
+            &["hef /nonexistent/model.hef", "cannot read"],
+        ),
+        (
+            "empty file",
+            Box::new({
+                let p = write("empty.json", b"");
+                move |o| o.inputs.labels = local(p.clone())
+            }),
+            &["labels", "empty"],
+        ),
+        (
+            "onnx does not load",
+            Box::new({
+                let p = write("bad.onnx", b"not an onnx model at all");
+                move |o| o.inputs.onnx = local(p.clone())
+            }),
+            &["onnx", "does not load"],
+        ),
+        (
+            "onnx dimension differs from the index",
+            Box::new({
+                let p = other_dim.onnx.clone();
+                move |o| o.inputs.onnx = local(p.clone())
+            }),
+            &["outputs 32-dimension", "holds 64-dimension"],
+        ),
+        (
+            "index does not load",
+            Box::new({
+                let p = write("bad.index", &[7u8; 4096]);
+                move |o| o.inputs.index = local(p.clone())
+            }),
+            &["index", "bad.index"],
+        ),
+        (
+            "metric flag disagrees with the header",
+            Box::new(|o| o.overrides.metric = Some(Metric::L2sq)),
+            &["--metric L2sq", "index header"],
+        ),
+        (
+            "input size flag disagrees with the model",
+            Box::new(|o| o.overrides.input_size = Some((64, 64))),
+            &["--input-size 64x64", "32x32"],
+        ),
+        (
+            "labels count differs",
+            Box::new({
+                let p = write("short.json", &serde_json::to_vec(&short_labels).unwrap());
+                move |o| o.inputs.labels = local(p.clone())
+            }),
+            &["has 47 rows", "48 vectors"],
+        ),
+        (
+            "a card id is missing from metadata",
+            Box::new({
+                let p = write("unknown.json", &serde_json::to_vec(&unknown_card).unwrap());
+                move |o| o.inputs.labels = local(p.clone())
+            }),
+            &["row 5", "no-such-card", "does not have"],
+        ),
+        (
+            "hef is not a hef",
+            Box::new({
+                let p = write("model.hef", b"PK\x03\x04 a zip file, not a HEF model");
+                move |o| o.inputs.hef = local(p.clone())
+            }),
+            &["hef", "not a HEF"],
+        ),
+        (
+            "hef is truncated",
+            Box::new({
+                let h = std::fs::read(&w.files.hef).unwrap();
+                let p = write("cut.hef", &h[..h.len() - 9]);
+                move |o| o.inputs.hef = local(p.clone())
+            }),
+            &["hef", "cut.hef"],
+        ),
+        (
+            "canary is not an image",
+            Box::new({
+                let p = write("canary.png", b"just text");
+                move |o| o.inputs.canaries[0].0 = local(p.clone())
+            }),
+            &["canary image", "not an image"],
+        ),
+        (
+            "embeddings have the wrong shape",
+            Box::new({
+                let p = other_dim.embeddings.clone().unwrap();
+                move |o| o.inputs.embeddings = Some(local(p.clone()))
+            }),
+            &["embeddings", "[48, 32]"],
+        ),
+    ];
+    for (name, mutate, phrases) in cases {
+        let mut o = options(&w.files);
+        mutate(&mut o);
+        let err = publish::publish(&w.origin, &w.cfg, &k, &o, &w.work)
+            .await
+            .unwrap_err()
+            .to_string();
+        for phrase in phrases {
+            assert!(err.contains(phrase), "{name}: {phrase:?} not in {err:?}");
+        }
+        assert_eq!(
+            snapshot(&w.origin).await,
+            before,
+            "{name}: the bucket changed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_keys() {
+    let w = s3_world("verify-detects").await;
+    let k = key(1);
+    let (p, _) = publish::publish(&w.origin, &w.cfg, &k, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    let l = w.origin.layout().clone();
+    let check = |trust_key: &SecretKey| {
+        let (origin, work, t) = (w.origin.clone(), w.work.clone(), trust(trust_key));
+        async move {
+            releases::verify(&origin, &shop(), None, &t, &work)
+                .await
+                .unwrap()
+                .problems
+        }
+    };
+    assert!(check(&k).await.is_empty());
+
+    // Signed by a key the verifier does not trust.
+    let problems = check(&key(2)).await;
+    assert!(
+        problems[0].contains("0 valid signature(s)")
+            && problems[0].contains("1 from untrusted keys"),
+        "{problems:?}"
+    );
+
+    // A blob deleted.
+    let hef = p
+        .manifest
+        .artifact(deckhand_protocol::Role::Hef)
+        .unwrap()
+        .clone();
+    let hef_bytes = w.origin.get(&l.blob(&hef.blob)).await.unwrap();
+    w.origin.delete(&l.blob(&hef.blob)).await.unwrap();
+    let problems = check(&k).await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("hef blob") && problems[0].contains("is missing"),
+        "{problems:?}"
+    );
+
+    // A blob with one flipped byte.
+    let mut flipped = hef_bytes.to_vec();
+    flipped[100] ^= 0x01;
+    w.origin
+        .put(&l.blob(&hef.blob), flipped.into())
+        .await
+        .unwrap();
+    let problems = check(&k).await;
+    assert!(
+        problems[0].contains("hef blob") && problems[0].contains("content hashes to"),
+        "{problems:?}"
+    );
+    w.origin.put(&l.blob(&hef.blob), hef_bytes).await.unwrap();
+    assert!(check(&k).await.is_empty());
+
+    // A forged manifest: the payload changed, the signature kept.
+    let mut env: deckhand_protocol::Envelope = serde_json::from_slice(&p.envelope).unwrap();
+    let mut forged = p.manifest.clone();
+    forged.recognizer.min_score = -1.0;
+    use base64::Engine as _;
+    env.payload = base64::engine::general_purpose::STANDARD.encode(forged.to_payload());
+    w.origin
+        .put(&l.current(&shop()), env.to_bytes().into())
+        .await
+        .unwrap();
+    let problems = check(&k).await;
+    assert!(
+        problems[0].contains("0 valid signature(s)") && problems[0].contains("1 invalid"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
+    let dir = TestDir::new("publish-killed");
+    let s3 = LocalS3::start(&dir.join("s3"), "cards").unwrap();
+    let files =
+        fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(4)).unwrap();
+    // A large canary photo, so its upload goes in parts and can be interrupted.
+    let mut rng = SplitMix(77);
+    let photo = image::RgbImage::from_fn(2600, 2600, |_, _| {
+        let v = rng.next_u64();
+        image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+    });
+    let canary = dir.join("big-canary.png");
+    std::fs::write(&canary, fixtures::encode_png(&photo)).unwrap();
+    assert!(
+        std::fs::metadata(&canary).unwrap().len() > deckhand_agent::origin::MULTIPART_THRESHOLD
+    );
+    let key_path = dir.join("ops.key");
+    std::fs::write(&key_path, key(1).to_file_text()).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_owned();
+    let origin = s3.origin_arg("fleet");
+    let args: Vec<String> = [
+        "publish",
+        "--origin",
+        &origin,
+        "--deployment",
+        "shop-1",
+        "--key",
+        &p(&key_path),
+        "--hef",
+        &p(&files.hef),
+        "--onnx",
+        &p(&files.onnx),
+        "--index",
+        &p(&files.index),
+        "--labels",
+        &p(&files.labels),
+        "--metadata",
+        &p(&files.metadata),
+        "--canary",
+        &format!("{}={}", p(&canary), files.canaries[0].1),
+        "--json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let spawn = || {
+        let mut cmd = Command::new(bin("deckhand"));
+        cmd.args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in s3.env() {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    };
+
+    s3.stats().set_part_delay(Duration::from_millis(400));
+    let mut first = spawn();
+    // Five small blobs complete, then the canary's parts crawl: kill in the middle of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s3.stats().puts().len() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first publish never got going"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first publish ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let before_kill = s3.stats().puts();
+    assert_eq!(
+        before_kill.len(),
+        5,
+        "the kill did not land mid-upload: {before_kill:?}"
+    );
+    let bucket = s3.bucket_dir();
+    assert!(
+        !bucket
+            .join("fleet/deployments/shop-1/current.json")
+            .exists(),
+        "no manifest may exist yet"
+    );
+
+    s3.stats().set_part_delay(Duration::ZERO);
+    s3.stats().reset();
+    let out = spawn().wait_with_output().unwrap();
+    let result = json(&out);
+    assert_eq!(result["version"], 1);
+    let again = s3.stats().puts();
+    for k in &before_kill {
+        assert!(
+            !again.contains(k),
+            "{k} was uploaded again after the restart"
+        );
+    }
+    assert!(again.iter().any(|k| k.ends_with("current.json")));
+    assert_eq!(result["already_present"], 5);
+}

@@ -1,0 +1,61 @@
+//! The operator CLI's errors. Every message names what went wrong and where; `exit_code` maps them to the
+//! CLI's contract (1 failure, 2 usage).
+
+use deckhand_agent::loaders::LoadError;
+use deckhand_agent::origin::OriginError;
+use deckhand_agent::release::ReleaseError;
+use deckhand_protocol::VerifyError;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// A flag's value is wrong; names the flag and the value.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error("release refused: {0}")]
+    Release(#[from] ReleaseError),
+    #[error("release refused: {0}")]
+    Load(#[from] LoadError),
+    #[error("{context}: {source}")]
+    Verify {
+        context: String,
+        #[source]
+        source: VerifyError,
+    },
+    #[error(
+        "version {version} of deployment {deployment} was published by another publisher after this publish \
+         chose it; nothing was overwritten. Run the command again to publish as the next version."
+    )]
+    VersionTaken { deployment: String, version: u64 },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ToolError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ToolError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+
+    pub fn io<'a>(
+        what: &'static str,
+        path: &'a std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> ToolError + 'a {
+        move |source| ToolError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}

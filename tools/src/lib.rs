@@ -1,0 +1,11 @@
+//! deckhand-tools: the operator's CLI as a library (the `deckhand` binary parses flags and calls in here;
+//! tests and benchmarks call in directly).
+
+pub mod bench;
+pub mod error;
+pub mod keygen;
+pub mod locals3;
+pub mod publish;
+pub mod releases;
+
+pub use error::ToolError;

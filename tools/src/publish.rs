@@ -1,0 +1,488 @@
+//! `deckhand publish` and `deckhand rollback`: turn release files into a signed release in the origin.
+//!
+//! Order of writes: blobs, chunk maps, the manifest (a conditional PUT that only creates), then
+//! current.json. An interrupted publish therefore never leaves a manifest naming a missing blob, and a
+//! re-run skips every blob and chunk map already present. Publishing happens in two steps, [`prepare`]
+//! (validate, upload, choose the version, sign) and [`commit`] (write the manifest and the pointer), so a
+//! race with another publisher can be tested deterministically.
+
+use crate::error::ToolError;
+use deckhand_agent::origin::{Origin, OriginConfig, OriginError, OriginUrl};
+use deckhand_agent::release::{ReleaseFiles, SettingsOverrides, check_release};
+use deckhand_protocol::envelope::inspect_unverified;
+use deckhand_protocol::layout::{Key, Name};
+use deckhand_protocol::manifest::{Artifact, BlobRef, Canary, Manifest, Role, SCHEMA};
+use deckhand_protocol::{BlobId, ChunkMap, Envelope, SecretKey};
+use indicatif::{ProgressBar, ProgressStyle};
+use jiff::{SignedDuration, Timestamp};
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// A release input: a local file, or an object in S3 (`s3://bucket/key`) read with the origin's
+/// endpoint and credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Local(PathBuf),
+    Remote { bucket: String, key: String },
+}
+
+impl FromStr for Input {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, key) = rest
+                .split_once('/')
+                .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+                .ok_or_else(|| format!("{s:?} is not s3://bucket/key"))?;
+            return Ok(Input::Remote {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+            });
+        }
+        if s.is_empty() {
+            return Err("empty path".into());
+        }
+        Ok(Input::Local(PathBuf::from(s)))
+    }
+}
+
+impl std::fmt::Display for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Local(p) => write!(f, "{}", p.display()),
+            Input::Remote { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+        }
+    }
+}
+
+/// The files of a release to publish.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub hef: Input,
+    pub onnx: Input,
+    pub index: Input,
+    pub labels: Input,
+    pub metadata: Input,
+    pub embeddings: Option<Input>,
+    pub canaries: Vec<(Input, String)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PublishOptions {
+    pub deployment: Name,
+    pub inputs: Inputs,
+    pub expires_in: SignedDuration,
+    pub overrides: SettingsOverrides,
+    /// Draw a progress bar (only ever on a terminal).
+    pub progress: bool,
+}
+
+/// A signed release whose blobs are uploaded, not yet committed.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub manifest: Manifest,
+    pub envelope: Vec<u8>,
+    pub id: BlobId,
+    /// Blobs and chunk maps uploaded by this publish.
+    pub uploaded: Vec<BlobId>,
+    /// Blobs and chunk maps already present.
+    pub skipped: Vec<BlobId>,
+    pub bytes_uploaded: u64,
+}
+
+/// A committed release.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub version: u64,
+    pub id: BlobId,
+    pub manifest_key: String,
+    /// False when a newer version already occupied current.json.
+    pub current_updated: bool,
+}
+
+/// Fetches remote inputs into `work`; local inputs are used in place.
+async fn localize(
+    input: &Input,
+    cfg: &OriginConfig,
+    work: &Path,
+    name: &str,
+) -> Result<PathBuf, ToolError> {
+    match input {
+        Input::Local(p) => Ok(p.clone()),
+        Input::Remote { bucket, key } => {
+            let url = OriginUrl::S3 {
+                bucket: bucket.clone(),
+                prefix: String::new(),
+            };
+            let origin = Origin::connect(&url, cfg).await?;
+            let dest = work.join(name);
+            origin.download(key, &dest).await?;
+            Ok(dest)
+        }
+    }
+}
+
+/// A file to publish, chunked.
+struct Blob {
+    path: PathBuf,
+    map: ChunkMap,
+}
+
+fn chunk_file(path: &Path) -> Result<ChunkMap, ToolError> {
+    let file = std::fs::File::open(path).map_err(ToolError::io("open", path))?;
+    let len = file.metadata().map_err(ToolError::io("stat", path))?.len();
+    if len == 0 {
+        return Err(ToolError::Failed(format!("{} is empty", path.display())));
+    }
+    // SAFETY: the operator's input file is only read; if it changes while mapped, the blob id computed here
+    // no longer matches what is uploaded and verification (here and on every agent) refuses it.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(ToolError::io("map", path))?;
+    Ok(ChunkMap::build(&mmap))
+}
+
+fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Uploads whatever of `blobs` (and their chunk maps) the origin lacks: blobs first, then chunk maps.
+async fn upload_missing(
+    origin: &Origin,
+    blobs: &[Blob],
+    progress: bool,
+) -> Result<(Vec<BlobId>, Vec<BlobId>, u64), ToolError> {
+    let layout = origin.layout();
+    let mut todo = Vec::new();
+    let mut skipped = Vec::new();
+    for b in blobs {
+        let key = layout.blob(&b.map.blob());
+        match origin.head(&key).await? {
+            Some(info) if info.size == b.map.size() => skipped.push(b.map.blob()),
+            _ => todo.push(b),
+        }
+    }
+    let total: u64 = todo.iter().map(|b| b.map.size()).sum();
+    let bar = progress_bar(progress, total);
+    bar.set_message("uploading");
+    let mut uploaded = Vec::new();
+    for b in &todo {
+        let key = layout.blob(&b.map.blob());
+        tracing::info!(blob = %b.map.blob(), size = b.map.size(), file = %b.path.display(), "uploading blob");
+        origin.put_file(&key, &b.path, &|n| bar.inc(n)).await?;
+        uploaded.push(b.map.blob());
+    }
+    bar.finish_and_clear();
+    for b in blobs {
+        let encoded = b.map.encode();
+        let id = BlobId::of(&encoded);
+        let key = layout.blob(&id);
+        if origin
+            .head(&key)
+            .await?
+            .is_some_and(|i| i.size == encoded.len() as u64)
+        {
+            skipped.push(id);
+            continue;
+        }
+        origin.put(&key, encoded.into()).await?;
+        uploaded.push(id);
+    }
+    Ok((uploaded, skipped, total))
+}
+
+/// The version after the highest one the origin holds for `deployment` (listed manifests and
+/// current.json both count).
+pub async fn next_version(origin: &Origin, deployment: &Name) -> Result<u64, ToolError> {
+    let layout = origin.layout();
+    let mut highest = 0u64;
+    for obj in origin.list(&layout.manifest_dir(deployment)).await? {
+        if let Ok(Key::Manifest { version, .. }) = layout.classify(&obj.key) {
+            highest = highest.max(version);
+        }
+    }
+    if let Some(current) = origin.get_opt(&layout.current(deployment)).await?
+        && let Ok(m) = inspect_unverified(&current)
+    {
+        highest = highest.max(m.version);
+    }
+    highest.checked_add(1).ok_or_else(|| {
+        ToolError::Failed("the deployment is at the highest possible version".into())
+    })
+}
+
+fn media_type(role: Role) -> &'static str {
+    match role {
+        Role::Hef => "application/vnd.hailo.hef",
+        Role::Onnx => "application/onnx",
+        Role::Index => "application/vnd.usearch.index",
+        Role::Labels | Role::Metadata => "application/json",
+        Role::Embeddings => "application/x-npy",
+    }
+}
+
+/// Validates the release as a whole, uploads what the origin lacks, chooses the next version and signs.
+pub async fn prepare(
+    origin: &Origin,
+    cfg: &OriginConfig,
+    key: &SecretKey,
+    opts: &PublishOptions,
+    work: &Path,
+) -> Result<Prepared, ToolError> {
+    let i = &opts.inputs;
+    let mut files = ReleaseFiles {
+        hef: localize(&i.hef, cfg, work, "input.hef").await?,
+        onnx: localize(&i.onnx, cfg, work, "input.onnx").await?,
+        index: localize(&i.index, cfg, work, "input.index").await?,
+        labels: localize(&i.labels, cfg, work, "input-labels.json").await?,
+        metadata: localize(&i.metadata, cfg, work, "input-metadata.json").await?,
+        embeddings: None,
+        canaries: Vec::new(),
+    };
+    if let Some(e) = &i.embeddings {
+        files.embeddings = Some(localize(e, cfg, work, "input-embeddings.npy").await?);
+    }
+    for (n, (input, card)) in i.canaries.iter().enumerate() {
+        files.canaries.push((
+            localize(input, cfg, work, &format!("canary-{n}")).await?,
+            card.clone(),
+        ));
+    }
+
+    // Everything is checked before a single byte is uploaded.
+    let checked = {
+        let (files, overrides) = (files.clone(), opts.overrides.clone());
+        tokio::task::spawn_blocking(move || check_release(&files, &overrides))
+            .await
+            .map_err(|e| ToolError::Failed(format!("release check stopped: {e}")))??
+    };
+
+    let mut roles: Vec<(Role, PathBuf)> = vec![
+        (Role::Hef, files.hef.clone()),
+        (Role::Onnx, files.onnx.clone()),
+        (Role::Index, files.index.clone()),
+        (Role::Labels, files.labels.clone()),
+        (Role::Metadata, files.metadata.clone()),
+    ];
+    if let Some(e) = &files.embeddings {
+        roles.push((Role::Embeddings, e.clone()));
+    }
+    let paths: Vec<PathBuf> = roles
+        .iter()
+        .map(|(_, p)| p.clone())
+        .chain(files.canaries.iter().map(|(p, _)| p.clone()))
+        .collect();
+    let maps = tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .map(|p| chunk_file(p))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ToolError::Failed(format!("chunking stopped: {e}")))??;
+    let all_paths = roles
+        .iter()
+        .map(|(_, p)| p.clone())
+        .chain(files.canaries.iter().map(|(p, _)| p.clone()));
+    let blobs: Vec<Blob> = all_paths
+        .zip(maps)
+        .map(|(path, map)| Blob { path, map })
+        .collect();
+
+    let (uploaded, skipped, bytes_uploaded) = upload_missing(origin, &blobs, opts.progress).await?;
+
+    let artifacts = roles
+        .iter()
+        .zip(&blobs)
+        .map(|((role, _), b)| Artifact {
+            role: *role,
+            blob: b.map.blob(),
+            size: b.map.size(),
+            chunk_map: b.map.id(),
+            media_type: media_type(*role).to_owned(),
+        })
+        .collect();
+    let canaries = files
+        .canaries
+        .iter()
+        .zip(&blobs[roles.len()..])
+        .zip(&checked.canary_media_types)
+        .map(|(((_, card), b), media)| Canary {
+            image: b.map.blob(),
+            size: b.map.size(),
+            chunk_map: b.map.id(),
+            media_type: (*media).to_owned(),
+            card_id: card.clone(),
+        })
+        .collect();
+    let now = Timestamp::now();
+    let manifest = Manifest {
+        schema: SCHEMA.to_owned(),
+        deployment: opts.deployment.to_string(),
+        version: next_version(origin, &opts.deployment).await?,
+        created_at: now,
+        expires_at: now
+            .checked_add(opts.expires_in)
+            .map_err(|e| ToolError::Usage(format!("--expires-in: {e}")))?,
+        artifacts,
+        recognizer: checked.settings,
+        canaries,
+    };
+    sign(manifest, key, uploaded, skipped, bytes_uploaded)
+}
+
+fn sign(
+    manifest: Manifest,
+    key: &SecretKey,
+    uploaded: Vec<BlobId>,
+    skipped: Vec<BlobId>,
+    bytes_uploaded: u64,
+) -> Result<Prepared, ToolError> {
+    manifest.validate().map_err(|e| {
+        ToolError::Failed(format!("the manifest this publish built is invalid: {e}"))
+    })?;
+    let payload = manifest.to_payload();
+    let envelope = Envelope::sign(&payload, &[key]).to_bytes();
+    Ok(Prepared {
+        id: BlobId::of(&payload),
+        manifest,
+        envelope,
+        uploaded,
+        skipped,
+        bytes_uploaded,
+    })
+}
+
+/// Writes the manifest with `If-None-Match: *` (so of two publishers racing for a version exactly one
+/// wins), then points current.json at it unless a newer version is already there.
+pub async fn commit(origin: &Origin, prepared: &Prepared) -> Result<Published, ToolError> {
+    let m = &prepared.manifest;
+    let deployment =
+        Name::deployment(&m.deployment).map_err(|e| ToolError::Failed(e.to_string()))?;
+    let layout = origin.layout();
+    let manifest_key = layout.manifest(&deployment, m.version);
+    match origin
+        .put_new(&manifest_key, prepared.envelope.clone().into())
+        .await
+    {
+        Ok(()) => {}
+        Err(OriginError::AlreadyExists { .. }) => {
+            return Err(ToolError::VersionTaken {
+                deployment: m.deployment.clone(),
+                version: m.version,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let current_key = layout.current(&deployment);
+    let newer_exists = match origin.get_opt(&current_key).await? {
+        Some(bytes) => inspect_unverified(&bytes).is_ok_and(|c| c.version > m.version),
+        None => false,
+    };
+    if !newer_exists {
+        origin
+            .put(&current_key, prepared.envelope.clone().into())
+            .await?;
+    }
+    Ok(Published {
+        version: m.version,
+        id: prepared.id,
+        manifest_key,
+        current_updated: !newer_exists,
+    })
+}
+
+/// Validates, uploads, signs and commits.
+pub async fn publish(
+    origin: &Origin,
+    cfg: &OriginConfig,
+    key: &SecretKey,
+    opts: &PublishOptions,
+    work: &Path,
+) -> Result<(Prepared, Published), ToolError> {
+    let prepared = prepare(origin, cfg, key, opts, work).await?;
+    let published = commit(origin, &prepared).await?;
+    Ok((prepared, published))
+}
+
+/// The blobs a manifest needs, with their chunk maps, that the origin does not hold (by HEAD and size).
+pub async fn missing_blobs(origin: &Origin, m: &Manifest) -> Result<Vec<String>, ToolError> {
+    let layout = origin.layout();
+    let mut missing = Vec::new();
+    for BlobRef {
+        blob,
+        size,
+        chunk_map,
+    } in m.blobs()
+    {
+        match origin.head(&layout.blob(&blob)).await? {
+            Some(i) if i.size == size => {}
+            Some(i) => missing.push(format!(
+                "blob {blob} is {} bytes, the manifest says {size}",
+                i.size
+            )),
+            None => missing.push(format!("blob {blob} is missing")),
+        }
+        if origin.head(&layout.blob(&chunk_map)).await?.is_none() {
+            missing.push(format!("chunk map {chunk_map} (of blob {blob}) is missing"));
+        }
+    }
+    Ok(missing)
+}
+
+/// Publishes a new, higher version naming the artifacts of version `to`. Nothing is uploaded: the old
+/// blobs must all still be in the origin. Version `to` must verify with `trust` (signatures and
+/// threshold; its old expiry does not matter, the new manifest gets a fresh one).
+pub async fn rollback(
+    origin: &Origin,
+    deployment: &Name,
+    to: u64,
+    key: &SecretKey,
+    trust: &deckhand_protocol::TrustPolicy,
+    expires_in: SignedDuration,
+) -> Result<(Prepared, Published), ToolError> {
+    let layout = origin.layout();
+    let key_name = layout.manifest(deployment, to);
+    let envelope = origin.get_opt(&key_name).await?.ok_or_else(|| {
+        ToolError::Failed(format!(
+            "version {to} of deployment {deployment} does not exist ({key_name})"
+        ))
+    })?;
+    let old = trust
+        .verify_ignoring_expiry(&envelope)
+        .map_err(|source| ToolError::Verify {
+            context: format!(
+                "version {to} ({key_name}) does not verify, refusing to roll back to it"
+            ),
+            source,
+        })?
+        .manifest;
+    let missing = missing_blobs(origin, &old).await?;
+    if !missing.is_empty() {
+        return Err(ToolError::Failed(format!(
+            "cannot roll back to version {to}: {}",
+            missing.join("; ")
+        )));
+    }
+    let now = Timestamp::now();
+    let manifest = Manifest {
+        version: next_version(origin, deployment).await?,
+        created_at: now,
+        expires_at: now
+            .checked_add(expires_in)
+            .map_err(|e| ToolError::Usage(format!("--expires-in: {e}")))?,
+        ..old
+    };
+    let prepared = sign(manifest, key, Vec::new(), Vec::new(), 0)?;
+    let published = commit(origin, &prepared).await?;
+    Ok((prepared, published))
+}

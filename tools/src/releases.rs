@@ -1,0 +1,309 @@
+//! `deckhand versions`, `deckhand verify` and `deckhand bundle export`: reading releases back.
+
+use crate::error::ToolError;
+use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
+use deckhand_protocol::envelope::inspect_unverified;
+use deckhand_protocol::layout::{Key, Name};
+use deckhand_protocol::manifest::{BlobRef, Manifest};
+use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy};
+use jiff::Timestamp;
+use serde::Serialize;
+use std::path::Path;
+
+/// One published version, as listed.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionLine {
+    pub version: u64,
+    pub key: String,
+    pub created_at: Option<String>,
+    pub expires_at: Option<String>,
+    /// "ok", "unverified" (no --trust given) or the reason it failed.
+    pub signature: String,
+    pub current: bool,
+    pub artifacts: Vec<(String, String, u64)>,
+}
+
+/// Every version of a deployment, oldest first.
+pub async fn versions(
+    origin: &Origin,
+    deployment: &Name,
+    trust: Option<&TrustPolicy>,
+) -> Result<Vec<VersionLine>, ToolError> {
+    let layout = origin.layout();
+    let current = origin
+        .get_opt(&layout.current(deployment))
+        .await?
+        .and_then(|b| inspect_unverified(&b).ok())
+        .map(|m| m.version);
+    let mut out = Vec::new();
+    for obj in origin.list(&layout.manifest_dir(deployment)).await? {
+        let Ok(Key::Manifest { version, .. }) = layout.classify(&obj.key) else {
+            continue;
+        };
+        let bytes = origin.get(&obj.key).await?;
+        let signature = match trust {
+            None => "unverified".to_owned(),
+            Some(t) => match t.verify(&bytes, Timestamp::now()) {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e.to_string(),
+            },
+        };
+        let (created_at, expires_at, artifacts) = match inspect_unverified(&bytes) {
+            Ok(m) => (
+                Some(m.created_at.to_string()),
+                Some(m.expires_at.to_string()),
+                m.artifacts
+                    .iter()
+                    .map(|a| (a.role.to_string(), a.blob.to_string(), a.size))
+                    .collect(),
+            ),
+            Err(e) => (None, None, vec![("unreadable".into(), e.to_string(), 0)]),
+        };
+        out.push(VersionLine {
+            version,
+            key: obj.key,
+            created_at,
+            expires_at,
+            signature,
+            current: current == Some(version),
+            artifacts,
+        });
+    }
+    out.sort_by_key(|v| v.version);
+    Ok(out)
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub version: Option<u64>,
+    pub manifest_key: String,
+    pub blobs_checked: usize,
+    pub bytes_checked: u64,
+    pub problems: Vec<String>,
+}
+
+fn describe(m: &Manifest, blob: &BlobId) -> String {
+    if let Some(a) = m.artifacts.iter().find(|a| a.blob == *blob) {
+        return format!("{} blob {blob}", a.role);
+    }
+    match m.canaries.iter().find(|c| c.image == *blob) {
+        Some(c) => format!("canary image for {} {blob}", c.card_id),
+        None => format!("blob {blob}"),
+    }
+}
+
+/// The seeds' verification checklist, automated: the manifest's signatures, then every blob and chunk
+/// map it names is present, with the right size and hash, and every chunk map agrees with its blob.
+pub async fn verify(
+    origin: &Origin,
+    deployment: &Name,
+    version: Option<u64>,
+    trust: &TrustPolicy,
+    work: &Path,
+) -> Result<VerifyReport, ToolError> {
+    let layout = origin.layout();
+    let mut report = VerifyReport::default();
+    let key = match version {
+        Some(v) => layout.manifest(deployment, v),
+        None => layout.current(deployment),
+    };
+    report.manifest_key = key.clone();
+    let Some(envelope) = origin.get_opt(&key).await? else {
+        report.problems.push(format!("{key} is missing"));
+        return Ok(report);
+    };
+    let m = match trust.verify(&envelope, Timestamp::now()) {
+        Ok(v) => v.manifest,
+        Err(e) => {
+            report.problems.push(format!("{key}: {e}"));
+            return Ok(report);
+        }
+    };
+    report.version = Some(m.version);
+    if m.deployment != deployment.as_str() {
+        report.problems.push(format!(
+            "{key} is a manifest for deployment {:?}",
+            m.deployment
+        ));
+    }
+    if version.is_none() {
+        let versioned = layout.manifest(deployment, m.version);
+        match origin.get_opt(&versioned).await? {
+            Some(b) if b == envelope => {}
+            Some(_) => report
+                .problems
+                .push(format!("current.json differs from {versioned}")),
+            None => report.problems.push(format!(
+                "current.json names version {}, but {versioned} is missing",
+                m.version
+            )),
+        }
+    }
+    for BlobRef {
+        blob,
+        size,
+        chunk_map,
+    } in m.blobs()
+    {
+        let what = describe(&m, &blob);
+        report.blobs_checked += 1;
+        let blob_key = layout.blob(&blob);
+        match origin.head(&blob_key).await? {
+            None => {
+                report
+                    .problems
+                    .push(format!("{what} is missing ({blob_key})"));
+                continue;
+            }
+            Some(info) if info.size != size => {
+                report.problems.push(format!(
+                    "{what} is {} bytes, the manifest says {size} ({blob_key})",
+                    info.size
+                ));
+                continue;
+            }
+            Some(_) => {}
+        }
+        let local = work.join(blob.to_hex());
+        origin.download(&blob_key, &local).await?;
+        let data = std::fs::read(&local).map_err(ToolError::io("read", &local))?;
+        let _ = std::fs::remove_file(&local);
+        report.bytes_checked += data.len() as u64;
+        let actual = BlobId::of(&data);
+        if actual != blob {
+            report
+                .problems
+                .push(format!("{what} content hashes to {actual} ({blob_key})"));
+            continue;
+        }
+        let map_key = layout.blob(&chunk_map);
+        let Some(map_bytes) = origin.get_opt(&map_key).await? else {
+            report.problems.push(format!(
+                "chunk map {chunk_map} of {what} is missing ({map_key})"
+            ));
+            continue;
+        };
+        if BlobId::of(&map_bytes) != chunk_map {
+            report.problems.push(format!(
+                "chunk map {chunk_map} of {what} does not hash to its name ({map_key})"
+            ));
+            continue;
+        }
+        match ChunkMap::decode(&map_bytes) {
+            Err(e) => report
+                .problems
+                .push(format!("chunk map {chunk_map} of {what}: {e}")),
+            Ok(map) if map.blob() != blob || map.size() != size => report.problems.push(format!(
+                "chunk map {chunk_map} describes blob {} of {} bytes, not {what}",
+                map.blob(),
+                map.size()
+            )),
+            Ok(map) => {
+                for c in map.chunks() {
+                    let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
+                    if BlobId::of(&data[r]) != c.id {
+                        report.problems.push(format!(
+                            "chunk map {chunk_map}: chunk at {} does not match {what}",
+                            c.offset
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What `bundle export` wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct BundleReport {
+    pub version: u64,
+    pub dir: String,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+/// Writes a release (signed manifest, every blob and chunk map) to `out`, in the origin key layout, so the
+/// directory is itself a `file://` origin an agent can sideload with no network. Every blob is hashed as it
+/// is written.
+pub async fn bundle_export(
+    origin: &Origin,
+    deployment: &Name,
+    version: Option<u64>,
+    trust: Option<&TrustPolicy>,
+    out: &Path,
+) -> Result<BundleReport, ToolError> {
+    let layout = origin.layout();
+    let key = match version {
+        Some(v) => layout.manifest(deployment, v),
+        None => layout.current(deployment),
+    };
+    let envelope = origin
+        .get_opt(&key)
+        .await?
+        .ok_or_else(|| ToolError::Failed(format!("{key} does not exist")))?;
+    let m = match trust {
+        Some(t) => {
+            t.verify(&envelope, Timestamp::now())
+                .map_err(|source| ToolError::Verify {
+                    context: format!("{key} does not verify"),
+                    source,
+                })?
+                .manifest
+        }
+        None => inspect_unverified(&envelope).map_err(|source| ToolError::Verify {
+            context: format!("{key} is not a readable manifest"),
+            source,
+        })?,
+    };
+    std::fs::create_dir_all(out).map_err(ToolError::io("create directory", out))?;
+    let abs = std::fs::canonicalize(out).map_err(ToolError::io("resolve", out))?;
+    let dest = Origin::connect(
+        &OriginUrl::File { root: abs.clone() },
+        &OriginConfig::default(),
+    )
+    .await?;
+    let dl = dest.layout().clone();
+    let mut report = BundleReport {
+        version: m.version,
+        dir: abs.display().to_string(),
+        blobs: 0,
+        bytes: 0,
+    };
+    for BlobRef {
+        blob, chunk_map, ..
+    } in m.blobs()
+    {
+        for id in [blob, chunk_map] {
+            let target = abs.join(dl.blob(&id));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(ToolError::io("create directory", parent))?;
+            }
+            let n = origin.download(&layout.blob(&id), &target).await?;
+            let (hash, _) = {
+                let mut h = blake3::Hasher::new();
+                h.update_mmap(&target)
+                    .map_err(ToolError::io("hash", &target))?;
+                (h.finalize(), ())
+            };
+            if BlobId::from_hash(hash) != id {
+                let _ = std::fs::remove_file(&target);
+                return Err(ToolError::Failed(format!(
+                    "{} in the origin does not hash to its name",
+                    layout.blob(&id)
+                )));
+            }
+            report.blobs += 1;
+            report.bytes += n;
+        }
+    }
+    // The manifest last: a bundle with a manifest is a complete bundle.
+    let d = Name::deployment(&m.deployment).map_err(|e| ToolError::Failed(e.to_string()))?;
+    dest.put(&dl.manifest(&d, m.version), envelope.clone())
+        .await?;
+    dest.put(&dl.current(&d), envelope).await?;
+    Ok(report)
+}
