@@ -763,3 +763,44 @@ fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
     assert!(again.iter().any(|k| k.ends_with("current.json")));
     assert_eq!(result["already_present"], 5);
 }
+
+/// An existing bucket can be published from without a local copy: inputs given as s3:// keys.
+#[tokio::test]
+async fn inputs_can_be_existing_s3_objects() {
+    let w = s3_world("publish-from-s3").await;
+    let root = Origin::connect(&w.s3.origin_url(""), &w.cfg).await.unwrap();
+    let hef_key =
+        "models/compilation/student-stage2/hailo8/pokemon_student_efficientnet_lite0_stage2.hef";
+    root.put_file(hef_key, &w.files.hef, &|_| {}).await.unwrap();
+    root.put_file("datasets/reference/index.json", &w.files.labels, &|_| {})
+        .await
+        .unwrap();
+    let mut o = options(&w.files);
+    o.inputs.hef = format!("s3://cards/{hef_key}").parse().unwrap();
+    o.inputs.labels = "s3://cards/datasets/reference/index.json".parse().unwrap();
+    let (p, v) = publish::publish(&w.origin, &w.cfg, &key(1), &o, &w.work)
+        .await
+        .unwrap();
+    assert_eq!(v.version, 1);
+    let hef = p.manifest.artifact(deckhand_protocol::Role::Hef).unwrap();
+    assert_eq!(
+        hef.blob,
+        deckhand_protocol::BlobId::of(&std::fs::read(&w.files.hef).unwrap())
+    );
+    let report = releases::verify(&w.origin, &shop(), None, &trust(&key(1)), &w.work)
+        .await
+        .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // A key that does not exist is named in the error.
+    o.inputs.onnx = "s3://cards/models/compilation/nope/model.onnx"
+        .parse()
+        .unwrap();
+    let err = publish::publish(&w.origin, &w.cfg, &key(1), &o, &w.work)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("models/compilation/nope/model.onnx") && err.contains("no such object"),
+        "{err}"
+    );
+}
