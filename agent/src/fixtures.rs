@@ -376,6 +376,345 @@ pub fn write_sample_release(
     Ok(files)
 }
 
+/// Card image size (63 x 88 mm at 4 px/mm).
+pub const CARD_W: u32 = 252;
+pub const CARD_H: u32 = 352;
+
+fn fill_rect(img: &mut image::RgbImage, x0: i64, y0: i64, w: i64, h: i64, c: image::Rgb<u8>) {
+    let (iw, ih) = (i64::from(img.width()), i64::from(img.height()));
+    for y in y0.max(0)..(y0 + h).min(ih) {
+        for x in x0.max(0)..(x0 + w).min(iw) {
+            img.put_pixel(x as u32, y as u32, c);
+        }
+    }
+}
+
+fn fill_disc(img: &mut image::RgbImage, cx: i64, cy: i64, r: i64, c: image::Rgb<u8>) {
+    let (iw, ih) = (i64::from(img.width()), i64::from(img.height()));
+    for y in (cy - r).max(0)..(cy + r).min(ih) {
+        for x in (cx - r).max(0)..(cx + r).min(iw) {
+            if (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r {
+                img.put_pixel(x as u32, y as u32, c);
+            }
+        }
+    }
+}
+
+fn colour(rng: &mut SplitMix) -> image::Rgb<u8> {
+    let v = rng.next_u64();
+    image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+}
+
+/// A synthetic trading card: a border, a background, an art box of large shapes, a title bar and text
+/// stripes, all chosen by the card number. `variant` > 0 draws an alternative printing of the same card
+/// (a shifted palette, as a reverse-holo would be), which the reference DB stores as another row.
+pub fn card_image(card: usize, variant: u32) -> image::RgbImage {
+    let mut rng = SplitMix(0xca4d_0000 + card as u64);
+    let border = colour(&mut rng);
+    let background = colour(&mut rng);
+    let mut img = image::RgbImage::from_pixel(CARD_W, CARD_H, border);
+    fill_rect(
+        &mut img,
+        10,
+        10,
+        i64::from(CARD_W) - 20,
+        i64::from(CARD_H) - 20,
+        background,
+    );
+    // Art box.
+    let art = colour(&mut rng);
+    fill_rect(&mut img, 22, 48, 208, 150, art);
+    for _ in 0..4 {
+        let c = colour(&mut rng);
+        let (x, y) = (22 + rng.range(0, 180) as i64, 48 + rng.range(0, 120) as i64);
+        if rng.next_u64().is_multiple_of(2) {
+            fill_rect(
+                &mut img,
+                x,
+                y,
+                20 + rng.range(0, 80) as i64,
+                15 + rng.range(0, 60) as i64,
+                c,
+            );
+        } else {
+            fill_disc(&mut img, x, y, 10 + rng.range(0, 35) as i64, c);
+        }
+    }
+    // Title bar and text stripes.
+    fill_rect(
+        &mut img,
+        22,
+        18,
+        150 + rng.range(0, 58) as i64,
+        20,
+        colour(&mut rng),
+    );
+    for line in 0..5 {
+        let len = 60 + rng.range(0, 148) as i64;
+        fill_rect(&mut img, 26, 215 + line * 22, len, 9, colour(&mut rng));
+    }
+    if variant > 0 {
+        let shift = (variant * 37) as u8;
+        for p in img.pixels_mut() {
+            p.0 = [
+                p.0[0].wrapping_add(shift / 3),
+                p.0[1],
+                p.0[2].wrapping_sub(shift / 4),
+            ];
+        }
+    }
+    img
+}
+
+/// Ways a shop camera's photo differs from the reference scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Perturbation {
+    /// A crop keeping 85-95% of each side.
+    Crop,
+    /// A rotation of up to 10 degrees either way, on a grey table.
+    Rotate,
+    /// Brightness scaled by 0.6..1.4.
+    Brightness,
+    /// JPEG at quality 60.
+    Jpeg60,
+    /// Gaussian noise, sigma 12.
+    Noise,
+}
+
+impl Perturbation {
+    pub const ALL: [Perturbation; 5] = [
+        Perturbation::Crop,
+        Perturbation::Rotate,
+        Perturbation::Brightness,
+        Perturbation::Jpeg60,
+        Perturbation::Noise,
+    ];
+}
+
+/// A "photo" of a card: the card image with one perturbation, deterministic for the seed.
+pub fn perturb(img: &image::RgbImage, p: Perturbation, seed: u64) -> image::RgbImage {
+    let mut rng = SplitMix(seed);
+    let (w, h) = img.dimensions();
+    match p {
+        Perturbation::Crop => {
+            let cw = (w as f32 * (0.85 + 0.10 * rng.unit())) as u32;
+            let ch = (h as f32 * (0.85 + 0.10 * rng.unit())) as u32;
+            let x = rng.range(0, u64::from(w - cw + 1)) as u32;
+            let y = rng.range(0, u64::from(h - ch + 1)) as u32;
+            image::imageops::crop_imm(img, x, y, cw, ch).to_image()
+        }
+        Perturbation::Rotate => {
+            let angle = (rng.unit() * 20.0 - 10.0).to_radians();
+            rotate(img, angle)
+        }
+        Perturbation::Brightness => {
+            let f = 0.6 + 0.8 * rng.unit();
+            let mut out = img.clone();
+            for px in out.pixels_mut() {
+                for c in &mut px.0 {
+                    *c = (f32::from(*c) * f).round().clamp(0.0, 255.0) as u8;
+                }
+            }
+            out
+        }
+        Perturbation::Jpeg60 => {
+            let bytes = encode_jpeg(img, 60);
+            image::load_from_memory(&bytes)
+                .map(|i| i.to_rgb8())
+                .unwrap_or_else(|_| img.clone())
+        }
+        Perturbation::Noise => {
+            let mut out = img.clone();
+            for px in out.pixels_mut() {
+                for c in &mut px.0 {
+                    *c = (f32::from(*c) + rng.normal() * 12.0)
+                        .round()
+                        .clamp(0.0, 255.0) as u8;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Rotates about the centre with bilinear sampling; uncovered corners are a grey table.
+fn rotate(img: &image::RgbImage, angle: f32) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+    let (sin, cos) = angle.sin_cos();
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+        let sx = cos * dx + sin * dy + cx;
+        let sy = -sin * dx + cos * dy + cy;
+        if sx < 0.0 || sy < 0.0 || sx > (w - 1) as f32 || sy > (h - 1) as f32 {
+            return image::Rgb([128, 128, 128]);
+        }
+        let (x0, y0) = (sx.floor() as u32, sy.floor() as u32);
+        let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+        let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
+        let mut out = [0u8; 3];
+        for (c, o) in out.iter_mut().enumerate() {
+            let p = |x, y| f32::from(img.get_pixel(x, y).0[c]);
+            let top = p(x0, y0) * (1.0 - fx) + p(x1, y0) * fx;
+            let bottom = p(x0, y1) * (1.0 - fx) + p(x1, y1) * fx;
+            *o = (top * (1.0 - fy) + bottom * fy).round() as u8;
+        }
+        image::Rgb(out)
+    })
+}
+
+/// The shape of a generated reference release (the seeds' is 17,592 rows of 15,987 cards, 768 dims).
+#[derive(Clone, Debug)]
+pub struct ReferenceSpec {
+    pub cards: usize,
+    pub rows: usize,
+    pub dim: usize,
+    /// Model seed: the same seed gives the same model, so releases can share it.
+    pub seed: u64,
+    /// Prefix for card ids, so releases built from the same images can be told apart.
+    pub id_prefix: String,
+}
+
+impl ReferenceSpec {
+    /// The seeds' full size.
+    pub fn full() -> Self {
+        Self {
+            cards: 15_987,
+            rows: 17_592,
+            dim: 768,
+            seed: 1,
+            id_prefix: String::new(),
+        }
+    }
+
+    /// A size that builds in a second, for tests.
+    pub fn small(cards: usize) -> Self {
+        Self {
+            cards,
+            rows: cards + cards / 10,
+            dim: 768,
+            seed: 1,
+            id_prefix: String::new(),
+        }
+    }
+
+    pub fn card_id(&self, card: usize) -> String {
+        format!("{}{}", self.id_prefix, card_id(card))
+    }
+
+    /// The card and variant stored at a row.
+    pub fn row(&self, row: usize) -> (usize, u32) {
+        (row % self.cards, (row / self.cards) as u32)
+    }
+}
+
+/// The recognizer settings of the generated model.
+pub fn reference_settings(dim: usize) -> deckhand_protocol::manifest::RecognizerSettings {
+    deckhand_protocol::manifest::RecognizerSettings {
+        input_width: 224,
+        input_height: 224,
+        layout: deckhand_protocol::manifest::ChannelLayout::Nchw,
+        mean: crate::release::IMAGENET_MEAN,
+        std: crate::release::IMAGENET_STD,
+        embedding_dim: dim as u32,
+        metric: deckhand_protocol::manifest::Metric::Cos,
+        min_score: 0.5,
+    }
+}
+
+/// Writes a reference release in the seeds' formats: the sample model (ONNX 224x224 RGB in, `dim` out, and
+/// the matching sample HEF), embeddings of every card image computed by that model through the
+/// recognizer's own CPU pipeline, usearch.index, index.json (array), metadata.json (object keyed by card
+/// id), embeddings.npy, and two canary images.
+pub fn write_reference_release(
+    dir: &std::path::Path,
+    spec: &ReferenceSpec,
+) -> Result<crate::release::ReleaseFiles, String> {
+    use crate::recognizer::Embedder as _;
+    let err = |e: std::io::Error| e.to_string();
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let files = crate::release::ReleaseFiles {
+        hef: dir.join("model.hef"),
+        onnx: dir.join("model.onnx"),
+        index: dir.join("usearch.index"),
+        labels: dir.join("index.json"),
+        metadata: dir.join("metadata.json"),
+        embeddings: Some(dir.join("embeddings.npy")),
+        canaries: vec![
+            (dir.join("canary-0.png"), spec.card_id(0)),
+            (dir.join("canary-1.jpg"), spec.card_id(1)),
+        ],
+    };
+    std::fs::write(
+        &files.onnx,
+        embedding_model_onnx(224, 14, spec.dim, spec.seed),
+    )
+    .map_err(err)?;
+    std::fs::write(
+        &files.hef,
+        hef_v0(&standin_hef_body(224, 14, spec.dim, spec.seed)),
+    )
+    .map_err(err)?;
+    let settings = reference_settings(spec.dim);
+    let mut embedder = crate::recognizer::cpu::CpuEmbedder::load(&files.onnx, &settings)
+        .map_err(|e| e.to_string())?;
+    let mut vectors = Vec::with_capacity(spec.rows);
+    let rows: Vec<usize> = (0..spec.rows).collect();
+    for chunk in rows.chunks(crate::recognizer::MAX_BATCH) {
+        let mut input = Vec::new();
+        for row in chunk {
+            let (card, variant) = spec.row(*row);
+            crate::recognizer::preprocess::to_tensor(
+                &card_image(card, variant),
+                &settings,
+                &mut input,
+            );
+        }
+        let out = embedder
+            .embed(&input, chunk.len())
+            .map_err(|e| e.to_string())?;
+        vectors.extend(out.chunks(spec.dim).map(<[f32]>::to_vec));
+    }
+    write_usearch_index(&files.index, spec.dim, usearch::MetricKind::Cos, &vectors)?;
+    let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
+    std::fs::write(
+        files.embeddings.as_ref().ok_or("no embeddings path")?,
+        npy_f32(spec.rows, spec.dim, &flat),
+    )
+    .map_err(err)?;
+    let labels: Vec<String> = (0..spec.rows)
+        .map(|r| spec.card_id(spec.row(r).0))
+        .collect();
+    std::fs::write(
+        &files.labels,
+        serde_json::to_vec(&labels).map_err(|e| e.to_string())?,
+    )
+    .map_err(err)?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&metadata_json(spec.cards, spec.seed)).map_err(|e| e.to_string())?;
+    let mut keyed = serde_json::Map::new();
+    for i in 0..spec.cards {
+        let Some(mut v) = meta.get(card_id(i)).cloned() else {
+            continue;
+        };
+        let id = spec.card_id(i);
+        v["id"] = serde_json::Value::String(id.clone());
+        keyed.insert(id, v);
+    }
+    std::fs::write(
+        &files.metadata,
+        serde_json::to_vec(&keyed).map_err(|e| e.to_string())?,
+    )
+    .map_err(err)?;
+    std::fs::write(
+        &files.canaries[0].0,
+        encode_png(&perturb(&card_image(0, 0), Perturbation::Noise, 5)),
+    )
+    .map_err(err)?;
+    std::fs::write(&files.canaries[1].0, encode_jpeg(&card_image(1, 0), 85)).map_err(err)?;
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

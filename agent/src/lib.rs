@@ -6,6 +6,8 @@
 pub mod fixtures;
 pub mod loaders;
 pub mod maintenance;
+pub mod metrics;
 pub mod origin;
+pub mod recognizer;
 pub mod release;
 pub mod telemetry;

@@ -2,6 +2,7 @@
 //! tests and benchmarks call in directly).
 
 pub mod bench;
+pub mod bench_recognizer;
 pub mod error;
 pub mod keygen;
 pub mod locals3;

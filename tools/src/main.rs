@@ -197,6 +197,12 @@ enum BenchCommand {
     },
     /// Chunk-size trade-offs (requests, dedup, speed) on a synthetic reference-DB update.
     Chunking,
+    /// Recognition accuracy on perturbed photos, throughput, latency, search time, cold start, swap p99.
+    Recognizer {
+        /// Use the seeds' full 17,592 x 768 reference DB (otherwise 2,200 rows).
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -598,6 +604,9 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                     rounds,
                 } => bench::store(size_mib, dir.as_deref(), rounds as usize),
                 BenchCommand::Chunking => bench::chunking(),
+                BenchCommand::Recognizer { full } => {
+                    deckhand_tools::bench_recognizer::run(full).await
+                }
             };
             result?;
         }

@@ -1,0 +1,153 @@
+//! From image bytes to a model input: decode (JPEG or PNG, with size limits checked from the header
+//! before any pixel is decoded), resize, scale to 0..1, normalise per channel, lay out as NCHW or NHWC.
+
+use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};
+use image::RgbImage;
+
+/// The largest image accepted: 24 megapixels (a Pi HQ camera frame is 12.3).
+pub const MAX_PIXELS: u64 = 24_000_000;
+/// The largest request body accepted, in bytes.
+pub const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// Why an image was refused. All are the client's fault (4xx).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageError {
+    #[error("the image is empty (no bytes)")]
+    Empty,
+    #[error("not an image: expected JPEG or PNG")]
+    NotAnImage,
+    #[error("image format {0} is not accepted (JPEG or PNG)")]
+    Format(String),
+    #[error("image is {width}x{height} ({} megapixels), over the limit of {} megapixels", *width as u64 * *height as u64 / 1_000_000, MAX_PIXELS / 1_000_000)]
+    TooLarge { width: u32, height: u32 },
+    #[error("image does not decode: {0}")]
+    Decode(String),
+}
+
+/// Decodes JPEG or PNG bytes into RGB, refusing anything over [`MAX_PIXELS`] before decoding it.
+pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let format = image::guess_format(bytes).map_err(|_| ImageError::NotAnImage)?;
+    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+        return Err(ImageError::Format(format!("{format:?}")));
+    }
+    let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(ImageError::TooLarge { width, height });
+    }
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    limits.max_alloc = Some(MAX_PIXELS * 4 + (64 << 20));
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Resizes and normalises an image into the model's input layout, appending to `out`.
+pub fn to_tensor(img: &RgbImage, s: &RecognizerSettings, out: &mut Vec<f32>) {
+    let (w, h) = (s.input_width, s.input_height);
+    let resized;
+    let img = if img.dimensions() == (w, h) {
+        img
+    } else {
+        resized = image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle);
+        &resized
+    };
+    let plane = (w * h) as usize;
+    let start = out.len();
+    out.resize(start + plane * 3, 0.0);
+    let dst = &mut out[start..];
+    let scale = [
+        1.0 / (255.0 * s.std[0]),
+        1.0 / (255.0 * s.std[1]),
+        1.0 / (255.0 * s.std[2]),
+    ];
+    let shift = [
+        s.mean[0] / s.std[0],
+        s.mean[1] / s.std[1],
+        s.mean[2] / s.std[2],
+    ];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            let v = f32::from(p.0[c]) * scale[c] - shift[c];
+            match s.layout {
+                ChannelLayout::Nchw => dst[c * plane + i] = v,
+                ChannelLayout::Nhwc => dst[i * 3 + c] = v,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{encode_jpeg, encode_png};
+
+    #[test]
+    fn refuses_bad_images_with_the_reason() {
+        assert_eq!(decode(b""), Err(ImageError::Empty));
+        assert_eq!(decode(b"hello, not an image"), Err(ImageError::NotAnImage));
+        let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
+        assert!(matches!(decode(gif), Err(ImageError::Format(_))));
+        let jpeg = encode_jpeg(&RgbImage::from_pixel(64, 48, image::Rgb([9, 9, 9])), 90);
+        assert_eq!(decode(&jpeg).unwrap().dimensions(), (64, 48));
+        assert!(matches!(
+            decode(&jpeg[..jpeg.len() / 2]),
+            Err(ImageError::Decode(_))
+        ));
+        // A 50-megapixel PNG is refused from its header alone.
+        let big = encode_png(&RgbImage::new(8000, 6250));
+        let err = decode(&big).unwrap_err();
+        assert_eq!(
+            err,
+            ImageError::TooLarge {
+                width: 8000,
+                height: 6250
+            }
+        );
+        assert!(err.to_string().contains("50 megapixels"));
+    }
+
+    #[test]
+    fn tensors_follow_layout_and_normalisation() {
+        let s = RecognizerSettings {
+            input_width: 2,
+            input_height: 1,
+            layout: ChannelLayout::Nchw,
+            mean: [0.5, 0.0, 0.0],
+            std: [0.5, 1.0, 1.0],
+            embedding_dim: 4,
+            metric: deckhand_protocol::manifest::Metric::Cos,
+            min_score: 0.5,
+        };
+        let img = RgbImage::from_fn(2, 1, |x, _| {
+            if x == 0 {
+                image::Rgb([255, 0, 255])
+            } else {
+                image::Rgb([0, 255, 0])
+            }
+        });
+        let mut nchw = Vec::new();
+        to_tensor(&img, &s, &mut nchw);
+        assert_eq!(nchw, vec![1.0, -1.0, 0.0, 1.0, 1.0, 0.0]);
+        let mut nhwc = Vec::new();
+        to_tensor(
+            &img,
+            &RecognizerSettings {
+                layout: ChannelLayout::Nhwc,
+                ..s
+            },
+            &mut nhwc,
+        );
+        assert_eq!(nhwc, vec![1.0, 0.0, 1.0, -1.0, 1.0, 0.0]);
+    }
+}

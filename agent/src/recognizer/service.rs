@@ -1,0 +1,293 @@
+//! The inference loop and the atomic swap.
+//!
+//! Requests wait in a bounded queue ([`QUEUE`]); one inference thread takes up to [`MAX_BATCH`] of them
+//! at a time and runs them as one batch. A full queue is refused at once (HTTP 503), never buffered.
+//!
+//! Swap ordering: the live recognizer is an `ArcSwapOption`. The inference thread loads one snapshot per
+//! batch and uses only that snapshot (model, index, labels, metadata, version) for every answer in the
+//! batch. [`Service::activate`] loads and checks a candidate off the serving path (dimensions at load,
+//! then every canary), then stores it in one atomic step. A batch that already took the old snapshot
+//! finishes on the old release, which is dropped when its last batch is done; the next batch sees the new
+//! one. No answer can mix two releases, and no request fails because of a swap.
+
+use super::preprocess::{self, ImageError};
+use super::{BackendError, MAX_BATCH, Recognition, Recognizer};
+use crate::metrics::Metrics;
+use arc_swap::ArcSwapOption;
+use image::RgbImage;
+use serde::Serialize;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The most requests waiting for the inference thread.
+pub const QUEUE: usize = 64;
+
+/// Why a request got no recognition.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecognizeError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("the recognition queue is full ({QUEUE} waiting); try again shortly")]
+    Busy,
+    #[error("no release is active yet")]
+    NoRelease,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("the recognizer is shutting down")]
+    Stopped,
+}
+
+/// Why a release was not activated.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SwapError {
+    #[error(
+        "canary {index} should be card {expected:?} but was recognised as {got} (score {score:.3})"
+    )]
+    Canary {
+        index: usize,
+        expected: String,
+        got: String,
+        score: f32,
+    },
+    #[error("canary {index} cannot be checked: {why}")]
+    CanaryUnusable { index: usize, why: String },
+}
+
+/// A release that was refused, for status.
+#[derive(Clone, Debug, Serialize)]
+pub struct Refusal {
+    pub version: u64,
+    pub manifest_id: String,
+    pub reason: String,
+    pub at: String,
+}
+
+struct Job {
+    image: RgbImage,
+    started: Instant,
+    reply: tokio::sync::oneshot::Sender<Result<Recognition, RecognizeError>>,
+}
+
+/// The recognition service: queue, inference thread, live recognizer. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    live: Arc<ArcSwapOption<Recognizer>>,
+    tx: Arc<Mutex<Option<SyncSender<Job>>>>,
+    metrics: Arc<Metrics>,
+    refused: Arc<Mutex<Option<Refusal>>>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Service {
+    /// Starts the inference thread. No release is active until [`Service::activate`].
+    pub fn start(metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let live: Arc<ArcSwapOption<Recognizer>> = Arc::new(ArcSwapOption::empty());
+        let (tx, rx) = sync_channel::<Job>(QUEUE);
+        let thread = {
+            let (live, metrics) = (live.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("deckhand-inference".into())
+                .spawn(move || inference_loop(rx, &live, &metrics))?
+        };
+        Ok(Self {
+            live,
+            tx: Arc::new(Mutex::new(Some(tx))),
+            metrics,
+            refused: Arc::new(Mutex::new(None)),
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The live recognizer, if any.
+    pub fn active(&self) -> Option<Arc<Recognizer>> {
+        self.live.load_full()
+    }
+
+    /// The last release refused at activation, if any.
+    pub fn last_refusal(&self) -> Option<Refusal> {
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Queues a decoded image. Fails at once when the queue is full.
+    fn submit(
+        &self,
+        image: RgbImage,
+        started: Instant,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Recognition, RecognizeError>>, RecognizeError>
+    {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| RecognizeError::Stopped)?
+            .clone()
+            .ok_or(RecognizeError::Stopped)?;
+        match tx.try_send(Job {
+            image,
+            started,
+            reply,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => {
+                self.metrics.queue_full();
+                Err(RecognizeError::Busy)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(RecognizeError::Stopped),
+        }
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<RgbImage, RecognizeError> {
+        preprocess::decode(bytes).map_err(|e| {
+            self.metrics.rejected_input();
+            RecognizeError::Image(e)
+        })
+    }
+
+    /// Recognises JPEG or PNG bytes (decoding on a blocking thread).
+    pub async fn recognize(&self, bytes: bytes::Bytes) -> Result<Recognition, RecognizeError> {
+        let started = Instant::now();
+        if self.live.load().is_none() {
+            return Err(RecognizeError::NoRelease);
+        }
+        let me = self.clone();
+        let image = tokio::task::spawn_blocking(move || me.decode(&bytes))
+            .await
+            .map_err(|_| RecognizeError::Stopped)??;
+        self.submit(image, started)?
+            .await
+            .map_err(|_| RecognizeError::Stopped)?
+    }
+
+    /// Recognises JPEG or PNG bytes from a plain thread (the inbox watcher).
+    pub fn recognize_blocking(&self, bytes: &[u8]) -> Result<Recognition, RecognizeError> {
+        let started = Instant::now();
+        if self.live.load().is_none() {
+            return Err(RecognizeError::NoRelease);
+        }
+        let image = self.decode(bytes)?;
+        self.submit(image, started)?
+            .blocking_recv()
+            .map_err(|_| RecognizeError::Stopped)?
+    }
+
+    /// Checks a loaded candidate (every canary must be recognised as its card) and, if it passes, makes it
+    /// the live recognizer in one atomic step. A refused candidate is recorded in status; the live
+    /// recognizer keeps serving either way.
+    pub fn activate(
+        &self,
+        candidate: Recognizer,
+        canaries: &[(Vec<u8>, String)],
+    ) -> Result<(), SwapError> {
+        if let Err(e) = check_canaries(&candidate, canaries) {
+            self.refuse(
+                candidate.version,
+                &candidate.manifest_id.to_string(),
+                &e.to_string(),
+            );
+            return Err(e);
+        }
+        let version = candidate.version;
+        // The swap: one atomic store. In-flight batches keep their own Arc of the old recognizer.
+        self.live.store(Some(Arc::new(candidate)));
+        self.metrics.swap();
+        tracing::info!(version, "release activated");
+        Ok(())
+    }
+
+    /// Records a release refused before it could be checked here (it did not load).
+    pub fn refuse(&self, version: u64, manifest_id: &str, reason: &str) {
+        self.metrics.refused_release();
+        tracing::warn!(
+            version,
+            reason,
+            "release refused; the active release keeps serving"
+        );
+        if let Ok(mut r) = self.refused.lock() {
+            *r = Some(Refusal {
+                version,
+                manifest_id: manifest_id.to_owned(),
+                reason: reason.to_owned(),
+                at: jiff::Timestamp::now().to_string(),
+            });
+        }
+    }
+
+    /// Stops taking requests and waits for the inference thread to finish those queued.
+    pub fn shutdown(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Ok(mut t) = self.thread.lock()
+            && let Some(handle) = t.take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn check_canaries(candidate: &Recognizer, canaries: &[(Vec<u8>, String)]) -> Result<(), SwapError> {
+    for (index, (bytes, expected)) in canaries.iter().enumerate() {
+        let unusable = |why: String| SwapError::CanaryUnusable { index, why };
+        let img = preprocess::decode(bytes).map_err(|e| unusable(e.to_string()))?;
+        let r = candidate
+            .recognize(&[img], &[Instant::now()])
+            .map_err(|e| unusable(e.to_string()))?
+            .pop()
+            .ok_or_else(|| unusable("no answer".into()))?;
+        if r.card_id.as_deref() != Some(expected.as_str()) {
+            return Err(SwapError::Canary {
+                index,
+                expected: expected.clone(),
+                got: r
+                    .card_id
+                    .map_or_else(|| "no card".to_owned(), |c| format!("{c:?}")),
+                score: r.score,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn inference_loop(rx: Receiver<Job>, live: &ArcSwapOption<Recognizer>, metrics: &Metrics) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // One snapshot for the whole batch: every answer in it comes from this release.
+        let Some(recognizer) = live.load_full() else {
+            for job in batch {
+                let _ = job.reply.send(Err(RecognizeError::NoRelease));
+            }
+            continue;
+        };
+        let (images, rest): (Vec<RgbImage>, Vec<_>) = batch
+            .into_iter()
+            .map(|j| (j.image, (j.started, j.reply)))
+            .unzip();
+        let starts: Vec<Instant> = rest.iter().map(|(s, _)| *s).collect();
+        match recognizer.recognize(&images, &starts) {
+            Ok(results) => {
+                for (r, (started, reply)) in results.into_iter().zip(rest) {
+                    metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, version = recognizer.version, "inference failed");
+                for (_, reply) in rest {
+                    metrics.failure();
+                    let _ = reply.send(Err(RecognizeError::Backend(e.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! `deckhand bench recognizer`: accuracy on perturbed photos, throughput and latency on the CPU backend,
+//! usearch search time, cold start, and p99 during a swap.
+
+use crate::error::ToolError;
+use deckhand_agent::fixtures::{
+    self, Perturbation, ReferenceSpec, card_image, perturb, reference_settings,
+};
+use deckhand_agent::metrics::Metrics;
+use deckhand_agent::recognizer::service::Service;
+use deckhand_agent::recognizer::{BackendChoice, Recognizer, ReleasePaths};
+use deckhand_agent::release::ReleaseFiles;
+use deckhand_protocol::BlobId;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn paths(f: &ReleaseFiles) -> ReleasePaths {
+    ReleasePaths {
+        hef: f.hef.clone(),
+        onnx: f.onnx.clone(),
+        index: f.index.clone(),
+        labels: f.labels.clone(),
+        metadata: f.metadata.clone(),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ToolError {
+    ToolError::Failed(e.to_string())
+}
+
+/// Loads a generated reference release on the CPU.
+pub fn load(
+    files: &ReleaseFiles,
+    spec: &ReferenceSpec,
+    version: u64,
+) -> Result<Recognizer, ToolError> {
+    Recognizer::load(
+        &paths(files),
+        &reference_settings(spec.dim),
+        version,
+        BlobId::of(&version.to_le_bytes()),
+        BackendChoice::Cpu,
+    )
+    .map_err(fail)
+}
+
+/// Top-1 accuracy per perturbation: `photos` photos of random cards for each kind.
+pub fn accuracy(
+    rec: &Recognizer,
+    spec: &ReferenceSpec,
+    photos: usize,
+    seed: u64,
+) -> Result<Vec<(Perturbation, f64)>, ToolError> {
+    let mut rng = fixtures::SplitMix(seed);
+    let mut out = Vec::new();
+    for p in Perturbation::ALL {
+        let mut right = 0;
+        for n in 0..photos {
+            let card = rng.range(0, spec.cards as u64) as usize;
+            let photo = perturb(&card_image(card, 0), p, seed ^ (n as u64 * 7919));
+            let r = rec.recognize(&[photo], &[Instant::now()]).map_err(fail)?;
+            if r[0].card_id.as_deref() == Some(spec.card_id(card).as_str()) {
+                right += 1;
+            }
+        }
+        out.push((p, right as f64 / photos as f64));
+    }
+    Ok(out)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The accuracy configuration the test suite holds to (printed by the benchmark too).
+pub const TEST_CARDS: usize = 400;
+pub const TEST_PHOTOS: usize = 60;
+pub const TEST_SEED: u64 = 2026;
+
+pub async fn run(full: bool) -> Result<(), ToolError> {
+    let work = tempfile::Builder::new()
+        .prefix("deckhand-bench-")
+        .tempdir()
+        .map_err(fail)?;
+    println!(
+        "recognizer benchmark (cpu backend, tract), {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+
+    // 1. Accuracy in the test suite's configuration.
+    let spec = ReferenceSpec::small(TEST_CARDS);
+    let files =
+        fixtures::write_reference_release(&work.path().join("small"), &spec).map_err(fail)?;
+    let rec = load(&files, &spec, 1)?;
+    println!(
+        "\n  accuracy, {} cards / {} rows, {TEST_PHOTOS} photos per perturbation (test configuration):",
+        spec.cards, spec.rows
+    );
+    for (p, acc) in accuracy(&rec, &spec, TEST_PHOTOS, TEST_SEED)? {
+        println!("    {:<12} top-1 {:>6.1}%", format!("{p:?}"), acc * 100.0);
+    }
+    drop(rec);
+
+    // 2. The seeds' size: 17,592 x 768.
+    let spec = if full {
+        ReferenceSpec::full()
+    } else {
+        ReferenceSpec {
+            cards: 2000,
+            rows: 2200,
+            ..ReferenceSpec::full()
+        }
+    };
+    let t = Instant::now();
+    let files =
+        fixtures::write_reference_release(&work.path().join("full"), &spec).map_err(fail)?;
+    println!(
+        "\n  reference DB {} rows x {} dims ({} cards) generated in {:.1} s",
+        spec.rows,
+        spec.dim,
+        spec.cards,
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let rec = load(&files, &spec, 1)?;
+    let first = rec
+        .recognize(&[card_image(7, 0)], &[Instant::now()])
+        .map_err(fail)?;
+    let cold = t.elapsed();
+    println!(
+        "  cold start to first answer: {:.0} ms (load model, view index, parse labels and metadata, recognise)",
+        cold.as_secs_f64() * 1000.0
+    );
+    if first[0].card_id.as_deref() != Some(spec.card_id(7).as_str()) {
+        println!("  (first answer was {:?})", first[0].card_id);
+    }
+    println!("  accuracy at this size, 100 photos per perturbation:");
+    for (p, acc) in accuracy(&rec, &spec, 100, 99)? {
+        println!("    {:<12} top-1 {:>6.1}%", format!("{p:?}"), acc * 100.0);
+    }
+
+    // usearch search alone.
+    let index =
+        usearch::Index::restore(files.index.to_str().ok_or_else(|| fail("path"))?).map_err(fail)?;
+    let mut rng = fixtures::SplitMix(3);
+    let queries: Vec<Vec<f32>> = (0..2000)
+        .map(|_| (0..spec.dim).map(|_| rng.normal()).collect())
+        .collect();
+    let t = Instant::now();
+    for q in &queries {
+        index.search(q, 32).map_err(fail)?;
+    }
+    let per = t.elapsed() / queries.len() as u32;
+    println!(
+        "  usearch search (k=32) over {} x {}: {:.1} us per query",
+        spec.rows,
+        spec.dim,
+        per.as_secs_f64() * 1e6
+    );
+
+    // Throughput and latency through the service (queue, batching, inference thread).
+    let service = Service::start(Arc::new(Metrics::default())).map_err(fail)?;
+    service.activate(rec, &[]).map_err(fail)?;
+    let photos: Vec<bytes::Bytes> = (0..64)
+        .map(|i| {
+            bytes::Bytes::from(fixtures::encode_jpeg(
+                &perturb(
+                    &card_image(i * 13 % spec.cards, 0),
+                    Perturbation::Noise,
+                    i as u64,
+                ),
+                85,
+            ))
+        })
+        .collect();
+    let steady = load_test(&service, &photos, 4, Duration::from_secs(4), None).await;
+    println!(
+        "  cpu: {:.1} recognitions/s with 4 clients; latency p50 {:.1} ms, p99 {:.1} ms",
+        steady.len() as f64 / 4.0,
+        percentile(&steady, 0.5).as_secs_f64() * 1000.0,
+        percentile(&steady, 0.99).as_secs_f64() * 1000.0
+    );
+
+    // p99 while releases are swapped in the background.
+    let next = load(&files, &spec, 2)?;
+    let swapping = load_test(
+        &service,
+        &photos,
+        4,
+        Duration::from_secs(4),
+        Some((files.clone(), spec.clone(), next)),
+    )
+    .await;
+    println!(
+        "  during swaps (a new release activated every 500 ms): p50 {:.1} ms, p99 {:.1} ms (steady p99 {:.1} ms)",
+        percentile(&swapping, 0.5).as_secs_f64() * 1000.0,
+        percentile(&swapping, 0.99).as_secs_f64() * 1000.0,
+        percentile(&steady, 0.99).as_secs_f64() * 1000.0
+    );
+    service.shutdown();
+    Ok(())
+}
+
+/// Runs `clients` concurrent clients for `dur`; returns sorted latencies. With `swap`, a loader thread
+/// activates freshly loaded releases every 500 ms meanwhile.
+async fn load_test(
+    service: &Service,
+    photos: &[bytes::Bytes],
+    clients: usize,
+    dur: Duration,
+    swap: Option<(ReleaseFiles, ReferenceSpec, Recognizer)>,
+) -> Vec<Duration> {
+    let stop = Instant::now() + dur;
+    let swapper = swap.map(|(files, spec, first)| {
+        let service = service.clone();
+        std::thread::spawn(move || {
+            let mut candidate = Some(first);
+            let mut version = 2;
+            while Instant::now() < stop {
+                if let Some(c) = candidate.take() {
+                    let _ = service.activate(c, &[]);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                version += 1;
+                candidate = load(&files, &spec, version).ok();
+            }
+        })
+    });
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let service = service.clone();
+        let photos = photos.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = c;
+            while Instant::now() < stop {
+                let t = Instant::now();
+                if service
+                    .recognize(photos[i % photos.len()].clone())
+                    .await
+                    .is_ok()
+                {
+                    lat.push(t.elapsed());
+                }
+                i += clients;
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    if let Some(s) = swapper {
+        let _ = s.join();
+    }
+    all.sort();
+    all
+}
