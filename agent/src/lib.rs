@@ -4,6 +4,8 @@
 //! depends on `tools`.
 
 pub mod fixtures;
+pub mod http;
+pub mod inbox;
 pub mod loaders;
 pub mod maintenance;
 pub mod metrics;

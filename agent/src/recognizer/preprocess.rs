@@ -33,6 +33,16 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
         return Err(ImageError::Format(format!("{format:?}")));
     }
+    if format == image::ImageFormat::Jpeg {
+        // The JPEG decoder fills a truncated scan with grey rather than failing; a complete JPEG ends with
+        // the end-of-image marker (some cameras pad after it with zeros).
+        let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        if end < 2 || bytes[end - 2..end] != [0xFF, 0xD9] {
+            return Err(ImageError::Decode(
+                "JPEG is truncated: no end-of-image marker".into(),
+            ));
+        }
+    }
     let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let (width, height) = reader
         .into_dimensions()

@@ -1,0 +1,364 @@
+//! The recognizer and its service, in-process with real files: accuracy on perturbed photos, swaps under
+//! load, bad input over HTTP, and the inbox answering exactly as HTTP does.
+
+use deckhand_agent::fixtures::{
+    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, encode_png, perturb,
+};
+use deckhand_agent::http::{AppState, router, serve};
+use deckhand_agent::inbox::Inbox;
+use deckhand_agent::metrics::Metrics;
+use deckhand_agent::recognizer::service::{RecognizeError, Service, SwapError};
+use deckhand_agent::recognizer::{BackendChoice, Recognizer};
+use deckhand_tests::TestDir;
+use deckhand_tools::bench_recognizer::{self, TEST_CARDS, TEST_PHOTOS, TEST_SEED};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The accuracy `deckhand bench recognizer` printed for this configuration when the test was written
+/// (400 cards, 60 photos per perturbation): crop 95.0%, every other perturbation 100.0%.
+const RECORDED: [(Perturbation, f64); 5] = [
+    (Perturbation::Crop, 0.95),
+    (Perturbation::Rotate, 1.0),
+    (Perturbation::Brightness, 1.0),
+    (Perturbation::Jpeg60, 1.0),
+    (Perturbation::Noise, 1.0),
+];
+const MARGIN: f64 = 0.05;
+
+#[test]
+fn top1_accuracy_on_perturbed_photos_holds_at_the_recorded_level() {
+    let t = TestDir::new("accuracy");
+    let spec = ReferenceSpec::small(TEST_CARDS);
+    let files = fixtures::write_reference_release(t.path(), &spec).unwrap();
+    let rec = bench_recognizer::load(&files, &spec, 1).unwrap();
+    let measured = bench_recognizer::accuracy(&rec, &spec, TEST_PHOTOS, TEST_SEED).unwrap();
+    for ((p, got), (rp, recorded)) in measured.iter().zip(RECORDED) {
+        assert_eq!(*p, rp);
+        assert!(
+            *got >= recorded - MARGIN,
+            "{p:?}: top-1 {got:.3} fell below the recorded {recorded:.3} - {MARGIN}"
+        );
+    }
+}
+
+fn release(
+    t: &TestDir,
+    version: u64,
+    prefix: &str,
+) -> (
+    Recognizer,
+    deckhand_agent::release::ReleaseFiles,
+    ReferenceSpec,
+) {
+    let spec = ReferenceSpec {
+        id_prefix: prefix.to_owned(),
+        ..ReferenceSpec::small(60)
+    };
+    let files =
+        fixtures::write_reference_release(&t.join(format!("release-{version}{prefix}")), &spec)
+            .unwrap();
+    let rec = bench_recognizer::load(&files, &spec, version).unwrap();
+    (rec, files, spec)
+}
+
+fn canaries(files: &deckhand_agent::release::ReleaseFiles) -> Vec<(Vec<u8>, String)> {
+    files
+        .canaries
+        .iter()
+        .map(|(p, c)| (std::fs::read(p).unwrap(), c.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn swapping_releases_under_load_fails_no_request_and_never_mixes_releases() {
+    let t = TestDir::new("swap-under-load");
+    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let (first, files, _) = release(&t, 1, "v1-");
+    service.activate(first, &canaries(&files)).unwrap();
+
+    let photos: Vec<bytes::Bytes> = (0..12)
+        .map(|i| {
+            bytes::Bytes::from(encode_jpeg(
+                &perturb(&card_image(i, 0), Perturbation::Noise, i as u64),
+                85,
+            ))
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, versions_seen) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new())),
+    );
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (service, photos, stop, ok, seen) = (
+            service.clone(),
+            photos.clone(),
+            stop.clone(),
+            ok.clone(),
+            versions_seen.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut i = c;
+            while !stop.load(Ordering::SeqCst) {
+                let r = service.recognize(photos[i % photos.len()].clone()).await;
+                let r = r.unwrap_or_else(|e| panic!("a request failed during swaps: {e}"));
+                // The card id carries its release's prefix: it must match the answer's version.
+                let card = r
+                    .card_id
+                    .clone()
+                    .unwrap_or_else(|| panic!("no card: {:?}", r.reason));
+                assert!(
+                    card.starts_with(&format!("v{}-", r.manifest_version)),
+                    "answer mixes releases: {card} from version {}",
+                    r.manifest_version
+                );
+                assert_eq!(
+                    card,
+                    format!(
+                        "v{}-{}",
+                        r.manifest_version,
+                        fixtures::card_id(i % photos.len())
+                    )
+                );
+                seen.lock().unwrap().insert(r.manifest_version);
+                ok.fetch_add(1, Ordering::SeqCst);
+                i += 4;
+            }
+        }));
+    }
+
+    // Four more releases activated in turn, each loaded off the serving path.
+    let swapper = {
+        let (service, t_path) = (service.clone(), t.path().to_owned());
+        tokio::task::spawn_blocking(move || {
+            let t = TestDir::new("swap-releases");
+            let _ = t_path;
+            for v in 2..=5u64 {
+                std::thread::sleep(Duration::from_millis(150));
+                let (rec, files, _) = release(&t, v, &format!("v{v}-"));
+                service.activate(rec, &canaries(&files)).unwrap();
+                if v == 3 {
+                    // A release whose canary fails is refused, and version 3 keeps serving.
+                    let (bad, _, spec) = release(&t, 33, "v33-");
+                    let img = encode_png(&card_image(3, 0));
+                    let err = service
+                        .activate(bad, &[(img, spec.card_id(7))])
+                        .unwrap_err();
+                    assert!(matches!(err, SwapError::Canary { .. }), "{err}");
+                    assert!(err.to_string().contains("set0-8"), "{err}");
+                    assert_eq!(service.active().unwrap().version, 3);
+                    // A release whose model disagrees with its manifest's dimension does not load at all.
+                    let spec = ReferenceSpec {
+                        dim: 64,
+                        id_prefix: "v44-".into(),
+                        ..ReferenceSpec::small(10)
+                    };
+                    let f = fixtures::write_reference_release(&t.join("dim64"), &spec).unwrap();
+                    let mut settings = fixtures::reference_settings(768);
+                    settings.embedding_dim = 768;
+                    let err = Recognizer::load(
+                        &deckhand_agent::recognizer::ReleasePaths {
+                            hef: f.hef,
+                            onnx: f.onnx,
+                            index: f.index,
+                            labels: f.labels,
+                            metadata: f.metadata,
+                        },
+                        &settings,
+                        44,
+                        deckhand_protocol::BlobId::of(b"44"),
+                        BackendChoice::Cpu,
+                    )
+                    .unwrap_err();
+                    assert!(err.to_string().contains("64 dimensions"), "{err}");
+                    service.refuse(44, "b3:44", &err.to_string());
+                    assert_eq!(service.last_refusal().unwrap().version, 44);
+                    assert_eq!(service.active().unwrap().version, 3);
+                }
+            }
+        })
+    };
+    swapper.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let seen = versions_seen.lock().unwrap().clone();
+    assert_eq!(service.active().unwrap().version, 5);
+    assert!(seen.len() >= 3, "answers came from only {seen:?}");
+    assert!(ok.load(Ordering::SeqCst) > 20);
+    assert_eq!(service.metrics().swaps(), 5);
+    let metrics = service.metrics().render(Some(5));
+    assert!(
+        metrics.contains("deckhand_releases_refused_total 2"),
+        "{metrics}"
+    );
+    service.shutdown();
+}
+
+/// A one-request HTTP/1.1 client: (status, body).
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) before reading a large body.
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_the_inbox_answers_as_http_does() {
+    let t = TestDir::new("http-inbox");
+    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let status: deckhand_agent::http::StatusFn = Arc::new(|| serde_json::json!({"ok": true}));
+    let app = router(AppState {
+        service: service.clone(),
+        status,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, app, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let photo = encode_jpeg(&perturb(&card_image(5, 0), Perturbation::Rotate, 3), 80);
+    let (code, body) = http(addr, "POST", "/v1/recognize", &photo).await;
+    assert_eq!(code, 503, "no release yet: {body}");
+    assert!(body.contains("no release is active"), "{body}");
+
+    let (rec, files, spec) = release(&t, 1, "");
+    service.activate(rec, &canaries(&files)).unwrap();
+
+    let huge = encode_png(&image::RgbImage::new(8000, 6250));
+    for (what, bytes, want, phrase) in [
+        ("empty body", Vec::new(), 400, "empty"),
+        (
+            "not an image",
+            b"GET me a card please".to_vec(),
+            415,
+            "not an image",
+        ),
+        (
+            "truncated JPEG",
+            photo[..photo.len() / 3].to_vec(),
+            400,
+            "does not decode",
+        ),
+        ("50-megapixel image", huge, 413, "megapixels"),
+    ] {
+        let (code, body) = http(addr, "POST", "/v1/recognize", &bytes).await;
+        assert_eq!(code, want, "{what}: {body}");
+        assert!(body.contains(phrase), "{what}: {body}");
+    }
+    let (code, body) = http(addr, "POST", "/v1/recognize", &photo).await;
+    assert_eq!(code, 200, "{body}");
+    let via_http: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(via_http["card_id"], spec.card_id(5));
+    assert_eq!(via_http["manifest_version"], 1);
+    assert_eq!(via_http["backend"], "cpu");
+    assert!(via_http["margin"].as_f64().unwrap() > 0.0);
+    assert!(via_http["metadata"]["name"].is_string());
+
+    let (code, metrics) = http(addr, "GET", "/metrics", b"").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("deckhand_recognitions_total{outcome=\"bad_input\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("deckhand_recognition_latency_seconds_count 1"),
+        "{metrics}"
+    );
+
+    // The inbox gives the same answer for the same bytes.
+    let (inbox_dir, outbox) = (t.join("inbox"), t.join("outbox"));
+    let _inbox = Inbox::start(service.clone(), inbox_dir.clone(), outbox.clone()).unwrap();
+    std::fs::write(inbox_dir.join(".photo.jpg.tmp"), &photo).unwrap();
+    std::fs::rename(
+        inbox_dir.join(".photo.jpg.tmp"),
+        inbox_dir.join("photo.jpg"),
+    )
+    .unwrap();
+    let via_inbox = wait_json(&outbox.join("photo.jpg.json")).await;
+    for field in [
+        "card_id",
+        "score",
+        "margin",
+        "manifest_version",
+        "manifest_id",
+        "backend",
+    ] {
+        assert_eq!(via_inbox[field], via_http[field], "{field}");
+    }
+    assert!(outbox.join("photo.jpg").exists() && !inbox_dir.join("photo.jpg").exists());
+
+    // A half-written file is not read early: nothing happens until the writer closes it.
+    let other = encode_png(&card_image(9, 0));
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(inbox_dir.join("slow.png")).unwrap();
+        f.write_all(&other[..other.len() / 2]).unwrap();
+        f.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !outbox.join("slow.png.json").exists(),
+            "a half-written file was read"
+        );
+        f.write_all(&other[other.len() / 2..]).unwrap();
+    }
+    let slow = wait_json(&outbox.join("slow.png.json")).await;
+    assert_eq!(slow["card_id"], spec.card_id(9), "{slow}");
+
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    service.shutdown();
+}
+
+async fn wait_json(path: &std::path::Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(b) = std::fs::read(path) {
+            return serde_json::from_slice(&b).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn no_release_means_a_clear_error_not_a_hang() {
+    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let err = service
+        .recognize_blocking(&encode_png(&card_image(1, 0)))
+        .unwrap_err();
+    assert!(matches!(err, RecognizeError::NoRelease));
+    service.shutdown();
+    assert!(matches!(
+        service.recognize_blocking(b"x"),
+        Err(RecognizeError::NoRelease | RecognizeError::Stopped)
+    ));
+}
