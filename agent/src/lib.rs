@@ -3,6 +3,8 @@
 //! `tools` depends on this crate for the S3 origin client and the release loaders; this crate never
 //! depends on `tools`.
 
+pub mod activation;
+pub mod daemon;
 pub mod fixtures;
 pub mod http;
 pub mod inbox;

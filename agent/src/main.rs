@@ -2,9 +2,10 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use deckhand_agent::{maintenance, telemetry};
+use deckhand_agent::{daemon, maintenance, telemetry};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tracing::Instrument as _;
 
 #[derive(Parser)]
 #[command(name = "deckhand-agent", version, about = "deckhand's edge sync agent")]
@@ -18,6 +19,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve card recognitions from the active release in the store (HTTP and inbox).
+    Run(RunArgs),
+    /// Sideload the newest release of a bundle directory (from `deckhand bundle export`) and activate it.
+    Import(ImportArgs),
     /// Inspect and maintain the local content-addressed store.
     Store {
         #[command(subcommand)]
@@ -33,6 +38,52 @@ enum StoreCommand {
     Verify(StoreArgs),
     /// Remove every blob that no release pins.
     Gc(StoreArgs),
+}
+
+#[derive(clap::Args)]
+struct TrustArgs {
+    /// The agent's data directory.
+    #[arg(long, default_value = "/var/lib/deckhand", env = "DECKHAND_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The deployment this agent follows.
+    #[arg(long)]
+    deployment: String,
+    /// A trusted release-signing public key (NAME.pub); repeatable.
+    #[arg(long, required = true)]
+    trust: Vec<PathBuf>,
+    /// How many distinct trusted keys must sign a manifest.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: TrustArgs,
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8640")]
+    http_listen: String,
+    /// A directory to watch for images; answers go to --outbox.
+    #[arg(long)]
+    inbox: Option<PathBuf>,
+    /// Where inbox answers go (default: "outbox" beside the inbox).
+    #[arg(long)]
+    outbox: Option<PathBuf>,
+    /// The most bytes the store may hold (e.g. 2000000000).
+    #[arg(long)]
+    store_budget: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    common: TrustArgs,
+    /// The bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -60,7 +111,92 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Store { command } => store(command),
+        Command::Run(args) => run_daemon(args),
+        Command::Import(args) => {
+            let (trust, backend) = settle(&args.common)?;
+            let cfg = daemon::ImportConfig {
+                data_dir: args.common.data_dir.clone(),
+                deployment: args.common.deployment.clone(),
+                trust,
+                threshold: args.common.threshold,
+                bundle: args.bundle.clone(),
+                backend,
+            };
+            let version = daemon::import(&cfg)
+                .with_context(|| format!("importing {}", args.bundle.display()))?;
+            println!("activated version {version}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Reads the trusted keys and the backend choice, naming the flag on error.
+fn settle(
+    a: &TrustArgs,
+) -> anyhow::Result<(
+    Vec<deckhand_protocol::PublicKey>,
+    deckhand_agent::recognizer::BackendChoice,
+)> {
+    let backend = a
+        .backend
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--backend {}: {e}", a.backend))?;
+    deckhand_protocol::layout::Name::deployment(&a.deployment)
+        .map_err(|e| anyhow::anyhow!("--deployment {:?}: {e}", a.deployment))?;
+    let trust = a
+        .trust
+        .iter()
+        .map(|p| {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("--trust {}", p.display()))?;
+            deckhand_protocol::PublicKey::from_file_text(&text)
+                .map_err(|e| anyhow::anyhow!("--trust {}: {e}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((trust, backend))
+}
+
+fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (trust, backend) = settle(&args.common)?;
+    let http_listen = args
+        .http_listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--http-listen {:?}: {e}", args.http_listen))?;
+    let cfg = daemon::RunConfig {
+        data_dir: args.common.data_dir.clone(),
+        deployment: args.common.deployment.clone(),
+        trust,
+        threshold: args.common.threshold,
+        http_listen,
+        inbox: args.inbox.clone(),
+        outbox: args.outbox.clone(),
+        backend,
+        store_budget: args.store_budget,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let span = tracing::info_span!("agent", deployment = %cfg.deployment);
+    rt.block_on(daemon::run(cfg, shutdown_signal()).instrument(span))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }
 
 fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {

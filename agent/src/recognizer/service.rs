@@ -230,7 +230,11 @@ impl Service {
     }
 }
 
-fn check_canaries(candidate: &Recognizer, canaries: &[(Vec<u8>, String)]) -> Result<(), SwapError> {
+/// Every canary image must be recognised as its card by `candidate`.
+pub fn check_canaries(
+    candidate: &Recognizer,
+    canaries: &[(Vec<u8>, String)],
+) -> Result<(), SwapError> {
     for (index, (bytes, expected)) in canaries.iter().enumerate() {
         let unusable = |why: String| SwapError::CanaryUnusable { index, why };
         let img = preprocess::decode(bytes).map_err(|e| unusable(e.to_string()))?;

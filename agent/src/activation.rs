@@ -1,0 +1,208 @@
+//! From a verified manifest to the live recognizer, through the store.
+//!
+//! Order, and why:
+//! 1. `accept`: verify the envelope (trusted keys, threshold, schema, expiry) and that its version is
+//!    strictly above the highest accepted, then record the new highest durably (`synchronous=FULL`) before
+//!    anything else happens, so a reboot can never be used to roll an agent back.
+//! 2. Blobs are fetched or imported into the store under the `pending` pin (the sync engine, or
+//!    `import_bundle` for a bundle directory).
+//! 3. `load_recognizer` builds the candidate from the store's blob files, off the serving path, and
+//!    the recognizer service checks its canaries and swaps it in.
+//! 4. `record_active`: only after the swap, the pins move (previous := old active, active := new) and
+//!    the active envelope is recorded durably; then gc drops everything unpinned.
+
+use crate::recognizer::{BackendChoice, Recognizer, RecognizerError, ReleasePaths};
+use deckhand_protocol::manifest::{BlobRef, Manifest, Role};
+use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
+use deckhand_store::{Store, StoreError};
+use std::path::Path;
+
+const META_ACTIVE: &str = "active_envelope";
+const META_PREVIOUS: &str = "previous_envelope";
+
+fn highest_key(deployment: &str) -> String {
+    format!("highest_accepted/{deployment}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error("manifest refused: {0}")]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Recognizer(#[from] RecognizerError),
+    #[error("release version {version}: {why}")]
+    Release { version: u64, why: String },
+}
+
+/// The highest manifest version this agent ever accepted for `deployment`.
+pub fn highest_accepted(store: &Store, deployment: &str) -> Result<Option<u64>, StoreError> {
+    Ok(store
+        .get_meta(&highest_key(deployment))?
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|s| s.parse().ok()))
+}
+
+/// Verifies an envelope and, if it is newer than anything accepted before, records its version as the
+/// highest accepted (durably) and returns it.
+pub fn accept(
+    store: &Store,
+    policy: &TrustPolicy,
+    deployment: &str,
+    envelope: &[u8],
+    now: jiff::Timestamp,
+) -> Result<VerifiedManifest, ActivationError> {
+    let verified = policy.verify(envelope, now)?;
+    verified.check_admissible(deployment, highest_accepted(store, deployment)?)?;
+    store.set_meta(
+        &highest_key(deployment),
+        verified.manifest.version.to_string().as_bytes(),
+        true,
+    )?;
+    Ok(verified)
+}
+
+/// Every blob id a release keeps pinned: its blobs and their chunk maps.
+pub fn release_blobs(m: &Manifest) -> Vec<BlobId> {
+    m.blobs()
+        .iter()
+        .flat_map(|b| [b.blob, b.chunk_map])
+        .collect()
+}
+
+/// Imports a release from a bundle directory (a `file://` origin written by `deckhand bundle export`):
+/// each blob is imported and must hash to the id the manifest gives; each chunk map is stored after the
+/// same check. Returns the bytes imported.
+pub fn import_bundle(store: &Store, bundle: &Path, m: &Manifest) -> Result<u64, ActivationError> {
+    let layout =
+        deckhand_protocol::layout::Layout::new("").map_err(|e| ActivationError::Release {
+            version: m.version,
+            why: e.to_string(),
+        })?;
+    store.set_pin("pending", &release_blobs(m))?;
+    let mut bytes = 0;
+    for BlobRef {
+        blob,
+        size,
+        chunk_map,
+    } in m.blobs()
+    {
+        let map_path = bundle.join(layout.blob(&chunk_map));
+        let map_bytes = std::fs::read(&map_path).map_err(|e| ActivationError::Release {
+            version: m.version,
+            why: format!(
+                "chunk map {} is missing from the bundle: {e}",
+                map_path.display()
+            ),
+        })?;
+        store.put_raw_expect(&chunk_map, &map_bytes)?;
+        if store.has(&blob)? {
+            continue;
+        }
+        let path = bundle.join(layout.blob(&blob));
+        let imported = store.import_file(&path)?;
+        if imported.blob != blob || imported.size != size {
+            return Err(ActivationError::Release {
+                version: m.version,
+                why: format!(
+                    "{} hashes to {}, the manifest says {blob}",
+                    path.display(),
+                    imported.blob
+                ),
+            });
+        }
+        bytes += size;
+    }
+    Ok(bytes)
+}
+
+/// Whether every blob of a release is complete in the store.
+pub fn is_complete(store: &Store, m: &Manifest) -> Result<bool, StoreError> {
+    for b in m.blobs() {
+        if !store.has(&b.blob)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn path_of(store: &Store, m: &Manifest, role: Role) -> Result<std::path::PathBuf, ActivationError> {
+    let a = m.artifact(role).ok_or_else(|| ActivationError::Release {
+        version: m.version,
+        why: format!("no {role} artifact"),
+    })?;
+    Ok(store.blob_path(&a.blob)?)
+}
+
+/// Loads a release from the store's blob files (call off the serving path).
+pub fn load_recognizer(
+    store: &Store,
+    v: &VerifiedManifest,
+    backend: BackendChoice,
+) -> Result<Recognizer, ActivationError> {
+    let m = &v.manifest;
+    let paths = ReleasePaths {
+        hef: path_of(store, m, Role::Hef)?,
+        onnx: path_of(store, m, Role::Onnx)?,
+        index: path_of(store, m, Role::Index)?,
+        labels: path_of(store, m, Role::Labels)?,
+        metadata: path_of(store, m, Role::Metadata)?,
+    };
+    Ok(Recognizer::load(
+        &paths,
+        &m.recognizer,
+        m.version,
+        v.id,
+        backend,
+    )?)
+}
+
+/// The canary images of a release, read from the store.
+pub fn canaries(store: &Store, m: &Manifest) -> Result<Vec<(Vec<u8>, String)>, ActivationError> {
+    m.canaries
+        .iter()
+        .map(|c| Ok((store.read_blob(&c.image, 64 << 20)?, c.card_id.clone())))
+        .collect()
+}
+
+/// Records a release as active after its swap: the old active becomes previous (still pinned, for
+/// rollback), the envelope is stored durably, and everything else is collected.
+pub fn record_active(
+    store: &Store,
+    v: &VerifiedManifest,
+) -> Result<deckhand_store::GcReport, StoreError> {
+    let old = store.get_meta(META_ACTIVE)?;
+    let old_blobs = store.pins("active")?;
+    match &old {
+        Some(env) if *env != v.envelope => {
+            store.set_pin("previous", &old_blobs)?;
+            store.set_meta(META_PREVIOUS, env, true)?;
+        }
+        _ => {}
+    }
+    store.set_pin("active", &release_blobs(&v.manifest))?;
+    store.set_meta(META_ACTIVE, &v.envelope, true)?;
+    store.set_pin("pending", &[])?;
+    store.gc()
+}
+
+/// The active release's envelope, as recorded.
+pub fn active_envelope(store: &Store) -> Result<Option<Vec<u8>>, StoreError> {
+    store.get_meta(META_ACTIVE)
+}
+
+/// Checks that a chunk map fetched for a blob describes that blob.
+pub fn check_chunk_map(map: &ChunkMap, b: &BlobRef) -> Result<(), String> {
+    if map.blob() != b.blob || map.size() != b.size {
+        return Err(format!(
+            "chunk map {} describes {} ({} bytes), not {} ({} bytes)",
+            b.chunk_map,
+            map.blob(),
+            map.size(),
+            b.blob,
+            b.size
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The agent as a real process, with no network at all: a release is sideloaded from a bundle directory,
+//! served over HTTP, survives a restart, and an older bundle can never roll it back.
+
+use deckhand_agent::fixtures::{
+    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
+};
+use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
+use deckhand_agent::release::ReleaseFiles;
+use deckhand_protocol::SecretKey;
+use deckhand_protocol::layout::Name;
+use deckhand_tests::{TestDir, bin};
+use deckhand_tools::publish::{self, Input, Inputs, PublishOptions};
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+fn options(files: &ReleaseFiles) -> PublishOptions {
+    let l = |p: &Path| Input::Local(p.to_owned());
+    PublishOptions {
+        deployment: Name::deployment("shop-1").unwrap(),
+        inputs: Inputs {
+            hef: l(&files.hef),
+            onnx: l(&files.onnx),
+            index: l(&files.index),
+            labels: l(&files.labels),
+            metadata: l(&files.metadata),
+            embeddings: None,
+            canaries: files
+                .canaries
+                .iter()
+                .map(|(p, c)| (l(p), c.clone()))
+                .collect(),
+        },
+        expires_in: jiff::SignedDuration::from_hours(24),
+        overrides: Default::default(),
+        progress: false,
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn agent(args: &[&str]) -> std::process::Output {
+    Command::new(bin("deckhand-agent"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+struct Running {
+    child: Child,
+    addr: String,
+}
+
+impl Running {
+    fn start(data: &Path, trust: &Path) -> Self {
+        let mut child = Command::new(bin("deckhand-agent"))
+            .args([
+                "run",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--deployment",
+                "shop-1",
+                "--trust",
+                trust.to_str().unwrap(),
+            ])
+            .args(["--backend", "cpu", "--http-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self { child, addr }
+    }
+
+    fn recognize(&self, body: &[u8]) -> (u16, serde_json::Value) {
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(s, "POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        s.write_all(body).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn stop(mut self) {
+        // SIGTERM: a graceful stop.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_back() {
+    let t = TestDir::new("agent-offline");
+    let key = SecretKey::from_seed(&[5; 32]);
+    let trust = t.join("ops.pub");
+    std::fs::write(&trust, key.public().to_file_text()).unwrap();
+    let spec = ReferenceSpec::small(40);
+    let files = fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
+    let usb = t.join("usb");
+    std::fs::create_dir_all(&usb).unwrap();
+    let cfg = OriginConfig::default();
+    let origin = Origin::connect(&OriginUrl::File { root: usb.clone() }, &cfg)
+        .await
+        .unwrap();
+    publish::publish(&origin, &cfg, &key, &options(&files), &t.join("work"))
+        .await
+        .unwrap();
+    let old_usb = t.join("old-usb");
+    copy_dir(&usb, &old_usb);
+
+    let data = t.join("pi");
+    let p = |p: &Path| p.to_str().unwrap().to_owned();
+    let import = |bundle: &Path| {
+        agent(&[
+            "import",
+            "--data-dir",
+            &p(&data),
+            "--deployment",
+            "shop-1",
+            "--trust",
+            &p(&trust),
+            "--backend",
+            "cpu",
+            "--bundle",
+            &p(bundle),
+        ])
+    };
+    let out = import(&usb);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "activated version 1"
+    );
+
+    let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
+    let running = Running::start(&data, &trust);
+    let (code, answer) = running.recognize(&photo);
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["card_id"], spec.card_id(3));
+    assert_eq!(answer["manifest_version"], 1);
+    // One process owns a store: a second one is told so, and nothing changes.
+    let out = import(&usb);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another process"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    running.stop();
+
+    // Version 2 arrives on the stick, and becomes active; version 1 stays pinned as "previous".
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
+    meta[spec.card_id(3)]["name"] = serde_json::json!("Card three, reprinted");
+    let mut v2 = files.clone();
+    v2.metadata = t.join("metadata-v2.json");
+    std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
+    publish::publish(&origin, &cfg, &key, &options(&v2), &t.join("work"))
+        .await
+        .unwrap();
+    let out = import(&usb);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "activated version 2"
+    );
+
+    // The old stick again: a replayed older manifest is refused, even after restarts.
+    let out = import(&old_usb);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("version 1 is not above the highest accepted version 2"),
+        "{err}"
+    );
+
+    let running = Running::start(&data, &trust);
+    let (code, answer) = running.recognize(&photo);
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["manifest_version"], 2);
+    assert_eq!(answer["metadata"]["name"], "Card three, reprinted");
+    running.stop();
+
+    let ls = agent(&["store", "ls", "--data-dir", &p(&data), "--json"]);
+    let listing: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let pins = listing["pins"].as_array().unwrap();
+    assert_eq!(pins[0][0], "active");
+    assert_eq!(pins[1][0], "previous");
+    assert!(
+        !pins[1][1].as_array().unwrap().is_empty(),
+        "the previous release stays pinned for rollback"
+    );
+    let out = agent(&["store", "verify", "--data-dir", &p(&data)]);
+    assert!(out.status.success());
+}
