@@ -4,6 +4,8 @@
 //! taken from metadata.json.
 
 pub mod cpu;
+#[cfg(feature = "hailo")]
+pub mod hailo;
 pub mod preprocess;
 pub mod service;
 
@@ -310,10 +312,22 @@ fn load_embedder(
 ) -> Result<Box<dyn Embedder>, BackendError> {
     match backend {
         BackendChoice::Cpu => Ok(Box::new(cpu::CpuEmbedder::load(&paths.onnx, settings)?)),
+        #[cfg(feature = "hailo")]
+        BackendChoice::Hailo => Ok(Box::new(hailo::HailoEmbedder::load(&paths.hef, settings)?)),
+        #[cfg(not(feature = "hailo"))]
         BackendChoice::Hailo => Err(BackendError::NoDevice(format!(
-            "this build has no Hailo support; cannot run {}",
+            "this build has no Hailo support (build with --features hailo); cannot run {}",
             paths.hef.display()
         ))),
-        BackendChoice::Auto => Ok(Box::new(cpu::CpuEmbedder::load(&paths.onnx, settings)?)),
+        BackendChoice::Auto => {
+            #[cfg(feature = "hailo")]
+            match hailo::HailoEmbedder::load(&paths.hef, settings) {
+                Ok(h) => return Ok(Box::new(h)),
+                Err(e) => {
+                    tracing::info!(cause = %e, "no usable Hailo device; using the CPU backend")
+                }
+            }
+            Ok(Box::new(cpu::CpuEmbedder::load(&paths.onnx, settings)?))
+        }
     }
 }

@@ -1,0 +1,509 @@
+//! FOR TESTS ONLY: a stand-in for HailoRT 4.x. It is not HailoRT and drives no device.
+//!
+//! It exports, with HailoRT 4.20's C signatures, the functions deckhand's Hailo backend calls, so the
+//! backend's FFI path runs in CI: handles, status codes and messages, vstream parameters (156-byte
+//! `hailo_*_vstream_params_by_name_t`), frame sizes, raw buffer writes and reads, and output quantisation.
+//! A "network" is deckhand's sample HEF: a version-0 HEF header around a body `DHSTANDIN1`, input size,
+//! pool and dimension (u32 LE), then the projection weights (f32 LE). Writing a float32 NHWC frame
+//! computes the same embedding as the sample ONNX model, quantised to uint8 (zero point 128, scale 1/32).
+//! `deckhand_standin_set_device_present(false)` makes `hailo_create_vdevice` fail as a Pi without a
+//! Hailo board does.
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::collections::VecDeque;
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const SUCCESS: c_int = 0;
+const INVALID_ARGUMENT: c_int = 2;
+const TIMEOUT: c_int = 4;
+const INSUFFICIENT_BUFFER: c_int = 5;
+const OPEN_FILE_FAILURE: c_int = 13;
+const INVALID_HEF: c_int = 26;
+const OUT_OF_PHYSICAL_DEVICES: c_int = 74;
+
+const FORMAT_TYPE_UINT8: c_int = 1;
+const FORMAT_TYPE_FLOAT32: c_int = 3;
+const FORMAT_ORDER_NHWC: c_int = 1;
+const FORMAT_ORDER_NC: c_int = 6;
+
+const ZERO_POINT: f32 = 128.0;
+const SCALE: f32 = 1.0 / 32.0;
+
+static DEVICE_PRESENT: AtomicBool = AtomicBool::new(true);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Format {
+    pub type_: c_int,
+    pub order: c_int,
+    pub flags: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VstreamParams {
+    pub user_buffer_format: Format,
+    pub timeout_ms: u32,
+    pub queue_size: u32,
+    pub vstream_stats_flags: c_int,
+    pub pipeline_elements_stats_flags: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ParamsByName {
+    pub name: [c_char; 128],
+    pub params: VstreamParams,
+}
+
+#[repr(C)]
+pub struct QuantInfo {
+    pub qp_zp: f32,
+    pub qp_scale: f32,
+    pub limvals_min: f32,
+    pub limvals_max: f32,
+}
+
+struct Network {
+    input: usize,
+    pool: usize,
+    dim: usize,
+    weights: Vec<f32>,
+    outputs: Mutex<VecDeque<Vec<u8>>>,
+}
+
+impl Network {
+    fn parse(data: &[u8]) -> Option<Network> {
+        let be = |at: usize| {
+            data.get(at..at + 4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        if be(0)? != 0x0148_4546 || be(4)? != 0 {
+            return None;
+        }
+        let body = data.get(32..)?;
+        if body.len() != be(8)? as usize || !body.starts_with(b"DHSTANDIN1") {
+            return None;
+        }
+        let le = |at: usize| {
+            body.get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let (input, pool, dim) = (le(10)?, le(14)?, le(18)?);
+        if pool == 0 || input % pool != 0 {
+            return None;
+        }
+        let side = input / pool;
+        let features = 3 * side * side;
+        let raw = body.get(22..)?;
+        if raw.len() != features * dim * 4 {
+            return None;
+        }
+        let weights = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Some(Network {
+            input,
+            pool,
+            dim,
+            weights,
+            outputs: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    fn frame_in(&self) -> usize {
+        self.input * self.input * 3 * 4
+    }
+
+    /// The sample model: average-pool, flatten channel-major, centre, project; then quantise.
+    fn infer(&self, nhwc: &[f32]) -> Vec<u8> {
+        let (s, p) = (self.input, self.pool);
+        let side = s / p;
+        let mut features = vec![0f32; 3 * side * side];
+        for y in 0..s {
+            for x in 0..s {
+                for c in 0..3 {
+                    features[c * side * side + (y / p) * side + x / p] += nhwc[(y * s + x) * 3 + c];
+                }
+            }
+        }
+        let n = (p * p) as f32;
+        features.iter_mut().for_each(|f| *f /= n);
+        let mean = features.iter().sum::<f32>() / features.len() as f32;
+        features.iter_mut().for_each(|f| *f -= mean);
+        let mut out = vec![0f32; self.dim];
+        for (i, f) in features.iter().enumerate() {
+            let row = &self.weights[i * self.dim..(i + 1) * self.dim];
+            for (o, w) in out.iter_mut().zip(row) {
+                *o += f * w;
+            }
+        }
+        out.iter()
+            .map(|v| (v / SCALE + ZERO_POINT).round().clamp(0.0, 255.0) as u8)
+            .collect()
+    }
+}
+
+struct Hef(Arc<Network>);
+struct Group(Arc<Network>);
+struct InputStream(Arc<Network>);
+struct OutputStream(Arc<Network>);
+
+/// Test control: whether `hailo_create_vdevice` finds a device.
+#[unsafe(no_mangle)]
+pub extern "C" fn deckhand_standin_set_device_present(present: bool) {
+    DEVICE_PRESENT.store(present, Ordering::SeqCst);
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn hailo_get_status_message(status: c_int) -> *const c_char {
+    let msg: &'static CStr = match status {
+        SUCCESS => c"HAILO_SUCCESS",
+        INVALID_ARGUMENT => c"HAILO_INVALID_ARGUMENT",
+        TIMEOUT => c"HAILO_TIMEOUT",
+        INSUFFICIENT_BUFFER => c"HAILO_INSUFFICIENT_BUFFER",
+        OPEN_FILE_FAILURE => c"HAILO_OPEN_FILE_FAILURE",
+        INVALID_HEF => c"HAILO_INVALID_HEF",
+        OUT_OF_PHYSICAL_DEVICES => c"HAILO_OUT_OF_PHYSICAL_DEVICES",
+        _ => c"HAILO_UNKNOWN_STATUS",
+    };
+    msg.as_ptr()
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_create_vdevice(
+    _params: *mut c_void,
+    vdevice: *mut *mut c_void,
+) -> c_int {
+    if vdevice.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    if !DEVICE_PRESENT.load(Ordering::SeqCst) {
+        return OUT_OF_PHYSICAL_DEVICES;
+    }
+    // SAFETY: the caller passes a valid out-pointer.
+    unsafe { *vdevice = Box::into_raw(Box::new(0u8)).cast() };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_release_vdevice(vdevice: *mut c_void) -> c_int {
+    if !vdevice.is_null() {
+        // SAFETY: created by hailo_create_vdevice.
+        drop(unsafe { Box::from_raw(vdevice.cast::<u8>()) });
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_create_hef_file(
+    hef: *mut *mut c_void,
+    file_name: *const c_char,
+) -> c_int {
+    if hef.is_null() || file_name.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: a NUL-terminated path from the caller.
+    let Ok(path) = unsafe { CStr::from_ptr(file_name) }.to_str() else {
+        return INVALID_ARGUMENT;
+    };
+    let Ok(data) = std::fs::read(path) else {
+        return OPEN_FILE_FAILURE;
+    };
+    let Some(net) = Network::parse(&data) else {
+        return INVALID_HEF;
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { *hef = Box::into_raw(Box::new(Hef(Arc::new(net)))).cast() };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_release_hef(hef: *mut c_void) -> c_int {
+    if !hef.is_null() {
+        // SAFETY: created by hailo_create_hef_file.
+        drop(unsafe { Box::from_raw(hef.cast::<Hef>()) });
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_configure_vdevice(
+    vdevice: *mut c_void,
+    hef: *mut c_void,
+    _params: *mut c_void,
+    groups: *mut *mut c_void,
+    count: *mut usize,
+) -> c_int {
+    if vdevice.is_null() || hef.is_null() || groups.is_null() || count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: pointers from this library and the caller's out-pointers.
+    unsafe {
+        if *count < 1 {
+            return INSUFFICIENT_BUFFER;
+        }
+        let net = (&*hef.cast::<Hef>()).0.clone();
+        *groups = Box::into_raw(Box::new(Group(net))).cast();
+        *count = 1;
+    }
+    SUCCESS
+}
+
+unsafe fn make_params(
+    count: *mut usize,
+    out: *mut ParamsByName,
+    format_type: c_int,
+    name: &[u8],
+    order: c_int,
+) -> c_int {
+    if count.is_null() || out.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: the caller gives an array of *count entries.
+    unsafe {
+        if *count < 1 {
+            return INSUFFICIENT_BUFFER;
+        }
+        let mut p = ParamsByName {
+            name: [0; 128],
+            params: VstreamParams {
+                user_buffer_format: Format {
+                    type_: format_type,
+                    order,
+                    flags: 0,
+                },
+                timeout_ms: 10_000,
+                queue_size: 2,
+                vstream_stats_flags: 0,
+                pipeline_elements_stats_flags: 0,
+            },
+        };
+        for (d, s) in p.name.iter_mut().zip(name) {
+            *d = *s as c_char;
+        }
+        *out = p;
+        *count = 1;
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_make_input_vstream_params(
+    group: *mut c_void,
+    _unused: bool,
+    format_type: c_int,
+    params: *mut ParamsByName,
+    count: *mut usize,
+) -> c_int {
+    if group.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: forwarded caller pointers.
+    unsafe {
+        make_params(
+            count,
+            params,
+            format_type,
+            b"standin/input_layer1",
+            FORMAT_ORDER_NHWC,
+        )
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_make_output_vstream_params(
+    group: *mut c_void,
+    _unused: bool,
+    format_type: c_int,
+    params: *mut ParamsByName,
+    count: *mut usize,
+) -> c_int {
+    if group.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: forwarded caller pointers.
+    unsafe {
+        make_params(
+            count,
+            params,
+            format_type,
+            b"standin/embedding",
+            FORMAT_ORDER_NC,
+        )
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_create_input_vstreams(
+    group: *mut c_void,
+    params: *const ParamsByName,
+    count: usize,
+    out: *mut *mut c_void,
+) -> c_int {
+    if group.is_null() || params.is_null() || out.is_null() || count != 1 {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: caller's array of one entry and out-pointer; group from this library.
+    unsafe {
+        let f = (*params).params.user_buffer_format;
+        if f.type_ != FORMAT_TYPE_FLOAT32 || f.order != FORMAT_ORDER_NHWC {
+            return INVALID_ARGUMENT;
+        }
+        *out = Box::into_raw(Box::new(InputStream((&*group.cast::<Group>()).0.clone()))).cast();
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_create_output_vstreams(
+    group: *mut c_void,
+    params: *const ParamsByName,
+    count: usize,
+    out: *mut *mut c_void,
+) -> c_int {
+    if group.is_null() || params.is_null() || out.is_null() || count != 1 {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: as above.
+    unsafe {
+        if (*params).params.user_buffer_format.type_ != FORMAT_TYPE_UINT8 {
+            return INVALID_ARGUMENT;
+        }
+        *out = Box::into_raw(Box::new(OutputStream((&*group.cast::<Group>()).0.clone()))).cast();
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_get_input_vstream_frame_size(
+    vs: *mut c_void,
+    size: *mut usize,
+) -> c_int {
+    if vs.is_null() || size.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: stream from this library, caller's out-pointer.
+    unsafe { *size = (&*vs.cast::<InputStream>()).0.frame_in() };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_get_output_vstream_frame_size(
+    vs: *mut c_void,
+    size: *mut usize,
+) -> c_int {
+    if vs.is_null() || size.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: as above.
+    unsafe { *size = (&*vs.cast::<OutputStream>()).0.dim };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_vstream_write_raw_buffer(
+    vs: *mut c_void,
+    buffer: *const c_void,
+    size: usize,
+) -> c_int {
+    if vs.is_null() || buffer.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: stream from this library; the caller's buffer holds `size` bytes.
+    unsafe {
+        let net = &(&*vs.cast::<InputStream>()).0;
+        if size != net.frame_in() {
+            return INVALID_ARGUMENT;
+        }
+        let floats = std::slice::from_raw_parts(buffer.cast::<f32>(), size / 4);
+        let out = net.infer(floats);
+        match net.outputs.lock() {
+            Ok(mut q) => q.push_back(out),
+            Err(_) => return INVALID_ARGUMENT,
+        }
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_vstream_read_raw_buffer(
+    vs: *mut c_void,
+    buffer: *mut c_void,
+    size: usize,
+) -> c_int {
+    if vs.is_null() || buffer.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: stream from this library; the caller's buffer holds `size` bytes.
+    unsafe {
+        let net = &(&*vs.cast::<OutputStream>()).0;
+        if size != net.dim {
+            return INVALID_ARGUMENT;
+        }
+        let Some(frame) = net.outputs.lock().ok().and_then(|mut q| q.pop_front()) else {
+            return TIMEOUT;
+        };
+        std::ptr::copy_nonoverlapping(frame.as_ptr(), buffer.cast::<u8>(), size);
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_get_output_vstream_quant_infos(
+    vs: *mut c_void,
+    infos: *mut QuantInfo,
+    count: *mut usize,
+) -> c_int {
+    if vs.is_null() || infos.is_null() || count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: caller's array of *count entries.
+    unsafe {
+        if *count < 1 {
+            return INSUFFICIENT_BUFFER;
+        }
+        *infos = QuantInfo {
+            qp_zp: ZERO_POINT,
+            qp_scale: SCALE,
+            limvals_min: -4.0,
+            limvals_max: 4.0,
+        };
+        *count = 1;
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_release_input_vstreams(
+    vs: *const *mut c_void,
+    count: usize,
+) -> c_int {
+    if vs.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    for i in 0..count {
+        // SAFETY: an array of `count` streams created by this library.
+        unsafe { drop(Box::from_raw((*vs.add(i)).cast::<InputStream>())) };
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hailo_release_output_vstreams(
+    vs: *const *mut c_void,
+    count: usize,
+) -> c_int {
+    if vs.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    for i in 0..count {
+        // SAFETY: as above.
+        unsafe { drop(Box::from_raw((*vs.add(i)).cast::<OutputStream>())) };
+    }
+    SUCCESS
+}
