@@ -211,6 +211,29 @@ impl Recognizer {
         })
     }
 
+    /// Assembles a recognizer from parts already checked (tests use it to drive the service with their
+    /// own embedder).
+    pub fn from_parts(
+        embedder: Box<dyn Embedder>,
+        index: usearch::Index,
+        labels: Vec<String>,
+        metadata: HashMap<String, serde_json::Value>,
+        settings: RecognizerSettings,
+        version: u64,
+        manifest_id: BlobId,
+    ) -> Self {
+        Self {
+            backend: embedder.name(),
+            embedder: Mutex::new(embedder),
+            index,
+            labels,
+            metadata,
+            settings,
+            version,
+            manifest_id,
+        }
+    }
+
     pub fn settings(&self) -> &RecognizerSettings {
         &self.settings
     }

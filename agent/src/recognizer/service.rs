@@ -295,3 +295,82 @@ fn inference_loop(rx: Receiver<Job>, live: &ArcSwapOption<Recognizer>, metrics: 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recognizer::Embedder;
+    use deckhand_protocol::manifest::RecognizerSettings;
+    use std::time::Duration;
+
+    /// An embedder that takes its time, so the queue fills.
+    struct Slow;
+
+    impl Embedder for Slow {
+        fn embed(&mut self, _input: &[f32], batch: usize) -> Result<Vec<f32>, BackendError> {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(vec![1.0; batch * 4])
+        }
+        fn dim(&self) -> usize {
+            4
+        }
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_instead_of_growing() {
+        let opts = usearch::IndexOptions {
+            dimensions: 4,
+            metric: usearch::MetricKind::Cos,
+            quantization: usearch::ScalarKind::F32,
+            connectivity: 16,
+            expansion_add: 64,
+            expansion_search: 32,
+            multi: false,
+        };
+        let index = usearch::Index::new(&opts).unwrap();
+        index.reserve(1).unwrap();
+        index.add(0, &[1.0f32, 1.0, 1.0, 1.0]).unwrap();
+        let settings = RecognizerSettings {
+            input_width: 2,
+            input_height: 2,
+            ..crate::fixtures::reference_settings(4)
+        };
+        let rec = Recognizer::from_parts(
+            Box::new(Slow),
+            index,
+            vec!["card".into()],
+            [("card".to_owned(), serde_json::json!({}))].into(),
+            settings,
+            1,
+            deckhand_protocol::BlobId::of(b"1"),
+        );
+        let service = Service::start(Arc::new(Metrics::default())).unwrap();
+        service.activate(rec, &[]).unwrap();
+        let img = RgbImage::new(2, 2);
+        let mut waiting = Vec::new();
+        let mut busy = 0;
+        for _ in 0..(QUEUE + MAX_BATCH + 40) {
+            match service.submit(img.clone(), Instant::now()) {
+                Ok(rx) => waiting.push(rx),
+                Err(RecognizeError::Busy) => busy += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(busy >= 40, "only {busy} refused: the queue is not bounded");
+        assert!(waiting.len() <= QUEUE + MAX_BATCH);
+        // Everything that was accepted is answered.
+        for rx in waiting {
+            assert_eq!(
+                rx.blocking_recv().unwrap().unwrap().card_id.as_deref(),
+                Some("card")
+            );
+        }
+        assert!(service.metrics().render(None).contains(&format!(
+            "deckhand_recognitions_total{{outcome=\"queue_full\"}} {busy}"
+        )));
+        service.shutdown();
+    }
+}
