@@ -28,6 +28,10 @@ pub struct RunConfig {
     pub outbox: Option<PathBuf>,
     pub backend: BackendChoice,
     pub store_budget: Option<u64>,
+    /// Where releases come from; `None` runs from the store alone.
+    pub origin: Option<(crate::origin::OriginUrl, crate::origin::OriginConfig)>,
+    /// How often current.json is polled.
+    pub poll: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ pub enum DaemonError {
     Inbox(#[from] crate::inbox::InboxError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Origin(#[from] crate::origin::OriginError),
 }
 
 pub fn open_store(data_dir: &std::path::Path, budget: Option<u64>) -> Result<Store, StoreError> {
@@ -107,15 +113,45 @@ pub async fn run(
             service.refuse(0, "", &e.to_string());
         }
     }
+    let sync_status = Arc::new(std::sync::Mutex::new(crate::sync::SyncStatus::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sync_task = match &cfg.origin {
+        Some((url, origin_cfg)) => {
+            let origin = crate::origin::Origin::connect(url, origin_cfg).await?;
+            let deployment = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
+                .map_err(|e| DaemonError::Config(format!("--deployment: {e}")))?;
+            let sc = crate::sync::SyncConfig {
+                origin,
+                deployment,
+                policy: policy.clone(),
+                backend: cfg.backend,
+                poll: cfg.poll,
+                max_backoff: cfg.poll.max(std::time::Duration::from_secs(60)),
+            };
+            Some(tokio::spawn(crate::sync::run(
+                sc,
+                store.clone(),
+                service.clone(),
+                sync_status.clone(),
+                stop_rx,
+            )))
+        }
+        None => None,
+    };
     let status: StatusFn = {
-        let (service, deployment) = (service.clone(), cfg.deployment.clone());
+        let (service, deployment, sync_status) =
+            (service.clone(), cfg.deployment.clone(), sync_status.clone());
         Arc::new(move || {
             let active = service.active();
+            let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
             serde_json::json!({
                 "deployment": deployment,
                 "active": active.as_ref().map(|r| serde_json::json!({
                     "version": r.version, "manifest": r.manifest_id.to_string(), "backend": r.backend(),
                 })),
+                "pending": sync.pending,
+                "offline_since": sync.offline_since,
+                "last_error": sync.last_error,
                 "last_refused": service.last_refusal(),
             })
         })
@@ -143,6 +179,10 @@ pub async fn run(
         status,
     });
     crate::http::serve(listener, app, shutdown).await?;
+    let _ = stop_tx.send(true);
+    if let Some(t) = sync_task {
+        let _ = t.await;
+    }
     service.shutdown();
     Ok(())
 }

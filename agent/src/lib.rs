@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod origin;
 pub mod recognizer;
 pub mod release;
+pub mod sync;
 pub mod telemetry;

@@ -75,6 +75,16 @@ struct RunArgs {
     /// The most bytes the store may hold (e.g. 2000000000).
     #[arg(long)]
     store_budget: Option<u64>,
+    /// Where releases are published: s3://bucket/prefix or file:///dir. Without it the agent serves from
+    /// its store alone.
+    #[arg(long)]
+    origin: Option<String>,
+    /// An S3-compatible endpoint (path-style addressing is used with it).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// Seconds between polls of the deployment's current.json.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    poll_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -172,6 +182,20 @@ fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         outbox: args.outbox.clone(),
         backend,
         store_budget: args.store_budget,
+        origin: match &args.origin {
+            None => None,
+            Some(o) => {
+                let url: deckhand_agent::origin::OriginUrl = o
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--origin {o:?}: {e}"))?;
+                let origin_cfg = deckhand_agent::origin::OriginConfig {
+                    endpoint_url: args.endpoint_url.clone().filter(|e| !e.is_empty()),
+                    ..Default::default()
+                };
+                Some((url, origin_cfg))
+            }
+        },
+        poll: std::time::Duration::from_secs(args.poll_secs),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -111,3 +111,114 @@ impl Drop for TestDir {
         self.dir.take();
     }
 }
+
+/// A running `deckhand-agent run` process. Stopped with SIGTERM (and waited for) when dropped.
+pub struct Agent {
+    child: Option<std::process::Child>,
+    addr: String,
+}
+
+impl Agent {
+    /// Starts `deckhand-agent run ARGS --http-listen 127.0.0.1:0` with extra environment, and waits for it
+    /// to print its address.
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> Self {
+        use std::io::BufRead as _;
+        let mut cmd = std::process::Command::new(bin("deckhand-agent"));
+        cmd.arg("run")
+            .args(args)
+            .args(["--http-listen", "127.0.0.1:0"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start deckhand-agent: {e}"));
+        let mut line = String::new();
+        let stdout = child.stdout.as_mut().unwrap_or_else(|| panic!("no stdout"));
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading the agent: {e}"));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    /// One HTTP/1.1 request: (status, JSON body or Null).
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&self.addr)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.addr));
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let _ = s.write_all(body);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub fn recognize(&self, image: &[u8]) -> (u16, serde_json::Value) {
+        self.request("POST", "/v1/recognize", image)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.request("GET", "/v1/status", b"").1
+    }
+
+    /// Polls status until `pred` holds, or panics after `secs`.
+    pub fn wait_for(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; status: {s}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the agent gracefully (SIGTERM) and checks it exited cleanly.
+    pub fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg(child.id().to_string())
+                .status();
+            let status = child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+            assert!(status.success(), "agent exited with {status}");
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

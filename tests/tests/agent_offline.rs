@@ -8,11 +8,10 @@ use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
 use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::SecretKey;
 use deckhand_protocol::layout::Name;
-use deckhand_tests::{TestDir, bin};
+use deckhand_tests::{Agent, TestDir, bin};
 use deckhand_tools::publish::{self, Input, Inputs, PublishOptions};
-use std::io::{BufRead as _, Read as _, Write as _};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 fn options(files: &ReleaseFiles) -> PublishOptions {
     let l = |p: &Path| Input::Local(p.to_owned());
@@ -55,68 +54,6 @@ fn agent(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-struct Running {
-    child: Child,
-    addr: String,
-}
-
-impl Running {
-    fn start(data: &Path, trust: &Path) -> Self {
-        let mut child = Command::new(bin("deckhand-agent"))
-            .args([
-                "run",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--deployment",
-                "shop-1",
-                "--trust",
-                trust.to_str().unwrap(),
-            ])
-            .args(["--backend", "cpu", "--http-listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Self { child, addr }
-    }
-
-    fn recognize(&self, body: &[u8]) -> (u16, serde_json::Value) {
-        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
-        write!(s, "POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
-        s.write_all(body).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    fn stop(mut self) {
-        // SIGTERM: a graceful stop.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "agent exited with {status}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +105,18 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     );
 
     let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
-    let running = Running::start(&data, &trust);
+    let (data_s, trust_s) = (p(&data), p(&trust));
+    let run_args = [
+        "--data-dir",
+        data_s.as_str(),
+        "--deployment",
+        "shop-1",
+        "--trust",
+        trust_s.as_str(),
+        "--backend",
+        "cpu",
+    ];
+    let running = Agent::start(&run_args, &[]);
     let (code, answer) = running.recognize(&photo);
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["card_id"], spec.card_id(3));
@@ -213,7 +161,7 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
         "{err}"
     );
 
-    let running = Running::start(&data, &trust);
+    let running = Agent::start(&run_args, &[]);
     let (code, answer) = running.recognize(&photo);
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["manifest_version"], 2);
