@@ -4,41 +4,38 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// The path of one of deckhand's real binaries (`deckhand`, `deckhand-agent`), built on first use in the
-/// same profile as the running test, so integration tests run the programs users run.
+/// The path of one of deckhand's real binaries (`deckhand`, `deckhand-agent`) in the profile of the
+/// running test. `cargo test --workspace` builds them (the agent and tools packages have CLI tests); when
+/// one is missing (this package tested alone), it is built here once.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
         let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
         // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
+        exe.parent()
             .and_then(Path::parent)
             .unwrap_or_else(|| panic!("odd test path {}", exe.display()))
-            .to_owned();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap_or_else(|| panic!("no workspace root"));
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.current_dir(root).args([
-            "build",
-            "-q",
-            "-p",
-            "deckhand-tools",
-            "-p",
-            "deckhand-agent",
-            "--bins",
-        ]);
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run cargo to build the binaries: {e}"));
-        assert!(status.success(), "building deckhand's binaries failed");
-        profile_dir
+            .to_owned()
     });
     let path = dir.join(name);
+    if !path.exists() {
+        static BUILT: OnceLock<()> = OnceLock::new();
+        BUILT.get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap_or_else(|| panic!("no workspace root"));
+            let mut cmd = std::process::Command::new(env!("CARGO"));
+            cmd.current_dir(root)
+                .args(["build", "-q", "--workspace", "--bins"]);
+            if dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run cargo to build the binaries: {e}"));
+            assert!(status.success(), "building deckhand's binaries failed");
+        });
+    }
     assert!(path.exists(), "{} was not built", path.display());
     path
 }

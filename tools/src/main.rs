@@ -513,12 +513,12 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             expires_in,
             json,
         } => {
+            let t = target(&origin).await?;
             let key = read_secret_key(&key)?;
             let expires_in = parse_duration("expires-in", &expires_in)?;
             let mut keys = read_public_keys(&trust)?;
             keys.push(key.public().clone());
             let policy = TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?;
-            let t = target(&origin).await?;
             let (_, published) =
                 publish::rollback(&t.origin, &t.deployment, to, &key, &policy, expires_in).await?;
             if json {
@@ -539,10 +539,10 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             threshold,
             json,
         } => {
+            let t = target(&origin).await?;
             let keys = read_public_keys(&trust)?;
             let policy = TrustPolicy::new(keys, threshold)
                 .map_err(|e| usage("threshold", &threshold.to_string(), e))?;
-            let t = target(&origin).await?;
             let work = work_dir()?;
             let report =
                 releases::verify(&t.origin, &t.deployment, version, &policy, work.path()).await?;
@@ -577,13 +577,13 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                     json,
                 },
         } => {
+            let t = target(&origin).await?;
             let keys = read_public_keys(&trust)?;
             let policy = if keys.is_empty() {
                 None
             } else {
                 Some(TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?)
             };
-            let t = target(&origin).await?;
             let report =
                 releases::bundle_export(&t.origin, &t.deployment, version, policy.as_ref(), &out)
                     .await?;
