@@ -187,32 +187,7 @@ impl TrustPolicy {
         envelope: &[u8],
         now: Option<Timestamp>,
     ) -> Result<VerifiedManifest, VerifyError> {
-        if envelope.len() > MAX_ENVELOPE {
-            return Err(VerifyError::Oversized {
-                what: "envelope",
-                len: envelope.len(),
-                limit: MAX_ENVELOPE,
-            });
-        }
-        let env: Envelope =
-            serde_json::from_slice(envelope).map_err(|e| VerifyError::Json(e.to_string()))?;
-        if env.payload_type != PAYLOAD_TYPE {
-            return Err(VerifyError::PayloadType(env.payload_type));
-        }
-        if env.signatures.len() > MAX_SIGNATURES {
-            return Err(VerifyError::TooManySignatures(env.signatures.len()));
-        }
-        // Base64 is 4/3 the size of what it encodes; refuse before decoding anything over the limit.
-        if env.payload.len() > MAX_PAYLOAD.div_ceil(3) * 4 {
-            return Err(VerifyError::Oversized {
-                what: "manifest payload",
-                len: env.payload.len() / 4 * 3,
-                limit: MAX_PAYLOAD,
-            });
-        }
-        let payload = STANDARD
-            .decode(&env.payload)
-            .map_err(|e| VerifyError::PayloadBase64(e.to_string()))?;
+        let (env, payload) = decode(envelope)?;
         let message = pae(&env.payload_type, &payload);
 
         let mut valid = BTreeSet::new();
@@ -269,6 +244,12 @@ impl TrustPolicy {
 /// Decodes an envelope's manifest WITHOUT checking any signature, for display only (`deckhand versions`
 /// without `--trust`). Nothing may act on its result.
 pub fn inspect_unverified(envelope: &[u8]) -> Result<Manifest, VerifyError> {
+    let (_, payload) = decode(envelope)?;
+    Ok(Manifest::from_payload(&payload)?)
+}
+
+/// Size limits, DSSE shape, payload type, signature count, payload size, then the payload bytes.
+fn decode(envelope: &[u8]) -> Result<(Envelope, Vec<u8>), VerifyError> {
     if envelope.len() > MAX_ENVELOPE {
         return Err(VerifyError::Oversized {
             what: "envelope",
@@ -278,10 +259,24 @@ pub fn inspect_unverified(envelope: &[u8]) -> Result<Manifest, VerifyError> {
     }
     let env: Envelope =
         serde_json::from_slice(envelope).map_err(|e| VerifyError::Json(e.to_string()))?;
+    if env.payload_type != PAYLOAD_TYPE {
+        return Err(VerifyError::PayloadType(env.payload_type));
+    }
+    if env.signatures.len() > MAX_SIGNATURES {
+        return Err(VerifyError::TooManySignatures(env.signatures.len()));
+    }
+    // Base64 is 4/3 the size of what it encodes; refuse before decoding anything over the limit.
+    if env.payload.len() > MAX_PAYLOAD.div_ceil(3) * 4 {
+        return Err(VerifyError::Oversized {
+            what: "manifest payload",
+            len: env.payload.len() / 4 * 3,
+            limit: MAX_PAYLOAD,
+        });
+    }
     let payload = STANDARD
         .decode(&env.payload)
         .map_err(|e| VerifyError::PayloadBase64(e.to_string()))?;
-    Ok(Manifest::from_payload(&payload)?)
+    Ok((env, payload))
 }
 
 impl VerifiedManifest {

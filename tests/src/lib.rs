@@ -40,33 +40,33 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Deterministic pseudo-random bytes (splitmix64): the same seed always gives the same data.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = SplitMix(seed);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&rng.next_u64().to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub use deckhand_agent::fixtures::{SplitMix, noise};
 
-/// A tiny deterministic generator for test decisions (sizes, delays).
-#[derive(Clone, Debug)]
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `lo..hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo)
+/// Publish options for a release's files, for deployment `shop-1`, valid for a day, no progress bar.
+pub fn publish_options(
+    files: &deckhand_agent::release::ReleaseFiles,
+) -> deckhand_tools::publish::PublishOptions {
+    use deckhand_tools::publish::{Input, Inputs, PublishOptions};
+    let l = |p: &Path| Input::Local(p.to_owned());
+    PublishOptions {
+        deployment: deckhand_protocol::layout::Name::deployment("shop-1")
+            .unwrap_or_else(|e| panic!("{e}")),
+        inputs: Inputs {
+            hef: l(&files.hef),
+            onnx: l(&files.onnx),
+            index: l(&files.index),
+            labels: l(&files.labels),
+            metadata: l(&files.metadata),
+            embeddings: files.embeddings.as_deref().map(l),
+            canaries: files
+                .canaries
+                .iter()
+                .map(|(p, c)| (l(p), c.clone()))
+                .collect(),
+        },
+        expires_in: jiff::SignedDuration::from_hours(24),
+        overrides: Default::default(),
+        progress: false,
     }
 }
 

@@ -5,36 +5,11 @@ use deckhand_agent::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
 use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
-use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::SecretKey;
-use deckhand_protocol::layout::Name;
-use deckhand_tests::{Agent, TestDir, bin};
-use deckhand_tools::publish::{self, Input, Inputs, PublishOptions};
+use deckhand_tests::{Agent, TestDir, bin, publish_options};
+use deckhand_tools::publish;
 use std::path::Path;
 use std::process::Command;
-
-fn options(files: &ReleaseFiles) -> PublishOptions {
-    let l = |p: &Path| Input::Local(p.to_owned());
-    PublishOptions {
-        deployment: Name::deployment("shop-1").unwrap(),
-        inputs: Inputs {
-            hef: l(&files.hef),
-            onnx: l(&files.onnx),
-            index: l(&files.index),
-            labels: l(&files.labels),
-            metadata: l(&files.metadata),
-            embeddings: None,
-            canaries: files
-                .canaries
-                .iter()
-                .map(|(p, c)| (l(p), c.clone()))
-                .collect(),
-        },
-        expires_in: jiff::SignedDuration::from_hours(24),
-        overrides: Default::default(),
-        progress: false,
-    }
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -70,9 +45,15 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     let origin = Origin::connect(&OriginUrl::File { root: usb.clone() }, &cfg)
         .await
         .unwrap();
-    publish::publish(&origin, &cfg, &key, &options(&files), &t.join("work"))
-        .await
-        .unwrap();
+    publish::publish(
+        &origin,
+        &cfg,
+        &key,
+        &publish_options(&files),
+        &t.join("work"),
+    )
+    .await
+    .unwrap();
     let old_usb = t.join("old-usb");
     copy_dir(&usb, &old_usb);
 
@@ -138,7 +119,7 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     let mut v2 = files.clone();
     v2.metadata = t.join("metadata-v2.json");
     std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
-    publish::publish(&origin, &cfg, &key, &options(&v2), &t.join("work"))
+    publish::publish(&origin, &cfg, &key, &publish_options(&v2), &t.join("work"))
         .await
         .unwrap();
     let out = import(&usb);

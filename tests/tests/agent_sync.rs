@@ -6,36 +6,11 @@ use deckhand_agent::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
 use deckhand_agent::origin::Origin;
-use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::SecretKey;
 use deckhand_protocol::layout::Name;
-use deckhand_tests::{Agent, TestDir};
+use deckhand_tests::{Agent, TestDir, publish_options};
 use deckhand_tools::locals3::LocalS3;
-use deckhand_tools::publish::{self, Input, Inputs, PublishOptions};
-use std::path::Path;
-
-fn options(files: &ReleaseFiles) -> PublishOptions {
-    let l = |p: &Path| Input::Local(p.to_owned());
-    PublishOptions {
-        deployment: Name::deployment("shop-1").unwrap(),
-        inputs: Inputs {
-            hef: l(&files.hef),
-            onnx: l(&files.onnx),
-            index: l(&files.index),
-            labels: l(&files.labels),
-            metadata: l(&files.metadata),
-            embeddings: None,
-            canaries: files
-                .canaries
-                .iter()
-                .map(|(p, c)| (l(p), c.clone()))
-                .collect(),
-        },
-        expires_in: jiff::SignedDuration::from_hours(24),
-        overrides: Default::default(),
-        progress: false,
-    }
-}
+use deckhand_tools::publish;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_follows_s3_fetches_only_what_changed_and_survives_s3_going_away() {
@@ -50,9 +25,15 @@ async fn an_agent_follows_s3_fetches_only_what_changed_and_survives_s3_going_awa
     std::fs::write(&trust, key.public().to_file_text()).unwrap();
     let spec = ReferenceSpec::small(40);
     let files = fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
-    let (v1, _) = publish::publish(&origin, &cfg, &key, &options(&files), &t.join("work"))
-        .await
-        .unwrap();
+    let (v1, _) = publish::publish(
+        &origin,
+        &cfg,
+        &key,
+        &publish_options(&files),
+        &t.join("work"),
+    )
+    .await
+    .unwrap();
     // Identical chunks anywhere in the release (the HEF and the ONNX carry the same weights) cross the
     // uplink once: what the agent needs from S3 is the release's unique chunk bytes.
     let mut unique = std::collections::HashMap::new();
@@ -64,7 +45,10 @@ async fn an_agent_follows_s3_fetches_only_what_changed_and_survives_s3_going_awa
         &files.metadata,
         &files.canaries[0].0,
         &files.canaries[1].0,
-    ] {
+    ]
+    .into_iter()
+    .chain(files.embeddings.as_ref())
+    {
         for c in deckhand_protocol::ChunkMap::build(&std::fs::read(p).unwrap()).chunks() {
             unique.insert(c.id, u64::from(c.len));
         }
@@ -118,7 +102,7 @@ async fn an_agent_follows_s3_fetches_only_what_changed_and_survives_s3_going_awa
     v2.metadata = t.join("metadata-v2.json");
     std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
     let v1_envelope = v1.envelope.clone();
-    publish::publish(&origin, &cfg, &key, &options(&v2), &t.join("work"))
+    publish::publish(&origin, &cfg, &key, &publish_options(&v2), &t.join("work"))
         .await
         .unwrap();
     s3.stats().reset();

@@ -4,13 +4,13 @@
 
 use deckhand_agent::fixtures::{self, SampleSpec, SplitMix};
 use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
-use deckhand_agent::release::{ReleaseFiles, SettingsOverrides};
+use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::layout::Name;
 use deckhand_protocol::manifest::Metric;
 use deckhand_protocol::{SecretKey, TrustPolicy};
-use deckhand_tests::{TestDir, bin};
+use deckhand_tests::{TestDir, bin, publish_options};
 use deckhand_tools::locals3::LocalS3;
-use deckhand_tools::publish::{self, Input, Inputs, PublishOptions};
+use deckhand_tools::publish::{self, Input, PublishOptions};
 use deckhand_tools::{ToolError, releases};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,25 +30,9 @@ fn shop() -> Name {
 }
 
 fn options(files: &ReleaseFiles) -> PublishOptions {
-    let l = |p: &Path| Input::Local(p.to_owned());
     PublishOptions {
-        deployment: shop(),
-        inputs: Inputs {
-            hef: l(&files.hef),
-            onnx: l(&files.onnx),
-            index: l(&files.index),
-            labels: l(&files.labels),
-            metadata: l(&files.metadata),
-            embeddings: files.embeddings.as_deref().map(l),
-            canaries: files
-                .canaries
-                .iter()
-                .map(|(p, c)| (l(p), c.clone()))
-                .collect(),
-        },
         expires_in: jiff::SignedDuration::from_hours(24 * 30),
-        overrides: SettingsOverrides::default(),
-        progress: false,
+        ..publish_options(files)
     }
 }
 
