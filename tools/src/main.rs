@@ -278,6 +278,18 @@ fn read_public_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>, ToolError> {
         .collect()
 }
 
+/// A policy of one trusted signature from any of `paths`, or `None` when no key is given (signatures are
+/// then not checked, and output says so).
+fn optional_policy(paths: &[PathBuf]) -> Result<Option<TrustPolicy>, ToolError> {
+    let keys = read_public_keys(paths)?;
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    TrustPolicy::new(keys, 1)
+        .map(Some)
+        .map_err(|e| usage("trust", "", e))
+}
+
 /// Parses `30d`, `12h`, `90m`, `45s` or `2w`.
 fn parse_duration(flag: &str, s: &str) -> Result<SignedDuration, ToolError> {
     let bad = |why: &str| usage(flag, s, why);
@@ -478,12 +490,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             json,
         } => {
             let t = target(&origin).await?;
-            let keys = read_public_keys(&trust)?;
-            let policy = if keys.is_empty() {
-                None
-            } else {
-                Some(TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?)
-            };
+            let policy = optional_policy(&trust)?;
             let lines = releases::versions(&t.origin, &t.deployment, policy.as_ref()).await?;
             if json {
                 print_json(&lines);
@@ -578,12 +585,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                 },
         } => {
             let t = target(&origin).await?;
-            let keys = read_public_keys(&trust)?;
-            let policy = if keys.is_empty() {
-                None
-            } else {
-                Some(TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?)
-            };
+            let policy = optional_policy(&trust)?;
             let report =
                 releases::bundle_export(&t.origin, &t.deployment, version, policy.as_ref(), &out)
                     .await?;
