@@ -15,6 +15,7 @@ use deckhand_store::{Options, Store, StoreError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 /// A settled configuration for `run`.
 #[derive(Clone, Debug)]
@@ -32,6 +33,45 @@ pub struct RunConfig {
     pub origin: Option<(crate::origin::OriginUrl, crate::origin::OriginConfig)>,
     /// How often current.json is polled.
     pub poll: std::time::Duration,
+    /// Fleet credentials; without them the agent has no peers.
+    pub fleet: Option<crate::fleet::CredentialPaths>,
+    /// Where QUIC listens for peers.
+    pub quic_listen: SocketAddr,
+    /// Peers to dial (host:port), besides those mDNS finds.
+    pub peers: Vec<String>,
+    pub mdns: bool,
+    /// A directory watched for bundles (`deckhand bundle export`).
+    pub bundle_dir: Option<PathBuf>,
+    /// Serving bandwidth cap for peers, bytes per second.
+    pub serve_bytes_per_sec: Option<u64>,
+    /// How long to wait for a chunk's designated fetcher while it makes no progress.
+    pub max_wait: std::time::Duration,
+    /// After accepting a release, how long to let peers hear of it before planning.
+    pub settle: std::time::Duration,
+}
+
+/// The agent's id: its certificate's name when it has fleet credentials, else one made up at first
+/// start and kept in the store.
+pub fn agent_id(
+    store: &Store,
+    creds: Option<&crate::fleet::FleetCredentials>,
+) -> Result<String, StoreError> {
+    if let Some(c) = creds {
+        store.set_meta("agent_id", c.agent_id.as_bytes(), true)?;
+        return Ok(c.agent_id.clone());
+    }
+    if let Some(id) = store
+        .get_meta("agent_id")?
+        .and_then(|v| String::from_utf8(v).ok())
+        && !id.is_empty()
+    {
+        return Ok(id);
+    }
+    let mut b = [0u8; 4];
+    rand::fill(&mut b);
+    let id = format!("agent-{}", hex::encode(b));
+    store.set_meta("agent_id", id.as_bytes(), true)?;
+    Ok(id)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +94,14 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Origin(#[from] crate::origin::OriginError),
+    #[error("fleet credentials: {0}")]
+    Fleet(#[from] crate::fleet::FleetError),
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
 }
 
 pub fn open_store(data_dir: &std::path::Path, budget: Option<u64>) -> Result<Store, StoreError> {
@@ -93,10 +141,35 @@ pub async fn restore_active(
     Ok(Some(version))
 }
 
-/// Runs until `shutdown` resolves.
+/// Where a started agent listens.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    pub agent_id: String,
+    pub http: SocketAddr,
+    pub quic: Option<SocketAddr>,
+}
+
+/// Runs until `shutdown` resolves. Prints where it listens on stdout (`quic listening on ADDR`, then
+/// `listening on http://ADDR`), once serving.
 pub async fn run(
     cfg: RunConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    run_with(cfg, shutdown, |l| {
+        if let Some(q) = l.quic {
+            println!("quic listening on {q}");
+        }
+        println!("listening on http://{}", l.http);
+    })
+    .await
+}
+
+/// [`run`], telling `ready` where it listens instead of printing it (for agents run in-process by the
+/// demo and the benchmarks).
+pub async fn run_with(
+    cfg: RunConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(Listening),
 ) -> Result<(), DaemonError> {
     let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold)
         .map_err(|e| DaemonError::Config(format!("--trust/--threshold: {e}")))?;
@@ -113,38 +186,104 @@ pub async fn run(
             service.refuse(0, "", &e.to_string());
         }
     }
+    let creds = cfg
+        .fleet
+        .as_ref()
+        .map(crate::fleet::FleetCredentials::load)
+        .transpose()?;
+    let me = agent_id(&store, creds.as_ref())?;
+    let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
+    let deployment = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
+        .map_err(|e| DaemonError::Config(format!("--deployment: {e}")))?;
     let sync_status = Arc::new(std::sync::Mutex::new(crate::sync::SyncStatus::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sync_task = match &cfg.origin {
-        Some((url, origin_cfg)) => {
-            let origin = crate::origin::Origin::connect(url, origin_cfg).await?;
-            let deployment = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
-                .map_err(|e| DaemonError::Config(format!("--deployment: {e}")))?;
-            let sc = crate::sync::SyncConfig {
-                origin,
-                deployment,
-                policy: policy.clone(),
-                backend: cfg.backend,
-                poll: cfg.poll,
-                max_backoff: cfg.poll.max(std::time::Duration::from_secs(60)),
-            };
-            Some(tokio::spawn(crate::sync::run(
-                sc,
+    let (peers, hints) = match &creds {
+        Some(creds) => {
+            let (node, hints) = crate::peer::PeerNode::start(
+                crate::peer::PeerConfig {
+                    creds: creds.clone(),
+                    deployment: cfg.deployment.clone(),
+                    listen: cfg.quic_listen,
+                    static_peers: cfg.peers.clone(),
+                    streams_per_peer: 8,
+                    serve_bytes_per_sec: cfg.serve_bytes_per_sec,
+                },
                 store.clone(),
-                service.clone(),
-                sync_status.clone(),
-                stop_rx,
-            )))
+                metrics.clone(),
+                stop_rx.clone(),
+            )
+            .await?;
+            (Some(node), Some(hints))
         }
+        None => {
+            if !cfg.peers.is_empty() {
+                return Err(DaemonError::Config(
+                    "--peer needs fleet credentials (--fleet-ca, --fleet-cert, --fleet-key)".into(),
+                ));
+            }
+            (None, None)
+        }
+    };
+    let _mdns = match (&peers, cfg.mdns) {
+        (Some(node), true) => match crate::discovery::Mdns::start(node.clone(), &cfg.deployment) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // Static peers still work; a LAN without multicast is no reason not to serve.
+                tracing::warn!(cause = %e, "mdns discovery is off");
+                None
+            }
+        },
+        _ => None,
+    };
+    let (bundle_tx, bundle_rx) = tokio::sync::mpsc::channel(4);
+    let _bundles = match &cfg.bundle_dir {
+        Some(dir) => Some(crate::bundle::BundleWatcher::start(dir.clone(), bundle_tx)?),
         None => None,
     };
+    let origin = match &cfg.origin {
+        Some((url, origin_cfg)) => Some(crate::origin::Origin::connect(url, origin_cfg).await?),
+        None => None,
+    };
+    let engine = crate::sync::Engine::new(
+        crate::sync::SyncConfig {
+            origin,
+            deployment,
+            policy: policy.clone(),
+            backend: cfg.backend,
+            poll: cfg.poll,
+            max_backoff: cfg.poll.max(std::time::Duration::from_secs(60)),
+            max_wait: cfg.max_wait,
+            settle: cfg.settle,
+        },
+        store.clone(),
+        service.clone(),
+        sync_status.clone(),
+        peers.clone(),
+    );
+    let sync_task = tokio::spawn(
+        engine
+            .run(
+                crate::sync::Inputs {
+                    hints,
+                    bundles: Some(bundle_rx),
+                },
+                stop_rx,
+            )
+            .instrument(span.clone()),
+    );
     let status: StatusFn = {
-        let (service, deployment, sync_status) =
-            (service.clone(), cfg.deployment.clone(), sync_status.clone());
+        let (service, deployment, sync_status, peers, me) = (
+            service.clone(),
+            cfg.deployment.clone(),
+            sync_status.clone(),
+            peers.clone(),
+            me.clone(),
+        );
         Arc::new(move || {
             let active = service.active();
             let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
             serde_json::json!({
+                "agent_id": me,
                 "deployment": deployment,
                 "active": active.as_ref().map(|r| serde_json::json!({
                     "version": r.version, "manifest": r.manifest_id.to_string(), "backend": r.backend(),
@@ -153,7 +292,42 @@ pub async fn run(
                 "offline_since": sync.offline_since,
                 "last_error": sync.last_error,
                 "last_refused": service.last_refusal(),
+                "bytes_from_peers": sync.bytes_from_peers,
+                "bytes_from_origin": sync.bytes_from_origin,
+                "bytes_from_bundles": sync.bytes_from_bundles,
+                "bytes_served": service.metrics().served(),
+                "quic_listen": peers.as_ref().map(|p| p.listen_addr().to_string()),
+                "peers": peers.as_ref().map(|p| p.peers()).unwrap_or_default(),
             })
+        })
+    };
+    let fleet: StatusFn = {
+        let (service, deployment, sync_status, peers, me) = (
+            service.clone(),
+            cfg.deployment.clone(),
+            sync_status.clone(),
+            peers.clone(),
+            me.clone(),
+        );
+        Arc::new(move || {
+            let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
+            let mut agents = vec![serde_json::json!({
+                "id": me,
+                "self": true,
+                "live": true,
+                "active": service.active().map(|r| r.version),
+                "pending": sync.pending.as_ref().map(|p| p.version),
+                "bytes_from_peers": sync.bytes_from_peers,
+                "bytes_from_origin": sync.bytes_from_origin,
+            })];
+            for p in peers.as_ref().map(|p| p.peers()).unwrap_or_default() {
+                agents.push(serde_json::json!({
+                    "id": p.id, "self": false, "live": p.live, "addr": p.addr,
+                    "active": p.active, "pending": p.pending, "banned": p.banned,
+                    "bytes_from": p.bytes_from, "bytes_to": p.bytes_to, "last_error": p.last_error,
+                }));
+            }
+            serde_json::json!({ "deployment": deployment, "agents": agents })
         })
     };
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -163,7 +337,11 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr()?;
-    println!("listening on http://{addr}");
+    ready(Listening {
+        agent_id: me.clone(),
+        http: addr,
+        quic: peers.as_ref().map(|p| p.listen_addr()),
+    });
     let _inbox = match &cfg.inbox {
         Some(inbox) => {
             let outbox = cfg
@@ -177,12 +355,11 @@ pub async fn run(
     let app = crate::http::router(AppState {
         service: service.clone(),
         status,
+        fleet,
     });
     crate::http::serve(listener, app, shutdown).await?;
     let _ = stop_tx.send(true);
-    if let Some(t) = sync_task {
-        let _ = t.await;
-    }
+    let _ = sync_task.await;
     service.shutdown();
     Ok(())
 }

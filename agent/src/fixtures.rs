@@ -715,6 +715,38 @@ pub fn write_reference_release(
     Ok(files)
 }
 
+/// A reference release padded to about `total_bytes` with a larger HEF (the stand-in body followed by
+/// deterministic noise, seeded by `hef_seed`): for sync tests and benchmarks that need volume. CPU agents
+/// check a HEF's header and digest but do not run it; releases with different `hef_seed`s share every
+/// other artifact.
+pub fn write_sized_release(
+    dir: &std::path::Path,
+    spec: &ReferenceSpec,
+    total_bytes: u64,
+    hef_seed: u64,
+) -> Result<crate::release::ReleaseFiles, String> {
+    let files = write_reference_release(dir, spec)?;
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let others: u64 = [
+        &files.onnx,
+        &files.index,
+        &files.labels,
+        &files.metadata,
+        &files.canaries[0].0,
+        &files.canaries[1].0,
+    ]
+    .into_iter()
+    .chain(files.embeddings.as_ref())
+    .map(|p| size(p))
+    .sum();
+    let mut body = standin_hef_body(224, 14, spec.dim, spec.seed);
+    let header = (hef_v0(&[]).len()) as u64;
+    let pad = total_bytes.saturating_sub(others + header + body.len() as u64);
+    body.extend_from_slice(&noise(hef_seed, pad as usize));
+    std::fs::write(&files.hef, hef_v0(&body)).map_err(|e| e.to_string())?;
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! The agent's HTTP API: `POST /v1/recognize` (a JPEG or PNG body, a JSON answer), `GET /metrics`
-//! (Prometheus text) and `GET /v1/status` (JSON).
+//! (Prometheus text), `GET /v1/status` (JSON) and `GET /v1/fleet` (this agent's view of its peers, JSON).
 
 use crate::recognizer::preprocess::{ImageError, MAX_BODY};
 use crate::recognizer::service::{RecognizeError, Service};
@@ -18,6 +18,7 @@ pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 pub struct AppState {
     pub service: Service,
     pub status: StatusFn,
+    pub fleet: StatusFn,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -25,6 +26,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/recognize", post(recognize))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/fleet", get(fleet))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -86,4 +88,93 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn fleet(State(s): State<AppState>) -> Response {
+    axum::Json((s.fleet)()).into_response()
+}
+
+/// Errors of [`get_json`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {why}")]
+    Connect { addr: String, why: String },
+    #[error("{0} timed out")]
+    Timeout(String),
+    #[error("http: {0}")]
+    Http(String),
+    #[error("{path} answered {status}: {body}")]
+    Status {
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{path} did not answer JSON: {why}")]
+    Json { path: String, why: String },
+}
+
+/// GETs a JSON document from an agent's HTTP API (`addr` is host:port), within 10 seconds.
+pub async fn get_json(addr: &str, path: &str) -> Result<serde_json::Value, ClientError> {
+    request_json(addr, "GET", path, Bytes::new())
+        .await
+        .and_then(|(status, v)| {
+            if status == 200 {
+                Ok(v)
+            } else {
+                Err(ClientError::Status {
+                    path: path.to_owned(),
+                    status,
+                    body: v.to_string(),
+                })
+            }
+        })
+}
+
+/// One request to an agent's HTTP API, within 10 seconds: the status code and the JSON answer.
+pub async fn request_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<(u16, serde_json::Value), ClientError> {
+    use http_body_util::BodyExt as _;
+    let fut = async {
+        let stream =
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    addr: addr.to_owned(),
+                    why: e.to_string(),
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, addr)
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        let value = serde_json::from_slice(&body).map_err(|e| ClientError::Json {
+            path: path.to_owned(),
+            why: format!("{e} (status {status})"),
+        })?;
+        Ok((status, value))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| ClientError::Timeout(format!("{method} http://{addr}{path}")))?
 }

@@ -4,14 +4,19 @@
 //! depends on `tools`.
 
 pub mod activation;
+pub mod bundle;
+pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod fixtures;
+pub mod fleet;
 pub mod http;
 pub mod inbox;
 pub mod loaders;
 pub mod maintenance;
 pub mod metrics;
 pub mod origin;
+pub mod peer;
 pub mod recognizer;
 pub mod release;
 pub mod sync;

@@ -5,7 +5,6 @@ use clap::{Parser, Subcommand};
 use deckhand_agent::{daemon, maintenance, telemetry};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tracing::Instrument as _;
 
 #[derive(Parser)]
 #[command(name = "deckhand-agent", version, about = "deckhand's edge sync agent")]
@@ -20,7 +19,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve card recognitions from the active release in the store (HTTP and inbox).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Show a running agent's status (from its HTTP API).
+    Status(StatusArgs),
     /// Sideload the newest release of a bundle directory (from `deckhand bundle export`) and activate it.
     Import(ImportArgs),
     /// Inspect and maintain the local content-addressed store.
@@ -59,32 +60,92 @@ struct TrustArgs {
     backend: String,
 }
 
+/// `run`'s flags. Each may also be set in the config file (same name, `_` for `-`); a flag wins.
 #[derive(clap::Args)]
 struct RunArgs {
-    #[command(flatten)]
-    common: TrustArgs,
-    /// Where the HTTP API listens.
-    #[arg(long, default_value = "127.0.0.1:8640")]
-    http_listen: String,
+    /// A TOML config file [default: /etc/deckhand/agent.toml, if present].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The agent's data directory [default: /var/lib/deckhand].
+    #[arg(long, env = "DECKHAND_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The deployment this agent follows.
+    #[arg(long)]
+    deployment: Option<String>,
+    /// A trusted release-signing public key (NAME.pub); repeatable.
+    #[arg(long)]
+    trust: Vec<PathBuf>,
+    /// How many distinct trusted keys must sign a manifest [default: 1].
+    #[arg(long)]
+    threshold: Option<usize>,
+    /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo [default: auto].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Where the HTTP API listens [default: 127.0.0.1:8640].
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Where QUIC listens for fleet peers [default: 0.0.0.0:8641].
+    #[arg(long)]
+    quic_listen: Option<String>,
+    /// A peer to dial (host:port); repeatable. mDNS finds the others.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// LAN discovery with mDNS: on or off [default: on].
+    #[arg(long)]
+    mdns: Option<String>,
     /// A directory to watch for images; answers go to --outbox.
     #[arg(long)]
     inbox: Option<PathBuf>,
     /// Where inbox answers go (default: "outbox" beside the inbox).
     #[arg(long)]
     outbox: Option<PathBuf>,
+    /// A directory watched for release bundles (`deckhand bundle export`, e.g. a USB stick).
+    #[arg(long)]
+    bundle_dir: Option<PathBuf>,
     /// The most bytes the store may hold (e.g. 2000000000).
     #[arg(long)]
     store_budget: Option<u64>,
-    /// Where releases are published: s3://bucket/prefix or file:///dir. Without it the agent serves from
-    /// its store alone.
+    /// Where releases are published: s3://bucket/prefix or file:///dir. Without it the agent syncs from
+    /// peers and bundles only.
     #[arg(long)]
     origin: Option<String>,
     /// An S3-compatible endpoint (path-style addressing is used with it).
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     endpoint_url: Option<String>,
-    /// Seconds between polls of the deployment's current.json.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
-    poll_secs: u64,
+    /// Seconds between polls of the deployment's current.json [default: 30].
+    #[arg(long)]
+    poll_secs: Option<u64>,
+    /// The fleet CA certificate (`deckhand fleet init`).
+    #[arg(long)]
+    fleet_ca: Option<PathBuf>,
+    /// This agent's fleet certificate (`deckhand fleet enroll`); its name is the agent id.
+    #[arg(long)]
+    fleet_cert: Option<PathBuf>,
+    /// This agent's fleet private key.
+    #[arg(long)]
+    fleet_key: Option<PathBuf>,
+    /// The fleet's certificate revocation list (`deckhand fleet revoke`).
+    #[arg(long)]
+    fleet_crl: Option<PathBuf>,
+    /// Cap on bytes per second served to peers [default: none].
+    #[arg(long)]
+    serve_bytes_per_sec: Option<u64>,
+    /// Seconds to wait for a chunk's designated origin fetcher while it makes no progress [default: 20].
+    #[arg(long)]
+    max_wait_secs: Option<u64>,
+    /// Milliseconds to let peers hear of a new release before planning its download [default: 500].
+    #[arg(long)]
+    settle_ms: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The agent's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8640")]
+    http: String,
+    /// Print the JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -113,7 +174,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("deckhand-agent: error: {e:#}");
-            ExitCode::FAILURE
+            // A wrong or missing setting is a usage error, as clap's own are.
+            if e.downcast_ref::<deckhand_agent::config::ConfigError>()
+                .is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -121,7 +189,8 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Store { command } => store(command),
-        Command::Run(args) => run_daemon(args),
+        Command::Run(args) => run_daemon(*args),
+        Command::Status(args) => status(args),
         Command::Import(args) => {
             let (trust, backend) = settle(&args.common)?;
             let cfg = daemon::ImportConfig {
@@ -167,42 +236,106 @@ fn settle(
 }
 
 fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let (trust, backend) = settle(&args.common)?;
-    let http_listen = args
-        .http_listen
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--http-listen {:?}: {e}", args.http_listen))?;
-    let cfg = daemon::RunConfig {
-        data_dir: args.common.data_dir.clone(),
-        deployment: args.common.deployment.clone(),
-        trust,
-        threshold: args.common.threshold,
-        http_listen,
-        inbox: args.inbox.clone(),
-        outbox: args.outbox.clone(),
-        backend,
-        store_budget: args.store_budget,
-        origin: match &args.origin {
-            None => None,
-            Some(o) => {
-                let url: deckhand_agent::origin::OriginUrl = o
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--origin {o:?}: {e}"))?;
-                let origin_cfg = deckhand_agent::origin::OriginConfig {
-                    endpoint_url: args.endpoint_url.clone().filter(|e| !e.is_empty()),
-                    ..Default::default()
-                };
-                Some((url, origin_cfg))
-            }
-        },
-        poll: std::time::Duration::from_secs(args.poll_secs),
+    use deckhand_agent::config::{DEFAULT_CONFIG, Settings};
+    let (path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
+    let file = Settings::from_file(&path, explicit)?;
+    let nonempty = |v: Vec<PathBuf>| (!v.is_empty()).then_some(v);
+    let flags = Settings {
+        data_dir: args.data_dir,
+        deployment: args.deployment,
+        trust: nonempty(args.trust),
+        threshold: args.threshold,
+        origin: args.origin,
+        endpoint_url: args.endpoint_url,
+        poll_secs: args.poll_secs,
+        http_listen: args.http_listen,
+        quic_listen: args.quic_listen,
+        peers: (!args.peers.is_empty()).then_some(args.peers),
+        mdns: args.mdns,
+        inbox: args.inbox,
+        outbox: args.outbox,
+        bundle_dir: args.bundle_dir,
+        store_budget: args.store_budget,
+        backend: args.backend,
+        fleet_ca: args.fleet_ca,
+        fleet_cert: args.fleet_cert,
+        fleet_key: args.fleet_key,
+        fleet_crl: args.fleet_crl,
+        serve_bytes_per_sec: args.serve_bytes_per_sec,
+        max_wait_secs: args.max_wait_secs,
+        settle_ms: args.settle_ms,
+    };
+    let cfg = flags.over(file).resolve()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let span = tracing::info_span!("agent", deployment = %cfg.deployment);
-    rt.block_on(daemon::run(cfg, shutdown_signal()).instrument(span))?;
+    rt.block_on(daemon::run(cfg, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `deckhand-agent status`: the running agent's status, from its HTTP API.
+fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let doc = rt
+        .block_on(deckhand_agent::http::get_json(&args.http, "/v1/status"))
+        .with_context(|| format!("asking the agent at {}", args.http))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!("agent       {}", s(&doc["agent_id"]));
+    println!("deployment  {}", s(&doc["deployment"]));
+    println!(
+        "active      version {} ({})",
+        s(&doc["active"]["version"]),
+        s(&doc["active"]["backend"])
+    );
+    if !doc["pending"].is_null() {
+        println!(
+            "pending     version {}: {}/{} bytes ({} from peers, {} from origin)",
+            s(&doc["pending"]["version"]),
+            s(&doc["pending"]["bytes_have"]),
+            s(&doc["pending"]["bytes_total"]),
+            s(&doc["pending"]["bytes_from_peers"]),
+            s(&doc["pending"]["bytes_from_origin"])
+        );
+    }
+    println!(
+        "synced      {} bytes from peers, {} from origin, {} from bundles; served {}",
+        s(&doc["bytes_from_peers"]),
+        s(&doc["bytes_from_origin"]),
+        s(&doc["bytes_from_bundles"]),
+        s(&doc["bytes_served"])
+    );
+    if !doc["offline_since"].is_null() {
+        println!("offline     since {}", s(&doc["offline_since"]));
+    }
+    if !doc["last_error"].is_null() {
+        println!("last error  {}", s(&doc["last_error"]));
+    }
+    for p in doc["peers"].as_array().into_iter().flatten() {
+        println!(
+            "peer        {:<20} {:<22} live={} active={} pending={} banned={}",
+            s(&p["id"]),
+            s(&p["addr"]),
+            s(&p["live"]),
+            s(&p["active"]),
+            s(&p["pending"]),
+            s(&p["banned"])
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

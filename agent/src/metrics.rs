@@ -31,6 +31,8 @@ pub struct Metrics {
     sync_peer: AtomicU64,
     sync_origin: AtomicU64,
     sync_local: AtomicU64,
+    peer_served: AtomicU64,
+    peers_banned: AtomicU64,
 }
 
 impl Metrics {
@@ -78,6 +80,28 @@ impl Metrics {
             Source::Local => &self.sync_local,
         }
         .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Chunk bytes served to peers.
+    pub fn peer_served(&self, n: u64) {
+        self.peer_served.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn peer_banned(&self) {
+        self.peers_banned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes stored by source: (peer, origin, local).
+    pub fn synced(&self) -> (u64, u64, u64) {
+        (
+            self.sync_peer.load(Ordering::Relaxed),
+            self.sync_origin.load(Ordering::Relaxed),
+            self.sync_local.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn served(&self) -> u64 {
+        self.peer_served.load(Ordering::Relaxed)
     }
 
     pub fn swaps(&self) -> u64 {
@@ -149,6 +173,22 @@ impl Metrics {
         ] {
             let _ = writeln!(s, "deckhand_sync_bytes_total{{source=\"{source}\"}} {v}");
         }
+        let _ = writeln!(
+            s,
+            "# HELP deckhand_peer_served_bytes_total Chunk bytes served to LAN peers."
+        );
+        let _ = writeln!(s, "# TYPE deckhand_peer_served_bytes_total counter");
+        let _ = writeln!(
+            s,
+            "deckhand_peer_served_bytes_total {}",
+            g(&self.peer_served)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP deckhand_peers_banned_total Peers banned for sending chunks that failed verification."
+        );
+        let _ = writeln!(s, "# TYPE deckhand_peers_banned_total counter");
+        let _ = writeln!(s, "deckhand_peers_banned_total {}", g(&self.peers_banned));
         let _ = writeln!(
             s,
             "# HELP deckhand_active_version The manifest version serving recognitions (0: none)."

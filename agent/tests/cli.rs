@@ -37,13 +37,15 @@ fn wrong_or_missing_settings_are_named() {
         key.to_str().unwrap(),
     ];
     let out = agent(&[&base[..], &["--backend", "gpu"]].concat());
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--backend gpu"),
+        err.contains("--backend") && err.contains("gpu"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let out = agent(&base);
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--trust")
             && String::from_utf8_lossy(&out.stderr).contains("32 bytes")
@@ -56,6 +58,30 @@ fn wrong_or_missing_settings_are_named() {
         key.to_str().unwrap(),
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--deployment"));
+
+    // Settings from a config file; a flag wins; a wrong key is named.
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "deployment = \"shop-1\"\nmdns = \"sometimes\"\n").unwrap();
+    let out = agent(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--trust",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--mdns") && err.contains("sometimes"), "{err}");
+    std::fs::write(&cfg, "deploy = \"shop-1\"\n").unwrap();
+    let out = agent(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown field") && err.contains("deploy"),
+        "{err}"
+    );
+    let out = agent(&["run", "--config", "/nonexistent/agent.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/agent.toml"), "{err}");
 }
 
 #[test]

@@ -46,31 +46,13 @@ pub use deckhand_agent::fixtures::{SplitMix, noise};
 pub fn publish_options(
     files: &deckhand_agent::release::ReleaseFiles,
 ) -> deckhand_tools::publish::PublishOptions {
-    use deckhand_tools::publish::{Input, Inputs, PublishOptions};
-    let l = |p: &Path| Input::Local(p.to_owned());
-    PublishOptions {
-        deployment: deckhand_protocol::layout::Name::deployment("shop-1")
-            .unwrap_or_else(|e| panic!("{e}")),
-        inputs: Inputs {
-            hef: l(&files.hef),
-            onnx: l(&files.onnx),
-            index: l(&files.index),
-            labels: l(&files.labels),
-            metadata: l(&files.metadata),
-            embeddings: files.embeddings.as_deref().map(l),
-            canaries: files
-                .canaries
-                .iter()
-                .map(|(p, c)| (l(p), c.clone()))
-                .collect(),
-        },
-        expires_in: jiff::SignedDuration::from_hours(24),
-        overrides: Default::default(),
-        progress: false,
-    }
+    deckhand_tools::publish::PublishOptions::local(
+        deckhand_protocol::layout::Name::deployment("shop-1").unwrap_or_else(|e| panic!("{e}")),
+        files,
+        jiff::SignedDuration::from_hours(24),
+    )
 }
 
-/// A fresh directory for one test, removed when dropped (kept if `DECKHAND_KEEP_TEST_DIRS` is set).
 pub struct TestDir {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
@@ -113,6 +95,7 @@ impl Drop for TestDir {
 pub struct Agent {
     child: Option<std::process::Child>,
     addr: String,
+    quic: Option<String>,
 }
 
 impl Agent {
@@ -132,19 +115,28 @@ impl Agent {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start deckhand-agent: {e}"));
-        let mut line = String::new();
-        let stdout = child.stdout.as_mut().unwrap_or_else(|| panic!("no stdout"));
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("reading the agent: {e}"));
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut quic = None;
+        let addr = loop {
+            let line = match lines.next() {
+                Some(Ok(l)) => l,
+                other => panic!("the agent stopped before listening: {other:?}"),
+            };
+            if let Some(q) = line.trim().strip_prefix("quic listening on ") {
+                quic = Some(q.to_owned());
+            } else if let Some(a) = line.trim().strip_prefix("listening on http://") {
+                break a.to_owned();
+            } else {
+                panic!("unexpected line {line:?}");
+            }
+        };
+        // Keep draining stdout so the agent never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
         Self {
             child: Some(child),
             addr,
+            quic,
         }
     }
 
@@ -168,6 +160,25 @@ impl Agent {
             status,
             serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
         )
+    }
+
+    /// Where the agent's QUIC endpoint listens (when it has fleet credentials).
+    pub fn quic(&self) -> &str {
+        self.quic
+            .as_deref()
+            .unwrap_or_else(|| panic!("the agent runs without QUIC"))
+    }
+
+    pub fn http(&self) -> &str {
+        &self.addr
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn recognize(&self, image: &[u8]) -> (u16, serde_json::Value) {
@@ -217,5 +228,59 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A fleet CA for a test, and the agent flags that use it.
+pub struct TestFleet {
+    pub ca: deckhand_agent::fleet::CaDir,
+    dir: PathBuf,
+}
+
+impl TestFleet {
+    pub fn new(dir: &Path) -> Self {
+        let ca = deckhand_agent::fleet::CaDir::new(dir.join("ca"));
+        ca.init("test")
+            .unwrap_or_else(|e| panic!("fleet init: {e}"));
+        Self {
+            ca,
+            dir: dir.join("certs"),
+        }
+    }
+
+    /// Enrolls `name` and returns the flags an agent needs to use it (QUIC on a free loopback port, no
+    /// mDNS).
+    pub fn agent_args(&self, name: &str) -> Vec<String> {
+        let (crt, key) = self
+            .ca
+            .enroll(name, 30, &self.dir)
+            .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
+        vec![
+            "--fleet-ca".into(),
+            self.ca.cert_path().display().to_string(),
+            "--fleet-cert".into(),
+            crt.display().to_string(),
+            "--fleet-key".into(),
+            key.display().to_string(),
+            "--quic-listen".into(),
+            "127.0.0.1:0".into(),
+            "--mdns".into(),
+            "off".into(),
+        ]
+    }
+
+    /// Credentials for an in-process participant (e.g. a peer that lies on purpose).
+    pub fn credentials(&self, name: &str) -> deckhand_agent::fleet::FleetCredentials {
+        let (crt, key) = self
+            .ca
+            .enroll(name, 30, &self.dir)
+            .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
+        deckhand_agent::fleet::FleetCredentials::load(&deckhand_agent::fleet::CredentialPaths {
+            ca: self.ca.cert_path(),
+            cert: crt,
+            key,
+            crl: None,
+        })
+        .unwrap_or_else(|e| panic!("credentials of {name}: {e}"))
     }
 }

@@ -232,7 +232,8 @@ async fn bad_input_gets_a_clear_4xx_and_the_inbox_answers_as_http_does() {
     let status: deckhand_agent::http::StatusFn = Arc::new(|| serde_json::json!({"ok": true}));
     let app = router(AppState {
         service: service.clone(),
-        status,
+        status: status.clone(),
+        fleet: status,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

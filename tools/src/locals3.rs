@@ -25,6 +25,9 @@ pub struct Stats {
     gets: AtomicU64,
     down: AtomicBool,
     part_delay_ms: AtomicU64,
+    /// The simulated uplink: bytes per second (0: unlimited), and when it is next free.
+    uplink: AtomicU64,
+    uplink_free_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Stats {
@@ -54,6 +57,30 @@ impl Stats {
     pub fn set_part_delay(&self, delay: Duration) {
         self.part_delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Shares one uplink of `bytes_per_sec` among every GET (0: unlimited): each response is held back
+    /// until the uplink would have carried it, first come first served, as a shop's slow line would.
+    pub fn set_uplink(&self, bytes_per_sec: u64) {
+        self.uplink.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    async fn carry(&self, len: u64) {
+        let rate = self.uplink.load(Ordering::SeqCst);
+        if rate == 0 {
+            return;
+        }
+        let done = {
+            let Ok(mut free) = self.uplink_free_at.lock() else {
+                return;
+            };
+            let now = std::time::Instant::now();
+            let start = free.map_or(now, |f| f.max(now));
+            let done = start + Duration::from_secs_f64(len as f64 / rate as f64);
+            *free = Some(done);
+            done
+        };
+        tokio::time::sleep_until(done.into()).await;
     }
 
     fn record_put(&self, key: &str) {
@@ -103,6 +130,7 @@ impl S3 for Counting {
         self.stats.gets.fetch_add(1, Ordering::SeqCst);
         let len = out.output.content_length.unwrap_or(0).max(0) as u64;
         self.stats.bytes_sent.fetch_add(len, Ordering::SeqCst);
+        self.stats.carry(len).await;
         Ok(out)
     }
     async fn head_object(

@@ -99,6 +99,21 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// The fleet's certificate authority: who may exchange chunks and manifests over QUIC.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+    /// Run the whole system on an embedded sample: S3, a signed release, three agents syncing from each
+    /// other, recognitions, a new release swapped in live.
+    Demo {
+        /// Keep the demo's files in this directory (default: a temporary directory, removed at the end).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Agents to run.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+        agents: u64,
+    },
     /// Measure and print performance figures.
     Bench {
         #[command(subcommand)]
@@ -182,6 +197,47 @@ enum BundleCommand {
 }
 
 #[derive(Subcommand)]
+enum FleetCommand {
+    /// Make the fleet CA in DIR: ca.crt (copy it to every Pi), ca.key (keep it with the operator).
+    Init {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name for the fleet (shown in the CA certificate).
+        #[arg(long, default_value = "deckhand")]
+        name: String,
+    },
+    /// Issue an agent certificate: OUT/NAME.crt and OUT/NAME.key, for the Pi with that agent id.
+    Enroll {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The agent id (lowercase letters, digits, '-').
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
+    /// Revoke an agent's certificates: rewrites DIR/crl.pem; give it to agents with --fleet-crl.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// The fleet as one agent sees it: its peers, their versions and what was exchanged.
+    Status {
+        /// The agent's HTTP address (host:port).
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Store import throughput of a large file beside plain blake3 hashing of the same file.
     Store {
@@ -202,6 +258,18 @@ enum BenchCommand {
         /// Use the seeds' full 17,592 x 768 reference DB (otherwise 2,200 rows).
         #[arg(long)]
         full: bool,
+    },
+    /// A fleet of agents syncing one release from an S3 server with a limited uplink, with and without
+    /// peers: bytes pulled from S3 and time until every agent serves it.
+    Fleet {
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=32))]
+        agents: u64,
+        /// Release size in MiB.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        size: u64,
+        /// The S3 server's uplink, in Mbit/s (shared by all agents).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        uplink_mbps: u64,
     },
 }
 
@@ -598,6 +666,10 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                 );
             }
         }
+        Command::Fleet { command } => fleet(command).await?,
+        Command::Demo { dir, agents } => {
+            deckhand_tools::demo::run(dir.as_deref(), agents as usize).await?;
+        }
         Command::Bench { what } => {
             let result = match what {
                 BenchCommand::Store {
@@ -609,11 +681,98 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                 BenchCommand::Recognizer { full } => {
                     deckhand_tools::bench_recognizer::run(full).await
                 }
+                BenchCommand::Fleet {
+                    agents,
+                    size,
+                    uplink_mbps,
+                } => deckhand_tools::bench_fleet::run(agents as usize, size, uplink_mbps).await,
             };
             result?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn fleet(command: FleetCommand) -> Result<(), ToolError> {
+    use deckhand_agent::fleet::CaDir;
+    let fleet_err = |e: deckhand_agent::fleet::FleetError| match e {
+        e @ deckhand_agent::fleet::FleetError::AgentId(_) => {
+            ToolError::Usage(format!("--name: {e}"))
+        }
+        e => ToolError::Failed(e.to_string()),
+    };
+    match command {
+        FleetCommand::Init { dir, name } => {
+            let ca = CaDir::new(&dir);
+            ca.init(&name).map_err(fleet_err)?;
+            println!("fleet CA in {}", dir.display());
+            eprintln!(
+                "copy {} to every Pi; keep ca.key with the operator",
+                ca.cert_path().display()
+            );
+        }
+        FleetCommand::Enroll {
+            dir,
+            name,
+            out,
+            days,
+        } => {
+            let (crt, key) = CaDir::new(&dir)
+                .enroll(&name, days, &out)
+                .map_err(fleet_err)?;
+            println!("{name}");
+            eprintln!(
+                "wrote {} and {} (copy both to the Pi, with ca.crt)",
+                crt.display(),
+                key.display()
+            );
+        }
+        FleetCommand::Revoke { dir, name } => {
+            let ca = CaDir::new(&dir);
+            let n = ca.revoke(&name).map_err(fleet_err)?;
+            println!(
+                "revoked {n} certificate(s) of {name}; give {} to every agent (--fleet-crl)",
+                ca.crl_path().display()
+            );
+        }
+        FleetCommand::Status { agent, json } => {
+            let doc = deckhand_agent::http::get_json(&agent, "/v1/fleet")
+                .await
+                .map_err(|e| ToolError::Failed(format!("--agent {agent}: {e}")))?;
+            if json {
+                print_json(&doc);
+            } else {
+                println!("deployment {}", doc["deployment"].as_str().unwrap_or("?"));
+                println!(
+                    "{:<20} {:<6} {:<8} {:<8} {:<7} {:>14} {:>14}",
+                    "AGENT", "LIVE", "ACTIVE", "PENDING", "BANNED", "BYTES FROM", "BYTES TO"
+                );
+                let s = |v: &serde_json::Value| match v {
+                    serde_json::Value::Null => "-".to_owned(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                for a in doc["agents"].as_array().into_iter().flatten() {
+                    let name = if a["self"].as_bool() == Some(true) {
+                        format!("{} (self)", s(&a["id"]))
+                    } else {
+                        s(&a["id"])
+                    };
+                    println!(
+                        "{:<20} {:<6} {:<8} {:<8} {:<7} {:>14} {:>14}",
+                        name,
+                        s(&a["live"]),
+                        s(&a["active"]),
+                        s(&a["pending"]),
+                        s(&a["banned"]),
+                        s(&a["bytes_from"]),
+                        s(&a["bytes_to"])
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

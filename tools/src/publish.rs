@@ -79,6 +79,36 @@ pub struct PublishOptions {
     pub progress: bool,
 }
 
+impl PublishOptions {
+    /// Options to publish a release's local files (defaults for everything else).
+    pub fn local(
+        deployment: Name,
+        files: &deckhand_agent::release::ReleaseFiles,
+        expires_in: SignedDuration,
+    ) -> Self {
+        let l = |p: &std::path::Path| Input::Local(p.to_owned());
+        PublishOptions {
+            deployment,
+            inputs: Inputs {
+                hef: l(&files.hef),
+                onnx: l(&files.onnx),
+                index: l(&files.index),
+                labels: l(&files.labels),
+                metadata: l(&files.metadata),
+                embeddings: files.embeddings.as_deref().map(l),
+                canaries: files
+                    .canaries
+                    .iter()
+                    .map(|(p, c)| (l(p), c.clone()))
+                    .collect(),
+            },
+            expires_in,
+            overrides: Default::default(),
+            progress: false,
+        }
+    }
+}
+
 /// A signed release whose blobs are uploaded, not yet committed.
 #[derive(Clone, Debug)]
 pub struct Prepared {

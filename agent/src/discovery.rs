@@ -1,0 +1,74 @@
+//! Finding peers on the LAN: mDNS (DNS-SD service `_deckhand._udp.local.`), besides static `--peer`s.
+//!
+//! Each agent registers its QUIC port under its agent id, with its deployment in a TXT record, and browses
+//! for others. An address found this way is only a hint: the QUIC handshake decides whether it is a fleet
+//! member (`fleet`), so a device on the LAN that answers mDNS gains nothing by it.
+
+use crate::peer::PeerNode;
+use std::net::SocketAddr;
+
+pub const SERVICE: &str = "_deckhand._udp.local.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("mdns: {0}")]
+    Mdns(#[from] mdns_sd::Error),
+}
+
+/// A running mDNS responder and browser. Dropping it unregisters and stops.
+pub struct Mdns {
+    daemon: mdns_sd::ServiceDaemon,
+    fullname: String,
+}
+
+impl Mdns {
+    pub fn start(node: PeerNode, deployment: &str) -> Result<Mdns, DiscoveryError> {
+        let daemon = mdns_sd::ServiceDaemon::new()?;
+        let me = node.me().to_owned();
+        let port = node.listen_addr().port();
+        let info = mdns_sd::ServiceInfo::new(
+            SERVICE,
+            &me,
+            &format!("{me}.local."),
+            "",
+            port,
+            &[("id", me.as_str()), ("deployment", deployment)][..],
+        )?
+        .enable_addr_auto();
+        let fullname = info.get_fullname().to_owned();
+        daemon.register(info)?;
+        let events = daemon.browse(SERVICE)?;
+        let deployment = deployment.to_owned();
+        // The browser's channel is synchronous; a small thread drains it for as long as the daemon runs.
+        std::thread::Builder::new()
+            .name("deckhand-mdns".into())
+            .spawn(move || {
+                while let Ok(event) = events.recv() {
+                    let mdns_sd::ServiceEvent::ServiceResolved(info) = event else {
+                        continue;
+                    };
+                    let id = info.get_property_val_str("id").unwrap_or_default();
+                    if id == me {
+                        continue;
+                    }
+                    if info.get_property_val_str("deployment") != Some(deployment.as_str()) {
+                        continue;
+                    }
+                    for ip in info.get_addresses() {
+                        let addr = SocketAddr::new(ip.to_ip_addr(), info.get_port());
+                        tracing::debug!(peer = id, %addr, "found by mdns");
+                        node.add_addr(addr);
+                    }
+                }
+            })
+            .map_err(|e| DiscoveryError::Mdns(mdns_sd::Error::Msg(e.to_string())))?;
+        Ok(Mdns { daemon, fullname })
+    }
+}
+
+impl Drop for Mdns {
+    fn drop(&mut self) {
+        let _ = self.daemon.unregister(&self.fullname);
+        let _ = self.daemon.shutdown();
+    }
+}

@@ -1,0 +1,263 @@
+//! `deckhand demo`: the whole system on an embedded sample, in one process and one directory.
+//!
+//! 1. Generates a sample release (a small embedding model as ONNX and HEF, a usearch index of synthetic
+//!    card images, labels, metadata, canaries), deterministically.
+//! 2. Starts a local S3 server, makes a signing key and a fleet CA, publishes the release.
+//! 3. Starts N agents that find each other over QUIC and sync it, S3 counting what it sends.
+//! 4. Recognises perturbed photos of cards on every agent.
+//! 5. Publishes a second release (one card renamed) while a client keeps asking: every answer comes from
+//!    exactly one release, and none fails.
+//! 6. Prints the fleet as one agent sees it.
+
+use crate::ToolError;
+use crate::sim::{Shop, SimAgent};
+use deckhand_agent::fixtures::{
+    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+fn step(n: u32, what: &str) {
+    println!("\n== {n}. {what}");
+}
+
+async fn recognize(a: &SimAgent, image: &[u8]) -> Result<(u16, serde_json::Value), ToolError> {
+    deckhand_agent::http::request_json(
+        &a.http(),
+        "POST",
+        "/v1/recognize",
+        bytes::Bytes::copy_from_slice(image),
+    )
+    .await
+    .map_err(|e| ToolError::Failed(format!("agent {}: {e}", a.name)))
+}
+
+pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
+    let tmp;
+    let dir = match dir {
+        Some(d) => d.to_owned(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("deckhand-demo-")
+                .tempdir()
+                .map_err(ToolError::io(
+                    "create a directory in",
+                    &std::env::temp_dir(),
+                ))?;
+            tmp.path().to_owned()
+        }
+    };
+    let started = Instant::now();
+    step(1, "generate a sample release");
+    let spec = ReferenceSpec::small(60);
+    let (spec2, rdir) = (spec.clone(), dir.join("release-1"));
+    let files =
+        tokio::task::spawn_blocking(move || fixtures::write_reference_release(&rdir, &spec2))
+            .await
+            .map_err(|e| ToolError::Failed(e.to_string()))?
+            .map_err(ToolError::Failed)?;
+    println!(
+        "{} cards, {} reference rows of {} dims, model and index in {}",
+        spec.cards,
+        spec.rows,
+        spec.dim,
+        dir.join("release-1").display()
+    );
+
+    step(
+        2,
+        "start S3, make a signing key and a fleet CA, publish version 1",
+    );
+    let shop = Shop::open(&dir).await?;
+    let v1 = shop.publish(&files).await?;
+    println!(
+        "S3 at {}; published version {} ({}), {} bytes in {} blobs",
+        shop.s3.endpoint(),
+        v1.manifest.version,
+        v1.id,
+        v1.manifest.total_bytes(),
+        v1.manifest.blobs().len()
+    );
+
+    step(
+        3,
+        &format!("start {n} agents; they find each other and sync"),
+    );
+    shop.s3.stats().reset();
+    let mut agents: Vec<SimAgent> = Vec::new();
+    for i in 0..n {
+        let dial: Vec<String> = agents
+            .iter()
+            .filter_map(|a| a.listening.quic.map(|q| q.to_string()))
+            .collect();
+        let a = shop
+            .agent(
+                &format!("pi-{}", i + 1),
+                Some(&dial),
+                Duration::from_secs(1),
+            )
+            .await?;
+        println!(
+            "{}: http {}, quic {}",
+            a.name,
+            a.listening.http,
+            a.listening.quic.map_or("-".to_owned(), |q| q.to_string())
+        );
+        agents.push(a);
+    }
+    for a in &agents {
+        a.wait_for(WAIT, "version 1 active", |s| s["active"]["version"] == 1)
+            .await?;
+    }
+    for a in &agents {
+        let s = a.status().await?;
+        println!(
+            "{}: version 1 active; {} bytes from S3, {} from peers",
+            a.name, s["bytes_from_origin"], s["bytes_from_peers"]
+        );
+    }
+    println!(
+        "S3 sent {} bytes in all, for a {}-byte release and {n} agents",
+        shop.s3.stats().bytes_sent(),
+        v1.manifest.total_bytes()
+    );
+
+    step(4, "recognise photos of cards (cropped, rotated, noisy)");
+    let mut right = 0;
+    let photos = [
+        (7, Perturbation::Crop),
+        (12, Perturbation::Rotate),
+        (25, Perturbation::Noise),
+        (41, Perturbation::Crop),
+    ];
+    for (i, (card, p)) in photos.iter().enumerate() {
+        let a = &agents[i % agents.len()];
+        let photo = encode_jpeg(&perturb(&card_image(*card, 0), *p, i as u64 + 1), 85);
+        let (code, answer) = recognize(a, &photo).await?;
+        let ok = code == 200 && answer["card_id"] == spec.card_id(*card);
+        right += usize::from(ok);
+        println!(
+            "{}: photo of {} ({p:?}) -> {} score {:.3}, \"{}\", version {}, {:.1} ms",
+            a.name,
+            spec.card_id(*card),
+            answer["card_id"],
+            answer["score"].as_f64().unwrap_or(0.0),
+            answer["metadata"]["name"].as_str().unwrap_or("-"),
+            answer["manifest_version"],
+            answer["latency_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("{right} of {} recognised", photos.len());
+
+    step(
+        5,
+        "publish version 2 (a card renamed) while a client keeps asking",
+    );
+    let renamed = spec.card_id(7);
+    let mut meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&files.metadata).map_err(ToolError::io("read", &files.metadata))?,
+    )
+    .map_err(|e| ToolError::Failed(e.to_string()))?;
+    meta[&renamed]["name"] = serde_json::json!("Card seven, second print");
+    let mut files2 = files.clone();
+    files2.metadata = dir.join("metadata-v2.json");
+    std::fs::write(
+        &files2.metadata,
+        serde_json::to_vec(&meta).map_err(|e| ToolError::Failed(e.to_string()))?,
+    )
+    .map_err(ToolError::io("write", &files2.metadata))?;
+    let photo = encode_jpeg(&perturb(&card_image(7, 0), Perturbation::Crop, 9), 85);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (asked, failed, mixed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let client = {
+        let (http, photo, stop, asked, failed, mixed) = (
+            agents[0].http(),
+            photo.clone(),
+            stop.clone(),
+            asked.clone(),
+            failed.clone(),
+            mixed.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let r = deckhand_agent::http::request_json(
+                    &http,
+                    "POST",
+                    "/v1/recognize",
+                    bytes::Bytes::copy_from_slice(&photo),
+                )
+                .await;
+                asked.fetch_add(1, Ordering::SeqCst);
+                match r {
+                    Ok((200, a)) => {
+                        // Version 1 answers with the old name, version 2 with the new: never a mix.
+                        let v2_name = a["metadata"]["name"] == "Card seven, second print";
+                        if (a["manifest_version"] == 2) != v2_name {
+                            mixed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    };
+    shop.s3.stats().reset();
+    let v2 = shop.publish(&files2).await?;
+    for a in &agents {
+        a.wait_for(WAIT, "version 2 active", |s| s["active"]["version"] == 2)
+            .await?;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = client.await;
+    println!(
+        "version {} active everywhere; S3 sent {} bytes (only what changed); during the swap {} requests, {} failed, {} mixed releases",
+        v2.manifest.version,
+        shop.s3.stats().bytes_sent(),
+        asked.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+        mixed.load(Ordering::SeqCst)
+    );
+    let (_, answer) = recognize(&agents[0], &photo).await?;
+    println!(
+        "{}: now \"{}\" (version {})",
+        agents[0].name,
+        answer["metadata"]["name"].as_str().unwrap_or("-"),
+        answer["manifest_version"]
+    );
+
+    step(6, &format!("the fleet as {} sees it", agents[0].name));
+    let fleet = deckhand_agent::http::get_json(&agents[0].http(), "/v1/fleet")
+        .await
+        .map_err(|e| ToolError::Failed(e.to_string()))?;
+    for a in fleet["agents"].as_array().into_iter().flatten() {
+        println!(
+            "{:<8} live={} active={} pending={} bytes from it={} to it={}",
+            a["id"].as_str().unwrap_or("?"),
+            a["live"],
+            a["active"],
+            a["pending"],
+            a["bytes_from"],
+            a["bytes_to"]
+        );
+    }
+    for a in agents {
+        a.stop().await?;
+    }
+    println!("\ndemo done in {:.1} s", started.elapsed().as_secs_f64());
+    if failed.load(Ordering::SeqCst) > 0 || mixed.load(Ordering::SeqCst) > 0 || right == 0 {
+        return Err(ToolError::Failed(
+            "the demo saw failed or mixed answers".into(),
+        ));
+    }
+    Ok(())
+}
