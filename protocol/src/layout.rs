@@ -305,6 +305,21 @@ impl Layout {
         self.join(&format!("migration/{journal}/{path}"))
     }
 
+    /// The plan of a layout migration journal.
+    pub fn journal_plan(&self, journal: &Name) -> String {
+        self.join(&format!("migration/{journal}/plan.json"))
+    }
+
+    /// Batch `seq` of a journal's records. Twenty digits keep lexical order equal to numeric order.
+    pub fn journal_batch(&self, journal: &Name, seq: u64) -> String {
+        self.join(&format!("migration/{journal}/batch-{seq:020}.json"))
+    }
+
+    /// The prefix of one journal's objects.
+    pub fn journal_dir(&self, journal: &Name) -> String {
+        self.join(&format!("migration/{journal}/"))
+    }
+
     pub fn migration_dir(&self) -> String {
         self.join("migration/")
     }

@@ -10,6 +10,7 @@ pub mod id;
 pub mod keys;
 pub mod layout;
 pub mod manifest;
+pub mod migration;
 pub mod sync;
 pub mod wire;
 
