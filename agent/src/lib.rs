@@ -12,6 +12,7 @@ pub mod fixtures;
 pub mod fleet;
 pub mod http;
 pub mod inbox;
+pub mod journal;
 pub mod loaders;
 pub mod maintenance;
 pub mod metrics;

@@ -762,6 +762,214 @@ impl Origin {
         .await
     }
 
+    /// Copies an object inside the origin, server-side (S3 CopyObject; in parts with UploadPartCopy above
+    /// `opts.part_threshold`, which must be at most 5 GiB, S3's limit for one copy). `size` is the
+    /// source's size as listed. Returns the new object's entity tag.
+    pub async fn copy(
+        &self,
+        from: &str,
+        to: &str,
+        size: u64,
+        opts: &CopyOptions,
+    ) -> Result<Option<String>, OriginError> {
+        match &self.backend {
+            Backend::S3 { client, bucket } => {
+                let source = copy_source(bucket, from);
+                if size <= opts.part_threshold {
+                    let out = self
+                        .timed("copy", from, async {
+                            client
+                                .copy_object()
+                                .bucket(bucket)
+                                .key(to)
+                                .copy_source(&source)
+                                .send()
+                                .await
+                                .map_err(|e| service("copy", from, e))
+                        })
+                        .await?;
+                    Ok(out
+                        .copy_object_result()
+                        .and_then(|r| r.e_tag())
+                        .map(str::to_owned))
+                } else {
+                    self.copy_multipart(client, bucket, &source, from, to, size, opts)
+                        .await
+                }
+            }
+            Backend::File { root } => {
+                let (src, dest) = (Self::file_path(root, from), Self::file_path(root, to));
+                let (from_key, to_key) = (from.to_owned(), to.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    let data = std::fs::read(&src).map_err(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => OriginError::NotFound {
+                            op: "copy",
+                            key: from_key.clone(),
+                        },
+                        _ => io_err("read", &src)(e),
+                    })?;
+                    file_put(&dest, &to_key, &data, false)
+                })
+                .await
+                .map_err(|e| OriginError::Service {
+                    op: "copy",
+                    key: from.to_owned(),
+                    message: e.to_string(),
+                })??;
+                Ok(None)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_multipart(
+        &self,
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        source: &str,
+        from: &str,
+        to: &str,
+        size: u64,
+        opts: &CopyOptions,
+    ) -> Result<Option<String>, OriginError> {
+        let part_size = opts.part_size.max(1);
+        let created = self
+            .timed("create multipart copy", to, async {
+                client
+                    .create_multipart_upload()
+                    .bucket(bucket)
+                    .key(to)
+                    .send()
+                    .await
+                    .map_err(|e| service("create multipart copy", to, e))
+            })
+            .await?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let parts = size.div_ceil(part_size);
+        let result: Result<Vec<CompletedPart>, OriginError> = futures::stream::iter(0..parts)
+            .map(|i| {
+                let upload_id = upload_id.clone();
+                async move {
+                    let start = i * part_size;
+                    let end = (start + part_size).min(size) - 1;
+                    let number = (i + 1) as i32;
+                    let out = self
+                        .timed("copy part", from, async {
+                            client
+                                .upload_part_copy()
+                                .bucket(bucket)
+                                .key(to)
+                                .upload_id(&upload_id)
+                                .part_number(number)
+                                .copy_source(source)
+                                .copy_source_range(format!("bytes={start}-{end}"))
+                                .send()
+                                .await
+                                .map_err(|e| service("copy part", from, e))
+                        })
+                        .await?;
+                    Ok(CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(
+                            out.copy_part_result()
+                                .and_then(|r| r.e_tag())
+                                .map(str::to_owned),
+                        )
+                        .build())
+                }
+            })
+            .buffered(opts.concurrency.max(1))
+            .try_collect()
+            .await;
+        let completed = match result {
+            Ok(parts) => {
+                self.timed("complete multipart copy", to, async {
+                    client
+                        .complete_multipart_upload()
+                        .bucket(bucket)
+                        .key(to)
+                        .upload_id(&upload_id)
+                        .multipart_upload(
+                            CompletedMultipartUpload::builder()
+                                .set_parts(Some(parts))
+                                .build(),
+                        )
+                        .send()
+                        .await
+                        .map_err(|e| service("complete multipart copy", to, e))
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match completed {
+            Ok(out) => Ok(out.e_tag().map(str::to_owned)),
+            Err(e) => {
+                // Best effort, as for uploads.
+                let _ = client
+                    .abort_multipart_upload()
+                    .bucket(bucket)
+                    .key(to)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads an object through once and returns its size and blake3 hash (nothing is kept).
+    pub async fn hash(&self, key: &str) -> Result<(u64, blake3::Hash), OriginError> {
+        self.timed("read", key, async {
+            match &self.backend {
+                Backend::S3 { client, bucket } => {
+                    let out = client
+                        .get_object()
+                        .bucket(bucket)
+                        .key(key)
+                        .send()
+                        .await
+                        .map_err(|e| service("read", key, e))?;
+                    let mut body = out.body;
+                    let mut hasher = blake3::Hasher::new();
+                    let mut n = 0u64;
+                    while let Some(chunk) =
+                        body.try_next().await.map_err(|e| OriginError::Service {
+                            op: "read",
+                            key: key.to_owned(),
+                            message: e.to_string(),
+                        })?
+                    {
+                        n += chunk.len() as u64;
+                        hasher.update(&chunk);
+                    }
+                    Ok((n, hasher.finalize()))
+                }
+                Backend::File { root } => {
+                    let path = Self::file_path(root, key);
+                    let key = key.to_owned();
+                    tokio::task::spawn_blocking(move || {
+                        let mut hasher = blake3::Hasher::new();
+                        match hasher.update_mmap(&path) {
+                            Ok(_) => Ok((hasher.count(), hasher.finalize())),
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                Err(OriginError::NotFound { op: "read", key })
+                            }
+                            Err(e) => Err(io_err("read", &path)(e)),
+                        }
+                    })
+                    .await
+                    .map_err(|e| OriginError::Service {
+                        op: "read",
+                        key: "?".into(),
+                        message: e.to_string(),
+                    })?
+                }
+            }
+        })
+        .await
+    }
+
     /// Deletes an object (no error if it is already gone).
     pub async fn delete(&self, key: &str) -> Result<(), OriginError> {
         self.timed("delete", key, async {
@@ -788,6 +996,42 @@ impl Origin {
         })
         .await
     }
+}
+
+/// How [`Origin::copy`] splits large objects.
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    /// Objects larger than this are copied in parts (S3 copies at most 5 GiB in one request).
+    pub part_threshold: u64,
+    /// The size of each copied part (S3: at least 5 MiB, except the last).
+    pub part_size: u64,
+    /// Parts copied at once.
+    pub concurrency: usize,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            part_threshold: 5 * 1024 * 1024 * 1024,
+            part_size: 512 * 1024 * 1024,
+            concurrency: 4,
+        }
+    }
+}
+
+/// The `x-amz-copy-source` value: the bucket and the percent-encoded key.
+fn copy_source(bucket: &str, key: &str) -> String {
+    // Everything but unreserved characters and '/' is encoded (RFC 3986).
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
+    format!(
+        "{bucket}/{}",
+        percent_encoding::utf8_percent_encode(key, KEEP)
+    )
 }
 
 /// Writes a file-origin object atomically: a temporary file in the same directory, then a rename (or,
