@@ -36,6 +36,10 @@ pub enum ToolError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Journal(#[from] deckhand_agent::journal::JournalError),
+    #[error(transparent)]
+    Migration(#[from] deckhand_protocol::migration::MigrationError),
     #[error("{0}")]
     Failed(String),
 }

@@ -7,6 +7,7 @@ pub mod bench_recognizer;
 pub mod demo;
 pub mod error;
 pub mod keygen;
+pub mod layout;
 pub mod locals3;
 pub mod publish;
 pub mod releases;

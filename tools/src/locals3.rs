@@ -25,6 +25,9 @@ pub struct Stats {
     gets: AtomicU64,
     down: AtomicBool,
     part_delay_ms: AtomicU64,
+    copy_delay_ms: AtomicU64,
+    copies: AtomicU64,
+    damage_copies: AtomicBool,
     /// The simulated uplink: bytes per second (0: unlimited), and when it is next free.
     uplink: AtomicU64,
     uplink_free_at: Mutex<Option<std::time::Instant>>,
@@ -57,6 +60,23 @@ impl Stats {
     pub fn set_part_delay(&self, delay: Duration) {
         self.part_delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Slows every CopyObject by `delay` (to interrupt a layout migration deterministically).
+    pub fn set_copy_delay(&self, delay: Duration) {
+        self.copy_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Server-side copies done (CopyObject and UploadPartCopy parts).
+    pub fn copies(&self) -> u64 {
+        self.copies.load(Ordering::SeqCst)
+    }
+
+    /// Makes every CopyObject write a copy one byte short (a faulty server), to test that copies are
+    /// verified.
+    pub fn set_damage_copies(&self, damage: bool) {
+        self.damage_copies.store(damage, Ordering::SeqCst);
     }
 
     /// Shares one uplink of `bytes_per_sec` among every GET (0: unlimited): each response is held back
@@ -103,6 +123,8 @@ impl Stats {
 struct Counting {
     fs: s3s_fs::FileSystem,
     stats: Arc<Stats>,
+    /// The directory s3s-fs serves (buckets are its subdirectories).
+    root: PathBuf,
 }
 
 #[async_trait::async_trait]
@@ -180,7 +202,9 @@ impl S3 for Counting {
         req: S3Request<UploadPartCopyInput>,
     ) -> S3Result<S3Response<UploadPartCopyOutput>> {
         self.stats.check_up()?;
-        self.fs.upload_part_copy(req).await
+        let out = self.fs.upload_part_copy(req).await?;
+        self.stats.copies.fetch_add(1, Ordering::SeqCst);
+        Ok(out)
     }
     async fn list_parts(
         &self,
@@ -211,9 +235,21 @@ impl S3 for Counting {
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         self.stats.check_up()?;
-        let key = req.input.key.clone();
+        let delay = self.stats.copy_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
         let out = self.fs.copy_object(req).await?;
         self.stats.record_put(&key);
+        self.stats.copies.fetch_add(1, Ordering::SeqCst);
+        if self.stats.damage_copies.load(Ordering::SeqCst) {
+            let path = self.root.join(&bucket).join(&key);
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+                let _ = f.set_len(len.saturating_sub(1));
+            }
+        }
         Ok(out)
     }
     async fn delete_object(
@@ -256,6 +292,7 @@ impl LocalS3 {
             let mut b = s3s::service::S3ServiceBuilder::new(Counting {
                 fs,
                 stats: stats.clone(),
+                root: root.to_owned(),
             });
             b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             b.build()

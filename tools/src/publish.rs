@@ -148,7 +148,16 @@ async fn localize(
             };
             let origin = Origin::connect(&url, cfg).await?;
             let dest = work.join(name);
-            origin.download(key, &dest).await?;
+            // During a layout migration an input may be named by its old or its new key: whichever holds
+            // it now is read (004 R4.3, R5.5).
+            let found = deckhand_agent::journal::locate(&origin, key)
+                .await?
+                .ok_or_else(|| {
+                    ToolError::Failed(format!(
+                        "{name} {input}: no such object, at that key or at a key a layout migration moved it to or from"
+                    ))
+                })?;
+            origin.download(&found, &dest).await?;
             Ok(dest)
         }
     }

@@ -83,7 +83,7 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
-fn describe(m: &Manifest, blob: &BlobId) -> String {
+pub fn describe(m: &Manifest, blob: &BlobId) -> String {
     if let Some(a) = m.artifacts.iter().find(|a| a.blob == *blob) {
         return format!("{} blob {blob}", a.role);
     }
@@ -140,80 +140,89 @@ pub async fn verify(
             )),
         }
     }
-    for BlobRef {
+    for b in m.blobs() {
+        let what = describe(&m, &b.blob);
+        report.blobs_checked += 1;
+        report.bytes_checked += check_blob(origin, &b, &what, work, &mut report.problems).await?;
+    }
+    Ok(report)
+}
+
+/// Checks one blob a manifest names: present, of the right size, hashing to its id, and its chunk map
+/// present, hashing to its name and agreeing with the blob chunk by chunk. Problems are pushed to
+/// `problems` naming `what`; returns the bytes read.
+pub async fn check_blob(
+    origin: &Origin,
+    b: &BlobRef,
+    what: &str,
+    work: &Path,
+    problems: &mut Vec<String>,
+) -> Result<u64, ToolError> {
+    let BlobRef {
         blob,
         size,
         chunk_map,
-    } in m.blobs()
-    {
-        let what = describe(&m, &blob);
-        report.blobs_checked += 1;
-        let blob_key = layout.blob(&blob);
-        match origin.head(&blob_key).await? {
-            None => {
-                report
-                    .problems
-                    .push(format!("{what} is missing ({blob_key})"));
-                continue;
-            }
-            Some(info) if info.size != size => {
-                report.problems.push(format!(
-                    "{what} is {} bytes, the manifest says {size} ({blob_key})",
-                    info.size
-                ));
-                continue;
-            }
-            Some(_) => {}
+    } = *b;
+    let layout = origin.layout();
+    let blob_key = layout.blob(&blob);
+    match origin.head(&blob_key).await? {
+        None => {
+            problems.push(format!("{what} is missing ({blob_key})"));
+            return Ok(0);
         }
-        let local = work.join(blob.to_hex());
-        origin.download(&blob_key, &local).await?;
-        let data = std::fs::read(&local).map_err(ToolError::io("read", &local))?;
-        let _ = std::fs::remove_file(&local);
-        report.bytes_checked += data.len() as u64;
-        let actual = BlobId::of(&data);
-        if actual != blob {
-            report
-                .problems
-                .push(format!("{what} content hashes to {actual} ({blob_key})"));
-            continue;
-        }
-        let map_key = layout.blob(&chunk_map);
-        let Some(map_bytes) = origin.get_opt(&map_key).await? else {
-            report.problems.push(format!(
-                "chunk map {chunk_map} of {what} is missing ({map_key})"
+        Some(info) if info.size != size => {
+            problems.push(format!(
+                "{what} is {} bytes, the manifest says {size} ({blob_key})",
+                info.size
             ));
-            continue;
-        };
-        if BlobId::of(&map_bytes) != chunk_map {
-            report.problems.push(format!(
-                "chunk map {chunk_map} of {what} does not hash to its name ({map_key})"
-            ));
-            continue;
+            return Ok(0);
         }
-        match ChunkMap::decode(&map_bytes) {
-            Err(e) => report
-                .problems
-                .push(format!("chunk map {chunk_map} of {what}: {e}")),
-            Ok(map) if map.blob() != blob || map.size() != size => report.problems.push(format!(
-                "chunk map {chunk_map} describes blob {} of {} bytes, not {what}",
-                map.blob(),
-                map.size()
-            )),
-            Ok(map) => {
-                for c in map.chunks() {
-                    let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
-                    if BlobId::of(&data[r]) != c.id {
-                        report.problems.push(format!(
-                            "chunk map {chunk_map}: chunk at {} does not match {what}",
-                            c.offset
-                        ));
-                        break;
-                    }
+        Some(_) => {}
+    }
+    let local = work.join(blob.to_hex());
+    origin.download(&blob_key, &local).await?;
+    let data = std::fs::read(&local).map_err(ToolError::io("read", &local))?;
+    let _ = std::fs::remove_file(&local);
+    let read = data.len() as u64;
+    let actual = BlobId::of(&data);
+    if actual != blob {
+        problems.push(format!("{what} content hashes to {actual} ({blob_key})"));
+        return Ok(read);
+    }
+    let map_key = layout.blob(&chunk_map);
+    let Some(map_bytes) = origin.get_opt(&map_key).await? else {
+        problems.push(format!(
+            "chunk map {chunk_map} of {what} is missing ({map_key})"
+        ));
+        return Ok(read);
+    };
+    if BlobId::of(&map_bytes) != chunk_map {
+        problems.push(format!(
+            "chunk map {chunk_map} of {what} does not hash to its name ({map_key})"
+        ));
+        return Ok(read);
+    }
+    match ChunkMap::decode(&map_bytes) {
+        Err(e) => problems.push(format!("chunk map {chunk_map} of {what}: {e}")),
+        Ok(map) if map.blob() != blob || map.size() != size => problems.push(format!(
+            "chunk map {chunk_map} describes blob {} of {} bytes, not {what}",
+            map.blob(),
+            map.size()
+        )),
+        Ok(map) => {
+            for c in map.chunks() {
+                let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
+                if BlobId::of(&data[r]) != c.id {
+                    problems.push(format!(
+                        "chunk map {chunk_map}: chunk at {} does not match {what}",
+                        c.offset
+                    ));
+                    break;
                 }
             }
         }
     }
-    Ok(report)
+    Ok(read)
 }
 
 /// What `bundle export` wrote.

@@ -1,0 +1,689 @@
+//! `deckhand layout`: plan, migrate, finalize, roll back and audit a bucket's key layout (seeds 003 and
+//! 004: copy, verify, wait, then delete; and a way back).
+//!
+//! The decisions (which key goes where, what a journal adds up to) are pure code in
+//! `deckhand_protocol::migration`; the journal's I/O is `deckhand_agent::journal`. This module runs the
+//! steps against the origin with bounded parallelism, recording each verified step in the journal.
+//!
+//! Every step checks before it acts, so a run killed at any point and run again neither repeats work nor
+//! loses an object: a copy made but not yet journaled is found by comparing the target with the plan; a
+//! source is deleted only after its copy was checked once more; a target is removed by a rollback only
+//! when its source is back and verified.
+
+use crate::error::ToolError;
+use crate::releases::{check_blob, describe};
+use deckhand_agent::journal::{self, Journal};
+use deckhand_agent::origin::{CopyOptions, ObjectInfo, Origin, OriginError};
+use deckhand_protocol::envelope::inspect_unverified;
+use deckhand_protocol::layout::{Key, Name};
+use deckhand_protocol::manifest::BlobRef;
+use deckhand_protocol::migration::{self, Listed, Move, Plan, Record, Rules, VerifiedBy};
+use deckhand_protocol::{BlobId, TrustPolicy};
+use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal as _;
+use std::path::Path;
+
+/// How a copy is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Size and entity tag; where the tags cannot be compared (a multipart source, a copy made in parts),
+    /// the content of both objects is hashed.
+    Etag,
+    /// Size, and the content of both objects hashed, always.
+    Content,
+}
+
+/// How `migrate` runs.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// Copies in flight at once.
+    pub parallel: usize,
+    /// Steps per journal batch (a killed run redoes at most this many checks, never a copy).
+    pub batch: usize,
+    pub verify: VerifyMode,
+    pub copy: CopyOptions,
+    pub progress: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            parallel: 16,
+            batch: 64,
+            verify: VerifyMode::Etag,
+            copy: CopyOptions::default(),
+            progress: true,
+        }
+    }
+}
+
+/// What a `migrate`, `finalize` or `rollback` run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepReport {
+    pub journal: String,
+    /// Steps this run did (copies, deletions, restores, removals).
+    pub done: usize,
+    /// Steps an earlier run had already done and journaled.
+    pub already: usize,
+    /// Steps not due yet (finalize: copies younger than --min-age).
+    pub waiting: usize,
+    pub bytes: u64,
+    /// Steps that failed, each with the key and the reason; the object was left as it was.
+    pub failures: Vec<String>,
+}
+
+fn bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} objects, {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Lists the origin and classifies every key.
+pub async fn plan(origin: &Origin, rules: &Rules) -> Result<Plan, ToolError> {
+    let layout = origin.layout();
+    // S3 lists every object with its entity tag; where a server does not, HEAD asks for it (objects that
+    // meet at one new key are compared by it).
+    let listing: Vec<Listed> = futures::stream::iter(origin.list(&layout.root()).await?)
+        .map(|o| async move {
+            let etag = match o.etag {
+                Some(e) => Some(e),
+                None => origin.head(&o.key).await?.and_then(|i| i.etag),
+            };
+            Ok::<_, OriginError>(Listed {
+                key: o.key,
+                size: o.size,
+                etag,
+            })
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    Ok(migration::plan(
+        layout,
+        rules,
+        &listing,
+        &origin.url().to_string(),
+        Timestamp::now(),
+    ))
+}
+
+/// Whether an object still is what was listed or recorded: same size, and the same entity tag where both
+/// are known.
+fn same(info: &ObjectInfo, size: u64, etag: &Option<String>) -> bool {
+    info.size == size
+        && match (&info.etag, etag) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+}
+
+/// Checks that `target` holds what `source` holds.
+async fn verify_copy(
+    origin: &Origin,
+    source: (&str, &ObjectInfo),
+    target: &str,
+    mode: VerifyMode,
+) -> Result<(VerifiedBy, Option<String>), String> {
+    let (skey, sinfo) = source;
+    let tinfo = origin
+        .head(target)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{target}: the copy of {skey} is missing right after copying"))?;
+    if tinfo.size != sinfo.size {
+        return Err(format!(
+            "{target}: the copy is {} bytes, the source {skey} {} bytes",
+            tinfo.size, sinfo.size
+        ));
+    }
+    if mode == VerifyMode::Etag && sinfo.etag.is_some() && tinfo.etag == sinfo.etag {
+        return Ok((VerifiedBy::Etag, tinfo.etag));
+    }
+    let (a, b) = tokio::join!(origin.hash(skey), origin.hash(target));
+    let (a, b) = (a.map_err(|e| e.to_string())?, b.map_err(|e| e.to_string())?);
+    if a != b {
+        return Err(format!(
+            "{target}: the copy's content differs from {skey} (blake3 {} against {})",
+            b.1.to_hex(),
+            a.1.to_hex()
+        ));
+    }
+    Ok((VerifiedBy::Content, tinfo.etag))
+}
+
+/// Copies one planned move, or finds the copy an interrupted run made, and verifies it.
+async fn copy_one(origin: &Origin, m: &Move, opts: &MigrateOptions) -> Result<Record, String> {
+    let src = origin
+        .head(&m.source)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{}: the source is gone", m.source))?;
+    if !same(&src, m.size, &m.etag) {
+        return Err(format!(
+            "{}: changed since the plan was made ({} bytes, tag {:?}; planned {} bytes, tag {:?}); make a new plan",
+            m.source, src.size, src.etag, m.size, m.etag
+        ));
+    }
+    let existing = origin.head(&m.target).await.map_err(|e| e.to_string())?;
+    match existing {
+        Some(t) if same(&t, m.size, &m.etag) => {
+            // Copied by an earlier, interrupted run (or it held this content already): verified below.
+        }
+        Some(t) if m.target_existed => {
+            return Err(format!(
+                "{}: changed since the plan was made ({} bytes, tag {:?}); make a new plan",
+                m.target, t.size, t.etag
+            ));
+        }
+        _ => {
+            origin
+                .copy(&m.source, &m.target, m.size, &opts.copy)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let (verified, target_etag) =
+        verify_copy(origin, (&m.source, &src), &m.target, opts.verify).await?;
+    Ok(Record::Copied {
+        source: m.source.clone(),
+        target: m.target.clone(),
+        size: m.size,
+        etag: src.etag,
+        target_etag,
+        created: !m.target_existed,
+        verified,
+        at: Timestamp::now(),
+    })
+}
+
+/// Runs `step` over `items` with `parallel` in flight, journaling the records of each batch as it
+/// completes. Failures are collected, not fatal: the other objects still move.
+#[allow(clippy::too_many_arguments)]
+async fn run_steps<'a, T, F, Fut>(
+    origin: &Origin,
+    journal: &mut Journal,
+    items: Vec<&'a T>,
+    batch: usize,
+    parallel: usize,
+    bar: &ProgressBar,
+    report: &mut StepReport,
+    step: F,
+) -> Result<(), ToolError>
+where
+    F: Fn(&'a T) -> Fut,
+    Fut: Future<Output = Result<(Record, u64), String>>,
+{
+    for chunk in items.chunks(batch.max(1)) {
+        let results: Vec<_> = futures::stream::iter(chunk.iter().map(|&item| step(item)))
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+        let mut records = Vec::new();
+        for r in results {
+            bar.inc(1);
+            match r {
+                Ok((record, bytes)) => {
+                    report.done += 1;
+                    report.bytes += bytes;
+                    records.push(record);
+                }
+                Err(why) => {
+                    tracing::warn!(problem = %why, "layout step failed");
+                    report.failures.push(why);
+                }
+            }
+        }
+        journal.append(origin, records).await?;
+    }
+    Ok(())
+}
+
+/// Copies every move of `plan` not yet journaled, verifying each copy. Deletes nothing.
+pub async fn migrate(
+    origin: &Origin,
+    plan: &Plan,
+    opts: &MigrateOptions,
+) -> Result<StepReport, ToolError> {
+    if plan.origin != origin.url().to_string() {
+        return Err(ToolError::Failed(format!(
+            "the plan was made for {}, not {}",
+            plan.origin,
+            origin.url()
+        )));
+    }
+    let mut journal = Journal::create_or_resume(origin, plan).await?;
+    let mut report = StepReport {
+        journal: journal.id.to_string(),
+        ..StepReport::default()
+    };
+    if !journal.state.deleted.is_empty() || !journal.state.restored.is_empty() {
+        return Err(ToolError::Failed(format!(
+            "journal {} was already finalized or rolled back; make a new plan",
+            journal.id
+        )));
+    }
+    let todo: Vec<&Move> = plan
+        .moves
+        .iter()
+        .filter(|m| !journal.state.copied.contains_key(&m.source))
+        .collect();
+    report.already = plan.moves.len() - todo.len();
+    let bar = bar(opts.progress, todo.len() as u64, "copying");
+    tracing::info!(journal = %journal.id, todo = todo.len(), already = report.already, "migrating");
+    run_steps(
+        origin,
+        &mut journal,
+        todo,
+        opts.batch,
+        opts.parallel,
+        &bar,
+        &mut report,
+        |m| async move { copy_one(origin, m, opts).await.map(|r| (r, m.size)) },
+    )
+    .await?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+/// Deletes the source of every verified copy at least `min_age` old, after checking both objects once
+/// more.
+pub async fn finalize(
+    origin: &Origin,
+    journal_id: &Name,
+    min_age: SignedDuration,
+    parallel: usize,
+    progress: bool,
+) -> Result<StepReport, ToolError> {
+    let mut journal = Journal::load(origin, journal_id).await?;
+    if !journal.state.restored.is_empty() || !journal.state.removed.is_empty() {
+        return Err(ToolError::Failed(format!(
+            "journal {journal_id} was rolled back; nothing is deleted"
+        )));
+    }
+    let now = Timestamp::now();
+    let due: Vec<Record> = journal
+        .state
+        .finalizable(now, min_age)
+        .into_iter()
+        .cloned()
+        .collect();
+    let mut report = StepReport {
+        journal: journal_id.to_string(),
+        already: journal.state.deleted.len(),
+        waiting: journal
+            .state
+            .copied
+            .len()
+            .saturating_sub(journal.state.deleted.len() + due.len()),
+        ..StepReport::default()
+    };
+    let bar = bar(progress, due.len() as u64, "deleting");
+    run_steps(
+        origin,
+        &mut journal,
+        due.iter().collect(),
+        64,
+        parallel,
+        &bar,
+        &mut report,
+        |r| async move { delete_source(origin, r).await },
+    )
+    .await?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+async fn delete_source(origin: &Origin, r: &Record) -> Result<(Record, u64), String> {
+    let Record::Copied {
+        source,
+        target,
+        size,
+        etag,
+        target_etag,
+        ..
+    } = r
+    else {
+        return Err("not a copy record".into());
+    };
+    match origin.head(target).await.map_err(|e| e.to_string())? {
+        Some(t) if same(&t, *size, target_etag) => {}
+        Some(t) => {
+            return Err(format!(
+                "{target}: the copy changed since it was verified ({} bytes, tag {:?}); {source} kept",
+                t.size, t.etag
+            ));
+        }
+        None => return Err(format!("{target}: the copy is gone; {source} kept")),
+    }
+    match origin.head(source).await.map_err(|e| e.to_string())? {
+        // Deleted by an earlier run killed before it journaled the deletion.
+        None => {}
+        Some(s) if same(&s, *size, etag) => {
+            origin.delete(source).await.map_err(|e| e.to_string())?;
+        }
+        Some(s) => {
+            return Err(format!(
+                "{source}: changed since it was copied ({} bytes, tag {:?}); kept",
+                s.size, s.etag
+            ));
+        }
+    }
+    Ok((
+        Record::Deleted {
+            source: source.clone(),
+            at: Timestamp::now(),
+        },
+        *size,
+    ))
+}
+
+/// Restores the layout a journal started from: copies back every deleted source (verified), then removes
+/// every target the migration created, once its source is in place.
+pub async fn rollback(
+    origin: &Origin,
+    journal_id: &Name,
+    opts: &MigrateOptions,
+) -> Result<StepReport, ToolError> {
+    let mut journal = Journal::load(origin, journal_id).await?;
+    let mut report = StepReport {
+        journal: journal_id.to_string(),
+        ..StepReport::default()
+    };
+    let state = journal.state.clone();
+    // 1. Copy back what finalize deleted.
+    let restore: Vec<&Record> = state
+        .copied
+        .values()
+        .filter(|r| match r {
+            Record::Copied { source, .. } => {
+                state.deleted.contains(source) && !state.restored.contains(source)
+            }
+            _ => false,
+        })
+        .collect();
+    report.already += state.restored.len();
+    // 2. Remove created targets: journaled copies, and copies an interrupted migrate made before it could
+    //    journal them (a planned target the plan did not find, present now).
+    let mut remove: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    for r in state.copied.values() {
+        if let Record::Copied {
+            source,
+            target,
+            size,
+            created: true,
+            ..
+        } = r
+            && !state.removed.contains(target)
+        {
+            remove.insert(target.clone(), (source.clone(), *size));
+        }
+    }
+    for m in &journal.plan.moves {
+        if !m.target_existed
+            && !state.copied.contains_key(&m.source)
+            && !state.removed.contains(&m.target)
+        {
+            remove
+                .entry(m.target.clone())
+                .or_insert((m.source.clone(), m.size));
+        }
+    }
+    report.already += state.removed.len();
+    let bar = bar(
+        opts.progress,
+        (restore.len() + remove.len()) as u64,
+        "restoring",
+    );
+    run_steps(
+        origin,
+        &mut journal,
+        restore,
+        opts.batch,
+        opts.parallel,
+        &bar,
+        &mut report,
+        |r| async move { restore_source(origin, r, opts).await },
+    )
+    .await?;
+    let removals: Vec<(String, (String, u64))> = remove.into_iter().collect();
+    run_steps(
+        origin,
+        &mut journal,
+        removals.iter().collect(),
+        opts.batch,
+        opts.parallel,
+        &bar,
+        &mut report,
+        |(target, (source, size))| async move {
+            remove_target(origin, source, target, *size).await
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+async fn restore_source(
+    origin: &Origin,
+    r: &Record,
+    opts: &MigrateOptions,
+) -> Result<(Record, u64), String> {
+    let Record::Copied {
+        source,
+        target,
+        size,
+        etag,
+        ..
+    } = r
+    else {
+        return Err("not a copy record".into());
+    };
+    let done = |size| {
+        Ok((
+            Record::Restored {
+                source: source.clone(),
+                at: Timestamp::now(),
+            },
+            size,
+        ))
+    };
+    let tinfo = origin
+        .head(target)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{target}: gone, so {source} cannot be restored from it"))?;
+    if let Some(s) = origin.head(source).await.map_err(|e| e.to_string())?
+        && same(&s, *size, etag)
+    {
+        // Restored by an earlier run killed before it journaled the restore: check it.
+        verify_copy(origin, (target, &tinfo), source, opts.verify).await?;
+        return done(0);
+    }
+    origin
+        .copy(target, source, tinfo.size, &opts.copy)
+        .await
+        .map_err(|e| e.to_string())?;
+    verify_copy(origin, (target, &tinfo), source, opts.verify).await?;
+    done(*size)
+}
+
+async fn remove_target(
+    origin: &Origin,
+    source: &str,
+    target: &str,
+    size: u64,
+) -> Result<(Record, u64), String> {
+    // Never remove the only copy: the source must be in place with the planned size.
+    match origin.head(source).await.map_err(|e| e.to_string())? {
+        Some(s) if s.size == size => {}
+        Some(s) => {
+            return Err(format!(
+                "{source}: {} bytes, not {size}; {target} kept",
+                s.size
+            ));
+        }
+        None => return Err(format!("{source}: missing; {target} kept")),
+    }
+    match origin.delete(target).await {
+        Ok(()) | Err(OriginError::NotFound { .. }) => Ok((
+            Record::Removed {
+                target: target.to_owned(),
+                at: Timestamp::now(),
+            },
+            0,
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Objects and bytes under one top-level folder.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct FolderCount {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// What `audit` found. Every list is sorted.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuditReport {
+    pub objects: u64,
+    pub bytes: u64,
+    pub folders: BTreeMap<String, FolderCount>,
+    /// Keys that do not fit the layout, with the reason.
+    pub misplaced: Vec<String>,
+    /// Legacy keys a migration copied and has not finalized: in place on purpose, not violations.
+    pub awaiting_finalize: u64,
+    /// Manifests that do not verify or cannot be read.
+    pub bad_manifests: Vec<String>,
+    pub manifests: u64,
+    pub blobs_checked: u64,
+    /// Blobs or chunk maps a manifest names that are missing, of the wrong size or content.
+    pub missing: Vec<String>,
+    /// Migrated copies that are no longer reachable at their new key.
+    pub unreachable: Vec<String>,
+    /// Content-addressed objects no manifest names.
+    pub orphans: Vec<String>,
+}
+
+impl AuditReport {
+    pub fn violations(&self) -> usize {
+        self.misplaced.len()
+            + self.bad_manifests.len()
+            + self.missing.len()
+            + self.unreachable.len()
+            + self.orphans.len()
+    }
+}
+
+/// Checks a whole origin: every key fits the layout (legacy keys of an unfinished migration excepted);
+/// every manifest reads (and verifies, with `trust`); every blob and chunk map a manifest names is present
+/// with the right size and hash; every migrated copy is reachable; no blob is orphaned.
+pub async fn audit(
+    origin: &Origin,
+    trust: Option<&TrustPolicy>,
+    work: &Path,
+) -> Result<AuditReport, ToolError> {
+    let layout = origin.layout();
+    let root = layout.root();
+    let listing = origin.list(&root).await?;
+    let journals = journal::journals(origin).await?;
+    let migrating: BTreeSet<&str> = journals
+        .iter()
+        .flat_map(|j| j.state.migrating_sources())
+        .collect();
+    let mut report = AuditReport::default();
+    let mut manifests = Vec::new();
+    let mut blobs_present = BTreeSet::new();
+    for obj in &listing {
+        report.objects += 1;
+        report.bytes += obj.size;
+        let rel = obj.key.strip_prefix(root.as_str()).unwrap_or(&obj.key);
+        let top = rel.split('/').next().unwrap_or_default();
+        let f = report.folders.entry(top.to_owned()).or_default();
+        f.objects += 1;
+        f.bytes += obj.size;
+        match layout.classify(&obj.key) {
+            Ok(Key::Manifest { .. } | Key::Current { .. }) => manifests.push(obj.key.clone()),
+            Ok(Key::Blob(id)) => {
+                blobs_present.insert(id);
+            }
+            Ok(_) => {}
+            Err(_) if migrating.contains(obj.key.as_str()) => report.awaiting_finalize += 1,
+            Err(e) => report.misplaced.push(e.to_string()),
+        }
+    }
+    // Manifests and what they name.
+    let mut named: BTreeMap<BlobRef, String> = BTreeMap::new();
+    let mut maps = BTreeSet::new();
+    for key in &manifests {
+        report.manifests += 1;
+        let bytes = origin.get(key).await?;
+        let m = match trust {
+            Some(t) => t
+                .verify(&bytes, Timestamp::now())
+                .map(|v| v.manifest)
+                .or_else(|e| match e {
+                    // An expired manifest is history, not a violation: its blobs are still checked.
+                    deckhand_protocol::VerifyError::Expired { .. } => {
+                        t.verify_ignoring_expiry(&bytes).map(|v| v.manifest)
+                    }
+                    other => Err(other),
+                }),
+            None => inspect_unverified(&bytes),
+        };
+        match m {
+            Ok(m) => {
+                for b in m.blobs() {
+                    maps.insert(b.chunk_map);
+                    named
+                        .entry(b)
+                        .or_insert_with(|| format!("{} of {key}", describe(&m, &b.blob)));
+                }
+            }
+            Err(e) => report.bad_manifests.push(format!("{key}: {e}")),
+        }
+    }
+    for (b, what) in &named {
+        report.blobs_checked += 1;
+        check_blob(origin, b, what, work, &mut report.missing).await?;
+    }
+    let named_ids: BTreeSet<BlobId> = named.keys().map(|b| b.blob).chain(maps).collect();
+    report.orphans = blobs_present
+        .difference(&named_ids)
+        .map(|id| format!("{} is named by no manifest", layout.blob(id)))
+        .collect();
+    // Migrated copies must be reachable at their new keys (R4.4, R6.2).
+    let present: BTreeMap<&str, u64> = listing.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    for j in &journals {
+        if !j.state.restored.is_empty() || !j.state.removed.is_empty() {
+            continue; // rolled back: the old layout is the live one
+        }
+        for r in j.state.copied.values() {
+            if let Record::Copied { target, size, .. } = r
+                && present.get(target.as_str()) != Some(size)
+            {
+                report.unreachable.push(format!(
+                    "{target} (journal {}): missing or not {size} bytes",
+                    j.id
+                ));
+            }
+        }
+    }
+    report.misplaced.sort();
+    report.missing.sort();
+    Ok(report)
+}
