@@ -292,6 +292,7 @@ pub async fn run_with(
                 "offline_since": sync.offline_since,
                 "last_error": sync.last_error,
                 "last_refused": service.last_refusal(),
+                "last_refused_manifest": sync.last_refused_manifest,
                 "bytes_from_peers": sync.bytes_from_peers,
                 "bytes_from_origin": sync.bytes_from_origin,
                 "bytes_from_bundles": sync.bytes_from_bundles,

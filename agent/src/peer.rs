@@ -86,6 +86,8 @@ pub struct LocalState {
     pub pending: Option<ReleaseRef>,
     /// The newest accepted, verified envelope: relayed to peers that ask.
     pub envelope: Option<Vec<u8>>,
+    /// Whether this agent can fetch from the origin now.
+    pub origin: bool,
 }
 
 impl LocalState {
@@ -127,6 +129,11 @@ pub struct PeerInfo {
     pub deployment: Option<String>,
     pub active: Option<u64>,
     pub pending: Option<u64>,
+    /// The version the peer serves (its active release).
+    pub version: Option<u64>,
+    /// When it last answered a Hello (RFC 3339), and until when it is banned.
+    pub last_seen: Option<String>,
+    pub banned_until: Option<String>,
     pub banned: bool,
     pub bytes_from: u64,
     pub bytes_to: u64,
@@ -296,10 +303,17 @@ impl PeerNode {
         }
     }
 
-    /// Updates what this agent announces, and tells connected peers at once.
+    /// Updates what this agent announces, and tells connected peers at once if it changed.
     pub fn set_local(&self, state: LocalState) {
         if let Ok(mut l) = self.inner.local.lock() {
+            let same = l.active == state.active
+                && l.pending == state.pending
+                && l.origin == state.origin
+                && l.envelope == state.envelope;
             *l = state;
+            if same {
+                return;
+            }
         }
         self.inner.changed.notify_one();
     }
@@ -320,6 +334,7 @@ impl PeerNode {
             active: l.active,
             pending: l.pending,
             listen: self.inner.listen.to_string(),
+            origin: l.origin,
         }
     }
 
@@ -338,6 +353,9 @@ impl PeerNode {
                 deployment: p.hello.as_ref().map(|h| h.deployment.clone()),
                 active: p.hello.as_ref().and_then(|h| h.active.map(|r| r.version)),
                 pending: p.hello.as_ref().and_then(|h| h.pending.map(|r| r.version)),
+                version: p.hello.as_ref().and_then(|h| h.active.map(|r| r.version)),
+                last_seen: p.last_hello.map(|t| wall(now, t)),
+                banned_until: p.banned_until.filter(|t| *t > now).map(|t| wall(now, t)),
                 banned: p.banned(now),
                 bytes_from: p.bytes_from,
                 bytes_to: p.bytes_to,
@@ -916,6 +934,21 @@ impl PeerNode {
             futures::future::join_all(jobs).await;
         }
     }
+}
+
+/// An instant as wall-clock time (RFC 3339).
+fn wall(now: Instant, t: Instant) -> String {
+    let ts = jiff::Timestamp::now();
+    let shifted = if t >= now {
+        jiff::SignedDuration::try_from(t - now)
+            .ok()
+            .and_then(|d| ts.checked_add(d).ok())
+    } else {
+        jiff::SignedDuration::try_from(now - t)
+            .ok()
+            .and_then(|d| ts.checked_sub(d).ok())
+    };
+    shifted.unwrap_or(ts).to_string()
 }
 
 fn unexpected(peer: &str, what: &'static str, r: Response) -> PeerError {

@@ -68,6 +68,8 @@ pub struct SyncStatus {
     pub bytes_from_peers: u64,
     pub bytes_from_origin: u64,
     pub bytes_from_bundles: u64,
+    /// The last manifest refused as older than what this agent accepted (a replay), and from where.
+    pub last_refused_manifest: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -125,6 +127,12 @@ pub enum SyncError {
     Store(#[from] deckhand_store::StoreError),
     #[error(transparent)]
     Peer(#[from] crate::peer::PeerError),
+    #[error("release {version} was superseded by version {newer}, announced by peer {peer}")]
+    Superseded {
+        version: u64,
+        newer: u64,
+        peer: String,
+    },
     #[error("no progress for {secs} s on release {version}: {why}")]
     Stalled {
         version: u64,
@@ -148,6 +156,10 @@ pub struct Engine {
     status: Arc<Mutex<SyncStatus>>,
     peers: Option<PeerNode>,
     origin_down_until: Arc<Mutex<Option<Instant>>>,
+    /// Whether the last request to the origin succeeded (what peers are told).
+    origin_last_ok: Arc<std::sync::atomic::AtomicBool>,
+    /// The release being fetched, announced to peers as pending.
+    pending: Arc<Mutex<Option<VerifiedManifest>>>,
     started: Instant,
 }
 
@@ -173,13 +185,15 @@ impl Engine {
             status,
             peers,
             origin_down_until: Arc::new(Mutex::new(None)),
+            pending: Arc::new(Mutex::new(None)),
+            origin_last_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             started: Instant::now(),
         }
     }
 
     /// Runs until `stop` turns true.
     pub async fn run(self, mut inputs: Inputs, mut stop: tokio::sync::watch::Receiver<bool>) {
-        self.announce(None);
+        self.announce();
         let mut etag: Option<String> = None;
         let mut backoff = self.cfg.poll;
         let mut next_poll = tokio::time::Instant::now();
@@ -282,9 +296,11 @@ impl Engine {
         }
     }
 
-    /// Tells peers what this agent holds and wants.
-    fn announce(&self, pending: Option<&VerifiedManifest>) {
+    /// Tells peers what this agent holds and wants (when that changed).
+    fn announce(&self) {
         let Some(node) = &self.peers else { return };
+        let pending = self.pending.lock().ok().and_then(|p| p.clone());
+        let pending = pending.as_ref();
         let active = self.service.active().map(|r| ReleaseRef {
             version: r.version,
             manifest: r.manifest_id,
@@ -300,6 +316,7 @@ impl Engine {
                 manifest: v.id,
             }),
             envelope,
+            origin: self.origin_reachable(),
         });
     }
 
@@ -327,6 +344,9 @@ impl Engine {
             }
             Err(ActivationError::Verify(e @ VerifyError::Stale { .. })) => {
                 tracing::warn!(source = %from.label(), cause = %e, "an older manifest was offered; refused");
+                if let Ok(mut s) = self.status.lock() {
+                    s.last_refused_manifest = Some(format!("from {}: {e}", from.label()));
+                }
                 Ok(None)
             }
             Err(e) => Err(e.into()),
@@ -359,6 +379,22 @@ impl Engine {
             return Ok(());
         };
         let envelope = node.get_manifest(&h.peer).await?;
+        // A fleet member that relays a forged manifest, or announces one version and relays an older
+        // one (a replay), is lying: banned.
+        match self.cfg.policy.verify_ignoring_expiry(&envelope) {
+            Ok(v) if v.manifest.version < h.version => node.ban(
+                &h.peer,
+                &format!(
+                    "announced version {} but relayed version {}",
+                    h.version, v.manifest.version
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => node.ban(
+                &h.peer,
+                &format!("relayed a manifest that does not verify: {e}"),
+            ),
+        }
         let from = Via::Peer(h.peer.clone());
         match self.admit(&envelope, &from) {
             Ok(Some(v)) => self.fetch_and_activate(&v, from).await,
@@ -399,10 +435,13 @@ impl Engine {
     }
 
     fn origin_failed(&self, e: &OriginError) {
-        if e.is_unreachable()
-            && let Ok(mut d) = self.origin_down_until.lock()
-        {
-            *d = Some(Instant::now() + ORIGIN_RETRY);
+        if e.is_unreachable() {
+            if let Ok(mut d) = self.origin_down_until.lock() {
+                *d = Some(Instant::now() + ORIGIN_RETRY);
+            }
+            self.origin_last_ok
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            self.announce();
         }
     }
 
@@ -410,6 +449,17 @@ impl Engine {
         if let Ok(mut d) = self.origin_down_until.lock() {
             *d = None;
         }
+        self.origin_last_ok
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.announce();
+    }
+
+    /// Configured, and the last request to it succeeded: this agent shares the origin fetches.
+    fn origin_reachable(&self) -> bool {
+        self.cfg.origin.is_some()
+            && self
+                .origin_last_ok
+                .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn origin_usable(&self) -> bool {
@@ -440,7 +490,10 @@ impl Engine {
                 ..Pending::default()
             });
         }
-        self.announce(Some(v));
+        if let Ok(mut p) = self.pending.lock() {
+            *p = Some(v.clone());
+        }
+        self.announce();
         self.store
             .set_pin("pending", &activation::release_blobs(m))?;
         let sizes: Vec<_> = blobs.iter().map(|b| (b.blob, b.size)).collect();
@@ -459,9 +512,11 @@ impl Engine {
             version: m.version,
             manifest: v.id,
         };
+        let mut have = 0;
         for b in &blobs {
-            self.fetch_blob(b, &release).await?;
-            self.pending_update(|p| p.bytes_have += b.size);
+            self.fetch_blob(b, &release, have).await?;
+            have += b.size;
+            self.pending_update(|p| p.bytes_have = have);
         }
         self.activate(v).await
     }
@@ -491,6 +546,9 @@ impl Engine {
         if let Ok(mut s) = self.status.lock() {
             s.pending = None;
         }
+        if let Ok(mut p) = self.pending.lock() {
+            *p = None;
+        }
         self.store.set_meta(META_PENDING, b"", true)?;
         match result {
             Ok(()) => {
@@ -508,23 +566,37 @@ impl Engine {
                 tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");
             }
         }
-        self.announce(None);
+        self.announce();
         Ok(())
     }
 
-    /// Peers that hold or want `release`: (id, wants it, holds it all).
+    /// Usable peers, each with whether it shares the origin fetches of `release`: it wants the release
+    /// too and can reach the origin. Any peer may hold chunks of it (from an older release, say), so all
+    /// are asked for bitmaps.
     fn sharing(&self, release: &ReleaseRef) -> Vec<(String, bool)> {
         let Some(node) = &self.peers else {
             return Vec::new();
         };
         node.usable()
             .into_iter()
-            .filter_map(|(id, h)| {
+            .map(|(id, h)| {
                 let wants = h.pending.is_some_and(|r| r.manifest == release.manifest);
-                let holds = h.active.is_some_and(|r| r.manifest == release.manifest);
-                (wants || holds).then_some((id, wants))
+                (id, wants && h.origin)
             })
             .collect()
+    }
+
+    /// A usable peer announcing a release newer than `release`: downloading it is pointless.
+    fn superseded(&self, release: &ReleaseRef) -> Option<(String, u64)> {
+        let node = self.peers.as_ref()?;
+        node.usable().into_iter().find_map(|(id, h)| {
+            let newest = [h.active, h.pending]
+                .iter()
+                .flatten()
+                .map(|r| r.version)
+                .max()?;
+            (newest > release.version).then_some((id, newest))
+        })
     }
 
     async fn chunk_map(&self, b: &BlobRef, release: &ReleaseRef) -> Result<ChunkMap, SyncError> {
@@ -588,8 +660,14 @@ impl Engine {
         }
     }
 
-    /// Brings one blob into the store.
-    async fn fetch_blob(&self, b: &BlobRef, release: &ReleaseRef) -> Result<(), SyncError> {
+    /// Brings one blob into the store. `before`: the bytes of the release's blobs already complete (for
+    /// the progress in status).
+    async fn fetch_blob(
+        &self,
+        b: &BlobRef,
+        release: &ReleaseRef,
+        before: u64,
+    ) -> Result<(), SyncError> {
         if self.store.has(&b.blob)? {
             return Ok(());
         }
@@ -624,6 +702,8 @@ impl Engine {
             if missing.is_empty() {
                 break;
             }
+            let lacking: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+            self.pending_update(|p| p.bytes_have = before + b.size.saturating_sub(lacking));
             let now_i = Instant::now();
             if missing.len() < last_missing {
                 last_missing = missing.len();
@@ -644,10 +724,24 @@ impl Engine {
                     ),
                 });
             }
+            if let Some((peer, newer)) = self.superseded(release) {
+                return Err(SyncError::Superseded {
+                    version: release.version,
+                    newer,
+                    peer,
+                });
+            }
             let now = self.started.elapsed();
             // Who shares this release, and what they hold.
             let sharing = self.sharing(release);
-            let mut group = vec![me.clone()];
+            let origin_ok = self.origin_usable();
+            // Tell peers whether this agent can still reach the origin (only when that changed).
+            self.announce();
+            let mut group: Vec<String> = self
+                .origin_reachable()
+                .then(|| me.clone())
+                .into_iter()
+                .collect();
             group.extend(sharing.iter().filter(|(_, w)| *w).map(|(p, _)| p.clone()));
             let bitmaps = self.bitmaps(&sharing, &b.blob).await;
             for (peer, bits) in &bitmaps {
@@ -657,7 +751,6 @@ impl Engine {
                     *e = (count, now);
                 }
             }
-            let origin_ok = self.origin_usable();
             let mut to_peer: Vec<(String, Chunk)> = Vec::new();
             let mut to_origin: Vec<Chunk> = Vec::new();
             let mut origin_bytes = 0u64;
@@ -749,7 +842,10 @@ impl Engine {
                         let n = data.len() as u64;
                         let s = self.store.clone();
                         match tokio::task::spawn_blocking(move || s.put_chunk(&c.id, &data)).await {
-                            Ok(Ok(_)) => self.account(Source::Peer, n),
+                            Ok(Ok(_)) => {
+                                self.account(Source::Peer, n);
+                                self.pending_update(|p| p.bytes_have += n);
+                            }
                             Ok(Err(e)) => tracing::warn!(peer = %peer, cause = %e, "chunk not stored"),
                             Err(e) => tracing::warn!(cause = %e, "store worker stopped"),
                         }
@@ -791,6 +887,7 @@ impl Engine {
                         .copied()
                         .collect();
                     let s = self.store.clone();
+                    let inside_bytes: u64 = inside.iter().map(|c| u64::from(c.len)).sum();
                     let stored = tokio::task::spawn_blocking(move || {
                         for c in inside {
                             let at = (c.offset - range.start) as usize;
@@ -807,7 +904,7 @@ impl Engine {
                     })
                     .await;
                     match stored {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => self.pending_update(|p| p.bytes_have += inside_bytes),
                         Ok(Err(e)) => tracing::warn!(cause = %e, "origin bytes not stored"),
                         Err(e) => tracing::warn!(cause = %e, "store worker stopped"),
                     }

@@ -69,6 +69,8 @@ pub struct Hello {
     pub pending: Option<ReleaseRef>,
     /// The address the agent's QUIC endpoint listens on, as the agent sees it.
     pub listen: String,
+    /// Whether the agent can fetch from the origin now: only such agents share the origin fetches.
+    pub origin: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,6 +173,7 @@ impl W {
         self.release(&h.active);
         self.release(&h.pending);
         self.bytes(h.listen.as_bytes());
+        self.0.push(u8::from(h.origin));
     }
     fn finish(mut self) -> Vec<u8> {
         let len = (self.0.len() - 4) as u32;
@@ -234,6 +237,11 @@ impl<'a> R<'a> {
             active: self.release("active release")?,
             pending: self.release("pending release")?,
             listen: self.string("listen address")?,
+            origin: match self.u8("origin flag")? {
+                0 => false,
+                1 => true,
+                other => return Err(WireError::Flag(other)),
+            },
         })
     }
     fn end<T>(self, value: T) -> Result<T, WireError> {
@@ -404,6 +412,7 @@ mod tests {
             }),
             pending: None,
             listen: "127.0.0.1:7000".into(),
+            origin: true,
         }
     }
 

@@ -110,9 +110,21 @@ impl Agent {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // DECKHAND_TEST_AGENT_LOGS=DIR keeps each agent's log in DIR (for debugging a test).
+        let stderr = match std::env::var_os("DECKHAND_TEST_AGENT_LOGS") {
+            Some(dir) => {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let path = Path::new(&dir).join(format!("agent-{}-{n}.log", std::process::id()));
+                std::fs::File::create(&path)
+                    .map(std::process::Stdio::from)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            }
+            None => std::process::Stdio::null(),
+        };
         let mut child = cmd
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start deckhand-agent: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
@@ -251,10 +263,18 @@ impl TestFleet {
     /// Enrolls `name` and returns the flags an agent needs to use it (QUIC on a free loopback port, no
     /// mDNS).
     pub fn agent_args(&self, name: &str) -> Vec<String> {
-        let (crt, key) = self
-            .ca
+        self.ca
             .enroll(name, 30, &self.dir)
             .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
+        self.existing_args(name)
+    }
+
+    /// The flags for an agent enrolled before.
+    pub fn existing_args(&self, name: &str) -> Vec<String> {
+        let (crt, key) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
         vec![
             "--fleet-ca".into(),
             self.ca.cert_path().display().to_string(),
