@@ -727,18 +727,12 @@ pub fn write_sized_release(
 ) -> Result<crate::release::ReleaseFiles, String> {
     let files = write_reference_release(dir, spec)?;
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let others: u64 = [
-        &files.onnx,
-        &files.index,
-        &files.labels,
-        &files.metadata,
-        &files.canaries[0].0,
-        &files.canaries[1].0,
-    ]
-    .into_iter()
-    .chain(files.embeddings.as_ref())
-    .map(|p| size(p))
-    .sum();
+    let others: u64 = files
+        .paths()
+        .into_iter()
+        .filter(|p| *p != files.hef)
+        .map(size)
+        .sum();
     let mut body = standin_hef_body(224, 14, spec.dim, spec.seed);
     let header = (hef_v0(&[]).len()) as u64;
     let pad = total_bytes.saturating_sub(others + header + body.len() as u64);

@@ -627,6 +627,73 @@ impl Origin {
         size: u64,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), OriginError> {
+        let parts = size.div_ceil(PART_SIZE);
+        self.multipart(
+            client,
+            bucket,
+            key,
+            parts,
+            PART_CONCURRENCY,
+            |i, upload_id| async move {
+                let start = i * PART_SIZE;
+                let len = PART_SIZE.min(size - start);
+                let p = path.to_owned();
+                let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, OriginError> {
+                    use std::os::unix::fs::FileExt as _;
+                    let f = std::fs::File::open(&p).map_err(io_err("open", &p))?;
+                    let mut buf = vec![0u8; len as usize];
+                    f.read_exact_at(&mut buf, start)
+                        .map_err(io_err("read", &p))?;
+                    Ok(buf)
+                })
+                .await
+                .map_err(|e| OriginError::Service {
+                    op: "upload part",
+                    key: key.to_owned(),
+                    message: e.to_string(),
+                })??;
+                let number = (i + 1) as i32;
+                let out = self
+                    .timed("upload part", key, async {
+                        client
+                            .upload_part()
+                            .bucket(bucket)
+                            .key(key)
+                            .upload_id(&upload_id)
+                            .part_number(number)
+                            .body(ByteStream::from(data))
+                            .send()
+                            .await
+                            .map_err(|e| service("upload part", key, e))
+                    })
+                    .await?;
+                progress(len);
+                Ok(CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_owned))
+                    .build())
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A multipart upload to `key` of `parts` parts: created, each part made by `part(index, upload id)`
+    /// with `concurrency` in flight, then completed; aborted if anything fails. Returns the entity tag.
+    #[allow(clippy::too_many_arguments)]
+    async fn multipart<F, Fut>(
+        &self,
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        key: &str,
+        parts: u64,
+        concurrency: usize,
+        part: F,
+    ) -> Result<Option<String>, OriginError>
+    where
+        F: Fn(u64, String) -> Fut,
+        Fut: Future<Output = Result<CompletedPart, OriginError>>,
+    {
         let created = self
             .timed("create multipart upload", key, async {
                 client
@@ -639,52 +706,9 @@ impl Origin {
             })
             .await?;
         let upload_id = created.upload_id().unwrap_or_default().to_owned();
-        let parts = size.div_ceil(PART_SIZE);
         let result: Result<Vec<CompletedPart>, OriginError> = futures::stream::iter(0..parts)
-            .map(|i| {
-                let upload_id = upload_id.clone();
-                async move {
-                    let start = i * PART_SIZE;
-                    let len = PART_SIZE.min(size - start);
-                    let p = path.to_owned();
-                    let data =
-                        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, OriginError> {
-                            use std::os::unix::fs::FileExt as _;
-                            let f = std::fs::File::open(&p).map_err(io_err("open", &p))?;
-                            let mut buf = vec![0u8; len as usize];
-                            f.read_exact_at(&mut buf, start)
-                                .map_err(io_err("read", &p))?;
-                            Ok(buf)
-                        })
-                        .await
-                        .map_err(|e| OriginError::Service {
-                            op: "upload part",
-                            key: key.to_owned(),
-                            message: e.to_string(),
-                        })??;
-                    let number = (i + 1) as i32;
-                    let out = self
-                        .timed("upload part", key, async {
-                            client
-                                .upload_part()
-                                .bucket(bucket)
-                                .key(key)
-                                .upload_id(&upload_id)
-                                .part_number(number)
-                                .body(ByteStream::from(data))
-                                .send()
-                                .await
-                                .map_err(|e| service("upload part", key, e))
-                        })
-                        .await?;
-                    progress(len);
-                    Ok(CompletedPart::builder()
-                        .part_number(number)
-                        .set_e_tag(out.e_tag().map(str::to_owned))
-                        .build())
-                }
-            })
-            .buffered(PART_CONCURRENCY)
+            .map(|i| part(i, upload_id.clone()))
+            .buffered(concurrency.max(1))
             .try_collect()
             .await;
         let completed = match result {
@@ -708,18 +732,21 @@ impl Origin {
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = completed {
-            // Best effort: an abandoned upload only costs storage until the bucket's lifecycle rule runs.
-            let _ = client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            return Err(e);
+        match completed {
+            Ok(out) => Ok(out.e_tag().map(str::to_owned)),
+            Err(e) => {
+                // Best effort: an abandoned upload only costs storage until the bucket's lifecycle rule
+                // runs.
+                let _ = client
+                    .abort_multipart_upload()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Every object under `prefix`, in key order.
@@ -833,89 +860,43 @@ impl Origin {
         opts: &CopyOptions,
     ) -> Result<Option<String>, OriginError> {
         let part_size = opts.part_size.max(1);
-        let created = self
-            .timed("create multipart copy", to, async {
-                client
-                    .create_multipart_upload()
-                    .bucket(bucket)
-                    .key(to)
-                    .send()
-                    .await
-                    .map_err(|e| service("create multipart copy", to, e))
-            })
-            .await?;
-        let upload_id = created.upload_id().unwrap_or_default().to_owned();
         let parts = size.div_ceil(part_size);
-        let result: Result<Vec<CompletedPart>, OriginError> = futures::stream::iter(0..parts)
-            .map(|i| {
-                let upload_id = upload_id.clone();
-                async move {
-                    let start = i * part_size;
-                    let end = (start + part_size).min(size) - 1;
-                    let number = (i + 1) as i32;
-                    let out = self
-                        .timed("copy part", from, async {
-                            client
-                                .upload_part_copy()
-                                .bucket(bucket)
-                                .key(to)
-                                .upload_id(&upload_id)
-                                .part_number(number)
-                                .copy_source(source)
-                                .copy_source_range(format!("bytes={start}-{end}"))
-                                .send()
-                                .await
-                                .map_err(|e| service("copy part", from, e))
-                        })
-                        .await?;
-                    Ok(CompletedPart::builder()
-                        .part_number(number)
-                        .set_e_tag(
-                            out.copy_part_result()
-                                .and_then(|r| r.e_tag())
-                                .map(str::to_owned),
-                        )
-                        .build())
-                }
-            })
-            .buffered(opts.concurrency.max(1))
-            .try_collect()
-            .await;
-        let completed = match result {
-            Ok(parts) => {
-                self.timed("complete multipart copy", to, async {
-                    client
-                        .complete_multipart_upload()
-                        .bucket(bucket)
-                        .key(to)
-                        .upload_id(&upload_id)
-                        .multipart_upload(
-                            CompletedMultipartUpload::builder()
-                                .set_parts(Some(parts))
-                                .build(),
-                        )
-                        .send()
-                        .await
-                        .map_err(|e| service("complete multipart copy", to, e))
-                })
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        match completed {
-            Ok(out) => Ok(out.e_tag().map(str::to_owned)),
-            Err(e) => {
-                // Best effort, as for uploads.
-                let _ = client
-                    .abort_multipart_upload()
-                    .bucket(bucket)
-                    .key(to)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
-                Err(e)
-            }
-        }
+        self.multipart(
+            client,
+            bucket,
+            to,
+            parts,
+            opts.concurrency,
+            |i, upload_id| async move {
+                let start = i * part_size;
+                let end = (start + part_size).min(size) - 1;
+                let number = (i + 1) as i32;
+                let out = self
+                    .timed("copy part", from, async {
+                        client
+                            .upload_part_copy()
+                            .bucket(bucket)
+                            .key(to)
+                            .upload_id(&upload_id)
+                            .part_number(number)
+                            .copy_source(source)
+                            .copy_source_range(format!("bytes={start}-{end}"))
+                            .send()
+                            .await
+                            .map_err(|e| service("copy part", from, e))
+                    })
+                    .await?;
+                Ok(CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(
+                        out.copy_part_result()
+                            .and_then(|r| r.e_tag())
+                            .map(str::to_owned),
+                    )
+                    .build())
+            },
+        )
+        .await
     }
 
     /// Reads an object through once and returns its size and blake3 hash (nothing is kept).

@@ -27,6 +27,22 @@ pub struct ReleaseFiles {
     pub canaries: Vec<(PathBuf, String)>,
 }
 
+impl ReleaseFiles {
+    /// Every file of the release: the artifacts, then the canary images.
+    pub fn paths(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = vec![
+            &self.hef,
+            &self.onnx,
+            &self.index,
+            &self.labels,
+            &self.metadata,
+        ];
+        out.extend(self.embeddings.as_deref());
+        out.extend(self.canaries.iter().map(|(p, _)| p.as_path()));
+        out
+    }
+}
+
 /// Recognizer settings the operator gave explicitly; the rest are read from the files.
 #[derive(Clone, Debug, Default)]
 pub struct SettingsOverrides {

@@ -36,24 +36,7 @@ async fn an_agent_follows_s3_fetches_only_what_changed_and_survives_s3_going_awa
     .unwrap();
     // Identical chunks anywhere in the release (the HEF and the ONNX carry the same weights) cross the
     // uplink once: what the agent needs from S3 is the release's unique chunk bytes.
-    let mut unique = std::collections::HashMap::new();
-    for p in [
-        &files.hef,
-        &files.onnx,
-        &files.index,
-        &files.labels,
-        &files.metadata,
-        &files.canaries[0].0,
-        &files.canaries[1].0,
-    ]
-    .into_iter()
-    .chain(files.embeddings.as_ref())
-    {
-        for c in deckhand_protocol::ChunkMap::build(&std::fs::read(p).unwrap()).chunks() {
-            unique.insert(c.id, u64::from(c.len));
-        }
-    }
-    let unique_bytes: u64 = unique.values().sum();
+    let unique_bytes = deckhand_tests::unique_chunk_bytes(&files);
     assert!(unique_bytes < v1.manifest.total_bytes());
 
     s3.stats().reset();

@@ -6,50 +6,17 @@ use deckhand_agent::fixtures::{
 };
 use deckhand_agent::origin::Origin;
 use deckhand_protocol::SecretKey;
-use deckhand_tests::{Agent, TestDir, TestFleet, publish_options};
+use deckhand_tests::{Agent, TestDir, TestFleet, publish_options, unique_chunk_bytes};
 use deckhand_tools::locals3::LocalS3;
 use deckhand_tools::publish;
 use std::collections::HashMap;
-
-/// The distinct chunk bytes of a release: what must cross the uplink at least once.
-fn unique_bytes(files: &deckhand_agent::release::ReleaseFiles) -> u64 {
-    let mut unique = HashMap::new();
-    for p in [
-        &files.hef,
-        &files.onnx,
-        &files.index,
-        &files.labels,
-        &files.metadata,
-        &files.canaries[0].0,
-        &files.canaries[1].0,
-    ]
-    .into_iter()
-    .chain(files.embeddings.as_ref())
-    {
-        for c in deckhand_protocol::ChunkMap::build(&std::fs::read(p).unwrap()).chunks() {
-            unique.insert(c.id, u64::from(c.len));
-        }
-    }
-    unique.values().sum()
-}
 
 /// The bytes of a manifest's blob, from the release files.
 fn blob_bytes(
     files: &deckhand_agent::release::ReleaseFiles,
     id: &deckhand_protocol::BlobId,
 ) -> Vec<u8> {
-    for p in [
-        &files.hef,
-        &files.onnx,
-        &files.index,
-        &files.labels,
-        &files.metadata,
-        &files.canaries[0].0,
-        &files.canaries[1].0,
-    ]
-    .into_iter()
-    .chain(files.embeddings.as_ref())
-    {
+    for p in files.paths() {
         let bytes = std::fs::read(p).unwrap();
         if deckhand_protocol::BlobId::of(&bytes) == *id {
             return bytes;
@@ -154,7 +121,7 @@ async fn five_agents_pull_a_64_mib_release_from_s3_about_once() {
     let files = fixtures::write_sized_release(&shop.t.join("r1"), &spec, 64 << 20, 1).unwrap();
     // The HEF and the ONNX share their weights, the index and embeddings.npy their vectors: what must
     // cross the uplink is the release's distinct chunk bytes.
-    let need = unique_bytes(&files);
+    let need = unique_chunk_bytes(&files);
     assert!(need >= 60 << 20, "the release has {need} unique bytes");
 
     // Five agents; each dials those started before it (they learn the later ones from their Hellos).
@@ -576,7 +543,7 @@ async fn an_agent_killed_half_way_resumes_without_fetching_stored_chunks_again()
     let shop = Shop::new("fleet-kill").await;
     let spec = ReferenceSpec::small(30);
     let files = fixtures::write_sized_release(&shop.t.join("r1"), &spec, 24 << 20, 5).unwrap();
-    let need = unique_bytes(&files);
+    let need = unique_chunk_bytes(&files);
     // A slow uplink (8 MiB/s), so the download takes a few seconds and the kill lands in the middle.
     shop.s3.stats().set_uplink(8 << 20);
     let a = shop.agent("pi-0", true, &[], &[]);

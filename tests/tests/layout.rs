@@ -540,6 +540,19 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         ],
     ));
     assert_eq!(twice["done"], 0);
+    // The old layout is live again, and the audit says its keys do not fit.
+    let out = run(
+        &b.s3,
+        &["layout", "audit", "--origin", "s3://cards", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let audit = json(&out);
+    assert_eq!(
+        audit["misplaced"].as_array().unwrap().len(),
+        legacy,
+        "{audit}"
+    );
+    assert_eq!(audit["awaiting_finalize"], 0);
     // A rolled-back journal cannot be finalized.
     let out = run(
         &b.s3,

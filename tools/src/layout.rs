@@ -601,7 +601,12 @@ pub async fn audit(
     let root = layout.root();
     let listing = origin.list(&root).await?;
     let journals = journal::journals(origin).await?;
-    let migrating: BTreeSet<&str> = journals
+    // A rolled-back journal's old keys are the live layout again: they must fit like any other.
+    let live: Vec<&Journal> = journals
+        .iter()
+        .filter(|j| j.state.restored.is_empty() && j.state.removed.is_empty())
+        .collect();
+    let migrating: BTreeSet<&str> = live
         .iter()
         .flat_map(|j| j.state.migrating_sources())
         .collect();
@@ -668,10 +673,7 @@ pub async fn audit(
         .collect();
     // Migrated copies must be reachable at their new keys (R4.4, R6.2).
     let present: BTreeMap<&str, u64> = listing.iter().map(|o| (o.key.as_str(), o.size)).collect();
-    for j in &journals {
-        if !j.state.restored.is_empty() || !j.state.removed.is_empty() {
-            continue; // rolled back: the old layout is the live one
-        }
+    for j in &live {
         for r in j.state.copied.values() {
             if let Record::Copied { target, size, .. } = r
                 && present.get(target.as_str()) != Some(size)

@@ -933,7 +933,9 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
             json,
         } => {
             let id = journal_name(&journal)?;
-            let min_age = if min_age == "0" {
+            // Zero (with or without a unit) is allowed here: finalize at once.
+            let digits = min_age.trim_end_matches(['s', 'm', 'h', 'd', 'w']);
+            let min_age = if !digits.is_empty() && digits.bytes().all(|b| b == b'0') {
                 SignedDuration::ZERO
             } else {
                 parse_duration("min-age", &min_age)?
