@@ -53,6 +53,19 @@ pub fn publish_options(
     )
 }
 
+/// The distinct chunk bytes of a release's files: what must cross the uplink at least once (the HEF and
+/// the ONNX carry the same weights, the index and embeddings.npy the same vectors).
+pub fn unique_chunk_bytes(files: &deckhand_agent::release::ReleaseFiles) -> u64 {
+    let mut unique = std::collections::HashMap::new();
+    for p in files.paths() {
+        let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        for c in deckhand_protocol::ChunkMap::build(&bytes).chunks() {
+            unique.insert(c.id, u64::from(c.len));
+        }
+    }
+    unique.values().sum()
+}
+
 pub struct TestDir {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
@@ -96,14 +109,103 @@ pub struct Agent {
     child: Option<std::process::Child>,
     addr: String,
     quic: Option<String>,
+    /// The network namespace the agent runs in (its HTTP address is only reachable from inside).
+    netns: Option<String>,
+}
+
+/// A network namespace made by a test, deleted (with its interfaces) when dropped. Needs root.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(name: &str) -> Self {
+        let name = format!("dh-{name}-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace and checks that it succeeded.
+    pub fn exec(&self, cmd: &[&str]) {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        ip(&args);
+    }
+
+    /// Joins `self` and `other` with a veth pair, addressed `a`/`b` (CIDR), both up.
+    pub fn link(&self, a: &str, other: &NetNs, b: &str) {
+        let (va, vb) = (
+            format!("dha{}", std::process::id() % 100_000),
+            format!("dhb{}", std::process::id() % 100_000),
+        );
+        ip(&[
+            "link",
+            "add",
+            &va,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vb,
+            "netns",
+            &other.name,
+        ]);
+        for (ns, dev, addr) in [(self, &va, a), (other, &vb, b)] {
+            ns.exec(&["ip", "addr", "add", addr, "dev", dev]);
+            ns.exec(&["ip", "link", "set", dev, "multicast", "on", "up"]);
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth ends inside it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ip (iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Agent {
     /// Starts `deckhand-agent run ARGS --http-listen 127.0.0.1:0` with extra environment, and waits for it
     /// to print its address.
     pub fn start(args: &[&str], env: &[(&str, String)]) -> Self {
+        Self::start_in(None, args, env)
+    }
+
+    /// Starts the agent inside network namespace `netns` (through `ip netns exec`).
+    pub fn start_in(netns: Option<&NetNs>, args: &[&str], env: &[(&str, String)]) -> Self {
         use std::io::BufRead as _;
-        let mut cmd = std::process::Command::new(bin("deckhand-agent"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", &ns.name])
+                    .arg(bin("deckhand-agent"));
+                c
+            }
+            None => std::process::Command::new(bin("deckhand-agent")),
+        };
         cmd.arg("run")
             .args(args)
             .args(["--http-listen", "127.0.0.1:0"]);
@@ -149,6 +251,7 @@ impl Agent {
             child: Some(child),
             addr,
             quic,
+            netns: netns.map(|n| n.name.clone()),
         }
     }
 
@@ -198,7 +301,17 @@ impl Agent {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        self.request("GET", "/v1/status", b"").1
+        let Some(ns) = &self.netns else {
+            return self.request("GET", "/v1/status", b"").1;
+        };
+        // Inside a namespace: ask with the agent's own status command, run there.
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(bin("deckhand-agent"))
+            .args(["status", "--json", "--http", &self.addr])
+            .output()
+            .unwrap_or_else(|e| panic!("deckhand-agent status in {ns}: {e}"));
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
     /// Polls status until `pred` holds, or panics after `secs`.
@@ -271,6 +384,20 @@ impl TestFleet {
 
     /// The flags for an agent enrolled before.
     pub fn existing_args(&self, name: &str) -> Vec<String> {
+        let mut args = self.credential_args(name);
+        args.extend(["--quic-listen", "127.0.0.1:0", "--mdns", "off"].map(String::from));
+        args
+    }
+
+    /// Enrolls `name` and returns only its credential flags (CA, certificate, key).
+    pub fn enroll_args(&self, name: &str) -> Vec<String> {
+        self.ca
+            .enroll(name, 30, &self.dir)
+            .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
+        self.credential_args(name)
+    }
+
+    fn credential_args(&self, name: &str) -> Vec<String> {
         let (crt, key) = (
             self.dir.join(format!("{name}.crt")),
             self.dir.join(format!("{name}.key")),
@@ -282,10 +409,6 @@ impl TestFleet {
             crt.display().to_string(),
             "--fleet-key".into(),
             key.display().to_string(),
-            "--quic-listen".into(),
-            "127.0.0.1:0".into(),
-            "--mdns".into(),
-            "off".into(),
         ]
     }
 
