@@ -412,6 +412,16 @@ impl PeerNode {
         }
     }
 
+    /// Whether `peer` may be asked now: connected, live, neither banned nor set aside.
+    pub fn is_usable(&self, peer: &str) -> bool {
+        let now = Instant::now();
+        self.inner
+            .peers
+            .lock()
+            .map(|p| p.get(peer).is_some_and(|s| s.usable(now)))
+            .unwrap_or(false)
+    }
+
     fn is_banned(&self, peer: &str) -> bool {
         let now = Instant::now();
         self.inner

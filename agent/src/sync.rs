@@ -837,6 +837,11 @@ impl Engine {
         let Some(node) = &self.peers else { return };
         futures::stream::iter(jobs)
             .for_each_concurrent(PEER_PARALLEL, |(peer, c)| async move {
+                // A peer that stalled, lied or left during this round is not asked again: its chunks are
+                // planned elsewhere in the next round.
+                if !node.is_usable(&peer) {
+                    return;
+                }
                 match node.get_chunk(&peer, &c.id).await {
                     Ok(data) => {
                         let n = data.len() as u64;

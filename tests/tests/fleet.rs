@@ -359,6 +359,8 @@ enum Misbehave {
     CorruptChunks,
     /// Announces a much newer release and relays an old (validly signed) manifest as it.
     ReplayManifest(Vec<u8>),
+    /// Claims to hold the release and never answers a chunk request (counting them).
+    Stall(std::sync::Arc<std::sync::atomic::AtomicU64>),
 }
 
 /// A fleet member with a valid certificate that lies. Returns its QUIC address.
@@ -426,6 +428,14 @@ fn fake_peer(
                         },
                         (Request::GetManifest { .. }, Misbehave::ReplayManifest(env)) => {
                             Response::Manifest { envelope: env }
+                        }
+                        (Request::GetHave { .. }, Misbehave::Stall(_)) => Response::Have {
+                            bitmap: vec![0xff; 4096],
+                        },
+                        (Request::GetChunk { .. }, Misbehave::Stall(asked)) => {
+                            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::future::pending::<()>().await;
+                            Response::NotFound
                         }
                         _ => Response::NotFound,
                     }
@@ -710,6 +720,60 @@ async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
             .iter()
             .all(|p| p["id"] != "pi-7"),
         "{s}"
+    );
+    a.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_is_abandoned_and_the_release_comes_from_elsewhere() {
+    let shop = Shop::new("fleet-stall").await;
+    let spec = ReferenceSpec::small(20);
+    let files = fixtures::write_sized_release(&shop.t.join("r1"), &spec, 8 << 20, 7).unwrap();
+    let v1 = shop.publish(&files).await;
+    let chunks: usize = files
+        .paths()
+        .into_iter()
+        .map(|p| {
+            deckhand_protocol::ChunkMap::build(&std::fs::read(p).unwrap())
+                .chunks()
+                .len()
+        })
+        .sum();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let staller = fake_peer(
+        shop.fleet.credentials("staller"),
+        deckhand_protocol::wire::ReleaseRef {
+            version: 1,
+            manifest: v1.id,
+        },
+        Misbehave::Stall(asked.clone()),
+        None,
+    )
+    .to_string();
+    let a = shop.agent("pi-0", true, &[staller.as_str()], &[]);
+    let s = a.wait_for(120, "version 1 active", |s| s["active"]["version"] == 1);
+    let asked = asked.load(std::sync::atomic::Ordering::SeqCst) as usize;
+    eprintln!("the staller was asked for {asked} of {chunks} chunks");
+    // The first requests in flight time out, the staller is set aside, and nothing queued behind them is
+    // sent to it: the release came from S3.
+    assert!(asked > 0, "the staller was never tried");
+    assert!(
+        asked <= 16 && asked * 4 < chunks,
+        "the staller was asked for {asked} of {chunks} chunks"
+    );
+    assert!(s["bytes_from_origin"].as_u64().unwrap() >= unique_chunk_bytes(&files) / 2);
+    let peer = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "staller")
+        .cloned()
+        .unwrap();
+    assert!(
+        peer["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out") || e.contains("timeout")),
+        "{peer}"
     );
     a.stop();
 }
