@@ -181,10 +181,34 @@ impl PeerState {
     }
 }
 
+/// The serving bandwidth cap: a token bucket of `rate` bytes per second with one second of burst.
 struct Bucket {
     rate: f64,
     tokens: f64,
     at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64, now: Instant) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            tokens: rate.max(1) as f64,
+            at: now,
+        }
+    }
+
+    /// Takes `n` bytes at `now`; returns how long the caller must wait before sending them.
+    fn take(&mut self, n: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
 }
 
 struct Inner {
@@ -234,13 +258,9 @@ impl PeerNode {
             why: e.to_string(),
         })?;
         let (hints_tx, hints_rx) = mpsc::channel(16);
-        let bucket = cfg.serve_bytes_per_sec.map(|rate| {
-            tokio::sync::Mutex::new(Bucket {
-                rate: rate as f64,
-                tokens: rate as f64,
-                at: Instant::now(),
-            })
-        });
+        let bucket = cfg
+            .serve_bytes_per_sec
+            .map(|rate| tokio::sync::Mutex::new(Bucket::new(rate, Instant::now())));
         let node = PeerNode {
             inner: Arc::new(Inner {
                 me: cfg.creds.agent_id.clone(),
@@ -762,20 +782,7 @@ impl PeerNode {
         let Some(bucket) = &self.inner.bucket else {
             return;
         };
-        let wait = {
-            let mut b = bucket.lock().await;
-            let now = Instant::now();
-            let elapsed = now.duration_since(b.at).as_secs_f64();
-            b.at = now;
-            // Up to one second of burst.
-            b.tokens = (b.tokens + elapsed * b.rate).min(b.rate);
-            b.tokens -= n as f64;
-            if b.tokens >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-b.tokens / b.rate)
-            }
-        };
+        let wait = bucket.lock().await.take(n, Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -1064,5 +1071,45 @@ where
             let _ = send.write_all(&resp.encode()).await;
             let _ = send.finish();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_cap_admits_rate_times_time_plus_one_second_of_burst() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, t0);
+        // One second of burst is free; then each byte costs a thousandth of a second.
+        assert_eq!(b.take(1000, t0), Duration::ZERO);
+        assert_eq!(b.take(500, t0), Duration::from_millis(500));
+        // A sender that sleeps as told, sending 100-byte chunks for 10 virtual seconds.
+        let mut b = Bucket::new(1000, t0);
+        let (mut now, mut sent) = (t0, 0u64);
+        let end = t0 + Duration::from_secs(10);
+        loop {
+            let at = now + b.take(100, now);
+            if at > end {
+                break;
+            }
+            now = at;
+            sent += 100;
+        }
+        let allowed = 1000 * 10 + 1000;
+        assert!(sent <= allowed, "{sent} bytes in 10 s at 1000 B/s");
+        assert!(
+            sent >= allowed - 200,
+            "the cap starves: {sent} bytes in 10 s"
+        );
+        // Idle time refills at most one second of burst.
+        let later = end + Duration::from_secs(60);
+        assert_eq!(b.take(1000, later), Duration::ZERO);
+        assert!(b.take(1, later) > Duration::ZERO);
+        // A clock that steps back does not mint tokens.
+        let mut b = Bucket::new(1000, t0 + Duration::from_secs(5));
+        assert_eq!(b.take(1000, t0), Duration::ZERO);
+        assert!(b.take(100, t0) > Duration::ZERO);
     }
 }
