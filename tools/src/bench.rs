@@ -21,16 +21,12 @@ fn best_and_median(mut v: Vec<Duration>) -> (Duration, Duration) {
 
 /// Store import throughput of a `size_mib` file beside plain blake3 hashing of the same file.
 pub fn store(size_mib: u64, dir: Option<&Path>, rounds: usize) -> Result<(), ToolError> {
-    let work = match dir {
-        Some(d) => tempfile::Builder::new()
-            .prefix("deckhand-bench-")
-            .tempdir_in(d),
-        None => tempfile::Builder::new().prefix("deckhand-bench-").tempdir(),
-    }
-    .map_err(ToolError::io(
-        "create a benchmark directory in",
-        &std::env::temp_dir(),
-    ))?;
+    let parent = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    std::fs::create_dir_all(&parent).map_err(ToolError::io("create", &parent))?;
+    let work = tempfile::Builder::new()
+        .prefix("deckhand-bench-")
+        .tempdir_in(&parent)
+        .map_err(ToolError::io("create a benchmark directory in", &parent))?;
     let file = work.path().join("input.bin");
     let size = size_mib * 1024 * 1024;
     std::fs::write(&file, noise(0xbe7c, size as usize)).map_err(ToolError::io("write", &file))?;

@@ -16,6 +16,8 @@ struct Row {
     from_peers: u64,
     first: Duration,
     all: Duration,
+    /// Per agent: (name, bytes from peers, bytes from the origin, time until it served the release).
+    agents: Vec<(String, u64, u64, Duration)>,
 }
 
 pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), ToolError> {
@@ -35,9 +37,15 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
     .map_err(|e| ToolError::Failed(e.to_string()))?
     .map_err(ToolError::Failed)?;
     let uplink = uplink_mbps * 1_000_000 / 8;
+    let release_bytes: u64 = files
+        .paths()
+        .into_iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
     println!(
-        "fleet of {agents} agents, a {size_mib} MiB release, S3 behind one {uplink_mbps} Mbit/s uplink \
+        "fleet of {agents} agents, a release of {:.1} MiB, S3 behind one {uplink_mbps} Mbit/s uplink \
          (all on 127.0.0.1; {} cores)",
+        release_bytes as f64 / MIB,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut rows = Vec::new();
@@ -51,7 +59,7 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
         "{:<26} {:>10} {:>8} {:>14} {:>12} {:>12}",
         "mode", "S3 MiB", "x size", "peers MiB", "first (s)", "all (s)"
     );
-    let size = size_mib as f64;
+    let size = release_bytes as f64 / MIB;
     for r in &rows {
         println!(
             "{:<26} {:>10.1} {:>8.2} {:>14.1} {:>12.2} {:>12.2}",
@@ -62,6 +70,22 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
             r.first.as_secs_f64(),
             r.all.as_secs_f64()
         );
+    }
+    for r in &rows {
+        println!("\n{}: per agent", r.mode);
+        println!(
+            "  {:<8} {:>14} {:>14} {:>12}",
+            "agent", "peers MiB", "origin MiB", "active (s)"
+        );
+        for (name, peers, origin, t) in &r.agents {
+            println!(
+                "  {:<8} {:>14.1} {:>14.1} {:>12.2}",
+                name,
+                *peers as f64 / MIB,
+                *origin as f64 / MIB,
+                t.as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
@@ -122,8 +146,15 @@ async fn one(
     }
     let s3_bytes = shop.s3.stats().bytes_sent() - before;
     let mut from_peers = 0;
-    for a in &agents {
-        from_peers += a.status().await?["bytes_from_peers"].as_u64().unwrap_or(0);
+    let mut per_agent = Vec::new();
+    for (i, a) in agents.iter().enumerate() {
+        let s = a.status().await?;
+        let (p, o) = (
+            s["bytes_from_peers"].as_u64().unwrap_or(0),
+            s["bytes_from_origin"].as_u64().unwrap_or(0),
+        );
+        from_peers += p;
+        per_agent.push((format!("pi-{i}"), p, o, done[i].unwrap_or_default()));
     }
     for a in agents {
         a.stop().await?;
@@ -135,5 +166,6 @@ async fn one(
         from_peers,
         first: times.iter().min().copied().unwrap_or_default(),
         all: times.iter().max().copied().unwrap_or_default(),
+        agents: per_agent,
     })
 }
