@@ -162,7 +162,15 @@ pub async fn locate(origin: &Origin, key: &str) -> Result<Option<String>, Journa
     if origin.head(key).await?.is_some() {
         return Ok(Some(key.to_owned()));
     }
-    for journal in journals(origin).await? {
+    // Credentials that may read objects but not list the bucket still get a plain "not found".
+    let journals = match journals(origin).await {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(key, cause = %e, "cannot read the migration journals; the object is looked for only at its own key");
+            return Ok(None);
+        }
+    };
+    for journal in journals {
         if let Some(alt) = migration::alternate(&journal.plan, key)
             && origin.head(alt).await?.is_some()
         {
