@@ -455,25 +455,12 @@ impl Origin {
         self.timed("download", key, async {
             match &self.backend {
                 Backend::S3 { client, bucket } => {
-                    let out = client
-                        .get_object()
-                        .bucket(bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .map_err(|e| service("download", key, e))?;
+                    let mut body = s3_body(client, bucket, key, "download").await?;
                     let mut file = tokio::fs::File::create(dest)
                         .await
                         .map_err(io_err("create", dest))?;
-                    let mut body = out.body;
                     let mut n = 0u64;
-                    while let Some(chunk) =
-                        body.try_next().await.map_err(|e| OriginError::Service {
-                            op: "download",
-                            key: key.to_owned(),
-                            message: e.to_string(),
-                        })?
-                    {
+                    while let Some(chunk) = next_chunk(&mut body, "download", key).await? {
                         n += chunk.len() as u64;
                         file.write_all(&chunk)
                             .await
@@ -904,23 +891,10 @@ impl Origin {
         self.timed("read", key, async {
             match &self.backend {
                 Backend::S3 { client, bucket } => {
-                    let out = client
-                        .get_object()
-                        .bucket(bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .map_err(|e| service("read", key, e))?;
-                    let mut body = out.body;
+                    let mut body = s3_body(client, bucket, key, "read").await?;
                     let mut hasher = blake3::Hasher::new();
                     let mut n = 0u64;
-                    while let Some(chunk) =
-                        body.try_next().await.map_err(|e| OriginError::Service {
-                            op: "read",
-                            key: key.to_owned(),
-                            message: e.to_string(),
-                        })?
-                    {
+                    while let Some(chunk) = next_chunk(&mut body, "read", key).await? {
                         n += chunk.len() as u64;
                         hasher.update(&chunk);
                     }
@@ -977,6 +951,36 @@ impl Origin {
         })
         .await
     }
+}
+
+/// An S3 object's body, to stream; `op` names the call in errors.
+async fn s3_body(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    op: &'static str,
+) -> Result<ByteStream, OriginError> {
+    let out = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| service(op, key, e))?;
+    Ok(out.body)
+}
+
+/// The next piece of a streamed body, or `None` at its end.
+async fn next_chunk(
+    body: &mut ByteStream,
+    op: &'static str,
+    key: &str,
+) -> Result<Option<Bytes>, OriginError> {
+    body.try_next().await.map_err(|e| OriginError::Service {
+        op,
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// How [`Origin::copy`] splits large objects.

@@ -411,18 +411,21 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
 
     // 3. audit comes out clean (the legacy keys await finalize; they are not violations).
     let trust = pub_key.display().to_string();
-    let audit = ok(&run(
-        &b.s3,
-        &[
-            "layout",
-            "audit",
-            "--origin",
-            "s3://cards",
-            "--trust",
-            &trust,
-            "--json",
-        ],
-    ));
+    let audit_clean = || {
+        ok(&run(
+            &b.s3,
+            &[
+                "layout",
+                "audit",
+                "--origin",
+                "s3://cards",
+                "--trust",
+                &trust,
+                "--json",
+            ],
+        ))
+    };
+    let audit = audit_clean();
     for list in [
         "misplaced",
         "bad_manifests",
@@ -483,18 +486,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     for m in moves {
         assert!(!finalized.contains_key(m["source"].as_str().unwrap()));
     }
-    let audit = ok(&run(
-        &b.s3,
-        &[
-            "layout",
-            "audit",
-            "--origin",
-            "s3://cards",
-            "--trust",
-            &trust,
-            "--json",
-        ],
-    ));
+    let audit = audit_clean();
     assert_eq!(audit["awaiting_finalize"], 0, "{audit}");
     assert!(audit["folders"].get("data").is_none(), "{audit}");
     // Agents are unaffected: deployments/ did not move.
