@@ -246,6 +246,7 @@ pub async fn run_with(
     };
     let engine = crate::sync::Engine::new(
         crate::sync::SyncConfig {
+            agent_id: me.clone(),
             origin,
             deployment,
             policy: policy.clone(),

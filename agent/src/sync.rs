@@ -84,6 +84,8 @@ pub struct Pending {
 
 #[derive(Clone)]
 pub struct SyncConfig {
+    /// This agent's id (its fleet certificate's name, or a stored random id).
+    pub agent_id: String,
     pub origin: Option<Origin>,
     pub deployment: Name,
     pub policy: TrustPolicy,
@@ -198,8 +200,7 @@ impl Engine {
         let mut backoff = self.cfg.poll;
         let mut next_poll = tokio::time::Instant::now();
         let mut asked: HashMap<String, Instant> = HashMap::new();
-        let mut rng = blake3::Hasher::new();
-        rng.update(self.cfg.deployment.as_str().as_bytes());
+        let mut failures = 0u64;
         // A download accepted before a restart resumes first.
         let mut resume = true;
         loop {
@@ -240,6 +241,7 @@ impl Engine {
                     let wait = match outcome {
                         Ok(()) => {
                             backoff = self.cfg.poll;
+                            failures = 0;
                             if let Ok(mut s) = self.status.lock() {
                                 s.offline_since = None;
                                 s.last_error = None;
@@ -248,11 +250,15 @@ impl Engine {
                         }
                         Err(e) => {
                             self.note_error(&e);
-                            backoff = (backoff * 2).min(self.cfg.max_backoff);
-                            // Jitter: 50%..100% of the backoff, so a fleet does not retry in lockstep.
-                            rng.update(b"j");
-                            let j = f64::from(rng.finalize().as_bytes()[0]) / 255.0;
-                            backoff.mul_f64(0.5 + 0.5 * j)
+                            let (next, wait) = deckhand_protocol::sync::poll_backoff(
+                                backoff,
+                                self.cfg.max_backoff,
+                                &self.cfg.agent_id,
+                                failures,
+                            );
+                            backoff = next;
+                            failures += 1;
+                            wait
                         }
                     };
                     next_poll = tokio::time::Instant::now() + wait;

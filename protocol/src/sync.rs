@@ -109,6 +109,25 @@ pub fn bit(bitmap: &[u8], i: usize) -> bool {
     bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
+/// The next poll after a failed one: the backoff doubles up to `max`, and the wait is jittered to
+/// 50%..100% of it, from a hash of the agent's id and the attempt number, so a shop's agents (which
+/// fail together when the uplink drops) do not retry in lockstep. Returns (new backoff, wait).
+pub fn poll_backoff(
+    previous: Duration,
+    max: Duration,
+    agent: &str,
+    attempt: u64,
+) -> (Duration, Duration) {
+    let backoff = previous.saturating_mul(2).min(max);
+    let mut h = blake3::Hasher::new();
+    h.update(b"deckhand poll jitter");
+    h.update(&(agent.len() as u64).to_le_bytes());
+    h.update(agent.as_bytes());
+    h.update(&attempt.to_le_bytes());
+    let j = f64::from(h.finalize().as_bytes()[0]) / 255.0;
+    (backoff, backoff.mul_f64(0.5 + 0.5 * j))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +272,32 @@ mod tests {
         );
         assert_eq!(peer_fetches, 400 * 4);
         assert!(held.values().all(|h| h.len() == 5));
+    }
+
+    #[test]
+    fn poll_backoff_doubles_to_a_cap_and_agents_do_not_retry_in_lockstep() {
+        let (poll, max) = (Duration::from_secs(30), Duration::from_secs(300));
+        let mut b = poll;
+        let mut seen = Vec::new();
+        for attempt in 0..8 {
+            let (next, wait) = poll_backoff(b, max, "pi-1", attempt);
+            assert_eq!(next, (b * 2).min(max));
+            assert!(wait >= next / 2 && wait <= next, "{wait:?} of {next:?}");
+            assert_eq!(
+                poll_backoff(b, max, "pi-1", attempt),
+                (next, wait),
+                "deterministic"
+            );
+            seen.push(wait);
+            b = next;
+        }
+        assert_eq!(b, max);
+        // Ten agents failing at the same moment spread their retries.
+        let waits: std::collections::BTreeSet<Duration> = (0..10)
+            .map(|i| poll_backoff(poll, max, &format!("pi-{i}"), 0).1)
+            .collect();
+        assert!(waits.len() >= 8, "{waits:?}");
+        let (lo, hi) = (waits.first().unwrap(), waits.last().unwrap());
+        assert!(*hi - *lo >= Duration::from_secs(10), "{lo:?}..{hi:?}");
     }
 }
