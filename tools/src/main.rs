@@ -213,6 +213,37 @@ struct BucketArgs {
     endpoint_url: Option<String>,
 }
 
+/// How `layout migrate` and `layout rollback` copy.
+#[derive(Args, Clone)]
+struct CopyArgs {
+    /// Copies in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: u64,
+    /// How each copy is checked: etag (size and entity tag; content where tags cannot be compared)
+    /// or content (size and a hash of both objects, always).
+    #[arg(long, default_value = "etag")]
+    verify: String,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl CopyArgs {
+    fn settle(&self) -> Result<layout::MigrateOptions, ToolError> {
+        let verify = match self.verify.as_str() {
+            "etag" => layout::VerifyMode::Etag,
+            "content" => layout::VerifyMode::Content,
+            other => return Err(usage("verify", other, "expected etag or content")),
+        };
+        Ok(layout::MigrateOptions {
+            parallel: self.parallel as usize,
+            verify,
+            progress: !self.no_progress,
+            ..layout::MigrateOptions::default()
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum LayoutCommand {
     /// List every object and classify it: already in the layout, moved (old key -> new key), or left
@@ -240,16 +271,8 @@ enum LayoutCommand {
         /// An S3-compatible endpoint; path-style addressing is used with it.
         #[arg(long, env = "AWS_ENDPOINT_URL")]
         endpoint_url: Option<String>,
-        /// Copies in flight at once.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
-        parallel: u64,
-        /// How each copy is checked: etag (size and entity tag; content where tags cannot be compared)
-        /// or content (size and a hash of both objects, always).
-        #[arg(long, default_value = "etag")]
-        verify: String,
-        /// No progress bar.
-        #[arg(long)]
-        no_progress: bool,
+        #[command(flatten)]
+        copy: CopyArgs,
         #[arg(long)]
         json: bool,
     },
@@ -277,12 +300,8 @@ enum LayoutCommand {
         bucket: BucketArgs,
         #[arg(long)]
         journal: String,
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
-        parallel: u64,
-        #[arg(long, default_value = "etag")]
-        verify: String,
-        #[arg(long)]
-        no_progress: bool,
+        #[command(flatten)]
+        copy: CopyArgs,
         #[arg(long)]
         json: bool,
     },
@@ -807,14 +826,6 @@ async fn bucket(origin: &str, endpoint_url: Option<&str>) -> Result<Origin, Tool
     Ok(Origin::connect(&url, &config).await?)
 }
 
-fn verify_mode(s: &str) -> Result<layout::VerifyMode, ToolError> {
-    match s {
-        "etag" => Ok(layout::VerifyMode::Etag),
-        "content" => Ok(layout::VerifyMode::Content),
-        other => Err(usage("verify", other, "expected etag or content")),
-    }
-}
-
 fn journal_name(s: &str) -> Result<Name, ToolError> {
     Name::new("journal", s).map_err(|e| usage("journal", s, e))
 }
@@ -900,17 +911,10 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
         LayoutCommand::Migrate {
             plan,
             endpoint_url,
-            parallel,
-            verify,
-            no_progress,
+            copy,
             json,
         } => {
-            let opts = layout::MigrateOptions {
-                parallel: parallel as usize,
-                verify: verify_mode(&verify)?,
-                progress: !no_progress,
-                ..layout::MigrateOptions::default()
-            };
+            let opts = copy.settle()?;
             let bytes = std::fs::read(&plan).map_err(ToolError::io("read plan", &plan))?;
             let p =
                 Plan::decode(&bytes).map_err(|e| usage("plan", &plan.display().to_string(), e))?;
@@ -948,18 +952,11 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
         LayoutCommand::Rollback {
             bucket: b,
             journal,
-            parallel,
-            verify,
-            no_progress,
+            copy,
             json,
         } => {
             let id = journal_name(&journal)?;
-            let opts = layout::MigrateOptions {
-                parallel: parallel as usize,
-                verify: verify_mode(&verify)?,
-                progress: !no_progress,
-                ..layout::MigrateOptions::default()
-            };
+            let opts = copy.settle()?;
             let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
             let r = layout::rollback(&origin, &id, &opts).await?;
             Ok(print_steps("restored or removed", &r, json))
