@@ -4,8 +4,8 @@
 //! An unknown key, a wrong type, or a missing or invalid setting is an error that names it.
 
 use crate::daemon::RunConfig;
-use crate::fleet::CredentialPaths;
 use crate::origin::{OriginConfig, OriginUrl};
+use crate::peer::tls::CredentialPaths;
 use crate::recognizer::BackendChoice;
 use serde::Deserialize;
 use std::net::SocketAddr;

@@ -4,12 +4,13 @@
 //! an expired manifest keeps serving, since recognition must never stop), and serves recognitions over
 //! HTTP and the inbox. It needs no network to do so.
 
-use crate::activation::{self, ActivationError};
-use crate::http::{AppState, StatusFn};
-use crate::inbox::Inbox;
-use crate::metrics::Metrics;
+use crate::http::metrics::Metrics;
+use crate::http::{AppState, FleetFn, StatusFn};
 use crate::recognizer::BackendChoice;
+use crate::recognizer::inbox::Inbox;
 use crate::recognizer::service::{Service, check_canaries};
+use crate::sync::activation::{self, ActivationError};
+use deckhand_protocol::status::{ActiveRelease, FleetMember, FleetView, Status};
 use deckhand_protocol::{PublicKey, TrustPolicy};
 use deckhand_store::{Options, Store, StoreError};
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ pub struct RunConfig {
     /// How often current.json is polled.
     pub poll: std::time::Duration,
     /// Fleet credentials; without them the agent has no peers.
-    pub fleet: Option<crate::fleet::CredentialPaths>,
+    pub fleet: Option<crate::peer::tls::CredentialPaths>,
     /// Where QUIC listens for peers.
     pub quic_listen: SocketAddr,
     /// Peers to dial (host:port), besides those mDNS finds.
@@ -54,7 +55,7 @@ pub struct RunConfig {
 /// start and kept in the store.
 pub fn agent_id(
     store: &Store,
-    creds: Option<&crate::fleet::FleetCredentials>,
+    creds: Option<&crate::peer::tls::FleetCredentials>,
 ) -> Result<String, StoreError> {
     if let Some(c) = creds {
         store.set_meta("agent_id", c.agent_id.as_bytes(), true)?;
@@ -89,19 +90,19 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Inbox(#[from] crate::inbox::InboxError),
+    Inbox(#[from] crate::recognizer::inbox::InboxError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Origin(#[from] crate::origin::OriginError),
     #[error("fleet credentials: {0}")]
-    Fleet(#[from] crate::fleet::FleetError),
+    Fleet(#[from] crate::peer::tls::FleetError),
     #[error(transparent)]
     Peer(#[from] crate::peer::PeerError),
     #[error(transparent)]
-    Discovery(#[from] crate::discovery::DiscoveryError),
+    Discovery(#[from] crate::peer::discovery::DiscoveryError),
     #[error(transparent)]
-    Bundle(#[from] crate::bundle::BundleError),
+    Bundle(#[from] crate::sync::bundle::BundleError),
 }
 
 pub fn open_store(data_dir: &std::path::Path, budget: Option<u64>) -> Result<Store, StoreError> {
@@ -189,7 +190,7 @@ pub async fn run_with(
     let creds = cfg
         .fleet
         .as_ref()
-        .map(crate::fleet::FleetCredentials::load)
+        .map(crate::peer::tls::FleetCredentials::load)
         .transpose()?;
     let me = agent_id(&store, creds.as_ref())?;
     let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
@@ -225,23 +226,28 @@ pub async fn run_with(
         }
     };
     let _mdns = match (&peers, cfg.mdns) {
-        (Some(node), true) => match crate::discovery::Mdns::start(node.clone(), &cfg.deployment) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                // Static peers still work; a LAN without multicast is no reason not to serve.
-                tracing::warn!(cause = %e, "mdns discovery is off");
-                None
+        (Some(node), true) => {
+            match crate::peer::discovery::Mdns::start(node.clone(), &cfg.deployment) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    // Static peers still work; a LAN without multicast is no reason not to serve.
+                    tracing::warn!(cause = %e, "mdns discovery is off");
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     let (bundle_tx, bundle_rx) = tokio::sync::mpsc::channel(4);
     let _bundles = match &cfg.bundle_dir {
-        Some(dir) => Some(crate::bundle::BundleWatcher::start(dir.clone(), bundle_tx)?),
+        Some(dir) => Some(crate::sync::bundle::BundleWatcher::start(
+            dir.clone(),
+            bundle_tx,
+        )?),
         None => None,
     };
     let origin = match &cfg.origin {
-        Some((url, origin_cfg)) => Some(crate::origin::Origin::connect(url, origin_cfg).await?),
+        Some((url, origin_cfg)) => Some(crate::origin::connect(url, origin_cfg).await?),
         None => None,
     };
     let engine = crate::sync::Engine::new(
@@ -281,55 +287,61 @@ pub async fn run_with(
             me.clone(),
         );
         Arc::new(move || {
-            let active = service.active();
             let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
-            serde_json::json!({
-                "agent_id": me,
-                "deployment": deployment,
-                "active": active.as_ref().map(|r| serde_json::json!({
-                    "version": r.version, "manifest": r.manifest_id.to_string(), "backend": r.backend(),
-                })),
-                "pending": sync.pending,
-                "offline_since": sync.offline_since,
-                "last_error": sync.last_error,
-                "last_refused": service.last_refusal(),
-                "last_refused_manifest": sync.last_refused_manifest,
-                "bytes_from_peers": sync.bytes_from_peers,
-                "bytes_from_origin": sync.bytes_from_origin,
-                "bytes_from_bundles": sync.bytes_from_bundles,
-                "bytes_served": service.metrics().served(),
-                "quic_listen": peers.as_ref().map(|p| p.listen_addr().to_string()),
-                "peers": peers.as_ref().map(|p| p.peers()).unwrap_or_default(),
-            })
+            Status {
+                agent_id: me.clone(),
+                deployment: deployment.clone(),
+                active: service.active().map(|r| ActiveRelease {
+                    version: r.version,
+                    manifest: r.manifest_id.to_string(),
+                    backend: r.backend().to_owned(),
+                }),
+                pending: sync.pending,
+                offline_since: sync.offline_since,
+                last_error: sync.last_error,
+                last_refused: service.last_refusal(),
+                last_refused_manifest: sync.last_refused_manifest,
+                bytes_from_peers: sync.bytes_from_peers,
+                bytes_from_origin: sync.bytes_from_origin,
+                bytes_from_bundles: sync.bytes_from_bundles,
+                bytes_served: service.metrics().served(),
+                quic_listen: peers.as_ref().map(|p| p.listen_addr().to_string()),
+                peers: peers.as_ref().map(|p| p.peers()).unwrap_or_default(),
+            }
         })
     };
-    let fleet: StatusFn = {
-        let (service, deployment, sync_status, peers, me) = (
-            service.clone(),
-            cfg.deployment.clone(),
-            sync_status.clone(),
-            peers.clone(),
-            me.clone(),
-        );
+    let fleet: FleetFn = {
+        let status = status.clone();
         Arc::new(move || {
-            let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
-            let mut agents = vec![serde_json::json!({
-                "id": me,
-                "self": true,
-                "live": true,
-                "active": service.active().map(|r| r.version),
-                "pending": sync.pending.as_ref().map(|p| p.version),
-                "bytes_from_peers": sync.bytes_from_peers,
-                "bytes_from_origin": sync.bytes_from_origin,
-            })];
-            for p in peers.as_ref().map(|p| p.peers()).unwrap_or_default() {
-                agents.push(serde_json::json!({
-                    "id": p.id, "self": false, "live": p.live, "addr": p.addr,
-                    "active": p.active, "pending": p.pending, "banned": p.banned,
-                    "bytes_from": p.bytes_from, "bytes_to": p.bytes_to, "last_error": p.last_error,
-                }));
+            let s = status();
+            let mut agents = vec![FleetMember {
+                id: s.agent_id,
+                is_self: true,
+                live: true,
+                active: s.active.map(|a| a.version),
+                pending: s.pending.map(|p| p.version),
+                bytes_from_peers: s.bytes_from_peers,
+                bytes_from_origin: s.bytes_from_origin,
+                last_error: s.last_error,
+                ..FleetMember::default()
+            }];
+            agents.extend(s.peers.into_iter().map(|p| FleetMember {
+                id: p.id,
+                is_self: false,
+                live: p.live,
+                addr: Some(p.addr),
+                active: p.active,
+                pending: p.pending,
+                banned: p.banned,
+                bytes_from: p.bytes_from,
+                bytes_to: p.bytes_to,
+                last_error: p.last_error,
+                ..FleetMember::default()
+            }));
+            FleetView {
+                deployment: s.deployment,
+                agents,
             }
-            serde_json::json!({ "deployment": deployment, "agents": agents })
         })
     };
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)

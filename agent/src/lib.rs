@@ -1,24 +1,24 @@
-//! deckhand-agent's library: everything the agent daemon does, and the pieces the operator's CLI reuses.
+//! deckhand-agent: the daemon on each Pi. It follows a deployment (sync), keeps the store, talks to its
+//! fleet peers over QUIC (peer), serves recognitions (recognizer, http) and stays up with no network.
 //!
-//! `tools` depends on this crate for the S3 origin client and the release loaders; this crate never
-//! depends on `tools`.
+//! The operator's CLI (`deckhand-tools`) uses the read side of this crate without the daemon: the origin
+//! client (`origin`), the release loaders and checks (`release`) and the recognizer (`recognizer`), with
+//! `default-features = false`. Everything only the daemon runs (QUIC, TLS, mDNS, the HTTP server, file
+//! watching) sits behind the `daemon` feature, so the operator's CLI does not link it.
 
-pub mod activation;
-pub mod bundle;
-pub mod config;
-pub mod daemon;
-pub mod discovery;
-pub mod fixtures;
-pub mod fleet;
 pub mod http;
-pub mod inbox;
-pub mod journal;
-pub mod loaders;
-pub mod maintenance;
-pub mod metrics;
 pub mod origin;
-pub mod peer;
 pub mod recognizer;
 pub mod release;
-pub mod sync;
 pub mod telemetry;
+
+#[cfg(feature = "daemon")]
+pub mod config;
+#[cfg(feature = "daemon")]
+pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod maintenance;
+#[cfg(feature = "daemon")]
+pub mod peer;
+#[cfg(feature = "daemon")]
+pub mod sync;

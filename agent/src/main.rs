@@ -283,58 +283,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let doc = rt
-        .block_on(deckhand_agent::http::get_json(&args.http, "/v1/status"))
+    let status = rt
+        .block_on(deckhand_agent::http::get_status(&args.http))
         .with_context(|| format!("asking the agent at {}", args.http))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_owned(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    println!("agent       {}", s(&doc["agent_id"]));
-    println!("deployment  {}", s(&doc["deployment"]));
-    println!(
-        "active      version {} ({})",
-        s(&doc["active"]["version"]),
-        s(&doc["active"]["backend"])
-    );
-    if !doc["pending"].is_null() {
-        println!(
-            "pending     version {}: {}/{} bytes ({} from peers, {} from origin)",
-            s(&doc["pending"]["version"]),
-            s(&doc["pending"]["bytes_have"]),
-            s(&doc["pending"]["bytes_total"]),
-            s(&doc["pending"]["bytes_from_peers"]),
-            s(&doc["pending"]["bytes_from_origin"])
-        );
-    }
-    println!(
-        "synced      {} bytes from peers, {} from origin, {} from bundles; served {}",
-        s(&doc["bytes_from_peers"]),
-        s(&doc["bytes_from_origin"]),
-        s(&doc["bytes_from_bundles"]),
-        s(&doc["bytes_served"])
-    );
-    if !doc["offline_since"].is_null() {
-        println!("offline     since {}", s(&doc["offline_since"]));
-    }
-    if !doc["last_error"].is_null() {
-        println!("last error  {}", s(&doc["last_error"]));
-    }
-    for p in doc["peers"].as_array().into_iter().flatten() {
-        println!(
-            "peer        {:<20} {:<22} live={} active={} pending={} banned={}",
-            s(&p["id"]),
-            s(&p["addr"]),
-            s(&p["live"]),
-            s(&p["active"]),
-            s(&p["pending"]),
-            s(&p["banned"])
-        );
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod migration;
+pub mod status;
 pub mod sync;
 pub mod wire;
 

@@ -26,6 +26,34 @@ pub const MAX_STATUS: usize = 256 * 1024;
 /// The largest chunk bitmap: one bit per chunk of a map at its chunk limit.
 pub const MAX_BITMAP: usize = (crate::chunk::MAX_CHUNKS as usize).div_ceil(8);
 
+/// The TLS server name every agent certificate carries and every client asks for: any fleet member may
+/// serve. Who a peer is comes from its certificate's common name, its agent id.
+pub const PEER_NAME: &str = "peer.deckhand";
+/// The longest agent id.
+pub const MAX_AGENT_ID: usize = 63;
+
+/// An agent id that is not 1 to 63 lowercase letters, digits and '-' starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "agent id {0:?} is invalid: use 1 to 63 lowercase letters, digits and '-', starting with a letter or digit"
+)]
+pub struct AgentIdError(pub String);
+
+/// Checks an agent id (a certificate's common name, the name in a `Hello`).
+pub fn check_agent_id(id: &str) -> Result<(), AgentIdError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_AGENT_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentIdError(id.to_owned()))
+    }
+}
+
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

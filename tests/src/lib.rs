@@ -40,7 +40,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-pub use deckhand_agent::fixtures::{SplitMix, noise};
+pub use deckhand_tools::shop::fixtures::{self, SplitMix, noise};
+pub use deckhand_tools::shop::{Agent, AgentOptions, Credentials, Fleet, FleetBuilder, MIB};
+use std::time::Duration;
+
+/// A shop for a test: `shop("fleet-five").agents(5).release(64 * MIB).start().await`. Its agents are
+/// the real `deckhand-agent` binary of this build, in a temporary directory named after the test.
+pub fn shop(name: &str) -> FleetBuilder {
+    Fleet::new().name(name).agent_binary(bin("deckhand-agent"))
+}
+
+/// `n` seconds.
+pub const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
 
 /// Publish options for a release's files, for deployment `shop-1`, valid for a day, no progress bar.
 pub fn publish_options(
@@ -64,6 +77,68 @@ pub fn unique_chunk_bytes(files: &deckhand_agent::release::ReleaseFiles) -> u64 
         }
     }
     unique.values().sum()
+}
+
+/// Runs the `deckhand` or `deckhand-agent` binary with `args` (and `env`) and returns its output.
+pub fn run(name: &str, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let path = bin(name);
+    std::process::Command::new(&path)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
+}
+
+/// The real `deckhand` CLI, pointed at a local S3 server through the standard AWS environment.
+pub fn deckhand(
+    s3: &deckhand_tools::shop::locals3::LocalS3,
+    args: &[&str],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("deckhand"));
+    cmd.args(args).envs(s3.env());
+    cmd
+}
+
+/// Runs the `deckhand` CLI against a local S3 server and returns its output.
+pub fn deckhand_out(
+    s3: &deckhand_tools::shop::locals3::LocalS3,
+    args: &[&str],
+) -> std::process::Output {
+    deckhand(s3, args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run deckhand: {e}"))
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A command that succeeded, its standard output as JSON; panics with its output otherwise.
+pub fn ok(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        stdout(out),
+        stderr(out)
+    );
+    json(out)
+}
+
+/// A command's standard output as JSON (it was run with `--json`); panics with its stderr otherwise.
+pub fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}); exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 pub struct TestDir {
@@ -102,15 +177,6 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         self.dir.take();
     }
-}
-
-/// A running `deckhand-agent run` process. Stopped with SIGTERM (and waited for) when dropped.
-pub struct Agent {
-    child: Option<std::process::Child>,
-    addr: String,
-    quic: Option<String>,
-    /// The network namespace the agent runs in (its HTTP address is only reachable from inside).
-    netns: Option<String>,
 }
 
 /// A network namespace made by a test, deleted (with its interfaces) when dropped. Needs root.
@@ -187,243 +253,18 @@ fn ip(args: &[&str]) {
     );
 }
 
-impl Agent {
-    /// Starts `deckhand-agent run ARGS --http-listen 127.0.0.1:0` with extra environment, and waits for it
-    /// to print its address.
-    pub fn start(args: &[&str], env: &[(&str, String)]) -> Self {
-        Self::start_in(None, args, env)
-    }
-
-    /// Starts the agent inside network namespace `netns` (through `ip netns exec`).
-    pub fn start_in(netns: Option<&NetNs>, args: &[&str], env: &[(&str, String)]) -> Self {
-        use std::io::BufRead as _;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", &ns.name])
-                    .arg(bin("deckhand-agent"));
-                c
-            }
-            None => std::process::Command::new(bin("deckhand-agent")),
-        };
-        cmd.arg("run")
-            .args(args)
-            .args(["--http-listen", "127.0.0.1:0"]);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        // DECKHAND_TEST_AGENT_LOGS=DIR keeps each agent's log in DIR (for debugging a test).
-        let stderr = match std::env::var_os("DECKHAND_TEST_AGENT_LOGS") {
-            Some(dir) => {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let path = Path::new(&dir).join(format!("agent-{}-{n}.log", std::process::id()));
-                std::fs::File::create(&path)
-                    .map(std::process::Stdio::from)
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            }
-            None => std::process::Stdio::null(),
-        };
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start deckhand-agent: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let mut quic = None;
-        let addr = loop {
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
-                other => panic!("the agent stopped before listening: {other:?}"),
-            };
-            if let Some(q) = line.trim().strip_prefix("quic listening on ") {
-                quic = Some(q.to_owned());
-            } else if let Some(a) = line.trim().strip_prefix("listening on http://") {
-                break a.to_owned();
-            } else {
-                panic!("unexpected line {line:?}");
-            }
-        };
-        // Keep draining stdout so the agent never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child: Some(child),
-            addr,
-            quic,
-            netns: netns.map(|n| n.name.clone()),
-        }
-    }
-
-    /// One HTTP/1.1 request: (status, JSON body or Null).
-    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(&self.addr)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.addr));
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
-            .unwrap_or_else(|e| panic!("write: {e}"));
-        let _ = s.write_all(body);
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    /// Where the agent's QUIC endpoint listens (when it has fleet credentials).
-    pub fn quic(&self) -> &str {
-        self.quic
-            .as_deref()
-            .unwrap_or_else(|| panic!("the agent runs without QUIC"))
-    }
-
-    pub fn http(&self) -> &str {
-        &self.addr
-    }
-
-    /// SIGKILL: no chance to clean up.
-    pub fn kill(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn recognize(&self, image: &[u8]) -> (u16, serde_json::Value) {
-        self.request("POST", "/v1/recognize", image)
-    }
-
-    pub fn status(&self) -> serde_json::Value {
-        let Some(ns) = &self.netns else {
-            return self.request("GET", "/v1/status", b"").1;
-        };
-        // Inside a namespace: ask with the agent's own status command, run there.
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin("deckhand-agent"))
-            .args(["status", "--json", "--http", &self.addr])
-            .output()
-            .unwrap_or_else(|e| panic!("deckhand-agent status in {ns}: {e}"));
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Polls status until `pred` holds, or panics after `secs`.
-    pub fn wait_for(
-        &self,
-        secs: u64,
-        what: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            let s = self.status();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}; status: {s}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-
-    /// Stops the agent gracefully (SIGTERM) and checks it exited cleanly.
-    pub fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = std::process::Command::new("kill")
-                .arg(child.id().to_string())
-                .status();
-            let status = child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
-            assert!(status.success(), "agent exited with {status}");
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A fleet CA for a test, and the agent flags that use it.
-pub struct TestFleet {
-    pub ca: deckhand_agent::fleet::CaDir,
-    dir: PathBuf,
-}
-
-impl TestFleet {
-    pub fn new(dir: &Path) -> Self {
-        let ca = deckhand_agent::fleet::CaDir::new(dir.join("ca"));
-        ca.init("test")
-            .unwrap_or_else(|e| panic!("fleet init: {e}"));
-        Self {
-            ca,
-            dir: dir.join("certs"),
-        }
-    }
-
-    /// Enrolls `name` and returns the flags an agent needs to use it (QUIC on a free loopback port, no
-    /// mDNS).
-    pub fn agent_args(&self, name: &str) -> Vec<String> {
-        self.ca
-            .enroll(name, 30, &self.dir)
-            .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
-        self.existing_args(name)
-    }
-
-    /// The flags for an agent enrolled before.
-    pub fn existing_args(&self, name: &str) -> Vec<String> {
-        let mut args = self.credential_args(name);
-        args.extend(["--quic-listen", "127.0.0.1:0", "--mdns", "off"].map(String::from));
-        args
-    }
-
-    /// Enrolls `name` and returns only its credential flags (CA, certificate, key).
-    pub fn enroll_args(&self, name: &str) -> Vec<String> {
-        self.ca
-            .enroll(name, 30, &self.dir)
-            .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
-        self.credential_args(name)
-    }
-
-    fn credential_args(&self, name: &str) -> Vec<String> {
-        let (crt, key) = (
-            self.dir.join(format!("{name}.crt")),
-            self.dir.join(format!("{name}.key")),
-        );
-        vec![
-            "--fleet-ca".into(),
-            self.ca.cert_path().display().to_string(),
-            "--fleet-cert".into(),
-            crt.display().to_string(),
-            "--fleet-key".into(),
-            key.display().to_string(),
-        ]
-    }
-
-    /// Credentials for an in-process participant (e.g. a peer that lies on purpose).
-    pub fn credentials(&self, name: &str) -> deckhand_agent::fleet::FleetCredentials {
-        let (crt, key) = self
-            .ca
-            .enroll(name, 30, &self.dir)
-            .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
-        deckhand_agent::fleet::FleetCredentials::load(&deckhand_agent::fleet::CredentialPaths {
-            ca: self.ca.cert_path(),
-            cert: crt,
-            key,
-            crl: None,
-        })
-        .unwrap_or_else(|e| panic!("credentials of {name}: {e}"))
-    }
+/// Enrolls `name` in the shop's fleet CA and loads its credentials, for an in-process participant (a
+/// peer that lies on purpose, a probe).
+pub fn credentials(fleet: &Fleet, name: &str) -> deckhand_agent::peer::tls::FleetCredentials {
+    let (cert, key) = fleet
+        .ca()
+        .enroll(name, 30, &fleet.join("certs"))
+        .unwrap_or_else(|e| panic!("fleet enroll {name}: {e}"));
+    deckhand_agent::peer::tls::FleetCredentials::load(&deckhand_agent::peer::tls::CredentialPaths {
+        ca: fleet.ca().cert_path(),
+        cert,
+        key,
+        crl: None,
+    })
+    .unwrap_or_else(|e| panic!("credentials of {name}: {e}"))
 }

@@ -1,15 +1,13 @@
 //! The agent as a real process, with no network at all: a release is sideloaded from a bundle directory,
 //! served over HTTP, survives a restart, and an older bundle can never roll it back.
 
-use deckhand_agent::fixtures::{
+use deckhand_tests::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
-use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
-use deckhand_protocol::SecretKey;
-use deckhand_tests::{Agent, TestDir, bin, publish_options};
+use deckhand_tests::{AgentOptions, Credentials, Fleet, publish_options, run, shop};
+use deckhand_tools::origin::{OriginConfig, OriginUrl};
 use deckhand_tools::publish;
 use std::path::Path;
-use std::process::Command;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -25,30 +23,37 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn agent(args: &[&str]) -> std::process::Output {
-    Command::new(bin("deckhand-agent"))
-        .args(args)
-        .output()
-        .unwrap()
+    run("deckhand-agent", args, &[])
+}
+
+/// Starts agent `pi` with no origin and no peers: it serves what its store holds.
+async fn start_offline(fleet: &mut Fleet) {
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi".into(),
+            credentials: Credentials::None,
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_back() {
-    let t = TestDir::new("agent-offline");
-    let key = SecretKey::from_seed(&[5; 32]);
-    let trust = t.join("ops.pub");
-    std::fs::write(&trust, key.public().to_file_text()).unwrap();
+    let mut t = shop("agent-offline").start().await.unwrap();
+    let trust = t.trust().to_owned();
     let spec = ReferenceSpec::small(40);
     let files = fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
     let usb = t.join("usb");
     std::fs::create_dir_all(&usb).unwrap();
     let cfg = OriginConfig::default();
-    let origin = Origin::connect(&OriginUrl::File { root: usb.clone() }, &cfg)
+    let origin = deckhand_tools::origin::connect(&OriginUrl::File { root: usb.clone() }, &cfg)
         .await
         .unwrap();
     publish::publish(
-        &origin,
+        &*origin,
         &cfg,
-        &key,
+        t.key(),
         &publish_options(&files),
         &t.join("work"),
     )
@@ -86,19 +91,8 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     );
 
     let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
-    let (data_s, trust_s) = (p(&data), p(&trust));
-    let run_args = [
-        "--data-dir",
-        data_s.as_str(),
-        "--deployment",
-        "shop-1",
-        "--trust",
-        trust_s.as_str(),
-        "--backend",
-        "cpu",
-    ];
-    let running = Agent::start(&run_args, &[]);
-    let (code, answer) = running.recognize(&photo);
+    start_offline(&mut t).await;
+    let (code, answer) = t.agents[0].recognize(&photo).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["card_id"], spec.card_id(3));
     assert_eq!(answer["manifest_version"], 1);
@@ -110,7 +104,7 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    running.stop();
+    t.agents.remove(0).stop().await.unwrap();
 
     // Version 2 arrives on the stick, and becomes active; version 1 stays pinned as "previous".
     let mut meta: serde_json::Value =
@@ -119,9 +113,15 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     let mut v2 = files.clone();
     v2.metadata = t.join("metadata-v2.json");
     std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
-    publish::publish(&origin, &cfg, &key, &publish_options(&v2), &t.join("work"))
-        .await
-        .unwrap();
+    publish::publish(
+        &*origin,
+        &cfg,
+        t.key(),
+        &publish_options(&v2),
+        &t.join("work"),
+    )
+    .await
+    .unwrap();
     let out = import(&usb);
     assert!(
         out.status.success(),
@@ -142,12 +142,12 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
         "{err}"
     );
 
-    let running = Agent::start(&run_args, &[]);
-    let (code, answer) = running.recognize(&photo);
+    start_offline(&mut t).await;
+    let (code, answer) = t.agents[0].recognize(&photo).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["manifest_version"], 2);
     assert_eq!(answer["metadata"]["name"], "Card three, reprinted");
-    running.stop();
+    t.agents.remove(0).stop().await.unwrap();
 
     let ls = agent(&["store", "ls", "--data-dir", &p(&data), "--json"]);
     let listing: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();

@@ -2,137 +2,169 @@
 //! it resolves current.json, fetches only what it misses, activates; keeps serving when S3 goes away;
 //! refuses a replayed older manifest; and restarts offline from its store.
 
-use deckhand_agent::fixtures::{
+use deckhand_agent::release::ReleaseFiles;
+use deckhand_protocol::layout::Name;
+use deckhand_tests::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
-use deckhand_agent::origin::Origin;
-use deckhand_protocol::SecretKey;
-use deckhand_protocol::layout::Name;
-use deckhand_tests::{Agent, TestDir, publish_options};
-use deckhand_tools::locals3::LocalS3;
-use deckhand_tools::publish;
+use deckhand_tests::{Fleet, secs, shop};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_follows_s3_fetches_only_what_changed_and_survives_s3_going_away() {
-    let t = TestDir::new("agent-sync");
-    let s3 = LocalS3::start(&t.join("s3"), "cards").unwrap();
-    let cfg = s3.origin_config();
-    let origin = Origin::connect(&s3.origin_url("fleet"), &cfg)
+const CARD: usize = 6;
+
+/// A shop with one agent (no peers) serving version 1 of a reference release.
+async fn one_agent_on_v1(name: &str) -> (Fleet, ReleaseFiles, ReferenceSpec) {
+    let mut fleet = shop(name).without_peers().start().await.unwrap();
+    let spec = ReferenceSpec::small(40);
+    let files = fixtures::write_reference_release(&fleet.join("release"), &spec).unwrap();
+    fleet.publish(&files).await.unwrap();
+    fleet.s3().stats().reset();
+    fleet.start_agent("pi").await.unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
         .await
         .unwrap();
-    let key = SecretKey::from_seed(&[8; 32]);
-    let trust = t.join("ops.pub");
-    std::fs::write(&trust, key.public().to_file_text()).unwrap();
-    let spec = ReferenceSpec::small(40);
-    let files = fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
-    let (v1, _) = publish::publish(
-        &origin,
-        &cfg,
-        &key,
-        &publish_options(&files),
-        &t.join("work"),
-    )
-    .await
-    .unwrap();
+    (fleet, files, spec)
+}
+
+fn photo() -> Vec<u8> {
+    encode_jpeg(&perturb(&card_image(CARD, 0), Perturbation::Crop, 2), 85)
+}
+
+/// Version 2 of `files`: one card renamed in metadata.json.
+fn renamed(fleet: &Fleet, files: &ReleaseFiles, spec: &ReferenceSpec) -> ReleaseFiles {
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
+    meta[spec.card_id(CARD)]["name"] = serde_json::json!("Card six, second print");
+    let mut v2 = files.clone();
+    v2.metadata = fleet.join("metadata-v2.json");
+    std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
+    v2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_follows_s3_and_fetches_only_what_changed() {
+    let (fleet, files, spec) = one_agent_on_v1("agent-sync").await;
+    let agent = &fleet.agents[0];
     // Identical chunks anywhere in the release (the HEF and the ONNX carry the same weights) cross the
     // uplink once: what the agent needs from S3 is the release's unique chunk bytes.
     let unique_bytes = deckhand_tests::unique_chunk_bytes(&files);
-    assert!(unique_bytes < v1.manifest.total_bytes());
-
-    s3.stats().reset();
-    let (data, trust_s, origin_arg) = (
-        t.join("pi").display().to_string(),
-        trust.display().to_string(),
-        s3.origin_arg("fleet"),
-    );
-    let args = [
-        "--data-dir",
-        data.as_str(),
-        "--deployment",
-        "shop-1",
-        "--trust",
-        trust_s.as_str(),
-        "--backend",
-        "cpu",
-        "--origin",
-        origin_arg.as_str(),
-        "--poll-secs",
-        "1",
-    ];
-    let agent = Agent::start(&args, &s3.env());
-    agent.wait_for(60, "version 1 active", |s| s["active"]["version"] == 1);
-    let sent = s3.stats().bytes_sent();
+    let sent = fleet.s3().stats().bytes_sent();
     assert!(
         sent >= unique_bytes && sent < unique_bytes + 100_000,
         "S3 sent {sent} bytes for {unique_bytes} unique bytes of release"
     );
-    let photo = encode_jpeg(&perturb(&card_image(6, 0), Perturbation::Crop, 2), 85);
-    let (code, answer) = agent.recognize(&photo);
+    let (code, answer) = agent.recognize(&photo()).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     assert_eq!(
         (
             answer["card_id"].as_str(),
             answer["manifest_version"].as_u64()
         ),
-        (Some(spec.card_id(6).as_str()), Some(1))
+        (Some(spec.card_id(CARD).as_str()), Some(1))
     );
 
     // Version 2 changes only metadata.json: only its changed chunks cross the uplink.
-    let mut meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
-    meta[spec.card_id(6)]["name"] = serde_json::json!("Card six, second print");
-    let mut v2 = files.clone();
-    v2.metadata = t.join("metadata-v2.json");
-    std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
-    let v1_envelope = v1.envelope.clone();
-    publish::publish(&origin, &cfg, &key, &publish_options(&v2), &t.join("work"))
+    let v2 = renamed(&fleet, &files, &spec);
+    fleet.publish(&v2).await.unwrap();
+    fleet.s3().stats().reset();
+    agent
+        .wait_for(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
         .await
         .unwrap();
-    s3.stats().reset();
-    agent.wait_for(60, "version 2 active", |s| s["active"]["version"] == 2);
     let meta_len = std::fs::metadata(&v2.metadata).unwrap().len();
-    let sent = s3.stats().bytes_sent();
+    let sent = fleet.s3().stats().bytes_sent();
     assert!(
         sent < meta_len + 100_000,
         "S3 sent {sent} bytes for a change in a {meta_len}-byte file"
     );
-    let (_, answer) = agent.recognize(&photo);
+    let (_, answer) = agent.recognize(&photo()).await.unwrap();
     assert_eq!(answer["metadata"]["name"], "Card six, second print");
+}
 
-    // S3 goes away: recognition goes on, status says offline since when.
-    s3.set_down(true);
-    let status = agent.wait_for(30, "offline_since", |s| s["offline_since"].is_string());
-    assert_eq!(status["active"]["version"], 2);
-    let (code, answer) = agent.recognize(&photo);
-    assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(2)));
-
-    // S3 comes back with a replayed older manifest: refused, version 2 keeps serving.
-    s3.set_down(false);
-    origin
-        .put(
-            &origin
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_serving_when_s3_goes_away_and_refuses_a_replayed_manifest() {
+    let (fleet, files, spec) = one_agent_on_v1("agent-offline-replay").await;
+    let agent = &fleet.agents[0];
+    let v1_envelope = fleet
+        .origin()
+        .get(
+            &fleet
+                .origin()
                 .layout()
                 .current(&Name::deployment("shop-1").unwrap()),
-            v1_envelope.into(),
         )
         .await
         .unwrap();
-    agent.wait_for(30, "back online", |s| s["offline_since"].is_null());
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert_eq!(agent.status()["active"]["version"], 2);
-    agent.stop();
+    fleet
+        .publish(&renamed(&fleet, &files, &spec))
+        .await
+        .unwrap();
+    agent
+        .wait_for(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
 
-    // A restart while S3 is unreachable serves the active release from the store.
-    s3.set_down(true);
-    let agent = Agent::start(&args, &s3.env());
-    let (code, answer) = agent.recognize(&photo);
+    // S3 goes away: recognition goes on, status says offline since when.
+    fleet.s3().set_down(true);
+    let status = agent
+        .wait_for(secs(30), "offline_since", |s| s.offline_since.is_some())
+        .await
+        .unwrap();
+    assert_eq!(status.active_version(), Some(2));
+    let (code, answer) = agent.recognize(&photo()).await.unwrap();
+    assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(2)));
+
+    // S3 comes back with a replayed older manifest: refused (status names it), version 2 keeps
+    // serving.
+    fleet.s3().set_down(false);
+    fleet
+        .origin()
+        .put(
+            &fleet
+                .origin()
+                .layout()
+                .current(&Name::deployment("shop-1").unwrap()),
+            v1_envelope,
+        )
+        .await
+        .unwrap();
+    let status = agent
+        .wait_for(secs(30), "the replay refused", |s| {
+            s.offline_since.is_none() && s.last_refused_manifest.is_some()
+        })
+        .await
+        .unwrap();
+    let refused = status.last_refused_manifest.clone().unwrap_or_default();
+    assert!(refused.contains("version 1"), "{refused}");
+    assert_eq!(status.active_version(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_while_s3_is_unreachable_serves_from_its_store() {
+    let (mut fleet, _files, spec) = one_agent_on_v1("agent-restart-offline").await;
+    fleet.agents.remove(0).stop().await.unwrap();
+    fleet.s3().set_down(true);
+    let agent = fleet.start_agent("pi").await.unwrap();
+    let (code, answer) = agent.recognize(&photo()).await.unwrap();
     assert_eq!(
-        (code, answer["manifest_version"].as_u64()),
-        (200, Some(2)),
+        (
+            code,
+            answer["card_id"].as_str(),
+            answer["manifest_version"].as_u64()
+        ),
+        (200, Some(spec.card_id(CARD).as_str()), Some(1)),
         "{answer}"
     );
-    agent.wait_for(30, "offline_since after restart", |s| {
-        s["offline_since"].is_string()
-    });
-    agent.stop();
+    agent
+        .wait_for(secs(30), "offline_since after restart", |s| {
+            s.offline_since.is_some()
+        })
+        .await
+        .unwrap();
 }

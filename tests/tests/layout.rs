@@ -3,25 +3,24 @@
 //! way and resumed; audit; finalize; rollback to the exact original listing. Also: keys no rule places,
 //! inputs found through the journal, copies in parts, and copies that come out wrong.
 
-use deckhand_agent::fixtures::{self, SampleSpec};
-use deckhand_agent::journal::Journal;
-use deckhand_agent::origin::{CopyOptions, Origin};
 use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::SecretKey;
 use deckhand_protocol::migration::{Record, Rules, VerifiedBy};
-use deckhand_tests::{TestDir, bin, noise, publish_options};
+use deckhand_tests::fixtures::{self, SampleSpec};
+use deckhand_tests::{Fleet, deckhand, deckhand_out, json, noise, ok, publish_options, shop};
+use deckhand_tools::layout::journal::Journal;
 use deckhand_tools::layout::{self, MigrateOptions, VerifyMode};
-use deckhand_tools::locals3::LocalS3;
+use deckhand_tools::origin::{Bucket, CopyOptions};
 use deckhand_tools::publish::{self, PublishOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const P: &str = "project/pokemon-card-recognition";
 
 /// Every object but the journals: key -> (size, blake3 of the content).
-async fn listing(origin: &Origin) -> BTreeMap<String, (u64, String)> {
+async fn listing(origin: &dyn Bucket) -> BTreeMap<String, (u64, String)> {
     let mut out = BTreeMap::new();
     for o in origin.list("").await.unwrap() {
         if o.key.starts_with("migration/") {
@@ -34,28 +33,23 @@ async fn listing(origin: &Origin) -> BTreeMap<String, (u64, String)> {
     out
 }
 
-struct Bucket {
-    t: TestDir,
-    s3: LocalS3,
-    origin: Origin,
+/// A shop's bucket, seeded in the legacy layouts; `origin` is the bucket's root.
+struct Legacy {
+    t: Fleet,
+    origin: std::sync::Arc<dyn Bucket>,
     files: ReleaseFiles,
 }
 
-impl Bucket {
+impl Legacy {
     async fn new(name: &str) -> Self {
-        let t = TestDir::new(name);
-        let s3 = LocalS3::start(&t.join("s3"), "cards").unwrap();
-        let origin = Origin::connect(&s3.origin_url(""), &s3.origin_config())
+        let t = shop(name).start().await.unwrap();
+        let s3 = t.s3();
+        let origin = deckhand_tools::origin::connect(&s3.origin_url(""), &s3.origin_config())
             .await
             .unwrap();
         let files =
             fixtures::write_sample_release(&t.join("release"), &SampleSpec::small(1)).unwrap();
-        Self {
-            t,
-            s3,
-            origin,
-            files,
-        }
+        Self { t, origin, files }
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) {
@@ -181,46 +175,12 @@ impl Bucket {
     }
 }
 
-fn deckhand(s3: &LocalS3, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("deckhand"));
-    cmd.args(args);
-    for (k, v) in s3.env() {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-fn run(s3: &LocalS3, args: &[&str]) -> Output {
-    deckhand(s3, args).output().unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn ok(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    json(out)
-}
-
-async fn publish_from_bucket(b: &Bucket, key: &SecretKey, index: &str) -> u64 {
+async fn publish_from_bucket(b: &Legacy, key: &SecretKey, index: &str) -> u64 {
     let mut o: PublishOptions = publish_options(&b.files);
     o.inputs.index = index.parse().unwrap();
     let work = b.t.join("publish-work");
     std::fs::create_dir_all(&work).unwrap();
-    let (_, published) = publish::publish(&b.origin, &b.s3.origin_config(), key, &o, &work)
+    let (_, published) = publish::publish(&*b.origin, &b.t.s3().origin_config(), key, &o, &work)
         .await
         .unwrap();
     published.version
@@ -228,7 +188,7 @@ async fn publish_from_bucket(b: &Bucket, key: &SecretKey, index: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back() {
-    let b = Bucket::new("layout-story").await;
+    let b = Legacy::new("layout-story").await;
     b.seed_reference_and_models().await;
     let others = b.seed_everything_else().await;
     // A live deployment, published from the legacy keys: deployments/ already fits the layout.
@@ -236,7 +196,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     let pub_key = b.t.join("ops.pub");
     std::fs::write(&pub_key, signer.public().to_file_text()).unwrap();
     publish_from_bucket(&b, &signer, "s3://cards/data/reference/usearch.index").await;
-    let before = listing(&b.origin).await;
+    let before = listing(&*b.origin).await;
     let legacy = before
         .keys()
         .filter(|k| !k.starts_with("deployments/"))
@@ -247,8 +207,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     // 1. plan.
     let plan_file = b.t.join("plan.json");
     let plan_s = plan_file.display().to_string();
-    let plan = ok(&run(
-        &b.s3,
+    let plan = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "plan",
@@ -304,12 +264,12 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         .map(|m| m["target"].as_str().unwrap())
         .collect();
     // The plan wrote nothing.
-    assert_eq!(listing(&b.origin).await, before);
+    assert_eq!(listing(&*b.origin).await, before);
 
     // 2. migrate, killed at about half way, then resumed.
-    b.s3.stats().set_copy_delay(Duration::from_millis(20));
+    b.t.s3().stats().set_copy_delay(Duration::from_millis(20));
     let mut child = deckhand(
-        &b.s3,
+        b.t.s3(),
         &[
             "layout",
             "migrate",
@@ -326,7 +286,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     .unwrap();
     let half = distinct_targets.len() as u64 / 2;
     let t0 = Instant::now();
-    while b.s3.stats().copies() < half {
+    while b.t.s3().stats().copies() < half {
         assert!(
             child.try_wait().unwrap().is_none(),
             "migrate ended before it was killed"
@@ -339,8 +299,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    b.s3.stats().set_copy_delay(Duration::ZERO);
-    let first_run = b.s3.stats().copies();
+    b.t.s3().stats().set_copy_delay(Duration::ZERO);
+    let first_run = b.t.s3().stats().copies();
     assert!(
         first_run < distinct_targets.len() as u64,
         "killed at {first_run} of {}",
@@ -349,15 +309,15 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     let plan_obj =
         deckhand_protocol::migration::Plan::decode(&std::fs::read(&plan_file).unwrap()).unwrap();
     let journal_id = plan_obj.journal_id().unwrap();
-    let journaled = Journal::load(&b.origin, &journal_id).await.unwrap();
+    let journaled = Journal::load(&*b.origin, &journal_id).await.unwrap();
     let recorded = journaled.state.copied.len();
     assert!(
         recorded > 0 && recorded < moves.len(),
         "{recorded} of {} journaled at the kill",
         moves.len()
     );
-    let resumed = ok(&run(
-        &b.s3,
+    let resumed = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "migrate",
@@ -374,20 +334,20 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         moves.len() - recorded
     );
     assert_eq!(resumed["failures"].as_array().unwrap().len(), 0);
-    let second_run = b.s3.stats().copies() - first_run;
+    let second_run = b.t.s3().stats().copies() - first_run;
     assert!(
         second_run as usize <= moves.len() - recorded,
         "the resumed run copied {second_run} objects; only {} were not journaled",
         moves.len() - recorded
     );
     assert!(
-        b.s3.stats().copies() as usize <= distinct_targets.len(),
+        b.t.s3().stats().copies() as usize <= distinct_targets.len(),
         "{} copies for {} targets: something was copied twice",
-        b.s3.stats().copies(),
+        b.t.s3().stats().copies(),
         distinct_targets.len()
     );
     // migrate deleted nothing, and every new key holds its source's bytes.
-    let migrated = listing(&b.origin).await;
+    let migrated = listing(&*b.origin).await;
     for (k, v) in &before {
         assert_eq!(migrated.get(k), Some(v), "{k}");
     }
@@ -396,8 +356,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         assert_eq!(migrated.get(t), before.get(s), "{s} -> {t}");
     }
     // Running it again finds nothing to do.
-    let again = ok(&run(
-        &b.s3,
+    let again = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "migrate",
@@ -412,8 +372,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     // 3. audit comes out clean (the legacy keys await finalize; they are not violations).
     let trust = pub_key.display().to_string();
     let audit_clean = || {
-        ok(&run(
-            &b.s3,
+        ok(&deckhand_out(
+            b.t.s3(),
             &[
                 "layout",
                 "audit",
@@ -449,8 +409,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
 
     // 4. finalize: nothing is old enough by default; with --min-age 0 every source goes.
     let j = journal_id.as_str();
-    let early = ok(&run(
-        &b.s3,
+    let early = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "finalize",
@@ -466,8 +426,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         (early["done"].as_u64(), early["waiting"].as_u64()),
         (Some(0), Some(moves.len() as u64))
     );
-    let fin = ok(&run(
-        &b.s3,
+    let fin = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "finalize",
@@ -482,7 +442,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         ],
     ));
     assert_eq!(fin["done"].as_u64().unwrap() as usize, moves.len());
-    let finalized = listing(&b.origin).await;
+    let finalized = listing(&*b.origin).await;
     for m in moves {
         assert!(!finalized.contains_key(m["source"].as_str().unwrap()));
     }
@@ -495,8 +455,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     }
 
     // 5. rollback restores the original listing exactly: keys, sizes and content.
-    let back = ok(&run(
-        &b.s3,
+    let back = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "rollback",
@@ -509,17 +469,17 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         ],
     ));
     assert_eq!(back["failures"].as_array().unwrap().len(), 0, "{back}");
-    assert_eq!(listing(&b.origin).await, before);
+    assert_eq!(listing(&*b.origin).await, before);
     // The journal says so, and a second rollback has nothing left to do.
     assert!(
-        Journal::load(&b.origin, &journal_id)
+        Journal::load(&*b.origin, &journal_id)
             .await
             .unwrap()
             .state
             .rolled_back()
     );
-    let twice = ok(&run(
-        &b.s3,
+    let twice = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "rollback",
@@ -533,8 +493,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     ));
     assert_eq!(twice["done"], 0);
     // The old layout is live again, and the audit says its keys do not fit.
-    let out = run(
-        &b.s3,
+    let out = deckhand_out(
+        b.t.s3(),
         &["layout", "audit", "--origin", "s3://cards", "--json"],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -546,8 +506,8 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     );
     assert_eq!(audit["awaiting_finalize"], 0);
     // A rolled-back journal cannot be finalized.
-    let out = run(
-        &b.s3,
+    let out = deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "finalize",
@@ -565,13 +525,13 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
-    let b = Bucket::new("layout-unplaced").await;
+    let b = Legacy::new("layout-unplaced").await;
     b.seed_reference_and_models().await;
     b.put("scratch/notes.txt", b"remember the milk".to_vec())
         .await;
     b.put("exports/2026/cards.csv", b"id,name\n".to_vec()).await;
     let rules = Rules::defaults();
-    let plan = layout::plan(&b.origin, &rules).await.unwrap();
+    let plan = layout::plan(&*b.origin, &rules).await.unwrap();
     let unplaced: Vec<(&str, &str)> = plan
         .unplaced
         .iter()
@@ -588,12 +548,12 @@ async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
         progress: false,
         ..MigrateOptions::default()
     };
-    let r = layout::migrate(&b.origin, &plan, &opts).await.unwrap();
+    let r = layout::migrate(&*b.origin, &plan, &opts).await.unwrap();
     assert_eq!((r.done, r.failures.len()), (plan.moves.len(), 0));
     assert!(b.origin.head("scratch/notes.txt").await.unwrap().is_some());
 
     // The audit names what does not fit, and exits 1.
-    let out = run(&b.s3, &["layout", "audit", "--origin", "s3://cards"]);
+    let out = deckhand_out(b.t.s3(), &["layout", "audit", "--origin", "s3://cards"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -609,8 +569,8 @@ async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
     )
     .unwrap();
     let rules_s = rules_file.display().to_string();
-    let p2 = ok(&run(
-        &b.s3,
+    let p2 = ok(&deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "plan",
@@ -630,8 +590,8 @@ async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
         "[[rule]]\nfrom = \"scratch\"\nto = \"deployments/x\"\n",
     )
     .unwrap();
-    let out = run(
-        &b.s3,
+    let out = deckhand_out(
+        b.t.s3(),
         &[
             "layout",
             "plan",
@@ -653,7 +613,7 @@ async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
     // it at its old one.
     let signer = SecretKey::from_seed(&[3; 32]);
     let id = plan.journal_id().unwrap();
-    layout::finalize(&b.origin, &id, jiff::SignedDuration::ZERO, 8, false)
+    layout::finalize(&*b.origin, &id, jiff::SignedDuration::ZERO, 8, false)
         .await
         .unwrap();
     assert!(
@@ -667,7 +627,7 @@ async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
         publish_from_bucket(&b, &signer, "s3://cards/data/reference/usearch.index").await,
         1
     );
-    layout::rollback(&b.origin, &id, &opts).await.unwrap();
+    layout::rollback(&*b.origin, &id, &opts).await.unwrap();
     assert!(
         b.origin
             .head("datasets/reference-db/usearch.index")
@@ -688,7 +648,7 @@ async fn unplaceable_keys_are_reported_and_the_rest_moves_and_stays_findable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_objects_are_copied_in_parts_and_bad_copies_are_caught() {
-    let b = Bucket::new("layout-parts").await;
+    let b = Legacy::new("layout-parts").await;
     // 12 MiB uploaded whole; 20 MiB uploaded in parts (its entity tag is not an MD5).
     let (small, large) = (b.t.join("small.bin"), b.t.join("large.bin"));
     std::fs::write(&small, noise(1, 12 << 20)).unwrap();
@@ -706,7 +666,7 @@ async fn large_objects_are_copied_in_parts_and_bad_copies_are_caught() {
             .contains('-'),
         "the large object went up in parts"
     );
-    let plan = layout::plan(&b.origin, &Rules::defaults()).await.unwrap();
+    let plan = layout::plan(&*b.origin, &Rules::defaults()).await.unwrap();
     assert_eq!(plan.moves.len(), 2);
     // Copies above 6 MiB go in 5 MiB parts (UploadPartCopy): 3 + 4 parts.
     let opts = MigrateOptions {
@@ -718,10 +678,10 @@ async fn large_objects_are_copied_in_parts_and_bad_copies_are_caught() {
         },
         ..MigrateOptions::default()
     };
-    let r = layout::migrate(&b.origin, &plan, &opts).await.unwrap();
+    let r = layout::migrate(&*b.origin, &plan, &opts).await.unwrap();
     assert_eq!((r.done, r.failures.len()), (2, 0), "{:?}", r.failures);
-    assert_eq!(b.s3.stats().copies(), 7);
-    let journal = Journal::load(&b.origin, &plan.journal_id().unwrap())
+    assert_eq!(b.t.s3().stats().copies(), 7);
+    let journal = Journal::load(&*b.origin, &plan.journal_id().unwrap())
         .await
         .unwrap();
     for rec in journal.state.copied.values() {
@@ -746,19 +706,19 @@ async fn large_objects_are_copied_in_parts_and_bad_copies_are_caught() {
     );
 
     // A server that writes bad copies: each is caught, reported with its key, and not journaled.
-    let c = Bucket::new("layout-damage").await;
+    let c = Legacy::new("layout-damage").await;
     for i in 0..5u64 {
         c.put(&format!("data/calibration/c{i}.png"), noise(i, 1000))
             .await;
     }
-    let plan = layout::plan(&c.origin, &Rules::defaults()).await.unwrap();
-    c.s3.stats().set_damage_copies(true);
+    let plan = layout::plan(&*c.origin, &Rules::defaults()).await.unwrap();
+    c.t.s3().stats().set_damage_copies(true);
     let small_opts = MigrateOptions {
         progress: false,
         verify: VerifyMode::Content,
         ..MigrateOptions::default()
     };
-    let r = layout::migrate(&c.origin, &plan, &small_opts)
+    let r = layout::migrate(&*c.origin, &plan, &small_opts)
         .await
         .unwrap();
     assert_eq!((r.done, r.failures.len()), (0, 5));
@@ -769,13 +729,13 @@ async fn large_objects_are_copied_in_parts_and_bad_copies_are_caught() {
         "{:?}",
         r.failures
     );
-    let journal = Journal::load(&c.origin, &plan.journal_id().unwrap())
+    let journal = Journal::load(&*c.origin, &plan.journal_id().unwrap())
         .await
         .unwrap();
     assert!(journal.state.copied.is_empty());
     // Once the server behaves, the same plan resumes and the bad copies are replaced.
-    c.s3.stats().set_damage_copies(false);
-    let r = layout::migrate(&c.origin, &plan, &small_opts)
+    c.t.s3().stats().set_damage_copies(false);
+    let r = layout::migrate(&*c.origin, &plan, &small_opts)
         .await
         .unwrap();
     assert_eq!((r.done, r.failures.len()), (5, 0));

@@ -2,19 +2,19 @@
 //! aws-sdk-s3, and against a `file://` origin: publish, list, verify, roll back, export; refusals that
 //! leave the bucket unchanged; a version race; incremental uploads; and a publish killed mid-upload.
 
-use deckhand_agent::fixtures::{self, SampleSpec, SplitMix};
-use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
 use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::layout::Name;
 use deckhand_protocol::manifest::Metric;
 use deckhand_protocol::{SecretKey, TrustPolicy};
-use deckhand_tests::{TestDir, bin, publish_options};
-use deckhand_tools::locals3::LocalS3;
+use deckhand_tests::fixtures::{self, SampleSpec, SplitMix};
+use deckhand_tests::{
+    Fleet, deckhand, deckhand_out, ok, publish_options, shop as world, stderr, stdout,
+};
+use deckhand_tools::origin::{Bucket, OriginConfig, OriginUrl};
 use deckhand_tools::publish::{self, Input, PublishOptions};
 use deckhand_tools::{ToolError, releases};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 fn key(seed: u8) -> SecretKey {
@@ -37,7 +37,7 @@ fn options(files: &ReleaseFiles) -> PublishOptions {
 }
 
 /// Every object in the origin: key -> (size, sha of content via blake3).
-async fn snapshot(origin: &Origin) -> BTreeMap<String, (u64, String)> {
+async fn snapshot(origin: &dyn Bucket) -> BTreeMap<String, (u64, String)> {
     let mut out = BTreeMap::new();
     for o in origin.list(origin.layout().prefix()).await.unwrap() {
         let body = origin.get(&o.key).await.unwrap();
@@ -46,30 +46,23 @@ async fn snapshot(origin: &Origin) -> BTreeMap<String, (u64, String)> {
     out
 }
 
+/// A shop with no agents (S3, an origin, a key), a sample release and a work directory.
 struct S3World {
-    _dir: TestDir,
-    s3: LocalS3,
-    origin: Origin,
+    fleet: Fleet,
     cfg: OriginConfig,
     work: std::path::PathBuf,
     files: ReleaseFiles,
 }
 
 async fn s3_world(name: &str) -> S3World {
-    let dir = TestDir::new(name);
-    let s3 = LocalS3::start(&dir.join("s3"), "cards").unwrap();
-    let cfg = s3.origin_config();
-    let origin = Origin::connect(&s3.origin_url("fleet"), &cfg)
-        .await
-        .unwrap();
+    let fleet = world(name).start().await.unwrap();
+    let cfg = fleet.s3().origin_config();
     let files =
-        fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(1)).unwrap();
-    let work = dir.join("work");
+        fixtures::write_sample_release(&fleet.join("release"), &SampleSpec::small(1)).unwrap();
+    let work = fleet.join("work");
     std::fs::create_dir_all(&work).unwrap();
     S3World {
-        _dir: dir,
-        s3,
-        origin,
+        fleet,
         cfg,
         work,
         files,
@@ -78,22 +71,22 @@ async fn s3_world(name: &str) -> S3World {
 
 #[tokio::test]
 async fn publish_verify_and_roll_back_with_a_file_origin() {
-    let dir = TestDir::new("publish-file");
+    let dir = world("publish-file").start().await.unwrap();
     let files =
         fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(2)).unwrap();
     let root = dir.join("origin");
     std::fs::create_dir_all(&root).unwrap();
     let cfg = OriginConfig::default();
-    let origin = Origin::connect(&OriginUrl::File { root }, &cfg)
+    let origin = deckhand_tools::origin::connect(&OriginUrl::File { root }, &cfg)
         .await
         .unwrap();
     let k = key(1);
-    let (p1, v1) = publish::publish(&origin, &cfg, &k, &options(&files), &dir.join("work1"))
+    let (p1, v1) = publish::publish(&*origin, &cfg, &k, &options(&files), &dir.join("work1"))
         .await
         .unwrap();
     assert_eq!(v1.version, 1);
     assert_eq!(p1.uploaded.len(), 14, "7 blobs and 7 chunk maps");
-    let report = releases::verify(&origin, &shop(), None, &trust(&k), dir.path())
+    let report = releases::verify(&*origin, &shop(), None, &trust(&k), dir.dir())
         .await
         .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -111,13 +104,13 @@ async fn publish_verify_and_roll_back_with_a_file_origin() {
     meta[0]["price_usd"] = serde_json::json!(1234.5);
     changed.metadata = dir.join("metadata-v2.json");
     std::fs::write(&changed.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
-    let (_, v2) = publish::publish(&origin, &cfg, &k, &options(&changed), &dir.join("work2"))
+    let (_, v2) = publish::publish(&*origin, &cfg, &k, &options(&changed), &dir.join("work2"))
         .await
         .unwrap();
     assert_eq!(v2.version, 2);
 
     let (_, v3) = publish::rollback(
-        &origin,
+        &*origin,
         &shop(),
         1,
         &k,
@@ -127,7 +120,7 @@ async fn publish_verify_and_roll_back_with_a_file_origin() {
     .await
     .unwrap();
     assert_eq!(v3.version, 3);
-    let lines = releases::versions(&origin, &shop(), Some(&trust(&k)))
+    let lines = releases::versions(&*origin, &shop(), Some(&trust(&k)))
         .await
         .unwrap();
     assert_eq!(
@@ -141,54 +134,27 @@ async fn publish_verify_and_roll_back_with_a_file_origin() {
         "a rollback names the old artifacts"
     );
     assert_ne!(lines[1].artifacts, lines[0].artifacts);
-    let report = releases::verify(&origin, &shop(), None, &trust(&k), dir.path())
+    let report = releases::verify(&*origin, &shop(), None, &trust(&k), dir.dir())
         .await
         .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.version, Some(3));
 }
 
-/// Runs the real `deckhand` binary against the local S3 server.
-fn deckhand(s3: &LocalS3, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin("deckhand"));
-    cmd.args(args).env("AWS_ENDPOINT_URL", s3.endpoint());
-    for (k, v) in s3.env() {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
-}
-
-#[test]
-fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
-    let dir = TestDir::new("cli-round-trip");
-    let s3 = LocalS3::start(&dir.join("s3"), "cards").unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
+    let dir = world("cli-round-trip").start().await.unwrap();
+    let s3 = dir.s3();
     let files =
         fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(3)).unwrap();
     let origin = s3.origin_arg("fleet");
-    let ops = dir.join("ops");
-    let out = deckhand(&s3, &["keygen", "--out", ops.to_str().unwrap()]);
+    // The operator's own key, made by the CLI (not the shop's test key).
+    std::fs::create_dir_all(dir.join("operator")).unwrap();
+    let ops = dir.join("operator/ops");
+    let out = deckhand_out(s3, &["keygen", "--out", ops.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).trim().starts_with("ed25519:"));
-    let (key, pubkey) = (dir.join("ops.key"), dir.join("ops.pub"));
+    let (key, pubkey) = (dir.join("operator/ops.key"), dir.join("operator/ops.pub"));
     let p = |p: &Path| p.to_str().unwrap().to_owned();
     let canary = format!("{}={}", p(&files.canaries[0].0), files.canaries[0].1);
     let publish_args = |metadata: &Path| -> Vec<String> {
@@ -223,8 +189,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
         .collect()
     };
     let args = publish_args(&files.metadata);
-    let v1 = json(&deckhand(
-        &s3,
+    let v1 = ok(&deckhand_out(
+        s3,
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     ));
     assert_eq!(v1["version"], 1);
@@ -236,8 +202,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     let meta2 = dir.join("metadata2.json");
     std::fs::write(&meta2, serde_json::to_vec(&meta).unwrap()).unwrap();
     let args = publish_args(&meta2);
-    let v2 = json(&deckhand(
-        &s3,
+    let v2 = ok(&deckhand_out(
+        s3,
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     ));
     assert_eq!(v2["version"], 2);
@@ -247,8 +213,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     );
 
     let common = ["--origin", &origin, "--deployment", "shop-1"];
-    let listed = json(&deckhand(
-        &s3,
+    let listed = ok(&deckhand_out(
+        s3,
         &[
             &["versions"],
             &common[..],
@@ -260,15 +226,15 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     assert_eq!(listed[1]["current"], true);
     assert_eq!(listed[0]["signature"], "ok");
 
-    let out = deckhand(
-        &s3,
+    let out = deckhand_out(
+        s3,
         &[&["verify"], &common[..], &["--trust", &p(&pubkey)]].concat(),
     );
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("ok"));
 
-    let rb = json(&deckhand(
-        &s3,
+    let rb = ok(&deckhand_out(
+        s3,
         &[
             &["rollback"],
             &common[..],
@@ -277,8 +243,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
         .concat(),
     ));
     assert_eq!(rb["version"], 3);
-    let listed = json(&deckhand(
-        &s3,
+    let listed = ok(&deckhand_out(
+        s3,
         &[&["versions"], &common[..], &["--json"]].concat(),
     ));
     assert_eq!(listed[2]["artifacts"], listed[0]["artifacts"]);
@@ -286,8 +252,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     assert_eq!(listed[2]["signature"], "unverified");
 
     let bundle = dir.join("usb-stick");
-    let exported = json(&deckhand(
-        &s3,
+    let exported = ok(&deckhand_out(
+        s3,
         &[
             &["bundle", "export"],
             &common[..],
@@ -298,8 +264,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     assert_eq!(exported["version"], 3);
     assert_eq!(exported["blobs"], 14);
     let file_origin = format!("file://{}", p(&bundle));
-    let out = deckhand(
-        &s3,
+    let out = deckhand_out(
+        s3,
         &[
             "verify",
             "--origin",
@@ -313,8 +279,8 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 
     // Wrong flags are usage errors (exit 2) naming the flag.
-    let out = deckhand(
-        &s3,
+    let out = deckhand_out(
+        s3,
         &[
             "versions",
             "--origin",
@@ -325,14 +291,14 @@ fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--origin"), "{}", stderr(&out));
-    let out = deckhand(
-        &s3,
+    let out = deckhand_out(
+        s3,
         &["versions", "--origin", &origin, "--deployment", "shop 1"],
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--deployment"), "{}", stderr(&out));
-    let out = deckhand(
-        &s3,
+    let out = deckhand_out(
+        s3,
         &[
             "rollback",
             "--origin",
@@ -354,33 +320,33 @@ async fn a_version_taken_by_another_publisher_is_an_error_that_overwrites_nothin
     let w = s3_world("publish-race").await;
     let (a, b) = (key(1), key(2));
     // Both read the origin and choose version 1 before either writes its manifest.
-    let pa = publish::prepare(&w.origin, &w.cfg, &a, &options(&w.files), &w.work)
+    let pa = publish::prepare(w.fleet.origin(), &w.cfg, &a, &options(&w.files), &w.work)
         .await
         .unwrap();
-    let pb = publish::prepare(&w.origin, &w.cfg, &b, &options(&w.files), &w.work)
+    let pb = publish::prepare(w.fleet.origin(), &w.cfg, &b, &options(&w.files), &w.work)
         .await
         .unwrap();
     assert_eq!((pa.manifest.version, pb.manifest.version), (1, 1));
-    publish::commit(&w.origin, &pb).await.unwrap();
-    let before = snapshot(&w.origin).await;
-    let err = publish::commit(&w.origin, &pa).await.unwrap_err();
+    publish::commit(w.fleet.origin(), &pb).await.unwrap();
+    let before = snapshot(w.fleet.origin()).await;
+    let err = publish::commit(w.fleet.origin(), &pa).await.unwrap_err();
     assert!(
         matches!(err, ToolError::VersionTaken { version: 1, .. }),
         "{err}"
     );
     assert!(err.to_string().contains("nothing was overwritten"));
     assert_eq!(
-        snapshot(&w.origin).await,
+        snapshot(w.fleet.origin()).await,
         before,
         "the losing publisher changed the bucket"
     );
-    let l = w.origin.layout();
+    let l = w.fleet.origin().layout();
     assert_eq!(
-        w.origin.get(&l.manifest(&shop(), 1)).await.unwrap(),
+        w.fleet.origin().get(&l.manifest(&shop(), 1)).await.unwrap(),
         pb.envelope
     );
     assert_eq!(
-        w.origin.get(&l.current(&shop())).await.unwrap(),
+        w.fleet.origin().get(&l.current(&shop())).await.unwrap(),
         pb.envelope
     );
 }
@@ -389,7 +355,7 @@ async fn a_version_taken_by_another_publisher_is_an_error_that_overwrites_nothin
 async fn republishing_with_one_changed_file_uploads_only_that_file() {
     let w = s3_world("publish-incremental").await;
     let k = key(1);
-    publish::publish(&w.origin, &w.cfg, &k, &options(&w.files), &w.work)
+    publish::publish(w.fleet.origin(), &w.cfg, &k, &options(&w.files), &w.work)
         .await
         .unwrap();
     let mut changed = w.files.clone();
@@ -398,11 +364,11 @@ async fn republishing_with_one_changed_file_uploads_only_that_file() {
     labels["3"] = labels["4"].clone();
     changed.labels = w.work.join("index-v2.json");
     std::fs::write(&changed.labels, serde_json::to_vec(&labels).unwrap()).unwrap();
-    w.s3.stats().reset();
-    let (p, v) = publish::publish(&w.origin, &w.cfg, &k, &options(&changed), &w.work)
+    w.fleet.s3().stats().reset();
+    let (p, v) = publish::publish(w.fleet.origin(), &w.cfg, &k, &options(&changed), &w.work)
         .await
         .unwrap();
-    let l = w.origin.layout();
+    let l = w.fleet.origin().layout();
     let labels_artifact = p
         .manifest
         .artifacts
@@ -415,7 +381,11 @@ async fn republishing_with_one_changed_file_uploads_only_that_file() {
         l.manifest(&shop(), 2),
         l.current(&shop()),
     ];
-    assert_eq!(w.s3.stats().puts(), expected, "PUTs seen by the server");
+    assert_eq!(
+        w.fleet.s3().stats().puts(),
+        expected,
+        "PUTs seen by the server"
+    );
     assert_eq!(v.version, 2);
     assert_eq!(p.skipped.len(), 12);
 }
@@ -425,10 +395,10 @@ async fn republishing_with_one_changed_file_uploads_only_that_file() {
 async fn a_broken_release_is_refused_before_anything_is_uploaded() {
     let w = s3_world("publish-refusals").await;
     let k = key(1);
-    publish::publish(&w.origin, &w.cfg, &k, &options(&w.files), &w.work)
+    publish::publish(w.fleet.origin(), &w.cfg, &k, &options(&w.files), &w.work)
         .await
         .unwrap();
-    let before = snapshot(&w.origin).await;
+    let before = snapshot(w.fleet.origin()).await;
     let bad = w.work.join("bad");
     std::fs::create_dir_all(&bad).unwrap();
     let write = |name: &str, data: &[u8]| {
@@ -554,7 +524,7 @@ async fn a_broken_release_is_refused_before_anything_is_uploaded() {
     for (name, mutate, phrases) in cases {
         let mut o = options(&w.files);
         mutate(&mut o);
-        let err = publish::publish(&w.origin, &w.cfg, &k, &o, &w.work)
+        let err = publish::publish(w.fleet.origin(), &w.cfg, &k, &o, &w.work)
             .await
             .unwrap_err()
             .to_string();
@@ -562,7 +532,7 @@ async fn a_broken_release_is_refused_before_anything_is_uploaded() {
             assert!(err.contains(phrase), "{name}: {phrase:?} not in {err:?}");
         }
         assert_eq!(
-            snapshot(&w.origin).await,
+            snapshot(w.fleet.origin()).await,
             before,
             "{name}: the bucket changed"
         );
@@ -573,14 +543,14 @@ async fn a_broken_release_is_refused_before_anything_is_uploaded() {
 async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_keys() {
     let w = s3_world("verify-detects").await;
     let k = key(1);
-    let (p, _) = publish::publish(&w.origin, &w.cfg, &k, &options(&w.files), &w.work)
+    let (p, _) = publish::publish(w.fleet.origin(), &w.cfg, &k, &options(&w.files), &w.work)
         .await
         .unwrap();
-    let l = w.origin.layout().clone();
+    let l = w.fleet.origin().layout().clone();
     let check = |trust_key: &SecretKey| {
-        let (origin, work, t) = (w.origin.clone(), w.work.clone(), trust(trust_key));
+        let (origin, work, t) = (w.fleet.origin_handle(), w.work.clone(), trust(trust_key));
         async move {
-            releases::verify(&origin, &shop(), None, &t, &work)
+            releases::verify(&*origin, &shop(), None, &t, &work)
                 .await
                 .unwrap()
                 .problems
@@ -602,8 +572,8 @@ async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_k
         .artifact(deckhand_protocol::Role::Hef)
         .unwrap()
         .clone();
-    let hef_bytes = w.origin.get(&l.blob(&hef.blob)).await.unwrap();
-    w.origin.delete(&l.blob(&hef.blob)).await.unwrap();
+    let hef_bytes = w.fleet.origin().get(&l.blob(&hef.blob)).await.unwrap();
+    w.fleet.origin().delete(&l.blob(&hef.blob)).await.unwrap();
     let problems = check(&k).await;
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
@@ -614,7 +584,8 @@ async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_k
     // A blob with one flipped byte.
     let mut flipped = hef_bytes.to_vec();
     flipped[100] ^= 0x01;
-    w.origin
+    w.fleet
+        .origin()
         .put(&l.blob(&hef.blob), flipped.into())
         .await
         .unwrap();
@@ -623,7 +594,11 @@ async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_k
         problems[0].contains("hef blob") && problems[0].contains("content hashes to"),
         "{problems:?}"
     );
-    w.origin.put(&l.blob(&hef.blob), hef_bytes).await.unwrap();
+    w.fleet
+        .origin()
+        .put(&l.blob(&hef.blob), hef_bytes)
+        .await
+        .unwrap();
     assert!(check(&k).await.is_empty());
 
     // A forged manifest: the payload changed, the signature kept.
@@ -632,7 +607,8 @@ async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_k
     forged.recognizer.min_score = -1.0;
     use base64::Engine as _;
     env.payload = base64::engine::general_purpose::STANDARD.encode(forged.to_payload());
-    w.origin
+    w.fleet
+        .origin()
         .put(&l.current(&shop()), env.to_bytes().into())
         .await
         .unwrap();
@@ -643,10 +619,10 @@ async fn verify_finds_missing_and_corrupt_blobs_forged_manifests_and_untrusted_k
     );
 }
 
-#[test]
-fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
-    let dir = TestDir::new("publish-killed");
-    let s3 = LocalS3::start(&dir.join("s3"), "cards").unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
+    let dir = world("publish-killed").start().await.unwrap();
+    let s3 = dir.s3();
     let files =
         fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(4)).unwrap();
     // A large canary photo, so its upload goes in parts and can be interrupted.
@@ -658,7 +634,7 @@ fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
     let canary = dir.join("big-canary.png");
     std::fs::write(&canary, fixtures::encode_png(&photo)).unwrap();
     assert!(
-        std::fs::metadata(&canary).unwrap().len() > deckhand_agent::origin::MULTIPART_THRESHOLD
+        std::fs::metadata(&canary).unwrap().len() > deckhand_tools::origin::MULTIPART_THRESHOLD
     );
     let key_path = dir.join("ops.key");
     std::fs::write(&key_path, key(1).to_file_text()).unwrap();
@@ -690,14 +666,12 @@ fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
     .map(|s| (*s).to_owned())
     .collect();
     let spawn = || {
-        let mut cmd = Command::new(bin("deckhand"));
-        cmd.args(&args)
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        deckhand(s3, &refs)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        for (k, v) in s3.env() {
-            cmd.env(k, v);
-        }
-        cmd.spawn().unwrap()
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
 
     s3.stats().set_part_delay(Duration::from_millis(400));
@@ -735,7 +709,7 @@ fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
     s3.stats().set_part_delay(Duration::ZERO);
     s3.stats().reset();
     let out = spawn().wait_with_output().unwrap();
-    let result = json(&out);
+    let result = ok(&out);
     assert_eq!(result["version"], 1);
     let again = s3.stats().puts();
     for k in &before_kill {
@@ -752,7 +726,9 @@ fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
 #[tokio::test]
 async fn inputs_can_be_existing_s3_objects() {
     let w = s3_world("publish-from-s3").await;
-    let root = Origin::connect(&w.s3.origin_url(""), &w.cfg).await.unwrap();
+    let root = deckhand_tools::origin::connect(&w.fleet.s3().origin_url(""), &w.cfg)
+        .await
+        .unwrap();
     let hef_key =
         "models/compilation/student-stage2/hailo8/pokemon_student_efficientnet_lite0_stage2.hef";
     root.put_file(hef_key, &w.files.hef, &|_| {}).await.unwrap();
@@ -762,7 +738,7 @@ async fn inputs_can_be_existing_s3_objects() {
     let mut o = options(&w.files);
     o.inputs.hef = format!("s3://cards/{hef_key}").parse().unwrap();
     o.inputs.labels = "s3://cards/datasets/reference/index.json".parse().unwrap();
-    let (p, v) = publish::publish(&w.origin, &w.cfg, &key(1), &o, &w.work)
+    let (p, v) = publish::publish(w.fleet.origin(), &w.cfg, &key(1), &o, &w.work)
         .await
         .unwrap();
     assert_eq!(v.version, 1);
@@ -771,7 +747,7 @@ async fn inputs_can_be_existing_s3_objects() {
         hef.blob,
         deckhand_protocol::BlobId::of(&std::fs::read(&w.files.hef).unwrap())
     );
-    let report = releases::verify(&w.origin, &shop(), None, &trust(&key(1)), &w.work)
+    let report = releases::verify(w.fleet.origin(), &shop(), None, &trust(&key(1)), &w.work)
         .await
         .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -779,7 +755,7 @@ async fn inputs_can_be_existing_s3_objects() {
     o.inputs.onnx = "s3://cards/models/compilation/nope/model.onnx"
         .parse()
         .unwrap();
-    let err = publish::publish(&w.origin, &w.cfg, &key(1), &o, &w.work)
+    let err = publish::publish(w.fleet.origin(), &w.cfg, &key(1), &o, &w.work)
         .await
         .unwrap_err()
         .to_string();

@@ -1,16 +1,18 @@
 //! The recognizer and its service, in-process with real files: accuracy on perturbed photos, swaps under
 //! load, bad input over HTTP, and the inbox answering exactly as HTTP does.
 
-use deckhand_agent::fixtures::{
-    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, encode_png, perturb,
-};
+use deckhand_agent::http::metrics::Metrics;
 use deckhand_agent::http::{AppState, router, serve};
-use deckhand_agent::inbox::Inbox;
-use deckhand_agent::metrics::Metrics;
+use deckhand_agent::recognizer::inbox::Inbox;
 use deckhand_agent::recognizer::service::{RecognizeError, Service, SwapError};
 use deckhand_agent::recognizer::{BackendChoice, Recognizer};
 use deckhand_tests::TestDir;
-use deckhand_tools::bench_recognizer::{self, TEST_CARDS, TEST_PHOTOS, TEST_SEED};
+use deckhand_tests::fixtures::{
+    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, encode_png, perturb,
+};
+use deckhand_tools::bench::recognizer::{
+    self as bench_recognizer, TEST_CARDS, TEST_PHOTOS, TEST_SEED,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -199,41 +201,27 @@ async fn swapping_releases_under_load_fails_no_request_and_never_mixes_releases(
     service.shutdown();
 }
 
-/// A one-request HTTP/1.1 client: (status, body).
+/// One request through the agent's own HTTP client: (status, body as text).
 async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    // The server may answer (413) before reading a large body.
-    let _ = s.write_all(body).await;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (status, body) = deckhand_agent::http::request(
+        &addr.to_string(),
+        method,
+        path,
+        bytes::Bytes::copy_from_slice(body),
+    )
+    .await
+    .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_4xx_and_the_inbox_answers_as_http_does() {
     let t = TestDir::new("http-inbox");
     let service = Service::start(Arc::new(Metrics::default())).unwrap();
-    let status: deckhand_agent::http::StatusFn = Arc::new(|| serde_json::json!({"ok": true}));
     let app = router(AppState {
         service: service.clone(),
-        status: status.clone(),
-        fleet: status,
+        status: Arc::new(deckhand_protocol::status::Status::default),
+        fleet: Arc::new(deckhand_protocol::status::FleetView::default),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

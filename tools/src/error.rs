@@ -1,9 +1,9 @@
 //! The operator CLI's errors. Every message names what went wrong and where; `exit_code` maps them to the
 //! CLI's contract (1 failure, 2 usage).
 
-use deckhand_agent::loaders::LoadError;
 use deckhand_agent::origin::OriginError;
 use deckhand_agent::release::ReleaseError;
+use deckhand_agent::release::loaders::LoadError;
 use deckhand_protocol::VerifyError;
 use std::path::PathBuf;
 
@@ -37,9 +37,37 @@ pub enum ToolError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Journal(#[from] deckhand_agent::journal::JournalError),
+    Journal(#[from] crate::layout::journal::JournalError),
     #[error(transparent)]
     Migration(#[from] deckhand_protocol::migration::MigrationError),
+    #[error(transparent)]
+    Fixture(#[from] crate::shop::fixtures::FixtureError),
+    #[error(transparent)]
+    Ca(#[from] crate::fleet_ca::CaError),
+    #[error(transparent)]
+    Name(#[from] deckhand_protocol::layout::LayoutError),
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error(
+        "deckhand-agent was not found beside {beside} (or one directory up): build it \
+         (cargo build --release) or set DECKHAND_AGENT_BIN"
+    )]
+    AgentBinary { beside: PathBuf },
+    #[error("agent {name} did not start: {why} (its log: {log})")]
+    AgentStart {
+        name: String,
+        why: String,
+        log: PathBuf,
+    },
+    #[error("agent {name}: {why}")]
+    AgentApi { name: String, why: String },
+    #[error("agent {name}: no {what} after {secs} s; status: {status:?}")]
+    Timeout {
+        name: String,
+        what: String,
+        secs: u64,
+        status: Box<deckhand_protocol::status::Status>,
+    },
     #[error("{0}")]
     Failed(String),
 }

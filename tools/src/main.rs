@@ -2,11 +2,11 @@
 //! value is a usage error (exit 2) naming the flag. Failures exit 1.
 
 use clap::{Args, Parser, Subcommand};
-use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
 use deckhand_agent::release::SettingsOverrides;
 use deckhand_protocol::layout::Name;
 use deckhand_protocol::manifest::{ChannelLayout, Metric};
 use deckhand_protocol::{PublicKey, SecretKey, TrustPolicy};
+use deckhand_tools::origin::{Bucket, OriginConfig, OriginUrl};
 use deckhand_tools::publish::{Input, Inputs, PublishOptions};
 use deckhand_tools::{ToolError, bench, keygen, layout, publish, releases};
 use jiff::SignedDuration;
@@ -429,7 +429,7 @@ fn usage(flag: &str, value: &str, why: impl std::fmt::Display) -> ToolError {
 
 /// Settled origin flags.
 struct Target {
-    origin: Origin,
+    origin: std::sync::Arc<dyn Bucket>,
     config: OriginConfig,
     deployment: Name,
 }
@@ -445,7 +445,7 @@ async fn target(a: &OriginArgs) -> Result<Target, ToolError> {
         endpoint_url: a.endpoint_url.clone().filter(|e| !e.is_empty()),
         ..OriginConfig::default()
     };
-    let origin = Origin::connect(&url, &config).await?;
+    let origin = deckhand_tools::origin::connect(&url, &config).await?;
     Ok(Target {
         origin,
         config,
@@ -646,7 +646,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             let t = target(&a.origin).await?;
             let work = work_dir()?;
             let (prepared, published) =
-                publish::publish(&t.origin, &t.config, &key, &opts, work.path()).await?;
+                publish::publish(&*t.origin, &t.config, &key, &opts, work.path()).await?;
             if a.json {
                 print_json(&serde_json::json!({
                     "version": published.version,
@@ -682,7 +682,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
         } => {
             let t = target(&origin).await?;
             let policy = optional_policy(&trust)?;
-            let lines = releases::versions(&t.origin, &t.deployment, policy.as_ref()).await?;
+            let lines = releases::versions(&*t.origin, &t.deployment, policy.as_ref()).await?;
             if json {
                 print_json(&lines);
             } else if lines.is_empty() {
@@ -718,7 +718,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             keys.push(key.public().clone());
             let policy = TrustPolicy::new(keys, 1).map_err(|e| usage("trust", "", e))?;
             let (_, published) =
-                publish::rollback(&t.origin, &t.deployment, to, &key, &policy, expires_in).await?;
+                publish::rollback(&*t.origin, &t.deployment, to, &key, &policy, expires_in).await?;
             if json {
                 print_json(&serde_json::json!({
                     "version": published.version, "rolled_back_to": to, "manifest_id": published.id.to_string()
@@ -743,7 +743,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                 .map_err(|e| usage("threshold", &threshold.to_string(), e))?;
             let work = work_dir()?;
             let report =
-                releases::verify(&t.origin, &t.deployment, version, &policy, work.path()).await?;
+                releases::verify(&*t.origin, &t.deployment, version, &policy, work.path()).await?;
             if json {
                 print_json(&report);
             } else {
@@ -778,7 +778,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             let t = target(&origin).await?;
             let policy = optional_policy(&trust)?;
             let report =
-                releases::bundle_export(&t.origin, &t.deployment, version, policy.as_ref(), &out)
+                releases::bundle_export(&*t.origin, &t.deployment, version, policy.as_ref(), &out)
                     .await?;
             if json {
                 print_json(&report);
@@ -792,7 +792,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
         Command::Fleet { command } => fleet(command).await?,
         Command::Layout { command } => return layout(command).await,
         Command::Demo { dir, agents } => {
-            deckhand_tools::demo::run(dir.as_deref(), agents as usize).await?;
+            deckhand_tools::shop::demo::run(dir.as_deref(), agents as usize).await?;
         }
         Command::Bench { what } => {
             let result = match what {
@@ -803,13 +803,13 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                 } => bench::store(size_mib, dir.as_deref(), rounds as usize),
                 BenchCommand::Chunking => bench::chunking(),
                 BenchCommand::Recognizer { full } => {
-                    deckhand_tools::bench_recognizer::run(full).await
+                    deckhand_tools::bench::recognizer::run(full).await
                 }
                 BenchCommand::Fleet {
                     agents,
                     size,
                     uplink_mbps,
-                } => deckhand_tools::bench_fleet::run(agents as usize, size, uplink_mbps).await,
+                } => deckhand_tools::bench::fleet::run(agents as usize, size, uplink_mbps).await,
             };
             result?;
         }
@@ -817,13 +817,16 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bucket(origin: &str, endpoint_url: Option<&str>) -> Result<Origin, ToolError> {
+async fn bucket(
+    origin: &str,
+    endpoint_url: Option<&str>,
+) -> Result<std::sync::Arc<dyn Bucket>, ToolError> {
     let url: OriginUrl = origin.parse().map_err(|e| usage("origin", origin, e))?;
     let config = OriginConfig {
         endpoint_url: endpoint_url.filter(|e| !e.is_empty()).map(str::to_owned),
         ..OriginConfig::default()
     };
-    Ok(Origin::connect(&url, &config).await?)
+    Ok(deckhand_tools::origin::connect(&url, &config).await?)
 }
 
 fn journal_name(s: &str) -> Result<Name, ToolError> {
@@ -882,7 +885,7 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
                 None => Rules::defaults(),
             };
             let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
-            let plan = layout::plan(&origin, &rules).await?;
+            let plan = layout::plan(&*origin, &rules).await?;
             if let Some(out) = &out {
                 std::fs::write(out, plan.encode()).map_err(ToolError::io("write plan", out))?;
             }
@@ -925,7 +928,7 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
                     p.journal_id().map_err(|e| usage("plan", "", e))?
                 );
             }
-            let r = layout::migrate(&origin, &p, &opts).await?;
+            let r = layout::migrate(&*origin, &p, &opts).await?;
             Ok(print_steps("copied and verified", &r, json))
         }
         LayoutCommand::Finalize {
@@ -946,7 +949,7 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
             };
             let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
             let r =
-                layout::finalize(&origin, &id, min_age, parallel as usize, !no_progress).await?;
+                layout::finalize(&*origin, &id, min_age, parallel as usize, !no_progress).await?;
             Ok(print_steps("deleted the old keys of", &r, json))
         }
         LayoutCommand::Rollback {
@@ -958,7 +961,7 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
             let id = journal_name(&journal)?;
             let opts = copy.settle()?;
             let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
-            let r = layout::rollback(&origin, &id, &opts).await?;
+            let r = layout::rollback(&*origin, &id, &opts).await?;
             Ok(print_steps("restored or removed", &r, json))
         }
         LayoutCommand::Audit {
@@ -969,7 +972,7 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
             let policy = optional_policy(&trust)?;
             let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
             let work = work_dir()?;
-            let r = layout::audit(&origin, policy.as_ref(), work.path()).await?;
+            let r = layout::audit(&*origin, policy.as_ref(), work.path()).await?;
             if json {
                 print_json(&r);
             } else {
@@ -1004,12 +1007,12 @@ async fn layout(command: LayoutCommand) -> Result<ExitCode, ToolError> {
 }
 
 async fn fleet(command: FleetCommand) -> Result<(), ToolError> {
-    use deckhand_agent::fleet::CaDir;
-    let fleet_err = |e: deckhand_agent::fleet::FleetError| match e {
-        e @ deckhand_agent::fleet::FleetError::AgentId(_) => {
+    use deckhand_tools::fleet_ca::CaDir;
+    let fleet_err = |e: deckhand_tools::fleet_ca::CaError| match e {
+        e @ deckhand_tools::fleet_ca::CaError::AgentId(_) => {
             ToolError::Usage(format!("--name: {e}"))
         }
-        e => ToolError::Failed(e.to_string()),
+        e => ToolError::Ca(e),
     };
     match command {
         FleetCommand::Init { dir, name } => {
@@ -1046,39 +1049,13 @@ async fn fleet(command: FleetCommand) -> Result<(), ToolError> {
             );
         }
         FleetCommand::Status { agent, json } => {
-            let doc = deckhand_agent::http::get_json(&agent, "/v1/fleet")
+            let view = deckhand_agent::http::get_fleet(&agent)
                 .await
                 .map_err(|e| ToolError::Failed(format!("--agent {agent}: {e}")))?;
             if json {
-                print_json(&doc);
+                print_json(&view);
             } else {
-                println!("deployment {}", doc["deployment"].as_str().unwrap_or("?"));
-                println!(
-                    "{:<20} {:<6} {:<8} {:<8} {:<7} {:>14} {:>14}",
-                    "AGENT", "LIVE", "ACTIVE", "PENDING", "BANNED", "BYTES FROM", "BYTES TO"
-                );
-                let s = |v: &serde_json::Value| match v {
-                    serde_json::Value::Null => "-".to_owned(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                for a in doc["agents"].as_array().into_iter().flatten() {
-                    let name = if a["self"].as_bool() == Some(true) {
-                        format!("{} (self)", s(&a["id"]))
-                    } else {
-                        s(&a["id"])
-                    };
-                    println!(
-                        "{:<20} {:<6} {:<8} {:<8} {:<7} {:>14} {:>14}",
-                        name,
-                        s(&a["live"]),
-                        s(&a["active"]),
-                        s(&a["pending"]),
-                        s(&a["banned"]),
-                        s(&a["bytes_from"]),
-                        s(&a["bytes_to"])
-                    );
-                }
+                print!("{}", view.render());
             }
         }
     }

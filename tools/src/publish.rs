@@ -7,7 +7,7 @@
 //! race with another publisher can be tested deterministically.
 
 use crate::error::ToolError;
-use deckhand_agent::origin::{Origin, OriginConfig, OriginError, OriginUrl};
+use crate::origin::{Bucket, OriginConfig, OriginError, OriginUrl};
 use deckhand_agent::release::{ReleaseFiles, SettingsOverrides, check_release};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
@@ -146,11 +146,11 @@ async fn localize(
                 bucket: bucket.clone(),
                 prefix: String::new(),
             };
-            let origin = Origin::connect(&url, cfg).await?;
+            let origin = crate::origin::connect(&url, cfg).await?;
             let dest = work.join(name);
             // During a layout migration an input may be named by its old or its new key: whichever holds
             // it now is read (004 R4.3, R5.5).
-            let found = deckhand_agent::journal::locate(&origin, key)
+            let found = crate::layout::journal::locate(&*origin, key)
                 .await?
                 .ok_or_else(|| {
                     ToolError::Failed(format!(
@@ -196,7 +196,7 @@ fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
 
 /// Uploads whatever of `blobs` (and their chunk maps) the origin lacks: blobs first, then chunk maps.
 async fn upload_missing(
-    origin: &Origin,
+    origin: &dyn Bucket,
     blobs: &[Blob],
     progress: bool,
 ) -> Result<(Vec<BlobId>, Vec<BlobId>, u64), ToolError> {
@@ -241,7 +241,7 @@ async fn upload_missing(
 
 /// The version after the highest one the origin holds for `deployment` (listed manifests and
 /// current.json both count).
-pub async fn next_version(origin: &Origin, deployment: &Name) -> Result<u64, ToolError> {
+pub async fn next_version(origin: &dyn Bucket, deployment: &Name) -> Result<u64, ToolError> {
     let layout = origin.layout();
     let mut highest = 0u64;
     for obj in origin.list(&layout.manifest_dir(deployment)).await? {
@@ -271,7 +271,7 @@ fn media_type(role: Role) -> &'static str {
 
 /// Validates the release as a whole, uploads what the origin lacks, chooses the next version and signs.
 pub async fn prepare(
-    origin: &Origin,
+    origin: &dyn Bucket,
     cfg: &OriginConfig,
     key: &SecretKey,
     opts: &PublishOptions,
@@ -403,7 +403,7 @@ fn sign(
 
 /// Writes the manifest with `If-None-Match: *` (so of two publishers racing for a version exactly one
 /// wins), then points current.json at it unless a newer version is already there.
-pub async fn commit(origin: &Origin, prepared: &Prepared) -> Result<Published, ToolError> {
+pub async fn commit(origin: &dyn Bucket, prepared: &Prepared) -> Result<Published, ToolError> {
     let m = &prepared.manifest;
     let deployment =
         Name::deployment(&m.deployment).map_err(|e| ToolError::Failed(e.to_string()))?;
@@ -442,7 +442,7 @@ pub async fn commit(origin: &Origin, prepared: &Prepared) -> Result<Published, T
 
 /// Validates, uploads, signs and commits.
 pub async fn publish(
-    origin: &Origin,
+    origin: &dyn Bucket,
     cfg: &OriginConfig,
     key: &SecretKey,
     opts: &PublishOptions,
@@ -454,7 +454,7 @@ pub async fn publish(
 }
 
 /// The blobs a manifest needs, with their chunk maps, that the origin does not hold (by HEAD and size).
-pub async fn missing_blobs(origin: &Origin, m: &Manifest) -> Result<Vec<String>, ToolError> {
+pub async fn missing_blobs(origin: &dyn Bucket, m: &Manifest) -> Result<Vec<String>, ToolError> {
     let layout = origin.layout();
     let mut missing = Vec::new();
     for BlobRef {
@@ -482,7 +482,7 @@ pub async fn missing_blobs(origin: &Origin, m: &Manifest) -> Result<Vec<String>,
 /// blobs must all still be in the origin. Version `to` must verify with `trust` (signatures and
 /// threshold; its old expiry does not matter, the new manifest gets a fresh one).
 pub async fn rollback(
-    origin: &Origin,
+    origin: &dyn Bucket,
     deployment: &Name,
     to: u64,
     key: &SecretKey,

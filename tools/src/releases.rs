@@ -1,7 +1,7 @@
 //! `deckhand versions`, `deckhand verify` and `deckhand bundle export`: reading releases back.
 
 use crate::error::ToolError;
-use deckhand_agent::origin::{Origin, OriginConfig, OriginUrl};
+use crate::origin::{Bucket, OriginConfig, OriginUrl};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::{BlobRef, Manifest};
@@ -25,7 +25,7 @@ pub struct VersionLine {
 
 /// Every version of a deployment, oldest first.
 pub async fn versions(
-    origin: &Origin,
+    origin: &dyn Bucket,
     deployment: &Name,
     trust: Option<&TrustPolicy>,
 ) -> Result<Vec<VersionLine>, ToolError> {
@@ -96,7 +96,7 @@ pub fn describe(m: &Manifest, blob: &BlobId) -> String {
 /// The seeds' verification checklist, automated: the manifest's signatures, then every blob and chunk
 /// map it names is present, with the right size and hash, and every chunk map agrees with its blob.
 pub async fn verify(
-    origin: &Origin,
+    origin: &dyn Bucket,
     deployment: &Name,
     version: Option<u64>,
     trust: &TrustPolicy,
@@ -152,7 +152,7 @@ pub async fn verify(
 /// present, hashing to its name and agreeing with the blob chunk by chunk. Problems are pushed to
 /// `problems` naming `what`; returns the bytes read.
 pub async fn check_blob(
-    origin: &Origin,
+    origin: &dyn Bucket,
     b: &BlobRef,
     what: &str,
     work: &Path,
@@ -238,7 +238,7 @@ pub struct BundleReport {
 /// directory is itself a `file://` origin an agent can sideload with no network. Every blob is hashed as it
 /// is written.
 pub async fn bundle_export(
-    origin: &Origin,
+    origin: &dyn Bucket,
     deployment: &Name,
     version: Option<u64>,
     trust: Option<&TrustPolicy>,
@@ -269,7 +269,7 @@ pub async fn bundle_export(
     };
     std::fs::create_dir_all(out).map_err(ToolError::io("create directory", out))?;
     let abs = std::fs::canonicalize(out).map_err(ToolError::io("resolve", out))?;
-    let dest = Origin::connect(
+    let dest = crate::origin::connect(
         &OriginUrl::File { root: abs.clone() },
         &OriginConfig::default(),
     )

@@ -6,10 +6,12 @@
 pub mod cpu;
 #[cfg(feature = "hailo")]
 pub mod hailo;
+#[cfg(feature = "daemon")]
+pub mod inbox;
 pub mod preprocess;
 pub mod service;
 
-use crate::loaders::{self, LoadError};
+use crate::release::loaders::{self, LoadError};
 use deckhand_protocol::BlobId;
 use deckhand_protocol::manifest::{Metric, RecognizerSettings};
 use image::RgbImage;

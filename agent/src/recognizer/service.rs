@@ -12,10 +12,9 @@
 
 use super::preprocess::{self, ImageError};
 use super::{BackendError, MAX_BATCH, Recognition, Recognizer};
-use crate::metrics::Metrics;
+use crate::http::metrics::Metrics;
 use arc_swap::ArcSwapOption;
 use image::RgbImage;
-use serde::Serialize;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -55,13 +54,7 @@ pub enum SwapError {
 }
 
 /// A release that was refused, for status.
-#[derive(Clone, Debug, Serialize)]
-pub struct Refusal {
-    pub version: u64,
-    pub manifest_id: String,
-    pub reason: String,
-    pub at: String,
-}
+pub use deckhand_protocol::status::Refusal;
 
 struct Job {
     image: RgbImage,
@@ -336,7 +329,12 @@ mod tests {
         let settings = RecognizerSettings {
             input_width: 2,
             input_height: 2,
-            ..crate::fixtures::reference_settings(4)
+            layout: deckhand_protocol::manifest::ChannelLayout::Nchw,
+            mean: crate::release::IMAGENET_MEAN,
+            std: crate::release::IMAGENET_STD,
+            embedding_dim: 4,
+            metric: deckhand_protocol::manifest::Metric::Cos,
+            min_score: 0.5,
         };
         let rec = Recognizer::from_parts(
             Box::new(Slow),

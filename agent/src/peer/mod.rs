@@ -13,14 +13,18 @@
 //! certificate's is refused. A peer that sends a chunk that does not hash to its id is banned for
 //! [`BAN`]: nothing more is asked of it, and what it asks is refused.
 
-use crate::fleet::{FleetCredentials, FleetError, PEER_NAME, peer_id};
-use crate::metrics::Metrics;
+pub mod discovery;
+pub mod tls;
+
+use crate::http::metrics::Metrics;
+use crate::peer::tls::{FleetCredentials, FleetError, peer_id};
 use deckhand_protocol::BlobId;
+use deckhand_protocol::status::PeerInfo;
+use deckhand_protocol::wire::PEER_NAME;
 use deckhand_protocol::wire::{
     self, Hello, MAX_REQUEST, MAX_RESPONSE, ReleaseRef, Request, Response, WireError,
 };
 use deckhand_store::Store;
-use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -118,26 +122,6 @@ pub struct PeerConfig {
     pub streams_per_peer: u32,
     /// Serving bandwidth cap, bytes per second; `None` for none.
     pub serve_bytes_per_sec: Option<u64>,
-}
-
-/// A peer as the table sees it.
-#[derive(Clone, Debug, Serialize)]
-pub struct PeerInfo {
-    pub id: String,
-    pub addr: String,
-    pub live: bool,
-    pub deployment: Option<String>,
-    pub active: Option<u64>,
-    pub pending: Option<u64>,
-    /// The version the peer serves (its active release).
-    pub version: Option<u64>,
-    /// When it last answered a Hello (RFC 3339), and until when it is banned.
-    pub last_seen: Option<String>,
-    pub banned_until: Option<String>,
-    pub banned: bool,
-    pub bytes_from: u64,
-    pub bytes_to: u64,
-    pub last_error: Option<String>,
 }
 
 struct PeerState {

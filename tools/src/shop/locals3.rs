@@ -4,7 +4,7 @@
 //! written and every byte served, so tests can assert "uploaded only what changed" and benchmarks can
 //! report origin bytes. `set_down(true)` makes the origin unreachable (connections are dropped).
 
-use deckhand_agent::origin::{OriginConfig, OriginUrl};
+use crate::origin::{OriginConfig, OriginUrl};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result};
@@ -24,6 +24,10 @@ pub struct Stats {
     bytes_sent: AtomicU64,
     gets: AtomicU64,
     down: AtomicBool,
+    /// Connections dropped and requests refused while down.
+    refused: AtomicU64,
+    /// Every object byte range GetObject served: (key, range).
+    ranges: Mutex<Vec<(String, std::ops::Range<u64>)>>,
     part_delay_ms: AtomicU64,
     copy_delay_ms: AtomicU64,
     copies: AtomicU64,
@@ -48,12 +52,26 @@ impl Stats {
         self.gets.load(Ordering::SeqCst)
     }
 
+    /// The byte ranges GetObject served since the last reset, by key (a whole object is `0..size`).
+    pub fn ranges(&self) -> Vec<(String, std::ops::Range<u64>)> {
+        self.ranges.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Connections dropped and requests refused while the server was down: proof that a client tried.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+
     pub fn reset(&self) {
         if let Ok(mut p) = self.puts.lock() {
             p.clear();
         }
         self.bytes_sent.store(0, Ordering::SeqCst);
         self.gets.store(0, Ordering::SeqCst);
+        self.refused.store(0, Ordering::SeqCst);
+        if let Ok(mut r) = self.ranges.lock() {
+            r.clear();
+        }
     }
 
     /// Slows every uploaded part by `delay` (to interrupt a multipart upload deterministically).
@@ -111,6 +129,7 @@ impl Stats {
 
     fn check_up(&self) -> S3Result<()> {
         if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(s3s::s3_error!(
                 ServiceUnavailable,
                 "the local S3 server is set down"
@@ -148,9 +167,22 @@ impl S3 for Counting {
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
         self.stats.check_up()?;
+        let key = req.input.key.clone();
         let out = self.fs.get_object(req).await?;
         self.stats.gets.fetch_add(1, Ordering::SeqCst);
         let len = out.output.content_length.unwrap_or(0).max(0) as u64;
+        // "bytes START-END/SIZE" for a range; the whole object otherwise.
+        let start = out
+            .output
+            .content_range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes "))
+            .and_then(|r| r.split('-').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Ok(mut r) = self.stats.ranges.lock() {
+            r.push((key, start..start + len));
+        }
         self.stats.bytes_sent.fetch_add(len, Ordering::SeqCst);
         self.stats.carry(len).await;
         Ok(out)
@@ -313,6 +345,7 @@ impl LocalS3 {
                     };
                     if stats_for_loop.down.load(Ordering::SeqCst) {
                         // Unreachable: drop the connection without a word.
+                        stats_for_loop.refused.fetch_add(1, Ordering::SeqCst);
                         drop(socket);
                         continue;
                     }

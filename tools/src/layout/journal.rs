@@ -5,7 +5,7 @@
 //! bytes. Batches are written with `If-None-Match: *`, so two runs writing the same journal cannot both
 //! append the same batch: the second stops with a clear error instead of interleaving.
 
-use crate::origin::{Origin, OriginError};
+use crate::origin::{Bucket, OriginError};
 use deckhand_protocol::layout::{Key, LayoutError, Name};
 use deckhand_protocol::migration::{self, Batch, JournalState, MigrationError, Plan, Record};
 use std::collections::BTreeSet;
@@ -48,7 +48,7 @@ pub struct Journal {
 
 impl Journal {
     /// Writes the plan as a new journal, or resumes the journal already holding exactly this plan.
-    pub async fn create_or_resume(origin: &Origin, plan: &Plan) -> Result<Self, JournalError> {
+    pub async fn create_or_resume(origin: &dyn Bucket, plan: &Plan) -> Result<Self, JournalError> {
         let id = plan.journal_id()?;
         let key = origin.layout().journal_plan(&id);
         let bytes = plan.encode();
@@ -73,7 +73,7 @@ impl Journal {
     }
 
     /// Reads a journal's plan and every batch.
-    pub async fn load(origin: &Origin, id: &Name) -> Result<Self, JournalError> {
+    pub async fn load(origin: &dyn Bucket, id: &Name) -> Result<Self, JournalError> {
         let layout = origin.layout();
         let key = layout.journal_plan(id);
         let wrap = |source| JournalError::Migration {
@@ -106,7 +106,7 @@ impl Journal {
     /// Records `records` as the next batch (nothing is written for none).
     pub async fn append(
         &mut self,
-        origin: &Origin,
+        origin: &dyn Bucket,
         records: Vec<Record>,
     ) -> Result<(), JournalError> {
         if records.is_empty() {
@@ -134,7 +134,7 @@ impl Journal {
 }
 
 /// The ids of every journal in the origin.
-pub async fn journal_ids(origin: &Origin) -> Result<Vec<Name>, JournalError> {
+pub async fn journal_ids(origin: &dyn Bucket) -> Result<Vec<Name>, JournalError> {
     let layout = origin.layout();
     let mut ids = BTreeSet::new();
     for obj in origin.list(&layout.migration_dir()).await? {
@@ -148,7 +148,7 @@ pub async fn journal_ids(origin: &Origin) -> Result<Vec<Name>, JournalError> {
 }
 
 /// Every journal in the origin, read back.
-pub async fn journals(origin: &Origin) -> Result<Vec<Journal>, JournalError> {
+pub async fn journals(origin: &dyn Bucket) -> Result<Vec<Journal>, JournalError> {
     let mut out = Vec::new();
     for id in journal_ids(origin).await? {
         out.push(Journal::load(origin, &id).await?);
@@ -158,7 +158,7 @@ pub async fn journals(origin: &Origin) -> Result<Vec<Journal>, JournalError> {
 
 /// Where `key` is now: the key itself if it exists; failing that, where a migration moved it (its new key
 /// for an old one, its old key for a new one, R4.3 and R5.5). `None` if it is nowhere.
-pub async fn locate(origin: &Origin, key: &str) -> Result<Option<String>, JournalError> {
+pub async fn locate(origin: &dyn Bucket, key: &str) -> Result<Option<String>, JournalError> {
     if origin.head(key).await?.is_some() {
         return Ok(Some(key.to_owned()));
     }

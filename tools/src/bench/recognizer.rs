@@ -2,10 +2,10 @@
 //! usearch search time, cold start, and p99 during a swap.
 
 use crate::error::ToolError;
-use deckhand_agent::fixtures::{
+use crate::shop::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, perturb, reference_settings,
 };
-use deckhand_agent::metrics::Metrics;
+use deckhand_agent::http::metrics::Metrics;
 use deckhand_agent::recognizer::service::Service;
 use deckhand_agent::recognizer::{BackendChoice, Recognizer, ReleasePaths};
 use deckhand_agent::release::ReleaseFiles;

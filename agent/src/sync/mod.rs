@@ -20,21 +20,24 @@
 //! Errors never stop the engine: the origin being unreachable sets `offline_since` and polls back off
 //! with jitter, while the active release keeps serving.
 
-use crate::activation::{self, ActivationError};
-use crate::metrics::Source;
+pub mod activation;
+pub mod bundle;
+
+use crate::http::metrics::Source;
 use crate::origin::{Fetched, Origin, OriginError};
 use crate::peer::{Hint, LocalState, PeerNode};
 use crate::recognizer::BackendChoice;
 use crate::recognizer::service::Service;
+use crate::sync::activation::ActivationError;
 use deckhand_protocol::chunk::Chunk;
 use deckhand_protocol::layout::{Layout, Name};
 use deckhand_protocol::manifest::BlobRef;
+use deckhand_protocol::status::Pending;
 use deckhand_protocol::sync::{Decision, View, bit, coalesce, decide};
 use deckhand_protocol::wire::ReleaseRef;
 use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
 use deckhand_store::Store;
 use futures::StreamExt as _;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -59,7 +62,7 @@ const HINT_SPACING: Duration = Duration::from_secs(5);
 const META_PENDING: &str = "pending_envelope";
 
 /// What status shows about syncing.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct SyncStatus {
     pub pending: Option<Pending>,
     pub offline_since: Option<String>,
@@ -72,21 +75,11 @@ pub struct SyncStatus {
     pub last_refused_manifest: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Pending {
-    pub version: u64,
-    pub source: String,
-    pub bytes_total: u64,
-    pub bytes_have: u64,
-    pub bytes_from_peers: u64,
-    pub bytes_from_origin: u64,
-}
-
 #[derive(Clone)]
 pub struct SyncConfig {
     /// This agent's id (its fleet certificate's name, or a stored random id).
     pub agent_id: String,
-    pub origin: Option<Origin>,
+    pub origin: Option<std::sync::Arc<dyn Origin>>,
     pub deployment: Name,
     pub policy: TrustPolicy,
     pub backend: BackendChoice,

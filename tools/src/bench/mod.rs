@@ -1,7 +1,10 @@
 //! `deckhand bench ...`: measured figures, printed. Benchmarks print; tests assert.
 
+pub mod fleet;
+pub mod recognizer;
+
 use crate::error::ToolError;
-use deckhand_agent::fixtures::{SplitMix, metadata_json, noise, npy_f32};
+use crate::shop::fixtures::{SplitMix, metadata_json, noise, npy_f32};
 use deckhand_protocol::chunk::{ChunkMap, ChunkParams};
 use deckhand_store::{Options, Store};
 use std::collections::HashSet;

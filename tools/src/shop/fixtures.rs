@@ -2,6 +2,39 @@
 //!
 //! The same seed always produces the same bytes, so fixtures can be regenerated anywhere and compared.
 
+use std::path::{Path, PathBuf};
+
+/// Why a fixture could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("usearch index {path}: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("the sample model: {0}")]
+    Model(#[from] deckhand_agent::recognizer::BackendError),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn write(path: &Path, data: impl AsRef<[u8]>) -> Result<(), FixtureError> {
+    std::fs::write(path, data).map_err(|source| FixtureError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn create_dir(path: &Path) -> Result<(), FixtureError> {
+    std::fs::create_dir_all(path).map_err(|source| FixtureError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// A small deterministic generator (splitmix64).
 #[derive(Clone, Debug)]
 pub struct SplitMix(pub u64);
@@ -94,7 +127,7 @@ pub fn card_id(i: usize) -> String {
 pub fn hef_v0(body: &[u8]) -> Vec<u8> {
     use md5::Digest as _;
     let mut out = Vec::with_capacity(32 + body.len());
-    out.extend_from_slice(&crate::loaders::HEF_MAGIC.to_be_bytes());
+    out.extend_from_slice(&deckhand_agent::release::loaders::HEF_MAGIC.to_be_bytes());
     out.extend_from_slice(&0u32.to_be_bytes());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&0u32.to_be_bytes());
@@ -234,7 +267,7 @@ pub fn write_usearch_index(
     dim: usize,
     metric: usearch::MetricKind,
     vectors: &[Vec<f32>],
-) -> Result<(), String> {
+) -> Result<(), FixtureError> {
     let opts = usearch::IndexOptions {
         dimensions: dim,
         metric,
@@ -244,13 +277,19 @@ pub fn write_usearch_index(
         expansion_search: 64,
         multi: false,
     };
-    let index = usearch::Index::new(&opts).map_err(|e| e.to_string())?;
-    index.reserve(vectors.len()).map_err(|e| e.to_string())?;
+    let fail = |e: &dyn std::fmt::Display| FixtureError::Index {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let index = usearch::Index::new(&opts).map_err(|e| fail(&e))?;
+    index.reserve(vectors.len()).map_err(|e| fail(&e))?;
     for (row, v) in vectors.iter().enumerate() {
-        index.add(row as u64, v).map_err(|e| e.to_string())?;
+        index.add(row as u64, v).map_err(|e| fail(&e))?;
     }
-    let p = path.to_str().ok_or("index path is not UTF-8")?;
-    index.save(p).map_err(|e| e.to_string())
+    let p = path
+        .to_str()
+        .ok_or_else(|| fail(&"the path is not UTF-8"))?;
+    index.save(p).map_err(|e| fail(&e))
 }
 
 /// The shape of a generated sample release.
@@ -310,10 +349,9 @@ pub fn standin_hef_body(input: u32, pool: u32, dim: usize, seed: u64) -> Vec<u8>
 pub fn write_sample_release(
     dir: &std::path::Path,
     spec: &SampleSpec,
-) -> Result<crate::release::ReleaseFiles, String> {
-    let err = |e: std::io::Error| e.to_string();
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let files = crate::release::ReleaseFiles {
+) -> Result<deckhand_agent::release::ReleaseFiles, FixtureError> {
+    create_dir(dir)?;
+    let files = deckhand_agent::release::ReleaseFiles {
         hef: dir.join("model.hef"),
         onnx: dir.join("model.onnx"),
         index: dir.join("usearch.index"),
@@ -322,29 +360,26 @@ pub fn write_sample_release(
         embeddings: Some(dir.join("embeddings.npy")),
         canaries: vec![(dir.join("canary.png"), card_id(0))],
     };
-    std::fs::write(
+    write(
         &files.onnx,
         embedding_model_onnx(spec.input, spec.pool, spec.dim, spec.seed),
-    )
-    .map_err(err)?;
-    std::fs::write(
+    )?;
+    write(
         &files.hef,
         hef_v0(&standin_hef_body(
             spec.input, spec.pool, spec.dim, spec.seed,
         )),
-    )
-    .map_err(err)?;
+    )?;
     let mut rng = SplitMix(spec.seed ^ 0x5eed);
     let vectors: Vec<Vec<f32>> = (0..spec.rows)
         .map(|_| (0..spec.dim).map(|_| rng.normal()).collect())
         .collect();
     write_usearch_index(&files.index, spec.dim, usearch::MetricKind::Cos, &vectors)?;
     let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
-    std::fs::write(
-        files.embeddings.as_ref().ok_or("no embeddings path")?,
+    write(
+        &dir.join("embeddings.npy"),
         npy_f32(spec.rows, spec.dim, &flat),
-    )
-    .map_err(err)?;
+    )?;
     let labels: serde_json::Map<String, serde_json::Value> = (0..spec.rows)
         .map(|r| {
             (
@@ -353,26 +388,17 @@ pub fn write_sample_release(
             )
         })
         .collect();
-    std::fs::write(
-        &files.labels,
-        serde_json::to_vec(&labels).map_err(|e| e.to_string())?,
-    )
-    .map_err(err)?;
-    let meta: serde_json::Value =
-        serde_json::from_slice(&metadata_json(spec.cards, spec.seed)).map_err(|e| e.to_string())?;
+    write(&files.labels, serde_json::to_vec(&labels)?)?;
+    let meta: serde_json::Value = serde_json::from_slice(&metadata_json(spec.cards, spec.seed))?;
     let as_array: Vec<serde_json::Value> = meta
         .as_object()
         .map(|m| m.values().cloned().collect())
         .unwrap_or_default();
-    std::fs::write(
-        &files.metadata,
-        serde_json::to_vec(&as_array).map_err(|e| e.to_string())?,
-    )
-    .map_err(err)?;
+    write(&files.metadata, serde_json::to_vec(&as_array)?)?;
     let img = image::RgbImage::from_fn(spec.input * 2, spec.input * 3, |x, y| {
         image::Rgb([(x * 7) as u8, (y * 5) as u8, 128])
     });
-    std::fs::write(&files.canaries[0].0, encode_png(&img)).map_err(err)?;
+    write(&files.canaries[0].0, encode_png(&img))?;
     Ok(files)
 }
 
@@ -614,8 +640,8 @@ pub fn reference_settings(dim: usize) -> deckhand_protocol::manifest::Recognizer
         input_width: 224,
         input_height: 224,
         layout: deckhand_protocol::manifest::ChannelLayout::Nchw,
-        mean: crate::release::IMAGENET_MEAN,
-        std: crate::release::IMAGENET_STD,
+        mean: deckhand_agent::release::IMAGENET_MEAN,
+        std: deckhand_agent::release::IMAGENET_STD,
         embedding_dim: dim as u32,
         metric: deckhand_protocol::manifest::Metric::Cos,
         min_score: 0.5,
@@ -629,11 +655,10 @@ pub fn reference_settings(dim: usize) -> deckhand_protocol::manifest::Recognizer
 pub fn write_reference_release(
     dir: &std::path::Path,
     spec: &ReferenceSpec,
-) -> Result<crate::release::ReleaseFiles, String> {
-    use crate::recognizer::Embedder as _;
-    let err = |e: std::io::Error| e.to_string();
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let files = crate::release::ReleaseFiles {
+) -> Result<deckhand_agent::release::ReleaseFiles, FixtureError> {
+    use deckhand_agent::recognizer::Embedder as _;
+    create_dir(dir)?;
+    let files = deckhand_agent::release::ReleaseFiles {
         hef: dir.join("model.hef"),
         onnx: dir.join("model.onnx"),
         index: dir.join("usearch.index"),
@@ -645,53 +670,42 @@ pub fn write_reference_release(
             (dir.join("canary-1.jpg"), spec.card_id(1)),
         ],
     };
-    std::fs::write(
+    write(
         &files.onnx,
         embedding_model_onnx(224, 14, spec.dim, spec.seed),
-    )
-    .map_err(err)?;
-    std::fs::write(
+    )?;
+    write(
         &files.hef,
         hef_v0(&standin_hef_body(224, 14, spec.dim, spec.seed)),
-    )
-    .map_err(err)?;
+    )?;
     let settings = reference_settings(spec.dim);
-    let mut embedder = crate::recognizer::cpu::CpuEmbedder::load(&files.onnx, &settings)
-        .map_err(|e| e.to_string())?;
+    let mut embedder = deckhand_agent::recognizer::cpu::CpuEmbedder::load(&files.onnx, &settings)?;
     let mut vectors = Vec::with_capacity(spec.rows);
     let rows: Vec<usize> = (0..spec.rows).collect();
-    for chunk in rows.chunks(crate::recognizer::MAX_BATCH) {
+    for chunk in rows.chunks(deckhand_agent::recognizer::MAX_BATCH) {
         let mut input = Vec::new();
         for row in chunk {
             let (card, variant) = spec.row(*row);
-            crate::recognizer::preprocess::to_tensor(
+            deckhand_agent::recognizer::preprocess::to_tensor(
                 &card_image(card, variant),
                 &settings,
                 &mut input,
             );
         }
-        let out = embedder
-            .embed(&input, chunk.len())
-            .map_err(|e| e.to_string())?;
+        let out = embedder.embed(&input, chunk.len())?;
         vectors.extend(out.chunks(spec.dim).map(<[f32]>::to_vec));
     }
     write_usearch_index(&files.index, spec.dim, usearch::MetricKind::Cos, &vectors)?;
     let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
-    std::fs::write(
-        files.embeddings.as_ref().ok_or("no embeddings path")?,
+    write(
+        &dir.join("embeddings.npy"),
         npy_f32(spec.rows, spec.dim, &flat),
-    )
-    .map_err(err)?;
+    )?;
     let labels: Vec<String> = (0..spec.rows)
         .map(|r| spec.card_id(spec.row(r).0))
         .collect();
-    std::fs::write(
-        &files.labels,
-        serde_json::to_vec(&labels).map_err(|e| e.to_string())?,
-    )
-    .map_err(err)?;
-    let meta: serde_json::Value =
-        serde_json::from_slice(&metadata_json(spec.cards, spec.seed)).map_err(|e| e.to_string())?;
+    write(&files.labels, serde_json::to_vec(&labels)?)?;
+    let meta: serde_json::Value = serde_json::from_slice(&metadata_json(spec.cards, spec.seed))?;
     let mut keyed = serde_json::Map::new();
     for i in 0..spec.cards {
         let Some(mut v) = meta.get(card_id(i)).cloned() else {
@@ -701,17 +715,12 @@ pub fn write_reference_release(
         v["id"] = serde_json::Value::String(id.clone());
         keyed.insert(id, v);
     }
-    std::fs::write(
-        &files.metadata,
-        serde_json::to_vec(&keyed).map_err(|e| e.to_string())?,
-    )
-    .map_err(err)?;
-    std::fs::write(
+    write(&files.metadata, serde_json::to_vec(&keyed)?)?;
+    write(
         &files.canaries[0].0,
         encode_png(&perturb(&card_image(0, 0), Perturbation::Noise, 5)),
-    )
-    .map_err(err)?;
-    std::fs::write(&files.canaries[1].0, encode_jpeg(&card_image(1, 0), 85)).map_err(err)?;
+    )?;
+    write(&files.canaries[1].0, encode_jpeg(&card_image(1, 0), 85))?;
     Ok(files)
 }
 
@@ -724,7 +733,7 @@ pub fn write_sized_release(
     spec: &ReferenceSpec,
     total_bytes: u64,
     hef_seed: u64,
-) -> Result<crate::release::ReleaseFiles, String> {
+) -> Result<deckhand_agent::release::ReleaseFiles, FixtureError> {
     let files = write_reference_release(dir, spec)?;
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let others: u64 = files
@@ -737,7 +746,7 @@ pub fn write_sized_release(
     let header = (hef_v0(&[]).len()) as u64;
     let pad = total_bytes.saturating_sub(others + header + body.len() as u64);
     body.extend_from_slice(&noise(hef_seed, pad as usize));
-    std::fs::write(&files.hef, hef_v0(&body)).map_err(|e| e.to_string())?;
+    write(&files.hef, hef_v0(&body))?;
     Ok(files)
 }
 
@@ -756,7 +765,7 @@ mod tests {
     fn the_sample_release_passes_every_release_check() {
         let dir = tempfile::tempdir().unwrap();
         let files = write_sample_release(dir.path(), &SampleSpec::small(3)).unwrap();
-        let checked = crate::release::check_release(&files, &Default::default()).unwrap();
+        let checked = deckhand_agent::release::check_release(&files, &Default::default()).unwrap();
         assert_eq!(
             (checked.rows, checked.cards, checked.settings.embedding_dim),
             (48, 40, 64)

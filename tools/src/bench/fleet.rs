@@ -4,8 +4,8 @@
 //! until every agent serves the release.
 
 use crate::ToolError;
-use crate::sim::Shop;
-use deckhand_agent::fixtures::{self, ReferenceSpec};
+use crate::shop::Fleet;
+use crate::shop::fixtures::{self, ReferenceSpec};
 use std::time::{Duration, Instant};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -33,9 +33,7 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
     let files = tokio::task::spawn_blocking(move || {
         fixtures::write_sized_release(&release_dir, &spec, size_mib << 20, 1)
     })
-    .await
-    .map_err(|e| ToolError::Failed(e.to_string()))?
-    .map_err(ToolError::Failed)?;
+    .await??;
     let uplink = uplink_mbps * 1_000_000 / 8;
     let release_bytes: u64 = files
         .paths()
@@ -98,42 +96,23 @@ async fn one(
     files: &deckhand_agent::release::ReleaseFiles,
     uplink: u64,
 ) -> Result<Row, ToolError> {
-    let shop = Shop::open(&dir.join(if peers { "fleet" } else { "baseline" })).await?;
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let dial: Vec<String> = agents
-            .iter()
-            .filter_map(|a: &crate::sim::SimAgent| a.listening.quic.map(|q| q.to_string()))
-            .collect();
-        let a = shop
-            .agent(
-                &format!("pi-{i}"),
-                peers.then_some(dial.as_slice()),
-                Duration::from_secs(1),
-            )
-            .await?;
-        agents.push(a);
+    let mut builder = Fleet::new()
+        .dir(&dir.join(if peers { "fleet" } else { "baseline" }))
+        .agents(n);
+    if !peers {
+        builder = builder.without_peers();
     }
-    if peers {
-        for a in &agents {
-            a.wait_for(Duration::from_secs(30), "live peers", |s| {
-                s["peers"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().filter(|p| p["live"] == true).count() + 1 == n)
-            })
-            .await?;
-        }
-    }
-    shop.s3.stats().set_uplink(uplink);
-    shop.s3.stats().reset();
+    let shop = builder.start().await?;
+    shop.s3().stats().set_uplink(uplink);
+    shop.s3().stats().reset();
     let t0 = Instant::now();
     shop.publish(files).await?;
-    let before = shop.s3.stats().bytes_sent();
+    let before = shop.s3().stats().bytes_sent();
     let mut done: Vec<Option<Duration>> = vec![None; n];
     let deadline = t0 + Duration::from_secs(1800);
     while done.iter().any(Option::is_none) {
-        for (i, a) in agents.iter().enumerate() {
-            if done[i].is_none() && a.status().await?["active"]["version"] == 1 {
+        for (i, a) in shop.agents.iter().enumerate() {
+            if done[i].is_none() && a.status().await?.active_version() == Some(1) {
                 done[i] = Some(t0.elapsed());
             }
         }
@@ -144,21 +123,16 @@ async fn one(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let s3_bytes = shop.s3.stats().bytes_sent() - before;
+    let s3_bytes = shop.s3().stats().bytes_sent() - before;
     let mut from_peers = 0;
     let mut per_agent = Vec::new();
-    for (i, a) in agents.iter().enumerate() {
+    for (i, a) in shop.agents.iter().enumerate() {
         let s = a.status().await?;
-        let (p, o) = (
-            s["bytes_from_peers"].as_u64().unwrap_or(0),
-            s["bytes_from_origin"].as_u64().unwrap_or(0),
-        );
+        let (p, o) = (s.bytes_from_peers, s.bytes_from_origin);
         from_peers += p;
         per_agent.push((format!("pi-{i}"), p, o, done[i].unwrap_or_default()));
     }
-    for a in agents {
-        a.stop().await?;
-    }
+    shop.stop().await?;
     let times: Vec<Duration> = done.into_iter().flatten().collect();
     Ok(Row {
         mode,

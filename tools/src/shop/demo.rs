@@ -1,4 +1,5 @@
-//! `deckhand demo`: the whole system on an embedded sample, in one process and one directory.
+//! `deckhand demo`: the whole system on an embedded sample, on one machine and in one directory: the S3
+//! server runs in this process, the agents are real `deckhand-agent` processes.
 //!
 //! 1. Generates a sample release (a small embedding model as ONNX and HEF, a usearch index of synthetic
 //!    card images, labels, metadata, canaries), deterministically.
@@ -10,10 +11,8 @@
 //! 6. Prints the fleet as one agent sees it.
 
 use crate::ToolError;
-use crate::sim::{Shop, SimAgent};
-use deckhand_agent::fixtures::{
-    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
-};
+use crate::shop::fixtures::{self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb};
+use crate::shop::{Agent, Fleet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,15 +24,8 @@ fn step(n: u32, what: &str) {
     println!("\n== {n}. {what}");
 }
 
-async fn recognize(a: &SimAgent, image: &[u8]) -> Result<(u16, serde_json::Value), ToolError> {
-    deckhand_agent::http::request_json(
-        &a.http(),
-        "POST",
-        "/v1/recognize",
-        bytes::Bytes::copy_from_slice(image),
-    )
-    .await
-    .map_err(|e| ToolError::Failed(format!("agent {}: {e}", a.name)))
+async fn recognize(a: &Agent, image: &[u8]) -> Result<(u16, serde_json::Value), ToolError> {
+    a.recognize(image).await
 }
 
 pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
@@ -57,9 +49,7 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
     let (spec2, rdir) = (spec.clone(), dir.join("release-1"));
     let files =
         tokio::task::spawn_blocking(move || fixtures::write_reference_release(&rdir, &spec2))
-            .await
-            .map_err(|e| ToolError::Failed(e.to_string()))?
-            .map_err(ToolError::Failed)?;
+            .await??;
     println!(
         "{} cards, {} reference rows of {} dims, model and index in {}",
         spec.cards,
@@ -72,11 +62,17 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
         2,
         "start S3, make a signing key and a fleet CA, publish version 1",
     );
-    let shop = Shop::open(&dir).await?;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| ToolError::Failed(format!("no randomness: {e}")))?;
+    let mut shop = Fleet::new()
+        .dir(&dir)
+        .key(deckhand_protocol::SecretKey::from_seed(&seed))
+        .start()
+        .await?;
     let v1 = shop.publish(&files).await?;
     println!(
         "S3 at {}; published version {} ({}), {} bytes in {} blobs",
-        shop.s3.endpoint(),
+        shop.s3().endpoint(),
         v1.manifest.version,
         v1.id,
         v1.manifest.total_bytes(),
@@ -87,42 +83,29 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
         3,
         &format!("start {n} agents; they find each other and sync"),
     );
-    shop.s3.stats().reset();
-    let mut agents: Vec<SimAgent> = Vec::new();
+    shop.s3().stats().reset();
     for i in 0..n {
-        let dial: Vec<String> = agents
-            .iter()
-            .filter_map(|a| a.listening.quic.map(|q| q.to_string()))
-            .collect();
-        let a = shop
-            .agent(
-                &format!("pi-{}", i + 1),
-                Some(&dial),
-                Duration::from_secs(1),
-            )
-            .await?;
+        let a = shop.start_agent(&format!("pi-{}", i + 1)).await?;
         println!(
-            "{}: http {}, quic {}",
+            "{}: http {}, quic {}, log {}",
             a.name,
-            a.listening.http,
-            a.listening.quic.map_or("-".to_owned(), |q| q.to_string())
+            a.http(),
+            a.quic().unwrap_or("-"),
+            a.log().display()
         );
-        agents.push(a);
     }
-    for a in &agents {
-        a.wait_for(WAIT, "version 1 active", |s| s["active"]["version"] == 1)
-            .await?;
-    }
-    for a in &agents {
-        let s = a.status().await?;
+    let statuses = shop
+        .wait_all(WAIT, "version 1 active", |s| s.active_version() == Some(1))
+        .await?;
+    for (a, s) in shop.agents.iter().zip(&statuses) {
         println!(
             "{}: version 1 active; {} bytes from S3, {} from peers",
-            a.name, s["bytes_from_origin"], s["bytes_from_peers"]
+            a.name, s.bytes_from_origin, s.bytes_from_peers
         );
     }
     println!(
         "S3 sent {} bytes in all, for a {}-byte release and {n} agents",
-        shop.s3.stats().bytes_sent(),
+        shop.s3().stats().bytes_sent(),
         v1.manifest.total_bytes()
     );
 
@@ -135,7 +118,7 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
         (41, Perturbation::Crop),
     ];
     for (i, (card, p)) in photos.iter().enumerate() {
-        let a = &agents[i % agents.len()];
+        let a = &shop.agents[i % shop.agents.len()];
         let photo = encode_jpeg(&perturb(&card_image(*card, 0), *p, i as u64 + 1), 85);
         let (code, answer) = recognize(a, &photo).await?;
         let ok = code == 200 && answer["card_id"] == spec.card_id(*card);
@@ -161,13 +144,13 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
     let mut meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&files.metadata).map_err(ToolError::io("read", &files.metadata))?,
     )
-    .map_err(|e| ToolError::Failed(e.to_string()))?;
+    .map_err(crate::shop::fixtures::FixtureError::from)?;
     meta[&renamed]["name"] = serde_json::json!("Card seven, second print");
     let mut files2 = files.clone();
     files2.metadata = dir.join("metadata-v2.json");
     std::fs::write(
         &files2.metadata,
-        serde_json::to_vec(&meta).map_err(|e| ToolError::Failed(e.to_string()))?,
+        serde_json::to_vec(&meta).map_err(crate::shop::fixtures::FixtureError::from)?,
     )
     .map_err(ToolError::io("write", &files2.metadata))?;
     let photo = encode_jpeg(&perturb(&card_image(7, 0), Perturbation::Crop, 9), 85);
@@ -179,7 +162,7 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
     );
     let client = {
         let (http, photo, stop, asked, failed, mixed) = (
-            agents[0].http(),
+            shop.agents[0].http().to_owned(),
             photo.clone(),
             stop.clone(),
             asked.clone(),
@@ -211,48 +194,37 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
             }
         })
     };
-    shop.s3.stats().reset();
+    shop.s3().stats().reset();
     let v2 = shop.publish(&files2).await?;
-    for a in &agents {
-        a.wait_for(WAIT, "version 2 active", |s| s["active"]["version"] == 2)
-            .await?;
-    }
+    shop.wait_all(WAIT, "version 2 active", |s| s.active_version() == Some(2))
+        .await?;
     stop.store(true, Ordering::SeqCst);
     let _ = client.await;
     println!(
         "version {} active everywhere; S3 sent {} bytes (only what changed); during the swap {} requests, {} failed, {} mixed releases",
         v2.manifest.version,
-        shop.s3.stats().bytes_sent(),
+        shop.s3().stats().bytes_sent(),
         asked.load(Ordering::SeqCst),
         failed.load(Ordering::SeqCst),
         mixed.load(Ordering::SeqCst)
     );
-    let (_, answer) = recognize(&agents[0], &photo).await?;
+    let (_, answer) = recognize(&shop.agents[0], &photo).await?;
     println!(
         "{}: now \"{}\" (version {})",
-        agents[0].name,
+        shop.agents[0].name,
         answer["metadata"]["name"].as_str().unwrap_or("-"),
         answer["manifest_version"]
     );
 
-    step(6, &format!("the fleet as {} sees it", agents[0].name));
-    let fleet = deckhand_agent::http::get_json(&agents[0].http(), "/v1/fleet")
+    step(6, &format!("the fleet as {} sees it", shop.agents[0].name));
+    let fleet = deckhand_agent::http::get_fleet(shop.agents[0].http())
         .await
-        .map_err(|e| ToolError::Failed(e.to_string()))?;
-    for a in fleet["agents"].as_array().into_iter().flatten() {
-        println!(
-            "{:<8} live={} active={} pending={} bytes from it={} to it={}",
-            a["id"].as_str().unwrap_or("?"),
-            a["live"],
-            a["active"],
-            a["pending"],
-            a["bytes_from"],
-            a["bytes_to"]
-        );
-    }
-    for a in agents {
-        a.stop().await?;
-    }
+        .map_err(|e| ToolError::AgentApi {
+            name: shop.agents[0].name.clone(),
+            why: e.to_string(),
+        })?;
+    print!("{}", fleet.render());
+    shop.stop().await?;
     println!("\ndemo done in {:.1} s", started.elapsed().as_secs_f64());
     if failed.load(Ordering::SeqCst) > 0 || mixed.load(Ordering::SeqCst) > 0 || right == 0 {
         return Err(ToolError::Failed(

@@ -2,7 +2,7 @@
 //! 004: copy, verify, wait, then delete; and a way back).
 //!
 //! The decisions (which key goes where, what a journal adds up to) are pure code in
-//! `deckhand_protocol::migration`; the journal's I/O is `deckhand_agent::journal`. This module runs the
+//! `deckhand_protocol::migration`; the journal's I/O is `crate::layout::journal`. This module runs the
 //! steps against the origin with bounded parallelism, recording each verified step in the journal.
 //!
 //! Every step checks before it acts, so a run killed at any point and run again neither repeats work nor
@@ -10,10 +10,12 @@
 //! source is deleted only after its copy was checked once more; a target is removed by a rollback only
 //! when its source is back and verified.
 
+pub mod journal;
+
 use crate::error::ToolError;
+use crate::layout::journal::Journal;
+use crate::origin::{Bucket, CopyOptions, ObjectInfo, OriginError};
 use crate::releases::{check_blob, describe};
-use deckhand_agent::journal::{self, Journal};
-use deckhand_agent::origin::{CopyOptions, ObjectInfo, Origin, OriginError};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::BlobRef;
@@ -91,7 +93,7 @@ fn bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
 }
 
 /// Lists the origin and classifies every key.
-pub async fn plan(origin: &Origin, rules: &Rules) -> Result<Plan, ToolError> {
+pub async fn plan(origin: &dyn Bucket, rules: &Rules) -> Result<Plan, ToolError> {
     let layout = origin.layout();
     // S3 lists every object with its entity tag; where a server does not, HEAD asks for it (objects that
     // meet at one new key are compared by it).
@@ -133,7 +135,7 @@ fn same(info: &ObjectInfo, size: u64, etag: &Option<String>) -> bool {
 
 /// Checks that `target` holds what `source` holds.
 async fn verify_copy(
-    origin: &Origin,
+    origin: &dyn Bucket,
     source: (&str, &ObjectInfo),
     target: &str,
     mode: VerifyMode,
@@ -166,7 +168,7 @@ async fn verify_copy(
 }
 
 /// Copies one planned move, or finds the copy an interrupted run made, and verifies it.
-async fn copy_one(origin: &Origin, m: &Move, opts: &MigrateOptions) -> Result<Record, String> {
+async fn copy_one(origin: &dyn Bucket, m: &Move, opts: &MigrateOptions) -> Result<Record, String> {
     let src = origin
         .head(&m.source)
         .await
@@ -214,7 +216,7 @@ async fn copy_one(origin: &Origin, m: &Move, opts: &MigrateOptions) -> Result<Re
 /// completes. Failures are collected, not fatal: the other objects still move.
 #[allow(clippy::too_many_arguments)]
 async fn run_steps<'a, T, F, Fut>(
-    origin: &Origin,
+    origin: &dyn Bucket,
     journal: &mut Journal,
     items: Vec<&'a T>,
     batch: usize,
@@ -254,7 +256,7 @@ where
 
 /// Copies every move of `plan` not yet journaled, verifying each copy. Deletes nothing.
 pub async fn migrate(
-    origin: &Origin,
+    origin: &dyn Bucket,
     plan: &Plan,
     opts: &MigrateOptions,
 ) -> Result<StepReport, ToolError> {
@@ -302,7 +304,7 @@ pub async fn migrate(
 /// Deletes the source of every verified copy at least `min_age` old, after checking both objects once
 /// more.
 pub async fn finalize(
-    origin: &Origin,
+    origin: &dyn Bucket,
     journal_id: &Name,
     min_age: SignedDuration,
     parallel: usize,
@@ -347,7 +349,7 @@ pub async fn finalize(
     Ok(report)
 }
 
-async fn delete_source(origin: &Origin, r: &Record) -> Result<(Record, u64), String> {
+async fn delete_source(origin: &dyn Bucket, r: &Record) -> Result<(Record, u64), String> {
     let Record::Copied {
         source,
         target,
@@ -394,7 +396,7 @@ async fn delete_source(origin: &Origin, r: &Record) -> Result<(Record, u64), Str
 /// Restores the layout a journal started from: copies back every deleted source (verified), then removes
 /// every target the migration created, once its source is in place.
 pub async fn rollback(
-    origin: &Origin,
+    origin: &dyn Bucket,
     journal_id: &Name,
     opts: &MigrateOptions,
 ) -> Result<StepReport, ToolError> {
@@ -478,7 +480,7 @@ pub async fn rollback(
 }
 
 async fn restore_source(
-    origin: &Origin,
+    origin: &dyn Bucket,
     r: &Record,
     opts: &MigrateOptions,
 ) -> Result<(Record, u64), String> {
@@ -522,7 +524,7 @@ async fn restore_source(
 }
 
 async fn remove_target(
-    origin: &Origin,
+    origin: &dyn Bucket,
     source: &str,
     target: &str,
     size: u64,
@@ -593,7 +595,7 @@ impl AuditReport {
 /// every manifest reads (and verifies, with `trust`); every blob and chunk map a manifest names is present
 /// with the right size and hash; every migrated copy is reachable; no blob is orphaned.
 pub async fn audit(
-    origin: &Origin,
+    origin: &dyn Bucket,
     trust: Option<&TrustPolicy>,
     work: &Path,
 ) -> Result<AuditReport, ToolError> {

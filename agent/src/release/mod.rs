@@ -3,7 +3,9 @@
 //! `deckhand publish` runs these before a single byte is uploaded; the recognizer relies on the same rules
 //! when it loads a release from the store.
 
-use crate::loaders::{self, IndexHeader, LoadError, OnnxInfo};
+pub mod loaders;
+
+use crate::release::loaders::{IndexHeader, LoadError, OnnxInfo};
 use deckhand_protocol::manifest::{ChannelLayout, Metric, RecognizerSettings};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,11 @@
+//! HTTP: the agent's API server (`/v1/recognize`, `/v1/status`, `/v1/fleet`, `/metrics`), the metrics it
+//! renders, and the one client that reads an agent's API.
+
+#[cfg(feature = "daemon")]
+mod api;
+pub mod client;
+pub mod metrics;
+
+#[cfg(feature = "daemon")]
+pub use api::{AppState, FleetFn, StatusFn, router, serve, status_code};
+pub use client::{ClientError, get_as, get_fleet, get_json, get_status, request, request_json};

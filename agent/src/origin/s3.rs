@@ -1,0 +1,199 @@
+//! The S3 backend (aws-sdk-s3), read side, and the one place an S3 client is built: credentials,
+//! endpoint, path-style addressing, timeouts and retries.
+
+use super::{Fetched, Origin, OriginConfig, OriginError, OriginUrl, timed};
+use aws_sdk_s3::error::SdkError;
+use bytes::Bytes;
+use deckhand_protocol::layout::Layout;
+use std::ops::Range;
+use std::time::Duration;
+
+/// An S3 bucket and prefix.
+#[derive(Clone, Debug)]
+pub struct S3Origin {
+    url: OriginUrl,
+    layout: Layout,
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    operation_timeout: Duration,
+}
+
+/// Builds an S3 client. Unset fields of `cfg` come from the standard AWS chain (environment,
+/// profile, ...); a custom endpoint is addressed path-style. No request is sent.
+pub async fn client(cfg: &OriginConfig) -> aws_sdk_s3::Client {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(cfg.connect_timeout)
+        .operation_attempt_timeout(cfg.attempt_timeout)
+        .operation_timeout(cfg.operation_timeout)
+        .build();
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .retry_config(
+            aws_config::retry::RetryConfig::standard().with_max_attempts(cfg.max_attempts.max(1)),
+        );
+    if let Some(endpoint) = &cfg.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(region) = &cfg.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some((ak, sk)) = &cfg.credentials {
+        loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+            ak.clone(),
+            sk.clone(),
+            None,
+            None,
+            "deckhand-static",
+        ));
+    }
+    let shared = loader.load().await;
+    let mut b = aws_sdk_s3::config::Builder::from(&shared);
+    if shared.region().is_none() {
+        b = b.region(aws_config::Region::new("us-east-1"));
+    }
+    if cfg.endpoint_url.is_some() || shared.endpoint_url().is_some() {
+        b = b.force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
+
+/// The HTTP status of a failed S3 call, when the server answered.
+pub fn status<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Maps a failed S3 call to an [`OriginError`]: 404 is `NotFound`, 412 `AlreadyExists`, 401 and 403
+/// `Denied` (credentials or permissions), anything else `Service`.
+pub fn error<E: std::error::Error + 'static>(
+    op: &'static str,
+    key: &str,
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> OriginError {
+    let key = key.to_owned();
+    match status(&err) {
+        Some(404) => OriginError::NotFound { op, key },
+        Some(412) => OriginError::AlreadyExists { op, key },
+        Some(code @ (401 | 403)) => OriginError::Denied {
+            op,
+            key,
+            status: code,
+            message: aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
+        },
+        _ => OriginError::Service {
+            op,
+            key,
+            message: aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
+        },
+    }
+}
+
+/// A body that broke off while it was read.
+pub fn body_error(op: &'static str, key: &str, e: impl std::fmt::Display) -> OriginError {
+    OriginError::Service {
+        op,
+        key: key.to_owned(),
+        message: format!("reading the body: {e}"),
+    }
+}
+
+impl S3Origin {
+    /// Builds the client for `bucket` and `prefix`; no request is sent.
+    pub async fn connect(
+        bucket: &str,
+        prefix: &str,
+        cfg: &OriginConfig,
+    ) -> Result<Self, OriginError> {
+        Ok(Self {
+            url: OriginUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.to_owned(),
+            },
+            layout: Layout::new(prefix)?,
+            client: client(cfg).await,
+            bucket: bucket.to_owned(),
+            operation_timeout: cfg.operation_timeout,
+        })
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The limit on one whole call, retries included.
+    pub fn operation_timeout(&self) -> Duration {
+        self.operation_timeout
+    }
+}
+
+#[async_trait::async_trait]
+impl Origin for S3Origin {
+    fn url(&self) -> &OriginUrl {
+        &self.url
+    }
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    async fn get_if_changed(&self, key: &str, etag: Option<&str>) -> Result<Fetched, OriginError> {
+        timed(self.operation_timeout, "get", key, async {
+            let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+            if let Some(e) = etag {
+                req = req.if_none_match(e);
+            }
+            let out = match req.send().await {
+                Ok(out) => out,
+                Err(e) if status(&e) == Some(304) => return Ok(Fetched::NotModified),
+                Err(e) => match error("get", key, e) {
+                    OriginError::NotFound { .. } => return Ok(Fetched::Missing),
+                    other => return Err(other),
+                },
+            };
+            let new_etag = out.e_tag().map(str::to_owned);
+            if etag.is_some() && new_etag.as_deref() == etag {
+                // Servers that ignore If-None-Match still tell us it did not change.
+                return Ok(Fetched::NotModified);
+            }
+            let body = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| body_error("get", key, e))?;
+            Ok(Fetched::Changed {
+                body: body.into_bytes(),
+                etag: new_etag,
+            })
+        })
+        .await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, OriginError> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let want = range.end - range.start;
+        let body = timed(self.operation_timeout, "get range", key, async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes={}-{}", range.start, range.end - 1))
+                .send()
+                .await
+                .map_err(|e| error("get range", key, e))?;
+            let body = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| body_error("get range", key, e))?;
+            Ok(body.into_bytes())
+        })
+        .await?;
+        super::check_len(key, want, body)
+    }
+}

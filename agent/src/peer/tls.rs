@@ -1,0 +1,225 @@
+//! An agent's fleet credentials and the mutual TLS between peers. (The operator's side, the CA that
+//! issues and revokes certificates, is `deckhand fleet` in the tools crate.)
+//!
+//! The certificate's common name is the agent id: peers learn who they talk to from the handshake, never
+//! from what a peer claims about itself. Agents given the CA's revocation list (`--fleet-crl`) refuse a
+//! revoked certificate, as client and as server. Certificates also expire, so a lost Pi drops out on its
+//! own.
+//!
+//! Both sides of every QUIC connection present a certificate chained to the CA (TLS 1.3, ALPN
+//! `deckhand/1`); a device without one is refused during the handshake, before any request is read.
+
+use deckhand_protocol::wire::check_agent_id;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, FleetError> {
+    std::fs::read(path).map_err(|source| FleetError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn invalid(path: &Path, what: impl std::fmt::Display) -> FleetError {
+    FleetError::Invalid {
+        path: path.to_owned(),
+        what: what.to_string(),
+    }
+}
+
+/// An agent's fleet credentials, loaded and checked at start-up.
+#[derive(Clone)]
+pub struct FleetCredentials {
+    pub agent_id: String,
+    ca: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+impl std::fmt::Debug for FleetCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetCredentials")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Paths of an agent's fleet credentials.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub crl: Option<PathBuf>,
+}
+
+impl FleetCredentials {
+    pub fn load(p: &CredentialPaths) -> Result<Self, FleetError> {
+        let ca = CertificateDer::from_pem_slice(&read(&p.ca)?)
+            .map_err(|e| invalid(&p.ca, format!("not a PEM certificate: {e}")))?;
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(&read(&p.cert)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(&p.cert, format!("not a PEM certificate: {e}")))?;
+        let Some(leaf) = chain.first() else {
+            return Err(invalid(&p.cert, "holds no certificate"));
+        };
+        let key = PrivateKeyDer::from_pem_slice(&read(&p.key)?)
+            .map_err(|e| invalid(&p.key, format!("not a PEM private key: {e}")))?;
+        let crls = match &p.crl {
+            Some(path) => CertificateRevocationListDer::pem_slice_iter(&read(path)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(path, format!("not a PEM CRL: {e}")))?,
+            None => Vec::new(),
+        };
+        let agent_id = common_name(leaf).ok_or_else(|| invalid(&p.cert, "no common name"))?;
+        check_agent_id(&agent_id).map_err(|e| invalid(&p.cert, e))?;
+        let creds = FleetCredentials {
+            agent_id,
+            ca,
+            chain,
+            key: Arc::new(key),
+            crls,
+        };
+        // Catch a certificate from another CA, a key that does not match, or a revoked certificate
+        // now, not at the first handshake.
+        creds.check_own(p)?;
+        Ok(creds)
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, FleetError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .map_err(|e| FleetError::Tls(format!("fleet CA: {e}")))?;
+        Ok(Arc::new(roots))
+    }
+
+    fn check_own(&self, p: &CredentialPaths) -> Result<(), FleetError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            Self::provider(),
+        )
+        .with_crls(self.crls.clone())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let (leaf, rest) = self
+            .chain
+            .split_first()
+            .ok_or_else(|| invalid(&p.cert, "holds no certificate"))?;
+        verifier
+            .verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())
+            .map_err(|e| invalid(&p.cert, format!("not valid under {}: {e}", p.ca.display())))?;
+        // The key must match the certificate: building a server config checks it.
+        self.tls_server()?;
+        Ok(())
+    }
+
+    fn tls_server(&self) -> Result<rustls::ServerConfig, FleetError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            Self::provider(),
+        )
+        .with_crls(self.crls.clone())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| FleetError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| FleetError::Tls(format!("certificate and key do not match: {e}")))?;
+        cfg.alpn_protocols = vec![deckhand_protocol::wire::ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// The QUIC server side: mutual TLS against the fleet CA.
+    pub fn server_config(&self, max_streams: u32) -> Result<quinn::ServerConfig, FleetError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(self.tls_server()?)
+            .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(transport(max_streams));
+        Ok(cfg)
+    }
+
+    /// The QUIC client side: the server must hold a fleet certificate; this agent presents its own.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, FleetError> {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots()?,
+            Self::provider(),
+        )
+        .with_crls(self.crls.clone())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| FleetError::Tls(e.to_string()))?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| FleetError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![deckhand_protocol::wire::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport(8));
+        Ok(cfg)
+    }
+}
+
+fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(max_streams.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(20)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// The common name of a DER certificate.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    x509.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+}
+
+/// The agent id a QUIC connection's peer proved in the handshake.
+pub fn peer_id(conn: &quinn::Connection) -> Option<String> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let id = common_name(certs.first()?)?;
+    check_agent_id(&id).ok()?;
+    Some(id)
+}

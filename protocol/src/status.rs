@@ -1,0 +1,265 @@
+//! The agent's status documents, as served at `GET /v1/status` and `GET /v1/fleet`: one typed form that
+//! the daemon builds, and `deckhand-agent status`, `deckhand fleet status`, the demo and the tests read.
+//! Human renderings live here too, so every reader prints the same lines.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// `GET /v1/status`: one agent, as it sees itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub agent_id: String,
+    pub deployment: String,
+    /// The release recognitions are served from.
+    pub active: Option<ActiveRelease>,
+    /// The release being downloaded.
+    pub pending: Option<Pending>,
+    /// Since when the origin has been unreachable (RFC 3339); `None` while it answers.
+    pub offline_since: Option<String>,
+    /// The last sync error, cleared by the next success. A refusal of the credentials or permissions
+    /// shows here (the origin answered), not as offline.
+    pub last_error: Option<String>,
+    /// The last release refused at activation (it did not load or failed its canaries).
+    pub last_refused: Option<Refusal>,
+    /// The last manifest refused as older than what this agent accepted (a replay), and from where.
+    pub last_refused_manifest: Option<String>,
+    /// Bytes stored since start, by source.
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_from_bundles: u64,
+    /// Bytes served to peers since start.
+    pub bytes_served: u64,
+    /// Where the QUIC endpoint listens (with fleet credentials).
+    pub quic_listen: Option<String>,
+    pub peers: Vec<PeerInfo>,
+}
+
+/// The active release.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveRelease {
+    pub version: u64,
+    /// The manifest's id, `b3:...`.
+    pub manifest: String,
+    /// `hailo` or `cpu`.
+    pub backend: String,
+}
+
+/// A release being downloaded, and how far it got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub version: u64,
+    /// Where its manifest came from: `origin`, `peer <id>` or `bundle <dir>`.
+    pub source: String,
+    pub bytes_total: u64,
+    pub bytes_have: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+}
+
+/// A release refused at activation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub version: u64,
+    pub manifest_id: String,
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// A peer, as this agent's peer table sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub id: String,
+    pub addr: String,
+    pub live: bool,
+    pub deployment: Option<String>,
+    pub active: Option<u64>,
+    pub pending: Option<u64>,
+    /// The version the peer serves (its active release).
+    pub version: Option<u64>,
+    /// When it last answered a Hello (RFC 3339), and until when it is banned.
+    pub last_seen: Option<String>,
+    pub banned_until: Option<String>,
+    pub banned: bool,
+    pub bytes_from: u64,
+    pub bytes_to: u64,
+    pub last_error: Option<String>,
+}
+
+/// `GET /v1/fleet`: the shop as one agent sees it, itself first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetView {
+    pub deployment: String,
+    pub agents: Vec<FleetMember>,
+}
+
+/// One agent of [`FleetView`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetMember {
+    pub id: String,
+    /// The agent that answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    pub live: bool,
+    /// Its QUIC address (peers only).
+    pub addr: Option<String>,
+    pub active: Option<u64>,
+    pub pending: Option<u64>,
+    pub banned: bool,
+    /// Bytes the answering agent received from it, and sent to it (peers only).
+    pub bytes_from: u64,
+    pub bytes_to: u64,
+    /// What the answering agent stored since start, by source (itself only).
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub last_error: Option<String>,
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+impl Status {
+    /// The status as lines for a person (`deckhand-agent status`).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "agent       {}", self.agent_id);
+        let _ = writeln!(out, "deployment  {}", self.deployment);
+        match &self.active {
+            Some(a) => {
+                let _ = writeln!(out, "active      version {} ({})", a.version, a.backend);
+            }
+            None => {
+                let _ = writeln!(out, "active      none");
+            }
+        }
+        if let Some(p) = &self.pending {
+            let _ = writeln!(
+                out,
+                "pending     version {}: {}/{} bytes ({} from peers, {} from origin)",
+                p.version, p.bytes_have, p.bytes_total, p.bytes_from_peers, p.bytes_from_origin
+            );
+        }
+        let _ = writeln!(
+            out,
+            "synced      {} bytes from peers, {} from origin, {} from bundles; served {}",
+            self.bytes_from_peers,
+            self.bytes_from_origin,
+            self.bytes_from_bundles,
+            self.bytes_served
+        );
+        if let Some(since) = &self.offline_since {
+            let _ = writeln!(out, "offline     since {since}");
+        }
+        if let Some(e) = &self.last_error {
+            let _ = writeln!(out, "last error  {e}");
+        }
+        if let Some(r) = &self.last_refused {
+            let _ = writeln!(out, "refused     version {}: {}", r.version, r.reason);
+        }
+        for p in &self.peers {
+            let _ = writeln!(
+                out,
+                "peer        {:<20} {:<22} live={} active={} pending={} banned={}",
+                p.id,
+                p.addr,
+                p.live,
+                opt(&p.active),
+                opt(&p.pending),
+                p.banned
+            );
+        }
+        out
+    }
+
+    /// A live peer with this id.
+    pub fn live_peer(&self, id: &str) -> Option<&PeerInfo> {
+        self.peers.iter().find(|p| p.id == id && p.live)
+    }
+
+    /// How many peers are live.
+    pub fn live_peers(&self) -> usize {
+        self.peers.iter().filter(|p| p.live).count()
+    }
+
+    /// The active version, if any.
+    pub fn active_version(&self) -> Option<u64> {
+        self.active.as_ref().map(|a| a.version)
+    }
+}
+
+impl FleetView {
+    /// The fleet as a table for a person (`deckhand fleet status`).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "deployment {}", self.deployment);
+        let _ = writeln!(
+            out,
+            "{:<20} {:<6} {:<8} {:<8} {:<7} {:>14} {:>14}",
+            "AGENT", "LIVE", "ACTIVE", "PENDING", "BANNED", "BYTES FROM", "BYTES TO"
+        );
+        for a in &self.agents {
+            let name = if a.is_self {
+                format!("{} (self)", a.id)
+            } else {
+                a.id.clone()
+            };
+            let _ = writeln!(
+                out,
+                "{:<20} {:<6} {:<8} {:<8} {:<7} {:>14} {:>14}",
+                name,
+                a.live,
+                opt(&a.active),
+                opt(&a.pending),
+                a.banned,
+                a.bytes_from,
+                a.bytes_to
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_renders() {
+        let s = Status {
+            agent_id: "pi-1".into(),
+            deployment: "shop-1".into(),
+            active: Some(ActiveRelease {
+                version: 7,
+                manifest: "b3:00".into(),
+                backend: "cpu".into(),
+            }),
+            peers: vec![PeerInfo {
+                id: "pi-2".into(),
+                live: true,
+                active: Some(7),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), s);
+        let text = s.render();
+        assert!(text.contains("active      version 7 (cpu)"), "{text}");
+        assert!(text.contains("pi-2"), "{text}");
+        assert_eq!(s.live_peers(), 1);
+        let f = FleetView {
+            deployment: "shop-1".into(),
+            agents: vec![FleetMember {
+                id: "pi-1".into(),
+                is_self: true,
+                live: true,
+                ..Default::default()
+            }],
+        };
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(json["agents"][0]["self"], true);
+        assert!(f.render().contains("pi-1 (self)"));
+    }
+}
