@@ -77,8 +77,20 @@ pub fn agent_id(
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("{0}")]
-    Config(String),
+    #[error("--trust/--threshold: {0}")]
+    Trust(#[source] deckhand_protocol::VerifyError),
+    #[error("--deployment: {0}")]
+    Deployment(#[source] deckhand_protocol::layout::LayoutError),
+    #[error("--peer needs fleet credentials (--fleet-ca, --fleet-cert, --fleet-key)")]
+    PeersWithoutCredentials,
+    #[error("bundle {path}: {source}")]
+    BundleRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a loader task stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -130,8 +142,7 @@ pub async fn restore_active(
         let c = activation::canaries(&store2, &v2.manifest)?;
         Ok::<_, ActivationError>((r, c))
     })
-    .await
-    .map_err(|e| DaemonError::Config(format!("loader stopped: {e}")))??;
+    .await??;
     let version = recognizer.version;
     if let Err(e) = service.activate(recognizer, &canaries) {
         return Err(DaemonError::Activation(ActivationError::Release {
@@ -172,8 +183,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(Listening),
 ) -> Result<(), DaemonError> {
-    let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold)
-        .map_err(|e| DaemonError::Config(format!("--trust/--threshold: {e}")))?;
+    let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold).map_err(DaemonError::Trust)?;
     let store = open_store(&cfg.data_dir, cfg.store_budget)?;
     let metrics = Arc::new(Metrics::default());
     let service = Service::start(metrics.clone())?;
@@ -195,7 +205,7 @@ pub async fn run_with(
     let me = agent_id(&store, creds.as_ref())?;
     let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
     let deployment = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
-        .map_err(|e| DaemonError::Config(format!("--deployment: {e}")))?;
+        .map_err(DaemonError::Deployment)?;
     let sync_status = Arc::new(std::sync::Mutex::new(crate::sync::SyncStatus::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (peers, hints) = match &creds {
@@ -218,9 +228,7 @@ pub async fn run_with(
         }
         None => {
             if !cfg.peers.is_empty() {
-                return Err(DaemonError::Config(
-                    "--peer needs fleet credentials (--fleet-ca, --fleet-cert, --fleet-key)".into(),
-                ));
+                return Err(DaemonError::PeersWithoutCredentials);
             }
             (None, None)
         }
@@ -393,18 +401,19 @@ pub struct ImportConfig {
 /// manifest is verified and must be newer than anything accepted; every blob is imported and checked;
 /// the release must load and pass its canaries. Returns the version.
 pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
-    let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold)
-        .map_err(|e| DaemonError::Config(format!("--trust/--threshold: {e}")))?;
+    let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold).map_err(DaemonError::Trust)?;
     let store = open_store(&cfg.data_dir, None)?;
     let name = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
-        .map_err(|e| DaemonError::Config(format!("--deployment: {e}")))?;
+        .map_err(DaemonError::Deployment)?;
     let current = cfg.bundle.join(
         deckhand_protocol::layout::Layout::new("")
-            .map_err(|e| DaemonError::Config(e.to_string()))?
+            .map_err(DaemonError::Deployment)?
             .current(&name),
     );
-    let envelope = std::fs::read(&current)
-        .map_err(|e| DaemonError::Config(format!("bundle {}: {e}", current.display())))?;
+    let envelope = std::fs::read(&current).map_err(|source| DaemonError::BundleRead {
+        path: current.clone(),
+        source,
+    })?;
     let verified = activation::accept(
         &store,
         &policy,

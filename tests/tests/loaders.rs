@@ -22,24 +22,33 @@ mod loaders {
         assert!(
             parse_labels(br#"{"0": "a", "2": "c"}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("out of range")
         );
         assert!(
             parse_labels(br#"{"x": "a"}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("not a row number")
         );
         assert!(
             parse_labels(br#"["a", null]"#)
                 .unwrap_err()
+                .to_string()
                 .contains("row 1")
         );
         assert!(
             parse_labels(br#"42"#)
                 .unwrap_err()
+                .to_string()
                 .contains("found a number")
         );
-        assert!(parse_labels(b"{").unwrap_err().contains("not valid JSON"));
+        assert!(
+            parse_labels(b"{")
+                .unwrap_err()
+                .to_string()
+                .contains("not valid JSON")
+        );
     }
 
     #[test]
@@ -52,11 +61,13 @@ mod loaders {
         assert!(
             parse_metadata(br#"[{"id": "a"}, {"id": "a"}]"#)
                 .unwrap_err()
+                .to_string()
                 .contains("more than once")
         );
         assert!(
             parse_metadata(br#"[{"name": "x"}]"#)
                 .unwrap_err()
+                .to_string()
                 .contains("entry 0")
         );
     }
@@ -68,9 +79,15 @@ mod loaders {
         assert!(
             npy_header(&npy[..npy.len() - 1])
                 .unwrap_err()
+                .to_string()
                 .contains("needs 24 bytes")
         );
-        assert!(npy_header(b"hello world").unwrap_err().contains("magic"));
+        assert!(
+            npy_header(b"hello world")
+                .unwrap_err()
+                .to_string()
+                .contains("magic")
+        );
     }
 
     #[test]
@@ -83,21 +100,33 @@ mod loaders {
         );
         let mut bad = hef.clone();
         *bad.last_mut().unwrap() ^= 1;
-        assert!(check_hef(&bad).unwrap_err().contains("MD5"));
+        assert!(check_hef(&bad).unwrap_err().to_string().contains("MD5"));
         assert!(
             check_hef(&hef[..hef.len() - 1])
                 .unwrap_err()
+                .to_string()
                 .contains("follow")
         );
         assert!(
             check_hef(b"\x89PNG\r\n\x1a\n rest of a png file")
                 .unwrap_err()
+                .to_string()
                 .contains("magic")
         );
         let mut v9 = hef.clone();
         v9[7] = 9;
-        assert!(check_hef(&v9).unwrap_err().contains("version 9"));
-        assert!(check_hef(&hef[..10]).unwrap_err().contains("shorter"));
+        assert!(
+            check_hef(&v9)
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
+        assert!(
+            check_hef(&hef[..10])
+                .unwrap_err()
+                .to_string()
+                .contains("shorter")
+        );
     }
 
     #[test]
@@ -151,11 +180,13 @@ mod loaders {
         assert!(
             check_image(b"not an image")
                 .unwrap_err()
+                .to_string()
                 .contains("not an image")
         );
         assert!(
             check_image(&png[..20])
                 .unwrap_err()
+                .to_string()
                 .contains("does not decode")
         );
     }

@@ -68,8 +68,60 @@ pub enum ToolError {
         secs: u64,
         status: Box<deckhand_protocol::status::Status>,
     },
-    #[error("{0}")]
-    Failed(String),
+    #[error("--out {out}: {existing} already exists; refusing to overwrite a key")]
+    KeyExists { out: PathBuf, existing: PathBuf },
+    #[error("no randomness from the operating system: {0}")]
+    Random(getrandom::Error),
+    #[error(
+        "{name} {input}: no such object, at that key or at a key a layout migration moved it to or from"
+    )]
+    NoSuchInput { name: String, input: String },
+    #[error("{0} is empty")]
+    EmptyFile(PathBuf),
+    #[error("the deployment is at the highest possible version")]
+    VersionsExhausted,
+    #[error("the manifest this publish built is invalid: {0}")]
+    BuiltManifest(#[source] deckhand_protocol::ManifestError),
+    #[error("version {version} of deployment {deployment} does not exist ({key})")]
+    NoSuchVersion {
+        version: u64,
+        deployment: String,
+        key: String,
+    },
+    #[error("cannot roll back to version {version}: {}", missing.join("; "))]
+    RollbackIncomplete { version: u64, missing: Vec<String> },
+    #[error("{0} does not exist")]
+    NoSuchObject(String),
+    #[error(
+        "the demo saw {failed} failed and {mixed} mixed answers, and recognised {right} photos"
+    )]
+    DemoFailed {
+        failed: u64,
+        mixed: u64,
+        right: usize,
+    },
+    #[error("{mode}: not every agent activated the release within {secs} s")]
+    BenchTimeout { mode: &'static str, secs: u64 },
+    #[error(transparent)]
+    Store(#[from] deckhand_store::StoreError),
+    #[error("{0} is not UTF-8")]
+    NotUtf8(PathBuf),
+    #[error("usearch: {0}")]
+    Usearch(String),
+    #[error(transparent)]
+    Swap(#[from] deckhand_agent::recognizer::service::SwapError),
+    #[error("the recognizer service: {0}")]
+    Service(#[source] std::io::Error),
+    #[error("a temporary directory: {0}")]
+    TempDir(#[source] std::io::Error),
+    #[error("{what} is corrupt: {why}")]
+    Corrupt { what: String, why: &'static str },
+    #[error(transparent)]
+    Recognizer(#[from] deckhand_agent::recognizer::RecognizerError),
+    #[error(transparent)]
+    Backend(#[from] deckhand_agent::recognizer::BackendError),
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
 }
 
 impl ToolError {

@@ -30,16 +30,14 @@ pub fn keygen(out: &Path) -> Result<KeyPair, ToolError> {
     let public_path = out.with_file_name(format!("{name}.pub"));
     for p in [&secret_path, &public_path] {
         if p.exists() {
-            return Err(ToolError::Failed(format!(
-                "--out {}: {} already exists; refusing to overwrite a key",
-                out.display(),
-                p.display()
-            )));
+            return Err(ToolError::KeyExists {
+                out: out.to_owned(),
+                existing: p.clone(),
+            });
         }
     }
     let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed)
-        .map_err(|e| ToolError::Failed(format!("no randomness from the operating system: {e}")))?;
+    getrandom::fill(&mut seed).map_err(ToolError::Random)?;
     let key = SecretKey::from_seed(&seed);
     seed.fill(0);
 

@@ -1049,9 +1049,13 @@ async fn fleet(command: FleetCommand) -> Result<(), ToolError> {
             );
         }
         FleetCommand::Status { agent, json } => {
-            let view = deckhand_agent::http::get_fleet(&agent)
-                .await
-                .map_err(|e| ToolError::Failed(format!("--agent {agent}: {e}")))?;
+            let view =
+                deckhand_agent::http::get_fleet(&agent)
+                    .await
+                    .map_err(|e| ToolError::AgentApi {
+                        name: format!("--agent {agent}"),
+                        why: e.to_string(),
+                    })?;
             if json {
                 print_json(&view);
             } else {

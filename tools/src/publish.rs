@@ -152,10 +152,9 @@ async fn localize(
             // it now is read (004 R4.3, R5.5).
             let found = crate::layout::journal::locate(&*origin, key)
                 .await?
-                .ok_or_else(|| {
-                    ToolError::Failed(format!(
-                        "{name} {input}: no such object, at that key or at a key a layout migration moved it to or from"
-                    ))
+                .ok_or_else(|| ToolError::NoSuchInput {
+                    name: name.to_string(),
+                    input: input.to_string(),
                 })?;
             origin.download(&found, &dest).await?;
             Ok(dest)
@@ -173,7 +172,7 @@ fn chunk_file(path: &Path) -> Result<ChunkMap, ToolError> {
     let file = std::fs::File::open(path).map_err(ToolError::io("open", path))?;
     let len = file.metadata().map_err(ToolError::io("stat", path))?.len();
     if len == 0 {
-        return Err(ToolError::Failed(format!("{} is empty", path.display())));
+        return Err(ToolError::EmptyFile(path.to_owned()));
     }
     // SAFETY: the operator's input file is only read; if it changes while mapped, the blob id computed here
     // no longer matches what is uploaded and verification (here and on every agent) refuses it.
@@ -254,9 +253,7 @@ pub async fn next_version(origin: &dyn Bucket, deployment: &Name) -> Result<u64,
     {
         highest = highest.max(m.version);
     }
-    highest.checked_add(1).ok_or_else(|| {
-        ToolError::Failed("the deployment is at the highest possible version".into())
-    })
+    highest.checked_add(1).ok_or(ToolError::VersionsExhausted)
 }
 
 fn media_type(role: Role) -> &'static str {
@@ -300,9 +297,7 @@ pub async fn prepare(
     // Everything is checked before a single byte is uploaded.
     let checked = {
         let (files, overrides) = (files.clone(), opts.overrides.clone());
-        tokio::task::spawn_blocking(move || check_release(&files, &overrides))
-            .await
-            .map_err(|e| ToolError::Failed(format!("release check stopped: {e}")))??
+        tokio::task::spawn_blocking(move || check_release(&files, &overrides)).await??
     };
 
     let mut roles: Vec<(Role, PathBuf)> = vec![
@@ -326,8 +321,7 @@ pub async fn prepare(
             .map(|p| chunk_file(p))
             .collect::<Result<Vec<_>, _>>()
     })
-    .await
-    .map_err(|e| ToolError::Failed(format!("chunking stopped: {e}")))??;
+    .await??;
     let all_paths = roles
         .iter()
         .map(|(_, p)| p.clone())
@@ -386,9 +380,7 @@ fn sign(
     skipped: Vec<BlobId>,
     bytes_uploaded: u64,
 ) -> Result<Prepared, ToolError> {
-    manifest.validate().map_err(|e| {
-        ToolError::Failed(format!("the manifest this publish built is invalid: {e}"))
-    })?;
+    manifest.validate().map_err(ToolError::BuiltManifest)?;
     let payload = manifest.to_payload();
     let envelope = Envelope::sign(&payload, &[key]).to_bytes();
     Ok(Prepared {
@@ -405,8 +397,7 @@ fn sign(
 /// wins), then points current.json at it unless a newer version is already there.
 pub async fn commit(origin: &dyn Bucket, prepared: &Prepared) -> Result<Published, ToolError> {
     let m = &prepared.manifest;
-    let deployment =
-        Name::deployment(&m.deployment).map_err(|e| ToolError::Failed(e.to_string()))?;
+    let deployment = Name::deployment(&m.deployment)?;
     let layout = origin.layout();
     let manifest_key = layout.manifest(&deployment, m.version);
     match origin
@@ -491,11 +482,14 @@ pub async fn rollback(
 ) -> Result<(Prepared, Published), ToolError> {
     let layout = origin.layout();
     let key_name = layout.manifest(deployment, to);
-    let envelope = origin.get_opt(&key_name).await?.ok_or_else(|| {
-        ToolError::Failed(format!(
-            "version {to} of deployment {deployment} does not exist ({key_name})"
-        ))
-    })?;
+    let envelope = origin
+        .get_opt(&key_name)
+        .await?
+        .ok_or_else(|| ToolError::NoSuchVersion {
+            version: to,
+            deployment: deployment.to_string(),
+            key: key_name.clone(),
+        })?;
     let old = trust
         .verify_ignoring_expiry(&envelope)
         .map_err(|source| ToolError::Verify {
@@ -507,10 +501,10 @@ pub async fn rollback(
         .manifest;
     let missing = missing_blobs(origin, &old).await?;
     if !missing.is_empty() {
-        return Err(ToolError::Failed(format!(
-            "cannot roll back to version {to}: {}",
-            missing.join("; ")
-        )));
+        return Err(ToolError::RollbackIncomplete {
+            version: to,
+            missing,
+        });
     }
     let now = Timestamp::now();
     let manifest = Manifest {

@@ -252,7 +252,7 @@ pub async fn bundle_export(
     let envelope = origin
         .get_opt(&key)
         .await?
-        .ok_or_else(|| ToolError::Failed(format!("{key} does not exist")))?;
+        .ok_or_else(|| ToolError::NoSuchObject(key.clone()))?;
     let m = match trust {
         Some(t) => {
             t.verify(&envelope, Timestamp::now())
@@ -300,17 +300,17 @@ pub async fn bundle_export(
             };
             if BlobId::from_hash(hash) != id {
                 let _ = std::fs::remove_file(&target);
-                return Err(ToolError::Failed(format!(
-                    "{} in the origin does not hash to its name",
-                    layout.blob(&id)
-                )));
+                return Err(ToolError::Corrupt {
+                    what: layout.blob(&id),
+                    why: "it does not hash to its name",
+                });
             }
             report.blobs += 1;
             report.bytes += n;
         }
     }
     // The manifest last: a bundle with a manifest is a complete bundle.
-    let d = Name::deployment(&m.deployment).map_err(|e| ToolError::Failed(e.to_string()))?;
+    let d = Name::deployment(&m.deployment)?;
     dest.put(&dl.manifest(&d, m.version), envelope.clone())
         .await?;
     dest.put(&dl.current(&d), envelope).await?;

@@ -179,10 +179,10 @@ impl Recognizer {
         let index = view_index(&paths.index, settings)?;
         let labels_bytes = loaders::read_nonempty("labels", &paths.labels)?;
         let labels = loaders::parse_labels(&labels_bytes)
-            .map_err(|why| LoadError::invalid("labels", &paths.labels, why))?;
+            .map_err(|e| LoadError::format("labels", &paths.labels, e))?;
         let meta_bytes = loaders::read_nonempty("metadata", &paths.metadata)?;
         let metadata = loaders::parse_metadata(&meta_bytes)
-            .map_err(|why| LoadError::invalid("metadata", &paths.metadata, why))?;
+            .map_err(|e| LoadError::format("metadata", &paths.metadata, e))?;
         if labels.len() != index.size() {
             return Err(RecognizerError::Mismatch(format!(
                 "labels have {} rows but the index holds {} vectors",

@@ -27,9 +27,117 @@ pub enum LoadError {
         file: String,
         why: String,
     },
+    #[error("{what} {file}: {source}")]
+    Format {
+        what: &'static str,
+        file: String,
+        #[source]
+        source: FormatError,
+    },
+}
+
+/// What is wrong with a file's format, by kind of file.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error(transparent)]
+    Hef(#[from] HefError),
+    #[error(transparent)]
+    Npy(#[from] NpyError),
+    #[error(transparent)]
+    Image(#[from] ImageFileError),
+    #[error(transparent)]
+    Index(#[from] IndexHeaderError),
+    #[error(transparent)]
+    Json(#[from] JsonFormError),
+}
+
+/// Why a usearch header describes an index deckhand does not serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexHeaderError {
+    #[error("metric {0} is not supported (cos, ip or l2sq)")]
+    Metric(String),
+    #[error("scalar kind {0} is not supported")]
+    Scalar(String),
+    #[error("header claims {0} dimensions")]
+    Dimensions(usize),
+}
+
+/// Why bytes are not a HEF HailoRT 4.x would load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HefError {
+    #[error("file is shorter than a HEF header")]
+    Short,
+    #[error("not a HEF: magic is {0:#010x}, expected {HEF_MAGIC:#010x}")]
+    Magic(u32),
+    #[error("HEF header version {0} is not one HailoRT 4.x reads (0..=3)")]
+    Version(u32),
+    #[error("file is {len} bytes, shorter than its {header}-byte v{version} header")]
+    ShortHeader {
+        len: usize,
+        header: usize,
+        version: u32,
+    },
+    #[error("header says the network is {proto} bytes, but {residue} bytes follow the header")]
+    ProtoSize { proto: u32, residue: usize },
+    #[error("v0 header says {proto} bytes follow, the file has {residue}")]
+    V0Size { proto: u32, residue: usize },
+    #[error("HEF MD5 in the header does not match its contents (truncated or corrupted)")]
+    Md5,
+}
+
+/// Why bytes are not a float32 [N, D] `.npy` matrix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NpyError {
+    #[error("not a .npy file (no \\x93NUMPY magic)")]
+    Magic,
+    #[error(".npy format version {0} is not supported")]
+    Version(u8),
+    #[error(".npy header runs past the end of the file")]
+    HeaderPastEnd,
+    #[error(".npy header is not text")]
+    HeaderText,
+    #[error("embeddings must be little-endian float32 ('<f4'); header is {0}")]
+    Dtype(String),
+    #[error("embeddings must be in C order, not Fortran order")]
+    Fortran,
+    #[error("no shape in the .npy header")]
+    NoShape,
+    #[error("shape ({0}) is not a list of integers")]
+    ShapeNotIntegers(String),
+    #[error("embeddings must be 2-D [N, D], shape is ({0})")]
+    NotTwoDimensional(String),
+    #[error("shape overflows")]
+    Overflow,
+    #[error("shape ({rows}, {cols}) needs {need} bytes of data, the file has {have}")]
+    DataSize {
+        rows: usize,
+        cols: usize,
+        need: usize,
+        have: usize,
+    },
+}
+
+/// Why bytes are not an accepted image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageFileError {
+    #[error("not an image (neither JPEG nor PNG)")]
+    NotAnImage,
+    #[error("image format {0:?} is not accepted (JPEG or PNG)")]
+    Format(image::ImageFormat),
+    #[error("image does not decode: {0}")]
+    Decode(#[from] image::ImageError),
 }
 
 impl LoadError {
+    /// A file of role `what` at `file` whose format is wrong.
+    pub fn format(what: &'static str, file: &Path, source: impl Into<FormatError>) -> Self {
+        LoadError::Format {
+            what,
+            file: file.display().to_string(),
+            source: source.into(),
+        }
+    }
+
     pub fn invalid(what: &'static str, file: &Path, why: impl Into<String>) -> Self {
         LoadError::Invalid {
             what,
@@ -69,54 +177,49 @@ pub struct HefHeader {
 
 /// Checks that bytes look like a HEF: magic, known version, sizes that agree with the file, and for
 /// version 0 the MD5 of everything after the header. (HailoRT runs the same checks when it loads a HEF.)
-pub fn check_hef(data: &[u8]) -> Result<HefHeader, String> {
+pub fn check_hef(data: &[u8]) -> Result<HefHeader, HefError> {
     let be = |at: usize| -> Option<u32> {
         data.get(at..at + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
-    let magic = be(0).ok_or("file is shorter than a HEF header")?;
+    let magic = be(0).ok_or(HefError::Short)?;
     if magic != HEF_MAGIC {
-        return Err(format!(
-            "not a HEF: magic is {magic:#010x}, expected {HEF_MAGIC:#010x}"
-        ));
+        return Err(HefError::Magic(magic));
     }
-    let version = be(4).ok_or("file is shorter than a HEF header")?;
-    let proto_size = be(8).ok_or("file is shorter than a HEF header")?;
+    let version = be(4).ok_or(HefError::Short)?;
+    let proto_size = be(8).ok_or(HefError::Short)?;
     let header_size = match version {
         0 | 1 => 32,
         2 => 40,
         3 => 56,
-        v => {
-            return Err(format!(
-                "HEF header version {v} is not one HailoRT 4.x reads (0..=3)"
-            ));
-        }
+        v => return Err(HefError::Version(v)),
     };
     if data.len() < header_size {
-        return Err(format!(
-            "file is {} bytes, shorter than its {header_size}-byte v{version} header",
-            data.len()
-        ));
+        return Err(HefError::ShortHeader {
+            len: data.len(),
+            header: header_size,
+            version,
+        });
     }
     let residue = data.len() - header_size;
     if proto_size == 0 || proto_size as usize > residue {
-        return Err(format!(
-            "header says the network is {proto_size} bytes, but {residue} bytes follow the header"
-        ));
+        return Err(HefError::ProtoSize {
+            proto: proto_size,
+            residue,
+        });
     }
     let mut checksum_verified = false;
     if version == 0 {
         if residue != proto_size as usize {
-            return Err(format!(
-                "v0 header says {proto_size} bytes follow, the file has {residue}"
-            ));
+            return Err(HefError::V0Size {
+                proto: proto_size,
+                residue,
+            });
         }
         use md5::Digest as _;
         let actual = md5::Md5::digest(&data[header_size..]);
         if actual.as_slice() != &data[16..32] {
-            return Err(
-                "HEF MD5 in the header does not match its contents (truncated or corrupted)".into(),
-            );
+            return Err(HefError::Md5);
         }
         checksum_verified = true;
     }
@@ -216,7 +319,7 @@ pub fn inspect_index(path: &Path) -> Result<IndexHeader, LoadError> {
         .to_str()
         .ok_or_else(|| bad("path is not UTF-8".into()))?;
     let meta = usearch::Index::metadata(p).map_err(|e| bad(format!("not a usearch index: {e}")))?;
-    let header = header_from(&meta).map_err(bad)?;
+    let header = header_from(&meta).map_err(|e| LoadError::format("index", path, e))?;
     let index = usearch::Index::new(&meta.into())
         .map_err(|e| bad(format!("cannot create an index for it: {e}")))?;
     index
@@ -234,17 +337,13 @@ pub fn inspect_index(path: &Path) -> Result<IndexHeader, LoadError> {
     Ok(header)
 }
 
-fn header_from(meta: &usearch::IndexMetadata) -> Result<IndexHeader, String> {
+fn header_from(meta: &usearch::IndexMetadata) -> Result<IndexHeader, IndexHeaderError> {
     use usearch::{MetricKind, ScalarKind};
     let metric = match meta.metric {
         MetricKind::Cos => Metric::Cos,
         MetricKind::IP => Metric::Ip,
         MetricKind::L2sq => Metric::L2sq,
-        other => {
-            return Err(format!(
-                "metric {other:?} is not supported (cos, ip or l2sq)"
-            ));
-        }
+        other => return Err(IndexHeaderError::Metric(format!("{other:?}"))),
     };
     let scalar = match meta.quantization {
         ScalarKind::F32 => "f32",
@@ -252,10 +351,10 @@ fn header_from(meta: &usearch::IndexMetadata) -> Result<IndexHeader, String> {
         ScalarKind::BF16 => "bf16",
         ScalarKind::F64 => "f64",
         ScalarKind::I8 => "i8",
-        other => return Err(format!("scalar kind {other:?} is not supported")),
+        other => return Err(IndexHeaderError::Scalar(format!("{other:?}"))),
     };
     if !(1..=65536).contains(&meta.dimensions) {
-        return Err(format!("header claims {} dimensions", meta.dimensions));
+        return Err(IndexHeaderError::Dimensions(meta.dimensions as usize));
     }
     Ok(IndexHeader {
         dimensions: meta.dimensions as usize,
@@ -276,52 +375,70 @@ fn id_text(v: &Value) -> Option<String> {
     }
 }
 
+/// Why index.json or metadata.json is not in one of the seeds' forms.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonFormError {
+    #[error("not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("row {row}: card id {item} is not a string or integer")]
+    CardId { row: usize, item: Value },
+    #[error("key {0:?} is not a row number")]
+    RowKey(String),
+    #[error("row {row} is out of range for {rows} labels (rows must be 0..{rows})")]
+    RowRange { row: usize, rows: usize },
+    #[error("row {0} has no card id")]
+    NoCardId(usize),
+    #[error("expected an array or an object of row -> card id, found {0}")]
+    LabelsShape(&'static str),
+    #[error("entry {0} has no \"id\" or \"card_id\" field")]
+    NoId(usize),
+    #[error("card id {0:?} appears more than once")]
+    Duplicate(String),
+    #[error("expected an object keyed by card id or an array of cards, found {0}")]
+    MetadataShape(&'static str),
+}
+
 /// Parses index.json into row -> card id. An array is taken in order; an object must map every row
 /// `0..N` exactly once (keys are decimal row numbers).
-pub fn parse_labels(data: &[u8]) -> Result<Vec<String>, String> {
-    let v: Value = serde_json::from_slice(data).map_err(|e| format!("not valid JSON: {e}"))?;
+pub fn parse_labels(data: &[u8]) -> Result<Vec<String>, JsonFormError> {
+    let v: Value = serde_json::from_slice(data)?;
     match v {
         Value::Array(items) => items
             .iter()
             .enumerate()
             .map(|(row, item)| {
-                id_text(item)
-                    .ok_or_else(|| format!("row {row}: card id {item} is not a string or integer"))
+                id_text(item).ok_or_else(|| JsonFormError::CardId {
+                    row,
+                    item: item.clone(),
+                })
             })
             .collect(),
         Value::Object(map) => {
             let mut rows: Vec<Option<String>> = vec![None; map.len()];
+            let n = map.len();
             for (k, item) in &map {
-                let row: usize = k
-                    .parse()
-                    .map_err(|_| format!("key {k:?} is not a row number"))?;
-                let slot = rows.get_mut(row).ok_or_else(|| {
-                    format!(
-                        "row {row} is out of range for {} labels (rows must be 0..{})",
-                        map.len(),
-                        map.len()
-                    )
-                })?;
-                *slot = Some(id_text(item).ok_or_else(|| {
-                    format!("row {row}: card id {item} is not a string or integer")
+                let row: usize = k.parse().map_err(|_| JsonFormError::RowKey(k.clone()))?;
+                let slot = rows
+                    .get_mut(row)
+                    .ok_or(JsonFormError::RowRange { row, rows: n })?;
+                *slot = Some(id_text(item).ok_or_else(|| JsonFormError::CardId {
+                    row,
+                    item: item.clone(),
                 })?);
             }
             rows.into_iter()
                 .enumerate()
-                .map(|(row, id)| id.ok_or_else(|| format!("row {row} has no card id")))
+                .map(|(row, id)| id.ok_or(JsonFormError::NoCardId(row)))
                 .collect()
         }
-        other => Err(format!(
-            "expected an array or an object of row -> card id, found {}",
-            kind(&other)
-        )),
+        other => Err(JsonFormError::LabelsShape(kind(&other))),
     }
 }
 
 /// Parses metadata.json into card id -> details. An object is keyed by card id; an array holds objects
 /// with an `id` (or `card_id`) field. A card id may appear only once.
-pub fn parse_metadata(data: &[u8]) -> Result<HashMap<String, Value>, String> {
-    let v: Value = serde_json::from_slice(data).map_err(|e| format!("not valid JSON: {e}"))?;
+pub fn parse_metadata(data: &[u8]) -> Result<HashMap<String, Value>, JsonFormError> {
+    let v: Value = serde_json::from_slice(data)?;
     match v {
         Value::Object(map) => Ok(map.into_iter().collect()),
         Value::Array(items) => {
@@ -331,17 +448,14 @@ pub fn parse_metadata(data: &[u8]) -> Result<HashMap<String, Value>, String> {
                     .get("id")
                     .or_else(|| item.get("card_id"))
                     .and_then(id_text)
-                    .ok_or_else(|| format!("entry {i} has no \"id\" or \"card_id\" field"))?;
+                    .ok_or(JsonFormError::NoId(i))?;
                 if out.insert(id.clone(), item).is_some() {
-                    return Err(format!("card id {id:?} appears more than once"));
+                    return Err(JsonFormError::Duplicate(id));
                 }
             }
             Ok(out)
         }
-        other => Err(format!(
-            "expected an object keyed by card id or an array of cards, found {}",
-            kind(&other)
-        )),
+        other => Err(JsonFormError::MetadataShape(kind(&other))),
     }
 }
 
@@ -359,9 +473,9 @@ fn kind(v: &Value) -> &'static str {
 // ---------------------------------------------------------------- embeddings.npy
 
 /// Reads the header of a float32 `.npy` matrix: (rows, columns, offset of the data).
-pub fn npy_header(data: &[u8]) -> Result<(usize, usize, usize), String> {
+pub fn npy_header(data: &[u8]) -> Result<(usize, usize, usize), NpyError> {
     if data.len() < 10 || &data[..6] != b"\x93NUMPY" {
-        return Err("not a .npy file (no \\x93NUMPY magic)".into());
+        return Err(NpyError::Magic);
     }
     let (header_len, start) = match data[6] {
         1 => (u16::from_le_bytes([data[8], data[9]]) as usize, 10usize),
@@ -369,49 +483,48 @@ pub fn npy_header(data: &[u8]) -> Result<(usize, usize, usize), String> {
             u32::from_le_bytes([data[8], data[9], data[10], data[11]]) as usize,
             12,
         ),
-        v => return Err(format!(".npy format version {v} is not supported")),
+        v => return Err(NpyError::Version(v)),
     };
     let end = start
         .checked_add(header_len)
         .filter(|e| *e <= data.len())
-        .ok_or(".npy header runs past the end of the file")?;
-    let header = std::str::from_utf8(&data[start..end]).map_err(|_| ".npy header is not text")?;
+        .ok_or(NpyError::HeaderPastEnd)?;
+    let header = std::str::from_utf8(&data[start..end]).map_err(|_| NpyError::HeaderText)?;
     if !header.contains("'descr': '<f4'") {
-        return Err(format!(
-            "embeddings must be little-endian float32 ('<f4'); header is {}",
-            header.trim()
-        ));
+        return Err(NpyError::Dtype(header.trim().to_owned()));
     }
     if header.contains("'fortran_order': True") {
-        return Err("embeddings must be in C order, not Fortran order".into());
+        return Err(NpyError::Fortran);
     }
     let shape = header
         .split("'shape':")
         .nth(1)
         .and_then(|s| s.split('(').nth(1))
         .and_then(|s| s.split(')').next())
-        .ok_or("no shape in the .npy header")?;
+        .ok_or(NpyError::NoShape)?;
     let dims: Vec<usize> = shape
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<usize>()
-                .map_err(|_| format!("shape ({shape}) is not a list of integers"))
+                .map_err(|_| NpyError::ShapeNotIntegers(shape.to_owned()))
         })
         .collect::<Result<_, _>>()?;
     let [rows, cols] = dims[..] else {
-        return Err(format!("embeddings must be 2-D [N, D], shape is ({shape})"));
+        return Err(NpyError::NotTwoDimensional(shape.to_owned()));
     };
     let need = rows
         .checked_mul(cols)
         .and_then(|n| n.checked_mul(4))
-        .ok_or("shape overflows")?;
+        .ok_or(NpyError::Overflow)?;
     if data.len() - end != need {
-        return Err(format!(
-            "shape ({rows}, {cols}) needs {need} bytes of data, the file has {}",
-            data.len() - end
-        ));
+        return Err(NpyError::DataSize {
+            rows,
+            cols,
+            need,
+            have: data.len() - end,
+        });
     }
     Ok((rows, cols, end))
 }
@@ -419,20 +532,14 @@ pub fn npy_header(data: &[u8]) -> Result<(usize, usize, usize), String> {
 // ---------------------------------------------------------------- images
 
 /// Checks that bytes are a decodable JPEG or PNG: returns (width, height, format name).
-pub fn check_image(data: &[u8]) -> Result<(u32, u32, &'static str), String> {
-    let format =
-        image::guess_format(data).map_err(|_| "not an image (neither JPEG nor PNG)".to_owned())?;
+pub fn check_image(data: &[u8]) -> Result<(u32, u32, &'static str), ImageFileError> {
+    let format = image::guess_format(data).map_err(|_| ImageFileError::NotAnImage)?;
     let name = match format {
         image::ImageFormat::Jpeg => "jpeg",
         image::ImageFormat::Png => "png",
-        other => {
-            return Err(format!(
-                "image format {other:?} is not accepted (JPEG or PNG)"
-            ));
-        }
+        other => return Err(ImageFileError::Format(other)),
     };
-    let img = image::load_from_memory_with_format(data, format)
-        .map_err(|e| format!("image does not decode: {e}"))?;
+    let img = image::load_from_memory_with_format(data, format)?;
     Ok((img.width(), img.height(), name))
 }
 

@@ -98,7 +98,7 @@ pub fn check_release(
     o: &SettingsOverrides,
 ) -> Result<CheckedRelease, ReleaseError> {
     let hef = loaders::read_nonempty("hef", &files.hef)?;
-    loaders::check_hef(&hef).map_err(|why| LoadError::invalid("hef", &files.hef, why))?;
+    loaders::check_hef(&hef).map_err(|e| LoadError::format("hef", &files.hef, e))?;
     drop(hef);
 
     nonempty("onnx", &files.onnx)?;
@@ -107,10 +107,10 @@ pub fn check_release(
     let index = loaders::inspect_index(&files.index)?;
     let labels_bytes = loaders::read_nonempty("labels", &files.labels)?;
     let labels = loaders::parse_labels(&labels_bytes)
-        .map_err(|why| LoadError::invalid("labels", &files.labels, why))?;
+        .map_err(|e| LoadError::format("labels", &files.labels, e))?;
     let metadata_bytes = loaders::read_nonempty("metadata", &files.metadata)?;
     let metadata = loaders::parse_metadata(&metadata_bytes)
-        .map_err(|why| LoadError::invalid("metadata", &files.metadata, why))?;
+        .map_err(|e| LoadError::format("metadata", &files.metadata, e))?;
 
     let mismatch = |s: String| Err(ReleaseError::Mismatch(s));
     if onnx.output_dim != index.dimensions {
@@ -135,8 +135,8 @@ pub fn check_release(
 
     if let Some(path) = &files.embeddings {
         let data = loaders::read_nonempty("embeddings", path)?;
-        let (rows, cols, _) = loaders::npy_header(&data)
-            .map_err(|why| LoadError::invalid("embeddings", path, why))?;
+        let (rows, cols, _) =
+            loaders::npy_header(&data).map_err(|e| LoadError::format("embeddings", path, e))?;
         if rows as u64 != index.count || cols != index.dimensions {
             return mismatch(format!(
                 "embeddings {} is [{rows}, {cols}] but index {} holds {} vectors of {} dimensions",
@@ -151,8 +151,8 @@ pub fn check_release(
     let mut canary_media_types = Vec::with_capacity(files.canaries.len());
     for (path, card) in &files.canaries {
         let data = loaders::read_nonempty("canary image", path)?;
-        let (_, _, format) = loaders::check_image(&data)
-            .map_err(|why| LoadError::invalid("canary image", path, why))?;
+        let (_, _, format) =
+            loaders::check_image(&data).map_err(|e| LoadError::format("canary image", path, e))?;
         if !metadata.contains_key(card) {
             return mismatch(format!(
                 "canary image {} expects card {card:?}, which metadata {} does not have",

@@ -192,17 +192,29 @@ pub fn active_envelope(store: &Store) -> Result<Option<Vec<u8>>, StoreError> {
     store.get_meta(META_ACTIVE)
 }
 
+/// A chunk map that describes another blob than the manifest says (a mix-and-match).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "chunk map {map} describes {described} ({described_size} bytes), not {blob} ({size} bytes)"
+)]
+pub struct ChunkMapMismatch {
+    pub map: BlobId,
+    pub described: BlobId,
+    pub described_size: u64,
+    pub blob: BlobId,
+    pub size: u64,
+}
+
 /// Checks that a chunk map fetched for a blob describes that blob.
-pub fn check_chunk_map(map: &ChunkMap, b: &BlobRef) -> Result<(), String> {
+pub fn check_chunk_map(map: &ChunkMap, b: &BlobRef) -> Result<(), ChunkMapMismatch> {
     if map.blob() != b.blob || map.size() != b.size {
-        return Err(format!(
-            "chunk map {} describes {} ({} bytes), not {} ({} bytes)",
-            b.chunk_map,
-            map.blob(),
-            map.size(),
-            b.blob,
-            b.size
-        ));
+        return Err(ChunkMapMismatch {
+            map: b.chunk_map,
+            described: map.blob(),
+            described_size: map.size(),
+            blob: b.blob,
+            size: b.size,
+        });
     }
     Ok(())
 }

@@ -134,12 +134,30 @@ pub enum SyncError {
         secs: u64,
         why: String,
     },
-    #[error("{0}")]
-    Other(String),
+    #[error("a store worker stopped: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Layout(#[from] deckhand_protocol::layout::LayoutError),
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk map {id}: {source}")]
+    ChunkMap {
+        id: deckhand_protocol::BlobId,
+        #[source]
+        source: deckhand_protocol::ChunkMapError,
+    },
+    #[error(transparent)]
+    ChunkMapMismatch(#[from] activation::ChunkMapMismatch),
+    #[error("chunk map {0} is held by no reachable peer and the origin is unavailable")]
+    ChunkMapUnavailable(deckhand_protocol::BlobId),
 }
 
 fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, SyncError> {
-    r.map_err(|e| SyncError::Other(format!("worker stopped: {e}")))
+    Ok(r?)
 }
 
 /// The engine's shared parts.
@@ -406,16 +424,16 @@ impl Engine {
     }
 
     async fn release_from_bundle(&self, dir: &std::path::Path) -> Result<(), SyncError> {
-        let layout = Layout::new("").map_err(|e| SyncError::Other(e.to_string()))?;
+        let layout = Layout::new("")?;
         let current = dir.join(layout.current(&self.cfg.deployment));
         let envelope = match tokio::fs::read(&current).await {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => {
-                return Err(SyncError::Other(format!(
-                    "bundle {}: {e}",
-                    current.display()
-                )));
+            Err(source) => {
+                return Err(SyncError::Bundle {
+                    path: current,
+                    source,
+                });
             }
         };
         let from = Via::Bundle(dir.to_owned());
@@ -608,8 +626,9 @@ impl Engine {
                 match node.get_chunk(&peer, &b.chunk_map).await {
                     Ok(bytes) => {
                         self.store.put_raw_expect(&b.chunk_map, &bytes)?;
-                        return ChunkMap::decode(&bytes).map_err(|e| {
-                            SyncError::Other(format!("chunk map {}: {e}", b.chunk_map))
+                        return ChunkMap::decode(&bytes).map_err(|source| SyncError::ChunkMap {
+                            id: b.chunk_map,
+                            source,
                         });
                     }
                     Err(e) => last = Some(e.into()),
@@ -624,8 +643,10 @@ impl Engine {
                     self.origin_ok();
                     self.store.put_raw_expect(&b.chunk_map, &bytes)?;
                     self.account(Source::Origin, bytes.len() as u64);
-                    return ChunkMap::decode(&bytes)
-                        .map_err(|e| SyncError::Other(format!("chunk map {}: {e}", b.chunk_map)));
+                    return ChunkMap::decode(&bytes).map_err(|source| SyncError::ChunkMap {
+                        id: b.chunk_map,
+                        source,
+                    });
                 }
                 Err(e) => {
                     self.origin_failed(&e);
@@ -633,12 +654,7 @@ impl Engine {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            SyncError::Other(format!(
-                "chunk map {} is held by no reachable peer and the origin is unavailable",
-                b.chunk_map
-            ))
-        }))
+        Err(last.unwrap_or(SyncError::ChunkMapUnavailable(b.chunk_map)))
     }
 
     fn account(&self, source: Source, n: u64) {
@@ -671,7 +687,7 @@ impl Engine {
             return Ok(());
         }
         let map = self.chunk_map(b, release).await?;
-        activation::check_chunk_map(&map, b).map_err(SyncError::Other)?;
+        activation::check_chunk_map(&map, b)?;
         let (s, m) = (self.store.clone(), map.clone());
         joined(
             tokio::task::spawn_blocking(move || -> Result<_, deckhand_store::StoreError> {

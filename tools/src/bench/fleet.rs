@@ -117,9 +117,7 @@ async fn one(
             }
         }
         if Instant::now() > deadline {
-            return Err(ToolError::Failed(format!(
-                "{mode}: not every agent activated the release within 30 minutes"
-            )));
+            return Err(ToolError::BenchTimeout { mode, secs: 1800 });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

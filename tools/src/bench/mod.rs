@@ -54,17 +54,15 @@ pub fn store(size_mib: u64, dir: Option<&Path>, rounds: usize) -> Result<(), Too
         single.push(t.elapsed());
 
         let store_dir = work.path().join(format!("store-{round}"));
-        let store = Store::open(&store_dir, Options::default())
-            .map_err(|e| ToolError::Failed(e.to_string()))?;
+        let store = Store::open(&store_dir, Options::default())?;
         let t = Instant::now();
-        let imported = store
-            .import_file(&file)
-            .map_err(|e| ToolError::Failed(e.to_string()))?;
+        let imported = store.import_file(&file)?;
         import.push(t.elapsed());
         if imported.blob.as_bytes() != expected.as_bytes() {
-            return Err(ToolError::Failed(
-                "import hashed differently from blake3".into(),
-            ));
+            return Err(ToolError::Corrupt {
+                what: file.display().to_string(),
+                why: "the store's import hashed it differently from blake3",
+            });
         }
         drop(store);
         std::fs::remove_dir_all(&store_dir).map_err(ToolError::io("remove", &store_dir))?;

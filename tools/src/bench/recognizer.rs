@@ -23,10 +23,6 @@ fn paths(f: &ReleaseFiles) -> ReleasePaths {
     }
 }
 
-fn fail(e: impl std::fmt::Display) -> ToolError {
-    ToolError::Failed(e.to_string())
-}
-
 /// Loads a generated reference release on the CPU.
 pub fn load(
     files: &ReleaseFiles,
@@ -40,7 +36,7 @@ pub fn load(
         BlobId::of(&version.to_le_bytes()),
         BackendChoice::Cpu,
     )
-    .map_err(fail)
+    .map_err(ToolError::from)
 }
 
 /// Top-1 accuracy per perturbation: `photos` photos of random cards for each kind.
@@ -57,7 +53,7 @@ pub fn accuracy(
         for n in 0..photos {
             let card = rng.range(0, spec.cards as u64) as usize;
             let photo = perturb(&card_image(card, 0), p, seed ^ (n as u64 * 7919));
-            let r = rec.recognize(&[photo], &[Instant::now()]).map_err(fail)?;
+            let r = rec.recognize(&[photo], &[Instant::now()])?;
             if r[0].card_id.as_deref() == Some(spec.card_id(card).as_str()) {
                 right += 1;
             }
@@ -83,7 +79,7 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
     let work = tempfile::Builder::new()
         .prefix("deckhand-bench-")
         .tempdir()
-        .map_err(fail)?;
+        .map_err(ToolError::TempDir)?;
     println!(
         "recognizer benchmark (cpu backend, tract), {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -91,8 +87,7 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
 
     // 1. Accuracy in the test suite's configuration.
     let spec = ReferenceSpec::small(TEST_CARDS);
-    let files =
-        fixtures::write_reference_release(&work.path().join("small"), &spec).map_err(fail)?;
+    let files = fixtures::write_reference_release(&work.path().join("small"), &spec)?;
     let rec = load(&files, &spec, 1)?;
     println!(
         "\n  accuracy, {} cards / {} rows, {TEST_PHOTOS} photos per perturbation (test configuration):",
@@ -114,8 +109,7 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
         }
     };
     let t = Instant::now();
-    let files =
-        fixtures::write_reference_release(&work.path().join("full"), &spec).map_err(fail)?;
+    let files = fixtures::write_reference_release(&work.path().join("full"), &spec)?;
     println!(
         "\n  reference DB {} rows x {} dims ({} cards) generated in {:.1} s",
         spec.rows,
@@ -126,9 +120,7 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
 
     let t = Instant::now();
     let rec = load(&files, &spec, 1)?;
-    let first = rec
-        .recognize(&[card_image(7, 0)], &[Instant::now()])
-        .map_err(fail)?;
+    let first = rec.recognize(&[card_image(7, 0)], &[Instant::now()])?;
     let cold = t.elapsed();
     println!(
         "  cold start to first answer: {:.0} ms (load model, view index, parse labels and metadata, recognise)",
@@ -143,15 +135,22 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
     }
 
     // usearch search alone.
-    let index =
-        usearch::Index::restore(files.index.to_str().ok_or_else(|| fail("path"))?).map_err(fail)?;
+    let index = usearch::Index::restore(
+        files
+            .index
+            .to_str()
+            .ok_or_else(|| ToolError::NotUtf8(files.index.clone()))?,
+    )
+    .map_err(|e| ToolError::Usearch(e.to_string()))?;
     let mut rng = fixtures::SplitMix(3);
     let queries: Vec<Vec<f32>> = (0..2000)
         .map(|_| (0..spec.dim).map(|_| rng.normal()).collect())
         .collect();
     let t = Instant::now();
     for q in &queries {
-        index.search(q, 32).map_err(fail)?;
+        index
+            .search(q, 32)
+            .map_err(|e| ToolError::Usearch(e.to_string()))?;
     }
     let per = t.elapsed() / queries.len() as u32;
     println!(
@@ -162,8 +161,8 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
     );
 
     // Throughput and latency through the service (queue, batching, inference thread).
-    let service = Service::start(Arc::new(Metrics::default())).map_err(fail)?;
-    service.activate(rec, &[]).map_err(fail)?;
+    let service = Service::start(Arc::new(Metrics::default())).map_err(ToolError::Service)?;
+    service.activate(rec, &[])?;
     let photos: Vec<bytes::Bytes> = (0..64)
         .map(|i| {
             bytes::Bytes::from(fixtures::encode_jpeg(

@@ -133,69 +133,160 @@ fn same(info: &ObjectInfo, size: u64, etag: &Option<String>) -> bool {
         }
 }
 
+/// Why one step of a migration, finalize or rollback failed for one object. The step is not journaled;
+/// the others go on, and a re-run tries it again.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error("the plan was made for {planned}, not {origin}")]
+    OtherOrigin { planned: String, origin: String },
+    #[error("journal {0} was already finalized or rolled back; make a new plan")]
+    JournalClosed(String),
+    #[error("journal {0} was rolled back; nothing is deleted")]
+    RolledBack(String),
+    #[error("{target}: the copy of {source_key} is missing right after copying")]
+    CopyMissing { target: String, source_key: String },
+    #[error("{target}: the copy is {copy} bytes, the source {source_key} {size} bytes")]
+    CopySize {
+        target: String,
+        source_key: String,
+        copy: u64,
+        size: u64,
+    },
+    #[error(
+        "{target}: the copy's content differs from {source_key} (blake3 {copy} against {original})"
+    )]
+    CopyContent {
+        target: String,
+        source_key: String,
+        copy: String,
+        original: String,
+    },
+    #[error("{0}: the source is gone")]
+    SourceGone(String),
+    #[error(
+        "{key}: changed since the plan was made ({size} bytes, tag {etag:?}; planned {planned_size} bytes, tag {planned_etag:?}); make a new plan"
+    )]
+    SourceChanged {
+        key: String,
+        size: u64,
+        etag: Option<String>,
+        planned_size: u64,
+        planned_etag: Option<String>,
+    },
+    #[error("{key}: changed since the plan was made ({size} bytes, tag {etag:?}); make a new plan")]
+    TargetChanged {
+        key: String,
+        size: u64,
+        etag: Option<String>,
+    },
+    #[error("not a copy record")]
+    NotACopy,
+    #[error(
+        "{target}: the copy changed since it was verified ({size} bytes, tag {etag:?}); {source_key} kept"
+    )]
+    CopyChanged {
+        target: String,
+        source_key: String,
+        size: u64,
+        etag: Option<String>,
+    },
+    #[error("{target}: the copy is gone; {source_key} kept")]
+    CopyGone { target: String, source_key: String },
+    #[error("{source_key}: changed since it was copied ({size} bytes, tag {etag:?}); kept")]
+    SourceChangedSinceCopy {
+        source_key: String,
+        size: u64,
+        etag: Option<String>,
+    },
+    #[error("{target}: gone, so {source_key} cannot be restored from it")]
+    RestoreFromGone { target: String, source_key: String },
+    #[error("{source_key}: {size} bytes, not {planned}; {target} kept")]
+    RestoredSize {
+        source_key: String,
+        size: u64,
+        planned: u64,
+        target: String,
+    },
+    #[error("{source_key}: missing; {target} kept")]
+    RestoredMissing { source_key: String, target: String },
+}
+
 /// Checks that `target` holds what `source` holds.
 async fn verify_copy(
     origin: &dyn Bucket,
     source: (&str, &ObjectInfo),
     target: &str,
     mode: VerifyMode,
-) -> Result<(VerifiedBy, Option<String>), String> {
+) -> Result<(VerifiedBy, Option<String>), LayoutError> {
     let (skey, sinfo) = source;
     let tinfo = origin
         .head(target)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{target}: the copy of {skey} is missing right after copying"))?;
+        .await?
+        .ok_or_else(|| LayoutError::CopyMissing {
+            target: target.to_owned(),
+            source_key: skey.to_owned(),
+        })?;
     if tinfo.size != sinfo.size {
-        return Err(format!(
-            "{target}: the copy is {} bytes, the source {skey} {} bytes",
-            tinfo.size, sinfo.size
-        ));
+        return Err(LayoutError::CopySize {
+            target: target.to_owned(),
+            source_key: skey.to_owned(),
+            copy: tinfo.size,
+            size: sinfo.size,
+        });
     }
     if mode == VerifyMode::Etag && sinfo.etag.is_some() && tinfo.etag == sinfo.etag {
         return Ok((VerifiedBy::Etag, tinfo.etag));
     }
     let (a, b) = tokio::join!(origin.hash(skey), origin.hash(target));
-    let (a, b) = (a.map_err(|e| e.to_string())?, b.map_err(|e| e.to_string())?);
+    let (a, b) = (a?, b?);
     if a != b {
-        return Err(format!(
-            "{target}: the copy's content differs from {skey} (blake3 {} against {})",
-            b.1.to_hex(),
-            a.1.to_hex()
-        ));
+        return Err(LayoutError::CopyContent {
+            target: target.to_owned(),
+            source_key: skey.to_owned(),
+            copy: b.1.to_hex().to_string(),
+            original: a.1.to_hex().to_string(),
+        });
     }
     Ok((VerifiedBy::Content, tinfo.etag))
 }
 
 /// Copies one planned move, or finds the copy an interrupted run made, and verifies it.
-async fn copy_one(origin: &dyn Bucket, m: &Move, opts: &MigrateOptions) -> Result<Record, String> {
+async fn copy_one(
+    origin: &dyn Bucket,
+    m: &Move,
+    opts: &MigrateOptions,
+) -> Result<Record, LayoutError> {
     let src = origin
         .head(&m.source)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{}: the source is gone", m.source))?;
+        .await?
+        .ok_or_else(|| LayoutError::SourceGone(m.source.clone()))?;
     if !same(&src, m.size, &m.etag) {
-        return Err(format!(
-            "{}: changed since the plan was made ({} bytes, tag {:?}; planned {} bytes, tag {:?}); make a new plan",
-            m.source, src.size, src.etag, m.size, m.etag
-        ));
+        return Err(LayoutError::SourceChanged {
+            key: m.source.clone(),
+            size: src.size,
+            etag: src.etag,
+            planned_size: m.size,
+            planned_etag: m.etag.clone(),
+        });
     }
-    let existing = origin.head(&m.target).await.map_err(|e| e.to_string())?;
+    let existing = origin.head(&m.target).await?;
     match existing {
         Some(t) if same(&t, m.size, &m.etag) => {
             // Copied by an earlier, interrupted run (or it held this content already): verified below.
         }
         Some(t) if m.target_existed => {
-            return Err(format!(
-                "{}: changed since the plan was made ({} bytes, tag {:?}); make a new plan",
-                m.target, t.size, t.etag
-            ));
+            return Err(LayoutError::TargetChanged {
+                key: m.target.clone(),
+                size: t.size,
+                etag: t.etag,
+            });
         }
         _ => {
             origin
                 .copy(&m.source, &m.target, m.size, &opts.copy)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
         }
     }
     let (verified, target_etag) =
@@ -227,7 +318,7 @@ async fn run_steps<'a, T, F, Fut>(
 ) -> Result<(), ToolError>
 where
     F: Fn(&'a T) -> Fut,
-    Fut: Future<Output = Result<(Record, u64), String>>,
+    Fut: Future<Output = Result<(Record, u64), LayoutError>>,
 {
     for chunk in items.chunks(batch.max(1)) {
         let results: Vec<_> = futures::stream::iter(chunk.iter().map(|&item| step(item)))
@@ -245,7 +336,7 @@ where
                 }
                 Err(why) => {
                     tracing::warn!(problem = %why, "layout step failed");
-                    report.failures.push(why);
+                    report.failures.push(why.to_string());
                 }
             }
         }
@@ -261,11 +352,11 @@ pub async fn migrate(
     opts: &MigrateOptions,
 ) -> Result<StepReport, ToolError> {
     if plan.origin != origin.url().to_string() {
-        return Err(ToolError::Failed(format!(
-            "the plan was made for {}, not {}",
-            plan.origin,
-            origin.url()
-        )));
+        return Err(LayoutError::OtherOrigin {
+            planned: plan.origin.clone(),
+            origin: origin.url().to_string(),
+        }
+        .into());
     }
     let mut journal = Journal::create_or_resume(origin, plan).await?;
     let mut report = StepReport {
@@ -273,10 +364,7 @@ pub async fn migrate(
         ..StepReport::default()
     };
     if !journal.state.deleted.is_empty() || !journal.state.restored.is_empty() {
-        return Err(ToolError::Failed(format!(
-            "journal {} was already finalized or rolled back; make a new plan",
-            journal.id
-        )));
+        return Err(LayoutError::JournalClosed(journal.id.to_string()).into());
     }
     let todo: Vec<&Move> = plan
         .moves
@@ -312,9 +400,7 @@ pub async fn finalize(
 ) -> Result<StepReport, ToolError> {
     let mut journal = Journal::load(origin, journal_id).await?;
     if !journal.state.restored.is_empty() || !journal.state.removed.is_empty() {
-        return Err(ToolError::Failed(format!(
-            "journal {journal_id} was rolled back; nothing is deleted"
-        )));
+        return Err(LayoutError::RolledBack(journal_id.to_string()).into());
     }
     let now = Timestamp::now();
     let due: Vec<Record> = journal
@@ -349,7 +435,7 @@ pub async fn finalize(
     Ok(report)
 }
 
-async fn delete_source(origin: &dyn Bucket, r: &Record) -> Result<(Record, u64), String> {
+async fn delete_source(origin: &dyn Bucket, r: &Record) -> Result<(Record, u64), LayoutError> {
     let Record::Copied {
         source,
         target,
@@ -359,29 +445,37 @@ async fn delete_source(origin: &dyn Bucket, r: &Record) -> Result<(Record, u64),
         ..
     } = r
     else {
-        return Err("not a copy record".into());
+        return Err(LayoutError::NotACopy);
     };
-    match origin.head(target).await.map_err(|e| e.to_string())? {
+    match origin.head(target).await? {
         Some(t) if same(&t, *size, target_etag) => {}
         Some(t) => {
-            return Err(format!(
-                "{target}: the copy changed since it was verified ({} bytes, tag {:?}); {source} kept",
-                t.size, t.etag
-            ));
+            return Err(LayoutError::CopyChanged {
+                target: target.clone(),
+                source_key: source.clone(),
+                size: t.size,
+                etag: t.etag,
+            });
         }
-        None => return Err(format!("{target}: the copy is gone; {source} kept")),
+        None => {
+            return Err(LayoutError::CopyGone {
+                target: target.clone(),
+                source_key: source.clone(),
+            });
+        }
     }
-    match origin.head(source).await.map_err(|e| e.to_string())? {
+    match origin.head(source).await? {
         // Deleted by an earlier run killed before it journaled the deletion.
         None => {}
         Some(s) if same(&s, *size, etag) => {
-            origin.delete(source).await.map_err(|e| e.to_string())?;
+            origin.delete(source).await?;
         }
         Some(s) => {
-            return Err(format!(
-                "{source}: changed since it was copied ({} bytes, tag {:?}); kept",
-                s.size, s.etag
-            ));
+            return Err(LayoutError::SourceChangedSinceCopy {
+                source_key: source.clone(),
+                size: s.size,
+                etag: s.etag,
+            });
         }
     }
     Ok((
@@ -483,7 +577,7 @@ async fn restore_source(
     origin: &dyn Bucket,
     r: &Record,
     opts: &MigrateOptions,
-) -> Result<(Record, u64), String> {
+) -> Result<(Record, u64), LayoutError> {
     let Record::Copied {
         source,
         target,
@@ -492,7 +586,7 @@ async fn restore_source(
         ..
     } = r
     else {
-        return Err("not a copy record".into());
+        return Err(LayoutError::NotACopy);
     };
     let done = |size| {
         Ok((
@@ -505,20 +599,19 @@ async fn restore_source(
     };
     let tinfo = origin
         .head(target)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{target}: gone, so {source} cannot be restored from it"))?;
-    if let Some(s) = origin.head(source).await.map_err(|e| e.to_string())?
+        .await?
+        .ok_or_else(|| LayoutError::RestoreFromGone {
+            target: target.clone(),
+            source_key: source.clone(),
+        })?;
+    if let Some(s) = origin.head(source).await?
         && same(&s, *size, etag)
     {
         // Restored by an earlier run killed before it journaled the restore: check it.
         verify_copy(origin, (target, &tinfo), source, opts.verify).await?;
         return done(0);
     }
-    origin
-        .copy(target, source, tinfo.size, &opts.copy)
-        .await
-        .map_err(|e| e.to_string())?;
+    origin.copy(target, source, tinfo.size, &opts.copy).await?;
     verify_copy(origin, (target, &tinfo), source, opts.verify).await?;
     done(*size)
 }
@@ -528,17 +621,24 @@ async fn remove_target(
     source: &str,
     target: &str,
     size: u64,
-) -> Result<(Record, u64), String> {
+) -> Result<(Record, u64), LayoutError> {
     // Never remove the only copy: the source must be in place with the planned size.
-    match origin.head(source).await.map_err(|e| e.to_string())? {
+    match origin.head(source).await? {
         Some(s) if s.size == size => {}
         Some(s) => {
-            return Err(format!(
-                "{source}: {} bytes, not {size}; {target} kept",
-                s.size
-            ));
+            return Err(LayoutError::RestoredSize {
+                source_key: source.to_owned(),
+                size: s.size,
+                planned: size,
+                target: target.to_owned(),
+            });
         }
-        None => return Err(format!("{source}: missing; {target} kept")),
+        None => {
+            return Err(LayoutError::RestoredMissing {
+                source_key: source.to_owned(),
+                target: target.to_owned(),
+            });
+        }
     }
     match origin.delete(target).await {
         Ok(()) | Err(OriginError::NotFound { .. }) => Ok((
@@ -548,7 +648,7 @@ async fn remove_target(
             },
             0,
         )),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 

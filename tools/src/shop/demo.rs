@@ -63,7 +63,7 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
         "start S3, make a signing key and a fleet CA, publish version 1",
     );
     let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| ToolError::Failed(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut seed).map_err(ToolError::Random)?;
     let mut shop = Fleet::new()
         .dir(&dir)
         .key(deckhand_protocol::SecretKey::from_seed(&seed))
@@ -227,9 +227,11 @@ pub async fn run(dir: Option<&Path>, n: usize) -> Result<(), ToolError> {
     shop.stop().await?;
     println!("\ndemo done in {:.1} s", started.elapsed().as_secs_f64());
     if failed.load(Ordering::SeqCst) > 0 || mixed.load(Ordering::SeqCst) > 0 || right == 0 {
-        return Err(ToolError::Failed(
-            "the demo saw failed or mixed answers".into(),
-        ));
+        return Err(ToolError::DemoFailed {
+            failed: failed.load(Ordering::SeqCst),
+            mixed: mixed.load(Ordering::SeqCst),
+            right,
+        });
     }
     Ok(())
 }
