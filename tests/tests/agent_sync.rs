@@ -7,7 +7,7 @@ use deckhand_protocol::layout::Name;
 use deckhand_tests::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
-use deckhand_tests::{Fleet, secs, shop};
+use deckhand_tests::{AgentOptions, Credentials, Fleet, secs, shop};
 
 const CARD: usize = 6;
 
@@ -167,4 +167,39 @@ async fn an_agent_restarted_while_s3_is_unreachable_serves_from_its_store() {
         })
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_an_error_in_status_not_offline() {
+    let mut fleet = shop("agent-denied").without_peers().start().await.unwrap();
+    let files =
+        fixtures::write_reference_release(&fleet.join("release"), &ReferenceSpec::small(20))
+            .unwrap();
+    fleet.publish(&files).await.unwrap();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi".into(),
+            origin: true,
+            credentials: Credentials::None,
+            env: vec![("AWS_SECRET_ACCESS_KEY", "not-the-secret".into())],
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(30), "the refusal in status", |s| {
+            s.last_error.is_some()
+        })
+        .await
+        .unwrap();
+    let err = s.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("refused (403)") && err.contains("credentials"),
+        "{err}"
+    );
+    assert_eq!(
+        s.offline_since, None,
+        "a refusal is not being offline: {s:?}"
+    );
+    assert_eq!(s.active, None);
 }

@@ -160,6 +160,11 @@ pub enum OriginError {
 }
 
 impl OriginError {
+    /// True when the origin refused the credentials or permissions (401, 403).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, OriginError::Denied { .. })
+    }
+
     /// True when the origin could not be reached at all (as opposed to answering "no"). A refusal of the
     /// credentials or permissions ([`OriginError::Denied`]) is not: the origin answered, and a Pi with
     /// wrong credentials must say so instead of looking offline.

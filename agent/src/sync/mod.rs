@@ -310,6 +310,8 @@ impl Engine {
         }
         if unreachable {
             tracing::debug!(cause = %e, "origin unreachable; serving the active release");
+        } else if matches!(e, SyncError::Origin(o) if o.is_denied()) {
+            tracing::warn!(cause = %e, "the origin refused this agent's credentials");
         }
     }
 
@@ -451,8 +453,10 @@ impl Engine {
         self.fetch_and_activate(&v, from).await
     }
 
+    /// An origin that cannot be reached, or refuses this agent's credentials, is left alone for a while,
+    /// and peers are told this agent does not share the origin fetches.
     fn origin_failed(&self, e: &OriginError) {
-        if e.is_unreachable() {
+        if e.is_unreachable() || e.is_denied() {
             if let Ok(mut d) = self.origin_down_until.lock() {
                 *d = Some(Instant::now() + ORIGIN_RETRY);
             }

@@ -105,6 +105,8 @@ pub struct AgentOptions {
     /// Listen on every address and find peers by mDNS (with fleet credentials), instead of 127.0.0.1
     /// and the given peers only.
     pub mdns: bool,
+    /// Environment over the S3 server's (`AWS_SECRET_ACCESS_KEY`, say).
+    pub env: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -452,11 +454,13 @@ impl Fleet {
     pub async fn start_agent_with(&mut self, opts: AgentOptions) -> Result<&Agent, ToolError> {
         let args = self.run_args(&opts)?;
         let log = self.dir.join("logs").join(format!("{}.log", opts.name));
+        let mut env = self.s3.env();
+        env.extend(opts.env.iter().cloned());
         let agent = Agent::spawn(
             &self.bin,
             &opts.name,
             &args,
-            &self.s3.env(),
+            &env,
             opts.netns.as_deref(),
             &log,
         )
