@@ -1,269 +1,395 @@
-//! `deckhand-agent run` settings: a TOML file (`--config`, default `/etc/deckhand/agent.toml`), every
-//! setting also a flag; a flag wins over the file. Keys are the flags' names with `_` for `-`
-//! (`--quic-listen` is `quic_listen`; repeatable flags are arrays: `trust = [...]`, `peers = [...]`).
-//! An unknown key, a wrong type, or a missing or invalid setting is an error that names it.
+//! `deckhand-agent run` settings, each declared once, on [`Settings`]: its flag, its key in the TOML file
+//! (`--config`, default `/etc/deckhand/agent.toml`), its help, its default and its validation.
+//!
+//! The config file is read as flags of lower precedence: every key becomes its flag (`quic_listen =
+//! "0.0.0.0:8641"` is `--quic-listen 0.0.0.0:8641`, `peers = ["a:1", "b:2"]` is `--peer a:1 --peer b:2`)
+//! and goes through the same parser, so the file and the command line accept exactly the same values. A
+//! setting given on the command line (or in its environment variable) wins over the file. An unknown
+//! key, a wrong type or an invalid value is an error that names the setting and the file.
+//!
+//! A new setting is one field here, with its `#[arg]`, and the line of code that uses it.
 
-use crate::daemon::RunConfig;
 use crate::origin::{OriginConfig, OriginUrl};
 use crate::peer::tls::CredentialPaths;
 use crate::recognizer::BackendChoice;
-use serde::Deserialize;
+use clap::{Args, FromArgMatches as _};
+use deckhand_protocol::PublicKey;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_CONFIG: &str = "/etc/deckhand/agent.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/deckhand";
-pub const DEFAULT_HTTP: &str = "127.0.0.1:8640";
-pub const DEFAULT_QUIC: &str = "0.0.0.0:8641";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {why}")]
-    File { path: PathBuf, why: String },
-    #[error("--{} ({setting} in the config file): {why}", flag(setting))]
-    Setting { setting: &'static str, why: String },
-    #[error("--{flag} is required (or {setting} in the config file)", flag = flag(.0), setting = .0)]
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: unknown setting {key:?}")]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("config file {path}: {key}: {why}")]
+    Value {
+        path: PathBuf,
+        key: String,
+        why: &'static str,
+    },
+    #[error("config file {path}: {}", .source.to_string().trim())]
+    FileSetting {
+        path: PathBuf,
+        #[source]
+        source: clap::Error,
+    },
+    #[error("{}", .0.to_string().trim())]
+    Flag(#[from] clap::Error),
+    #[error("--{flag} is required (or {key} in the config file)", flag = .0.replace('_', "-"), key = .0)]
     Missing(&'static str),
+    #[error("--fleet-ca, --fleet-cert and --fleet-key come together; missing {0}")]
+    FleetIncomplete(String),
+    #[error("--fleet-crl is given without the fleet credentials")]
+    CrlWithoutFleet,
+    #[error("--trust {path}: {why}")]
+    Trust { path: PathBuf, why: String },
+    #[error("--threshold {threshold} is not between 1 and the {keys} trusted key(s)")]
+    Threshold { threshold: usize, keys: usize },
 }
 
-fn flag(setting: &str) -> String {
-    setting.replace('_', "-")
+/// Every setting of `deckhand-agent run`. The field's id is the TOML key, its `long` the flag.
+#[derive(Args, Clone, Debug)]
+pub struct Settings {
+    /// A TOML config file [default: /etc/deckhand/agent.toml, if present].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The agent's data directory.
+    #[arg(long, env = "DECKHAND_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// The deployment this agent follows.
+    #[arg(long, value_parser = deployment)]
+    pub deployment: Option<String>,
+    /// A trusted release-signing public key (NAME.pub); repeatable.
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+    /// How many distinct trusted keys must sign a manifest.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threshold: u16,
+    /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8640")]
+    pub http_listen: SocketAddr,
+    /// Where QUIC listens for fleet peers.
+    #[arg(long, default_value = "0.0.0.0:8641")]
+    pub quic_listen: SocketAddr,
+    /// A peer to dial (host:port); repeatable. mDNS finds the others.
+    #[arg(long = "peer", value_parser = host_port)]
+    pub peers: Vec<String>,
+    /// LAN discovery with mDNS: on or off.
+    #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+    pub mdns: bool,
+    /// A directory to watch for images; answers go to --outbox.
+    #[arg(long)]
+    pub inbox: Option<PathBuf>,
+    /// Where inbox answers go (default: "outbox" beside the inbox).
+    #[arg(long)]
+    pub outbox: Option<PathBuf>,
+    /// A directory watched for release bundles (`deckhand bundle export`, e.g. a USB stick).
+    #[arg(long, value_parser = existing_dir)]
+    pub bundle_dir: Option<PathBuf>,
+    /// The most bytes the store may hold (e.g. 2000000000) [default: no limit].
+    #[arg(long)]
+    pub store_budget: Option<u64>,
+    /// Where releases are published: s3://bucket/prefix or file:///dir. Without it the agent syncs from
+    /// peers and bundles only.
+    #[arg(long)]
+    pub origin: Option<OriginUrl>,
+    /// An S3-compatible endpoint (path-style addressing is used with it).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    /// Seconds between polls of the deployment's current.json.
+    #[arg(long = "poll-secs", id = "poll_secs", default_value = "30", value_parser = secs(1, 86_400))]
+    pub poll: Duration,
+    /// The fleet CA certificate (`deckhand fleet init`).
+    #[arg(long)]
+    pub fleet_ca: Option<PathBuf>,
+    /// This agent's fleet certificate (`deckhand fleet enroll`); its name is the agent id.
+    #[arg(long)]
+    pub fleet_cert: Option<PathBuf>,
+    /// This agent's fleet private key.
+    #[arg(long)]
+    pub fleet_key: Option<PathBuf>,
+    /// The fleet's certificate revocation list (`deckhand fleet revoke`).
+    #[arg(long)]
+    pub fleet_crl: Option<PathBuf>,
+    /// Cap on bytes per second served to peers [default: none].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub serve_bytes_per_sec: Option<u64>,
+    /// Seconds to wait for a chunk's designated origin fetcher while it makes no progress.
+    #[arg(long = "max-wait-secs", id = "max_wait_secs", default_value = "20", value_parser = secs(1, 3_600))]
+    pub max_wait: Duration,
+    /// Milliseconds to let peers hear of a new release before planning its download.
+    #[arg(long = "settle-ms", id = "settle_ms", default_value = "500", value_parser = millis(0, 60_000))]
+    pub settle: Duration,
 }
 
-fn bad(setting: &'static str, why: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Setting {
-        setting,
-        why: why.to_string(),
+fn deployment(s: &str) -> Result<String, deckhand_protocol::layout::LayoutError> {
+    deckhand_protocol::layout::Name::deployment(s)?;
+    Ok(s.to_owned())
+}
+
+fn host_port(s: &str) -> Result<String, &'static str> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
+        _ => Err("not host:port"),
     }
 }
 
-/// Every setting, each optional: from flags or from the file.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    pub data_dir: Option<PathBuf>,
-    pub deployment: Option<String>,
-    pub trust: Option<Vec<PathBuf>>,
-    pub threshold: Option<usize>,
-    pub origin: Option<String>,
-    pub endpoint_url: Option<String>,
-    pub poll_secs: Option<u64>,
-    pub http_listen: Option<String>,
-    pub quic_listen: Option<String>,
-    pub peers: Option<Vec<String>>,
-    /// "on" or "off".
-    pub mdns: Option<String>,
-    pub inbox: Option<PathBuf>,
-    pub outbox: Option<PathBuf>,
-    pub bundle_dir: Option<PathBuf>,
-    pub store_budget: Option<u64>,
-    pub backend: Option<String>,
-    pub fleet_ca: Option<PathBuf>,
-    pub fleet_cert: Option<PathBuf>,
-    pub fleet_key: Option<PathBuf>,
-    pub fleet_crl: Option<PathBuf>,
-    /// Serving bandwidth cap for peers, bytes per second.
-    pub serve_bytes_per_sec: Option<u64>,
-    /// Seconds to wait for a chunk's designated fetcher while it makes no progress.
-    pub max_wait_secs: Option<u64>,
-    /// Milliseconds to let peers hear of a new release before planning its download.
-    pub settle_ms: Option<u64>,
+fn on_off(s: &str) -> Result<bool, &'static str> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err("use on or off"),
+    }
+}
+
+fn existing_dir(s: &str) -> Result<PathBuf, &'static str> {
+    let p = PathBuf::from(s);
+    if p.is_dir() {
+        Ok(p)
+    } else {
+        Err("not a directory")
+    }
+}
+
+/// A whole number of seconds in `lo..=hi`.
+fn secs(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
+    move |s| in_range(s, lo, hi).map(Duration::from_secs)
+}
+
+/// A whole number of milliseconds in `lo..=hi`.
+fn millis(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
+    move |s| in_range(s, lo, hi).map(Duration::from_millis)
+}
+
+fn in_range(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number between {lo} and {hi}")),
+    }
+}
+
+/// The settings, checked, with the files they name read: what the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub settings: Settings,
+    pub deployment: String,
+    pub trust: Vec<PublicKey>,
+    /// Where releases come from; `None` runs from the store, peers and bundles alone.
+    pub origin: Option<(OriginUrl, OriginConfig)>,
+    /// Fleet credentials; without them the agent has no peers.
+    pub fleet: Option<CredentialPaths>,
+}
+
+/// The command `run`'s flags are parsed with (no binary name: the arguments after `run`).
+fn command() -> clap::Command {
+    Settings::augment_args(clap::Command::new("run").no_binary_name(true))
+}
+
+/// What is given on the command line or in the environment wins over the file.
+fn given(m: &clap::ArgMatches, id: &str) -> bool {
+    matches!(
+        m.value_source(id),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    )
+}
+
+/// Parses `run`'s arguments (those after `run`) over the config file they name (or the default one, if
+/// it exists).
+pub fn parse(args: &[OsString]) -> Result<Settings, ConfigError> {
+    let cli = command().try_get_matches_from(args)?;
+    let (path, explicit) = match cli.get_one::<PathBuf>("config") {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let mut merged = file_args(&path, explicit, &cli)?;
+    merged.extend(args.iter().cloned());
+    let m = command().try_get_matches_from(merged)?;
+    Ok(Settings::from_arg_matches(&m)?)
+}
+
+/// The config file as flags, leaving out what `cli` gives. A missing file is an error only when it was
+/// asked for by name.
+fn file_args(
+    path: &Path,
+    explicit: bool,
+    cli: &clap::ArgMatches,
+) -> Result<Vec<OsString>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Toml {
+        path: path.to_owned(),
+        source,
+    })?;
+    let cmd = command();
+    let mut out: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == key.as_str() && key != "config")
+            .ok_or_else(|| ConfigError::UnknownKey {
+                path: path.to_owned(),
+                key: key.clone(),
+            })?;
+        if given(cli, key) {
+            continue;
+        }
+        let flag = format!("--{}", arg.get_long().unwrap_or(key));
+        let bad = |why| ConfigError::Value {
+            path: path.to_owned(),
+            key: key.clone(),
+            why,
+        };
+        let values = match value {
+            toml::Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        for v in values {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(_) => {
+                    return Err(bad("a number with a fraction is not accepted"));
+                }
+                _ => {
+                    return Err(bad(
+                        "expected a string, a whole number, a boolean or a list of them",
+                    ));
+                }
+            };
+            out.push(flag.clone().into());
+            out.push(text.into());
+        }
+    }
+    // The file's values alone first, so an invalid one is reported as the file's.
+    command()
+        .try_get_matches_from(&out)
+        .map_err(|source| ConfigError::FileSetting {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(out)
 }
 
 impl Settings {
-    /// Reads a config file. A missing file is an error only when it was asked for by name.
-    pub fn from_file(path: &Path, explicit: bool) -> Result<Settings, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                return Ok(Settings::default());
-            }
-            Err(e) => {
-                return Err(ConfigError::File {
-                    path: path.to_owned(),
-                    why: e.to_string(),
-                });
-            }
-        };
-        toml::from_str(&text).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            why: e.to_string().trim().to_owned(),
-        })
-    }
-
-    /// `self` (flags) over `file`.
-    pub fn over(self, file: Settings) -> Settings {
-        macro_rules! pick {
-            ($($f:ident),*) => { Settings { $($f: self.$f.or(file.$f)),* } };
-        }
-        pick!(
-            data_dir,
-            deployment,
-            trust,
-            threshold,
-            origin,
-            endpoint_url,
-            poll_secs,
-            http_listen,
-            quic_listen,
-            peers,
-            mdns,
-            inbox,
-            outbox,
-            bundle_dir,
-            store_budget,
-            backend,
-            fleet_ca,
-            fleet_cert,
-            fleet_key,
-            fleet_crl,
-            serve_bytes_per_sec,
-            max_wait_secs,
-            settle_ms
-        )
-    }
-
-    /// Checks every setting and reads the trusted keys.
+    /// Checks what no single setting can (which settings go together) and reads the trusted keys.
     pub fn resolve(self) -> Result<RunConfig, ConfigError> {
-        let deployment = self.deployment.ok_or(ConfigError::Missing("deployment"))?;
-        deckhand_protocol::layout::Name::deployment(&deployment)
-            .map_err(|e| bad("deployment", format!("{deployment:?}: {e}")))?;
-        let backend = self.backend.as_deref().unwrap_or("auto");
-        let backend: BackendChoice = backend
-            .parse()
-            .map_err(|e| bad("backend", format!("{backend:?}: {e}")))?;
-        let addr = |setting: &'static str, v: Option<String>, default: &str| {
-            let v = v.unwrap_or_else(|| default.to_owned());
-            v.parse::<SocketAddr>()
-                .map_err(|e| bad(setting, format!("{v:?}: {e}")))
-        };
-        let http_listen = addr("http_listen", self.http_listen, DEFAULT_HTTP)?;
-        let quic_listen = addr("quic_listen", self.quic_listen, DEFAULT_QUIC)?;
-        let mdns = match self.mdns.as_deref().unwrap_or("on") {
-            "on" => true,
-            "off" => false,
-            other => return Err(bad("mdns", format!("{other:?}: use on or off"))),
-        };
-        let fleet = match (self.fleet_ca, self.fleet_cert, self.fleet_key) {
-            (None, None, None) => {
-                if self.fleet_crl.is_some() {
-                    return Err(bad("fleet_crl", "given without the fleet credentials"));
-                }
-                None
+        let deployment = self
+            .deployment
+            .clone()
+            .ok_or(ConfigError::Missing("deployment"))?;
+        let fleet = match (&self.fleet_ca, &self.fleet_cert, &self.fleet_key) {
+            (None, None, None) if self.fleet_crl.is_some() => {
+                return Err(ConfigError::CrlWithoutFleet);
             }
+            (None, None, None) => None,
             (Some(ca), Some(cert), Some(key)) => Some(CredentialPaths {
-                ca,
-                cert,
-                key,
-                crl: self.fleet_crl,
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                crl: self.fleet_crl.clone(),
             }),
             (ca, cert, key) => {
                 let missing: Vec<&str> = [
-                    ("fleet_ca", ca.is_none()),
-                    ("fleet_cert", cert.is_none()),
-                    ("fleet_key", key.is_none()),
+                    ("--fleet-ca", ca.is_none()),
+                    ("--fleet-cert", cert.is_none()),
+                    ("--fleet-key", key.is_none()),
                 ]
                 .iter()
                 .filter(|(_, m)| *m)
                 .map(|(n, _)| *n)
                 .collect();
-                return Err(bad(
-                    "fleet",
-                    format!(
-                        "the fleet credentials come as three files; missing {}",
-                        missing.join(", ")
-                    ),
-                ));
+                return Err(ConfigError::FleetIncomplete(missing.join(", ")));
             }
         };
-        let peers = self.peers.unwrap_or_default();
-        for p in &peers {
-            if !p.contains(':') {
-                return Err(bad("peers", format!("{p:?} is not host:port")));
-            }
-        }
-        let origin = match self.origin {
-            None => None,
-            Some(o) => {
-                let url: OriginUrl = o
-                    .parse()
-                    .map_err(|e| bad("origin", format!("{o:?}: {e}")))?;
-                Some((
-                    url,
-                    OriginConfig {
-                        endpoint_url: self.endpoint_url.filter(|e| !e.is_empty()),
-                        ..Default::default()
-                    },
-                ))
-            }
-        };
-        let poll = self.poll_secs.unwrap_or(30);
-        if !(1..=86_400).contains(&poll) {
-            return Err(bad(
-                "poll_secs",
-                format!("{poll} is not between 1 and 86400"),
-            ));
-        }
-        if let Some(dir) = &self.bundle_dir
-            && !dir.is_dir()
-        {
-            return Err(bad(
-                "bundle_dir",
-                format!("{} is not a directory", dir.display()),
-            ));
-        }
-        if self.serve_bytes_per_sec == Some(0) {
-            return Err(bad("serve_bytes_per_sec", "0 would serve nothing"));
-        }
-        let trust_paths = self.trust.unwrap_or_default();
-        if trust_paths.is_empty() {
+        let origin = self.origin.clone().map(|url| {
+            (
+                url,
+                OriginConfig {
+                    endpoint_url: self.endpoint_url.clone().filter(|e| !e.is_empty()),
+                    ..Default::default()
+                },
+            )
+        });
+        if self.trust.is_empty() {
             return Err(ConfigError::Missing("trust"));
         }
-        let trust = trust_paths
+        // Files are read last: every setting is checked first.
+        let trust = self
+            .trust
             .iter()
             .map(|p| {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| bad("trust", format!("{}: {e}", p.display())))?;
-                deckhand_protocol::PublicKey::from_file_text(&text)
-                    .map_err(|e| bad("trust", format!("{}: {e}", p.display())))
+                let bad = |why: String| ConfigError::Trust {
+                    path: p.clone(),
+                    why,
+                };
+                let text = std::fs::read_to_string(p).map_err(|e| bad(e.to_string()))?;
+                PublicKey::from_file_text(&text).map_err(|e| bad(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // Files are read last: every flag is checked first.
-        let threshold = self.threshold.unwrap_or(1);
-        if threshold == 0 || threshold > trust.len() {
-            return Err(bad(
-                "threshold",
-                format!(
-                    "{threshold} is not between 1 and the {} trusted key(s)",
-                    trust.len()
-                ),
-            ));
+        if usize::from(self.threshold) > trust.len() {
+            return Err(ConfigError::Threshold {
+                threshold: self.threshold.into(),
+                keys: trust.len(),
+            });
         }
         Ok(RunConfig {
-            data_dir: self
-                .data_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            settings: self,
             deployment,
             trust,
-            threshold,
-            http_listen,
-            inbox: self.inbox,
-            outbox: self.outbox,
-            backend,
-            store_budget: self.store_budget,
             origin,
-            poll: Duration::from_secs(poll),
             fleet,
-            quic_listen,
-            peers,
-            mdns,
-            bundle_dir: self.bundle_dir,
-            serve_bytes_per_sec: self.serve_bytes_per_sec,
-            max_wait: Duration::from_secs(self.max_wait_secs.unwrap_or(20)),
-            settle: Duration::from_millis(self.settle_ms.unwrap_or(500)),
         })
     }
+}
+
+/// The settings as a commented TOML file: every key with its help and default (for packaging).
+pub fn example_file() -> String {
+    let mut out = String::from(
+        "# deckhand-agent settings. Every key is also a flag of `deckhand-agent run` (with - for _);\n\
+         # a flag wins over this file. Lists are TOML arrays.\n",
+    );
+    for a in command().get_arguments() {
+        let id = a.get_id().as_str();
+        if id == "config" || id == "help" {
+            continue;
+        }
+        let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+        out.push_str(&format!("\n# {help}\n"));
+        match a.get_default_values().first() {
+            Some(d) => out.push_str(&format!("# {id} = {:?}\n", d.to_string_lossy())),
+            None => out.push_str(&format!("# {id} =\n")),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -277,75 +403,98 @@ mod tests {
         p
     }
 
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
     #[test]
     fn flags_win_over_the_file_and_errors_name_the_setting() {
         let tmp = tempfile::tempdir().unwrap();
         let k = key_file(tmp.path());
         let cfg = tmp.path().join("agent.toml");
+        let c = cfg.to_str().unwrap();
         std::fs::write(
             &cfg,
             format!(
-                "deployment = \"shop-1\"\ntrust = [{k:?}]\nhttp_listen = \"127.0.0.1:9000\"\nmdns = \"off\"\npeers = [\"10.0.0.2:8641\"]\n"
+                "deployment = \"shop-1\"\ntrust = [{k:?}]\nhttp_listen = \"127.0.0.1:9000\"\nmdns = \"off\"\npeers = [\"10.0.0.2:8641\"]\nmax_wait_secs = 7\n"
             ),
         )
         .unwrap();
-        let file = Settings::from_file(&cfg, true).unwrap();
-        let flags = Settings {
-            http_listen: Some("127.0.0.1:9001".into()),
-            ..Default::default()
-        };
-        let run = flags.over(file.clone()).resolve().unwrap();
-        assert_eq!(run.http_listen.port(), 9001);
-        assert!(!run.mdns);
-        assert_eq!(run.peers, vec!["10.0.0.2:8641".to_owned()]);
+        let run = parse(&args(&["--config", c, "--http-listen", "127.0.0.1:9001"]))
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let s = &run.settings;
+        assert_eq!(s.http_listen.port(), 9001, "the flag wins");
+        assert!(!s.mdns);
+        assert_eq!(s.peers, vec!["10.0.0.2:8641".to_owned()]);
+        assert_eq!(s.max_wait, Duration::from_secs(7));
+        assert_eq!(s.poll, Duration::from_secs(30), "the default");
         assert_eq!(run.deployment, "shop-1");
+        // A repeatable flag on the command line replaces the file's list.
+        let run = parse(&args(&["--config", c, "--peer", "10.0.0.9:1"]))
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(run.settings.peers, vec!["10.0.0.9:1".to_owned()]);
 
         std::fs::write(&cfg, "deploymnet = \"x\"\n").unwrap();
-        let err = Settings::from_file(&cfg, true).unwrap_err().to_string();
-        assert!(err.contains("deploymnet"), "{err}");
+        let err = parse(&args(&["--config", c])).unwrap_err().to_string();
+        assert!(err.contains("unknown setting \"deploymnet\""), "{err}");
         assert!(
-            Settings::from_file(&tmp.path().join("none.toml"), true).is_err(),
+            parse(&args(&[
+                "--config",
+                tmp.path().join("none.toml").to_str().unwrap()
+            ]))
+            .is_err(),
             "an explicit missing file is an error"
         );
-        assert_eq!(
-            Settings::from_file(&tmp.path().join("none.toml"), false).unwrap(),
-            Settings::default()
-        );
 
-        let err = Settings {
-            quic_listen: Some("nowhere".into()),
-            ..file.clone()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("--quic-listen"), "{err}");
-        let err = Settings {
-            fleet_ca: Some("ca.crt".into()),
-            ..file.clone()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        std::fs::write(&cfg, "poll_secs = 0\n").unwrap();
+        let err = parse(&args(&["--config", c])).unwrap_err().to_string();
         assert!(
-            err.contains("fleet_cert") && err.contains("fleet_key"),
+            err.contains(c) && err.contains("--poll-secs") && err.contains("between 1 and 86400"),
             "{err}"
         );
-        let err = Settings {
-            mdns: Some("maybe".into()),
-            ..file.clone()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("--mdns"), "{err}");
-        let err = Settings {
-            deployment: None,
-            ..file
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let err = parse(&args(&["--quic-listen", "nowhere"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--quic-listen"), "{err}");
+        let err = parse(&args(&["--mdns", "maybe"])).unwrap_err().to_string();
+        assert!(err.contains("--mdns") && err.contains("on or off"), "{err}");
+
+        std::fs::write(&cfg, format!("trust = [{k:?}]\nfleet_ca = \"ca.crt\"\n")).unwrap();
+        let with_dep = |extra: &[&str]| {
+            let mut a = args(&["--config", c, "--deployment", "shop-1"]);
+            a.extend(args(extra));
+            parse(&a).unwrap().resolve().unwrap_err().to_string()
+        };
+        let err = with_dep(&[]);
+        assert!(
+            err.contains("--fleet-cert") && err.contains("--fleet-key"),
+            "{err}"
+        );
+        let err = parse(&args(&["--config", c]))
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--deployment is required"), "{err}");
+    }
+
+    #[test]
+    fn the_example_file_lists_every_setting_with_its_default() {
+        let text = example_file();
+        for key in [
+            "data_dir",
+            "poll_secs",
+            "max_wait_secs",
+            "peers",
+            "mdns",
+            "origin",
+        ] {
+            assert!(text.contains(&format!("# {key} =")), "{key}:\n{text}");
+        }
+        assert!(text.contains("# poll_secs = \"30\""), "{text}");
     }
 }

@@ -18,38 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::Instrument as _;
 
-/// A settled configuration for `run`.
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub data_dir: PathBuf,
-    pub deployment: String,
-    pub trust: Vec<PublicKey>,
-    pub threshold: usize,
-    pub http_listen: SocketAddr,
-    pub inbox: Option<PathBuf>,
-    pub outbox: Option<PathBuf>,
-    pub backend: BackendChoice,
-    pub store_budget: Option<u64>,
-    /// Where releases come from; `None` runs from the store alone.
-    pub origin: Option<(crate::origin::OriginUrl, crate::origin::OriginConfig)>,
-    /// How often current.json is polled.
-    pub poll: std::time::Duration,
-    /// Fleet credentials; without them the agent has no peers.
-    pub fleet: Option<crate::peer::tls::CredentialPaths>,
-    /// Where QUIC listens for peers.
-    pub quic_listen: SocketAddr,
-    /// Peers to dial (host:port), besides those mDNS finds.
-    pub peers: Vec<String>,
-    pub mdns: bool,
-    /// A directory watched for bundles (`deckhand bundle export`).
-    pub bundle_dir: Option<PathBuf>,
-    /// Serving bandwidth cap for peers, bytes per second.
-    pub serve_bytes_per_sec: Option<u64>,
-    /// How long to wait for a chunk's designated fetcher while it makes no progress.
-    pub max_wait: std::time::Duration,
-    /// After accepting a release, how long to let peers hear of it before planning.
-    pub settle: std::time::Duration,
-}
+pub use crate::config::RunConfig;
 
 /// The agent's id: its certificate's name when it has fleet credentials, else one made up at first
 /// start and kept in the store.
@@ -183,11 +152,12 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(Listening),
 ) -> Result<(), DaemonError> {
-    let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold).map_err(DaemonError::Trust)?;
-    let store = open_store(&cfg.data_dir, cfg.store_budget)?;
+    let policy = TrustPolicy::new(cfg.trust.clone(), usize::from(cfg.settings.threshold))
+        .map_err(DaemonError::Trust)?;
+    let store = open_store(&cfg.settings.data_dir, cfg.settings.store_budget)?;
     let metrics = Arc::new(Metrics::default());
     let service = Service::start(metrics.clone())?;
-    match restore_active(&store, &service, &policy, cfg.backend).await {
+    match restore_active(&store, &service, &policy, cfg.settings.backend).await {
         Ok(Some(v)) => tracing::info!(version = v, "serving the active release from the store"),
         Ok(None) => {
             tracing::warn!("no release in the store yet; recognitions answer 503 until one arrives")
@@ -214,10 +184,10 @@ pub async fn run_with(
                 crate::peer::PeerConfig {
                     creds: creds.clone(),
                     deployment: cfg.deployment.clone(),
-                    listen: cfg.quic_listen,
-                    static_peers: cfg.peers.clone(),
+                    listen: cfg.settings.quic_listen,
+                    static_peers: cfg.settings.peers.clone(),
                     streams_per_peer: 8,
-                    serve_bytes_per_sec: cfg.serve_bytes_per_sec,
+                    serve_bytes_per_sec: cfg.settings.serve_bytes_per_sec,
                 },
                 store.clone(),
                 metrics.clone(),
@@ -227,13 +197,13 @@ pub async fn run_with(
             (Some(node), Some(hints))
         }
         None => {
-            if !cfg.peers.is_empty() {
+            if !cfg.settings.peers.is_empty() {
                 return Err(DaemonError::PeersWithoutCredentials);
             }
             (None, None)
         }
     };
-    let _mdns = match (&peers, cfg.mdns) {
+    let _mdns = match (&peers, cfg.settings.mdns) {
         (Some(node), true) => {
             match crate::peer::discovery::Mdns::start(node.clone(), &cfg.deployment) {
                 Ok(m) => Some(m),
@@ -247,7 +217,7 @@ pub async fn run_with(
         _ => None,
     };
     let (bundle_tx, bundle_rx) = tokio::sync::mpsc::channel(4);
-    let _bundles = match &cfg.bundle_dir {
+    let _bundles = match &cfg.settings.bundle_dir {
         Some(dir) => Some(crate::sync::bundle::BundleWatcher::start(
             dir.clone(),
             bundle_tx,
@@ -264,11 +234,11 @@ pub async fn run_with(
             origin,
             deployment,
             policy: policy.clone(),
-            backend: cfg.backend,
-            poll: cfg.poll,
-            max_backoff: cfg.poll.max(std::time::Duration::from_secs(60)),
-            max_wait: cfg.max_wait,
-            settle: cfg.settle,
+            backend: cfg.settings.backend,
+            poll: cfg.settings.poll,
+            max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),
+            max_wait: cfg.settings.max_wait,
+            settle: cfg.settings.settle,
         },
         store.clone(),
         service.clone(),
@@ -352,10 +322,10 @@ pub async fn run_with(
             }
         })
     };
-    let listener = tokio::net::TcpListener::bind(cfg.http_listen)
+    let listener = tokio::net::TcpListener::bind(cfg.settings.http_listen)
         .await
         .map_err(|source| DaemonError::Listen {
-            addr: cfg.http_listen,
+            addr: cfg.settings.http_listen,
             source,
         })?;
     let addr = listener.local_addr()?;
@@ -364,9 +334,10 @@ pub async fn run_with(
         http: addr,
         quic: peers.as_ref().map(|p| p.listen_addr()),
     });
-    let _inbox = match &cfg.inbox {
+    let _inbox = match &cfg.settings.inbox {
         Some(inbox) => {
             let outbox = cfg
+                .settings
                 .outbox
                 .clone()
                 .unwrap_or_else(|| inbox.with_file_name("outbox"));

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve card recognitions from the active release in the store (HTTP and inbox).
-    Run(Box<RunArgs>),
+    Run(Box<deckhand_agent::config::Settings>),
     /// Show a running agent's status (from its HTTP API).
     Status(StatusArgs),
     /// Sideload the newest release of a bundle directory (from `deckhand bundle export`) and activate it.
@@ -58,84 +58,6 @@ struct TrustArgs {
     /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
     #[arg(long, default_value = "auto")]
     backend: String,
-}
-
-/// `run`'s flags. Each may also be set in the config file (same name, `_` for `-`); a flag wins.
-#[derive(clap::Args)]
-struct RunArgs {
-    /// A TOML config file [default: /etc/deckhand/agent.toml, if present].
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// The agent's data directory [default: /var/lib/deckhand].
-    #[arg(long, env = "DECKHAND_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// The deployment this agent follows.
-    #[arg(long)]
-    deployment: Option<String>,
-    /// A trusted release-signing public key (NAME.pub); repeatable.
-    #[arg(long)]
-    trust: Vec<PathBuf>,
-    /// How many distinct trusted keys must sign a manifest [default: 1].
-    #[arg(long)]
-    threshold: Option<usize>,
-    /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo [default: auto].
-    #[arg(long)]
-    backend: Option<String>,
-    /// Where the HTTP API listens [default: 127.0.0.1:8640].
-    #[arg(long)]
-    http_listen: Option<String>,
-    /// Where QUIC listens for fleet peers [default: 0.0.0.0:8641].
-    #[arg(long)]
-    quic_listen: Option<String>,
-    /// A peer to dial (host:port); repeatable. mDNS finds the others.
-    #[arg(long = "peer")]
-    peers: Vec<String>,
-    /// LAN discovery with mDNS: on or off [default: on].
-    #[arg(long)]
-    mdns: Option<String>,
-    /// A directory to watch for images; answers go to --outbox.
-    #[arg(long)]
-    inbox: Option<PathBuf>,
-    /// Where inbox answers go (default: "outbox" beside the inbox).
-    #[arg(long)]
-    outbox: Option<PathBuf>,
-    /// A directory watched for release bundles (`deckhand bundle export`, e.g. a USB stick).
-    #[arg(long)]
-    bundle_dir: Option<PathBuf>,
-    /// The most bytes the store may hold (e.g. 2000000000).
-    #[arg(long)]
-    store_budget: Option<u64>,
-    /// Where releases are published: s3://bucket/prefix or file:///dir. Without it the agent syncs from
-    /// peers and bundles only.
-    #[arg(long)]
-    origin: Option<String>,
-    /// An S3-compatible endpoint (path-style addressing is used with it).
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    endpoint_url: Option<String>,
-    /// Seconds between polls of the deployment's current.json [default: 30].
-    #[arg(long)]
-    poll_secs: Option<u64>,
-    /// The fleet CA certificate (`deckhand fleet init`).
-    #[arg(long)]
-    fleet_ca: Option<PathBuf>,
-    /// This agent's fleet certificate (`deckhand fleet enroll`); its name is the agent id.
-    #[arg(long)]
-    fleet_cert: Option<PathBuf>,
-    /// This agent's fleet private key.
-    #[arg(long)]
-    fleet_key: Option<PathBuf>,
-    /// The fleet's certificate revocation list (`deckhand fleet revoke`).
-    #[arg(long)]
-    fleet_crl: Option<PathBuf>,
-    /// Cap on bytes per second served to peers [default: none].
-    #[arg(long)]
-    serve_bytes_per_sec: Option<u64>,
-    /// Seconds to wait for a chunk's designated origin fetcher while it makes no progress [default: 20].
-    #[arg(long)]
-    max_wait_secs: Option<u64>,
-    /// Milliseconds to let peers hear of a new release before planning its download [default: 500].
-    #[arg(long)]
-    settle_ms: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -189,7 +111,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Store { command } => store(command),
-        Command::Run(args) => run_daemon(*args),
+        Command::Run(_) => run_daemon(),
         Command::Status(args) => status(args),
         Command::Import(args) => {
             let (trust, backend) = settle(&args.common)?;
@@ -235,40 +157,16 @@ fn settle(
     Ok((trust, backend))
 }
 
-fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
-    use deckhand_agent::config::{DEFAULT_CONFIG, Settings};
-    let (path, explicit) = match &args.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG), false),
-    };
-    let file = Settings::from_file(&path, explicit)?;
-    let nonempty = |v: Vec<PathBuf>| (!v.is_empty()).then_some(v);
-    let flags = Settings {
-        data_dir: args.data_dir,
-        deployment: args.deployment,
-        trust: nonempty(args.trust),
-        threshold: args.threshold,
-        origin: args.origin,
-        endpoint_url: args.endpoint_url,
-        poll_secs: args.poll_secs,
-        http_listen: args.http_listen,
-        quic_listen: args.quic_listen,
-        peers: (!args.peers.is_empty()).then_some(args.peers),
-        mdns: args.mdns,
-        inbox: args.inbox,
-        outbox: args.outbox,
-        bundle_dir: args.bundle_dir,
-        store_budget: args.store_budget,
-        backend: args.backend,
-        fleet_ca: args.fleet_ca,
-        fleet_cert: args.fleet_cert,
-        fleet_key: args.fleet_key,
-        fleet_crl: args.fleet_crl,
-        serve_bytes_per_sec: args.serve_bytes_per_sec,
-        max_wait_secs: args.max_wait_secs,
-        settle_ms: args.settle_ms,
-    };
-    let cfg = flags.over(file).resolve()?;
+/// `run`: the settings are parsed once more from the raw arguments after `run`, over the config file
+/// (`deckhand_agent::config`), so the file goes through the same parser as the flags.
+fn run_daemon() -> anyhow::Result<ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .skip_while(|a| a != "run")
+        .skip(1)
+        .filter(|a| a != "--log-json")
+        .collect();
+    let cfg = deckhand_agent::config::parse(&args)?.resolve()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
