@@ -74,9 +74,10 @@ fn wrong_or_missing_settings_are_named() {
     assert!(err.contains("--mdns") && err.contains("sometimes"), "{err}");
     std::fs::write(&cfg, "deploy = \"shop-1\"\n").unwrap();
     let out = agent(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("unknown field") && err.contains("deploy"),
+        err.contains("unknown setting \"deploy\"") && err.contains(cfg.to_str().unwrap()),
         "{err}"
     );
     let out = agent(&["run", "--config", "/nonexistent/agent.toml"]);

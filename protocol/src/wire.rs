@@ -21,7 +21,8 @@ pub const MAX_REQUEST: usize = 4 * 1024;
 pub const MAX_RESPONSE: usize = MAX_CHUNK_LEN as usize + 64;
 /// The longest agent id, deployment name, address or error message carried.
 pub const MAX_STR: usize = 256;
-/// The largest status document relayed for `/v1/fleet`.
+/// The largest status document a peer answers `GetStatus` with. Agents serve it; none asks for it yet
+/// (`/v1/fleet` is built from Hellos), so the tag is kept for a fleet view relayed through peers.
 pub const MAX_STATUS: usize = 256 * 1024;
 /// The largest chunk bitmap: one bit per chunk of a map at its chunk limit.
 pub const MAX_BITMAP: usize = (crate::chunk::MAX_CHUNKS as usize).div_ceil(8);

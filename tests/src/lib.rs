@@ -268,3 +268,32 @@ pub fn credentials(fleet: &Fleet, name: &str) -> deckhand_agent::peer::tls::Flee
     })
     .unwrap_or_else(|e| panic!("credentials of {name}: {e}"))
 }
+
+/// Publishes `files` as the next version into `dir`, a `file://` origin in the bundle layout (a USB stick
+/// the operator wrote), signed with the shop's key.
+pub async fn publish_to_dir(
+    fleet: &Fleet,
+    files: &deckhand_agent::release::ReleaseFiles,
+    dir: &Path,
+) -> deckhand_tools::publish::Prepared {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let cfg = deckhand_tools::origin::OriginConfig::default();
+    let origin = deckhand_tools::origin::connect(
+        &deckhand_tools::origin::OriginUrl::File {
+            root: dir.to_owned(),
+        },
+        &cfg,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    deckhand_tools::publish::publish(
+        &*origin,
+        &cfg,
+        fleet.key(),
+        &publish_options(files),
+        &fleet.join("work"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("publishing into {}: {e}", dir.display()))
+    .0
+}

@@ -26,6 +26,15 @@ fn agent(args: &[&str]) -> std::process::Output {
     run("deckhand-agent", args, &[])
 }
 
+/// `deckhand-agent import` succeeded and activated `version`.
+fn imported(out: &std::process::Output, version: u64) {
+    assert!(out.status.success(), "{}", deckhand_tests::stderr(out));
+    assert_eq!(
+        deckhand_tests::stdout(out).trim(),
+        format!("activated version {version}")
+    );
+}
+
 /// Starts agent `pi` with no origin and no peers: it serves what its store holds.
 async fn start_offline(fleet: &mut Fleet) {
     fleet
@@ -79,16 +88,7 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
             &p(bundle),
         ])
     };
-    let out = import(&usb);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "activated version 1"
-    );
+    imported(&import(&usb), 1);
 
     let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
     start_offline(&mut t).await;
@@ -122,16 +122,7 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     )
     .await
     .unwrap();
-    let out = import(&usb);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "activated version 2"
-    );
+    imported(&import(&usb), 2);
 
     // The old stick again: a replayed older manifest is refused, even after restarts.
     let out = import(&old_usb);

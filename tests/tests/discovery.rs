@@ -4,8 +4,7 @@
 //! from the one that read it from a USB stick.
 
 use deckhand_tests::fixtures::{self, ReferenceSpec};
-use deckhand_tests::{AgentOptions, NetNs, publish_options, secs, shop};
-use deckhand_tools::publish;
+use deckhand_tests::{AgentOptions, NetNs, publish_to_dir, secs, shop};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_find_each_other_by_mdns_and_sync_over_quic() {
@@ -17,22 +16,7 @@ async fn agents_find_each_other_by_mdns_and_sync_over_quic() {
     let spec = ReferenceSpec::small(20);
     let files = fixtures::write_reference_release(&fleet.join("r1"), &spec).unwrap();
     let stick = fleet.join("usb");
-    std::fs::create_dir_all(&stick).unwrap();
-    let stick_origin = deckhand_tools::origin::connect(
-        &format!("file://{}", stick.display()).parse().unwrap(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    publish::publish(
-        &*stick_origin,
-        &Default::default(),
-        fleet.key(),
-        &publish_options(&files),
-        &fleet.join("work"),
-    )
-    .await
-    .unwrap();
+    publish_to_dir(&fleet, &files, &stick).await;
 
     for (ns, name, extra) in [
         (

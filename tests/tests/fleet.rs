@@ -8,7 +8,7 @@ use deckhand_tests::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
 use deckhand_tests::{
-    Agent, AgentOptions, Credentials, Fleet, MIB, credentials, publish_options, secs, shop,
+    Agent, AgentOptions, Credentials, Fleet, MIB, credentials, publish_to_dir, secs, shop,
     unique_chunk_bytes,
 };
 use deckhand_tools::publish;
@@ -309,21 +309,7 @@ async fn with_s3_unreachable_throughout_one_bundle_reaches_the_whole_fleet() {
         .await
         .unwrap();
     // The operator writes a bundle onto the stick (a file:// origin has the bundle layout).
-    let origin = deckhand_tools::origin::connect(
-        &format!("file://{}", stick.display()).parse().unwrap(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    publish::publish(
-        &*origin,
-        &Default::default(),
-        fleet.key(),
-        &publish_options(&files),
-        &fleet.join("work"),
-    )
-    .await
-    .unwrap();
+    publish_to_dir(&fleet, &files, &stick).await;
     let statuses = fleet
         .wait_all(secs(90), "version 1 active", is_version(1))
         .await

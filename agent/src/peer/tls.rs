@@ -117,16 +117,20 @@ impl FleetCredentials {
         Ok(Arc::new(roots))
     }
 
+    /// How this agent checks a peer's certificate, as a server: chained to the fleet CA, not revoked.
+    fn client_verifier(
+        &self,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, FleetError> {
+        rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
+            .with_crls(self.crls.clone())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| FleetError::Tls(e.to_string()))
+    }
+
     fn check_own(&self, p: &CredentialPaths) -> Result<(), FleetError> {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            self.roots()?,
-            Self::provider(),
-        )
-        .with_crls(self.crls.clone())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()
-        .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let verifier = self.client_verifier()?;
         let (leaf, rest) = self
             .chain
             .split_first()
@@ -140,15 +144,7 @@ impl FleetCredentials {
     }
 
     fn tls_server(&self) -> Result<rustls::ServerConfig, FleetError> {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            self.roots()?,
-            Self::provider(),
-        )
-        .with_crls(self.crls.clone())
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()
-        .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let verifier = self.client_verifier()?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| FleetError::Tls(e.to_string()))?
