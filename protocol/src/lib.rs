@@ -13,6 +13,8 @@ pub mod manifest;
 pub mod migration;
 pub mod status;
 pub mod sync;
+#[cfg(any(test, feature = "testdata"))]
+pub mod testdata;
 pub mod wire;
 
 pub use chunk::{CHUNK_PARAMS, Chunk, ChunkMap, ChunkMapError, ChunkParams};

@@ -186,16 +186,24 @@ async fn publish_from_bucket(b: &Legacy, key: &SecretKey, index: &str) -> u64 {
     published.version
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back() {
-    let b = Legacy::new("layout-story").await;
+/// A bucket seeded in every legacy layout, with a live deployment published from the legacy keys, and
+/// its migration planned (the plan checked: every legacy key placed, nothing written).
+struct Planned {
+    b: Legacy,
+    /// The listing before anything moved.
+    before: BTreeMap<String, (u64, String)>,
+    legacy: usize,
+    plan_file: std::path::PathBuf,
+    moves: Vec<serde_json::Value>,
+    distinct_targets: usize,
+}
+
+async fn seeded_and_planned(name: &str) -> Planned {
+    let b = Legacy::new(name).await;
     b.seed_reference_and_models().await;
     let others = b.seed_everything_else().await;
     // A live deployment, published from the legacy keys: deployments/ already fits the layout.
-    let signer = SecretKey::from_seed(&[7; 32]);
-    let pub_key = b.t.join("ops.pub");
-    std::fs::write(&pub_key, signer.public().to_file_text()).unwrap();
-    publish_from_bucket(&b, &signer, "s3://cards/data/reference/usearch.index").await;
+    publish_from_bucket(&b, b.t.key(), "s3://cards/data/reference/usearch.index").await;
     let before = listing(&*b.origin).await;
     let legacy = before
         .keys()
@@ -219,7 +227,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
             "--json",
         ],
     ));
-    let moves = plan["moves"].as_array().unwrap();
+    let moves = plan["moves"].as_array().unwrap().clone();
     assert_eq!(moves.len(), legacy, "every legacy key is placed");
     assert_eq!(
         plan["unplaced"].as_array().unwrap().len(),
@@ -266,6 +274,45 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     // The plan wrote nothing.
     assert_eq!(listing(&*b.origin).await, before);
 
+    let distinct_targets = distinct_targets.len();
+    Planned {
+        b,
+        before,
+        legacy,
+        plan_file,
+        moves,
+        distinct_targets,
+    }
+}
+
+/// `deckhand layout audit` with the operator's key, which must exit 0.
+fn audit_clean(b: &Legacy) -> serde_json::Value {
+    let trust = b.t.trust().display().to_string();
+    ok(&deckhand_out(
+        b.t.s3(),
+        &[
+            "layout",
+            "audit",
+            "--origin",
+            "s3://cards",
+            "--trust",
+            &trust,
+            "--json",
+        ],
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_bucket_migration_killed_half_way_resumes_and_audits_clean() {
+    let Planned {
+        b,
+        before,
+        legacy,
+        plan_file,
+        moves,
+        distinct_targets,
+    } = seeded_and_planned("layout-migrate").await;
+    let plan_s = plan_file.display().to_string();
     // 2. migrate, killed at about half way, then resumed.
     b.t.s3().stats().set_copy_delay(Duration::from_millis(20));
     let mut child = deckhand(
@@ -284,7 +331,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     .stderr(Stdio::null())
     .spawn()
     .unwrap();
-    let half = distinct_targets.len() as u64 / 2;
+    let half = distinct_targets as u64 / 2;
     let t0 = Instant::now();
     while b.t.s3().stats().copies() < half {
         assert!(
@@ -302,9 +349,9 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     b.t.s3().stats().set_copy_delay(Duration::ZERO);
     let first_run = b.t.s3().stats().copies();
     assert!(
-        first_run < distinct_targets.len() as u64,
+        first_run < distinct_targets as u64,
         "killed at {first_run} of {}",
-        distinct_targets.len()
+        distinct_targets
     );
     let plan_obj =
         deckhand_protocol::migration::Plan::decode(&std::fs::read(&plan_file).unwrap()).unwrap();
@@ -341,17 +388,17 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         moves.len() - recorded
     );
     assert!(
-        b.t.s3().stats().copies() as usize <= distinct_targets.len(),
+        b.t.s3().stats().copies() as usize <= distinct_targets,
         "{} copies for {} targets: something was copied twice",
         b.t.s3().stats().copies(),
-        distinct_targets.len()
+        distinct_targets
     );
     // migrate deleted nothing, and every new key holds its source's bytes.
     let migrated = listing(&*b.origin).await;
     for (k, v) in &before {
         assert_eq!(migrated.get(k), Some(v), "{k}");
     }
-    for m in moves {
+    for m in &moves {
         let (s, t) = (m["source"].as_str().unwrap(), m["target"].as_str().unwrap());
         assert_eq!(migrated.get(t), before.get(s), "{s} -> {t}");
     }
@@ -370,22 +417,7 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     assert_eq!(again["done"], 0);
 
     // 3. audit comes out clean (the legacy keys await finalize; they are not violations).
-    let trust = pub_key.display().to_string();
-    let audit_clean = || {
-        ok(&deckhand_out(
-            b.t.s3(),
-            &[
-                "layout",
-                "audit",
-                "--origin",
-                "s3://cards",
-                "--trust",
-                &trust,
-                "--json",
-            ],
-        ))
-    };
-    let audit = audit_clean();
+    let audit = audit_clean(&b);
     for list in [
         "misplaced",
         "bad_manifests",
@@ -406,6 +438,39 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
         160 + 1 + 102 + 40 + 4
     );
     assert!(audit["folders"]["datasets"]["objects"].as_u64().unwrap() > 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_bucket_is_finalized_then_rolled_back_to_its_exact_listing() {
+    let Planned {
+        b,
+        before,
+        legacy,
+        plan_file,
+        moves,
+        distinct_targets,
+    } = seeded_and_planned("layout-finalize").await;
+    let plan_s = plan_file.display().to_string();
+    let migrated = ok(&deckhand_out(
+        b.t.s3(),
+        &[
+            "layout",
+            "migrate",
+            "--plan",
+            &plan_s,
+            "--no-progress",
+            "--json",
+        ],
+    ));
+    assert_eq!(migrated["done"].as_u64().unwrap() as usize, moves.len());
+    assert_eq!(
+        audit_clean(&b)["awaiting_finalize"].as_u64().unwrap() as usize,
+        legacy
+    );
+    assert!(distinct_targets <= moves.len());
+    let plan_obj =
+        deckhand_protocol::migration::Plan::decode(&std::fs::read(&plan_file).unwrap()).unwrap();
+    let journal_id = plan_obj.journal_id().unwrap();
 
     // 4. finalize: nothing is old enough by default; with --min-age 0 every source goes.
     let j = journal_id.as_str();
@@ -443,10 +508,10 @@ async fn a_legacy_bucket_is_planned_migrated_audited_finalized_and_rolled_back()
     ));
     assert_eq!(fin["done"].as_u64().unwrap() as usize, moves.len());
     let finalized = listing(&*b.origin).await;
-    for m in moves {
+    for m in &moves {
         assert!(!finalized.contains_key(m["source"].as_str().unwrap()));
     }
-    let audit = audit_clean();
+    let audit = audit_clean(&b);
     assert_eq!(audit["awaiting_finalize"], 0, "{audit}");
     assert!(audit["folders"].get("data").is_none(), "{audit}");
     // Agents are unaffected: deployments/ did not move.

@@ -35,46 +35,7 @@ fn create_dir(path: &Path) -> Result<(), FixtureError> {
     })
 }
 
-/// A small deterministic generator (splitmix64).
-#[derive(Clone, Debug)]
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `lo..hi` (`hi > lo`).
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo).max(1)
-    }
-
-    /// A float in `[0, 1)`.
-    pub fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// An approximately normal float (sum of uniforms), mean 0, standard deviation 1.
-    pub fn normal(&mut self) -> f32 {
-        let s: f32 = (0..12).map(|_| self.unit()).sum();
-        s - 6.0
-    }
-}
-
-/// `len` deterministic pseudo-random bytes.
-pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = SplitMix(seed);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&rng.next_u64().to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub use deckhand_protocol::testdata::{SplitMix, noise};
 
 /// Encodes a float32 matrix as a NumPy `.npy` file (format 1.0, little-endian, C order).
 pub fn npy_f32(rows: usize, cols: usize, data: &[f32]) -> Vec<u8> {
