@@ -1,7 +1,9 @@
 //! `deckhand bench fleet`: N agents sync one release from an S3 server behind a shared, limited uplink;
-//! once as a fleet (QUIC peers, rendezvous-assigned origin fetches), once as the baseline of every agent
-//! for itself (as `aws s3 sync` on each Pi does today). Prints the bytes S3 sent and the time from publish
-//! until every agent serves the release.
+//! as a fleet (QUIC peers, rendezvous-assigned origin fetches) and as the baseline of every agent for
+//! itself (as `aws s3 sync` on each Pi does today), each from a warm start (the agents have met when the
+//! release is published) and a cold start (the release is published when the agents boot together).
+//! Prints the bytes S3 sent and the time until every agent serves the release (from the publish, or from
+//! the first agent's start).
 
 use crate::ToolError;
 use crate::shop::Fleet;
@@ -9,6 +11,17 @@ use crate::shop::fixtures::{self, ReferenceSpec};
 use std::time::{Duration, Instant};
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// How one run of the benchmark is set up.
+#[derive(Clone, Copy)]
+struct Opts {
+    /// Agents share through QUIC peers (else each pulls from S3).
+    peers: bool,
+    /// The release is published before the agents start.
+    cold: bool,
+    /// S3's uplink, bytes per second.
+    uplink: u64,
+}
 
 struct Row {
     mode: &'static str,
@@ -47,11 +60,18 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut rows = Vec::new();
-    for (mode, peers) in [
-        ("fleet (QUIC peers)", true),
-        ("baseline (each from S3)", false),
+    for (mode, peers, cold) in [
+        ("fleet, warm start", true, false),
+        ("every Pi from S3, warm", false, false),
+        ("fleet, cold start", true, true),
+        ("every Pi from S3, cold", false, true),
     ] {
-        rows.push(one(tmp.path(), mode, peers, agents, &files, uplink).await?);
+        let opts = Opts {
+            peers,
+            cold,
+            uplink,
+        };
+        rows.push(one(tmp.path(), mode, agents, &files, &opts).await?);
     }
     println!(
         "{:<26} {:>10} {:>8} {:>14} {:>12} {:>12}",
@@ -91,23 +111,52 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
 async fn one(
     dir: &std::path::Path,
     mode: &'static str,
-    peers: bool,
     n: usize,
     files: &deckhand_agent::release::ReleaseFiles,
-    uplink: u64,
+    opts: &Opts,
 ) -> Result<Row, ToolError> {
-    let mut builder = Fleet::new()
-        .dir(&dir.join(if peers { "fleet" } else { "baseline" }))
-        .agents(n);
+    let Opts {
+        peers,
+        cold,
+        uplink,
+    } = *opts;
+    let mut builder = Fleet::new().dir(&dir.join(format!(
+        "{}-{}",
+        if peers { "fleet" } else { "baseline" },
+        if cold { "cold" } else { "warm" }
+    )));
     if !peers {
         builder = builder.without_peers();
     }
-    let shop = builder.start().await?;
+    let mut shop = builder.start().await?;
     shop.s3().stats().set_uplink(uplink);
-    shop.s3().stats().reset();
-    let t0 = Instant::now();
-    shop.publish(files).await?;
-    let before = shop.s3().stats().bytes_sent();
+    let names: Vec<String> = (0..n).map(|i| format!("pi-{i}")).collect();
+    let t0 = if cold {
+        // A morning in the shop: the release is already published when the Pis boot together.
+        shop.publish(files).await?;
+        shop.s3().stats().reset();
+        let t0 = Instant::now();
+        for name in &names {
+            shop.start_agent(name).await?;
+        }
+        t0
+    } else {
+        // The agents have met when the release is published.
+        for name in &names {
+            shop.start_agent(name).await?;
+        }
+        if peers && n > 1 {
+            shop.wait_all(Duration::from_secs(30), "every other agent live", |s| {
+                s.live_peers() + 1 == n
+            })
+            .await?;
+        }
+        shop.s3().stats().reset();
+        let t0 = Instant::now();
+        shop.publish(files).await?;
+        t0
+    };
+    let before = 0;
     let mut done: Vec<Option<Duration>> = vec![None; n];
     let deadline = t0 + Duration::from_secs(1800);
     while done.iter().any(Option::is_none) {
