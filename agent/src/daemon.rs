@@ -351,8 +351,10 @@ pub async fn run_with(
         fleet,
     });
     crate::http::serve(listener, app, shutdown).await?;
+    tracing::debug!("the HTTP API stopped");
     let _ = stop_tx.send(true);
     let _ = sync_task.await;
+    tracing::debug!("the sync engine stopped");
     service.shutdown();
     Ok(())
 }

@@ -520,9 +520,29 @@ async fn a_corrupting_peer_is_banned_and_a_replaying_peer_refused() {
     }
 }
 
+/// How an agent is interrupted in the middle of a download.
+#[derive(Clone, Copy, Debug)]
+enum Interrupt {
+    /// SIGKILL: no chance to clean up.
+    Kill,
+    /// SIGTERM, as systemd stops the service: it must exit within 2 s.
+    Term,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_half_way_resumes_without_fetching_stored_chunks_again() {
-    let mut fleet = shop("fleet-kill").start().await.unwrap();
+    interrupted_half_way("fleet-kill", Interrupt::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_half_way_exits_within_two_seconds_and_resumes_without_refetching() {
+    interrupted_half_way("fleet-term", Interrupt::Term).await;
+}
+
+/// An agent interrupted at half of a 24 MiB download restarts, fetches only what it had not stored, and
+/// serves the release.
+async fn interrupted_half_way(name: &str, how: Interrupt) {
+    let mut fleet = shop(name).start().await.unwrap();
     let spec = ReferenceSpec::small(30);
     let files = fixtures::write_sized_release(&fleet.join("r1"), &spec, 24 << 20, 5).unwrap();
     let need = unique_chunk_bytes(&files);
@@ -546,7 +566,16 @@ async fn an_agent_killed_half_way_resumes_without_fetching_stored_chunks_again()
         s.active.is_none(),
         "the release activated before the kill: {s:?}"
     );
-    fleet.agents.remove(0).kill().await.unwrap();
+    let agent = fleet.agents.remove(0);
+    let t = std::time::Instant::now();
+    match how {
+        Interrupt::Kill => agent.kill().await.unwrap(),
+        Interrupt::Term => agent.stop_within(secs(2)).await.unwrap(),
+    }
+    eprintln!(
+        "{how:?}: the agent was gone {} ms later",
+        t.elapsed().as_millis()
+    );
     // Every chunk the store recorded at the kill, by blob and index.
     let data = fleet.join("pi-0");
     let recorded = stored_chunks(&data, &files);

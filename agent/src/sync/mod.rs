@@ -204,8 +204,24 @@ impl Engine {
         }
     }
 
-    /// Runs until `stop` turns true.
-    pub async fn run(self, mut inputs: Inputs, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Runs until `stop` turns true. Whatever it is doing then (a download, a poll) is dropped at once:
+    /// every chunk it stored is already committed, and the pending release resumes at the next start
+    /// without fetching those again.
+    pub async fn run(self, inputs: Inputs, stop: tokio::sync::watch::Receiver<bool>) {
+        let mut stopping = stop.clone();
+        tokio::select! {
+            () = self.run_until_stopped(inputs, stop) => {}
+            _ = stopping.wait_for(|s| *s) => {
+                tracing::info!("stopping; an unfinished download resumes at the next start");
+            }
+        }
+    }
+
+    async fn run_until_stopped(
+        self,
+        mut inputs: Inputs,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         self.announce();
         let mut etag: Option<String> = None;
         let mut backoff = self.cfg.poll;

@@ -696,17 +696,22 @@ impl Agent {
     }
 
     /// SIGTERM, then waits (at most 10 s) and checks it exited cleanly.
-    pub async fn stop(mut self) -> Result<(), ToolError> {
+    pub async fn stop(self) -> Result<(), ToolError> {
+        self.stop_within(STOP_LIMIT).await
+    }
+
+    /// SIGTERM, then waits at most `limit` and checks it exited cleanly.
+    pub async fn stop_within(mut self, limit: Duration) -> Result<(), ToolError> {
         if let Some(pid) = self.child.id() {
             // SAFETY: kill(2) on the pid of our own child, which has not been waited for yet.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
-        let status = tokio::time::timeout(STOP_LIMIT, self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .map_err(|_| {
                 self.failed(format!(
-                    "still running {} s after SIGTERM",
-                    STOP_LIMIT.as_secs()
+                    "still running {} ms after SIGTERM",
+                    limit.as_millis()
                 ))
             })?
             .map_err(|e| self.failed(e))?;
