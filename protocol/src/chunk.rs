@@ -343,6 +343,29 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = ChunkMap::decode(&bytes);
         }
+
+        /// Valid chunk maps, damaged (bytes flipped, inserted, cut off), so the parser is exercised past
+        /// the header and the magic: decoding never panics, and a map that still decodes encodes back
+        /// to exactly the bytes it came from.
+        #[test]
+        fn damaged_valid_maps_never_panic_and_decode_exactly(
+            seed: u64,
+            len in 1usize..400_000,
+            edits in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3), 1..6),
+        ) {
+            let mut b = ChunkMap::build(&noise(seed, len)).encode();
+            for (at, byte, op) in edits {
+                let at = at as usize % (b.len() + 1);
+                match op {
+                    0 if at < b.len() => b[at] ^= byte | 1,
+                    1 => b.insert(at, byte),
+                    _ => b.truncate(at),
+                }
+            }
+            if let Ok(m) = ChunkMap::decode(&b) {
+                prop_assert_eq!(m.encode(), b);
+            }
+        }
     }
 
     proptest! {
