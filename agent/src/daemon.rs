@@ -355,6 +355,10 @@ pub async fn run_with(
     let _ = stop_tx.send(true);
     let _ = sync_task.await;
     tracing::debug!("the sync engine stopped");
+    if let Some(node) = &peers {
+        node.shutdown(std::time::Duration::from_secs(1)).await;
+        tracing::debug!("left the fleet");
+    }
     service.shutdown();
     Ok(())
 }

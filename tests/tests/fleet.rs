@@ -863,3 +863,18 @@ fn outsider(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_is_shown_gone_at_once() {
+    // Without a word from the member, its peers would see it live until its last Hello ages out (8 s).
+    let mut fleet = shop("fleet-leave").agents(2).start().await.unwrap();
+    fleet.agents.remove(1).stop().await.unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(3), "pi-1 shown gone", |s| {
+            s.peers.iter().any(|p| p.id == "pi-1" && !p.live)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.live_peers(), 0, "{s:?}");
+    fleet.stop().await.unwrap();
+}

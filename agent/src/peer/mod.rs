@@ -134,6 +134,17 @@ struct PeerState {
     bytes_from: u64,
     bytes_to: u64,
     last_error: Option<String>,
+    /// It closed its connection saying it is leaving; cleared by its next Hello.
+    left: bool,
+}
+
+/// Whether a connection was closed by a peer leaving on purpose.
+fn closed_by_leaving(c: &quinn::Connection) -> bool {
+    matches!(
+        c.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(a))
+            if a.error_code == LEAVING.into() && a.reason.as_ref() == LEAVING_REASON
+    )
 }
 
 impl PeerState {
@@ -148,11 +159,17 @@ impl PeerState {
             bytes_from: 0,
             bytes_to: 0,
             last_error: None,
+            left: false,
         }
     }
     fn banned(&self, now: Instant) -> bool {
         self.banned_until.is_some_and(|t| t > now)
     }
+    /// The peer closed the connection saying it is leaving (a graceful shutdown).
+    fn left(&self) -> bool {
+        self.left || self.conn.as_ref().is_some_and(closed_by_leaving)
+    }
+
     fn usable(&self, now: Instant) -> bool {
         self.conn
             .as_ref()
@@ -213,7 +230,14 @@ struct Inner {
     bucket: Option<tokio::sync::Mutex<Bucket>>,
     metrics: Arc<Metrics>,
     listen: SocketAddr,
+    /// Every task the node starts (its loops, one per connection, stream and dial): owned here, and
+    /// waited for, within a bound, on shutdown.
+    tasks: tokio_util::task::TaskTracker,
 }
+
+/// The application close code an agent leaving on purpose sends its peers.
+const LEAVING: u32 = 0;
+const LEAVING_REASON: &[u8] = b"shutting down";
 
 /// This agent's QUIC endpoint, its peer table, and the background tasks that keep it fresh.
 #[derive(Clone)]
@@ -262,6 +286,7 @@ impl PeerNode {
                 bucket,
                 metrics,
                 listen,
+                tasks: tokio_util::task::TaskTracker::new(),
             }),
         };
         for p in &cfg.static_peers {
@@ -273,17 +298,18 @@ impl PeerNode {
             }
         }
         let span = tracing::info_span!("peers", agent = %node.inner.me, listen = %listen);
-        tokio::spawn(
+        let tasks = &node.inner.tasks;
+        tasks.spawn(
             node.clone()
                 .accept_loop(stop.clone())
                 .instrument(span.clone()),
         );
-        tokio::spawn(
+        tasks.spawn(
             node.clone()
                 .dial_loop(stop.clone())
                 .instrument(span.clone()),
         );
-        tokio::spawn(node.clone().gossip_loop(stop).instrument(span));
+        tasks.spawn(node.clone().gossip_loop(stop).instrument(span));
         Ok((node, hints_rx))
     }
 
@@ -353,7 +379,8 @@ impl PeerNode {
             .map(|(id, p)| PeerInfo {
                 id: id.clone(),
                 addr: p.addr.to_string(),
-                live: p.usable(now) || (p.last_hello.is_some_and(|t| now.duration_since(t) < LIVE)),
+                live: p.usable(now)
+                    || (!p.left() && p.last_hello.is_some_and(|t| now.duration_since(t) < LIVE)),
                 deployment: p.hello.as_ref().map(|h| h.deployment.clone()),
                 active: p.hello.as_ref().and_then(|h| h.active.map(|r| r.version)),
                 pending: p.hello.as_ref().and_then(|h| h.pending.map(|r| r.version)),
@@ -552,6 +579,7 @@ impl PeerNode {
             }
             p.hello = Some(hello);
             p.last_hello = Some(Instant::now());
+            p.left = false;
         }
         if ours && announced > newest && !self.is_banned(id) {
             // Bounded: when the engine is busy, a later Hello repeats the hint.
@@ -570,7 +598,7 @@ impl PeerNode {
             };
             let Some(incoming) = incoming else { break };
             let node = self.clone();
-            tokio::spawn(async move {
+            self.inner.tasks.spawn(async move {
                 let remote = incoming.remote_address();
                 let conn = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
                     Ok(Ok(c)) => c,
@@ -588,14 +616,42 @@ impl PeerNode {
                 node.serve_conn(id, conn).instrument(span).await;
             });
         }
-        self.inner.endpoint.close(0u8.into(), b"shutting down");
+        self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);
+    }
+
+    /// Leaves the fleet: closes every connection with "shutting down" (peers mark this agent gone at
+    /// once instead of after an idle timeout), then waits, at most `limit`, for the node's tasks to end
+    /// and the close to reach the peers. Call after `stop` turned true.
+    pub async fn shutdown(&self, limit: Duration) {
+        self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);
+        self.inner.tasks.close();
+        let wait = async {
+            self.inner.tasks.wait().await;
+            self.inner.endpoint.wait_idle().await;
+        };
+        if tokio::time::timeout(limit, wait).await.is_err() {
+            tracing::warn!(
+                tasks = self.inner.tasks.len(),
+                "peer tasks still running at shutdown; leaving them"
+            );
+        }
     }
 
     async fn serve_conn(&self, id: String, conn: quinn::Connection) {
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
-                Err(_) => return,
+                Err(_) => {
+                    // A peer known only by the connections it opened says here that it left.
+                    if closed_by_leaving(&conn)
+                        && let Ok(mut peers) = self.inner.peers.lock()
+                        && let Some(p) = peers.get_mut(&id)
+                    {
+                        p.left = true;
+                        tracing::info!(peer = %id, "the peer left");
+                    }
+                    return;
+                }
             };
             if self.is_banned(&id) {
                 conn.close(2u8.into(), b"banned");
@@ -603,7 +659,7 @@ impl PeerNode {
             }
             let node = self.clone();
             let (id2, remote) = (id.clone(), conn.remote_address());
-            tokio::spawn(
+            self.inner.tasks.spawn(
                 async move {
                     if let Err(e) = node.serve_stream(&id2, remote, send, recv).await {
                         tracing::debug!(cause = %e, "stream ended with an error");
@@ -808,7 +864,9 @@ impl PeerNode {
             };
             for addr in due {
                 let node = self.clone();
-                tokio::spawn(async move { node.dial(addr).await }.in_current_span());
+                self.inner
+                    .tasks
+                    .spawn(async move { node.dial(addr).await }.in_current_span());
             }
         }
     }
@@ -923,6 +981,7 @@ impl PeerNode {
                             && let Ok(mut peers) = node.inner.peers.lock()
                             && let Some(p) = peers.get_mut(&id)
                         {
+                            p.left |= closed_by_leaving(&conn);
                             p.conn = None;
                             p.last_error = Some(e.to_string());
                             if let Ok(mut a) = node.inner.addrs.lock() {
@@ -1037,9 +1096,11 @@ where
     F: Fn(Request) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Response> + Send,
 {
+    // The streams' tasks end with the connection.
+    let mut streams = tokio::task::JoinSet::new();
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let answer = answer.clone();
-        tokio::spawn(async move {
+        streams.spawn(async move {
             let Ok(Ok(body)) =
                 tokio::time::timeout(READ_REQUEST_TIMEOUT, read_frame(&mut recv, MAX_REQUEST))
                     .await
@@ -1055,7 +1116,9 @@ where
             let _ = send.write_all(&resp.encode()).await;
             let _ = send.finish();
         });
+        while streams.try_join_next().is_some() {}
     }
+    streams.abort_all();
 }
 
 #[cfg(test)]
