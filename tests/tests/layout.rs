@@ -212,7 +212,7 @@ async fn seeded_and_planned(name: &str) -> Planned {
     assert_eq!(legacy, 12 + others);
     assert!(legacy > 300, "hundreds of small objects: {legacy}");
 
-    // 1. plan.
+    // The plan.
     let plan_file = b.t.join("plan.json");
     let plan_s = plan_file.display().to_string();
     let plan = ok(&deckhand_out(
@@ -313,7 +313,7 @@ async fn a_legacy_bucket_migration_killed_half_way_resumes_and_audits_clean() {
         distinct_targets,
     } = seeded_and_planned("layout-migrate").await;
     let plan_s = plan_file.display().to_string();
-    // 2. migrate, killed at about half way, then resumed.
+    // Migrate, killed at about half way, then resumed.
     b.t.s3().stats().set_copy_delay(Duration::from_millis(20));
     let mut child = deckhand(
         b.t.s3(),
@@ -416,7 +416,7 @@ async fn a_legacy_bucket_migration_killed_half_way_resumes_and_audits_clean() {
     ));
     assert_eq!(again["done"], 0);
 
-    // 3. audit comes out clean (the legacy keys await finalize; they are not violations).
+    // The audit comes out clean (the legacy keys await finalize; they are not violations).
     let audit = audit_clean(&b);
     for list in [
         "misplaced",
@@ -472,7 +472,7 @@ async fn a_migrated_bucket_is_finalized_then_rolled_back_to_its_exact_listing() 
         deckhand_protocol::migration::Plan::decode(&std::fs::read(&plan_file).unwrap()).unwrap();
     let journal_id = plan_obj.journal_id().unwrap();
 
-    // 4. finalize: nothing is old enough by default; with --min-age 0 every source goes.
+    // Finalize: nothing is old enough by default; with --min-age 0 every source goes.
     let j = journal_id.as_str();
     let early = ok(&deckhand_out(
         b.t.s3(),
@@ -519,7 +519,7 @@ async fn a_migrated_bucket_is_finalized_then_rolled_back_to_its_exact_listing() 
         assert_eq!(finalized.get(k), Some(v));
     }
 
-    // 5. rollback restores the original listing exactly: keys, sizes and content.
+    // A rollback restores the original listing exactly: keys, sizes and content.
     let back = ok(&deckhand_out(
         b.t.s3(),
         &[
