@@ -122,35 +122,12 @@ pub async fn restore_active(
     Ok(Some(version))
 }
 
-/// Where a started agent listens.
-#[derive(Clone, Debug)]
-pub struct Listening {
-    pub agent_id: String,
-    pub http: SocketAddr,
-    pub quic: Option<SocketAddr>,
-}
-
 /// Runs until `shutdown` resolves. Prints where it listens on stdout (`quic listening on ADDR`, then
-/// `listening on http://ADDR`), once serving.
+/// `listening on http://ADDR`), once serving: the shop's `Fleet` and anyone supervising the process read
+/// those lines.
 pub async fn run(
     cfg: RunConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), DaemonError> {
-    run_with(cfg, shutdown, |l| {
-        if let Some(q) = l.quic {
-            println!("quic listening on {q}");
-        }
-        println!("listening on http://{}", l.http);
-    })
-    .await
-}
-
-/// [`run`], telling `ready` where it listens instead of printing it (for agents run in-process by the
-/// demo and the benchmarks).
-pub async fn run_with(
-    cfg: RunConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(Listening),
 ) -> Result<(), DaemonError> {
     let policy = TrustPolicy::new(cfg.trust.clone(), usize::from(cfg.settings.threshold))
         .map_err(DaemonError::Trust)?;
@@ -329,11 +306,10 @@ pub async fn run_with(
             source,
         })?;
     let addr = listener.local_addr()?;
-    ready(Listening {
-        agent_id: me.clone(),
-        http: addr,
-        quic: peers.as_ref().map(|p| p.listen_addr()),
-    });
+    if let Some(node) = &peers {
+        println!("quic listening on {}", node.listen_addr());
+    }
+    println!("listening on http://{addr}");
     let _inbox = match &cfg.settings.inbox {
         Some(inbox) => {
             let outbox = cfg
