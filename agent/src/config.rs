@@ -137,9 +137,10 @@ pub struct Settings {
     /// Seconds to wait for a chunk's designated origin fetcher while it makes no progress.
     #[arg(long = "max-wait-secs", id = "max_wait_secs", default_value = "20", value_parser = secs(1, 3_600))]
     pub max_wait: Duration,
-    /// Milliseconds to let peers hear of a new release before planning its download.
-    #[arg(long = "settle-ms", id = "settle_ms", default_value = "500", value_parser = millis(0, 60_000))]
-    pub settle: Duration,
+    /// Milliseconds after a download starts in which nothing is taken from the origin, so the peers
+    /// booting at the same time (mDNS, static peers) are known before origin fetches are shared out.
+    #[arg(long = "gather-ms", id = "gather_ms", default_value = "2000", value_parser = millis(0, 60_000))]
+    pub gather: Duration,
 }
 
 fn deployment(s: &str) -> Result<String, deckhand_protocol::layout::LayoutError> {

@@ -215,7 +215,7 @@ pub async fn run(
             poll: cfg.settings.poll,
             max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),
             max_wait: cfg.settings.max_wait,
-            settle: cfg.settings.settle,
+            gather: cfg.settings.gather,
         },
         store.clone(),
         service.clone(),
@@ -227,6 +227,7 @@ pub async fn run(
             .run(
                 crate::sync::Inputs {
                     hints,
+                    haves: peers.as_ref().and_then(|p| p.take_haves()),
                     bundles: Some(bundle_rx),
                 },
                 stop_rx,

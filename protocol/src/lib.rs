@@ -6,11 +6,13 @@
 
 pub mod chunk;
 pub mod envelope;
+pub mod fetch;
 pub mod id;
 pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod migration;
+pub mod sim;
 pub mod status;
 pub mod sync;
 #[cfg(any(test, feature = "testdata"))]

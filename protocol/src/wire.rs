@@ -27,6 +27,10 @@ pub const MAX_STATUS: usize = 256 * 1024;
 /// The largest chunk bitmap: one bit per chunk of a map at its chunk limit.
 pub const MAX_BITMAP: usize = (crate::chunk::MAX_CHUNKS as usize).div_ceil(8);
 
+/// The most chunk indices one [`Request::Have`] announces (the frame stays under [`MAX_REQUEST`]); more
+/// go in further announcements.
+pub const MAX_HAVE: usize = 1000;
+
 /// The TLS server name every agent certificate carries and every client asks for: any fleet member may
 /// serve. Who a peer is comes from its certificate's common name, its agent id.
 pub const PEER_NAME: &str = "peer.deckhand";
@@ -114,6 +118,10 @@ pub enum Request {
     GetHave { blob: BlobId },
     /// The responder's status document (JSON), for `/v1/fleet`.
     GetStatus,
+    /// The requester verified and stored these chunks of `blob` (indices in chunk-map order, ascending):
+    /// pushed to the peers that download the same release, so they need not poll for bitmaps. Answered
+    /// with [`Response::Ack`].
+    Have { blob: BlobId, chunks: Vec<u32> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +140,8 @@ pub enum Response {
     Status {
         json: Vec<u8>,
     },
+    /// A [`Request::Have`] was taken in.
+    Ack,
     /// The responder is at its serving limit; try another peer or later.
     Busy,
     NotFound,
@@ -146,12 +156,14 @@ mod tag {
     pub const GET_CHUNK: u8 = 0x03;
     pub const GET_HAVE: u8 = 0x04;
     pub const GET_STATUS: u8 = 0x05;
+    pub const HAVE: u8 = 0x06;
 
     pub const R_HELLO: u8 = 0x81;
     pub const R_MANIFEST: u8 = 0x82;
     pub const R_CHUNK: u8 = 0x83;
     pub const R_HAVE: u8 = 0x84;
     pub const R_STATUS: u8 = 0x85;
+    pub const R_ACK: u8 = 0x86;
     pub const R_BUSY: u8 = 0xfd;
     pub const R_NOT_FOUND: u8 = 0xfe;
     pub const R_ERROR: u8 = 0xff;
@@ -314,6 +326,15 @@ impl Request {
                 w.finish()
             }
             Request::GetStatus => W::new(tag::GET_STATUS).finish(),
+            Request::Have { blob, chunks } => {
+                let mut w = W::new(tag::HAVE);
+                w.id(blob);
+                w.0.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+                for c in chunks {
+                    w.0.extend_from_slice(&c.to_be_bytes());
+                }
+                w.finish()
+            }
         }
     }
 
@@ -338,6 +359,25 @@ impl Request {
                 blob: r.id("blob id")?,
             },
             tag::GET_STATUS => Request::GetStatus,
+            tag::HAVE => {
+                let blob = r.id("blob id")?;
+                let mut n = [0u8; 4];
+                n.copy_from_slice(r.take(4, "chunk count")?);
+                let count = u32::from_be_bytes(n) as usize;
+                if count > MAX_HAVE {
+                    return Err(WireError::FieldTooLarge {
+                        what: "chunk indices",
+                        len: count,
+                        limit: MAX_HAVE,
+                    });
+                }
+                let raw = r.take(count * 4, "chunk indices")?;
+                let chunks = raw
+                    .chunks_exact(4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Request::Have { blob, chunks }
+            }
             other => return Err(WireError::UnknownTag(other)),
         };
         r.end(msg)
@@ -372,6 +412,7 @@ impl Response {
                 w.bytes(json);
                 w.finish()
             }
+            Response::Ack => W::new(tag::R_ACK).finish(),
             Response::Busy => W::new(tag::R_BUSY).finish(),
             Response::NotFound => W::new(tag::R_NOT_FOUND).finish(),
             Response::Error { message } => {
@@ -409,6 +450,7 @@ impl Response {
             tag::R_STATUS => Response::Status {
                 json: r.bytes("status", MAX_STATUS)?,
             },
+            tag::R_ACK => Response::Ack,
             tag::R_BUSY => Response::Busy,
             tag::R_NOT_FOUND => Response::NotFound,
             tag::R_ERROR => Response::Error {
@@ -459,8 +501,17 @@ mod tests {
                 blob: BlobId::of(b"b"),
             },
             Request::GetStatus,
+            Request::Have {
+                blob: BlobId::of(b"b"),
+                chunks: vec![0, 1, 2, 700, u32::MAX],
+            },
+            Request::Have {
+                blob: BlobId::of(b"b"),
+                chunks: (0..MAX_HAVE as u32).collect(),
+            },
         ];
         for m in requests {
+            assert!(m.encode().len() - 4 <= MAX_REQUEST);
             assert_eq!(Request::decode(body(&m.encode(), MAX_REQUEST)).unwrap(), m);
         }
         let responses = [
@@ -477,6 +528,7 @@ mod tests {
             Response::Status {
                 json: b"{\"a\":1}".to_vec(),
             },
+            Response::Ack,
             Response::Busy,
             Response::NotFound,
             Response::Error {
@@ -521,6 +573,24 @@ mod tests {
             Request::decode(&long[4..]),
             Err(WireError::FieldTooLarge { .. })
         ));
+        // A HAVE claiming more indices than the limit is refused before any is read.
+        let mut frame = vec![tag::HAVE];
+        frame.extend_from_slice(BlobId::of(b"b").as_bytes());
+        frame.extend_from_slice(&(MAX_HAVE as u32 + 1).to_be_bytes());
+        assert!(matches!(
+            Request::decode(&frame),
+            Err(WireError::FieldTooLarge {
+                what: "chunk indices",
+                ..
+            })
+        ));
+        frame.truncate(33);
+        frame.extend_from_slice(&3u32.to_be_bytes());
+        frame.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            Request::decode(&frame),
+            Err(WireError::Truncated("chunk indices"))
+        );
         assert_eq!(Request::decode(&[0x42]), Err(WireError::UnknownTag(0x42)));
         assert_eq!(
             Request::decode(&[tag::GET_STATUS, 0]),
@@ -550,7 +620,7 @@ mod tests {
         /// encodes back to exactly the bytes it came from.
         #[test]
         fn damaged_valid_frames_never_panic_and_decode_exactly(
-            which in 0usize..13,
+            which in 0usize..15,
             edits in proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..3), 1..6),
         ) {
             let requests = [
@@ -559,6 +629,7 @@ mod tests {
                 Request::GetChunk { id: BlobId::of(b"c") },
                 Request::GetHave { blob: BlobId::of(b"b") },
                 Request::GetStatus,
+                Request::Have { blob: BlobId::of(b"b"), chunks: vec![1, 2, 3, 9] },
             ];
             let responses = [
                 Response::Hello(hello()),
@@ -566,6 +637,7 @@ mod tests {
                 Response::Chunk { data: vec![7; 300] },
                 Response::Have { bitmap: vec![0b1010_0101; 9] },
                 Response::Status { json: b"{\"a\":1}".to_vec() },
+                Response::Ack,
                 Response::Busy,
                 Response::NotFound,
                 Response::Error { message: "no".into() },

@@ -109,8 +109,8 @@ async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_nee
         "peers carried only {from_peers} bytes"
     );
     // No chunk crossed the uplink twice: each agent fetched from S3 at most the chunks it was the
-    // designated fetcher of (rendezvous over the five agent ids), plus the chunk maps; the rest came from
-    // peers.
+    // designated fetcher of (rendezvous over the five agent ids, per 4 MiB piece of a blob, a chunk named
+    // twice by its first place), plus the chunk maps; the rest came from peers.
     let ids: Vec<String> = (0..5).map(|i| format!("pi-{i}")).collect();
     let mut designated: HashMap<String, u64> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
@@ -120,7 +120,13 @@ async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_nee
         maps += map.encode().len() as u64;
         for c in map.chunks() {
             if seen.insert(c.id) {
-                let d = deckhand_protocol::sync::designated(&ids, &c.id).unwrap();
+                let d = deckhand_protocol::sync::piece_fetcher(
+                    &ids,
+                    &b.blob,
+                    c.offset,
+                    deckhand_protocol::fetch::PIECE,
+                )
+                .unwrap();
                 *designated.entry(d.to_owned()).or_default() += u64::from(c.len);
             }
         }

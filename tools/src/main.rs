@@ -394,6 +394,24 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100000))]
         uplink_mbps: u64,
     },
+    /// The agents' download state machines in the fleet simulator (virtual time): origin bytes per
+    /// release and convergence against the uplink limit, for fleets too large to run live.
+    Sim {
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        agents: u64,
+        /// Release size in MiB.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        size: u64,
+        /// The shop's uplink in Mbit/s, shared by all agents.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        uplink_mbps: u64,
+        /// Each agent's LAN rate in Mbit/s.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        lan_mbps: u64,
+        /// Also simulate this many agents crashing half way.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        deaths: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -810,6 +828,22 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                     size,
                     uplink_mbps,
                 } => deckhand_tools::bench::fleet::run(agents as usize, size, uplink_mbps).await,
+                BenchCommand::Sim {
+                    agents,
+                    size,
+                    uplink_mbps,
+                    lan_mbps,
+                    deaths,
+                } => {
+                    deckhand_tools::bench::sim::run(&deckhand_tools::bench::sim::SimArgs {
+                        agents: agents as usize,
+                        size_mib: size,
+                        uplink_mbps: uplink_mbps as f64,
+                        lan_mbps: lan_mbps as f64,
+                        deaths: deaths as usize,
+                    });
+                    Ok(())
+                }
             };
             result?;
         }

@@ -105,6 +105,34 @@ impl LocalState {
     }
 }
 
+/// A peer announced chunks it verified and stored (a pushed HAVE).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaveNote {
+    pub peer: String,
+    pub blob: BlobId,
+    pub chunks: Vec<u32>,
+}
+
+/// HAVE announcements waiting for the engine; when it falls behind, later ones are dropped (the
+/// engine's periodic bitmap refresh covers what they said).
+const HAVE_QUEUE: usize = 512;
+/// How long a pushed HAVE may take.
+const HAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl PeerError {
+    /// How the download state machine treats this failure of a chunk request.
+    pub fn failure(&self) -> deckhand_protocol::fetch::PeerFailure {
+        use deckhand_protocol::fetch::PeerFailure;
+        match self {
+            PeerError::Timeout { .. } => PeerFailure::Timeout,
+            PeerError::Busy { .. } => PeerFailure::Busy,
+            PeerError::NotFound { .. } => PeerFailure::NotFound,
+            PeerError::BadChunk { .. } => PeerFailure::Corrupt,
+            _ => PeerFailure::Other,
+        }
+    }
+}
+
 /// A peer announced a release newer than any this agent holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hint {
@@ -226,6 +254,8 @@ struct Inner {
     /// Our own addresses, learnt when a dial reaches ourselves.
     own: Mutex<HashSet<SocketAddr>>,
     hints: mpsc::Sender<Hint>,
+    haves: mpsc::Sender<HaveNote>,
+    haves_rx: Mutex<Option<mpsc::Receiver<HaveNote>>>,
     serving: Semaphore,
     bucket: Option<tokio::sync::Mutex<Bucket>>,
     metrics: Arc<Metrics>,
@@ -233,6 +263,7 @@ struct Inner {
     /// Every task the node starts (its loops, one per connection, stream and dial): owned here, and
     /// waited for, within a bound, on shutdown.
     tasks: tokio_util::task::TaskTracker,
+    started: Instant,
 }
 
 /// The application close code an agent leaving on purpose sends its peers.
@@ -266,6 +297,7 @@ impl PeerNode {
             why: e.to_string(),
         })?;
         let (hints_tx, hints_rx) = mpsc::channel(16);
+        let (haves_tx, haves_rx) = mpsc::channel(HAVE_QUEUE);
         let bucket = cfg
             .serve_bytes_per_sec
             .map(|rate| tokio::sync::Mutex::new(Bucket::new(rate, Instant::now())));
@@ -282,11 +314,14 @@ impl PeerNode {
                 addrs: Mutex::new(HashMap::new()),
                 own: Mutex::new(HashSet::new()),
                 hints: hints_tx,
+                haves: haves_tx,
+                haves_rx: Mutex::new(Some(haves_rx)),
                 serving: Semaphore::new(MAX_SERVING),
                 bucket,
                 metrics,
                 listen,
                 tasks: tokio_util::task::TaskTracker::new(),
+                started: Instant::now(),
             }),
         };
         for p in &cfg.static_peers {
@@ -315,6 +350,11 @@ impl PeerNode {
 
     pub fn me(&self) -> &str {
         &self.inner.me
+    }
+
+    /// How long the node has been looking for peers.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -528,6 +568,28 @@ impl PeerNode {
             Response::Have { bitmap } => Ok(Some(bitmap)),
             Response::NotFound => Ok(None),
             other => Err(unexpected(peer, "have", other)),
+        }
+    }
+
+    /// The receiver of the HAVE announcements peers push (taken once, by the sync engine).
+    pub fn take_haves(&self) -> Option<mpsc::Receiver<HaveNote>> {
+        self.inner.haves_rx.lock().ok().and_then(|mut r| r.take())
+    }
+
+    /// Tells `peer` this agent verified and stored `chunks` of `blob` (at most [`deckhand_protocol::wire::MAX_HAVE`]).
+    pub async fn push_have(
+        &self,
+        peer: &str,
+        blob: &BlobId,
+        chunks: Vec<u32>,
+    ) -> Result<(), PeerError> {
+        let req = Request::Have {
+            blob: *blob,
+            chunks,
+        };
+        match self.request(peer, &req, "have push", HAVE_TIMEOUT).await? {
+            Response::Ack => Ok(()),
+            other => Err(unexpected(peer, "have push", other)),
         }
     }
 
@@ -803,6 +865,19 @@ impl PeerNode {
                         message: e.to_string(),
                     },
                 }
+            }
+            Request::Have { blob, chunks } => {
+                // Bounded: when the engine falls behind, the announcement is dropped and its periodic
+                // bitmap refresh catches up.
+                let note = HaveNote {
+                    peer: id.to_owned(),
+                    blob,
+                    chunks,
+                };
+                if self.inner.haves.try_send(note).is_err() {
+                    tracing::debug!(peer = id, "have announcement dropped: the engine is behind");
+                }
+                Response::Ack
             }
             Request::GetStatus => {
                 let json = serde_json::json!({

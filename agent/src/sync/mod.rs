@@ -8,51 +8,41 @@
 //! envelope is recorded as pending, so a restart resumes its download without fetching again what is
 //! stored.
 //!
-//! **Fetching a blob**, in rounds until nothing is missing:
-//! 1. the chunk map (from the store, a peer holding the release, or the origin), then `begin`, and chunks
-//!    already in the store are copied (`fill_local`), never fetched;
-//! 2. ask every usable peer that holds or wants the release for its bitmap of the blob;
-//! 3. decide per missing chunk (`protocol::sync::decide`): from a peer that holds it; from the origin if
-//!    this agent is the chunk's designated fetcher (rendezvous hashing over the agents that want the
-//!    release); otherwise wait for the designated fetcher, while it makes progress, up to `max_wait`;
-//! 4. fetch (bounded concurrency), verify (a peer whose chunk fails verification is banned) and store.
+//! **Fetching a release:**
+//! 1. each blob's chunk map (from the store, a peer holding the release, or the origin), then `begin`,
+//!    and chunks already in the store are copied (`fill_local`), never fetched;
+//! 2. one download of every missing chunk of every blob ([`download`]): the state machine in
+//!    `deckhand_protocol::fetch` decides (peers that hold a chunk first; the origin for the pieces this
+//!    agent is the designated fetcher of; a bounded wait for the others), and this agent's tasks pump
+//!    its events and actions: pipelined chunk requests and Range GETs, HAVE pushes to the peers
+//!    downloading the same release, bitmap refreshes;
+//! 3. each blob completed (hashed whole, renamed into place).
 //!
 //! Errors never stop the engine: the origin being unreachable sets `offline_since` and polls back off
 //! with jitter, while the active release keeps serving.
 
 pub mod activation;
 pub mod bundle;
+mod download;
 
 use crate::http::metrics::Source;
 use crate::origin::{Fetched, Origin, OriginError};
-use crate::peer::{Hint, LocalState, PeerNode};
+use crate::peer::{HaveNote, Hint, LocalState, PeerNode};
 use crate::recognizer::BackendChoice;
 use crate::recognizer::service::Service;
 use crate::sync::activation::ActivationError;
-use deckhand_protocol::chunk::Chunk;
 use deckhand_protocol::layout::{Layout, Name};
 use deckhand_protocol::manifest::BlobRef;
 use deckhand_protocol::status::Pending;
-use deckhand_protocol::sync::{Decision, View, bit, coalesce, decide};
 use deckhand_protocol::wire::ReleaseRef;
-use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
+use deckhand_protocol::{ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
 use deckhand_store::Store;
-use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// The longest Range GET: adjacent missing chunks are merged up to this many bytes.
-pub const MAX_RANGE: u64 = 4 * 1024 * 1024;
-/// Origin bytes asked for per round, so the plan is revised often as peers progress.
-const ORIGIN_PER_ROUND: u64 = 8 * 1024 * 1024;
-/// Chunks asked of peers per round.
-const PEER_CHUNKS_PER_ROUND: usize = 96;
-/// Peer chunk requests in flight at once, and Range GETs.
-const PEER_PARALLEL: usize = 8;
-const ORIGIN_PARALLEL: usize = 2;
 /// A download with no progress at all for this long gives up (and is retried later).
 const STALL: Duration = Duration::from_secs(45);
 /// After the origin fails, how long it is left alone before it is tried again.
@@ -87,9 +77,9 @@ pub struct SyncConfig {
     pub max_backoff: Duration,
     /// How long to wait for a chunk's designated fetcher while it makes no progress.
     pub max_wait: Duration,
-    /// After accepting a release, how long to let peers hear of it before planning (so the group that
-    /// shares the origin fetches is known).
-    pub settle: Duration,
+    /// How long after a download starts nothing is taken from the origin, so peers booting at the same
+    /// time are known before the origin fetches are shared out.
+    pub gather: Duration,
 }
 
 /// Where a manifest came from.
@@ -173,12 +163,15 @@ pub struct Engine {
     origin_last_ok: Arc<std::sync::atomic::AtomicBool>,
     /// The release being fetched, announced to peers as pending.
     pending: Arc<Mutex<Option<VerifiedManifest>>>,
-    started: Instant,
+    /// HAVE announcements peers push; read by the one download running.
+    haves: Arc<tokio::sync::Mutex<Option<mpsc::Receiver<HaveNote>>>>,
 }
 
 /// Inputs the engine listens to besides the origin.
 pub struct Inputs {
     pub hints: Option<mpsc::Receiver<Hint>>,
+    /// HAVE announcements peers push.
+    pub haves: Option<mpsc::Receiver<HaveNote>>,
     /// Bundle directories that changed.
     pub bundles: Option<mpsc::Receiver<PathBuf>>,
 }
@@ -200,7 +193,7 @@ impl Engine {
             origin_down_until: Arc::new(Mutex::new(None)),
             pending: Arc::new(Mutex::new(None)),
             origin_last_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            started: Instant::now(),
+            haves: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -222,6 +215,7 @@ impl Engine {
         mut inputs: Inputs,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
+        *self.haves.lock().await = inputs.haves.take();
         self.announce();
         let mut etag: Option<String> = None;
         let mut backoff = self.cfg.poll;
@@ -540,20 +534,42 @@ impl Engine {
             let (s, m) = (self.store.clone(), m.clone());
             joined(tokio::task::spawn_blocking(move || activation::is_complete(&s, &m)).await)??
         };
-        if !complete && self.peers.is_some() && !self.cfg.settle.is_zero() {
-            // Let peers hear of the release (and fetch the manifest from us) before planning, so the
-            // agents sharing the origin fetches agree on who they are.
-            tokio::time::sleep(self.cfg.settle).await;
-        }
         let release = ReleaseRef {
             version: m.version,
             manifest: v.id,
         };
-        let mut have = 0;
-        for b in &blobs {
-            self.fetch_blob(b, &release, have).await?;
-            have += b.size;
+        if !complete {
+            // Every blob's chunk map, then the blobs begun (what the store holds elsewhere is copied,
+            // never fetched), then one download of all their chunks, then each blob completed.
+            let mut maps = Vec::new();
+            let mut have = 0;
+            for b in &blobs {
+                if self.store.has(&b.blob)? {
+                    have += b.size;
+                    continue;
+                }
+                let map = self.chunk_map(b, &release).await?;
+                activation::check_chunk_map(&map, b)?;
+                let (s, m) = (self.store.clone(), map.clone());
+                joined(
+                    tokio::task::spawn_blocking(
+                        move || -> Result<_, deckhand_store::StoreError> {
+                            s.begin(&m)?;
+                            s.fill_local(&m.blob())
+                        },
+                    )
+                    .await,
+                )??;
+                maps.push(map);
+            }
             self.pending_update(|p| p.bytes_have = have);
+            self.download(&maps, &release, have).await?;
+            for map in &maps {
+                let (s, id) = (self.store.clone(), map.blob());
+                joined(tokio::task::spawn_blocking(move || s.complete(&id)).await)??;
+            }
+            let total = blobs.iter().map(|b| b.size).sum();
+            self.pending_update(|p| p.bytes_have = total);
         }
         self.activate(v).await
     }
@@ -693,264 +709,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// Brings one blob into the store. `before`: the bytes of the release's blobs already complete (for
-    /// the progress in status).
-    async fn fetch_blob(
-        &self,
-        b: &BlobRef,
-        release: &ReleaseRef,
-        before: u64,
-    ) -> Result<(), SyncError> {
-        if self.store.has(&b.blob)? {
-            return Ok(());
-        }
-        let map = self.chunk_map(b, release).await?;
-        activation::check_chunk_map(&map, b)?;
-        let (s, m) = (self.store.clone(), map.clone());
-        joined(
-            tokio::task::spawn_blocking(move || -> Result<_, deckhand_store::StoreError> {
-                s.begin(&m)?;
-                s.fill_local(&m.blob())
-            })
-            .await,
-        )??;
-        let index: HashMap<u64, usize> = map
-            .chunks()
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.offset, i))
-            .collect();
-        let me = self
-            .peers
-            .as_ref()
-            .map(|n| n.me().to_owned())
-            .unwrap_or_default();
-        let mut first_wait: HashMap<usize, Duration> = HashMap::new();
-        let mut progress: HashMap<String, (usize, Duration)> = HashMap::new();
-        let mut last_progress = Instant::now();
-        let mut last_missing = usize::MAX;
-        loop {
-            let (s, id) = (self.store.clone(), b.blob);
-            let missing = joined(tokio::task::spawn_blocking(move || s.missing(&id)).await)??;
-            if missing.is_empty() {
-                break;
-            }
-            let lacking: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
-            self.pending_update(|p| p.bytes_have = before + b.size.saturating_sub(lacking));
-            let now_i = Instant::now();
-            if missing.len() < last_missing {
-                last_missing = missing.len();
-                last_progress = now_i;
-            } else if now_i.duration_since(last_progress) > STALL {
-                return Err(SyncError::Stalled {
-                    version: release.version,
-                    secs: STALL.as_secs(),
-                    why: format!(
-                        "{} chunks of {} missing; no peer holds them and the origin is {}",
-                        missing.len(),
-                        b.blob,
-                        if self.cfg.origin.is_none() {
-                            "not configured"
-                        } else {
-                            "unreachable"
-                        }
-                    ),
-                });
-            }
-            if let Some((peer, newer)) = self.superseded(release) {
-                return Err(SyncError::Superseded {
-                    version: release.version,
-                    newer,
-                    peer,
-                });
-            }
-            let now = self.started.elapsed();
-            // Who shares this release, and what they hold.
-            let sharing = self.sharing(release);
-            let origin_ok = self.origin_usable();
-            // Tell peers whether this agent can still reach the origin (only when that changed).
-            self.announce();
-            let mut group: Vec<String> = self
-                .origin_reachable()
-                .then(|| me.clone())
-                .into_iter()
-                .collect();
-            group.extend(sharing.iter().filter(|(_, w)| *w).map(|(p, _)| p.clone()));
-            let bitmaps = self.bitmaps(&sharing, &b.blob).await;
-            for (peer, bits) in &bitmaps {
-                let count = bits.iter().map(|x| x.count_ones() as usize).sum::<usize>();
-                let e = progress.entry(peer.clone()).or_insert((0, now));
-                if count > e.0 {
-                    *e = (count, now);
-                }
-            }
-            let mut to_peer: Vec<(String, Chunk)> = Vec::new();
-            let mut to_origin: Vec<Chunk> = Vec::new();
-            let mut origin_bytes = 0u64;
-            let mut load: HashMap<String, usize> = HashMap::new();
-            for c in &missing {
-                let Some(&i) = index.get(&c.offset) else {
-                    continue;
-                };
-                let mut holders: Vec<String> = bitmaps
-                    .iter()
-                    .filter(|(_, bits)| bit(bits, i))
-                    .map(|(p, _)| p.clone())
-                    .collect();
-                // Spread requests: least-loaded holder first.
-                holders.sort_by_key(|p| load.get(p).copied().unwrap_or(0));
-                let started = *first_wait.entry(i).or_insert(now);
-                let fetcher = deckhand_protocol::sync::designated(&group, &c.id).unwrap_or(&me);
-                // Waiting restarts while the designated fetcher makes progress.
-                let since = progress
-                    .get(fetcher)
-                    .map(|(_, t)| (*t).max(started))
-                    .unwrap_or(started);
-                let view = View {
-                    me: &me,
-                    group: &group,
-                    holders: &holders,
-                    origin_reachable: origin_ok,
-                    waiting_since: since,
-                    max_wait: self.cfg.max_wait,
-                    now,
-                };
-                match decide(&c.id, &view) {
-                    Decision::FromPeer(p) => {
-                        if to_peer.len() < PEER_CHUNKS_PER_ROUND {
-                            *load.entry(p.clone()).or_insert(0) += 1;
-                            to_peer.push((p, *c));
-                        }
-                    }
-                    Decision::FromOrigin if origin_ok => {
-                        if origin_bytes < ORIGIN_PER_ROUND {
-                            origin_bytes += u64::from(c.len);
-                            to_origin.push(*c);
-                        }
-                    }
-                    Decision::FromOrigin | Decision::Wait { .. } => {}
-                }
-            }
-            if to_peer.is_empty() && to_origin.is_empty() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            tokio::join!(
-                self.fetch_from_peers(to_peer),
-                self.fetch_from_origin(b, &to_origin)
-            );
-        }
-        let (s, id) = (self.store.clone(), b.blob);
-        joined(tokio::task::spawn_blocking(move || s.complete(&id)).await)??;
-        Ok(())
-    }
-
-    async fn bitmaps(&self, sharing: &[(String, bool)], blob: &BlobId) -> Vec<(String, Vec<u8>)> {
-        let Some(node) = &self.peers else {
-            return Vec::new();
-        };
-        let asks = sharing.iter().map(|(p, _)| async move {
-            match node.get_have(p, blob).await {
-                Ok(Some(bits)) => Some((p.clone(), bits)),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::debug!(peer = %p, cause = %e, "bitmap request failed");
-                    None
-                }
-            }
-        });
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    async fn fetch_from_peers(&self, jobs: Vec<(String, Chunk)>) {
-        let Some(node) = &self.peers else { return };
-        futures::stream::iter(jobs)
-            .for_each_concurrent(PEER_PARALLEL, |(peer, c)| async move {
-                // A peer that stalled, lied or left during this round is not asked again: its chunks are
-                // planned elsewhere in the next round.
-                if !node.is_usable(&peer) {
-                    return;
-                }
-                match node.get_chunk(&peer, &c.id).await {
-                    Ok(data) => {
-                        let n = data.len() as u64;
-                        let s = self.store.clone();
-                        match tokio::task::spawn_blocking(move || s.put_chunk(&c.id, &data)).await {
-                            Ok(Ok(_)) => {
-                                self.account(Source::Peer, n);
-                                self.pending_update(|p| p.bytes_have += n);
-                            }
-                            Ok(Err(e)) => tracing::warn!(peer = %peer, cause = %e, "chunk not stored"),
-                            Err(e) => tracing::warn!(cause = %e, "store worker stopped"),
-                        }
-                    }
-                    Err(e) => tracing::debug!(peer = %peer, chunk = %c.id, cause = %e, "chunk from peer failed"),
-                }
-            })
-            .await;
-    }
-
-    async fn fetch_from_origin(&self, b: &BlobRef, chunks: &[Chunk]) {
-        let Some(origin) = &self.cfg.origin else {
-            return;
-        };
-        if chunks.is_empty() {
-            return;
-        }
-        let key = origin.layout().blob(&b.blob);
-        let ranges = coalesce(chunks, MAX_RANGE);
-        futures::stream::iter(ranges)
-            .for_each_concurrent(ORIGIN_PARALLEL, |range| {
-                let key = key.clone();
-                async move {
-                    let data = match origin.get_range(&key, range.clone()).await {
-                        Ok(d) => {
-                            self.origin_ok();
-                            d
-                        }
-                        Err(e) => {
-                            tracing::debug!(cause = %e, "range GET failed");
-                            self.origin_failed(&e);
-                            return;
-                        }
-                    };
-                    self.account(Source::Origin, data.len() as u64);
-                    let inside: Vec<Chunk> = chunks
-                        .iter()
-                        .filter(|c| c.offset >= range.start && c.offset < range.end)
-                        .copied()
-                        .collect();
-                    let s = self.store.clone();
-                    let inside_bytes: u64 = inside.iter().map(|c| u64::from(c.len)).sum();
-                    let stored = tokio::task::spawn_blocking(move || {
-                        for c in inside {
-                            let at = (c.offset - range.start) as usize;
-                            let Some(bytes) = data.get(at..at + c.len as usize) else {
-                                return Err(format!(
-                                    "the origin returned {} bytes for a range of {}",
-                                    data.len(),
-                                    range.end - range.start
-                                ));
-                            };
-                            s.put_chunk(&c.id, bytes).map_err(|e| e.to_string())?;
-                        }
-                        Ok(())
-                    })
-                    .await;
-                    match stored {
-                        Ok(Ok(())) => self.pending_update(|p| p.bytes_have += inside_bytes),
-                        Ok(Err(e)) => tracing::warn!(cause = %e, "origin bytes not stored"),
-                        Err(e) => tracing::warn!(cause = %e, "store worker stopped"),
-                    }
-                }
-            })
-            .await;
     }
 }
 

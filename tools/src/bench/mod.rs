@@ -2,6 +2,7 @@
 
 pub mod fleet;
 pub mod recognizer;
+pub mod sim;
 
 use crate::error::ToolError;
 use crate::shop::fixtures::{SplitMix, metadata_json, noise, npy_f32};
