@@ -62,6 +62,8 @@ pub enum ConfigError {
     Trust { path: PathBuf, why: String },
     #[error("--threshold {threshold} is not between 1 and the {keys} trusted key(s)")]
     Threshold { threshold: usize, keys: usize },
+    #[error("uplink budget: {0}")]
+    Budget(#[from] deckhand_protocol::budget::BudgetError),
 }
 
 /// Every setting of `deckhand-agent run`. The field's id is the TOML key, its `long` the flag.
@@ -137,6 +139,14 @@ pub struct Settings {
     /// Seconds to wait for a chunk's designated origin fetcher while it makes no progress.
     #[arg(long = "max-wait-secs", id = "max_wait_secs", default_value = "20", value_parser = secs(1, 3_600))]
     pub max_wait: Duration,
+    /// The most all agents of the shop together take from the origin, e.g. 30Mbit or 4MB (per second);
+    /// the agents fetching share it equally [default: no limit].
+    #[arg(long, value_parser = rate)]
+    pub uplink_budget: Option<u64>,
+    /// A time-of-day budget overriding --uplink-budget, as HH:MM-HH:MM=RATE in local time (e.g.
+    /// 08:00-20:00=10Mbit); repeatable, windows may wrap past midnight and must not overlap.
+    #[arg(long = "uplink-window", id = "uplink_schedule", value_parser = window)]
+    pub uplink_schedule: Vec<deckhand_protocol::budget::Window>,
     /// Milliseconds after a download starts in which nothing is taken from the origin, so the peers
     /// booting at the same time (mDNS, static peers) are known before origin fetches are shared out.
     #[arg(long = "gather-ms", id = "gather_ms", default_value = "2000", value_parser = millis(0, 60_000))]
@@ -177,6 +187,14 @@ fn secs(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone +
     move |s| in_range(s, lo, hi).map(Duration::from_secs)
 }
 
+fn rate(s: &str) -> Result<u64, String> {
+    deckhand_protocol::budget::parse_rate(s).map_err(|e| e.to_string())
+}
+
+fn window(s: &str) -> Result<deckhand_protocol::budget::Window, String> {
+    deckhand_protocol::budget::parse_window(s).map_err(|e| e.to_string())
+}
+
 /// A whole number of milliseconds in `lo..=hi`.
 fn millis(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
     move |s| in_range(s, lo, hi).map(Duration::from_millis)
@@ -193,6 +211,8 @@ fn in_range(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub settings: Settings,
+    /// The shop's uplink budget (`uplink_budget` with `uplink_schedule`).
+    pub budget: deckhand_protocol::budget::Budget,
     pub deployment: String,
     pub trust: Vec<PublicKey>,
     /// Where releases come from; `None` runs from the store, peers and bundles alone.
@@ -340,6 +360,10 @@ impl Settings {
                 },
             )
         });
+        let budget = deckhand_protocol::budget::Budget::new(
+            self.uplink_budget,
+            self.uplink_schedule.clone(),
+        )?;
         if self.trust.is_empty() {
             return Err(ConfigError::Missing("trust"));
         }
@@ -364,6 +388,7 @@ impl Settings {
         }
         Ok(RunConfig {
             settings: self,
+            budget,
             deployment,
             trust,
             origin,
@@ -481,6 +506,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--deployment is required"), "{err}");
+    }
+
+    #[test]
+    fn an_uplink_budget_with_a_schedule_is_read_from_the_file_and_bad_ones_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = key_file(tmp.path());
+        let cfg = tmp.path().join("agent.toml");
+        let c = cfg.to_str().unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "deployment = \"shop-1\"\ntrust = [{k:?}]\nuplink_budget = \"30Mbit\"\nuplink_schedule = [\"08:00-20:00=10Mbit\"]\n"
+            ),
+        )
+        .unwrap();
+        let run = parse(&args(&["--config", c])).unwrap().resolve().unwrap();
+        assert_eq!(run.budget.at(7 * 60), Some(3_750_000));
+        assert_eq!(run.budget.at(12 * 60), Some(1_250_000));
+        let err = parse(&args(&["--config", c, "--uplink-budget", "fast"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--uplink-budget") && err.contains("unit"),
+            "{err}"
+        );
+        let err = parse(&args(&[
+            "--config",
+            c,
+            "--uplink-window",
+            "08:00-20:00=1Mbit",
+            "--uplink-window",
+            "19:00-21:00=2Mbit",
+        ]))
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("overlap"), "{err}");
     }
 
     #[test]

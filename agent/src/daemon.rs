@@ -216,6 +216,7 @@ pub async fn run(
             max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),
             max_wait: cfg.settings.max_wait,
             gather: cfg.settings.gather,
+            budget: cfg.budget.clone(),
         },
         store.clone(),
         service.clone(),

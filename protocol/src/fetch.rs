@@ -27,9 +27,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::time::Duration;
 
-/// The unit of origin assignment the agents use: the chunks of a blob whose offsets fall in one 4 MiB
+/// The unit of origin assignment the agents use: the chunks of a blob whose offsets fall in one 1 MiB
 /// slice share a designated fetcher ([`crate::sync::piece_fetcher`]).
-pub const PIECE: u64 = 4 * 1024 * 1024;
+pub const PIECE: u64 = 1024 * 1024;
 
 /// The chunks of one blob to bring in, in chunk-map order.
 #[derive(Clone, Debug)]
@@ -79,7 +79,7 @@ impl FetchConfig {
             has_origin: true,
             max_wait: Duration::from_secs(20),
             gather: Duration::from_secs(2),
-            peer_window: 16,
+            peer_window: 8,
             origin_window: 4,
             max_range: 1024 * 1024,
             piece: PIECE,
@@ -87,7 +87,7 @@ impl FetchConfig {
             origin_backoff: Duration::from_millis(200),
             set_aside: Duration::from_secs(15),
             ban: Duration::from_secs(600),
-            busy: Duration::from_millis(250),
+            busy: Duration::from_millis(50),
             stall: Duration::from_secs(45),
         }
     }
@@ -138,6 +138,9 @@ pub enum Event {
     },
     /// An origin range finished: every chunk inside it was stored (or, if not, is wanted again).
     RangeDone { blob: BlobId, range: Range<u64> },
+    /// The shop's uplink budget now, bytes per second for all agents together (`None`: no limit). This
+    /// agent takes an equal share among the agents sharing the origin fetches.
+    Budget { bytes_per_sec: Option<u64> },
     /// An origin range failed. `unreachable`: the origin could not be reached at all.
     RangeFailed {
         blob: BlobId,
@@ -269,6 +272,14 @@ pub struct Fetch {
     origin_reachable: bool,
     origin_inflight: usize,
     gather_until: Duration,
+    /// The shop's uplink budget, and this agent's token balance for its share (bytes; may run negative
+    /// after a range, which then waits for the balance to refill).
+    budget: Option<u64>,
+    tokens: f64,
+    tokens_at: Duration,
+    /// How many agents are fetching from the origin (they have designated pieces they do not hold), as
+    /// counted at a time and group epoch.
+    fetching: (Duration, u64, usize),
     last_progress: Duration,
     wake: Option<Duration>,
     /// Pieces whose designated fetcher is this agent, and how many origin GETs were asked.
@@ -339,6 +350,10 @@ impl Fetch {
             origin_reachable: cfg.has_origin,
             origin_inflight: 0,
             gather_until: now + cfg.gather,
+            budget: None,
+            tokens: 0.0,
+            tokens_at: now,
+            fetching: (Duration::ZERO, u64::MAX, 1),
             last_progress: now,
             wake: None,
             peer_requests: 0,
@@ -559,6 +574,20 @@ impl Fetch {
                     self.group_epoch += 1;
                 }
             }
+            Event::Budget { bytes_per_sec } => {
+                self.refill(now);
+                let was = self.budget;
+                self.budget = bytes_per_sec.filter(|b| *b > 0);
+                if was.is_none() && self.budget.is_some() {
+                    // Agents start their balances at different points of one range, so a shop's
+                    // agents do not all take their first range at the same moment.
+                    let phase = f64::from(
+                        crate::sync::rendezvous_score(&self.cfg.me, &BlobId::of(b"budget phase"))
+                            [0],
+                    ) / 255.0;
+                    self.tokens = -phase * self.range_cap() as f64;
+                }
+            }
             Event::RangeFailed {
                 blob,
                 range,
@@ -605,6 +634,65 @@ impl Fetch {
                 self.inflight.remove(&id);
             }
         }
+    }
+
+    /// This agent's share of the budget: equal among the agents fetching from the origin, that is the
+    /// sharing agents (this one included) with designated pieces they do not hold yet, as their
+    /// announcements show. A peer whose announcements lag counts as fetching: the error is on the side
+    /// of the budget.
+    fn share(&self) -> Option<f64> {
+        let budget = self.budget? as f64;
+        Some(budget / self.fetching.2.max(1) as f64)
+    }
+
+    /// Recounts the agents fetching from the origin (at most every 250 ms, or when the group changed).
+    fn count_fetching(&mut self, now: Duration) {
+        if self.budget.is_none()
+            || (self.fetching.1 == self.group_epoch
+                && now < self.fetching.0 + Duration::from_millis(250))
+        {
+            return;
+        }
+        let mut active: BTreeSet<usize> = BTreeSet::new();
+        for p in 0..self.places.len() {
+            let (b, piece) = (self.places[p].blob_of_piece, self.places[p].piece);
+            match self.designated_for(b, piece) {
+                Some(ME) if self.missing.contains(&p) => {
+                    active.insert(ME);
+                }
+                Some(d) if d != ME && !self.peers[d].has(p) => {
+                    active.insert(d);
+                }
+                _ => {}
+            }
+        }
+        self.fetching = (now, self.group_epoch, active.len().max(1));
+    }
+
+    /// Under a budget, the longest Range GET: a quarter of a second of this agent's share (at least one
+    /// average chunk, at most `max_range`), so no agent takes its share in bursts.
+    fn range_cap(&self) -> u64 {
+        match self.share() {
+            Some(share) => ((share * 0.25) as u64).clamp(64 * 1024, self.cfg.max_range.max(1)),
+            None => self.cfg.max_range,
+        }
+    }
+
+    /// Adds the tokens earned since the last refill (at most one range's worth is kept).
+    fn refill(&mut self, now: Duration) {
+        // Nothing is earned while gathering: the shop's agents would all start with a full balance.
+        self.tokens_at = self.tokens_at.max(self.gather_until.min(now));
+        if let Some(share) = self.share() {
+            let dt = now.saturating_sub(self.tokens_at).as_secs_f64();
+            self.tokens = (self.tokens + share * dt).min(self.range_cap() as f64);
+        }
+        self.tokens_at = self.tokens_at.max(now);
+    }
+
+    /// This agent's share of the shop's uplink budget now, bytes per second (`None`: no limit).
+    pub fn origin_share(&mut self, now: Duration) -> Option<f64> {
+        self.count_fetching(now);
+        self.share()
     }
 
     fn origin_usable(&self, now: Duration) -> bool {
@@ -799,6 +887,7 @@ impl Fetch {
             }
         }
         // Adjacent places of one blob become one Range GET.
+        let max_range = self.range_cap();
         let mut runs: Vec<Vec<usize>> = Vec::new();
         for p in to_origin {
             let c = &self.places[p];
@@ -807,13 +896,16 @@ impl Fetch {
                 let last = &self.places[*run.last().unwrap_or(&run[0])];
                 last.blob == c.blob
                     && last.chunk.range().end == c.chunk.offset
-                    && c.chunk.range().end - first.chunk.offset <= self.cfg.max_range
+                    && c.chunk.range().end - first.chunk.offset <= max_range
             });
             match runs.last_mut() {
                 Some(run) if joins => run.push(p),
                 _ => runs.push(vec![p]),
             }
         }
+        self.count_fetching(now);
+        self.refill(now);
+        let share = self.share();
         for run in runs.into_iter().take(origin_slots) {
             let b = self.places[run[0]].blob;
             let start = self.places[run[0]].chunk.offset;
@@ -821,11 +913,23 @@ impl Fetch {
                 .last()
                 .map(|p| self.places[*p].chunk.range().end)
                 .unwrap_or(start);
+            if let Some(share) = share {
+                let need = ((end - start) as f64).min(max_range as f64);
+                if self.tokens < need {
+                    // Over this agent's share of the budget: the next range waits for the balance.
+                    let wait = Duration::from_secs_f64((need - self.tokens) / share.max(1.0));
+                    soon(now + wait.max(Duration::from_millis(1)), &mut wake);
+                    break;
+                }
+            }
             let chunks: Vec<Chunk> = run.iter().map(|p| self.places[*p].chunk).collect();
             for c in &chunks {
                 self.inflight.insert(c.id, Flight::Origin);
             }
             self.ranges.insert((b, start), run);
+            if share.is_some() {
+                self.tokens -= (end - start) as f64;
+            }
             self.origin_inflight += 1;
             self.origin_requests += 1;
             out.push(Action::Get {
@@ -1123,6 +1227,64 @@ mod tests {
         assert!(gets(&f.poll(secs(7.9))).is_empty());
         assert!(!f.stalled(secs(44.0)));
         assert!(f.stalled(secs(45.0)));
+    }
+
+    #[test]
+    fn an_uplink_budget_is_shared_among_the_agents_fetching_and_holds_over_time() {
+        let r = release(400, 64 * 1024);
+        let mut f = Fetch::new(cfg("a"), &r, &[vec![]], Duration::ZERO);
+        f.handle(
+            Event::PeerUp {
+                peer: "b".into(),
+                shares: true,
+            },
+            Duration::ZERO,
+        );
+        // 2 MB/s for the shop, two agents fetching: 1 MB/s each.
+        f.handle(
+            Event::Budget {
+                bytes_per_sec: Some(2_000_000),
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(f.origin_share(Duration::ZERO), Some(1_000_000.0));
+        let mut t = Duration::ZERO;
+        let mut asked = 0u64;
+        let end = secs(10.0);
+        while t < end {
+            for a in f.poll(t) {
+                if let Action::Get {
+                    blob,
+                    range,
+                    chunks,
+                } = a
+                {
+                    asked += range.end - range.start;
+                    for c in chunks {
+                        f.handle(Event::Stored { id: c.id }, t);
+                    }
+                    f.handle(Event::RangeDone { blob, range }, t);
+                }
+            }
+            t = f.next_wake().unwrap_or(end).max(t + secs(0.001));
+        }
+        // At most the share over the time, plus one range of burst.
+        let most = 1_000_000.0 * end.as_secs_f64() + 4.0 * 64.0 * 1024.0;
+        assert!(asked as f64 <= most, "asked {asked} in 10 s");
+        assert!(
+            asked as f64 >= 0.8 * 1_000_000.0 * end.as_secs_f64(),
+            "asked only {asked}"
+        );
+        // The other agent finishes (leaves the group): the whole budget is this agent's.
+        f.handle(Event::PeerDown { peer: "b".into() }, t);
+        assert_eq!(f.origin_share(t), Some(2_000_000.0));
+        f.handle(
+            Event::Budget {
+                bytes_per_sec: None,
+            },
+            t,
+        );
+        assert_eq!(f.origin_share(t), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! live here. Nothing in this crate touches a file, a socket or a clock: callers pass bytes and `now`,
 //! and get values or errors back. That keeps every rule testable without I/O (see ARCHITECTURE.md).
 
+pub mod budget;
 pub mod chunk;
 pub mod envelope;
 pub mod fetch;

@@ -46,6 +46,8 @@ pub struct SimConfig {
     pub have_every: Duration,
     /// Chunks an agent sends at once; a request beyond that is answered Busy (the agent's serving cap).
     pub max_serving: usize,
+    /// The shop's uplink budget, bytes per second for all agents together.
+    pub budget: Option<u64>,
     /// Each agent's download settings (`me` is set per agent).
     pub fetch: FetchConfig,
     /// The simulation ends here even if some agent is not done.
@@ -72,6 +74,7 @@ impl SimConfig {
             chunk_timeout: Duration::from_secs(10),
             have_every: Duration::from_millis(100),
             max_serving: 16,
+            budget: None,
             fetch: FetchConfig::new("sim"),
             limit: Duration::from_secs(3600),
             seed: 1,
@@ -97,8 +100,10 @@ pub struct SimReport {
     pub peer_asks: usize,
     /// Every Range GET: when, by which agent, of which piece of the release (blob, range).
     pub origin_log: Vec<(Duration, usize, BlobId, Range<u64>)>,
-    /// Times each chunk (by id) was fetched from the origin, for chunks fetched more than once.
+    /// Chunks fetched from the origin more than once.
     pub refetched: usize,
+    /// The highest rate the uplink carried over any 5 s (bytes per second).
+    pub peak_rate: f64,
 }
 
 impl SimReport {
@@ -208,6 +213,10 @@ struct Sim<'a> {
     report: SimReport,
     dirty: BTreeSet<usize>,
     origin_count: HashMap<BlobId, usize>,
+    /// (time, origin bytes so far), at most every 100 ms.
+    samples: Vec<(Duration, u64)>,
+    /// Bytes the uplink carried, unrounded.
+    carried: f64,
 }
 
 impl<'a> Sim<'a> {
@@ -257,9 +266,12 @@ impl<'a> Sim<'a> {
                 peer_asks: 0,
                 origin_log: Vec::new(),
                 refetched: 0,
+                peak_rate: 0.0,
             },
             dirty: BTreeSet::new(),
             origin_count: HashMap::new(),
+            samples: vec![(Duration::ZERO, 0)],
+            carried: 0.0,
         };
         for a in 0..cfg.agents {
             let t = cfg.start.get(a).copied().unwrap_or(Duration::ZERO);
@@ -301,10 +313,37 @@ impl<'a> Sim<'a> {
             for tr in &mut self.uplink {
                 let m = moved.min(tr.remaining);
                 tr.remaining -= m;
-                self.report.origin_bytes += m.round() as u64;
+                self.carried += m;
             }
+            self.report.origin_bytes = self.carried.round() as u64;
         }
         self.uplink_at = t;
+        if self
+            .samples
+            .last()
+            .is_some_and(|(at, _)| t >= *at + Duration::from_millis(100))
+        {
+            self.samples.push((t, self.report.origin_bytes));
+        }
+    }
+
+    /// The highest rate over any window of at least 5 s between samples.
+    fn peak(&self) -> f64 {
+        let window = Duration::from_secs(5);
+        let mut best = 0.0f64;
+        let mut j = 0;
+        for i in 0..self.samples.len() {
+            let (ti, bi) = self.samples[i];
+            while j + 1 < i && self.samples[j + 1].0 + window <= ti {
+                j += 1;
+            }
+            let (tj, bj) = self.samples[j];
+            if ti >= tj + window {
+                let r = (bi - bj) as f64 / (ti - tj).as_secs_f64();
+                best = best.max(r);
+            }
+        }
+        best
     }
 
     fn run(mut self) -> SimReport {
@@ -347,6 +386,7 @@ impl<'a> Sim<'a> {
             .collect::<Option<Vec<_>>>()
             .and_then(|d| d.into_iter().max());
         self.report.refetched = self.origin_count.values().filter(|n| **n > 1).count();
+        self.report.peak_rate = self.peak();
         self.report
     }
 
@@ -432,7 +472,14 @@ impl<'a> Sim<'a> {
                 let mut fc = self.cfg.fetch.clone();
                 fc.me = self.names[a].clone();
                 let ag = &mut self.agents[a];
-                ag.fetch = Some(Fetch::new(fc, &self.release, &[Vec::new()], t));
+                let mut fetch = Fetch::new(fc, &self.release, &[Vec::new()], t);
+                fetch.handle(
+                    Event::Budget {
+                        bytes_per_sec: self.cfg.budget,
+                    },
+                    t,
+                );
+                ag.fetch = Some(fetch);
                 ag.alive = true;
                 ag.started = true;
                 self.dirty.insert(a);
@@ -604,13 +651,15 @@ impl<'a> Sim<'a> {
                     }
                     self.agents[b].serving += 1;
                     let xfer = Duration::from_secs_f64(f64::from(len) / self.cfg.lan.max(1.0));
-                    let start = (t + lat)
-                        .max(self.agents[b].send_free)
-                        .max(self.agents[a].recv_free);
-                    let end = start + xfer;
+                    // The sender's link and the receiver's each carry one transfer after another;
+                    // a transfer ends when both have carried it (a slow sender does not hold up what
+                    // the receiver takes from others).
+                    let send_end = (t + lat).max(self.agents[b].send_free) + xfer;
+                    let recv_end = (t + lat).max(self.agents[a].recv_free) + xfer;
+                    let end = send_end.max(recv_end);
                     if self.agents[b].alive {
-                        self.agents[b].send_free = end;
-                        self.agents[a].recv_free = end;
+                        self.agents[b].send_free = send_end;
+                        self.agents[a].recv_free = recv_end;
                     }
                     self.at(
                         end,
@@ -756,6 +805,28 @@ mod tests {
         assert!(late < Duration::from_secs(65), "{late:?}");
         assert!(r.origin_ratio() <= 1.05, "origin {:.3}x", r.origin_ratio());
         assert!(!r.origin_log.iter().any(|(_, a, _, _)| *a == 3));
+    }
+
+    #[test]
+    fn the_shop_stays_within_its_uplink_budget() {
+        let mut cfg = shop(8, 32);
+        // A 40 Mbit/s line, of which the shop lets deckhand take 16 Mbit/s.
+        cfg.budget = Some(2_000_000);
+        let r = run(&cfg);
+        assert!(r.converged.is_some());
+        assert!(
+            r.peak_rate <= 2_000_000.0 * 1.05,
+            "peak {:.0} B/s over 5 s",
+            r.peak_rate
+        );
+        assert!(r.origin_ratio() <= 1.05, "origin {:.3}x", r.origin_ratio());
+        // And it uses most of the budget: at least 80% of it, once the peers are gathered.
+        let busy = r.converged.unwrap_or_default() - cfg.fetch.gather;
+        assert!(
+            r.origin_bytes as f64 / busy.as_secs_f64() >= 0.8 * 2_000_000.0,
+            "{} bytes in {busy:?}",
+            r.origin_bytes
+        );
     }
 
     impl SimConfig {

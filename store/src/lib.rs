@@ -855,15 +855,41 @@ impl Store {
     /// Replaces the set of blobs pinned under `name` (a release: "active", "previous", "pending").
     /// A pinned blob's chunk map is kept with it. The change is committed durably.
     pub fn set_pin(&self, name: &str, blobs: &[BlobId]) -> Result<(), StoreError> {
-        let (name, blobs) = (name.to_owned(), blobs.to_vec());
+        self.set_pins_and_meta(&[(name, blobs)], &[])
+    }
+
+    /// Replaces several pins and writes several small values in one durable commit: a release swap
+    /// (active, previous, pending, and their envelopes) is recorded all at once or not at all.
+    pub fn set_pins_and_meta(
+        &self,
+        pins: &[(&str, &[BlobId])],
+        meta: &[(&str, &[u8])],
+    ) -> Result<(), StoreError> {
+        let pins: Vec<(String, Vec<BlobId>)> = pins
+            .iter()
+            .map(|(n, b)| ((*n).to_owned(), b.to_vec()))
+            .collect();
+        let meta: Vec<(String, Vec<u8>)> = meta
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+            .collect();
         self.inner.catalog.write(true, Vec::new(), move |c| {
-            c.execute("DELETE FROM pins WHERE name = ?1", [&name])
-                .map_err(sql("clear pin"))?;
-            let mut stmt = c
-                .prepare_cached("INSERT OR IGNORE INTO pins (name, blob) VALUES (?1, ?2)")
-                .map_err(sql("pin"))?;
-            for b in &blobs {
-                stmt.execute(params![name, key(b)]).map_err(sql("pin"))?;
+            for (name, blobs) in &pins {
+                c.execute("DELETE FROM pins WHERE name = ?1", [name])
+                    .map_err(sql("clear pin"))?;
+                let mut stmt = c
+                    .prepare_cached("INSERT OR IGNORE INTO pins (name, blob) VALUES (?1, ?2)")
+                    .map_err(sql("pin"))?;
+                for b in blobs {
+                    stmt.execute(params![name, key(b)]).map_err(sql("pin"))?;
+                }
+            }
+            for (k, v) in &meta {
+                c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                    params![k, v],
+                )
+                .map_err(sql("write meta"))?;
             }
             Ok(())
         })
@@ -1067,28 +1093,6 @@ impl Store {
                 params![k, v],
             )
             .map_err(sql("write meta"))?;
-            Ok(())
-        })
-    }
-
-    /// Writes several small values in one durable commit (e.g. the active release and its version).
-    pub fn set_meta_many(
-        &self,
-        entries: &[(&str, &[u8])],
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        let entries: Vec<(String, Vec<u8>)> = entries
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
-            .collect();
-        self.inner.catalog.write(durable, Vec::new(), move |c| {
-            for (k, v) in &entries {
-                c.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                    params![k, v],
-                )
-                .map_err(sql("write meta"))?;
-            }
             Ok(())
         })
     }

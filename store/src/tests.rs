@@ -368,8 +368,9 @@ fn meta_values_survive_reopen() {
     {
         let store = open(dir.path());
         store.set_meta("highest_version", b"7", true).unwrap();
+        let pinned = store.import_bytes(b"pinned").unwrap().blob;
         store
-            .set_meta_many(&[("a", b"1"), ("b", b"2")], true)
+            .set_pins_and_meta(&[("active", &[pinned])], &[("a", b"1"), ("b", b"2")])
             .unwrap();
     }
     let store = open(dir.path());
@@ -379,6 +380,7 @@ fn meta_values_survive_reopen() {
     );
     assert_eq!(store.get_meta("b").unwrap().as_deref(), Some(&b"2"[..]));
     assert_eq!(store.get_meta("missing").unwrap(), None);
+    assert_eq!(store.pins("active").unwrap().len(), 1);
 }
 
 #[test]

@@ -393,6 +393,9 @@ enum BenchCommand {
         /// The S3 server's uplink, in Mbit/s (shared by all agents).
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100000))]
         uplink_mbps: u64,
+        /// Give every agent this shop-wide uplink budget, in Mbit/s, and print S3's peak rate.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        budget_mbps: Option<u64>,
     },
     /// The agents' download state machines in the fleet simulator (virtual time): origin bytes per
     /// release and convergence against the uplink limit, for fleets too large to run live.
@@ -827,7 +830,16 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                     agents,
                     size,
                     uplink_mbps,
-                } => deckhand_tools::bench::fleet::run(agents as usize, size, uplink_mbps).await,
+                    budget_mbps,
+                } => {
+                    deckhand_tools::bench::fleet::run(
+                        agents as usize,
+                        size,
+                        uplink_mbps,
+                        budget_mbps,
+                    )
+                    .await
+                }
                 BenchCommand::Sim {
                     agents,
                     size,

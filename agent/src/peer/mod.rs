@@ -40,6 +40,8 @@ pub const SET_ASIDE: Duration = Duration::from_secs(15);
 pub const MAX_SERVING: usize = 16;
 /// Peers tracked at most (addresses beyond this are ignored).
 pub const MAX_PEERS: usize = 256;
+/// Incoming connections served at once; one more is refused at the QUIC handshake.
+pub const MAX_INCOMING: usize = 64;
 /// A peer is live if it answered a Hello this recently.
 pub const LIVE: Duration = Duration::from_secs(8);
 const GOSSIP: Duration = Duration::from_secs(2);
@@ -257,6 +259,7 @@ struct Inner {
     haves: mpsc::Sender<HaveNote>,
     haves_rx: Mutex<Option<mpsc::Receiver<HaveNote>>>,
     serving: Semaphore,
+    incoming: Arc<Semaphore>,
     bucket: Option<tokio::sync::Mutex<Bucket>>,
     metrics: Arc<Metrics>,
     listen: SocketAddr,
@@ -317,6 +320,7 @@ impl PeerNode {
                 haves: haves_tx,
                 haves_rx: Mutex::new(Some(haves_rx)),
                 serving: Semaphore::new(MAX_SERVING),
+                incoming: Arc::new(Semaphore::new(MAX_INCOMING)),
                 bucket,
                 metrics,
                 listen,
@@ -659,8 +663,18 @@ impl PeerNode {
                 _ = stop.changed() => break,
             };
             let Some(incoming) = incoming else { break };
+            let Ok(permit) = self.inner.incoming.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    remote = %incoming.remote_address(),
+                    limit = MAX_INCOMING,
+                    "refused an incoming connection: at the connection limit"
+                );
+                incoming.refuse();
+                continue;
+            };
             let node = self.clone();
             self.inner.tasks.spawn(async move {
+                let _permit = permit;
                 let remote = incoming.remote_address();
                 let conn = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
                     Ok(Ok(c)) => c,

@@ -174,16 +174,22 @@ pub fn record_active(
 ) -> Result<deckhand_store::GcReport, StoreError> {
     let old = store.get_meta(META_ACTIVE)?;
     let old_blobs = store.pins("active")?;
+    let active = release_blobs(&v.manifest);
+    // One durable commit: the swap is recorded whole or not at all.
     match &old {
-        Some(env) if *env != v.envelope => {
-            store.set_pin("previous", &old_blobs)?;
-            store.set_meta(META_PREVIOUS, env, true)?;
-        }
-        _ => {}
+        Some(env) if *env != v.envelope => store.set_pins_and_meta(
+            &[
+                ("previous", &old_blobs),
+                ("active", &active),
+                ("pending", &[]),
+            ],
+            &[(META_PREVIOUS, env), (META_ACTIVE, &v.envelope)],
+        )?,
+        _ => store.set_pins_and_meta(
+            &[("active", &active), ("pending", &[])],
+            &[(META_ACTIVE, &v.envelope)],
+        )?,
     }
-    store.set_pin("active", &release_blobs(&v.manifest))?;
-    store.set_meta(META_ACTIVE, &v.envelope, true)?;
-    store.set_pin("pending", &[])?;
     store.gc()
 }
 

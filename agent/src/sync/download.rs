@@ -122,8 +122,17 @@ impl Engine {
         let mut flush_at = Duration::ZERO;
         let mut haves = self.haves.lock().await;
         let mut last_have = fetch.progress().bytes_held;
+        let mut budget: Option<Option<u64>> = None;
         loop {
             let t = now();
+            // The budget at this minute of the local day.
+            let zoned = jiff::Zoned::now();
+            let minute = zoned.hour() as u16 * 60 + zoned.minute() as u16;
+            let b = self.cfg.budget.at(minute);
+            if budget != Some(b) {
+                budget = Some(b);
+                fetch.handle(Event::Budget { bytes_per_sec: b }, t);
+            }
             // The peer table, as events.
             let usable = self.peers.as_ref().map(|n| n.usable()).unwrap_or_default();
             let mut seen = BTreeSet::new();

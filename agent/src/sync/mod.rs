@@ -80,6 +80,8 @@ pub struct SyncConfig {
     /// How long after a download starts nothing is taken from the origin, so peers booting at the same
     /// time are known before the origin fetches are shared out.
     pub gather: Duration,
+    /// The shop's uplink budget, shared by the agents fetching.
+    pub budget: deckhand_protocol::budget::Budget,
 }
 
 /// Where a manifest came from.

@@ -21,6 +21,8 @@ struct Opts {
     cold: bool,
     /// S3's uplink, bytes per second.
     uplink: u64,
+    /// The shop's uplink budget given to every agent, Mbit/s.
+    budget_mbps: Option<u64>,
 }
 
 struct Row {
@@ -31,9 +33,16 @@ struct Row {
     all: Duration,
     /// Per agent: (name, bytes from peers, bytes from the origin, time until it served the release).
     agents: Vec<(String, u64, u64, Duration)>,
+    /// The highest rate S3 sent at over any 5 s, bytes per second.
+    peak: f64,
 }
 
-pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), ToolError> {
+pub async fn run(
+    agents: usize,
+    size_mib: u64,
+    uplink_mbps: u64,
+    budget_mbps: Option<u64>,
+) -> Result<(), ToolError> {
     let tmp = tempfile::Builder::new()
         .prefix("deckhand-bench-fleet-")
         .tempdir()
@@ -59,6 +68,22 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
         release_bytes as f64 / MIB,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let (download, plain) = pipeline(tmp.path(), &files).await?;
+    println!(
+        "one agent's pipeline from an unlimited local S3: {:.0} MiB/s (range GETs, verify, store; {:.2} s          from the first byte to the last), beside {:.0} MiB/s to write, sync and blake3-hash the same bytes",
+        release_bytes as f64 / MIB / download.as_secs_f64(),
+        download.as_secs_f64(),
+        release_bytes as f64 / MIB / plain.as_secs_f64()
+    );
+    // The uplink limit: the release over the uplink, or over the budget when that is lower.
+    let rate = budget_mbps.map_or(uplink, |b| (b * 1_000_000 / 8).min(uplink));
+    let limit = release_bytes as f64 / rate as f64;
+    match budget_mbps {
+        Some(b) => println!(
+            "uplink budget {b} Mbit/s for the shop (--uplink-budget on every agent); uplink limit              (release / min(uplink, budget)): {limit:.2} s"
+        ),
+        None => println!("uplink limit (release / uplink): {limit:.2} s"),
+    }
     let mut rows = Vec::new();
     for (mode, peers, cold) in [
         ("fleet, warm start", true, false),
@@ -70,23 +95,33 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
             peers,
             cold,
             uplink,
+            budget_mbps,
         };
         rows.push(one(tmp.path(), mode, agents, &files, &opts).await?);
     }
     println!(
-        "{:<26} {:>10} {:>8} {:>14} {:>12} {:>12}",
-        "mode", "S3 MiB", "x size", "peers MiB", "first (s)", "all (s)"
+        "{:<26} {:>10} {:>8} {:>14} {:>12} {:>12} {:>10} {:>16}",
+        "mode",
+        "S3 MiB",
+        "x size",
+        "peers MiB",
+        "first (s)",
+        "all (s)",
+        "x limit",
+        "S3 peak Mbit/s"
     );
     let size = release_bytes as f64 / MIB;
     for r in &rows {
         println!(
-            "{:<26} {:>10.1} {:>8.2} {:>14.1} {:>12.2} {:>12.2}",
+            "{:<26} {:>10.1} {:>8.3} {:>14.1} {:>12.2} {:>12.2} {:>10.2} {:>16.1}",
             r.mode,
             r.s3_bytes as f64 / MIB,
             r.s3_bytes as f64 / MIB / size,
             r.from_peers as f64 / MIB,
             r.first.as_secs_f64(),
-            r.all.as_secs_f64()
+            r.all.as_secs_f64(),
+            r.all.as_secs_f64() / limit,
+            r.peak * 8.0 / 1e6
         );
     }
     for r in &rows {
@@ -108,6 +143,60 @@ pub async fn run(agents: usize, size_mib: u64, uplink_mbps: u64) -> Result<(), T
     Ok(())
 }
 
+/// One agent with no peers and an unlimited S3: the time from the first stored byte of the release to
+/// the last (seen through status), and the time to write, sync and hash the same bytes plainly.
+async fn pipeline(
+    dir: &std::path::Path,
+    files: &deckhand_agent::release::ReleaseFiles,
+) -> Result<(Duration, Duration), ToolError> {
+    let plain_dir = dir.join("plain");
+    std::fs::create_dir_all(&plain_dir).map_err(ToolError::io("create", &plain_dir))?;
+    let mut plain = Duration::ZERO;
+    for (i, p) in files.paths().into_iter().enumerate() {
+        let data = std::fs::read(p).map_err(ToolError::io("read", p))?;
+        let out = plain_dir.join(i.to_string());
+        let t = Instant::now();
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&out).map_err(ToolError::io("create", &out))?;
+            f.write_all(&data).map_err(ToolError::io("write", &out))?;
+            f.sync_all().map_err(ToolError::io("sync", &out))?;
+        }
+        std::hint::black_box(blake3::hash(&data));
+        plain += t.elapsed();
+    }
+    let mut shop = Fleet::new()
+        .dir(&dir.join("pipeline"))
+        .without_peers()
+        .start()
+        .await?;
+    shop.start_agent("pi-0").await?;
+    shop.publish(files).await?;
+    let published = Instant::now();
+    let deadline = published + Duration::from_secs(600);
+    let (mut first, mut last) = (None, None);
+    while last.is_none() {
+        let s = shop.agents[0].status().await?;
+        let now = Instant::now();
+        match &s.pending {
+            Some(p) if p.bytes_have > 0 && first.is_none() => first = Some(now),
+            Some(p) if p.bytes_total > 0 && p.bytes_have >= p.bytes_total => last = Some(now),
+            None if s.active_version() == Some(1) => last = Some(now),
+            _ => {}
+        }
+        if now > deadline {
+            return Err(ToolError::BenchTimeout {
+                mode: "pipeline",
+                secs: 600,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shop.stop().await?;
+    let last = last.unwrap_or(published);
+    Ok((last.duration_since(first.unwrap_or(published)), plain))
+}
+
 async fn one(
     dir: &std::path::Path,
     mode: &'static str,
@@ -119,6 +208,7 @@ async fn one(
         peers,
         cold,
         uplink,
+        budget_mbps,
     } = *opts;
     let mut builder = Fleet::new().dir(&dir.join(format!(
         "{}-{}",
@@ -127,6 +217,10 @@ async fn one(
     )));
     if !peers {
         builder = builder.without_peers();
+    }
+    let budget = budget_mbps.map(|b| format!("{b}Mbit"));
+    if let Some(b) = &budget {
+        builder = builder.agent_args(&["--uplink-budget", b]);
     }
     let mut shop = builder.start().await?;
     shop.s3().stats().set_uplink(uplink);
@@ -159,7 +253,9 @@ async fn one(
     let before = 0;
     let mut done: Vec<Option<Duration>> = vec![None; n];
     let deadline = t0 + Duration::from_secs(1800);
+    let mut samples: Vec<(Instant, u64)> = Vec::new();
     while done.iter().any(Option::is_none) {
+        samples.push((Instant::now(), shop.s3().stats().bytes_sent()));
         for (i, a) in shop.agents.iter().enumerate() {
             if done[i].is_none() && a.status().await?.active_version() == Some(1) {
                 done[i] = Some(t0.elapsed());
@@ -170,6 +266,7 @@ async fn one(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    samples.push((Instant::now(), shop.s3().stats().bytes_sent()));
     let s3_bytes = shop.s3().stats().bytes_sent() - before;
     let mut from_peers = 0;
     let mut per_agent = Vec::new();
@@ -188,5 +285,24 @@ async fn one(
         first: times.iter().min().copied().unwrap_or_default(),
         all: times.iter().max().copied().unwrap_or_default(),
         agents: per_agent,
+        peak: peak_rate(&samples, Duration::from_secs(5)),
     })
+}
+
+/// The highest rate between two samples at least `window` apart (the shortest such span from each
+/// sample), in bytes per second.
+fn peak_rate(samples: &[(Instant, u64)], window: Duration) -> f64 {
+    let mut best = 0.0f64;
+    let mut j = 0;
+    for i in 0..samples.len() {
+        let (ti, bi) = samples[i];
+        while j + 1 < i && samples[j + 1].0 + window <= ti {
+            j += 1;
+        }
+        let (tj, bj) = samples[j];
+        if ti >= tj + window {
+            best = best.max(bi.saturating_sub(bj) as f64 / ti.duration_since(tj).as_secs_f64());
+        }
+    }
+    best
 }
