@@ -51,6 +51,8 @@ pub struct FetchConfig {
     pub gather: Duration,
     /// Chunk requests in flight per peer.
     pub peer_window: usize,
+    /// Chunk requests in flight to all peers together.
+    pub max_inflight: usize,
     /// Origin Range GETs in flight.
     pub origin_window: usize,
     /// The longest Range GET.
@@ -80,6 +82,7 @@ impl FetchConfig {
             max_wait: Duration::from_secs(20),
             gather: Duration::from_secs(2),
             peer_window: 8,
+            max_inflight: 32,
             origin_window: 4,
             max_range: 1024 * 1024,
             piece: PIECE,
@@ -203,6 +206,8 @@ struct PeerView {
     banned_until: Option<Duration>,
     aside_until: Option<Duration>,
     busy_until: Option<Duration>,
+    /// Busy answers in a row: each doubles the pause before this peer is asked again.
+    busy_streak: u32,
 }
 
 impl PeerView {
@@ -261,6 +266,10 @@ pub struct Fetch {
     waiting: HashMap<BlobId, Duration>,
     /// Per place, the peers (slots) announced to hold it.
     holders: Vec<Vec<u16>>,
+    /// Missing places some peer announced (entries held since are dropped lazily).
+    available: BTreeSet<usize>,
+    /// After an origin scan that found nothing: until when, and for which group, nothing can change.
+    origin_idle: Option<(Duration, u64)>,
     peers: Vec<PeerView>,
     slots: BTreeMap<String, usize>,
     /// The designated fetcher of each (blob, piece), for the group as it was at `group_epoch`.
@@ -285,6 +294,33 @@ pub struct Fetch {
     /// Pieces whose designated fetcher is this agent, and how many origin GETs were asked.
     peer_requests: usize,
     origin_requests: usize,
+}
+
+/// The next element of `set` after `cursor`, going round once from `rotate`.
+fn next_rotated(
+    set: &BTreeSet<usize>,
+    rotate: usize,
+    cursor: &mut usize,
+    wrapped: &mut bool,
+) -> Option<usize> {
+    loop {
+        let next = if *wrapped {
+            set.range(*cursor..rotate).next()
+        } else {
+            set.range(*cursor..).next()
+        };
+        match next {
+            Some(&p) => {
+                *cursor = p + 1;
+                return Some(p);
+            }
+            None if !*wrapped => {
+                *wrapped = true;
+                *cursor = 0;
+            }
+            None => return None,
+        }
+    }
 }
 
 /// The slot standing for this agent in designation.
@@ -331,6 +367,8 @@ impl Fetch {
             blob_index: blobs.iter().enumerate().map(|(i, b)| (b.blob, i)).collect(),
             blobs: blobs.iter().map(|b| b.blob).collect(),
             holders: vec![Vec::new(); places.len()],
+            available: BTreeSet::new(),
+            origin_idle: None,
             places,
             blob_start,
             by_id,
@@ -432,6 +470,7 @@ impl Fetch {
             banned_until: None,
             aside_until: None,
             busy_until: None,
+            busy_streak: 0,
         });
         self.slots.insert(peer.to_owned(), s);
         s
@@ -443,6 +482,9 @@ impl Fetch {
         };
         if p.set(place) {
             p.progress_at = now;
+            if self.missing.contains(&place) {
+                self.available.insert(place);
+            }
             let list = &mut self.holders[place];
             if !list.contains(&(s as u16)) && s < u16::MAX as usize {
                 list.push(s as u16);
@@ -532,14 +574,19 @@ impl Fetch {
                 }
             }
             Event::Stored { id } => {
-                if let Some(Flight::Peer(_)) = self.inflight.get(&id) {
+                if let Some(Flight::Peer(s)) = self.inflight.get(&id).copied() {
                     self.end_flight(&id);
+                    if let Some(p) = self.peers.get_mut(s) {
+                        p.busy_streak = 0;
+                    }
                 }
                 if self.mark_held(&id) {
                     self.last_progress = now;
                 }
             }
             Event::PeerFailed { peer, id, failure } => {
+                // The chunk is wanted again, and the peer may be set aside: the origin may be needed.
+                self.origin_idle = None;
                 if matches!(self.inflight.get(&id), Some(Flight::Peer(_))) {
                     self.end_flight(&id);
                 }
@@ -550,7 +597,15 @@ impl Fetch {
                     PeerFailure::Timeout | PeerFailure::Other => {
                         self.peers[s].aside_until = Some(now + self.cfg.set_aside)
                     }
-                    PeerFailure::Busy => self.peers[s].busy_until = Some(now + self.cfg.busy),
+                    PeerFailure::Busy => {
+                        let p = &mut self.peers[s];
+                        p.busy_streak = p.busy_streak.saturating_add(1);
+                        let pause = self
+                            .cfg
+                            .busy
+                            .saturating_mul(1 << (p.busy_streak - 1).min(5));
+                        p.busy_until = Some(now + pause);
+                    }
                     PeerFailure::Corrupt => {
                         self.peers[s].banned_until = Some(now + self.cfg.ban);
                         self.group_epoch += 1;
@@ -621,6 +676,7 @@ impl Fetch {
     }
 
     fn end_range(&mut self, blob: &BlobId, range: &Range<u64>) {
+        self.origin_idle = None;
         let Some(&b) = self.blob_index.get(blob) else {
             return;
         };
@@ -758,12 +814,14 @@ impl Fetch {
             }
         }
         let window = self.cfg.peer_window.max(1);
+        let in_flight: usize = self.peers.iter().map(|p| p.inflight).sum();
         let mut peer_room: usize = self
             .peers
             .iter()
             .filter(|p| p.usable(now))
             .map(|p| window.saturating_sub(p.inflight))
-            .sum();
+            .sum::<usize>()
+            .min(self.cfg.max_inflight.max(1).saturating_sub(in_flight));
         let origin_ok = self.origin_usable(now);
         let gathering = now < self.gather_until;
         let origin_slots = if origin_ok {
@@ -794,48 +852,30 @@ impl Fetch {
                 .try_into()
                 .unwrap_or([0; 8]),
         ) % self.places.len().max(1) as u64) as usize;
+        // Phase 1: chunks some peer announced, to the least-loaded holder with room, until the windows
+        // are full.
         let mut cursor = rotate;
         let mut wrapped = false;
-        loop {
-            let next = if wrapped {
-                self.missing.range(cursor..rotate).next()
-            } else {
-                self.missing.range(cursor..).next()
-            };
-            let place = match next {
-                Some(&p) => p,
-                None if !wrapped => {
-                    wrapped = true;
-                    cursor = 0;
-                    continue;
-                }
-                None => break,
-            };
-            cursor = place + 1;
-            if peer_room == 0 && (origin_bytes >= origin_budget || gathering) {
+        let mut stale = Vec::new();
+        while peer_room > 0 {
+            let Some(place) = next_rotated(&self.available, rotate, &mut cursor, &mut wrapped)
+            else {
                 break;
-            }
-            let Place {
-                blob_of_piece,
-                chunk,
-                piece,
-                ..
-            } = self.places[place].clone();
-            if self.inflight.contains_key(&chunk.id) || origin_ids.contains(&chunk.id) {
+            };
+            if !self.missing.contains(&place) {
+                stale.push(place);
                 continue;
             }
-            // A holder with room in its window: the least loaded.
+            let chunk = self.places[place].chunk;
+            if self.inflight.contains_key(&chunk.id) {
+                continue;
+            }
             let mut best: Option<(usize, u32, usize)> = None;
-            let mut holder_busy = false;
             for &p in self.by_id.get(&chunk.id).map(Vec::as_slice).unwrap_or(&[]) {
                 for &s in &self.holders[p] {
                     let s = s as usize;
                     let v = &self.peers[s];
-                    if !v.has(p) || !v.usable(now) {
-                        continue;
-                    }
-                    if v.inflight >= window {
-                        holder_busy = true;
+                    if !v.has(p) || !v.usable(now) || v.inflight >= window {
                         continue;
                     }
                     let tie = (s as u32).wrapping_mul(2_654_435_761) ^ u32::from(salt);
@@ -854,37 +894,84 @@ impl Fetch {
                     id: chunk.id,
                     len: chunk.len,
                 });
-                continue;
             }
-            if holder_busy {
-                // A peer has it: wait for room there rather than use the uplink.
-                continue;
-            }
-            if !self.cfg.has_origin {
-                continue;
-            }
-            if !origin_ok || gathering {
-                continue;
-            }
-            let from_origin = match self.designated_for(blob_of_piece, piece) {
-                Some(ME) | None => true,
-                Some(d) => {
-                    let started = *self.waiting.entry(chunk.id).or_insert(now);
-                    let since = started.max(self.peers[d].progress_at);
-                    let until = since + self.cfg.max_wait;
-                    if now >= until {
-                        true
-                    } else {
-                        soon(until, &mut wake);
-                        false
-                    }
+        }
+        for p in stale {
+            self.available.remove(&p);
+        }
+        // Phase 2: what the origin should send this agent. Skipped while nothing can have changed since a
+        // scan that found nothing (same group, no wait run out, no range returned).
+        let idle = self
+            .origin_idle
+            .is_some_and(|(until, epoch)| epoch == self.group_epoch && now < until);
+        if let Some((until, _)) = self.origin_idle.filter(|_| idle) {
+            soon(until, &mut wake);
+        }
+        if self.cfg.has_origin && origin_ok && !gathering && origin_slots > 0 && !idle {
+            let mut cursor = rotate;
+            let mut wrapped = false;
+            let mut waits: Option<Duration> = None;
+            while origin_bytes < origin_budget {
+                let Some(place) = next_rotated(&self.missing, rotate, &mut cursor, &mut wrapped)
+                else {
+                    break;
+                };
+                let Place {
+                    blob_of_piece,
+                    chunk,
+                    piece,
+                    ..
+                } = self.places[place].clone();
+                if self.inflight.contains_key(&chunk.id) || origin_ids.contains(&chunk.id) {
+                    continue;
                 }
-            };
-            if from_origin && origin_bytes < origin_budget {
-                origin_bytes += u64::from(chunk.len);
-                origin_ids.insert(chunk.id);
-                to_origin.push(place);
+                // A live peer holds it (even one busy or with a full window): it comes from there.
+                let held = self
+                    .by_id
+                    .get(&chunk.id)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+                    .iter()
+                    .any(|&p| {
+                        self.holders[p].iter().any(|&s| {
+                            let v = &self.peers[s as usize];
+                            v.has(p)
+                                && v.up
+                                && v.aside_until.is_none_or(|t| t <= now)
+                                && v.banned_until.is_none_or(|t| t <= now)
+                        })
+                    });
+                if held {
+                    continue;
+                }
+                let from_origin = match self.designated_for(blob_of_piece, piece) {
+                    Some(ME) | None => true,
+                    Some(d) => {
+                        let started = *self.waiting.entry(chunk.id).or_insert(now);
+                        let since = started.max(self.peers[d].progress_at);
+                        let until = since + self.cfg.max_wait;
+                        if now >= until {
+                            true
+                        } else {
+                            waits = Some(waits.map_or(until, |w: Duration| w.min(until)));
+                            false
+                        }
+                    }
+                };
+                if from_origin {
+                    origin_bytes += u64::from(chunk.len);
+                    origin_ids.insert(chunk.id);
+                    to_origin.push(place);
+                }
             }
+            if let Some(w) = waits {
+                soon(w, &mut wake);
+            }
+            self.origin_idle = if to_origin.is_empty() {
+                Some((waits.unwrap_or(now + self.cfg.max_wait), self.group_epoch))
+            } else {
+                None
+            };
         }
         // Adjacent places of one blob become one Range GET.
         let max_range = self.range_cap();

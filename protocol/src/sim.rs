@@ -44,8 +44,9 @@ pub struct SimConfig {
     pub chunk_timeout: Duration,
     /// How often an agent pushes HAVE announcements of what it stored.
     pub have_every: Duration,
-    /// Chunks an agent sends at once; a request beyond that is answered Busy (the agent's serving cap).
-    pub max_serving: usize,
+    /// How long a request may queue behind an agent's sending before it is answered Busy (the agent's
+    /// serving cap waits this long for a slot).
+    pub busy_after: Duration,
     /// The shop's uplink budget, bytes per second for all agents together.
     pub budget: Option<u64>,
     /// Each agent's download settings (`me` is set per agent).
@@ -73,7 +74,7 @@ impl SimConfig {
             detect: Duration::from_secs(8),
             chunk_timeout: Duration::from_secs(10),
             have_every: Duration::from_millis(100),
-            max_serving: 16,
+            busy_after: Duration::from_secs(2),
             budget: None,
             fetch: FetchConfig::new("sim"),
             limit: Duration::from_secs(3600),
@@ -188,7 +189,6 @@ struct SimAgent {
     knows: BTreeSet<usize>,
     send_free: Duration,
     recv_free: Duration,
-    serving: usize,
     next_tick: Option<Duration>,
     done: Option<Duration>,
     flushing: bool,
@@ -239,7 +239,6 @@ impl<'a> Sim<'a> {
                 knows: BTreeSet::new(),
                 send_free: Duration::ZERO,
                 recv_free: Duration::ZERO,
-                serving: 0,
                 next_tick: None,
                 done: None,
                 flushing: false,
@@ -578,7 +577,6 @@ impl<'a> Sim<'a> {
                 id,
                 asked,
             } => {
-                self.agents[from].serving = self.agents[from].serving.saturating_sub(1);
                 if !self.agents[to].alive {
                     return;
                 }
@@ -640,16 +638,16 @@ impl<'a> Sim<'a> {
                         continue;
                     };
                     let lat = self.cfg.lan_latency;
-                    if self.agents[b].alive && self.agents[b].serving >= self.cfg.max_serving {
+                    let queued = self.agents[b].send_free.saturating_sub(t + lat);
+                    if self.agents[b].alive && queued > self.cfg.busy_after {
                         let busy = Event::PeerFailed {
                             peer,
                             id,
                             failure: PeerFailure::Busy,
                         };
-                        self.at(t + lat + lat, Ev::Deliver(a, busy));
+                        self.at(t + self.cfg.busy_after + lat, Ev::Deliver(a, busy));
                         continue;
                     }
-                    self.agents[b].serving += 1;
                     let xfer = Duration::from_secs_f64(f64::from(len) / self.cfg.lan.max(1.0));
                     // The sender's link and the receiver's each carry one transfer after another;
                     // a transfer ends when both have carried it (a slow sender does not hold up what

@@ -40,6 +40,8 @@ pub const SET_ASIDE: Duration = Duration::from_secs(15);
 pub const MAX_SERVING: usize = 16;
 /// Peers tracked at most (addresses beyond this are ignored).
 pub const MAX_PEERS: usize = 256;
+/// How long a chunk request waits for a serving slot before it is answered Busy.
+const BUSY_AFTER: Duration = Duration::from_secs(2);
 /// Incoming connections served at once; one more is refused at the QUIC handshake.
 pub const MAX_INCOMING: usize = 64;
 /// A peer is live if it answered a Hello this recently.
@@ -852,7 +854,11 @@ impl PeerNode {
                 }
             }
             Request::GetChunk { id: chunk } => {
-                let Ok(_permit) = self.inner.serving.try_acquire() else {
+                // At the serving limit a request waits a little for a slot, then is told Busy: a
+                // short queue instead of a storm of retries when many peers want one new chunk.
+                let Ok(Ok(_permit)) =
+                    tokio::time::timeout(BUSY_AFTER, self.inner.serving.acquire()).await
+                else {
                     return Response::Busy;
                 };
                 let store = self.inner.store.clone();
