@@ -70,7 +70,7 @@ pub async fn run(
     );
     let (download, plain) = pipeline(tmp.path(), &files).await?;
     println!(
-        "one agent's pipeline from an unlimited local S3: {:.0} MiB/s (range GETs, verify, store; {:.2} s          from the first byte to the last), beside {:.0} MiB/s to write, sync and blake3-hash the same bytes",
+        "one agent's pipeline from an unlimited local S3: {:.0} MiB/s (range GETs, verify, store; {:.2} s from the first byte to the last), beside {:.0} MiB/s to write, sync and blake3-hash the same bytes",
         release_bytes as f64 / MIB / download.as_secs_f64(),
         download.as_secs_f64(),
         release_bytes as f64 / MIB / plain.as_secs_f64()
@@ -80,7 +80,7 @@ pub async fn run(
     let limit = release_bytes as f64 / rate as f64;
     match budget_mbps {
         Some(b) => println!(
-            "uplink budget {b} Mbit/s for the shop (--uplink-budget on every agent); uplink limit              (release / min(uplink, budget)): {limit:.2} s"
+            "uplink budget {b} Mbit/s for the shop (--uplink-budget on every agent); uplink limit (release / min(uplink, budget)): {limit:.2} s"
         ),
         None => println!("uplink limit (release / uplink): {limit:.2} s"),
     }
@@ -255,7 +255,7 @@ async fn one(
     let deadline = t0 + Duration::from_secs(1800);
     let mut samples: Vec<(Instant, u64)> = Vec::new();
     while done.iter().any(Option::is_none) {
-        samples.push((Instant::now(), shop.s3().stats().bytes_sent()));
+        samples.push((Instant::now(), shop.s3().stats().bytes_carried()));
         for (i, a) in shop.agents.iter().enumerate() {
             if done[i].is_none() && a.status().await?.active_version() == Some(1) {
                 done[i] = Some(t0.elapsed());
@@ -266,7 +266,7 @@ async fn one(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    samples.push((Instant::now(), shop.s3().stats().bytes_sent()));
+    samples.push((Instant::now(), shop.s3().stats().bytes_carried()));
     let s3_bytes = shop.s3().stats().bytes_sent() - before;
     let mut from_peers = 0;
     let mut per_agent = Vec::new();

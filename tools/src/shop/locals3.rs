@@ -22,6 +22,8 @@ pub const SECRET_KEY: &str = "deckhand-local-secret";
 pub struct Stats {
     puts: Mutex<Vec<String>>,
     bytes_sent: AtomicU64,
+    /// Bytes whose GET answers were sent, counted once the uplink carried them (for rates).
+    bytes_carried: AtomicU64,
     gets: AtomicU64,
     down: AtomicBool,
     /// Connections dropped and requests refused while down.
@@ -48,6 +50,11 @@ impl Stats {
         self.bytes_sent.load(Ordering::SeqCst)
     }
 
+    /// Bytes of GET answers the uplink has carried (what a rate over time is measured from).
+    pub fn bytes_carried(&self) -> u64 {
+        self.bytes_carried.load(Ordering::SeqCst)
+    }
+
     pub fn gets(&self) -> u64 {
         self.gets.load(Ordering::SeqCst)
     }
@@ -67,6 +74,7 @@ impl Stats {
             p.clear();
         }
         self.bytes_sent.store(0, Ordering::SeqCst);
+        self.bytes_carried.store(0, Ordering::SeqCst);
         self.gets.store(0, Ordering::SeqCst);
         self.refused.store(0, Ordering::SeqCst);
         if let Ok(mut r) = self.ranges.lock() {
@@ -185,6 +193,7 @@ impl S3 for Counting {
         }
         self.stats.bytes_sent.fetch_add(len, Ordering::SeqCst);
         self.stats.carry(len).await;
+        self.stats.bytes_carried.fetch_add(len, Ordering::SeqCst);
         Ok(out)
     }
     async fn head_object(
