@@ -543,35 +543,12 @@ impl Fetch {
                     self.group_epoch += 1;
                 }
             }
-            Event::Have { peer, blob, chunks } => {
-                let Some(&b) = self.blob_index.get(&blob) else {
-                    return;
-                };
-                if peer == self.cfg.me {
-                    return;
-                }
-                let s = self.slot(&peer, now);
-                let (start, len) = (self.blob_start[b], self.blob_len(b));
-                for i in chunks {
-                    if (i as usize) < len {
-                        self.peer_has(s, start + i as usize, now);
-                    }
-                }
-            }
+            Event::Have { peer, blob, chunks } => self.announced(&peer, &blob, chunks, now),
             Event::Bitmap { peer, blob, bitmap } => {
-                let Some(&b) = self.blob_index.get(&blob) else {
-                    return;
-                };
-                if peer == self.cfg.me {
-                    return;
-                }
-                let s = self.slot(&peer, now);
-                let (start, len) = (self.blob_start[b], self.blob_len(b));
-                for i in 0..len.min(bitmap.len() * 8) {
-                    if crate::sync::bit(&bitmap, i) {
-                        self.peer_has(s, start + i, now);
-                    }
-                }
+                let held = (0..bitmap.len() * 8)
+                    .filter(|i| crate::sync::bit(&bitmap, *i))
+                    .map(|i| i as u32);
+                self.announced(&peer, &blob, held, now);
             }
             Event::Stored { id } => {
                 if let Some(Flight::Peer(s)) = self.inflight.get(&id).copied() {
@@ -663,6 +640,29 @@ impl Fetch {
                     self.origin_reachable = false;
                     self.group_epoch += 1;
                 }
+            }
+        }
+    }
+
+    /// A peer holds these chunks (indices in `blob`'s chunk map; any out of range are ignored).
+    fn announced(
+        &mut self,
+        peer: &str,
+        blob: &BlobId,
+        chunks: impl IntoIterator<Item = u32>,
+        now: Duration,
+    ) {
+        let Some(&b) = self.blob_index.get(blob) else {
+            return;
+        };
+        if peer == self.cfg.me {
+            return;
+        }
+        let s = self.slot(peer, now);
+        let (start, len) = (self.blob_start[b], self.blob_len(b));
+        for i in chunks {
+            if (i as usize) < len {
+                self.peer_has(s, start + i as usize, now);
             }
         }
     }

@@ -117,6 +117,24 @@ impl SimReport {
     }
 }
 
+/// The highest rate between two samples (time, bytes so far) at least `window` apart (the shortest
+/// such span from each sample), in bytes per second: how a rate meter reads a transfer.
+pub fn peak_rate(samples: &[(Duration, u64)], window: Duration) -> f64 {
+    let mut best = 0.0f64;
+    let mut j = 0;
+    for i in 0..samples.len() {
+        let (ti, bi) = samples[i];
+        while j + 1 < i && samples[j + 1].0 + window <= ti {
+            j += 1;
+        }
+        let (tj, bj) = samples[j];
+        if ti >= tj + window {
+            best = best.max(bi.saturating_sub(bj) as f64 / (ti - tj).as_secs_f64());
+        }
+    }
+    best
+}
+
 /// The release the simulation downloads: one blob of deterministic chunk lengths.
 pub fn release(cfg: &SimConfig) -> Vec<BlobChunks> {
     let mut chunks = Vec::new();
@@ -326,23 +344,8 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// The highest rate over any window of at least 5 s between samples.
     fn peak(&self) -> f64 {
-        let window = Duration::from_secs(5);
-        let mut best = 0.0f64;
-        let mut j = 0;
-        for i in 0..self.samples.len() {
-            let (ti, bi) = self.samples[i];
-            while j + 1 < i && self.samples[j + 1].0 + window <= ti {
-                j += 1;
-            }
-            let (tj, bj) = self.samples[j];
-            if ti >= tj + window {
-                let r = (bi - bj) as f64 / (ti - tj).as_secs_f64();
-                best = best.max(r);
-            }
-        }
-        best
+        peak_rate(&self.samples, Duration::from_secs(5))
     }
 
     fn run(mut self) -> SimReport {

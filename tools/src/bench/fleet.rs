@@ -253,9 +253,9 @@ async fn one(
     let before = 0;
     let mut done: Vec<Option<Duration>> = vec![None; n];
     let deadline = t0 + Duration::from_secs(1800);
-    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    let mut samples: Vec<(Duration, u64)> = Vec::new();
     while done.iter().any(Option::is_none) {
-        samples.push((Instant::now(), shop.s3().stats().bytes_carried()));
+        samples.push((t0.elapsed(), shop.s3().stats().bytes_carried()));
         for (i, a) in shop.agents.iter().enumerate() {
             if done[i].is_none() && a.status().await?.active_version() == Some(1) {
                 done[i] = Some(t0.elapsed());
@@ -266,7 +266,7 @@ async fn one(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    samples.push((Instant::now(), shop.s3().stats().bytes_carried()));
+    samples.push((t0.elapsed(), shop.s3().stats().bytes_carried()));
     let s3_bytes = shop.s3().stats().bytes_sent() - before;
     let mut from_peers = 0;
     let mut per_agent = Vec::new();
@@ -285,24 +285,6 @@ async fn one(
         first: times.iter().min().copied().unwrap_or_default(),
         all: times.iter().max().copied().unwrap_or_default(),
         agents: per_agent,
-        peak: peak_rate(&samples, Duration::from_secs(5)),
+        peak: deckhand_protocol::sim::peak_rate(&samples, Duration::from_secs(5)),
     })
-}
-
-/// The highest rate between two samples at least `window` apart (the shortest such span from each
-/// sample), in bytes per second.
-fn peak_rate(samples: &[(Instant, u64)], window: Duration) -> f64 {
-    let mut best = 0.0f64;
-    let mut j = 0;
-    for i in 0..samples.len() {
-        let (ti, bi) = samples[i];
-        while j + 1 < i && samples[j + 1].0 + window <= ti {
-            j += 1;
-        }
-        let (tj, bj) = samples[j];
-        if ti >= tj + window {
-            best = best.max(bi.saturating_sub(bj) as f64 / ti.duration_since(tj).as_secs_f64());
-        }
-    }
-    best
 }
