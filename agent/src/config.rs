@@ -151,6 +151,14 @@ pub struct Settings {
     /// booting at the same time (mDNS, static peers) are known before origin fetches are shared out.
     #[arg(long = "gather-ms", id = "gather_ms", default_value = "2000", value_parser = millis(0, 60_000))]
     pub gather: Duration,
+    /// How a ready release goes live when its manifest does not say: at-once, or together (announce
+    /// "ready" and switch when every live agent of the shop is ready, or when --activate-deadline-secs
+    /// have passed).
+    #[arg(long, default_value = "at-once")]
+    pub activate: deckhand_protocol::switch::Mode,
+    /// Seconds a ready agent waits for the rest of the shop when switching together.
+    #[arg(long = "activate-deadline-secs", id = "activate_deadline_secs", default_value = "600", value_parser = secs(1, 86_400))]
+    pub activate_deadline: Duration,
 }
 
 fn deployment(s: &str) -> Result<String, deckhand_protocol::layout::LayoutError> {

@@ -20,6 +20,10 @@
 //!   origin, so the peers booting at the same moment are known before the pieces are shared out. A peer
 //!   that appears later takes its share at once: its pieces are designated to it from the moment it is
 //!   up.
+//! * **A new release.** An agent that learns of a release first (its poll of the origin came first)
+//!   waits up to [`FetchConfig::join_wait`] for the live peers to take it up too, which they do within
+//!   moments of its announcement; until then it would be the designated fetcher of their pieces, and
+//!   their ranges would cross the uplink twice. The wait ends once every live peer shares.
 
 use crate::chunk::Chunk;
 use crate::id::BlobId;
@@ -49,6 +53,11 @@ pub struct FetchConfig {
     pub max_wait: Duration,
     /// How long after the download starts nothing is taken from the origin, so booting peers are known.
     pub gather: Duration,
+    /// How long after the download starts origin work waits for the live peers that do not want this
+    /// release yet: they learn of it from this agent's announcement within moments, and a piece fetched
+    /// before they share would be one another member is designated for. The wait ends as soon as every
+    /// live peer shares.
+    pub join_wait: Duration,
     /// Chunk requests in flight per peer.
     pub peer_window: usize,
     /// Chunk requests in flight to all peers together.
@@ -81,6 +90,7 @@ impl FetchConfig {
             has_origin: true,
             max_wait: Duration::from_secs(20),
             gather: Duration::from_secs(2),
+            join_wait: Duration::from_secs(2),
             peer_window: 8,
             max_inflight: 32,
             origin_window: 4,
@@ -281,6 +291,8 @@ pub struct Fetch {
     origin_reachable: bool,
     origin_inflight: usize,
     gather_until: Duration,
+    /// Until when origin work waits for live peers to take up the release ([`FetchConfig::join_wait`]).
+    join_until: Duration,
     /// The shop's uplink budget, and this agent's token balance for its share (bytes; may run negative
     /// after a range, which then waits for the balance to refill).
     budget: Option<u64>,
@@ -388,6 +400,7 @@ impl Fetch {
             origin_reachable: cfg.has_origin,
             origin_inflight: 0,
             gather_until: now + cfg.gather,
+            join_until: now + cfg.join_wait,
             budget: None,
             tokens: 0.0,
             tokens_at: now,
@@ -823,7 +836,13 @@ impl Fetch {
             .sum::<usize>()
             .min(self.cfg.max_inflight.max(1).saturating_sub(in_flight));
         let origin_ok = self.origin_usable(now);
-        let gathering = now < self.gather_until;
+        // Gathering: booting peers are not known yet, or known peers have not taken up the release.
+        let joining = now < self.join_until
+            && self
+                .peers
+                .iter()
+                .any(|p| p.up && !p.shares && p.banned_until.is_none());
+        let gathering = now < self.gather_until || joining;
         let origin_slots = if origin_ok {
             self.cfg
                 .origin_window
@@ -841,8 +860,11 @@ impl Fetch {
             if let Some(t) = self.origin_until.filter(|_| self.cfg.has_origin) {
                 soon(t, &mut wake);
             }
-            if gathering {
+            if now < self.gather_until {
                 soon(self.gather_until, &mut wake);
+            }
+            if joining {
+                soon(self.join_until, &mut wake);
             }
         }
         // Each agent scans from its own point of the release, so a fleet asks for different chunks first
@@ -1055,6 +1077,7 @@ mod tests {
     fn cfg(me: &str) -> FetchConfig {
         let mut c = FetchConfig::new(me);
         c.gather = Duration::ZERO;
+        c.join_wait = Duration::ZERO;
         c.piece = 4 * 64 * 1024;
         c.max_range = 4 * 64 * 1024;
         c
@@ -1206,6 +1229,51 @@ mod tests {
                 Some("a")
             );
         }
+    }
+
+    #[test]
+    fn a_new_release_waits_for_the_live_peers_to_take_it_up_but_not_longer_than_join_wait() {
+        let r = release(64, 64 * 1024);
+        let blob = r[0].blob;
+        let mut c = cfg("a");
+        c.join_wait = secs(2.0);
+        let up = |f: &mut Fetch, peer: &str, shares: bool, t: f64| {
+            f.handle(
+                Event::PeerUp {
+                    peer: peer.into(),
+                    shares,
+                },
+                secs(t),
+            )
+        };
+        // Alone: nothing to wait for.
+        let mut alone = Fetch::new(c.clone(), &r, &[vec![]], Duration::ZERO);
+        assert!(!gets(&alone.poll(Duration::ZERO)).is_empty());
+        // b and c are up but have not taken the release up yet: the origin waits.
+        let mut f = Fetch::new(c.clone(), &r, &[vec![]], Duration::ZERO);
+        up(&mut f, "b", false, 0.0);
+        up(&mut f, "c", false, 0.0);
+        assert!(gets(&f.poll(Duration::ZERO)).is_empty());
+        assert_eq!(f.next_wake(), Some(secs(2.0)));
+        up(&mut f, "b", true, 0.1);
+        assert!(gets(&f.poll(secs(0.1))).is_empty(), "c does not share yet");
+        // Once both share, the pieces are shared out at once, and "a" takes only its own.
+        up(&mut f, "c", true, 0.2);
+        let g = gets(&f.poll(secs(0.2)));
+        assert!(!g.is_empty());
+        let group = ["a".to_string(), "b".to_string(), "c".to_string()];
+        for r in &g {
+            let piece = r.start / (4 * 64 * 1024);
+            assert_eq!(
+                crate::sync::designated(&group, &crate::sync::piece_key(&blob, piece)),
+                Some("a")
+            );
+        }
+        // A peer that never takes the release up holds the origin back join_wait at most.
+        let mut f = Fetch::new(c, &r, &[vec![]], Duration::ZERO);
+        up(&mut f, "b", false, 0.0);
+        assert!(gets(&f.poll(secs(1.9))).is_empty());
+        assert!(!gets(&f.poll(secs(2.0))).is_empty());
     }
 
     #[test]

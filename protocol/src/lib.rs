@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod migration;
 pub mod sim;
 pub mod status;
+pub mod switch;
 pub mod sync;
 #[cfg(any(test, feature = "testdata"))]
 pub mod testdata;

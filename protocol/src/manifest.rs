@@ -143,6 +143,13 @@ pub struct Manifest {
     pub recognizer: RecognizerSettings,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub canaries: Vec<Canary>,
+    /// How the release goes live once ready ([`crate::switch`]): at once, or together with the shop.
+    /// Absent: the agent's own `activate` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activate: Option<crate::switch::Mode>,
+    /// No agent switches to the release before this time (the operator's "switch at 03:00").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Timestamp>,
 }
 
 /// A blob a release needs, whatever its role.
@@ -177,6 +184,11 @@ pub enum ManifestError {
     #[error("manifest expires ({expires_at}) before it was created ({created_at})")]
     ExpiresBeforeCreated {
         created_at: Timestamp,
+        expires_at: Timestamp,
+    },
+    #[error("manifest may not go live ({not_before}) before it expires ({expires_at})")]
+    NotBeforeAfterExpiry {
+        not_before: Timestamp,
         expires_at: Timestamp,
     },
     #[error("{what} is empty (size 0)")]
@@ -270,6 +282,14 @@ impl Manifest {
         if self.expires_at <= self.created_at {
             return Err(ManifestError::ExpiresBeforeCreated {
                 created_at: self.created_at,
+                expires_at: self.expires_at,
+            });
+        }
+        if let Some(not_before) = self.not_before
+            && not_before >= self.expires_at
+        {
+            return Err(ManifestError::NotBeforeAfterExpiry {
+                not_before,
                 expires_at: self.expires_at,
             });
         }
@@ -372,6 +392,8 @@ pub(crate) mod tests {
                 media_type: "image/png".into(),
                 card_id: "base1-4".into(),
             }],
+            activate: None,
+            not_before: None,
         }
     }
 
@@ -380,6 +402,15 @@ pub(crate) mod tests {
         let m = sample(3);
         assert_eq!(Manifest::from_payload(&m.to_payload()).unwrap(), m);
         assert_eq!(m.blobs().len(), 7);
+        // The switch fields are absent unless set, and round-trip when set.
+        let text = String::from_utf8(m.to_payload()).unwrap();
+        assert!(!text.contains("activate") && !text.contains("not_before"));
+        let mut m = sample(4);
+        m.activate = Some(crate::switch::Mode::Together);
+        m.not_before = Some(m.created_at);
+        let text = String::from_utf8(m.to_payload()).unwrap();
+        assert!(text.contains("\"activate\": \"together\""), "{text}");
+        assert_eq!(Manifest::from_payload(&m.to_payload()).unwrap(), m);
     }
 
     #[test]
@@ -445,6 +476,13 @@ pub(crate) mod tests {
         assert!(matches!(
             Manifest::from_payload(&m.to_payload()),
             Err(ManifestError::ExpiresBeforeCreated { .. })
+        ));
+
+        let mut m = sample(1);
+        m.not_before = Some(m.expires_at);
+        assert!(matches!(
+            Manifest::from_payload(&m.to_payload()),
+            Err(ManifestError::NotBeforeAfterExpiry { .. })
         ));
 
         let mut m = sample(1);

@@ -29,6 +29,9 @@ pub struct Status {
     pub bytes_from_bundles: u64,
     /// Bytes served to peers since start.
     pub bytes_served: u64,
+    /// How the last release this agent switched to went live.
+    #[serde(default)]
+    pub last_switch: Option<Switch>,
     /// Where the QUIC endpoint listens (with fleet credentials).
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
@@ -42,6 +45,9 @@ pub struct ActiveRelease {
     pub manifest: String,
     /// `hailo` or `cpu`.
     pub backend: String,
+    /// When it went live on this agent (RFC 3339).
+    #[serde(default)]
+    pub activated_at: Option<String>,
 }
 
 /// A release being downloaded, and how far it got.
@@ -54,6 +60,21 @@ pub struct Pending {
     pub bytes_have: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_origin: u64,
+    /// Held complete and checked, waiting to switch (the manifest's `not_before`, or the shop switching
+    /// together): what it waits for.
+    #[serde(default)]
+    pub waiting: Option<String>,
+}
+
+/// How a release went live on an agent ([`crate::switch`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
+    pub version: u64,
+    /// When it was held complete and canary-checked, and when it went live (RFC 3339).
+    pub ready_at: String,
+    pub switched_at: String,
+    /// `at once`, `all ready`, `a member switched` or `deadline`.
+    pub why: String,
 }
 
 /// A release refused at activation.
@@ -140,6 +161,9 @@ impl Status {
                 "pending     version {}: {}/{} bytes ({} from peers, {} from origin)",
                 p.version, p.bytes_have, p.bytes_total, p.bytes_from_peers, p.bytes_from_origin
             );
+            if let Some(w) = &p.waiting {
+                let _ = writeln!(out, "            ready; {w}");
+            }
         }
         let _ = writeln!(
             out,
@@ -234,6 +258,7 @@ mod tests {
                 version: 7,
                 manifest: "b3:00".into(),
                 backend: "cpu".into(),
+                activated_at: None,
             }),
             peers: vec![PeerInfo {
                 id: "pi-2".into(),

@@ -104,6 +104,10 @@ pub struct Hello {
     pub listen: String,
     /// Whether the agent can fetch from the origin now: only such agents share the origin fetches.
     pub origin: bool,
+    /// The release the agent holds complete and canary-checked, waiting to switch together with the
+    /// shop ([`crate::switch`]). An optional trailing field: a Hello without it is encoded exactly as
+    /// before it existed.
+    pub ready: Option<ReleaseRef>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,6 +219,9 @@ impl W {
         self.release(&h.pending);
         self.bytes(h.listen.as_bytes());
         self.0.push(u8::from(h.origin));
+        if h.ready.is_some() {
+            self.release(&h.ready);
+        }
     }
     fn finish(mut self) -> Vec<u8> {
         let len = (self.0.len() - 4) as u32;
@@ -282,6 +289,11 @@ impl<'a> R<'a> {
                 0 => false,
                 1 => true,
                 other => return Err(WireError::Flag(other)),
+            },
+            ready: if self.0.is_empty() {
+                None
+            } else {
+                self.release("ready release")?
             },
         })
     }
@@ -484,6 +496,7 @@ mod tests {
             pending: None,
             listen: "127.0.0.1:7000".into(),
             origin: true,
+            ready: None,
         }
     }
 
@@ -491,6 +504,13 @@ mod tests {
     fn every_message_round_trips() {
         let requests = [
             Request::Hello(hello()),
+            Request::Hello(Hello {
+                ready: Some(ReleaseRef {
+                    version: 4,
+                    manifest: BlobId::of(b"m4"),
+                }),
+                ..hello()
+            }),
             Request::GetManifest {
                 deployment: "shop".into(),
             },
@@ -510,6 +530,9 @@ mod tests {
                 chunks: (0..MAX_HAVE as u32).collect(),
             },
         ];
+        // A Hello that is not ready ends with the origin flag, as before the optional field existed.
+        let plain = Request::Hello(hello()).encode();
+        assert_eq!(plain.last(), Some(&1));
         for m in requests {
             assert!(m.encode().len() - 4 <= MAX_REQUEST);
             assert_eq!(Request::decode(body(&m.encode(), MAX_REQUEST)).unwrap(), m);

@@ -370,6 +370,7 @@ fn fake_peer(
         pending: None,
         listen: addr.to_string(),
         origin: false,
+        ready: None,
     };
     if let Some(agent) = introduce {
         let (endpoint, hello, client) = (
@@ -723,6 +724,7 @@ async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
                 pending: None,
                 listen: "127.0.0.1:9".into(),
                 origin: false,
+                ready: None,
             }),
             Request::GetManifest {
                 deployment: "shop-1".into(),
@@ -882,5 +884,179 @@ async fn a_member_that_stops_is_shown_gone_at_once() {
         .await
         .unwrap();
     assert_eq!(s.live_peers(), 0, "{s:?}");
+    fleet.stop().await.unwrap();
+}
+
+/// Every agent's last switch: (ready_at, switched_at, why), for version `v`.
+async fn switches(fleet: &Fleet, v: u64) -> Vec<(jiff::Timestamp, jiff::Timestamp, String)> {
+    let mut out = Vec::new();
+    for a in &fleet.agents {
+        let s = a.status().await.unwrap();
+        let sw = s
+            .last_switch
+            .unwrap_or_else(|| panic!("{}: no switch", a.name));
+        assert_eq!(sw.version, v, "{}", a.name);
+        out.push((
+            sw.ready_at.parse().unwrap(),
+            sw.switched_at.parse().unwrap(),
+            sw.why,
+        ));
+    }
+    out
+}
+
+/// The largest difference between the times, in seconds.
+fn spread(times: impl Iterator<Item = jiff::Timestamp> + Clone) -> f64 {
+    let (lo, hi) = (times.clone().min().unwrap(), times.max().unwrap());
+    hi.duration_since(lo).as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_marked_together_goes_live_on_five_agents_within_a_second() {
+    // Four agents with the origin, and a fifth without it, which can only take chunks once the others
+    // stored them: the five are ready at different moments. The operator marks the release `together`
+    // in its manifest (no agent setting says so).
+    let mut fleet = shop("switch-together").agents(4).start().await.unwrap();
+    let peers = fleet.quic_addrs();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi-4".into(),
+            origin: false,
+            peers,
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    fleet
+        .wait_all(secs(30), "every other agent live", |s| s.live_peers() == 4)
+        .await
+        .unwrap();
+    let files = fixtures::write_sized_release(
+        &fleet.join("release-1"),
+        &ReferenceSpec::small(40),
+        8 * MIB,
+        1,
+    )
+    .unwrap();
+    let mut opts = deckhand_tests::publish_options(&files);
+    opts.activate = Some(deckhand_protocol::switch::Mode::Together);
+    let work = fleet.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let (v1, _) = publish::publish(
+        fleet.origin(),
+        &fleet.s3().origin_config(),
+        fleet.key(),
+        &opts,
+        &work,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        v1.manifest.activate,
+        Some(deckhand_protocol::switch::Mode::Together)
+    );
+    fleet
+        .wait_all(secs(120), "version 1 active", is_version(1))
+        .await
+        .unwrap();
+    let sw = switches(&fleet, 1).await;
+    eprintln!("switches: {sw:?}");
+    // Nobody went live before the last one was ready, and all went live within a second.
+    let last_ready = sw.iter().map(|s| s.0).max().unwrap();
+    for (i, (_, switched, why)) in sw.iter().enumerate() {
+        assert!(
+            *switched >= last_ready,
+            "pi-{i} switched at {switched} ({why}), before the last agent was ready at {last_ready}"
+        );
+        assert_ne!(why, "deadline", "pi-{i}");
+    }
+    assert!(
+        spread(sw.iter().map(|s| s.0)) > 0.0,
+        "the agents were ready at different moments"
+    );
+    let s = spread(sw.iter().map(|s| s.1));
+    assert!(s <= 1.0, "activations spread over {s:.3} s");
+    fleet.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_cannot_finish_holds_the_shop_only_until_the_deadline() {
+    // The agents switch together by their own setting, with a 3 s deadline. pi-2's store budget is too
+    // small for the release: it stays live, on no release, and never becomes ready.
+    let mut fleet = shop("switch-deadline")
+        .agents(2)
+        .agent_args(&[
+            "--activate",
+            "together",
+            "--activate-deadline-secs",
+            "3",
+            // pi-2's designated pieces are not waited for long: it never fetches them.
+            "--max-wait-secs",
+            "2",
+        ])
+        .start()
+        .await
+        .unwrap();
+    let peers = fleet.quic_addrs();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi-2".into(),
+            origin: true,
+            peers,
+            extra: vec!["--store-budget".into(), (1024 * 1024).to_string()],
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    fleet
+        .wait_all(secs(30), "every other agent live", |s| s.live_peers() == 2)
+        .await
+        .unwrap();
+    let files = fixtures::write_sized_release(
+        &fleet.join("release-1"),
+        &ReferenceSpec::small(40),
+        4 * MIB,
+        1,
+    )
+    .unwrap();
+    fleet.publish(&files).await.unwrap();
+    // While it waits, status says for whom.
+    fleet.agents[0]
+        .wait_for(secs(60), "waiting for pi-2", |s| {
+            s.pending
+                .as_ref()
+                .and_then(|p| p.waiting.as_deref())
+                .is_some_and(|w| w.contains("waiting for pi-2"))
+        })
+        .await
+        .unwrap();
+    for a in &fleet.agents[..2] {
+        a.wait_for(secs(60), "version 1 active", is_version(1))
+            .await
+            .unwrap();
+    }
+    let mut sw = Vec::new();
+    for a in &fleet.agents[..2] {
+        let s = a.status().await.unwrap().last_switch.unwrap();
+        let (ready, switched): (jiff::Timestamp, jiff::Timestamp) =
+            (s.ready_at.parse().unwrap(), s.switched_at.parse().unwrap());
+        eprintln!("{}: ready {ready}, switched {switched} ({})", a.name, s.why);
+        sw.push((ready, switched, s.why));
+    }
+    // The first to reach its deadline switched after 3 s (not much later); the other followed it.
+    let first = sw.iter().min_by_key(|s| s.1).unwrap();
+    assert_eq!(first.2, "deadline");
+    let waited = first.1.duration_since(first.0).as_secs_f64();
+    assert!((3.0..6.0).contains(&waited), "waited {waited:.2} s");
+    assert!(
+        sw.iter()
+            .all(|s| s.2 == "deadline" || s.2 == "a member switched")
+    );
+    let s = spread(sw.iter().map(|s| s.1));
+    assert!(s <= 1.0, "activations spread over {s:.3} s");
+    // pi-2 still has no release, and says why.
+    let s = fleet.agents[2].status().await.unwrap();
+    assert_eq!(s.active_version(), None);
+    assert!(s.last_error.is_some(), "{s:?}");
     fleet.stop().await.unwrap();
 }

@@ -176,6 +176,13 @@ struct PublishArgs {
     /// Minimum similarity for a match (default 0.5).
     #[arg(long)]
     min_score: Option<f32>,
+    /// How agents switch to the release once they hold it: at-once, or together (each waits until every
+    /// live agent of the shop is ready, or its deadline passes). Default: each agent's own setting.
+    #[arg(long)]
+    activate: Option<deckhand_protocol::switch::Mode>,
+    /// No agent switches before this time (RFC 3339, e.g. 2026-12-03T03:00:00Z).
+    #[arg(long)]
+    not_before: Option<String>,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -624,6 +631,15 @@ fn publish_options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, 
             metric,
             min_score: a.min_score,
         },
+        activate: a.activate,
+        not_before: a
+            .not_before
+            .as_deref()
+            .map(|t| {
+                t.parse::<jiff::Timestamp>()
+                    .map_err(|e| usage("not-before", t, format!("not an RFC 3339 time: {e}")))
+            })
+            .transpose()?,
         progress: !a.no_progress,
     })
 }

@@ -75,6 +75,9 @@ pub struct PublishOptions {
     pub inputs: Inputs,
     pub expires_in: SignedDuration,
     pub overrides: SettingsOverrides,
+    /// How the release goes live (`None`: each agent's own setting), and not before when.
+    pub activate: Option<deckhand_protocol::switch::Mode>,
+    pub not_before: Option<Timestamp>,
     /// Draw a progress bar (only ever on a terminal).
     pub progress: bool,
 }
@@ -104,6 +107,8 @@ impl PublishOptions {
             },
             expires_in,
             overrides: Default::default(),
+            activate: None,
+            not_before: None,
             progress: false,
         }
     }
@@ -369,6 +374,8 @@ pub async fn prepare(
         artifacts,
         recognizer: checked.settings,
         canaries,
+        activate: opts.activate,
+        not_before: opts.not_before,
     };
     sign(manifest, key, uploaded, skipped, bytes_uploaded)
 }

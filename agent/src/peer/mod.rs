@@ -96,6 +96,8 @@ pub struct LocalState {
     pub envelope: Option<Vec<u8>>,
     /// Whether this agent can fetch from the origin now.
     pub origin: bool,
+    /// The release this agent holds ready, waiting to switch together with the shop.
+    pub ready: Option<ReleaseRef>,
 }
 
 impl LocalState {
@@ -385,6 +387,7 @@ impl PeerNode {
             let same = l.active == state.active
                 && l.pending == state.pending
                 && l.origin == state.origin
+                && l.ready == state.ready
                 && l.envelope == state.envelope;
             *l = state;
             if same {
@@ -411,6 +414,7 @@ impl PeerNode {
             pending: l.pending,
             listen: self.inner.listen.to_string(),
             origin: l.origin,
+            ready: l.ready,
         }
     }
 

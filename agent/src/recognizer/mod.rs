@@ -114,6 +114,8 @@ pub struct Recognizer {
     backend: &'static str,
     pub version: u64,
     pub manifest_id: BlobId,
+    /// When it went live (set once, at the swap).
+    activated_at: std::sync::OnceLock<jiff::Timestamp>,
 }
 
 impl std::fmt::Debug for Recognizer {
@@ -210,7 +212,13 @@ impl Recognizer {
             settings: settings.clone(),
             version,
             manifest_id,
+            activated_at: std::sync::OnceLock::new(),
         })
+    }
+
+    /// When this release went live, if it did.
+    pub fn activated_at(&self) -> Option<jiff::Timestamp> {
+        self.activated_at.get().copied()
     }
 
     /// Assembles a recognizer from parts already checked (tests use it to drive the service with their
@@ -233,6 +241,7 @@ impl Recognizer {
             settings,
             version,
             manifest_id,
+            activated_at: std::sync::OnceLock::new(),
         }
     }
 

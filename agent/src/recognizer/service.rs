@@ -184,12 +184,18 @@ impl Service {
             );
             return Err(e);
         }
+        self.swap(candidate);
+        Ok(())
+    }
+
+    /// Makes a recognizer whose canaries were already checked ([`check_canaries`]) the live one.
+    pub fn swap(&self, candidate: Recognizer) {
         let version = candidate.version;
+        let _ = candidate.activated_at.set(jiff::Timestamp::now());
         // The swap: one atomic store. In-flight batches keep their own Arc of the old recognizer.
         self.live.store(Some(Arc::new(candidate)));
         self.metrics.swap();
         tracing::info!(version, "release activated");
-        Ok(())
     }
 
     /// Records a release refused before it could be checked here (it did not load).

@@ -117,8 +117,9 @@ impl Engine {
         let mut tasks: JoinSet<Done> = JoinSet::new();
         let mut known: BTreeMap<String, bool> = BTreeMap::new();
         let mut refresh_at = Duration::ZERO;
-        let mut to_announce: BTreeMap<BlobId, BTreeSet<u32>> = BTreeMap::new();
-        let mut pushing: BTreeSet<String> = BTreeSet::new();
+        let mut owed = Owed::default();
+        // Peers that serve this release already: they hold every chunk of it.
+        let mut serving: BTreeSet<String> = BTreeSet::new();
         let mut flush_at = Duration::ZERO;
         let mut haves = self.haves.lock().await;
         let mut last_have = fetch.progress().bytes_held;
@@ -156,6 +157,20 @@ impl Engine {
                 if new {
                     self.ask_bitmaps(&mut tasks, peer, &blobs);
                 }
+                // A peer that switched to the release holds all of it, whatever its last HAVE pushes
+                // said: its pieces are not fetched again when it stops sharing the origin fetches.
+                if hello.active == Some(*release) && serving.insert(peer.clone()) {
+                    for b in &blobs {
+                        fetch.handle(
+                            Event::Bitmap {
+                                peer: peer.clone(),
+                                blob: b.blob,
+                                bitmap: vec![0xff; b.chunks.len().div_ceil(8)],
+                            },
+                            t,
+                        );
+                    }
+                }
             }
             let gone: Vec<String> = known
                 .keys()
@@ -186,7 +201,7 @@ impl Engine {
             }
             if fetch.is_complete() {
                 // Tell the others what the last chunks were before leaving.
-                self.flush_haves(&mut tasks, release, &mut to_announce, &mut pushing);
+                self.flush_haves(&mut tasks, release, &mut owed);
                 break;
             }
             if fetch.stalled(t) {
@@ -208,15 +223,15 @@ impl Engine {
                 self.start(&mut tasks, action);
             }
             self.announce();
-            if t >= flush_at && !to_announce.is_empty() {
+            if t >= flush_at && !owed.is_empty() {
                 flush_at = t + HAVE_EVERY;
-                self.flush_haves(&mut tasks, release, &mut to_announce, &mut pushing);
+                self.flush_haves(&mut tasks, release, &mut owed);
             }
             let wake = fetch
                 .next_wake()
                 .map_or(LOOK, |w| w.saturating_sub(t))
                 .min(LOOK);
-            let wake = if to_announce.is_empty() {
+            let wake = if owed.is_empty() {
                 wake
             } else {
                 wake.min(flush_at.saturating_sub(t))
@@ -227,11 +242,11 @@ impl Engine {
                         Ok(d) => d,
                         Err(e) => return Err(SyncError::Worker(e)),
                     };
-                    self.finished(done, &mut fetch, &places, &mut to_announce, &mut pushing, now())?;
+                    self.finished(done, &mut fetch, &places, &mut owed, now())?;
                     // Take in whatever else finished meanwhile before deciding again.
                     while let Some(more) = tasks.try_join_next() {
                         let d = more.map_err(SyncError::Worker)?;
-                        self.finished(d, &mut fetch, &places, &mut to_announce, &mut pushing, now())?;
+                        self.finished(d, &mut fetch, &places, &mut owed, now())?;
                     }
                 }
                 Some(note) = recv_opt(&mut *haves) => {
@@ -243,9 +258,15 @@ impl Engine {
                 _ = tokio::time::sleep(wake) => {}
             }
         }
-        // The final HAVE pushes are short (2 s timeout each); they are not waited for past a moment.
+        // The final HAVE pushes are short (2 s timeout each); they are not waited for past a moment. What
+        // was owed to a peer while a push to it was in flight goes out once that push is done.
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while tasks.join_next().await.is_some() {}
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Done::Pushed { peer }) = done {
+                    owed.pushing.remove(&peer);
+                    self.flush_haves(&mut tasks, release, &mut owed);
+                }
+            }
         })
         .await;
         Ok(())
@@ -345,14 +366,13 @@ impl Engine {
         done: Done,
         fetch: &mut Fetch,
         places: &HashMap<BlobId, Vec<(BlobId, u32)>>,
-        to_announce: &mut BTreeMap<BlobId, BTreeSet<u32>>,
-        pushing: &mut BTreeSet<String>,
+        owed: &mut Owed,
         t: Duration,
     ) -> Result<(), SyncError> {
         let mut stored = |fetch: &mut Fetch, id: BlobId| {
             fetch.handle(Event::Stored { id }, t);
             for (blob, i) in places.get(&id).into_iter().flatten() {
-                to_announce.entry(*blob).or_default().insert(*i);
+                owed.fresh.entry(*blob).or_default().insert(*i);
             }
         };
         match done {
@@ -427,7 +447,7 @@ impl Engine {
             } => fetch.handle(Event::Bitmap { peer, blob, bitmap }, t),
             Done::Bitmap { bitmap: None, .. } => {}
             Done::Pushed { peer } => {
-                pushing.remove(&peer);
+                owed.pushing.remove(&peer);
             }
         }
         Ok(())
@@ -435,34 +455,41 @@ impl Engine {
 
     /// Pushes what was stored since the last push to every peer downloading the same release (one push
     /// in flight per peer; a peer still busy with the last one catches up from its bitmap refresh).
-    fn flush_haves(
-        &self,
-        tasks: &mut JoinSet<Done>,
-        release: &ReleaseRef,
-        to_announce: &mut BTreeMap<BlobId, BTreeSet<u32>>,
-        pushing: &mut BTreeSet<String>,
-    ) {
-        let batch = std::mem::take(to_announce);
+    /// Pushes to every peer downloading the same release the chunks owed to it, one push in flight per
+    /// peer: what is stored meanwhile waits for that push to finish, and is not lost.
+    fn flush_haves(&self, tasks: &mut JoinSet<Done>, release: &ReleaseRef, owed: &mut Owed) {
+        let fresh = std::mem::take(&mut owed.fresh);
         let Some(node) = self.peers.clone() else {
             return;
         };
-        let batches: Vec<(BlobId, Vec<u32>)> = batch
+        let downloading: BTreeSet<String> = node
+            .usable()
             .into_iter()
-            .flat_map(|(blob, idx)| {
-                let idx: Vec<u32> = idx.into_iter().collect();
-                idx.chunks(MAX_HAVE)
-                    .map(|c| (blob, c.to_vec()))
-                    .collect::<Vec<_>>()
-            })
+            .filter(|(_, h)| h.pending.is_some_and(|r| r.manifest == release.manifest))
+            .map(|(peer, _)| peer)
             .collect();
-        for (peer, hello) in node.usable() {
-            if hello.pending.is_none_or(|r| r.manifest != release.manifest)
-                || pushing.contains(&peer)
-            {
+        // A peer that left, or no longer downloads it, is owed nothing (it asks for bitmaps if it
+        // comes back).
+        owed.per_peer.retain(|peer, _| downloading.contains(peer));
+        for peer in downloading {
+            let debt = owed.per_peer.entry(peer.clone()).or_default();
+            for (blob, idx) in &fresh {
+                debt.entry(*blob).or_default().extend(idx.iter().copied());
+            }
+            if owed.pushing.contains(&peer) || debt.is_empty() {
                 continue;
             }
-            pushing.insert(peer.clone());
-            let (node, batches) = (node.clone(), batches.clone());
+            let batches: Vec<(BlobId, Vec<u32>)> = std::mem::take(debt)
+                .into_iter()
+                .flat_map(|(blob, idx)| {
+                    let idx: Vec<u32> = idx.into_iter().collect();
+                    idx.chunks(MAX_HAVE)
+                        .map(|c| (blob, c.to_vec()))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            owed.pushing.insert(peer.clone());
+            let node = node.clone();
             tasks.spawn(async move {
                 for (blob, chunks) in batches {
                     if let Err(e) = node.push_have(&peer, &blob, chunks).await {
@@ -473,6 +500,23 @@ impl Engine {
                 Done::Pushed { peer }
             });
         }
+    }
+}
+
+/// HAVE announcements this agent owes the peers downloading the same release.
+#[derive(Default)]
+struct Owed {
+    /// Stored since the last flush, not yet assigned to peers.
+    fresh: BTreeMap<BlobId, BTreeSet<u32>>,
+    /// Per peer, what it has not been told yet.
+    per_peer: BTreeMap<String, BTreeMap<BlobId, BTreeSet<u32>>>,
+    /// Peers with a push in flight.
+    pushing: BTreeSet<String>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.fresh.is_empty() && self.per_peer.values().all(BTreeMap::is_empty)
     }
 }
 

@@ -29,11 +29,12 @@ use crate::http::metrics::Source;
 use crate::origin::{Fetched, Origin, OriginError};
 use crate::peer::{HaveNote, Hint, LocalState, PeerNode};
 use crate::recognizer::BackendChoice;
-use crate::recognizer::service::Service;
+use crate::recognizer::service::{Service, check_canaries};
 use crate::sync::activation::ActivationError;
 use deckhand_protocol::layout::{Layout, Name};
 use deckhand_protocol::manifest::BlobRef;
 use deckhand_protocol::status::Pending;
+use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
 use deckhand_protocol::wire::ReleaseRef;
 use deckhand_protocol::{ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
 use deckhand_store::Store;
@@ -50,6 +51,8 @@ const ORIGIN_RETRY: Duration = Duration::from_secs(5);
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
 const META_PENDING: &str = "pending_envelope";
+/// How often a ready release waiting to switch looks at the peers again.
+const SWITCH_POLL: Duration = Duration::from_millis(100);
 
 /// What status shows about syncing.
 #[derive(Clone, Debug, Default)]
@@ -63,6 +66,8 @@ pub struct SyncStatus {
     pub bytes_from_bundles: u64,
     /// The last manifest refused as older than what this agent accepted (a replay), and from where.
     pub last_refused_manifest: Option<String>,
+    /// How the last release this agent switched to went live.
+    pub last_switch: Option<deckhand_protocol::status::Switch>,
 }
 
 #[derive(Clone)]
@@ -82,6 +87,9 @@ pub struct SyncConfig {
     pub gather: Duration,
     /// The shop's uplink budget, shared by the agents fetching.
     pub budget: deckhand_protocol::budget::Budget,
+    /// How a ready release goes live when its manifest does not say, and the longest wait for the shop.
+    pub activate: deckhand_protocol::switch::Mode,
+    pub activate_deadline: Duration,
 }
 
 /// Where a manifest came from.
@@ -167,6 +175,8 @@ pub struct Engine {
     pending: Arc<Mutex<Option<VerifiedManifest>>>,
     /// HAVE announcements peers push; read by the one download running.
     haves: Arc<tokio::sync::Mutex<Option<mpsc::Receiver<HaveNote>>>>,
+    /// The release held ready to switch together, announced to peers.
+    ready: Arc<Mutex<Option<ReleaseRef>>>,
 }
 
 /// Inputs the engine listens to besides the origin.
@@ -196,6 +206,7 @@ impl Engine {
             pending: Arc::new(Mutex::new(None)),
             origin_last_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             haves: Arc::new(tokio::sync::Mutex::new(None)),
+            ready: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -348,6 +359,7 @@ impl Engine {
             }),
             envelope,
             origin: self.origin_reachable(),
+            ready: self.ready.lock().ok().and_then(|r| *r),
         });
     }
 
@@ -579,23 +591,37 @@ impl Engine {
     async fn activate(&self, v: &VerifiedManifest) -> Result<(), SyncError> {
         let m = &v.manifest;
         let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
-        let loaded = joined(
+        // Loaded and canary-checked off the runtime's threads: only the swap is left.
+        let checked = joined(
             tokio::task::spawn_blocking(move || {
-                let r = activation::load_recognizer(&s2, &v2, backend)?;
-                let c = activation::canaries(&s2, &v2.manifest)?;
-                Ok::<_, ActivationError>((r, c))
+                let r =
+                    activation::load_recognizer(&s2, &v2, backend).map_err(|e| e.to_string())?;
+                let c = activation::canaries(&s2, &v2.manifest).map_err(|e| e.to_string())?;
+                check_canaries(&r, &c).map_err(|e| e.to_string())?;
+                Ok::<_, String>(r)
             })
             .await,
         )?;
-        let result = match loaded {
-            Ok((recognizer, canaries)) => self
-                .service
-                .activate(recognizer, &canaries)
-                .map_err(|e| e.to_string()),
-            Err(e) => {
-                self.service
-                    .refuse(m.version, &v.id.to_string(), &e.to_string());
-                Err(e.to_string())
+        let result = match checked {
+            Ok(recognizer) => {
+                let ready_at = jiff::Timestamp::now();
+                let due = self.switch_when_due(v, ready_at).await;
+                self.set_ready(None);
+                let why = due?;
+                self.service.swap(recognizer);
+                if let Ok(mut s) = self.status.lock() {
+                    s.last_switch = Some(deckhand_protocol::status::Switch {
+                        version: m.version,
+                        ready_at: ready_at.to_string(),
+                        switched_at: jiff::Timestamp::now().to_string(),
+                        why: why.to_string(),
+                    });
+                }
+                Ok(())
+            }
+            Err(why) => {
+                self.service.refuse(m.version, &v.id.to_string(), &why);
+                Err(why)
             }
         };
         if let Ok(mut s) = self.status.lock() {
@@ -623,6 +649,94 @@ impl Engine {
         }
         self.announce();
         Ok(())
+    }
+
+    /// Holds a ready release until it is due ([`deckhand_protocol::switch`]): not before the manifest's
+    /// `not_before`, and when the shop switches together, until every live member is ready for it, one
+    /// already serves it, or the deadline passed. Meanwhile this agent announces it ready, status says
+    /// what it waits for, and a newer release announced by a peer ends the wait (superseded).
+    async fn switch_when_due(
+        &self,
+        v: &VerifiedManifest,
+        ready_at: jiff::Timestamp,
+    ) -> Result<switch::Why, SyncError> {
+        let m = &v.manifest;
+        let plan = Plan {
+            mode: m.activate.unwrap_or(self.cfg.activate),
+            not_before: m.not_before,
+            deadline: self.cfg.activate_deadline,
+        };
+        let release = ReleaseRef {
+            version: m.version,
+            manifest: v.id,
+        };
+        if plan.mode == Mode::Together {
+            self.set_ready(Some(release));
+        }
+        loop {
+            let members: Vec<(String, Member)> = self
+                .peers
+                .as_ref()
+                .map(|n| n.usable())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, h)| {
+                    let state = if h.active == Some(release) {
+                        Member::Serving
+                    } else if h.ready == Some(release) {
+                        Member::Ready
+                    } else {
+                        Member::NotReady
+                    };
+                    (id, state)
+                })
+                .collect();
+            let states: Vec<Member> = members.iter().map(|(_, m)| *m).collect();
+            let now = jiff::Timestamp::now();
+            let until = match switch::decide(&plan, ready_at, now, &states) {
+                Decision::Switch(why) => {
+                    tracing::info!(version = m.version, why = ?why, members = states.len(), "switching");
+                    self.pending_update(|p| p.waiting = None);
+                    return Ok(why);
+                }
+                Decision::Wait(until) => until,
+            };
+            let waiting = match plan.not_before {
+                Some(t) if now < t => format!("switching at {t} (the manifest's not_before)"),
+                _ => {
+                    let missing: Vec<&str> = members
+                        .iter()
+                        .filter(|(_, m)| *m == Member::NotReady)
+                        .map(|(id, _)| id.as_str())
+                        .collect();
+                    format!(
+                        "switching together: {} of {} agents ready, waiting for {}; at {until} at the latest",
+                        states.len() + 1 - missing.len(),
+                        states.len() + 1,
+                        missing.join(", ")
+                    )
+                }
+            };
+            self.pending_update(|p| p.waiting = Some(waiting.clone()));
+            if let Some((peer, newer)) = self.superseded(&release) {
+                self.pending_update(|p| p.waiting = None);
+                return Err(SyncError::Superseded {
+                    version: m.version,
+                    newer,
+                    peer,
+                });
+            }
+            let left = until.duration_since(now).unsigned_abs();
+            tokio::time::sleep(left.min(SWITCH_POLL)).await;
+        }
+    }
+
+    /// What this agent announces as ready to switch to.
+    fn set_ready(&self, release: Option<ReleaseRef>) {
+        if let Ok(mut r) = self.ready.lock() {
+            *r = release;
+        }
+        self.announce();
     }
 
     /// Usable peers, each with whether it shares the origin fetches of `release`: it wants the release
