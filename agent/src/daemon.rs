@@ -18,6 +18,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::Instrument as _;
 
+/// How long the daemon's tasks get to stop after the HTTP API stopped, before they are aborted.
+const TASKS_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub use crate::config::RunConfig;
 
 /// The agent's id: its certificate's name when it has fleet credentials, else one made up at first
@@ -180,10 +183,19 @@ pub async fn run(
             (None, None)
         }
     };
+    // Every task the daemon starts is owned here and stops on `stop_rx` (the peer node owns its own).
+    let mut tasks = tokio::task::JoinSet::new();
     let _mdns = match (&peers, cfg.settings.mdns) {
         (Some(node), true) => {
-            match crate::peer::discovery::Mdns::start(node.clone(), &cfg.deployment) {
-                Ok(m) => Some(m),
+            match crate::peer::discovery::Mdns::start(
+                node.clone(),
+                &cfg.deployment,
+                stop_rx.clone(),
+            ) {
+                Ok((m, browse)) => {
+                    tasks.spawn(browse.instrument(span.clone()));
+                    Some(m)
+                }
                 Err(e) => {
                     // Static peers still work; a LAN without multicast is no reason not to serve.
                     tracing::warn!(cause = %e, "mdns discovery is off");
@@ -195,10 +207,12 @@ pub async fn run(
     };
     let (bundle_tx, bundle_rx) = tokio::sync::mpsc::channel(4);
     let _bundles = match &cfg.settings.bundle_dir {
-        Some(dir) => Some(crate::sync::bundle::BundleWatcher::start(
-            dir.clone(),
-            bundle_tx,
-        )?),
+        Some(dir) => {
+            let (watcher, debounce) =
+                crate::sync::bundle::BundleWatcher::start(dir.clone(), bundle_tx, stop_rx.clone())?;
+            tasks.spawn(debounce.instrument(span.clone()));
+            Some(watcher)
+        }
         None => None,
     };
     let origin = match &cfg.origin {
@@ -225,7 +239,7 @@ pub async fn run(
         sync_status.clone(),
         peers.clone(),
     );
-    let sync_task = tokio::spawn(
+    tasks.spawn(
         engine
             .run(
                 crate::sync::Inputs {
@@ -335,7 +349,19 @@ pub async fn run(
     crate::http::serve(listener, app, shutdown).await?;
     tracing::debug!("the HTTP API stopped");
     let _ = stop_tx.send(true);
-    let _ = sync_task.await;
+    // Each task drops its work at once on stop; one that does not within the bound is aborted.
+    if tokio::time::timeout(TASKS_STOP, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            left = tasks.len(),
+            "tasks still running at shutdown; aborted"
+        );
+        tasks.abort_all();
+    }
     tracing::debug!("the sync engine stopped");
     if let Some(node) = &peers {
         node.shutdown(std::time::Duration::from_secs(1)).await;

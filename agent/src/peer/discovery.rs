@@ -22,7 +22,14 @@ pub struct Mdns {
 }
 
 impl Mdns {
-    pub fn start(node: PeerNode, deployment: &str) -> Result<Mdns, DiscoveryError> {
+    /// Registers this agent and browses for others. The returned future hands what the browser finds to
+    /// the peer node; the caller owns it (runs it on its task set) and it ends when `stop` turns true or
+    /// the daemon shuts down (the [`Mdns`] is dropped).
+    pub fn start(
+        node: PeerNode,
+        deployment: &str,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(Mdns, impl Future<Output = ()> + Send + 'static), DiscoveryError> {
         let daemon = mdns_sd::ServiceDaemon::new()?;
         let me = node.me().to_owned();
         let port = node.listen_addr().port();
@@ -39,30 +46,33 @@ impl Mdns {
         daemon.register(info)?;
         let events = daemon.browse(SERVICE)?;
         let deployment = deployment.to_owned();
-        // The browser's channel is synchronous; a small thread drains it for as long as the daemon runs.
-        std::thread::Builder::new()
-            .name("deckhand-mdns".into())
-            .spawn(move || {
-                while let Ok(event) = events.recv() {
-                    let mdns_sd::ServiceEvent::ServiceResolved(info) = event else {
-                        continue;
-                    };
-                    let id = info.get_property_val_str("id").unwrap_or_default();
-                    if id == me {
-                        continue;
-                    }
-                    if info.get_property_val_str("deployment") != Some(deployment.as_str()) {
-                        continue;
-                    }
-                    for ip in info.get_addresses() {
-                        let addr = SocketAddr::new(ip.to_ip_addr(), info.get_port());
-                        tracing::debug!(peer = id, %addr, "found by mdns");
-                        node.add_addr(addr);
-                    }
+        let browse = async move {
+            loop {
+                let event = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    e = events.recv_async() => match e {
+                        Ok(e) => e,
+                        Err(_) => return,
+                    },
+                };
+                let mdns_sd::ServiceEvent::ServiceResolved(info) = event else {
+                    continue;
+                };
+                let id = info.get_property_val_str("id").unwrap_or_default();
+                if id == me {
+                    continue;
                 }
-            })
-            .map_err(|e| DiscoveryError::Mdns(mdns_sd::Error::Msg(e.to_string())))?;
-        Ok(Mdns { daemon, fullname })
+                if info.get_property_val_str("deployment") != Some(deployment.as_str()) {
+                    continue;
+                }
+                for ip in info.get_addresses() {
+                    let addr = SocketAddr::new(ip.to_ip_addr(), info.get_port());
+                    tracing::debug!(peer = id, %addr, "found by mdns");
+                    node.add_addr(addr);
+                }
+            }
+        };
+        Ok((Mdns { daemon, fullname }, browse))
     }
 }
 

@@ -5,7 +5,7 @@
 use notify::{RecursiveMode, Watcher as _};
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How long the directory must stay quiet before it is read (a copy in progress keeps it busy).
 const QUIET: Duration = Duration::from_secs(1);
@@ -22,14 +22,21 @@ pub struct BundleWatcher {
 }
 
 impl BundleWatcher {
-    pub fn start(dir: PathBuf, tx: mpsc::Sender<PathBuf>) -> Result<BundleWatcher, BundleError> {
+    /// Starts watching `dir`. The returned future tells `tx` about changes once they settle; the
+    /// caller owns it (runs it on its task set) and it ends when `stop` turns true or the engine's end
+    /// of `tx` closes.
+    pub fn start(
+        dir: PathBuf,
+        tx: mpsc::Sender<PathBuf>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(BundleWatcher, impl Future<Output = ()> + Send + 'static), BundleError> {
         if !dir.is_dir() {
             return Err(BundleError::Watch {
                 path: dir,
                 why: "is not a directory".into(),
             });
         }
-        let (ev_tx, ev_rx) = std::sync::mpsc::sync_channel::<()>(64);
+        let (ev_tx, mut ev_rx) = mpsc::channel::<()>(64);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
                 // Full: a wake-up is already queued, which is all this needs.
@@ -47,21 +54,29 @@ impl BundleWatcher {
                 why: e.to_string(),
             })?;
         let _ = tx.try_send(dir.clone());
-        std::thread::Builder::new()
-            .name("deckhand-bundle".into())
-            .spawn(move || {
-                while ev_rx.recv().is_ok() {
-                    // Debounce: wait until nothing happened for QUIET.
-                    while ev_rx.recv_timeout(QUIET).is_ok() {}
-                    if tx.blocking_send(dir.clone()).is_err() {
-                        return;
+        let debounce = async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    ev = ev_rx.recv() => if ev.is_none() { return },
+                }
+                // Debounce: wait until nothing happened for QUIET.
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        ev = tokio::time::timeout(QUIET, ev_rx.recv()) => match ev {
+                            Ok(Some(())) => {}
+                            Ok(None) => return,
+                            Err(_) => break,
+                        },
                     }
                 }
-            })
-            .map_err(|e| BundleError::Watch {
-                path: PathBuf::new(),
-                why: e.to_string(),
-            })?;
-        Ok(BundleWatcher { _watcher: watcher })
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    sent = tx.send(dir.clone()) => if sent.is_err() { return },
+                }
+            }
+        };
+        Ok((BundleWatcher { _watcher: watcher }, debounce))
     }
 }

@@ -240,7 +240,9 @@ impl Engine {
         loop {
             if resume {
                 resume = false;
-                if let Ok(Some(env)) = self.store.get_meta(META_PENDING)
+                if let Ok(Some(env)) = self
+                    .on_store(|store| Ok(store.get_meta(META_PENDING)?))
+                    .await
                     && !env.is_empty()
                 {
                     match self.cfg.policy.verify_ignoring_expiry(&env) {
@@ -365,18 +367,34 @@ impl Engine {
 
     /// Verifies an envelope and, if it is new, records it as pending. `Ok(None)` when it is the newest
     /// already accepted (nothing to do) or older (refused, logged).
-    fn admit(&self, envelope: &[u8], from: &Via) -> Result<Option<VerifiedManifest>, SyncError> {
-        let deployment = self.cfg.deployment.as_str();
-        let highest = activation::highest_accepted(&self.store, deployment)?;
-        match activation::accept(
-            &self.store,
-            &self.cfg.policy,
-            deployment,
-            envelope,
-            jiff::Timestamp::now(),
-        ) {
+    async fn admit(
+        &self,
+        envelope: &[u8],
+        from: &Via,
+    ) -> Result<Option<VerifiedManifest>, SyncError> {
+        let (deployment, policy, envelope) = (
+            self.cfg.deployment.to_string(),
+            self.cfg.policy.clone(),
+            envelope.to_vec(),
+        );
+        let (highest, accepted) = self
+            .on_store(move |store| {
+                let highest = activation::highest_accepted(store, &deployment)?;
+                let accepted = activation::accept(
+                    store,
+                    &policy,
+                    &deployment,
+                    &envelope,
+                    jiff::Timestamp::now(),
+                );
+                if let Ok(v) = &accepted {
+                    store.set_meta(META_PENDING, &v.envelope, true)?;
+                }
+                Ok((highest, accepted))
+            })
+            .await?;
+        match accepted {
             Ok(v) => {
-                self.store.set_meta(META_PENDING, &v.envelope, true)?;
                 tracing::info!(version = v.manifest.version, manifest = %v.id, source = %from.label(), "release accepted");
                 Ok(Some(v))
             }
@@ -410,7 +428,7 @@ impl Engine {
             }
         };
         self.origin_ok();
-        if let Some(v) = self.admit(&body, &Via::Origin)? {
+        if let Some(v) = self.admit(&body, &Via::Origin).await? {
             self.fetch_and_activate(&v, Via::Origin).await?;
         }
         *etag = new_etag;
@@ -439,7 +457,7 @@ impl Engine {
             ),
         }
         let from = Via::Peer(h.peer.clone());
-        match self.admit(&envelope, &from) {
+        match self.admit(&envelope, &from).await {
             Ok(Some(v)) => self.fetch_and_activate(&v, from).await,
             Ok(None) => Ok(()),
             Err(e) => {
@@ -463,7 +481,7 @@ impl Engine {
             }
         };
         let from = Via::Bundle(dir.to_owned());
-        let Some(v) = self.admit(&envelope, &from)? else {
+        let Some(v) = self.admit(&envelope, &from).await? else {
             return Ok(());
         };
         let (store, d, m) = (self.store.clone(), dir.to_owned(), v.manifest.clone());
@@ -516,6 +534,29 @@ impl Engine {
                 .unwrap_or(true)
     }
 
+    /// Store work on a blocking thread: the one way the engine reaches its store, whose commits are
+    /// durable and may wait on the disk.
+    async fn on_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, SyncError> + Send + 'static,
+    ) -> Result<T, SyncError> {
+        let store = self.store.clone();
+        joined(tokio::task::spawn_blocking(move || f(&store)).await)?
+    }
+
+    /// Stores a small raw blob (a chunk map) checked against its id; gives the bytes back.
+    async fn put_raw(
+        &self,
+        id: deckhand_protocol::BlobId,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, SyncError> {
+        self.on_store(move |store| {
+            store.put_raw_expect(&id, &bytes)?;
+            Ok(bytes)
+        })
+        .await
+    }
+
     fn pending_update(&self, f: impl FnOnce(&mut Pending)) {
         if let Ok(mut s) = self.status.lock()
             && let Some(p) = s.pending.as_mut()
@@ -539,11 +580,15 @@ impl Engine {
             *p = Some(v.clone());
         }
         self.announce();
-        self.store
-            .set_pin("pending", &activation::release_blobs(m))?;
-        let sizes: Vec<_> = blobs.iter().map(|b| (b.blob, b.size)).collect();
-        let s = self.store.clone();
-        joined(tokio::task::spawn_blocking(move || s.reserve(&sizes)).await)??;
+        let (pin, sizes): (Vec<_>, Vec<_>) = (
+            activation::release_blobs(m),
+            blobs.iter().map(|b| (b.blob, b.size)).collect(),
+        );
+        self.on_store(move |store| {
+            store.set_pin("pending", &pin)?;
+            Ok(store.reserve(&sizes)?)
+        })
+        .await?;
         let complete = {
             let (s, m) = (self.store.clone(), m.clone());
             joined(tokio::task::spawn_blocking(move || activation::is_complete(&s, &m)).await)??
@@ -558,7 +603,8 @@ impl Engine {
             let mut maps = Vec::new();
             let mut have = 0;
             for b in &blobs {
-                if self.store.has(&b.blob)? {
+                let id = b.blob;
+                if self.on_store(move |store| Ok(store.has(&id)?)).await? {
                     have += b.size;
                     continue;
                 }
@@ -630,7 +676,8 @@ impl Engine {
         if let Ok(mut p) = self.pending.lock() {
             *p = None;
         }
-        self.store.set_meta(META_PENDING, b"", true)?;
+        self.on_store(|store| Ok(store.set_meta(META_PENDING, b"", true)?))
+            .await?;
         match result {
             Ok(()) => {
                 let (s2, v2) = (self.store.clone(), v.clone());
@@ -769,7 +816,11 @@ impl Engine {
     }
 
     async fn chunk_map(&self, b: &BlobRef, release: &ReleaseRef) -> Result<ChunkMap, SyncError> {
-        if let Ok(m) = self.store.read_chunk_map(&b.chunk_map) {
+        let id = b.chunk_map;
+        if let Ok(m) = self
+            .on_store(move |store| Ok(store.read_chunk_map(&id)?))
+            .await
+        {
             return Ok(m);
         }
         let mut last: Option<SyncError> = None;
@@ -777,7 +828,7 @@ impl Engine {
             for (peer, _) in self.sharing(release) {
                 match node.get_chunk(&peer, &b.chunk_map).await {
                     Ok(bytes) => {
-                        self.store.put_raw_expect(&b.chunk_map, &bytes)?;
+                        let bytes = self.put_raw(b.chunk_map, bytes).await?;
                         return ChunkMap::decode(&bytes).map_err(|source| SyncError::ChunkMap {
                             id: b.chunk_map,
                             source,
@@ -793,7 +844,7 @@ impl Engine {
             match origin.get(&origin.layout().blob(&b.chunk_map)).await {
                 Ok(bytes) => {
                     self.origin_ok();
-                    self.store.put_raw_expect(&b.chunk_map, &bytes)?;
+                    let bytes = self.put_raw(b.chunk_map, bytes.to_vec()).await?;
                     self.account(Source::Origin, bytes.len() as u64);
                     return ChunkMap::decode(&bytes).map_err(|source| SyncError::ChunkMap {
                         id: b.chunk_map,
