@@ -108,8 +108,8 @@ pub struct Settings {
     /// A directory watched for release bundles (`deckhand bundle export`, e.g. a USB stick).
     #[arg(long, value_parser = existing_dir)]
     pub bundle_dir: Option<PathBuf>,
-    /// The most bytes the store may hold (e.g. 2000000000) [default: no limit].
-    #[arg(long)]
+    /// The most the store may hold: bytes, or a size such as 2G, 500MiB or 1.5GB [default: no limit].
+    #[arg(long, value_parser = size)]
     pub store_budget: Option<u64>,
     /// Where releases are published: s3://bucket/prefix or file:///dir. Without it the agent syncs from
     /// peers and bundles only.
@@ -193,6 +193,50 @@ fn existing_dir(s: &str) -> Result<PathBuf, &'static str> {
 /// A whole number of seconds in `lo..=hi`.
 fn secs(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
     move |s| in_range(s, lo, hi).map(Duration::from_secs)
+}
+
+/// A size: a whole number of bytes, or a number with a unit (K, M, G, T in powers of 1000 with an
+/// optional B; KiB, MiB, GiB, TiB in powers of 1024).
+fn size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "k" | "kB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{other:?} is not a size unit (use B, K, M, G, T, KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    let bad = || format!("{s:?} is not a size such as 2G, 500MiB or 1000000");
+    let bytes = if num.contains('.') {
+        let v: f64 = num.parse().map_err(|_| bad())?;
+        let b = v * mult as f64;
+        if !b.is_finite() || !(1.0..1.8e19).contains(&b) {
+            return Err(bad());
+        }
+        b as u64
+    } else {
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .ok_or_else(bad)?
+    };
+    if bytes == 0 {
+        return Err(bad());
+    }
+    Ok(bytes)
 }
 
 fn rate(s: &str) -> Result<u64, String> {
@@ -429,6 +473,19 @@ pub fn example_file() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(size("2000000000"), Ok(2_000_000_000));
+        assert_eq!(size("2G"), Ok(2_000_000_000));
+        assert_eq!(size("2GB"), Ok(2_000_000_000));
+        assert_eq!(size("500MiB"), Ok(500 << 20));
+        assert_eq!(size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(size("64 KiB"), Ok(64 << 10));
+        for bad in ["", "0", "G", "2 parsecs", "-1G", "99999999999T", "1.2.3M"] {
+            assert!(size(bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn key_file(dir: &Path) -> PathBuf {
         let sk = deckhand_protocol::SecretKey::from_seed(&[7; 32]);

@@ -239,6 +239,7 @@ pub async fn run(
         sync_status.clone(),
         peers.clone(),
     );
+    let sync_beat = engine.beat();
     tasks.spawn(
         engine
             .run(
@@ -247,7 +248,7 @@ pub async fn run(
                     haves: peers.as_ref().and_then(|p| p.take_haves()),
                     bundles: Some(bundle_rx),
                 },
-                stop_rx,
+                stop_rx.clone(),
             )
             .instrument(span.clone()),
     );
@@ -330,6 +331,28 @@ pub async fn run(
         println!("quic listening on {}", node.listen_addr());
     }
     println!("listening on http://{addr}");
+    crate::systemd::ready();
+    {
+        let (status, service) = (status.clone(), service.clone());
+        tasks.spawn(
+            crate::systemd::run(
+                move || status().summary_line(),
+                move || {
+                    service.inference_alive(crate::systemd::INFERENCE_LIMIT)?;
+                    let quiet = sync_beat.since();
+                    if quiet > crate::systemd::SYNC_LIMIT {
+                        return Err(format!(
+                            "the sync loop has not gone round for {:.0} s",
+                            quiet.as_secs_f64()
+                        ));
+                    }
+                    Ok(())
+                },
+                stop_rx,
+            )
+            .instrument(span.clone()),
+        );
+    }
     let _inbox = match &cfg.settings.inbox {
         Some(inbox) => {
             let outbox = cfg
@@ -347,6 +370,7 @@ pub async fn run(
         fleet,
     });
     crate::http::serve(listener, app, shutdown).await?;
+    crate::systemd::stopping();
     tracing::debug!("the HTTP API stopped");
     let _ = stop_tx.send(true);
     // Each task drops its work at once on stop; one that does not within the bound is aborted.

@@ -22,3 +22,5 @@ pub mod maintenance;
 pub mod peer;
 #[cfg(feature = "daemon")]
 pub mod sync;
+#[cfg(feature = "daemon")]
+pub mod systemd;

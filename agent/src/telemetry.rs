@@ -3,14 +3,19 @@
 use tracing_subscriber::EnvFilter;
 
 /// Installs a stderr subscriber filtered by `RUST_LOG` (default `info`), as JSON when `json` is set.
+/// Under systemd (`JOURNAL_STREAM` set: stderr goes to the journal, which stamps every line itself)
+/// lines are plain: no colour, no timestamp.
 pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // A second init (tests running several commands in one process) keeps the first subscriber.
     let _ = if json {
         builder.json().try_init()
+    } else if journal {
+        builder.with_ansi(false).without_time().try_init()
     } else {
         builder.try_init()
     };

@@ -143,6 +143,36 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 
 impl Status {
     /// The status as lines for a person (`deckhand-agent status`).
+    /// One human line, for systemd's `STATUS=`: "serving v7 (hailo); syncing v8 43% from 3 peers".
+    pub fn summary_line(&self) -> String {
+        let mut out = match &self.active {
+            Some(a) => format!("serving v{} ({})", a.version, a.backend),
+            None => "no release yet".to_owned(),
+        };
+        if let Some(p) = &self.pending {
+            let pct = (p.bytes_have * 100).checked_div(p.bytes_total).unwrap_or(0);
+            match &p.waiting {
+                Some(w) => {
+                    let _ = write!(out, "; v{} ready, {w}", p.version);
+                }
+                None => {
+                    let _ = write!(
+                        out,
+                        "; syncing v{} {pct}% from {} peers",
+                        p.version,
+                        self.live_peers()
+                    );
+                }
+            }
+        }
+        if let Some(since) = &self.offline_since {
+            let _ = write!(out, "; offline since {since}");
+        } else if let Some(e) = &self.last_error {
+            let _ = write!(out, "; last error: {e}");
+        }
+        out
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "agent       {}", self.agent_id);
@@ -260,6 +290,12 @@ mod tests {
                 backend: "cpu".into(),
                 activated_at: None,
             }),
+            pending: Some(Pending {
+                version: 8,
+                bytes_total: 200,
+                bytes_have: 86,
+                ..Default::default()
+            }),
             peers: vec![PeerInfo {
                 id: "pi-2".into(),
                 live: true,
@@ -274,6 +310,24 @@ mod tests {
         assert!(text.contains("active      version 7 (cpu)"), "{text}");
         assert!(text.contains("pi-2"), "{text}");
         assert_eq!(s.live_peers(), 1);
+        assert_eq!(
+            s.summary_line(),
+            "serving v7 (cpu); syncing v8 43% from 1 peers"
+        );
+        let waiting = Status {
+            active: None,
+            pending: Some(Pending {
+                version: 8,
+                waiting: Some("switching at 03:00".into()),
+                ..Default::default()
+            }),
+            offline_since: Some("2026-12-02T03:00:00Z".into()),
+            ..s.clone()
+        };
+        assert_eq!(
+            waiting.summary_line(),
+            "no release yet; v8 ready, switching at 03:00; offline since 2026-12-02T03:00:00Z"
+        );
         let f = FleetView {
             deployment: "shop-1".into(),
             agents: vec![FleetMember {

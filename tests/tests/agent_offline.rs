@@ -152,3 +152,136 @@ async fn an_agent_serves_from_its_store_with_no_network_and_cannot_be_rolled_bac
     let out = agent(&["store", "verify", "--data-dir", &p(&data)]);
     assert!(out.status.success());
 }
+
+/// Datagrams the agent sent to the test's NOTIFY_SOCKET, each with when it arrived.
+struct Notes {
+    socket: tokio::net::UnixDatagram,
+    seen: Vec<(std::time::Instant, String)>,
+}
+
+impl Notes {
+    /// Reads until `pred` holds of a message, or `limit` passes.
+    async fn until(&mut self, limit: std::time::Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(end, self.socket.recv(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let hit = text.lines().any(&pred);
+                    self.seen.push((std::time::Instant::now(), text));
+                    if hit {
+                        return true;
+                    }
+                }
+                Ok(Err(e)) => panic!("notify socket: {e}"),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn watchdogs_between(&self, from: std::time::Instant, to: std::time::Instant) -> usize {
+        self.seen
+            .iter()
+            .filter(|(t, m)| *t >= from && *t <= to && m.lines().any(|l| l == "WATCHDOG=1"))
+            .count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_it_notifies_ready_status_and_a_watchdog_that_stops_while_inference_is_wedged()
+ {
+    let mut t = shop("systemd-notify").start().await.unwrap();
+    let spec = ReferenceSpec::small(40);
+    let files = fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
+    let usb = t.join("usb");
+    deckhand_tests::publish_to_dir(&t, &files, &usb).await;
+    let sock_path = t.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let mut notes = Notes {
+        socket,
+        seen: Vec::new(),
+    };
+    let wedge = t.join("wedge");
+    t.start_agent_with(AgentOptions {
+        name: "pi".into(),
+        credentials: Credentials::None,
+        extra: vec!["--bundle-dir".into(), usb.display().to_string()],
+        env: vec![
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "1000000".into()),
+            ("JOURNAL_STREAM", "8:12345".into()),
+            (
+                "DECKHAND_FAULT_WEDGE_INFERENCE",
+                wedge.display().to_string(),
+            ),
+        ],
+        ..AgentOptions::default()
+    })
+    .await
+    .unwrap();
+    let s = std::time::Duration::from_secs;
+    assert!(notes.until(s(30), |l| l == "READY=1").await, "no READY=1");
+    assert!(
+        notes
+            .until(s(60), |l| l.starts_with("STATUS=serving v1 (cpu)"))
+            .await,
+        "no STATUS line for the release: {:?}",
+        notes.seen
+    );
+    // Pings at half of WATCHDOG_USEC.
+    let from = std::time::Instant::now();
+    notes.until(s(2), |_| false).await;
+    let pings = notes.watchdogs_between(from, std::time::Instant::now());
+    assert!(pings >= 3, "{pings} watchdog pings in 2 s");
+
+    // The inference thread wedges inside a batch: the pings stop once it has been stuck past the
+    // limit, and resume when it comes back.
+    std::fs::write(&wedge, b"").unwrap();
+    let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
+    let http = t.agents[0].http().to_owned();
+    let wedged_at = std::time::Instant::now();
+    // This request is what the thread hangs in (its client gives up after 10 s; the batch stays stuck).
+    let stuck = {
+        let photo = bytes::Bytes::from(photo.clone());
+        tokio::spawn(async move {
+            deckhand_agent::http::request_json(&http, "POST", "/v1/recognize", photo).await
+        })
+    };
+    let limit = deckhand_agent::systemd::INFERENCE_LIMIT;
+    notes.until(limit + s(3), |_| false).await;
+    let quiet_from = wedged_at + limit + s(1);
+    assert_eq!(
+        notes.watchdogs_between(quiet_from, std::time::Instant::now()),
+        0,
+        "the watchdog kept pinging with the inference thread wedged"
+    );
+    assert!(
+        notes.watchdogs_between(wedged_at, wedged_at + limit - s(1)) > 0,
+        "pings stopped before the limit"
+    );
+    std::fs::remove_file(&wedge).unwrap();
+    assert!(
+        notes.until(s(3), |l| l == "WATCHDOG=1").await,
+        "no ping after the inference thread came back"
+    );
+    let _ = stuck.await;
+    let (code, answer) = t.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["card_id"], spec.card_id(3));
+
+    // Stopping says so; under the journal, log lines carry no colour and no timestamp.
+    let log = t.agents[0].log().to_owned();
+    t.agents.remove(0).stop().await.unwrap();
+    assert!(
+        notes.until(s(5), |l| l == "STOPPING=1").await,
+        "no STOPPING=1"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("INFO"), "{text}");
+    assert!(!text.contains('\x1b'), "colour in the journal: {text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("20")),
+        "timestamps in the journal: {text}"
+    );
+}

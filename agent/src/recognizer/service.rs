@@ -70,6 +70,35 @@ pub struct Service {
     metrics: Arc<Metrics>,
     refused: Arc<Mutex<Option<Refusal>>>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Since when the inference thread has been inside a batch (`busy.since`), or idle.
+    busy: Arc<Busy>,
+}
+
+/// When the inference thread started the batch it is in: milliseconds after `epoch`, 0 when idle.
+struct Busy {
+    epoch: Instant,
+    since_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Busy {
+    fn enter(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.since_ms
+            .store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+    fn leave(&self) {
+        self.since_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn busy_for(&self) -> Option<std::time::Duration> {
+        match self.since_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(ms)),
+            ),
+        }
+    }
 }
 
 impl Service {
@@ -77,11 +106,15 @@ impl Service {
     pub fn start(metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let live: Arc<ArcSwapOption<Recognizer>> = Arc::new(ArcSwapOption::empty());
         let (tx, rx) = sync_channel::<Job>(QUEUE);
+        let busy = Arc::new(Busy {
+            epoch: Instant::now(),
+            since_ms: std::sync::atomic::AtomicU64::new(0),
+        });
         let thread = {
-            let (live, metrics) = (live.clone(), metrics.clone());
+            let (live, metrics, busy) = (live.clone(), metrics.clone(), busy.clone());
             std::thread::Builder::new()
                 .name("deckhand-inference".into())
-                .spawn(move || inference_loop(rx, &live, &metrics))?
+                .spawn(move || inference_loop(rx, &live, &metrics, &busy))?
         };
         Ok(Self {
             live,
@@ -89,6 +122,7 @@ impl Service {
             metrics,
             refused: Arc::new(Mutex::new(None)),
             thread: Arc::new(Mutex::new(Some(thread))),
+            busy,
         })
     }
 
@@ -99,6 +133,26 @@ impl Service {
     /// The live recognizer, if any.
     pub fn active(&self) -> Option<Arc<Recognizer>> {
         self.live.load_full()
+    }
+
+    /// Whether the inference thread is alive: running, and not inside one batch for longer than `limit`
+    /// (a wedged accelerator or driver). `Err` says what is wrong, for the watchdog.
+    pub fn inference_alive(&self, limit: std::time::Duration) -> Result<(), String> {
+        let finished = self
+            .thread
+            .lock()
+            .map(|t| t.as_ref().is_none_or(|h| h.is_finished()))
+            .unwrap_or(true);
+        if finished {
+            return Err("the inference thread is not running".into());
+        }
+        match self.busy.busy_for() {
+            Some(d) if d > limit => Err(format!(
+                "the inference thread has been inside one batch for {:.1} s",
+                d.as_secs_f64()
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The last release refused at activation, if any.
@@ -256,8 +310,16 @@ pub fn check_canaries(
     Ok(())
 }
 
-fn inference_loop(rx: Receiver<Job>, live: &ArcSwapOption<Recognizer>, metrics: &Metrics) {
+fn inference_loop(
+    rx: Receiver<Job>,
+    live: &ArcSwapOption<Recognizer>,
+    metrics: &Metrics,
+    busy: &Busy,
+) {
     while let Ok(first) = rx.recv() {
+        busy.enter();
+        #[cfg(feature = "fault-injection")]
+        injected_wedge();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -270,6 +332,7 @@ fn inference_loop(rx: Receiver<Job>, live: &ArcSwapOption<Recognizer>, metrics: 
             for job in batch {
                 let _ = job.reply.send(Err(RecognizeError::NoRelease));
             }
+            busy.leave();
             continue;
         };
         let (images, rest): (Vec<RgbImage>, Vec<_>) = batch
@@ -291,6 +354,18 @@ fn inference_loop(rx: Receiver<Job>, live: &ArcSwapOption<Recognizer>, metrics: 
                     let _ = reply.send(Err(RecognizeError::Backend(e.clone())));
                 }
             }
+        }
+        busy.leave();
+    }
+}
+
+/// Test-only (feature `fault-injection`): while the file named by `DECKHAND_FAULT_WEDGE_INFERENCE`
+/// exists, the inference thread hangs inside its batch, as it would on a wedged accelerator.
+#[cfg(feature = "fault-injection")]
+fn injected_wedge() {
+    if let Some(flag) = std::env::var_os("DECKHAND_FAULT_WEDGE_INFERENCE") {
+        while std::path::Path::new(&flag).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 }

@@ -125,6 +125,7 @@ impl Engine {
         let mut last_have = fetch.progress().bytes_held;
         let mut budget: Option<Option<u64>> = None;
         loop {
+            self.beat.beat();
             let t = now();
             // The budget at this minute of the local day.
             let zoned = jiff::Zoned::now();

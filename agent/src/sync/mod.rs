@@ -177,6 +177,8 @@ pub struct Engine {
     haves: Arc<tokio::sync::Mutex<Option<mpsc::Receiver<HaveNote>>>>,
     /// The release held ready to switch together, announced to peers.
     ready: Arc<Mutex<Option<ReleaseRef>>>,
+    /// When the engine's loops last went round (the watchdog withholds its ping if they stop).
+    beat: crate::systemd::Beat,
 }
 
 /// Inputs the engine listens to besides the origin.
@@ -207,7 +209,14 @@ impl Engine {
             origin_last_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             haves: Arc::new(tokio::sync::Mutex::new(None)),
             ready: Arc::new(Mutex::new(None)),
+            beat: crate::systemd::Beat::default(),
         }
+    }
+
+    /// The engine's heartbeat: its loops beat each time they go round (at least every second while
+    /// idle, every 250 ms while downloading, every 100 ms while waiting to switch).
+    pub fn beat(&self) -> crate::systemd::Beat {
+        self.beat.clone()
     }
 
     /// Runs until `stop` turns true. Whatever it is doing then (a download, a poll) is dropped at once:
@@ -260,12 +269,17 @@ impl Engine {
                 }
             }
             let has_origin = self.cfg.origin.is_some();
-            let event = tokio::select! {
-                _ = stop.changed() => return,
-                _ = tokio::time::sleep_until(next_poll), if has_origin => Event::Poll,
-                _ = tokio::time::sleep_until(next_poll), if !has_origin && resume => Event::Retry,
-                Some(h) = recv_opt(&mut inputs.hints) => Event::Hint(h),
-                Some(dir) = recv_opt(&mut inputs.bundles) => Event::Bundle(dir),
+            // Waiting for something to do, the loop still beats every second (the watchdog's sign of life).
+            let event = loop {
+                self.beat.beat();
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep_until(next_poll), if has_origin => break Event::Poll,
+                    _ = tokio::time::sleep_until(next_poll), if !has_origin && resume => break Event::Retry,
+                    Some(h) = recv_opt(&mut inputs.hints) => break Event::Hint(h),
+                    Some(dir) = recv_opt(&mut inputs.bundles) => break Event::Bundle(dir),
+                }
             };
             match event {
                 Event::Poll | Event::Retry => {
@@ -721,6 +735,7 @@ impl Engine {
             self.set_ready(Some(release));
         }
         loop {
+            self.beat.beat();
             let members: Vec<(String, Member)> = self
                 .peers
                 .as_ref()

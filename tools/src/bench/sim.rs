@@ -67,7 +67,7 @@ pub fn run(a: &SimArgs) {
     cases.push(("cold start, no gathering".into(), eager));
     let mut spread = base.clone();
     spread.start = (0..a.agents)
-        .map(|i| Duration::from_millis((i as u64 * 37) % 5000))
+        .map(|i| Duration::from_millis(i as u64 * 5000 / a.agents.max(1) as u64))
         .collect();
     cases.push(("boots spread over 5 s".into(), spread));
     if a.deaths > 0 {

@@ -1,0 +1,103 @@
+//! Being a good systemd citizen (`Type=notify`): `READY=1` once the HTTP API listens (with or without an
+//! active release), `STATUS=` one human line whenever it changes, `WATCHDOG=1` at half of
+//! `WATCHDOG_USEC` but only while the inference thread and the sync loop are alive, so a hung inference
+//! thread gets the agent restarted, and `STOPPING=1` on shutdown. Without `NOTIFY_SOCKET` (not under
+//! systemd) every message is dropped, and the loop only keeps the status line.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The inference thread counts as wedged once inside one batch for this long (a batch takes
+/// milliseconds on a Hailo-8 and well under a second on a Pi's CPU).
+pub const INFERENCE_LIMIT: Duration = Duration::from_secs(10);
+/// The sync loop counts as hung once it has not gone round for this long (its longest single step is a
+/// bounded network call or loading a release).
+pub const SYNC_LIMIT: Duration = Duration::from_secs(120);
+/// How often the status line is looked at when no watchdog asks for more.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// A loop's heartbeat: when it last went round. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Beat(Arc<(Instant, AtomicU64)>);
+
+impl Default for Beat {
+    fn default() -> Self {
+        Beat(Arc::new((Instant::now(), AtomicU64::new(0))))
+    }
+}
+
+impl Beat {
+    /// The loop went round now.
+    pub fn beat(&self) {
+        let ms = self.0.0.elapsed().as_millis() as u64;
+        self.0.1.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago it last went round.
+    pub fn since(&self) -> Duration {
+        let last = Duration::from_millis(self.0.1.load(Ordering::Relaxed));
+        self.0.0.elapsed().saturating_sub(last)
+    }
+}
+
+fn send(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(cause = %e, "sd_notify failed");
+    }
+}
+
+/// The daemon is ready: its HTTP API listens.
+pub fn ready() {
+    send(&[sd_notify::NotifyState::Ready]);
+}
+
+/// The daemon is stopping.
+pub fn stopping() {
+    send(&[sd_notify::NotifyState::Stopping]);
+}
+
+/// Keeps the service manager told until `stop`: the status line from `status` when it changes, and the
+/// watchdog (if `WATCHDOG_USEC` asks for one) while `alive` says so. When `alive` fails the watchdog is
+/// withheld and the reason logged once, so systemd restarts the agent after `WatchdogSec`.
+pub async fn run(
+    status: impl Fn() -> String + Send + 'static,
+    alive: impl Fn() -> Result<(), String> + Send + 'static,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).max(Duration::from_millis(50)));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = String::new();
+    let mut withheld = false;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let line = status();
+        if line != last_status {
+            send(&[sd_notify::NotifyState::Status(&line)]);
+            last_status = line;
+        }
+        if watchdog.is_none() {
+            continue;
+        }
+        match alive() {
+            Ok(()) => {
+                if withheld {
+                    tracing::info!("alive again; watchdog resumed");
+                    withheld = false;
+                }
+                send(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Err(why) => {
+                if !withheld {
+                    tracing::error!(reason = %why, "watchdog withheld; systemd will restart the agent");
+                    withheld = true;
+                }
+            }
+        }
+    }
+}
