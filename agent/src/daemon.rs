@@ -253,12 +253,13 @@ pub async fn run(
             .instrument(span.clone()),
     );
     let status: StatusFn = {
-        let (service, deployment, sync_status, peers, me) = (
+        let (service, deployment, sync_status, peers, me, store) = (
             service.clone(),
             cfg.deployment.clone(),
             sync_status.clone(),
             peers.clone(),
             me.clone(),
+            store.clone(),
         );
         Arc::new(move || {
             let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -276,6 +277,11 @@ pub async fn run(
                 last_error: sync.last_error,
                 last_refused: service.last_refusal(),
                 last_switch: sync.last_switch,
+                clock_behind_trusting: activation::time_floor(&store)
+                    .ok()
+                    .flatten()
+                    .filter(|f| *f > jiff::Timestamp::now())
+                    .map(|f| f.to_string()),
                 last_refused_manifest: sync.last_refused_manifest,
                 bytes_from_peers: sync.bytes_from_peers,
                 bytes_from_origin: sync.bytes_from_origin,

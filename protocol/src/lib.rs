@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod chunk;
+pub mod clock;
 pub mod envelope;
 pub mod fetch;
 pub mod id;

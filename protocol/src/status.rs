@@ -32,6 +32,10 @@ pub struct Status {
     /// How the last release this agent switched to went live.
     #[serde(default)]
     pub last_switch: Option<Switch>,
+    /// Set while the system clock is behind the newest `created_at` the agent verified (a Pi without an
+    /// RTC before NTP): the time the agent trusts instead (RFC 3339).
+    #[serde(default)]
+    pub clock_behind_trusting: Option<String>,
     /// Where the QUIC endpoint listens (with fleet credentials).
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
@@ -164,6 +168,9 @@ impl Status {
                     );
                 }
             }
+        }
+        if let Some(t) = &self.clock_behind_trusting {
+            let _ = write!(out, "; clock behind, trusting {t}");
         }
         if let Some(since) = &self.offline_since {
             let _ = write!(out, "; offline since {since}");

@@ -285,3 +285,133 @@ async fn under_systemd_it_notifies_ready_status_and_a_watchdog_that_stops_while_
         "timestamps in the journal: {text}"
     );
 }
+
+/// libfaketime, which the clock test runs the agent under (Debian's `libfaketime`; .ci/run installs it).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The environment that runs the agent with its system clock at `faketime` (libfaketime's FAKETIME:
+/// `@1970-01-02 00:00:00`, `-10d`, `+3d`); monotonic time is left alone.
+fn clock_at(faketime: &str) -> Vec<(&'static str, String)> {
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: apt-get install libfaketime"
+    );
+    vec![
+        ("LD_PRELOAD", FAKETIME.into()),
+        ("FAKETIME", faketime.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pi_without_a_clock_trusts_the_newest_signed_time_and_expiry_never_stops_service() {
+    let mut t = shop("clock").start().await.unwrap();
+    let spec = ReferenceSpec::small(40);
+    let files = fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
+    let usb = t.join("usb");
+    let v1 = deckhand_tests::publish_to_dir(&t, &files, &usb).await;
+    let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
+    let opts = |faketime: &str| AgentOptions {
+        name: "pi".into(),
+        credentials: Credentials::None,
+        extra: vec!["--bundle-dir".into(), usb.display().to_string()],
+        env: clock_at(faketime),
+        ..AgentOptions::default()
+    };
+    let s = std::time::Duration::from_secs;
+
+    // 1. The clock says 1970 (no RTC, no NTP yet): a fresh release is accepted and activates, and the
+    //    agent trusts the release's signed creation time instead of its clock.
+    t.start_agent_with(opts("@1970-01-02 00:00:00"))
+        .await
+        .unwrap();
+    let st = t.agents[0]
+        .wait_for(s(60), "version 1 active", |s| s.active_version() == Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        st.clock_behind_trusting.as_deref(),
+        Some(v1.manifest.created_at.to_string().as_str()),
+        "{st:?}"
+    );
+    assert!(
+        st.summary_line().contains("clock behind"),
+        "{}",
+        st.summary_line()
+    );
+    t.agents.remove(0).stop().await.unwrap();
+
+    // 2. The clock is stale (fake-hwclock's saved time, ten days back). An operator-signed manifest
+    //    that expired five days ago looks valid by that clock, but it expired before the newest time
+    //    the agent trusts: refused, and version 1 keeps serving.
+    let cfg = deckhand_tools::origin::OriginConfig::default();
+    let origin = deckhand_tools::origin::connect(
+        &deckhand_tools::origin::OriginUrl::File { root: usb.clone() },
+        &cfg,
+    )
+    .await
+    .unwrap();
+    let now = jiff::Timestamp::now();
+    let mut expired = v1.manifest.clone();
+    expired.version = 2;
+    expired.created_at = now - jiff::SignedDuration::from_hours(20 * 24);
+    expired.expires_at = now - jiff::SignedDuration::from_hours(5 * 24);
+    let envelope = deckhand_protocol::Envelope::sign_manifest(&expired, &[t.key()]).to_bytes();
+    t.start_agent_with(opts("-10d")).await.unwrap();
+    t.agents[0]
+        .wait_for(s(60), "version 1 active", |s| s.active_version() == Some(1))
+        .await
+        .unwrap();
+    publish::commit(
+        &*origin,
+        &publish::Prepared {
+            id: deckhand_protocol::BlobId::of(&expired.to_payload()),
+            manifest: expired,
+            envelope,
+            uploaded: Vec::new(),
+            skipped: Vec::new(),
+            bytes_uploaded: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let st = t.agents[0]
+        .wait_for(s(60), "the expired manifest refused", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("version 2 expired"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(st.active_version(), Some(1), "{st:?}");
+    let (code, answer) = t.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(1)));
+    t.agents.remove(0).stop().await.unwrap();
+
+    // 3. The clock runs three days ahead: version 1 has expired by it, and still serves (expiry stops
+    //    new activations, not service); a fresh version 3 looks expired and is refused, not activated.
+    let v3 = deckhand_tests::publish_to_dir(&t, &files, &usb).await;
+    assert_eq!(v3.manifest.version, 3);
+    t.start_agent_with(opts("+3d")).await.unwrap();
+    let st = t.agents[0]
+        .wait_for(s(60), "version 3 refused as expired", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("version 3 expired"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(st.active_version(), Some(1), "{st:?}");
+    assert_eq!(st.clock_behind_trusting, None);
+    let (code, answer) = t.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(1)));
+    t.agents.remove(0).stop().await.unwrap();
+
+    // 4. The clock is right again: version 3 activates. Nothing was lost on the way.
+    t.start_agent_with(opts("+0")).await.unwrap();
+    t.agents[0]
+        .wait_for(s(60), "version 3 active", |s| s.active_version() == Some(3))
+        .await
+        .unwrap();
+    t.agents.remove(0).stop().await.unwrap();
+}

@@ -44,21 +44,50 @@ pub fn highest_accepted(store: &Store, deployment: &str) -> Result<Option<u64>, 
         .and_then(|s| s.parse().ok()))
 }
 
-/// Verifies an envelope and, if it is newer than anything accepted before, records its version as the
-/// highest accepted (durably) and returns it.
+/// The store's time floor: the newest `created_at` of a manifest it accepted
+/// ([`deckhand_protocol::clock`]).
+const TIME_FLOOR: &str = "time_floor";
+
+/// The durable time floor, if any manifest was accepted yet.
+pub fn time_floor(store: &Store) -> Result<Option<jiff::Timestamp>, StoreError> {
+    Ok(store
+        .get_meta(TIME_FLOOR)?
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|s| s.parse().ok()))
+}
+
+/// The agent's trusted now: the later of the system clock `system` and the store's time floor.
+pub fn trusted_now(store: &Store, system: jiff::Timestamp) -> Result<jiff::Timestamp, StoreError> {
+    Ok(deckhand_protocol::clock::trusted_now(
+        system,
+        time_floor(store)?,
+    ))
+}
+
+/// Verifies an envelope (expiry judged at the trusted now: the later of the system clock `system` and
+/// the time floor) and, if it is newer than anything accepted before, records its version as the
+/// highest accepted and raises the time floor to its `created_at`, in one durable commit, and returns it.
 pub fn accept(
     store: &Store,
     policy: &TrustPolicy,
     deployment: &str,
     envelope: &[u8],
-    now: jiff::Timestamp,
+    system: jiff::Timestamp,
 ) -> Result<VerifiedManifest, ActivationError> {
+    let floor = time_floor(store)?;
+    let now = deckhand_protocol::clock::trusted_now(system, floor);
     let verified = policy.verify(envelope, now)?;
     verified.check_admissible(deployment, highest_accepted(store, deployment)?)?;
-    store.set_meta(
-        &highest_key(deployment),
-        verified.manifest.version.to_string().as_bytes(),
-        true,
+    let floor = deckhand_protocol::clock::raise_floor(floor, verified.manifest.created_at);
+    store.set_pins_and_meta(
+        &[],
+        &[
+            (
+                highest_key(deployment).as_str(),
+                verified.manifest.version.to_string().as_bytes(),
+            ),
+            (TIME_FLOOR, floor.to_string().as_bytes()),
+        ],
     )?;
     Ok(verified)
 }

@@ -731,6 +731,10 @@ impl Engine {
             version: m.version,
             manifest: v.id,
         };
+        // Judged by the trusted clock: a Pi whose clock is behind does not switch before not_before.
+        let floor = self
+            .on_store(|store| Ok(activation::time_floor(store)?))
+            .await?;
         if plan.mode == Mode::Together {
             self.set_ready(Some(release));
         }
@@ -754,7 +758,7 @@ impl Engine {
                 })
                 .collect();
             let states: Vec<Member> = members.iter().map(|(_, m)| *m).collect();
-            let now = jiff::Timestamp::now();
+            let now = deckhand_protocol::clock::trusted_now(jiff::Timestamp::now(), floor);
             let until = match switch::decide(&plan, ready_at, now, &states) {
                 Decision::Switch(why) => {
                     tracing::info!(version = m.version, why = ?why, members = states.len(), "switching");
