@@ -474,6 +474,19 @@ pub fn example_file() -> String {
 mod tests {
     use super::*;
 
+    /// The packaged /etc/deckhand/agent.toml is this crate's example file, regenerated with
+    /// `deckhand-agent example-config > packaging/agent.toml` when a setting changes.
+    #[test]
+    fn the_packaged_config_file_lists_every_setting_as_it_is_now() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml");
+        let packaged = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            packaged == example_file(),
+            "{} is out of date: run `deckhand-agent example-config > packaging/agent.toml`",
+            path.display()
+        );
+    }
+
     #[test]
     fn sizes_take_decimal_and_binary_units() {
         assert_eq!(size("2000000000"), Ok(2_000_000_000));

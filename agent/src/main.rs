@@ -29,6 +29,9 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Print a config file listing every `run` setting, commented out, with its default (the packaged
+    /// /etc/deckhand/agent.toml).
+    ExampleConfig,
 }
 
 #[derive(Subcommand)]
@@ -111,6 +114,10 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Store { command } => store(command),
+        Command::ExampleConfig => {
+            print!("{}", deckhand_agent::config::example_file());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(_) => run_daemon(),
         Command::Status(args) => status(args),
         Command::Import(args) => {
