@@ -887,6 +887,19 @@ async fn a_member_that_stops_is_shown_gone_at_once() {
     fleet.stop().await.unwrap();
 }
 
+/// Starts one more agent (dialling every running one) and waits until every agent sees all the others.
+async fn join_and_meet(fleet: &mut Fleet, mut opts: AgentOptions) {
+    opts.peers = fleet.quic_addrs();
+    fleet.start_agent_with(opts).await.unwrap();
+    let others = fleet.agents.len() - 1;
+    fleet
+        .wait_all(secs(30), "every other agent live", |s| {
+            s.live_peers() == others
+        })
+        .await
+        .unwrap();
+}
+
 /// Every agent's last switch: (ready_at, switched_at, why), for version `v`.
 async fn switches(fleet: &Fleet, v: u64) -> Vec<(jiff::Timestamp, jiff::Timestamp, String)> {
     let mut out = Vec::new();
@@ -917,20 +930,15 @@ async fn a_release_marked_together_goes_live_on_five_agents_within_a_second() {
     // stored them: the five are ready at different moments. The operator marks the release `together`
     // in its manifest (no agent setting says so).
     let mut fleet = shop("switch-together").agents(4).start().await.unwrap();
-    let peers = fleet.quic_addrs();
-    fleet
-        .start_agent_with(AgentOptions {
+    join_and_meet(
+        &mut fleet,
+        AgentOptions {
             name: "pi-4".into(),
             origin: false,
-            peers,
             ..AgentOptions::default()
-        })
-        .await
-        .unwrap();
-    fleet
-        .wait_all(secs(30), "every other agent live", |s| s.live_peers() == 4)
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let files = fixtures::write_sized_release(
         &fleet.join("release-1"),
         &ReferenceSpec::small(40),
@@ -997,21 +1005,16 @@ async fn a_member_that_cannot_finish_holds_the_shop_only_until_the_deadline() {
         .start()
         .await
         .unwrap();
-    let peers = fleet.quic_addrs();
-    fleet
-        .start_agent_with(AgentOptions {
+    join_and_meet(
+        &mut fleet,
+        AgentOptions {
             name: "pi-2".into(),
             origin: true,
-            peers,
-            extra: vec!["--store-budget".into(), (1024 * 1024).to_string()],
+            extra: vec!["--store-budget".into(), "1MiB".into()],
             ..AgentOptions::default()
-        })
-        .await
-        .unwrap();
-    fleet
-        .wait_all(secs(30), "every other agent live", |s| s.live_peers() == 2)
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let files = fixtures::write_sized_release(
         &fleet.join("release-1"),
         &ReferenceSpec::small(40),
