@@ -10,7 +10,10 @@
 //!
 //! * **Pipelined.** A window of requests stays in flight per peer ([`FetchConfig::peer_window`]) and for
 //!   the origin ([`FetchConfig::origin_window`] Range GETs); every completion frees a slot that the next
-//!   `poll` fills. There are no rounds.
+//!   `poll` fills. There are no rounds. The origin's window is also a number of bytes that follows the
+//!   rate this agent gets ([`FetchConfig::origin_target`]): on a shop uplink shared by many agents, a
+//!   full window each would queue minutes of requests, and every piece whose designation moves while it
+//!   is queued would cross the uplink twice.
 //! * **One uplink.** Origin bytes are assigned in pieces ([`FetchConfig::piece`] bytes of a blob): each
 //!   piece's designated fetcher is chosen by rendezvous hashing over the agents that want the release and
 //!   reach the origin ([`crate::sync::designated`]), so all agents agree without a tracker. A chunk some
@@ -62,8 +65,14 @@ pub struct FetchConfig {
     pub peer_window: usize,
     /// Chunk requests in flight to all peers together.
     pub max_inflight: usize,
-    /// Origin Range GETs in flight.
+    /// Origin Range GETs in flight, at most.
     pub origin_window: usize,
+    /// How long an origin range should take: the bytes in flight to the origin are kept near what this
+    /// agent receives in that time (a window grown on fast ranges, shrunk on slow ones), so a shared
+    /// uplink never holds minutes of requests that a change of designation would duplicate.
+    pub origin_target: Duration,
+    /// The bytes in flight to the origin before the first range has come back.
+    pub origin_initial: u64,
     /// The longest Range GET.
     pub max_range: u64,
     /// The unit of origin assignment: a blob's chunks whose offsets fall in one `piece`-byte slice.
@@ -94,6 +103,8 @@ impl FetchConfig {
             peer_window: 8,
             max_inflight: 32,
             origin_window: 4,
+            origin_target: Duration::from_secs(1),
+            origin_initial: 256 * 1024,
             max_range: 1024 * 1024,
             piece: PIECE,
             origin_retry: Duration::from_secs(5),
@@ -270,8 +281,11 @@ pub struct Fetch {
     held_bytes: u64,
     total_bytes: u64,
     inflight: HashMap<BlobId, Flight>,
-    /// Origin ranges in flight, by (blob, start): the places inside.
-    ranges: HashMap<(usize, u64), Vec<usize>>,
+    /// Origin ranges in flight, by (blob, start): the places inside, when it was asked, its length.
+    ranges: HashMap<(usize, u64), (Vec<usize>, Duration, u64)>,
+    /// The origin window: the most bytes in flight to the origin ([`FetchConfig::origin_target`]).
+    origin_cwnd: u64,
+    origin_inflight_bytes: u64,
     /// When a chunk began waiting for its designated fetcher.
     waiting: HashMap<BlobId, Duration>,
     /// Per place, the peers (slots) announced to hold it.
@@ -338,6 +352,14 @@ fn next_rotated(
 /// The slot standing for this agent in designation.
 const ME: usize = usize::MAX;
 
+/// The smallest origin window (and Range GET): an average chunk.
+const MIN_WINDOW: u64 = 64 * 1024;
+
+/// The largest origin window: every slot with a full range.
+fn max_window(cfg: &FetchConfig) -> u64 {
+    (cfg.origin_window.max(1) as u64 * cfg.max_range.max(1)).max(MIN_WINDOW)
+}
+
 impl Fetch {
     /// A download of `blobs`; `held` lists, per blob (same order), the chunk indices the store already
     /// holds. `now` starts the clock (gathering, stall detection).
@@ -399,6 +421,8 @@ impl Fetch {
             origin_until: None,
             origin_reachable: cfg.has_origin,
             origin_inflight: 0,
+            origin_cwnd: cfg.origin_initial.clamp(MIN_WINDOW, max_window(&cfg)),
+            origin_inflight_bytes: 0,
             gather_until: now + cfg.gather,
             join_until: now + cfg.join_wait,
             budget: None,
@@ -611,7 +635,9 @@ impl Fetch {
                 }
             }
             Event::RangeDone { blob, range } => {
-                self.end_range(&blob, &range);
+                if let Some((asked, len)) = self.end_range(&blob, &range) {
+                    self.adapt_window(now.saturating_sub(asked), len);
+                }
                 self.origin_failures = 0;
                 self.origin_until = None;
                 if !self.origin_reachable {
@@ -638,7 +664,9 @@ impl Fetch {
                 range,
                 unreachable,
             } => {
-                self.end_range(&blob, &range);
+                if self.end_range(&blob, &range).is_some() {
+                    self.origin_cwnd = (self.origin_cwnd / 2).max(MIN_WINDOW);
+                }
                 self.origin_failures = self.origin_failures.saturating_add(1);
                 let delay = if unreachable {
                     self.cfg.origin_retry
@@ -688,21 +716,34 @@ impl Fetch {
             - self.blob_start[b]
     }
 
-    fn end_range(&mut self, blob: &BlobId, range: &Range<u64>) {
+    /// Ends an origin range in flight: when it was asked and its length, if it was one.
+    fn end_range(&mut self, blob: &BlobId, range: &Range<u64>) -> Option<(Duration, u64)> {
         self.origin_idle = None;
-        let Some(&b) = self.blob_index.get(blob) else {
-            return;
-        };
-        let Some(places) = self.ranges.remove(&(b, range.start)) else {
-            return;
-        };
+        let &b = self.blob_index.get(blob)?;
+        let (places, asked, len) = self.ranges.remove(&(b, range.start))?;
         self.origin_inflight = self.origin_inflight.saturating_sub(1);
+        self.origin_inflight_bytes = self.origin_inflight_bytes.saturating_sub(len);
         for p in places {
             let id = self.places[p].chunk.id;
             if self.inflight.get(&id) == Some(&Flight::Origin) {
                 self.inflight.remove(&id);
             }
         }
+        Some((asked, len))
+    }
+
+    /// A range of `len` bytes came back after `took`: faster than the target grows the window by it
+    /// (doubling per round, as TCP's slow start), slower shrinks it in proportion, so the bytes in
+    /// flight settle near what arrives in [`FetchConfig::origin_target`].
+    fn adapt_window(&mut self, took: Duration, len: u64) {
+        let target = self.cfg.origin_target.as_secs_f64().max(1e-3);
+        let took = took.as_secs_f64().max(1e-6);
+        let max = max_window(&self.cfg);
+        self.origin_cwnd = if took <= target {
+            self.origin_cwnd.saturating_add(len).min(max)
+        } else {
+            ((self.origin_cwnd as f64 * target / took) as u64).clamp(MIN_WINDOW, max)
+        };
     }
 
     /// This agent's share of the budget: equal among the agents fetching from the origin, that is the
@@ -741,10 +782,11 @@ impl Fetch {
     /// Under a budget, the longest Range GET: a quarter of a second of this agent's share (at least one
     /// average chunk, at most `max_range`), so no agent takes its share in bursts.
     fn range_cap(&self) -> u64 {
-        match self.share() {
-            Some(share) => ((share * 0.25) as u64).clamp(64 * 1024, self.cfg.max_range.max(1)),
+        let cap = match self.share() {
+            Some(share) => ((share * 0.25) as u64).clamp(MIN_WINDOW, self.cfg.max_range.max(1)),
             None => self.cfg.max_range,
-        }
+        };
+        cap.min(self.origin_cwnd).max(MIN_WINDOW)
     }
 
     /// Adds the tokens earned since the last refill (at most one range's worth is kept).
@@ -851,7 +893,13 @@ impl Fetch {
         } else {
             0
         };
-        let origin_budget = origin_slots as u64 * self.cfg.max_range.max(1);
+        let origin_budget = if origin_slots > 0 {
+            self.origin_cwnd
+                .saturating_sub(self.origin_inflight_bytes)
+                .min(origin_slots as u64 * self.cfg.max_range.max(1))
+        } else {
+            0
+        };
         let mut to_origin: Vec<usize> = Vec::new();
         let mut origin_bytes = 0u64;
         let salt = crate::sync::rendezvous_score(&self.cfg.me, &BlobId::of(b"holder order"))[0];
@@ -1035,7 +1083,8 @@ impl Fetch {
             for c in &chunks {
                 self.inflight.insert(c.id, Flight::Origin);
             }
-            self.ranges.insert((b, start), run);
+            self.ranges.insert((b, start), (run, now, end - start));
+            self.origin_inflight_bytes += end - start;
             if share.is_some() {
                 self.tokens -= (end - start) as f64;
             }
@@ -1104,33 +1153,99 @@ mod tests {
     fn alone_it_pipelines_origin_ranges_and_refills_the_window_on_each_completion() {
         let r = release(64, 64 * 1024);
         let mut f = Fetch::new(cfg("a"), &r, &[vec![]], Duration::ZERO);
-        let first = f.poll(Duration::ZERO);
-        // A window of ranges in flight at once, each at most max_range (4 chunks), most of them full.
-        let g = gets(&first);
-        assert_eq!(g.len(), cfg("a").origin_window);
-        assert!(g.iter().all(|g| g.end - g.start <= 4 * 64 * 1024));
+        let done = |f: &mut Fetch, a: &Action, t: Duration| {
+            let Action::Get {
+                blob,
+                range,
+                chunks,
+            } = a.clone()
+            else {
+                panic!("{a:?}")
+            };
+            for c in &chunks {
+                f.handle(Event::Stored { id: c.id }, t);
+            }
+            f.handle(Event::RangeDone { blob, range }, t);
+        };
+        // Before anything came back: the initial window, one range.
+        let mut flight = f.poll(Duration::ZERO);
+        let g = gets(&flight);
+        assert!(
+            g.len() == 1 && g[0].end - g[0].start == 4 * 64 * 1024,
+            "{g:?}"
+        );
+        // Ranges that come back fast open the window, round by round, to a full window of full ranges.
+        let mut t = Duration::ZERO;
+        for _ in 0..3 {
+            t += secs(0.05);
+            for a in std::mem::take(&mut flight) {
+                done(&mut f, &a, t);
+            }
+            flight = f.poll(t);
+        }
+        let g = gets(&flight);
+        assert_eq!(g.len(), cfg("a").origin_window, "{g:?}");
+        // Each at most max_range (4 chunks), all but one full (a run stops at the blob's end).
+        assert!(g.iter().all(|g| g.end - g.start <= 4 * 64 * 1024), "{g:?}");
         assert!(
             g.iter()
                 .filter(|g| g.end - g.start == 4 * 64 * 1024)
                 .count()
-                >= g.len() - 1
+                >= g.len() - 1,
+            "{g:?}"
         );
-        assert!(f.poll(Duration::ZERO).is_empty(), "window full");
+        assert!(f.poll(t).is_empty(), "window full");
         // One range done: its chunks stored, one more range goes out at once.
-        let Action::Get {
-            blob,
-            range,
-            chunks,
-        } = first[0].clone()
-        else {
-            panic!()
-        };
-        for c in &chunks {
-            f.handle(Event::Stored { id: c.id }, secs(0.1));
+        t += secs(0.05);
+        let held = f.progress().bytes_held;
+        done(&mut f, &flight[0], t);
+        assert_eq!(gets(&f.poll(t)).len(), 1);
+        assert_eq!(f.progress().bytes_held, held + range_len(&flight[0]));
+    }
+
+    #[test]
+    fn slow_ranges_shrink_the_origin_window_to_what_arrives_in_the_target_time() {
+        // The origin sends this agent 256 KiB/s: each range takes its length over that rate, times the
+        // ranges sharing the line. The bytes in flight settle near 1 s worth (the target), not the
+        // full window, so a change of designation finds little in flight.
+        let r = release(256, 64 * 1024);
+        let mut f = Fetch::new(cfg("a"), &r, &[vec![]], Duration::ZERO);
+        let rate = 256.0 * 1024.0;
+        let mut t = Duration::ZERO;
+        let mut flight: Vec<(Duration, Action)> = Vec::new();
+        let mut peak_late = 0u64;
+        for _ in 0..200 {
+            for a in f.poll(t) {
+                flight.push((t, a));
+            }
+            if flight.is_empty() {
+                break;
+            }
+            // The oldest range finishes: the line is shared by all in flight.
+            let in_flight: u64 = flight.iter().map(|(_, a)| range_len(a)).sum();
+            let (_, a) = flight.remove(0);
+            t += Duration::from_secs_f64(range_len(&a) as f64 * (flight.len() + 1) as f64 / rate);
+            if t > secs(10.0) {
+                peak_late = peak_late.max(in_flight);
+            }
+            let Action::Get {
+                blob,
+                range,
+                chunks,
+            } = a
+            else {
+                panic!()
+            };
+            for c in &chunks {
+                f.handle(Event::Stored { id: c.id }, t);
+            }
+            f.handle(Event::RangeDone { blob, range }, t);
         }
-        f.handle(Event::RangeDone { blob, range }, secs(0.1));
-        assert_eq!(gets(&f.poll(secs(0.1))).len(), 1);
-        assert_eq!(f.progress().bytes_held, range_len(&first[0]));
+        assert!(f.is_complete());
+        assert!(
+            peak_late <= 2 * 256 * 1024,
+            "{peak_late} bytes in flight at 256 KiB/s"
+        );
     }
 
     #[test]
@@ -1359,14 +1474,11 @@ mod tests {
             secs(2.0),
         );
         assert!(gets(&f.poll(secs(2.1))).is_empty());
-        assert!(!gets(&f.poll(secs(2.2))).is_empty());
+        let retry = f.poll(secs(2.2));
+        assert!(!gets(&retry).is_empty());
         assert!(f.origin_reachable());
         // Unreachable: left alone for origin_retry, and no longer announced as reaching it.
-        for a in f
-            .poll(secs(2.2))
-            .into_iter()
-            .chain(origin.into_iter().skip(1))
-        {
+        for a in retry.into_iter().chain(origin.into_iter().skip(1)) {
             if let Action::Get { blob, range, .. } = a {
                 f.handle(
                     Event::RangeFailed {

@@ -738,8 +738,11 @@ mod tests {
         eager.fetch.gather = Duration::ZERO;
         let e = run(&eager);
         assert!(e.converged.is_some());
+        // Without gathering, the agents that start first take pieces the others are designated for
+        // once they appear. (Since the origin window follows the rate, little is in flight when the
+        // designation changes, so the difference is smaller than it was: 1.15x against 1.00x here.)
         assert!(
-            e.origin_ratio() > r.origin_ratio() + 0.2,
+            e.origin_ratio() > r.origin_ratio() + 0.1,
             "without gathering {:.3}x, with {:.3}x",
             e.origin_ratio(),
             r.origin_ratio()
