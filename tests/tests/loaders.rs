@@ -259,3 +259,46 @@ mod preprocess {
         assert_eq!(nhwc, vec![1.0, 0.0, 1.0, -1.0, 1.0, 0.0]);
     }
 }
+
+#[test]
+fn the_cpu_backend_runs_a_partial_batch_as_it_is_and_embeds_like_single_images() {
+    use deckhand_agent::recognizer::Embedder as _;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = fixtures::ReferenceSpec::small(30);
+    let files = fixtures::write_reference_release(dir.path(), &spec).unwrap();
+    let settings = fixtures::reference_settings(spec.dim);
+    let mut cpu =
+        deckhand_agent::recognizer::cpu::CpuEmbedder::load(&files.onnx, &settings).unwrap();
+    let dim = cpu.dim();
+    let images: Vec<Vec<f32>> = [0, 7, 12]
+        .iter()
+        .map(|card| {
+            let mut t = Vec::new();
+            deckhand_agent::recognizer::preprocess::to_tensor(
+                &fixtures::card_image(*card, 0),
+                &settings,
+                &mut t,
+            );
+            t
+        })
+        .collect();
+    // Three images in one batch (not padded to a full one), and more than a full batch (run in
+    // batches), give exactly one embedding each, equal to the single runs'.
+    let batch = cpu.embed(&images.concat(), 3).unwrap();
+    assert_eq!(batch.len(), 3 * dim);
+    let eleven: Vec<f32> = (0..11).flat_map(|i| images[i % 3].clone()).collect();
+    let many = cpu.embed(&eleven, 11).unwrap();
+    assert_eq!(many.len(), 11 * dim);
+    for (i, image) in images.iter().enumerate() {
+        let single = cpu.embed(image, 1).unwrap();
+        for (got, row) in [(&batch, i), (&many, i + 3)] {
+            let e = &got[row * dim..(row + 1) * dim];
+            let worst = e
+                .iter()
+                .zip(&single)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "image {i} in a batch differs by {worst}");
+        }
+    }
+}

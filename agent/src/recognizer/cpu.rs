@@ -1,7 +1,8 @@
 //! The CPU backend: the release's ONNX model run by tract.
 //!
-//! Two plans are optimised at load, one for a single image and one for a full batch; a partial batch is
-//! padded to the full one. Both run on the inference thread.
+//! One plan is optimised at load, with a symbolic batch dimension: a batch of any size up to
+//! [`MAX_BATCH`] runs as it is (nothing is padded), and the weights are held once. It runs on the
+//! inference thread.
 
 use super::{BackendError, Embedder, MAX_BATCH};
 use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};
@@ -11,24 +12,32 @@ use tract_onnx::prelude::*;
 type Plan = std::sync::Arc<TypedRunnableModel>;
 
 pub struct CpuEmbedder {
-    single: Plan,
-    batched: Plan,
+    plan: Plan,
+    /// The input shape of one image, batch dimension first (set per run).
+    shape: [usize; 4],
     input_len: usize,
     dim: usize,
 }
 
-fn plan(path: &Path, s: &RecognizerSettings, batch: usize) -> Result<Plan, BackendError> {
+fn image_shape(s: &RecognizerSettings) -> [usize; 4] {
     let (h, w) = (s.input_height as usize, s.input_width as usize);
-    let shape: [usize; 4] = match s.layout {
-        ChannelLayout::Nchw => [batch, 3, h, w],
-        ChannelLayout::Nhwc => [batch, h, w, 3],
-    };
+    match s.layout {
+        ChannelLayout::Nchw => [1, 3, h, w],
+        ChannelLayout::Nhwc => [1, h, w, 3],
+    }
+}
+
+fn plan(path: &Path, s: &RecognizerSettings) -> Result<Plan, BackendError> {
     let fail = |what: &str, e: TractError| {
         BackendError::Load(format!("onnx {}: {what}: {e}", path.display()))
     };
-    tract_onnx::onnx()
+    let model = tract_onnx::onnx()
         .model_for_path(path)
-        .map_err(|e| fail("does not load", e))?
+        .map_err(|e| fail("does not load", e))?;
+    let [_, a, b, c] = image_shape(s);
+    let batch: TDim = model.sym("N").into();
+    let shape: Vec<TDim> = vec![batch, a.into(), b.into(), c.into()];
+    model
         .with_input_fact(0, f32::fact(shape).into())
         .map_err(|e| fail("input does not accept the release's input size", e))?
         .into_optimized()
@@ -39,12 +48,10 @@ fn plan(path: &Path, s: &RecognizerSettings, batch: usize) -> Result<Plan, Backe
 
 impl CpuEmbedder {
     pub fn load(path: &Path, s: &RecognizerSettings) -> Result<Self, BackendError> {
-        let single = plan(path, s, 1)?;
-        let batched = plan(path, s, MAX_BATCH)?;
         let input_len = 3 * s.input_width as usize * s.input_height as usize;
         let mut me = Self {
-            single,
-            batched,
+            plan: plan(path, s)?,
+            shape: image_shape(s),
             input_len,
             dim: 0,
         };
@@ -54,25 +61,15 @@ impl CpuEmbedder {
         Ok(me)
     }
 
+    /// Runs `batch` images (`input` holds exactly that many), as they are.
     fn run(&self, input: &[f32], batch: usize) -> Result<Vec<f32>, BackendError> {
-        let (plan, rows) = if batch == 1 {
-            (&self.single, 1)
-        } else {
-            (&self.batched, MAX_BATCH)
-        };
-        let mut data = input.to_vec();
-        data.resize(rows * self.input_len, 0.0);
-        let shape: Vec<usize> = plan
-            .model()
-            .input_fact(0)
-            .map_err(|e| BackendError::Run(e.to_string()))?
-            .shape
-            .as_concrete()
-            .map(<[usize]>::to_vec)
-            .ok_or_else(|| BackendError::Run("input shape is not concrete".into()))?;
+        let rows = batch;
+        let mut shape = self.shape;
+        shape[0] = batch;
         let tensor =
-            Tensor::from_shape(&shape, &data).map_err(|e| BackendError::Run(e.to_string()))?;
-        let out = plan
+            Tensor::from_shape(&shape, input).map_err(|e| BackendError::Run(e.to_string()))?;
+        let out = self
+            .plan
             .run(tvec!(tensor.into()))
             .map_err(|e| BackendError::Run(e.to_string()))?;
         let first = out
@@ -90,8 +87,7 @@ impl CpuEmbedder {
                 out.len()
             )));
         }
-        let per = out.len() / rows;
-        Ok(out[..batch * per].to_vec())
+        Ok(out)
     }
 }
 
