@@ -10,10 +10,13 @@
 //!   does not hold the others longer than that.
 //!
 //! Either way no release goes live before the manifest's `not_before` (the operator's "switch at 03:00"),
-//! judged against the agent's trusted clock. The decision is pure: the agent passes the peers' states
-//! and `now`, and sleeps until the time returned or the next change of a peer.
+//! judged against the agent's trusted clock ([`crate::clock`]). The deadline is not a wall-clock time: the
+//! caller measures how long it has waited on its monotonic clock, so a wall clock that jumps (NTP syncing
+//! on a Pi without an RTC) neither fires it early nor holds it back. The decision is pure: the agent
+//! passes the peers' states, the trusted now and how long it waited, and sleeps for the duration returned
+//! or until a peer changes.
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -56,8 +59,8 @@ pub struct Plan {
     pub mode: Mode,
     /// Not live before this time.
     pub not_before: Option<Timestamp>,
-    /// With [`Mode::Together`]: the longest wait for the others, from when this agent was ready (or from
-    /// `not_before`, if later).
+    /// With [`Mode::Together`]: the longest wait for the others, from when this agent was ready and
+    /// `not_before` had passed.
     pub deadline: Duration,
 }
 
@@ -85,17 +88,18 @@ impl std::fmt::Display for Why {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Switch(Why),
-    /// Ask again at this time at the latest (or when a member changes).
-    Wait(Timestamp),
+    /// Ask again after this long at the latest (or when a member changes).
+    Wait(Duration),
 }
 
-/// Decides whether a ready release goes live now. `ready_at`: when this agent became ready;
-/// `members`: the live members of the deployment other than this agent.
-pub fn decide(plan: &Plan, ready_at: Timestamp, now: Timestamp, members: &[Member]) -> Decision {
+/// Decides whether a ready release goes live now. `now`: the trusted time; `waited`: how long this
+/// agent has held the release ready since `not_before` passed (measured on a monotonic clock; zero while
+/// `not_before` is ahead); `members`: the live members of the deployment other than this agent.
+pub fn decide(plan: &Plan, now: Timestamp, waited: Duration, members: &[Member]) -> Decision {
     if let Some(t) = plan.not_before
         && now < t
     {
-        return Decision::Wait(t);
+        return Decision::Wait(t.duration_since(now).unsigned_abs());
     }
     if plan.mode == Mode::AtOnce {
         return Decision::Switch(Why::AtOnce);
@@ -106,14 +110,9 @@ pub fn decide(plan: &Plan, ready_at: Timestamp, now: Timestamp, members: &[Membe
     if members.iter().all(|m| *m == Member::Ready) {
         return Decision::Switch(Why::AllReady);
     }
-    let from = plan.not_before.map_or(ready_at, |t| t.max(ready_at));
-    let deadline = from
-        .checked_add(SignedDuration::try_from(plan.deadline).unwrap_or(SignedDuration::MAX))
-        .unwrap_or(Timestamp::MAX);
-    if now >= deadline {
-        Decision::Switch(Why::Deadline)
-    } else {
-        Decision::Wait(deadline)
+    match plan.deadline.checked_sub(waited) {
+        Some(left) if !left.is_zero() => Decision::Wait(left),
+        _ => Decision::Switch(Why::Deadline),
     }
 }
 
@@ -125,11 +124,15 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + s).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
     fn together(not_before: Option<Timestamp>) -> Plan {
         Plan {
             mode: Mode::Together,
             not_before,
-            deadline: Duration::from_secs(60),
+            deadline: secs(60),
         }
     }
 
@@ -138,20 +141,23 @@ mod tests {
         let plan = Plan {
             mode: Mode::AtOnce,
             not_before: None,
-            deadline: Duration::from_secs(60),
+            deadline: secs(60),
         };
         let some = [Member::NotReady];
         assert_eq!(
-            decide(&plan, t(0), t(0), &some),
+            decide(&plan, t(0), secs(0), &some),
             Decision::Switch(Why::AtOnce)
         );
         let later = Plan {
             not_before: Some(t(100)),
             ..plan
         };
-        assert_eq!(decide(&later, t(0), t(5), &some), Decision::Wait(t(100)));
         assert_eq!(
-            decide(&later, t(0), t(100), &some),
+            decide(&later, t(5), secs(0), &some),
+            Decision::Wait(secs(95))
+        );
+        assert_eq!(
+            decide(&later, t(100), secs(0), &some),
             Decision::Switch(Why::AtOnce)
         );
     }
@@ -161,21 +167,21 @@ mod tests {
         let plan = together(None);
         use Member::*;
         assert_eq!(
-            decide(&plan, t(0), t(1), &[Ready, NotReady]),
-            Decision::Wait(t(60))
+            decide(&plan, t(1), secs(1), &[Ready, NotReady]),
+            Decision::Wait(secs(59))
         );
         assert_eq!(
-            decide(&plan, t(0), t(2), &[Ready, Ready]),
+            decide(&plan, t(2), secs(2), &[Ready, Ready]),
             Decision::Switch(Why::AllReady)
         );
         // Alone in the shop: nobody to wait for.
         assert_eq!(
-            decide(&plan, t(0), t(0), &[]),
+            decide(&plan, t(0), secs(0), &[]),
             Decision::Switch(Why::AllReady)
         );
         // A member that switched (its deadline ran out first) is followed at once.
         assert_eq!(
-            decide(&plan, t(0), t(3), &[Serving, NotReady]),
+            decide(&plan, t(3), secs(3), &[Serving, NotReady]),
             Decision::Switch(Why::MemberSwitched)
         );
     }
@@ -184,33 +190,39 @@ mod tests {
     fn a_member_that_cannot_finish_holds_the_others_only_until_the_deadline() {
         let plan = together(None);
         let m = [Member::Ready, Member::NotReady];
-        assert_eq!(decide(&plan, t(10), t(69), &m), Decision::Wait(t(70)));
+        assert_eq!(decide(&plan, t(69), secs(59), &m), Decision::Wait(secs(1)));
         assert_eq!(
-            decide(&plan, t(10), t(70), &m),
+            decide(&plan, t(70), secs(60), &m),
             Decision::Switch(Why::Deadline)
+        );
+        // The deadline is the time waited, not the wall clock: a clock that jumps a day ahead (NTP on
+        // a Pi without an RTC) does not fire it.
+        assert_eq!(
+            decide(&plan, t(86_400), secs(5), &m),
+            Decision::Wait(secs(55))
         );
     }
 
     #[test]
-    fn not_before_holds_everyone_and_the_deadline_counts_from_it() {
+    fn not_before_holds_everyone() {
         let plan = together(Some(t(1000)));
         use Member::*;
         assert_eq!(
-            decide(&plan, t(0), t(999), &[Ready]),
-            Decision::Wait(t(1000))
+            decide(&plan, t(999), secs(0), &[Ready]),
+            Decision::Wait(secs(1))
         );
         // Even a member serving it (its clock runs ahead) does not move this agent before not_before.
         assert_eq!(
-            decide(&plan, t(0), t(999), &[Serving]),
-            Decision::Wait(t(1000))
+            decide(&plan, t(999), secs(0), &[Serving]),
+            Decision::Wait(secs(1))
         );
         assert_eq!(
-            decide(&plan, t(0), t(1000), &[Ready]),
+            decide(&plan, t(1000), secs(0), &[Ready]),
             Decision::Switch(Why::AllReady)
         );
         assert_eq!(
-            decide(&plan, t(0), t(1001), &[NotReady]),
-            Decision::Wait(t(1060))
+            decide(&plan, t(1001), secs(1), &[NotReady]),
+            Decision::Wait(secs(59))
         );
     }
 }

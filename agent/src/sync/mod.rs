@@ -665,7 +665,7 @@ impl Engine {
         let result = match checked {
             Ok(recognizer) => {
                 let ready_at = jiff::Timestamp::now();
-                let due = self.switch_when_due(v, ready_at).await;
+                let due = self.switch_when_due(v).await;
                 self.set_ready(None);
                 let why = due?;
                 self.service.swap(recognizer);
@@ -716,11 +716,7 @@ impl Engine {
     /// `not_before`, and when the shop switches together, until every live member is ready for it, one
     /// already serves it, or the deadline passed. Meanwhile this agent announces it ready, status says
     /// what it waits for, and a newer release announced by a peer ends the wait (superseded).
-    async fn switch_when_due(
-        &self,
-        v: &VerifiedManifest,
-        ready_at: jiff::Timestamp,
-    ) -> Result<switch::Why, SyncError> {
+    async fn switch_when_due(&self, v: &VerifiedManifest) -> Result<switch::Why, SyncError> {
         let m = &v.manifest;
         let plan = Plan {
             mode: m.activate.unwrap_or(self.cfg.activate),
@@ -738,6 +734,7 @@ impl Engine {
         if plan.mode == Mode::Together {
             self.set_ready(Some(release));
         }
+        let mut since: Option<Instant> = None;
         loop {
             self.beat.beat();
             let members: Vec<(String, Member)> = self
@@ -759,14 +756,26 @@ impl Engine {
                 .collect();
             let states: Vec<Member> = members.iter().map(|(_, m)| *m).collect();
             let now = deckhand_protocol::clock::trusted_now(jiff::Timestamp::now(), floor);
-            let until = match switch::decide(&plan, ready_at, now, &states) {
+            // The deadline runs on the monotonic clock, from when not_before (if any) had passed.
+            if plan.not_before.is_some_and(|t| now < t) {
+                since = None;
+            } else if since.is_none() {
+                since = Some(Instant::now());
+            }
+            let waited = since.map_or(Duration::ZERO, |s| s.elapsed());
+            let left = match switch::decide(&plan, now, waited, &states) {
                 Decision::Switch(why) => {
-                    tracing::info!(version = m.version, why = ?why, members = states.len(), "switching");
+                    tracing::info!(version = m.version, why = %why, members = states.len(), "switching");
                     self.pending_update(|p| p.waiting = None);
                     return Ok(why);
                 }
-                Decision::Wait(until) => until,
+                Decision::Wait(left) => left,
             };
+            let until = now
+                .checked_add(
+                    jiff::SignedDuration::try_from(left).unwrap_or(jiff::SignedDuration::MAX),
+                )
+                .unwrap_or(now);
             let waiting = match plan.not_before {
                 Some(t) if now < t => format!("switching at {t} (the manifest's not_before)"),
                 _ => {
@@ -792,7 +801,6 @@ impl Engine {
                     peer,
                 });
             }
-            let left = until.duration_since(now).unsigned_abs();
             tokio::time::sleep(left.min(SWITCH_POLL)).await;
         }
     }
