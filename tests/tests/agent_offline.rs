@@ -415,3 +415,49 @@ async fn a_pi_without_a_clock_trusts_the_newest_signed_time_and_expiry_never_sto
         .unwrap();
     t.agents.remove(0).stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_gib_current_json_on_a_stick_is_refused_without_being_read() {
+    let mut t = shop("bundle-endless").start().await.unwrap();
+    let usb = t.join("usb");
+    let layout = deckhand_protocol::layout::Layout::new("").unwrap();
+    let current =
+        usb.join(layout.current(&deckhand_protocol::layout::Name::deployment("shop-1").unwrap()));
+    std::fs::create_dir_all(current.parent().unwrap()).unwrap();
+    // Sparse: 2 GiB to whoever reads it, no disk used.
+    std::fs::File::create(&current)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    t.start_agent_with(AgentOptions {
+        name: "pi".into(),
+        credentials: Credentials::None,
+        extra: vec!["--bundle-dir".into(), usb.display().to_string()],
+        ..AgentOptions::default()
+    })
+    .await
+    .unwrap();
+    let st = t.agents[0]
+        .wait_for(
+            std::time::Duration::from_secs(60),
+            "the bundle refused",
+            |s| {
+                s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("current.json") && e.contains("over the limit"))
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.active_version(), None);
+    // Memory stayed bounded: the agent's peak resident set is far below what reading it would take.
+    let pid = t.agents[0].pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+    t.agents.remove(0).stop().await.unwrap();
+}

@@ -154,6 +154,35 @@ pub enum SyncError {
     ChunkMapMismatch(#[from] activation::ChunkMapMismatch),
     #[error("chunk map {0} is held by no reachable peer and the origin is unavailable")]
     ChunkMapUnavailable(deckhand_protocol::BlobId),
+    #[error("{path}: more than {limit} bytes, over the limit for what it holds; not read")]
+    TooLarge { path: PathBuf, limit: usize },
+}
+
+/// Reads a file of at most `limit` bytes (`None` if it does not exist). A larger one is refused after
+/// reading `limit + 1` bytes, whatever its size: a bundle on a stick is not trusted to be small.
+async fn read_capped(path: &std::path::Path, limit: usize) -> Result<Option<Vec<u8>>, SyncError> {
+    use tokio::io::AsyncReadExt as _;
+    let bundle = |source| SyncError::Bundle {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bundle(e)),
+    };
+    let mut buf = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(bundle)?;
+    if buf.len() > limit {
+        return Err(SyncError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    Ok(Some(buf))
 }
 
 fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, SyncError> {
@@ -484,15 +513,10 @@ impl Engine {
     async fn release_from_bundle(&self, dir: &std::path::Path) -> Result<(), SyncError> {
         let layout = Layout::new("")?;
         let current = dir.join(layout.current(&self.cfg.deployment));
-        let envelope = match tokio::fs::read(&current).await {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
-                return Err(SyncError::Bundle {
-                    path: current,
-                    source,
-                });
-            }
+        let Some(envelope) =
+            read_capped(&current, deckhand_protocol::envelope::MAX_ENVELOPE).await?
+        else {
+            return Ok(());
         };
         let from = Via::Bundle(dir.to_owned());
         let Some(v) = self.admit(&envelope, &from).await? else {
