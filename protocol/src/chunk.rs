@@ -36,6 +36,14 @@ pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
 /// The most chunks one map may list: 16 Mi chunks, far beyond a 128 MiB blob at any sane size.
 pub const MAX_CHUNKS: u32 = 1 << 24;
 
+/// The longest encoding a valid chunk map of a `size`-byte blob can have: every chunk but the last is at
+/// least FastCDC's smallest minimum (64 bytes) long, whatever parameters a map names. A reader fetching a
+/// chunk map refuses anything longer before reading it.
+pub fn max_encoded_len(size: u64) -> u64 {
+    let chunks = (size / fastcdc::v2020::MINIMUM_MIN as u64 + 1).min(u64::from(MAX_CHUNKS));
+    HEADER_LEN as u64 + ENTRY_LEN as u64 * chunks
+}
+
 const MAGIC: &[u8; 4] = b"DHCM";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 4 + 1 + 12 + 32 + 8 + 4;
@@ -430,6 +438,25 @@ mod tests {
             ChunkMap::decode(&bad),
             Err(ChunkMapError::ChunkLen { index: 0, .. })
         ));
+    }
+
+    #[test]
+    fn a_valid_map_fits_the_read_limit_its_blob_size_gives() {
+        for size in [0usize, 1, 100, 70_000, 3 << 20] {
+            let data = crate::testdata::noise(5, size);
+            let map = ChunkMap::build(&data);
+            assert!(
+                map.encode().len() as u64 <= max_encoded_len(size as u64),
+                "{size}"
+            );
+        }
+        // The smallest chunks any parameters allow (64 bytes) still fit.
+        assert_eq!(
+            max_encoded_len(640),
+            HEADER_LEN as u64 + ENTRY_LEN as u64 * 11
+        );
+        // A 128 MiB blob's map is read to at most ~72 MiB, never a claimed billion entries.
+        assert!(max_encoded_len(128 << 20) < 80 << 20);
     }
 
     #[test]

@@ -203,3 +203,48 @@ async fn wrong_credentials_are_an_error_in_status_not_offline() {
     );
     assert_eq!(s.active, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_gib_current_json_at_the_origin_is_refused_without_being_read() {
+    let (fleet, _files, _spec) = one_agent_on_v1("origin-endless").await;
+    // current.json becomes 2 GiB (sparse: no disk used). s3s-fs keeps each object's ETag in a file
+    // beside it; without it, the server computes a new one, so the agent sees a change.
+    let key = deckhand_protocol::layout::Layout::new("fleet")
+        .unwrap()
+        .current(&Name::deployment("shop-1").unwrap());
+    let path = fleet.s3().bucket_dir().join(&key);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let etag_file = fleet.s3().bucket_dir().parent().unwrap().join(format!(
+        ".bucket-{}.object-{}.internal.json",
+        b64(fleet.s3().bucket()),
+        b64(&key)
+    ));
+    std::fs::remove_file(&etag_file).unwrap();
+    let st = fleet.agents[0]
+        .wait_for(secs(60), "the oversized current.json refused", |s| {
+            s.last_error.as_deref().is_some_and(|e| {
+                e.contains("current.json") && e.contains("2147483648 bytes, over the limit")
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(st.active_version(), Some(1));
+    let (code, answer) = fleet.agents[0].recognize(&photo()).await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+    // Memory stayed bounded: the agent's peak resident set is far below the object's size.
+    let pid = fleet.agents[0].pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+}

@@ -47,10 +47,34 @@ impl Origin for FileOrigin {
         &self.layout
     }
 
-    async fn get_if_changed(&self, key: &str, etag: Option<&str>) -> Result<Fetched, OriginError> {
+    async fn get_if_changed(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        limit: u64,
+    ) -> Result<Fetched, OriginError> {
+        use tokio::io::AsyncReadExt as _;
         let path = self.path(key);
-        match tokio::fs::read(&path).await {
-            Ok(data) => {
+        let read = async {
+            let file = tokio::fs::File::open(&path).await?;
+            let size = file.metadata().await?.len();
+            let mut data = Vec::new();
+            if size <= limit {
+                // A file that grows meanwhile is still read only to the limit.
+                file.take(limit.saturating_add(1))
+                    .read_to_end(&mut data)
+                    .await?;
+            }
+            Ok::<_, std::io::Error>((size.max(data.len() as u64), data))
+        };
+        match read.await {
+            Ok((size, _)) if size > limit => Err(OriginError::TooLarge {
+                op: "get",
+                key: key.to_owned(),
+                size,
+                limit,
+            }),
+            Ok((_, data)) => {
                 let tag = format!("\"{}\"", blake3::hash(&data).to_hex());
                 if etag == Some(tag.as_str()) {
                     return Ok(Fetched::NotModified);

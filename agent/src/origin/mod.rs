@@ -120,6 +120,15 @@ pub enum OriginError {
     Layout(#[from] LayoutError),
     #[error("{op} {key}: no such object")]
     NotFound { op: &'static str, key: String },
+    #[error(
+        "{op} {key}: the object is {size} bytes, over the limit of {limit} for what it holds; not read"
+    )]
+    TooLarge {
+        op: &'static str,
+        key: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("{op} {key}: the object already exists (another publisher wrote it first)")]
     AlreadyExists { op: &'static str, key: String },
     #[error("{op} {key}: timed out after {secs} s")]
@@ -192,15 +201,21 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// The key layout under this origin's prefix.
     fn layout(&self) -> &Layout;
 
-    /// Reads an object unless its entity tag is still `etag`.
-    async fn get_if_changed(&self, key: &str, etag: Option<&str>) -> Result<Fetched, OriginError>;
+    /// Reads an object of at most `limit` bytes unless its entity tag is still `etag`. A larger object
+    /// is refused ([`OriginError::TooLarge`]) without its body being read past the limit.
+    async fn get_if_changed(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        limit: u64,
+    ) -> Result<Fetched, OriginError>;
 
     /// Reads a byte range of an object; a short answer is an error.
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, OriginError>;
 
-    /// Reads a whole object.
-    async fn get(&self, key: &str) -> Result<Bytes, OriginError> {
-        match self.get_if_changed(key, None).await? {
+    /// Reads a whole object of at most `limit` bytes.
+    async fn get_capped(&self, key: &str, limit: u64) -> Result<Bytes, OriginError> {
+        match self.get_if_changed(key, None, limit).await? {
             Fetched::Changed { body, .. } => Ok(body),
             Fetched::Missing | Fetched::NotModified => Err(OriginError::NotFound {
                 op: "get",
@@ -209,9 +224,15 @@ pub trait Origin: Send + Sync + fmt::Debug {
         }
     }
 
-    /// Reads a whole object, or `None` if it does not exist.
+    /// Reads a whole object, whatever its size: for the operator's reads of its own bucket. The agent
+    /// reads what it does not trust with a limit ([`Origin::get_capped`]).
+    async fn get(&self, key: &str) -> Result<Bytes, OriginError> {
+        self.get_capped(key, u64::MAX).await
+    }
+
+    /// Reads a whole object, whatever its size, or `None` if it does not exist (the operator's reads).
     async fn get_opt(&self, key: &str) -> Result<Option<Bytes>, OriginError> {
-        match self.get_if_changed(key, None).await? {
+        match self.get_if_changed(key, None, u64::MAX).await? {
             Fetched::Changed { body, .. } => Ok(Some(body)),
             _ => Ok(None),
         }

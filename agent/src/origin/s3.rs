@@ -139,7 +139,12 @@ impl Origin for S3Origin {
         &self.layout
     }
 
-    async fn get_if_changed(&self, key: &str, etag: Option<&str>) -> Result<Fetched, OriginError> {
+    async fn get_if_changed(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        limit: u64,
+    ) -> Result<Fetched, OriginError> {
         timed(self.operation_timeout, "get", key, async {
             let mut req = self.client.get_object().bucket(&self.bucket).key(key);
             if let Some(e) = etag {
@@ -158,13 +163,33 @@ impl Origin for S3Origin {
                 // Servers that ignore If-None-Match still tell us it did not change.
                 return Ok(Fetched::NotModified);
             }
-            let body = out
-                .body
-                .collect()
+            let too_large = |size: u64| OriginError::TooLarge {
+                op: "get",
+                key: key.to_owned(),
+                size,
+                limit,
+            };
+            if let Some(size) = out.content_length().and_then(|l| u64::try_from(l).ok())
+                && size > limit
+            {
+                return Err(too_large(size));
+            }
+            // The declared length is not trusted: the body is read only up to the limit.
+            let mut stream = out.body;
+            let mut body = Vec::new();
+            while let Some(piece) = stream
+                .try_next()
                 .await
-                .map_err(|e| body_error("get", key, e))?;
+                .map_err(|e| body_error("get", key, e))?
+            {
+                let size = (body.len() + piece.len()) as u64;
+                if size > limit {
+                    return Err(too_large(size));
+                }
+                body.extend_from_slice(&piece);
+            }
             Ok(Fetched::Changed {
-                body: body.into_bytes(),
+                body: Bytes::from(body),
                 etag: new_etag,
             })
         })

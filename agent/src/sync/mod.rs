@@ -462,7 +462,14 @@ impl Engine {
             return Ok(());
         };
         let key = origin.layout().current(&self.cfg.deployment);
-        let (body, new_etag) = match origin.get_if_changed(&key, etag.as_deref()).await {
+        let (body, new_etag) = match origin
+            .get_if_changed(
+                &key,
+                etag.as_deref(),
+                deckhand_protocol::envelope::MAX_ENVELOPE as u64,
+            )
+            .await
+        {
             Ok(Fetched::NotModified | Fetched::Missing) => return Ok(()),
             Ok(Fetched::Changed { body, etag }) => (body, etag),
             Err(e) => {
@@ -892,7 +899,11 @@ impl Engine {
         if let Some(origin) = &self.cfg.origin
             && self.origin_usable()
         {
-            match origin.get(&origin.layout().blob(&b.chunk_map)).await {
+            let key = origin.layout().blob(&b.chunk_map);
+            match origin
+                .get_capped(&key, deckhand_protocol::chunk::max_encoded_len(b.size))
+                .await
+            {
                 Ok(bytes) => {
                     self.origin_ok();
                     let bytes = self.put_raw(b.chunk_map, bytes.to_vec()).await?;

@@ -245,14 +245,23 @@ mod tests {
         assert_eq!(keys, vec!["a/b/one", "a/c"]);
         assert_eq!(o.head("a/c").await.unwrap().unwrap().size, 1);
         let deckhand_agent::origin::Fetched::Changed { etag, .. } =
-            o.get_if_changed("a/c", None).await.unwrap()
+            o.get_if_changed("a/c", None, 1).await.unwrap()
         else {
             panic!()
         };
         assert_eq!(
-            o.get_if_changed("a/c", etag.as_deref()).await.unwrap(),
+            o.get_if_changed("a/c", etag.as_deref(), 1).await.unwrap(),
             deckhand_agent::origin::Fetched::NotModified
         );
+        // Over the limit: refused, naming the size, and nothing is read.
+        assert!(matches!(
+            o.get_if_changed("a/c", None, 0).await,
+            Err(deckhand_agent::origin::OriginError::TooLarge {
+                size: 1,
+                limit: 0,
+                ..
+            })
+        ));
         o.delete("a/c").await.unwrap();
         o.delete("a/c").await.unwrap();
         assert_eq!(o.head("a/c").await.unwrap(), None);
