@@ -297,3 +297,14 @@ pub async fn publish_to_dir(
     .unwrap_or_else(|e| panic!("publishing into {}: {e}", dir.display()))
     .0
 }
+
+/// A process's peak resident set (VmHWM in /proc/PID/status), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
+}

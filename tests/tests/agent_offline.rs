@@ -452,12 +452,7 @@ async fn a_two_gib_current_json_on_a_stick_is_refused_without_being_read() {
     assert_eq!(st.active_version(), None);
     // Memory stayed bounded: the agent's peak resident set is far below what reading it would take.
     let pid = t.agents[0].pid().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = deckhand_tests::peak_rss_kib(pid);
     assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
     t.agents.remove(0).stop().await.unwrap();
 }

@@ -240,11 +240,6 @@ async fn a_two_gib_current_json_at_the_origin_is_refused_without_being_read() {
     assert_eq!(code, 200, "{answer}");
     // Memory stayed bounded: the agent's peak resident set is far below the object's size.
     let pid = fleet.agents[0].pid().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = deckhand_tests::peak_rss_kib(pid);
     assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
 }
