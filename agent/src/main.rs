@@ -42,6 +42,26 @@ enum StoreCommand {
     Verify(StoreArgs),
     /// Remove every blob that no release pins.
     Gc(StoreArgs),
+    /// Write the releases this Pi holds as a bundle (signed manifests and every blob and chunk map they
+    /// name, verified on the way out), to restore a bucket with `deckhand bundle push` or carry on a
+    /// stick. Safe while the agent runs: it reads the store without taking it.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The agent's data directory (the store lives in DATA_DIR/store).
+    #[arg(long, default_value = "/var/lib/deckhand", env = "DECKHAND_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The bundle directory to write (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Which releases to export.
+    #[arg(long, value_enum, default_value = "all")]
+    release: maintenance::export::Which,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -221,6 +241,8 @@ fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
         StoreCommand::Ls(a) => (a, "list"),
         StoreCommand::Verify(a) => (a, "verify"),
         StoreCommand::Gc(a) => (a, "gc"),
+        // Not as the store's owner: the agent may be running.
+        StoreCommand::Export(a) => return export(a),
     };
     let store = maintenance::open(&args.data_dir)
         .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
@@ -299,5 +321,33 @@ fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        StoreCommand::Export(a) => export(&a),
     }
+}
+
+/// `store export`: reads the store without opening it as its owner, so the agent may keep running.
+fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let report = maintenance::export::export(&args.data_dir, &args.out, args.release)
+        .with_context(|| {
+            format!(
+                "exporting the store in {} to {}",
+                args.data_dir.display(),
+                args.out.display()
+            )
+        })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for r in &report.releases {
+            println!(
+                "{} release: {} version {} (manifest {})",
+                r.which, r.deployment, r.version, r.manifest_id
+            );
+        }
+        println!(
+            "wrote {} blobs and chunk maps, {} bytes, to {}",
+            report.blobs, report.bytes, report.dir
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

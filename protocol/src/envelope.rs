@@ -248,6 +248,13 @@ pub fn inspect_unverified(envelope: &[u8]) -> Result<Manifest, VerifyError> {
     Ok(Manifest::from_payload(&payload)?)
 }
 
+/// An envelope's manifest id (the blake3 of its payload bytes) WITHOUT checking any signature, to name
+/// a manifest that was verified earlier (the agent's recorded releases) or is about to be.
+pub fn unverified_id(envelope: &[u8]) -> Result<BlobId, VerifyError> {
+    let (_, payload) = decode(envelope)?;
+    Ok(BlobId::of(&payload))
+}
+
 /// Size limits, DSSE shape, payload type, signature count, payload size, then the payload bytes.
 fn decode(envelope: &[u8]) -> Result<(Envelope, Vec<u8>), VerifyError> {
     if envelope.len() > MAX_ENVELOPE {

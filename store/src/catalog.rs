@@ -103,6 +103,26 @@ pub(crate) fn open_write(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Opens the catalog read-only, for a process that does not own the store (`StoreReader`): it creates
+/// nothing, changes no setting, and refuses a schema it does not know.
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql("open catalog read-only"))?;
+    configure(&conn)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql("read schema version"))?;
+    if version != SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "catalog schema version {version}; this build reads version {SCHEMA_VERSION}"
+        )));
+    }
+    Ok(conn)
+}
+
 /// What a job returns to the writer: whether to keep its savepoint, and how to answer its caller once the
 /// commit outcome is known.
 type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;

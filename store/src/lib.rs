@@ -10,6 +10,9 @@
 
 mod catalog;
 mod fsx;
+mod reader;
+
+pub use reader::StoreReader;
 
 use catalog::{Catalog, sql};
 use deckhand_protocol::chunk::MAX_CHUNK_LEN;
@@ -47,6 +50,13 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("blob {0} is not in the store")]
     NotFound(BlobId),
+    #[error(
+        "blob {0} left the store while it was being read (its owner collected it: a newer release went \
+         live); read again"
+    )]
+    Gone(BlobId),
+    #[error("no store at {0} (no catalog.sqlite there)")]
+    NoStore(PathBuf),
     #[error("content for {expected} failed verification: {len} bytes hashing to {actual}")]
     ContentMismatch {
         expected: BlobId,
@@ -211,6 +221,43 @@ fn blob_row(conn: &Connection, id: &BlobId) -> Result<Option<Row>, StoreError> {
     .transpose()
 }
 
+/// Everything the catalog knows about one blob.
+fn blob_info(c: &Connection, id: &BlobId) -> Result<Option<BlobInfo>, StoreError> {
+    let Some(row) = blob_row(c, id)? else {
+        return Ok(None);
+    };
+    let have_bytes = if row.complete {
+        row.size
+    } else {
+        c.query_row(
+            "SELECT COALESCE(SUM(len), 0) FROM chunks WHERE blob = ?1 AND have = 1",
+            [key(id)],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(sql("sum chunks"))? as u64
+    };
+    Ok(Some(BlobInfo {
+        id: *id,
+        size: row.size,
+        complete: row.complete,
+        chunk_map: row.chunk_map,
+        have_bytes,
+    }))
+}
+
+/// The blobs pinned under `name`.
+fn pinned(c: &Connection, name: &str) -> Result<Vec<BlobId>, StoreError> {
+    let mut stmt = c
+        .prepare_cached("SELECT blob FROM pins WHERE name = ?1 ORDER BY blob")
+        .map_err(sql("read pins"))?;
+    let rows = stmt
+        .query_map([name], |r| r.get::<_, Vec<u8>>(0))
+        .map_err(sql("read pins"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql("read pins"))?;
+    rows.into_iter().map(blob_id).collect()
+}
+
 fn forget(conn: &Connection, id: &BlobId) -> Result<(), StoreError> {
     conn.execute("DELETE FROM chunks WHERE blob = ?1", [key(id)])
         .map_err(sql("forget chunks"))?;
@@ -316,28 +363,7 @@ impl Store {
 
     /// Everything the catalog knows about one blob.
     pub fn info(&self, id: &BlobId) -> Result<Option<BlobInfo>, StoreError> {
-        self.inner.catalog.read(|c| {
-            let Some(row) = blob_row(c, id)? else {
-                return Ok(None);
-            };
-            let have_bytes = if row.complete {
-                row.size
-            } else {
-                c.query_row(
-                    "SELECT COALESCE(SUM(len), 0) FROM chunks WHERE blob = ?1 AND have = 1",
-                    [key(id)],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(sql("sum chunks"))? as u64
-            };
-            Ok(Some(BlobInfo {
-                id: *id,
-                size: row.size,
-                complete: row.complete,
-                chunk_map: row.chunk_map,
-                have_bytes,
-            }))
-        })
+        self.inner.catalog.read(|c| blob_info(c, id))
     }
 
     /// Every catalogued blob.
@@ -897,17 +923,7 @@ impl Store {
 
     /// The blobs pinned under `name`.
     pub fn pins(&self, name: &str) -> Result<Vec<BlobId>, StoreError> {
-        self.inner.catalog.read(|c| {
-            let mut stmt = c
-                .prepare_cached("SELECT blob FROM pins WHERE name = ?1 ORDER BY blob")
-                .map_err(sql("read pins"))?;
-            let rows = stmt
-                .query_map([name], |r| r.get::<_, Vec<u8>>(0))
-                .map_err(sql("read pins"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(sql("read pins"))?;
-            rows.into_iter().map(blob_id).collect()
-        })
+        self.inner.catalog.read(|c| pinned(c, name))
     }
 
     /// Removes every blob no pin keeps, complete or partial. The catalog forgets them first; files are

@@ -79,6 +79,41 @@ pub fn unique_chunk_bytes(files: &deckhand_agent::release::ReleaseFiles) -> u64 
     unique.values().sum()
 }
 
+/// The next version of `files`: card `card` renamed to `name` in metadata.json (written as
+/// `DIR/metadata-v2.json` of the fleet), everything else the same.
+pub fn with_card_renamed(
+    fleet: &Fleet,
+    files: &deckhand_agent::release::ReleaseFiles,
+    spec: &fixtures::ReferenceSpec,
+    card: usize,
+    name: &str,
+) -> deckhand_agent::release::ReleaseFiles {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut meta: serde_json::Value = serde_json::from_slice(&read(&files.metadata))
+        .unwrap_or_else(|e| panic!("metadata.json: {e}"));
+    meta[spec.card_id(card)]["name"] = serde_json::json!(name);
+    let mut next = files.clone();
+    next.metadata = fleet.join("metadata-v2.json");
+    std::fs::write(&next.metadata, meta.to_string())
+        .unwrap_or_else(|e| panic!("{}: {e}", next.metadata.display()));
+    next
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
+    for e in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{}: {e}", from.display())) {
+        let e = e.unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target)
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+        }
+    }
+}
+
 /// Runs the `deckhand` or `deckhand-agent` binary with `args` (and `env`) and returns its output.
 pub fn run(name: &str, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
     let path = bin(name);

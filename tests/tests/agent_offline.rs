@@ -4,23 +4,10 @@
 use deckhand_tests::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
-use deckhand_tests::{AgentOptions, Credentials, Fleet, publish_options, run, shop};
+use deckhand_tests::{AgentOptions, Credentials, Fleet, copy_dir, publish_options, run, shop};
 use deckhand_tools::origin::{OriginConfig, OriginUrl};
 use deckhand_tools::publish;
 use std::path::Path;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
 
 fn agent(args: &[&str]) -> std::process::Output {
     run("deckhand-agent", args, &[])
@@ -250,6 +237,14 @@ async fn under_systemd_it_notifies_ready_status_and_a_watchdog_that_stops_while_
     };
     let limit = deckhand_agent::systemd::INFERENCE_LIMIT;
     notes.until(limit + s(3), |_| false).await;
+    // Its client gave up after 10 s; a card answered means nothing wedged.
+    let answered = stuck.await.unwrap();
+    assert!(
+        !matches!(answered, Ok((200, _))),
+        "the request was answered with the wedge in place ({answered:?}): this deckhand-agent binary \
+         was built without the test-only feature fault-injection (`cargo build -p deckhand-agent` \
+         replaces the one `cargo test --workspace` builds; run that again)"
+    );
     let quiet_from = wedged_at + limit + s(1);
     assert_eq!(
         notes.watchdogs_between(quiet_from, std::time::Instant::now()),
@@ -265,7 +260,6 @@ async fn under_systemd_it_notifies_ready_status_and_a_watchdog_that_stops_while_
         notes.until(s(3), |l| l == "WATCHDOG=1").await,
         "no ping after the inference thread came back"
     );
-    let _ = stuck.await;
     let (code, answer) = t.agents[0].recognize(&photo).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["card_id"], spec.card_id(3));

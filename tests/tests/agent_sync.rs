@@ -34,13 +34,7 @@ fn photo() -> Vec<u8> {
 
 /// Version 2 of `files`: one card renamed in metadata.json.
 fn renamed(fleet: &Fleet, files: &ReleaseFiles, spec: &ReferenceSpec) -> ReleaseFiles {
-    let mut meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
-    meta[spec.card_id(CARD)]["name"] = serde_json::json!("Card six, second print");
-    let mut v2 = files.clone();
-    v2.metadata = fleet.join("metadata-v2.json");
-    std::fs::write(&v2.metadata, serde_json::to_vec(&meta).unwrap()).unwrap();
-    v2
+    deckhand_tests::with_card_renamed(fleet, files, spec, CARD, "Card six, second print")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

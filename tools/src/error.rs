@@ -92,6 +92,8 @@ pub enum ToolError {
     RollbackIncomplete { version: u64, missing: Vec<String> },
     #[error("{0} does not exist")]
     NoSuchObject(String),
+    #[error("the bundle was refused and nothing was written: {}", problems.join("; "))]
+    BundleRefused { problems: Vec<String> },
     #[error(
         "the demo saw {failed} failed and {mixed} mixed answers, and recognised {right} photos"
     )]

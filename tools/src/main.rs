@@ -207,6 +207,24 @@ enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a bundle (from `bundle export` or `deckhand-agent store export`) into an origin: verify
+    /// every manifest and blob, upload what the origin lacks, write each manifest under its own version
+    /// (never over a different one), and point current.json at the newest unless it names a newer one.
+    Push {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// The bundle directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// A trusted release-signing public key (NAME.pub); repeatable.
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// How many distinct trusted keys must have signed each manifest.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where a layout command works: a bucket (and prefix), without a deployment.
@@ -499,6 +517,12 @@ fn read_public_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>, ToolError> {
 
 /// A policy of one trusted signature from any of `paths`, or `None` when no key is given (signatures are
 /// then not checked, and output says so).
+/// The trust policy of `--trust` keys and `--threshold`.
+fn policy(paths: &[PathBuf], threshold: usize) -> Result<TrustPolicy, ToolError> {
+    TrustPolicy::new(read_public_keys(paths)?, threshold)
+        .map_err(|e| usage("threshold", &threshold.to_string(), e))
+}
+
 fn optional_policy(paths: &[PathBuf]) -> Result<Option<TrustPolicy>, ToolError> {
     let keys = read_public_keys(paths)?;
     if keys.is_empty() {
@@ -775,9 +799,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             json,
         } => {
             let t = target(&origin).await?;
-            let keys = read_public_keys(&trust)?;
-            let policy = TrustPolicy::new(keys, threshold)
-                .map_err(|e| usage("threshold", &threshold.to_string(), e))?;
+            let policy = policy(&trust, threshold)?;
             let work = work_dir()?;
             let report =
                 releases::verify(&*t.origin, &t.deployment, version, &policy, work.path()).await?;
@@ -824,6 +846,55 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                     "exported version {} to {}: {} blobs and chunk maps, {} bytes",
                     report.version, report.dir, report.blobs, report.bytes
                 );
+            }
+        }
+        Command::Bundle {
+            command:
+                BundleCommand::Push {
+                    origin,
+                    from,
+                    trust,
+                    threshold,
+                    json,
+                },
+        } => {
+            let t = target(&origin).await?;
+            let policy = policy(&trust, threshold)?;
+            let work = work_dir()?;
+            let report =
+                releases::bundle_push(&from, &*t.origin, &t.deployment, &policy, work.path())
+                    .await?;
+            if json {
+                print_json(&report);
+            } else {
+                for m in &report.manifests {
+                    println!(
+                        "version {} (manifest {}): {}",
+                        m.version,
+                        m.id,
+                        if m.written {
+                            "written"
+                        } else {
+                            "already there"
+                        }
+                    );
+                }
+                println!(
+                    "uploaded {} blobs and chunk maps ({} bytes); {} already there",
+                    report.uploaded, report.bytes_uploaded, report.present
+                );
+                match report.current_set_to {
+                    Some(v) => println!("current.json now names version {v}"),
+                    None => println!(
+                        "current.json left at version {}",
+                        report
+                            .current_before
+                            .map_or("?".to_owned(), |v| v.to_string())
+                    ),
+                }
+            }
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
             }
         }
         Command::Fleet { command } => fleet(command).await?,

@@ -420,22 +420,33 @@ pub async fn commit(origin: &dyn Bucket, prepared: &Prepared) -> Result<Publishe
         }
         Err(e) => return Err(e.into()),
     }
-    let current_key = layout.current(&deployment);
-    let newer_exists = match origin.get_opt(&current_key).await? {
-        Some(bytes) => inspect_unverified(&bytes).is_ok_and(|c| c.version > m.version),
-        None => false,
-    };
-    if !newer_exists {
-        origin
-            .put(&current_key, prepared.envelope.clone().into())
-            .await?;
-    }
+    let current_updated =
+        advance_current(origin, &deployment, m.version, &prepared.envelope).await?;
     Ok(Published {
         version: m.version,
         id: prepared.id,
         manifest_key,
-        current_updated: !newer_exists,
+        current_updated,
     })
+}
+
+/// Points current.json at `envelope` (version `version`) unless it already names a newer version.
+/// Returns whether it was written.
+pub async fn advance_current(
+    origin: &dyn Bucket,
+    deployment: &Name,
+    version: u64,
+    envelope: &[u8],
+) -> Result<bool, ToolError> {
+    let current_key = origin.layout().current(deployment);
+    let newer_exists = match origin.get_opt(&current_key).await? {
+        Some(bytes) => inspect_unverified(&bytes).is_ok_and(|c| c.version > version),
+        None => false,
+    };
+    if !newer_exists {
+        origin.put(&current_key, envelope.to_vec().into()).await?;
+    }
+    Ok(!newer_exists)
 }
 
 /// Validates, uploads, signs and commits.

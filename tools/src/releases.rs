@@ -1,13 +1,14 @@
 //! `deckhand versions`, `deckhand verify` and `deckhand bundle export`: reading releases back.
 
 use crate::error::ToolError;
-use crate::origin::{Bucket, OriginConfig, OriginUrl};
+use crate::origin::{Bucket, OriginConfig, OriginError, OriginUrl};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::{BlobRef, Manifest};
 use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy};
 use jiff::Timestamp;
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// One published version, as listed.
@@ -314,5 +315,209 @@ pub async fn bundle_export(
     dest.put(&dl.manifest(&d, m.version), envelope.clone())
         .await?;
     dest.put(&dl.current(&d), envelope).await?;
+    Ok(report)
+}
+
+/// One manifest `bundle push` restored.
+#[derive(Clone, Debug, Serialize)]
+pub struct PushedManifest {
+    pub version: u64,
+    /// The manifest's id: the blake3 of its signed payload.
+    pub id: String,
+    pub key: String,
+    /// True if it was written; false if the origin already held these exact bytes.
+    pub written: bool,
+}
+
+/// What `bundle push` did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PushReport {
+    pub manifests: Vec<PushedManifest>,
+    /// Blobs and chunk maps uploaded, and their bytes.
+    pub uploaded: usize,
+    pub bytes_uploaded: u64,
+    /// Blobs and chunk maps the origin already held.
+    pub present: usize,
+    /// The version current.json names after the push, if this push wrote it.
+    pub current_set_to: Option<u64>,
+    /// The version current.json named before, if any.
+    pub current_before: Option<u64>,
+    /// What the operator should know (a restored manifest that has expired).
+    pub warnings: Vec<String>,
+}
+
+/// Restores a bundle directory (`deckhand bundle export` or `deckhand-agent store export`) into an
+/// origin: every manifest of `deployment` in it is verified against `trust` (expiry aside: an expired
+/// manifest is restored, with a warning, since agents judge expiry themselves), every blob and chunk map
+/// they name is verified against its id, and only when everything verified is anything written:
+/// the missing blobs and chunk maps, then each manifest under its own version with `If-None-Match: *`
+/// (the same bytes already there are fine; different bytes at that version are refused), then
+/// current.json, only if it is missing or names an older version.
+pub async fn bundle_push(
+    from: &Path,
+    origin: &dyn Bucket,
+    deployment: &Name,
+    trust: &TrustPolicy,
+    work: &Path,
+) -> Result<PushReport, ToolError> {
+    let root = std::fs::canonicalize(from).map_err(ToolError::io("open the bundle", from))?;
+    let bundle = crate::origin::connect(
+        &OriginUrl::File { root: root.clone() },
+        &OriginConfig::default(),
+    )
+    .await?;
+    let bl = bundle.layout().clone();
+    let dl = origin.layout().clone();
+    let mut report = PushReport::default();
+
+    // 1. The manifests, verified.
+    let mut manifests = Vec::new();
+    for obj in bundle.list(&bl.manifest_dir(deployment)).await? {
+        let Ok(Key::Manifest { version, .. }) = bl.classify(&obj.key) else {
+            continue;
+        };
+        let envelope = bundle.get(&obj.key).await?;
+        let v = trust
+            .verify_ignoring_expiry(&envelope)
+            .map_err(|source| ToolError::Verify {
+                context: format!("{} in the bundle does not verify", obj.key),
+                source,
+            })?;
+        if v.manifest.deployment != deployment.as_str() || v.manifest.version != version {
+            return Err(ToolError::BundleRefused {
+                problems: vec![format!(
+                    "{} holds version {} of deployment {:?}",
+                    obj.key, v.manifest.version, v.manifest.deployment
+                )],
+            });
+        }
+        if v.manifest.expires_at <= Timestamp::now() {
+            report.warnings.push(format!(
+                "version {version} expired at {}: agents refuse it until a newer version is published \
+                 (deckhand rollback re-signs its content)",
+                v.manifest.expires_at
+            ));
+        }
+        manifests.push(v);
+    }
+    if manifests.is_empty() {
+        return Err(ToolError::BundleRefused {
+            problems: vec![format!(
+                "it holds no manifest of deployment {deployment} ({})",
+                bl.manifest_dir(deployment)
+            )],
+        });
+    }
+    manifests.sort_by_key(|v| v.manifest.version);
+
+    // 2. Nothing may already sit at a restored version but the same bytes.
+    let mut problems = Vec::new();
+    let mut already = BTreeSet::new();
+    for v in &manifests {
+        let key = dl.manifest(deployment, v.manifest.version);
+        match origin.get_opt(&key).await? {
+            Some(b) if b == v.envelope => {
+                already.insert(v.manifest.version);
+            }
+            Some(_) => problems.push(format!(
+                "{key} already holds a different manifest; refusing to overwrite it"
+            )),
+            None => {}
+        }
+    }
+
+    // 3. Every blob and chunk map verified in the bundle, and what the origin lacks, before anything is
+    //    written.
+    let mut lacking: Vec<BlobId> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for v in &manifests {
+        for b in v.manifest.blobs() {
+            if !seen.insert(b.blob) {
+                continue;
+            }
+            let mut missing = Vec::new();
+            match origin.head(&dl.blob(&b.blob)).await? {
+                Some(i) if i.size == b.size => report.present += 1,
+                _ => missing.push(b.blob),
+            }
+            if seen.insert(b.chunk_map) {
+                match origin.head(&dl.blob(&b.chunk_map)).await? {
+                    Some(_) => report.present += 1,
+                    None => missing.push(b.chunk_map),
+                }
+            }
+            // Every blob of the bundle is checked, not only those uploaded: a bundle that does not
+            // verify is refused whole.
+            let what = describe(&v.manifest, &b.blob);
+            check_blob(&*bundle, &b, &what, work, &mut problems).await?;
+            lacking.extend(missing);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ToolError::BundleRefused { problems });
+    }
+
+    // 4. Write: blobs and chunk maps, then the manifests, then current.json.
+    for id in &lacking {
+        let key = dl.blob(id);
+        let path = root.join(bl.blob(id));
+        let size = std::fs::metadata(&path)
+            .map_err(ToolError::io("read", &path))?
+            .len();
+        origin.put_file(&key, &path, &|_| {}).await?;
+        report.uploaded += 1;
+        report.bytes_uploaded += size;
+    }
+    for v in &manifests {
+        let version = v.manifest.version;
+        let key = dl.manifest(deployment, version);
+        let written = if already.contains(&version) {
+            false
+        } else {
+            match origin.put_new(&key, v.envelope.clone().into()).await {
+                Ok(()) => true,
+                // Written by someone else since step 2: fine only if it is these bytes.
+                Err(OriginError::AlreadyExists { .. })
+                    if origin.get_opt(&key).await?.as_deref() == Some(&v.envelope[..]) =>
+                {
+                    false
+                }
+                Err(OriginError::AlreadyExists { .. }) => {
+                    return Err(ToolError::BundleRefused {
+                        problems: vec![format!(
+                            "{key} was written with a different manifest during this push; \
+                             refusing to overwrite it"
+                        )],
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        report.manifests.push(PushedManifest {
+            version,
+            id: v.id.to_string(),
+            key,
+            written,
+        });
+    }
+    report.current_before = origin
+        .get_opt(&dl.current(deployment))
+        .await?
+        .and_then(|b| inspect_unverified(&b).ok())
+        .map(|m| m.version);
+    if let Some(newest) = manifests.last()
+        && report
+            .current_before
+            .is_none_or(|before| before < newest.manifest.version)
+        && crate::publish::advance_current(
+            origin,
+            deployment,
+            newest.manifest.version,
+            &newest.envelope,
+        )
+        .await?
+    {
+        report.current_set_to = Some(newest.manifest.version);
+    }
     Ok(report)
 }

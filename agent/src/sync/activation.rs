@@ -17,8 +17,10 @@ use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy, VerifiedManifest, VerifyE
 use deckhand_store::{Store, StoreError};
 use std::path::Path;
 
-const META_ACTIVE: &str = "active_envelope";
-const META_PREVIOUS: &str = "previous_envelope";
+/// The catalog's meta keys holding the active and previous releases' envelopes (read by
+/// `store export` too).
+pub(crate) const META_ACTIVE: &str = "active_envelope";
+pub(crate) const META_PREVIOUS: &str = "previous_envelope";
 
 fn highest_key(deployment: &str) -> String {
     format!("highest_accepted/{deployment}")

@@ -1,4 +1,7 @@
-//! Store maintenance run by hand on a Pi: list what the store holds, re-verify it, collect garbage.
+//! Store maintenance run by hand on a Pi: list what the store holds, re-verify it, collect garbage, and
+//! export its releases as a bundle (`export`, which may run beside the agent).
+
+pub mod export;
 
 use deckhand_store::{BlobInfo, GcReport, Options, Store, StoreError, VerifyReport};
 use serde::Serialize;
