@@ -6,17 +6,38 @@
 //! on the `hailo8` branch. Its configure-params structs have 5.x sizes, so this module never passes one
 //! (NULL asks HailoRT for defaults).
 //!
-//! One vdevice is shared by every release loaded in the process (a second vdevice on the same board would
-//! fail while the old release still serves); each release configures its own network group on it, and
-//! HailoRT's scheduler switches between them. Input is written as float32 NHWC (HailoRT quantises);
-//! output is read as uint8 and dequantised here with the vstream's quantisation info.
+//! Input is written as float32 NHWC (HailoRT quantises) and output read as float32 (HailoRT dequantises,
+//! whatever the network's output is: 8 or 16 bits, one quantisation entry or one per channel).
+//!
+//! ## Network groups and the vdevice, over months of swaps
+//!
+//! One vdevice is shared by every release loaded in the process: a second vdevice on the same board fails
+//! while the first exists (no multi-process service), and the old release must keep serving while the
+//! new one loads. HailoRT 4.x frees a configured network group only with its vdevice, and a vdevice holds
+//! [`GROUP_LIMIT`] of them, so configuring one per load would fail after about 31 swaps. Hence:
+//!
+//! - A configured network (its group, vstreams and HEF handle: [`Net`]) is kept per HEF *content* (blake3
+//!   of the file) for the vdevice's life, and a release whose HEF is already configured reuses it. That
+//!   is the common case (a reference-DB update keeps the HEF) and also a rollback or a fleet alternating
+//!   two models: no group is added.
+//! - A new HEF is configured beside the live one on the same vdevice, so the old release serves (on the
+//!   Hailo) until the new one is loaded, checked and swapped in. The old release's network stays cached.
+//! - When a new HEF finds the vdevice full, the cached networks no live release uses are dropped; if
+//!   none is in use any more the vdevice is released (freeing every group) and a fresh one created. If a
+//!   live release still holds it (the old one, still serving), the load fails with
+//!   [`BackendError::DeviceFull`]: under `--backend auto` that release runs on the CPU, and the next load
+//!   after the old release drained finds the vdevice free and recreates it. Nothing in flight is ever
+//!   cut off: a network lives as long as a recognizer (and so an in-flight batch) holds it.
+//! - Two recognizers sharing a network (the old one finishing a batch while the new one checks its
+//!   canaries) take turns on its vstreams (`Net::io`).
 
 use super::{BackendError, Embedder};
 use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};
 use hailort_sys as sys;
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 /// HailoRT 4.x calls hailort-sys 0.1.1 lacks. Signatures from hailort.h (4.20).
 pub mod ffi4 {
@@ -73,6 +94,16 @@ pub mod ffi4 {
     }
 }
 
+/// Network groups one vdevice holds; HailoRT frees them only with the vdevice.
+pub const GROUP_LIMIT: usize = 32;
+
+// HailoRT 4.20's struct sizes, the same on x86_64 and aarch64: hailort-sys must match them.
+const _: () = assert!(std::mem::size_of::<sys::hailo_format_t>() == 12);
+const _: () = assert!(std::mem::size_of::<sys::hailo_vstream_params_t>() == 28);
+const _: () = assert!(std::mem::size_of::<sys::hailo_input_vstream_params_by_name_t>() == 156);
+const _: () = assert!(std::mem::size_of::<sys::hailo_output_vstream_params_by_name_t>() == 156);
+const _: () = assert!(std::mem::size_of::<sys::hailo_quant_info_t>() == 16);
+
 fn message(status: sys::hailo_status) -> String {
     // SAFETY: HailoRT returns a static NUL-terminated string (or NULL) for any status value.
     let p = unsafe { sys::hailo_get_status_message(status) };
@@ -92,6 +123,14 @@ fn check(status: sys::hailo_status, what: &str) -> Result<(), BackendError> {
     }
 }
 
+/// A release call's status, logged if it failed (a release runs in `Drop`, where nothing can be
+/// returned; a failure there is HailoRT's to report, and the handle is not used again either way).
+fn released(status: sys::hailo_status, what: &'static str) {
+    if status != sys::HAILO_SUCCESS {
+        tracing::warn!(what, status = %message(status), "HailoRT release call failed");
+    }
+}
+
 /// The process-wide vdevice.
 struct VDevice(sys::hailo_vdevice);
 
@@ -101,186 +140,271 @@ unsafe impl Sync for VDevice {}
 
 impl Drop for VDevice {
     fn drop(&mut self) {
-        // SAFETY: created by hailo_create_vdevice, released once.
-        unsafe { sys::hailo_release_vdevice(self.0) };
+        // SAFETY: created by hailo_create_vdevice, released once; every network on it was dropped first
+        // (each holds an Arc of it).
+        released(
+            unsafe { sys::hailo_release_vdevice(self.0) },
+            "hailo_release_vdevice",
+        );
     }
 }
 
-static SHARED: Mutex<Weak<VDevice>> = Mutex::new(Weak::new());
+/// One HEF configured on the vdevice: its network group's vstreams and the HEF handle.
+struct Net {
+    hef: sys::hailo_hef,
+    input: sys::hailo_input_vstream,
+    output: sys::hailo_output_vstream,
+    /// Bytes of one input frame (float32 NHWC) and one output frame (float32).
+    in_frame: usize,
+    out_frame: usize,
+    /// A frame is written then read under this lock: the vstreams are a pipe.
+    io: Mutex<()>,
+    // Last, so it is released after this network's streams and HEF.
+    _vdevice: Arc<VDevice>,
+}
 
-fn vdevice() -> Result<Arc<VDevice>, BackendError> {
-    let mut shared = SHARED
+// SAFETY: HailoRT handles may be used from any thread; writes and reads are serialised by `io`.
+unsafe impl Send for Net {}
+unsafe impl Sync for Net {}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once by HailoRT and is released once, streams before the HEF.
+        // The network group itself has no release call in HailoRT 4.x: it goes with the vdevice.
+        unsafe {
+            if !self.input.is_null() {
+                released(
+                    ffi4::hailo_release_input_vstreams(&self.input, 1),
+                    "hailo_release_input_vstreams",
+                );
+            }
+            if !self.output.is_null() {
+                released(
+                    ffi4::hailo_release_output_vstreams(&self.output, 1),
+                    "hailo_release_output_vstreams",
+                );
+            }
+            if !self.hef.is_null() {
+                released(sys::hailo_release_hef(self.hef), "hailo_release_hef");
+            }
+        }
+    }
+}
+
+/// The vdevice and what is configured on it.
+#[derive(Default)]
+struct Registry {
+    vdevice: Option<Arc<VDevice>>,
+    /// Network groups configured on `vdevice` (they are freed only with it).
+    configured: usize,
+    nets: HashMap<[u8; 32], Arc<Net>>,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+/// The configured network for the HEF at `hef_path`: the cached one if this HEF was configured on the
+/// current vdevice, else a new one (see the module documentation for when the vdevice is recreated).
+fn network(hef_path: &Path) -> Result<Arc<Net>, BackendError> {
+    let content = blake3::Hasher::new()
+        .update_mmap(hef_path)
+        .map(|h| *h.finalize().as_bytes())
+        .map_err(|e| BackendError::Load(format!("hef {}: {e}", hef_path.display())))?;
+    let mut guard = REGISTRY
         .lock()
-        .map_err(|_| BackendError::Load("vdevice lock poisoned".into()))?;
-    if let Some(v) = shared.upgrade() {
-        return Ok(v);
+        .map_err(|_| BackendError::Load("the Hailo registry lock is poisoned".into()))?;
+    let reg = guard.get_or_insert_with(Registry::default);
+    if reg.vdevice.is_some()
+        && let Some(net) = reg.nets.get(&content)
+    {
+        return Ok(net.clone());
     }
-    let mut handle: sys::hailo_vdevice = std::ptr::null_mut();
-    // SAFETY: NULL params ask for HailoRT's defaults; `handle` is a valid out-pointer.
-    let status = unsafe { sys::hailo_create_vdevice(std::ptr::null_mut(), &mut handle) };
-    if status != sys::HAILO_SUCCESS {
-        return Err(BackendError::NoDevice(message(status)));
+    if reg.vdevice.is_some() && reg.configured >= GROUP_LIMIT {
+        // Full: forget what no live release uses; with nothing in use, start a fresh vdevice.
+        reg.nets.retain(|_, n| Arc::strong_count(n) > 1);
+        if !reg.nets.is_empty() {
+            return Err(BackendError::DeviceFull(format!(
+                "the Hailo vdevice holds its {GROUP_LIMIT} network groups and a live release still \
+                 uses {} of them; it is recreated once that release is replaced",
+                reg.nets.len()
+            )));
+        }
+        tracing::info!(
+            groups = reg.configured,
+            "releasing the full Hailo vdevice to recreate it"
+        );
+        reg.vdevice = None;
+        reg.configured = 0;
     }
-    let v = Arc::new(VDevice(handle));
-    *shared = Arc::downgrade(&v);
-    Ok(v)
+    let vdevice = match &reg.vdevice {
+        Some(v) => v.clone(),
+        None => {
+            let mut handle: sys::hailo_vdevice = std::ptr::null_mut();
+            // SAFETY: NULL params ask for HailoRT's defaults; `handle` is a valid out-pointer.
+            let status = unsafe { sys::hailo_create_vdevice(std::ptr::null_mut(), &mut handle) };
+            if status != sys::HAILO_SUCCESS {
+                return Err(BackendError::NoDevice(message(status)));
+            }
+            let v = Arc::new(VDevice(handle));
+            reg.vdevice = Some(v.clone());
+            v
+        }
+    };
+    let net = Arc::new(configure(hef_path, vdevice, &mut reg.configured)?);
+    reg.nets.insert(content, net.clone());
+    tracing::info!(
+        hef = %hef_path.display(),
+        groups = reg.configured,
+        limit = GROUP_LIMIT,
+        "configured a Hailo network group"
+    );
+    Ok(net)
+}
+
+/// Loads a HEF and configures it on `vdevice` (counting the group in `configured` once it exists, even
+/// if a later step fails), then creates its vstreams: float32 NHWC in, float32 out.
+fn configure(
+    hef_path: &Path,
+    vdevice: Arc<VDevice>,
+    configured: &mut usize,
+) -> Result<Net, BackendError> {
+    let path = CString::new(hef_path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        BackendError::Load(format!("hef path {} has a NUL byte", hef_path.display()))
+    })?;
+    let mut hef: sys::hailo_hef = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    check(
+        unsafe { sys::hailo_create_hef_file(&mut hef, path.as_ptr()) },
+        &format!("hef {}", hef_path.display()),
+    )?;
+    let mut net = Net {
+        hef,
+        input: std::ptr::null_mut(),
+        output: std::ptr::null_mut(),
+        in_frame: 0,
+        out_frame: 0,
+        io: Mutex::new(()),
+        _vdevice: vdevice.clone(),
+    };
+    // From here on, Drop releases whatever was created.
+    let mut group: sys::hailo_configured_network_group = std::ptr::null_mut();
+    let mut groups = 1usize;
+    // SAFETY: handles from HailoRT; NULL configure params (hailort-sys's struct has 5.x layout).
+    check(
+        unsafe {
+            sys::hailo_configure_vdevice(
+                vdevice.0,
+                net.hef,
+                std::ptr::null_mut(),
+                &mut group,
+                &mut groups,
+            )
+        },
+        "configure the network group",
+    )?;
+    *configured += 1;
+    if groups != 1 {
+        return Err(BackendError::Load(format!(
+            "the HEF has {groups} network groups, expected 1"
+        )));
+    }
+    // SAFETY: zeroed params are valid out-buffers; HailoRT fills every field.
+    let mut in_params: [sys::hailo_input_vstream_params_by_name_t; 4] =
+        unsafe { std::mem::zeroed() };
+    let mut out_params: [sys::hailo_output_vstream_params_by_name_t; 4] =
+        unsafe { std::mem::zeroed() };
+    let (mut n_in, mut n_out) = (in_params.len(), out_params.len());
+    // SAFETY: arrays of n_in / n_out entries; the group is configured.
+    check(
+        unsafe {
+            ffi4::hailo_make_input_vstream_params(
+                group,
+                false,
+                sys::HAILO_FORMAT_TYPE_FLOAT32,
+                in_params.as_mut_ptr(),
+                &mut n_in,
+            )
+        },
+        "make input vstream params",
+    )?;
+    // Float32 out: HailoRT dequantises 8- and 16-bit outputs, with every quantisation entry.
+    check(
+        unsafe {
+            ffi4::hailo_make_output_vstream_params(
+                group,
+                false,
+                sys::HAILO_FORMAT_TYPE_FLOAT32,
+                out_params.as_mut_ptr(),
+                &mut n_out,
+            )
+        },
+        "make output vstream params",
+    )?;
+    if n_in != 1 || n_out != 1 {
+        return Err(BackendError::Load(format!(
+            "expected one input and one output vstream, found {n_in} and {n_out}"
+        )));
+    }
+    in_params[0].params.user_buffer_format.order = sys::HAILO_FORMAT_ORDER_NHWC;
+    // SAFETY: one params entry each; out-pointers for one vstream each.
+    check(
+        unsafe { sys::hailo_create_input_vstreams(group, in_params.as_ptr(), 1, &mut net.input) },
+        "create the input vstream",
+    )?;
+    check(
+        unsafe {
+            sys::hailo_create_output_vstreams(group, out_params.as_ptr(), 1, &mut net.output)
+        },
+        "create the output vstream",
+    )?;
+    // SAFETY: vstreams just created; valid out-pointers.
+    check(
+        unsafe { ffi4::hailo_get_input_vstream_frame_size(net.input, &mut net.in_frame) },
+        "input frame size",
+    )?;
+    check(
+        unsafe { ffi4::hailo_get_output_vstream_frame_size(net.output, &mut net.out_frame) },
+        "output frame size",
+    )?;
+    if net.out_frame == 0 || !net.out_frame.is_multiple_of(4) {
+        return Err(BackendError::Load(format!(
+            "the float32 output frame is {} bytes, not a whole number of values",
+            net.out_frame
+        )));
+    }
+    Ok(net)
 }
 
 /// One release's network on the Hailo device.
 pub struct HailoEmbedder {
-    hef: sys::hailo_hef,
-    input: sys::hailo_input_vstream,
-    output: sys::hailo_output_vstream,
-    in_frame: usize,
-    out_frame: usize,
-    zero_point: f32,
-    scale: f32,
+    net: Arc<Net>,
     settings: RecognizerSettings,
     nhwc: Vec<f32>,
-    raw: Vec<u8>,
-    // Last, so it is released after this release's streams and HEF.
-    _vdevice: Arc<VDevice>,
+    frame: Vec<f32>,
 }
-
-// SAFETY: the handles are used by one thread at a time (the recognizer keeps the embedder in a Mutex).
-unsafe impl Send for HailoEmbedder {}
 
 impl HailoEmbedder {
     pub fn load(hef_path: &Path, settings: &RecognizerSettings) -> Result<Self, BackendError> {
-        let vdevice = vdevice()?;
-        let path = CString::new(hef_path.as_os_str().as_encoded_bytes()).map_err(|_| {
-            BackendError::Load(format!("hef path {} has a NUL byte", hef_path.display()))
-        })?;
-        let mut hef: sys::hailo_hef = std::ptr::null_mut();
-        // SAFETY: a NUL-terminated path and a valid out-pointer.
-        check(
-            unsafe { sys::hailo_create_hef_file(&mut hef, path.as_ptr()) },
-            &format!("hef {}", hef_path.display()),
-        )?;
-        let mut me = Self {
-            hef,
-            input: std::ptr::null_mut(),
-            output: std::ptr::null_mut(),
-            in_frame: 0,
-            out_frame: 0,
-            zero_point: 0.0,
-            scale: 1.0,
-            settings: settings.clone(),
-            nhwc: Vec::new(),
-            raw: Vec::new(),
-            _vdevice: vdevice.clone(),
-        };
-        // From here on, Drop releases whatever was created.
-        let mut group: sys::hailo_configured_network_group = std::ptr::null_mut();
-        let mut groups = 1usize;
-        // SAFETY: handles from HailoRT; NULL configure params (hailort-sys's struct has 5.x layout).
-        check(
-            unsafe {
-                sys::hailo_configure_vdevice(
-                    vdevice.0,
-                    me.hef,
-                    std::ptr::null_mut(),
-                    &mut group,
-                    &mut groups,
-                )
-            },
-            "configure the network group",
-        )?;
-        if groups != 1 {
-            return Err(BackendError::Load(format!(
-                "the HEF has {groups} network groups, expected 1"
-            )));
-        }
-        // SAFETY: zeroed params are valid out-buffers; HailoRT fills every field.
-        let mut in_params: [sys::hailo_input_vstream_params_by_name_t; 4] =
-            unsafe { std::mem::zeroed() };
-        let mut out_params: [sys::hailo_output_vstream_params_by_name_t; 4] =
-            unsafe { std::mem::zeroed() };
-        let (mut n_in, mut n_out) = (in_params.len(), out_params.len());
-        // SAFETY: arrays of n_in / n_out entries; the group is configured.
-        check(
-            unsafe {
-                ffi4::hailo_make_input_vstream_params(
-                    group,
-                    false,
-                    sys::HAILO_FORMAT_TYPE_FLOAT32,
-                    in_params.as_mut_ptr(),
-                    &mut n_in,
-                )
-            },
-            "make input vstream params",
-        )?;
-        check(
-            unsafe {
-                ffi4::hailo_make_output_vstream_params(
-                    group,
-                    false,
-                    sys::HAILO_FORMAT_TYPE_UINT8,
-                    out_params.as_mut_ptr(),
-                    &mut n_out,
-                )
-            },
-            "make output vstream params",
-        )?;
-        if n_in != 1 || n_out != 1 {
-            return Err(BackendError::Load(format!(
-                "expected one input and one output vstream, found {n_in} and {n_out}"
-            )));
-        }
-        in_params[0].params.user_buffer_format.order = sys::HAILO_FORMAT_ORDER_NHWC;
-        // SAFETY: one params entry each; out-pointers for one vstream each.
-        check(
-            unsafe {
-                sys::hailo_create_input_vstreams(group, in_params.as_ptr(), 1, &mut me.input)
-            },
-            "create the input vstream",
-        )?;
-        check(
-            unsafe {
-                sys::hailo_create_output_vstreams(group, out_params.as_ptr(), 1, &mut me.output)
-            },
-            "create the output vstream",
-        )?;
-        // SAFETY: vstreams just created; valid out-pointers.
-        check(
-            unsafe { ffi4::hailo_get_input_vstream_frame_size(me.input, &mut me.in_frame) },
-            "input frame size",
-        )?;
-        check(
-            unsafe { ffi4::hailo_get_output_vstream_frame_size(me.output, &mut me.out_frame) },
-            "output frame size",
-        )?;
+        let net = network(hef_path)?;
         let expected = settings.input_width as usize * settings.input_height as usize * 3 * 4;
-        if me.in_frame != expected {
+        if net.in_frame != expected {
             return Err(BackendError::Load(format!(
                 "the HEF's input frame is {} bytes, the release's {}x{} RGB float input is {expected}",
-                me.in_frame, settings.input_width, settings.input_height
+                net.in_frame, settings.input_width, settings.input_height
             )));
         }
-        // SAFETY: one quant info entry; valid out-pointers.
-        let mut quant: sys::hailo_quant_info_t = unsafe { std::mem::zeroed() };
-        let mut n_quant = 1usize;
-        check(
-            unsafe {
-                sys::hailo_get_output_vstream_quant_infos(me.output, &mut quant, &mut n_quant)
-            },
-            "output quantisation",
-        )?;
-        if n_quant < 1 || !(quant.qp_scale.is_finite() && quant.qp_scale > 0.0) {
-            return Err(BackendError::Load(
-                "the output vstream has no usable quantisation info".into(),
-            ));
-        }
-        me.zero_point = quant.qp_zp;
-        me.scale = quant.qp_scale;
-        me.raw = vec![0; me.out_frame];
-        Ok(me)
+        let frame = vec![0.0; net.out_frame / 4];
+        Ok(Self {
+            net,
+            settings: settings.clone(),
+            nhwc: Vec::new(),
+            frame,
+        })
     }
 }
 
 impl Embedder for HailoEmbedder {
     fn embed(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, BackendError> {
-        let per = self.in_frame / 4;
+        let per = self.net.in_frame / 4;
         if input.len() != batch * per {
             return Err(BackendError::Run(format!(
                 "expected {} values for {batch} images, got {}",
@@ -288,11 +412,16 @@ impl Embedder for HailoEmbedder {
                 input.len()
             )));
         }
-        let mut out = Vec::with_capacity(batch * self.out_frame);
+        let mut out = Vec::with_capacity(batch * self.frame.len());
         let (w, h) = (
             self.settings.input_width as usize,
             self.settings.input_height as usize,
         );
+        let _turn = self
+            .net
+            .io
+            .lock()
+            .map_err(|_| BackendError::Run("the Hailo network's lock is poisoned".into()))?;
         for img in input.chunks(per) {
             let frame: &[f32] = match self.settings.layout {
                 ChannelLayout::Nhwc => img,
@@ -307,12 +436,12 @@ impl Embedder for HailoEmbedder {
                     &self.nhwc
                 }
             };
-            // SAFETY: `frame` holds exactly in_frame bytes; `raw` exactly out_frame bytes.
+            // SAFETY: `frame` holds exactly in_frame bytes; `self.frame` exactly out_frame bytes.
             let s = unsafe {
                 ffi4::hailo_vstream_write_raw_buffer(
-                    self.input,
+                    self.net.input,
                     frame.as_ptr().cast(),
-                    self.in_frame,
+                    self.net.in_frame,
                 )
             };
             if s != sys::HAILO_SUCCESS {
@@ -323,9 +452,9 @@ impl Embedder for HailoEmbedder {
             }
             let s = unsafe {
                 ffi4::hailo_vstream_read_raw_buffer(
-                    self.output,
-                    self.raw.as_mut_ptr().cast(),
-                    self.out_frame,
+                    self.net.output,
+                    self.frame.as_mut_ptr().cast(),
+                    self.net.out_frame,
                 )
             };
             if s != sys::HAILO_SUCCESS {
@@ -334,17 +463,13 @@ impl Embedder for HailoEmbedder {
                     message(s)
                 )));
             }
-            out.extend(
-                self.raw
-                    .iter()
-                    .map(|q| (f32::from(*q) - self.zero_point) * self.scale),
-            );
+            out.extend_from_slice(&self.frame);
         }
         Ok(out)
     }
 
     fn dim(&self) -> usize {
-        self.out_frame
+        self.frame.len()
     }
 
     fn name(&self) -> &'static str {
@@ -352,19 +477,29 @@ impl Embedder for HailoEmbedder {
     }
 }
 
-impl Drop for HailoEmbedder {
-    fn drop(&mut self) {
-        // SAFETY: each handle was created once by HailoRT and is released once, streams before the HEF.
-        unsafe {
-            if !self.input.is_null() {
-                ffi4::hailo_release_input_vstreams(&self.input, 1);
-            }
-            if !self.output.is_null() {
-                ffi4::hailo_release_output_vstreams(&self.output, 1);
-            }
-            if !self.hef.is_null() {
-                sys::hailo_release_hef(self.hef);
-            }
-        }
+/// Drops the cached networks no live release uses and, if none is left, the vdevice with every group
+/// on it (at shutdown, or to hand the board to another process). Returns the networks still in use.
+pub fn release_unused() -> usize {
+    let Ok(mut guard) = REGISTRY.lock() else {
+        return 0;
+    };
+    let Some(reg) = guard.as_mut() else {
+        return 0;
+    };
+    reg.nets.retain(|_, n| Arc::strong_count(n) > 1);
+    let in_use = reg.nets.len();
+    if in_use == 0 {
+        *guard = None;
     }
+    in_use
+}
+
+/// Network groups configured on the current vdevice, and how many HEFs are cached on it (for tests and
+/// status).
+pub fn configured_groups() -> (usize, usize) {
+    REGISTRY
+        .lock()
+        .ok()
+        .and_then(|r| r.as_ref().map(|r| (r.configured, r.nets.len())))
+        .unwrap_or((0, 0))
 }

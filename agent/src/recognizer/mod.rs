@@ -35,6 +35,8 @@ pub enum BackendError {
     Run(String),
     #[error("no Hailo device answered: {0}")]
     NoDevice(String),
+    #[error("no room on the Hailo device: {0}")]
+    DeviceFull(String),
 }
 
 /// A model that turns preprocessed images into embeddings. Called from one thread at a time.
@@ -357,6 +359,9 @@ fn load_embedder(
             #[cfg(feature = "hailo")]
             match hailo::HailoEmbedder::load(&paths.hef, settings) {
                 Ok(h) => return Ok(Box::new(h)),
+                Err(e @ BackendError::DeviceFull(_)) => {
+                    tracing::warn!(cause = %e, "this release runs on the CPU backend")
+                }
                 Err(e) => {
                     tracing::info!(cause = %e, "no usable Hailo device; using the CPU backend")
                 }

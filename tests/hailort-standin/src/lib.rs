@@ -4,10 +4,18 @@
 //! backend's FFI path runs in CI: handles, status codes and messages, vstream parameters (156-byte
 //! `hailo_*_vstream_params_by_name_t`), frame sizes, raw buffer writes and reads, and output quantisation.
 //! A "network" is deckhand's sample HEF: a version-0 HEF header around a body `DHSTANDIN1`, input size,
-//! pool and dimension (u32 LE), then the projection weights (f32 LE). Writing a float32 NHWC frame
-//! computes the same embedding as the sample ONNX model, quantised to uint8 (zero point 128, scale 1/32).
+//! pool and dimension (u32 LE), then the projection weights (f32 LE), then optionally `OUT1`, the
+//! output's bits (8 or 16) and whether it is quantised per channel (0 or 1). Writing a float32 NHWC frame
+//! computes the same embedding as the sample ONNX model, quantised as the network's output is (8-bit:
+//! zero point 128, scale 1/32; 16-bit: zero point 32768, scale 1/4096; per channel, the scale varies by
+//! channel and there is one quantisation entry per channel). The output is read as the network's own
+//! type (`HAILO_FORMAT_TYPE_AUTO` or that type) or as float32, dequantised, as HailoRT 4.20 does.
+//!
+//! Like a board without HailoRT's multi-process service, it allows one vdevice at a time (a second is
+//! `HAILO_OUT_OF_PHYSICAL_DEVICES`) and [`MAX_GROUPS`] configured network groups per vdevice. HailoRT 4.x
+//! has no call that releases one network group: they are freed with their vdevice, and so here.
 //! `deckhand_standin_set_device_present(false)` makes `hailo_create_vdevice` fail as a Pi without a
-//! Hailo board does.
+//! Hailo board does; `deckhand_standin_network_groups()` counts the groups configured on live vdevices.
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -20,19 +28,25 @@ const SUCCESS: c_int = 0;
 const INVALID_ARGUMENT: c_int = 2;
 const TIMEOUT: c_int = 4;
 const INSUFFICIENT_BUFFER: c_int = 5;
+const INVALID_OPERATION: c_int = 6;
 const OPEN_FILE_FAILURE: c_int = 13;
 const INVALID_HEF: c_int = 26;
 const OUT_OF_PHYSICAL_DEVICES: c_int = 74;
 
+const FORMAT_TYPE_AUTO: c_int = 0;
 const FORMAT_TYPE_UINT8: c_int = 1;
+const FORMAT_TYPE_UINT16: c_int = 2;
 const FORMAT_TYPE_FLOAT32: c_int = 3;
+const FORMAT_ORDER_AUTO: c_int = 0;
 const FORMAT_ORDER_NHWC: c_int = 1;
 const FORMAT_ORDER_NC: c_int = 6;
 
-const ZERO_POINT: f32 = 128.0;
-const SCALE: f32 = 1.0 / 32.0;
+/// Network groups one vdevice holds.
+pub const MAX_GROUPS: usize = 32;
 
 static DEVICE_PRESENT: AtomicBool = AtomicBool::new(true);
+/// Groups configured on each live vdevice (one at most), by vdevice address.
+static VDEVICES: Mutex<Vec<(usize, Vec<usize>)>> = Mutex::new(Vec::new());
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -67,12 +81,22 @@ pub struct QuantInfo {
     pub limvals_max: f32,
 }
 
+// HailoRT 4.20's sizes (x86_64 and aarch64 alike).
+const _: () = assert!(std::mem::size_of::<Format>() == 12);
+const _: () = assert!(std::mem::size_of::<VstreamParams>() == 28);
+const _: () = assert!(std::mem::size_of::<ParamsByName>() == 156);
+const _: () = assert!(std::mem::size_of::<QuantInfo>() == 16);
+
 struct Network {
     input: usize,
     pool: usize,
     dim: usize,
     weights: Vec<f32>,
-    outputs: Mutex<VecDeque<Vec<u8>>>,
+    /// 8 or 16.
+    bits: u32,
+    per_channel: bool,
+    /// Quantised output frames (one value per channel) waiting to be read.
+    outputs: Mutex<VecDeque<Vec<u32>>>,
 }
 
 impl Network {
@@ -98,10 +122,12 @@ impl Network {
         }
         let side = input / pool;
         let features = 3 * side * side;
-        let raw = body.get(22..)?;
-        if raw.len() != features * dim * 4 {
-            return None;
-        }
+        let raw = body.get(22..22 + features * dim * 4)?;
+        let (bits, per_channel) = match body.get(22 + features * dim * 4..)? {
+            [] => (8, false),
+            [b'O', b'U', b'T', b'1', bits @ (8 | 16), pc @ (0 | 1)] => (u32::from(*bits), *pc == 1),
+            _ => return None,
+        };
         let weights = raw
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -111,8 +137,44 @@ impl Network {
             pool,
             dim,
             weights,
+            bits,
+            per_channel,
             outputs: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// The quantisation of output channel `c`: (zero point, scale).
+    fn quant(&self, c: usize) -> (f32, f32) {
+        let (zp, scale) = if self.bits == 16 {
+            (32768.0, 1.0 / 4096.0)
+        } else {
+            (128.0, 1.0 / 32.0)
+        };
+        if self.per_channel {
+            (zp, scale * (1.0 + (c % 4) as f32 * 0.25))
+        } else {
+            (zp, scale)
+        }
+    }
+
+    /// Bytes of one output frame read as `format_type`.
+    fn frame_out(&self, format_type: c_int) -> usize {
+        self.dim
+            * match format_type {
+                FORMAT_TYPE_FLOAT32 => 4,
+                _ if self.bits == 16 => 2,
+                _ => 1,
+            }
+    }
+
+    /// Whether HailoRT would give this network's output as `format_type`.
+    fn output_type_ok(&self, format_type: c_int) -> bool {
+        match format_type {
+            FORMAT_TYPE_AUTO | FORMAT_TYPE_FLOAT32 => true,
+            FORMAT_TYPE_UINT8 => self.bits == 8,
+            FORMAT_TYPE_UINT16 => self.bits == 16,
+            _ => false,
+        }
     }
 
     fn frame_in(&self) -> usize {
@@ -120,7 +182,7 @@ impl Network {
     }
 
     /// The sample model: average-pool, flatten channel-major, centre, project; then quantise.
-    fn infer(&self, nhwc: &[f32]) -> Vec<u8> {
+    fn infer(&self, nhwc: &[f32]) -> Vec<u32> {
         let (s, p) = (self.input, self.pool);
         let side = s / p;
         let mut features = vec![0f32; 3 * side * side];
@@ -142,8 +204,13 @@ impl Network {
                 *o += f * w;
             }
         }
+        let max = if self.bits == 16 { 65535.0 } else { 255.0 };
         out.iter()
-            .map(|v| (v / SCALE + ZERO_POINT).round().clamp(0.0, 255.0) as u8)
+            .enumerate()
+            .map(|(c, v)| {
+                let (zp, scale) = self.quant(c);
+                (v / scale + zp).round().clamp(0.0, max) as u32
+            })
             .collect()
     }
 }
@@ -151,12 +218,24 @@ impl Network {
 struct Hef(Arc<Network>);
 struct Group(Arc<Network>);
 struct InputStream(Arc<Network>);
-struct OutputStream(Arc<Network>);
+struct OutputStream {
+    net: Arc<Network>,
+    format_type: c_int,
+}
 
 /// Test control: whether `hailo_create_vdevice` finds a device.
 #[unsafe(no_mangle)]
 pub extern "C" fn deckhand_standin_set_device_present(present: bool) {
     DEVICE_PRESENT.store(present, Ordering::SeqCst);
+}
+
+/// Test control: the network groups configured on live vdevices.
+#[unsafe(no_mangle)]
+pub extern "C" fn deckhand_standin_network_groups() -> usize {
+    VDEVICES
+        .lock()
+        .map(|v| v.iter().map(|(_, g)| g.len()).sum())
+        .unwrap_or(0)
 }
 
 #[unsafe(no_mangle)]
@@ -166,6 +245,7 @@ pub extern "C" fn hailo_get_status_message(status: c_int) -> *const c_char {
         INVALID_ARGUMENT => c"HAILO_INVALID_ARGUMENT",
         TIMEOUT => c"HAILO_TIMEOUT",
         INSUFFICIENT_BUFFER => c"HAILO_INSUFFICIENT_BUFFER",
+        INVALID_OPERATION => c"HAILO_INVALID_OPERATION",
         OPEN_FILE_FAILURE => c"HAILO_OPEN_FILE_FAILURE",
         INVALID_HEF => c"HAILO_INVALID_HEF",
         OUT_OF_PHYSICAL_DEVICES => c"HAILO_OUT_OF_PHYSICAL_DEVICES",
@@ -185,17 +265,39 @@ pub unsafe extern "C" fn hailo_create_vdevice(
     if !DEVICE_PRESENT.load(Ordering::SeqCst) {
         return OUT_OF_PHYSICAL_DEVICES;
     }
+    let Ok(mut live) = VDEVICES.lock() else {
+        return INVALID_OPERATION;
+    };
+    // One board, no multi-process service: the device is taken while a vdevice holds it.
+    if !live.is_empty() {
+        return OUT_OF_PHYSICAL_DEVICES;
+    }
+    let handle = Box::into_raw(Box::new(0u8));
+    live.push((handle as usize, Vec::new()));
     // SAFETY: the caller passes a valid out-pointer.
-    unsafe { *vdevice = Box::into_raw(Box::new(0u8)).cast() };
+    unsafe { *vdevice = handle.cast() };
     SUCCESS
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hailo_release_vdevice(vdevice: *mut c_void) -> c_int {
-    if !vdevice.is_null() {
-        // SAFETY: created by hailo_create_vdevice.
-        drop(unsafe { Box::from_raw(vdevice.cast::<u8>()) });
+    if vdevice.is_null() {
+        return INVALID_ARGUMENT;
     }
+    let Ok(mut live) = VDEVICES.lock() else {
+        return INVALID_OPERATION;
+    };
+    let Some(at) = live.iter().position(|(v, _)| *v == vdevice as usize) else {
+        return INVALID_ARGUMENT;
+    };
+    // Its network groups go with it.
+    let (_, groups) = live.remove(at);
+    for g in groups {
+        // SAFETY: created by hailo_configure_vdevice on this vdevice, freed once, here.
+        drop(unsafe { Box::from_raw(g as *mut Group) });
+    }
+    // SAFETY: created by hailo_create_vdevice.
+    drop(unsafe { Box::from_raw(vdevice.cast::<u8>()) });
     SUCCESS
 }
 
@@ -242,13 +344,24 @@ pub unsafe extern "C" fn hailo_configure_vdevice(
     if vdevice.is_null() || hef.is_null() || groups.is_null() || count.is_null() {
         return INVALID_ARGUMENT;
     }
+    let Ok(mut live) = VDEVICES.lock() else {
+        return INVALID_OPERATION;
+    };
+    let Some((_, configured)) = live.iter_mut().find(|(v, _)| *v == vdevice as usize) else {
+        return INVALID_ARGUMENT;
+    };
+    if configured.len() >= MAX_GROUPS {
+        return INVALID_OPERATION;
+    }
     // SAFETY: pointers from this library and the caller's out-pointers.
     unsafe {
         if *count < 1 {
             return INSUFFICIENT_BUFFER;
         }
         let net = (&*hef.cast::<Hef>()).0.clone();
-        *groups = Box::into_raw(Box::new(Group(net))).cast();
+        let group = Box::into_raw(Box::new(Group(net)));
+        configured.push(group as usize);
+        *groups = group.cast();
         *count = 1;
     }
     SUCCESS
@@ -351,7 +464,10 @@ pub unsafe extern "C" fn hailo_create_input_vstreams(
     // SAFETY: caller's array of one entry and out-pointer; group from this library.
     unsafe {
         let f = (*params).params.user_buffer_format;
-        if f.type_ != FORMAT_TYPE_FLOAT32 || f.order != FORMAT_ORDER_NHWC {
+        if f.type_ != FORMAT_TYPE_FLOAT32
+            || !matches!(f.order, FORMAT_ORDER_NHWC | FORMAT_ORDER_AUTO)
+        {
+            // (HailoRT also takes uint8 frames; deckhand's sample network is written in float32.)
             return INVALID_ARGUMENT;
         }
         *out = Box::into_raw(Box::new(InputStream((&*group.cast::<Group>()).0.clone()))).cast();
@@ -371,10 +487,21 @@ pub unsafe extern "C" fn hailo_create_output_vstreams(
     }
     // SAFETY: as above.
     unsafe {
-        if (*params).params.user_buffer_format.type_ != FORMAT_TYPE_UINT8 {
+        let f = (*params).params.user_buffer_format;
+        let net = (&*group.cast::<Group>()).0.clone();
+        if !net.output_type_ok(f.type_) || !matches!(f.order, FORMAT_ORDER_NC | FORMAT_ORDER_AUTO) {
             return INVALID_ARGUMENT;
         }
-        *out = Box::into_raw(Box::new(OutputStream((&*group.cast::<Group>()).0.clone()))).cast();
+        let format_type = if f.type_ == FORMAT_TYPE_AUTO {
+            if net.bits == 16 {
+                FORMAT_TYPE_UINT16
+            } else {
+                FORMAT_TYPE_UINT8
+            }
+        } else {
+            f.type_
+        };
+        *out = Box::into_raw(Box::new(OutputStream { net, format_type })).cast();
     }
     SUCCESS
 }
@@ -401,7 +528,10 @@ pub unsafe extern "C" fn hailo_get_output_vstream_frame_size(
         return INVALID_ARGUMENT;
     }
     // SAFETY: as above.
-    unsafe { *size = (&*vs.cast::<OutputStream>()).0.dim };
+    unsafe {
+        let s = &*vs.cast::<OutputStream>();
+        *size = s.net.frame_out(s.format_type);
+    }
     SUCCESS
 }
 
@@ -441,14 +571,26 @@ pub unsafe extern "C" fn hailo_vstream_read_raw_buffer(
     }
     // SAFETY: stream from this library; the caller's buffer holds `size` bytes.
     unsafe {
-        let net = &(&*vs.cast::<OutputStream>()).0;
-        if size != net.dim {
+        let s = &*vs.cast::<OutputStream>();
+        let net = &s.net;
+        if size != net.frame_out(s.format_type) {
             return INVALID_ARGUMENT;
         }
         let Some(frame) = net.outputs.lock().ok().and_then(|mut q| q.pop_front()) else {
             return TIMEOUT;
         };
-        std::ptr::copy_nonoverlapping(frame.as_ptr(), buffer.cast::<u8>(), size);
+        let mut bytes = Vec::with_capacity(size);
+        for (c, q) in frame.iter().enumerate() {
+            match s.format_type {
+                FORMAT_TYPE_FLOAT32 => {
+                    let (zp, scale) = net.quant(c);
+                    bytes.extend_from_slice(&((*q as f32 - zp) * scale).to_ne_bytes());
+                }
+                FORMAT_TYPE_UINT16 => bytes.extend_from_slice(&(*q as u16).to_ne_bytes()),
+                _ => bytes.push(*q as u8),
+            }
+        }
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buffer.cast::<u8>(), size);
     }
     SUCCESS
 }
@@ -464,16 +606,22 @@ pub unsafe extern "C" fn hailo_get_output_vstream_quant_infos(
     }
     // SAFETY: caller's array of *count entries.
     unsafe {
-        if *count < 1 {
+        let net = &(&*vs.cast::<OutputStream>()).net;
+        let entries = if net.per_channel { net.dim } else { 1 };
+        if *count < entries {
+            *count = entries;
             return INSUFFICIENT_BUFFER;
         }
-        *infos = QuantInfo {
-            qp_zp: ZERO_POINT,
-            qp_scale: SCALE,
-            limvals_min: -4.0,
-            limvals_max: 4.0,
-        };
-        *count = 1;
+        for c in 0..entries {
+            let (zp, scale) = net.quant(c);
+            *infos.add(c) = QuantInfo {
+                qp_zp: zp,
+                qp_scale: scale,
+                limvals_min: -zp * scale,
+                limvals_max: zp * scale,
+            };
+        }
+        *count = entries;
     }
     SUCCESS
 }

@@ -305,6 +305,22 @@ pub fn standin_hef_body(input: u32, pool: u32, dim: usize, seed: u64) -> Vec<u8>
     out
 }
 
+/// [`standin_hef_body`] with its output quantised to `bits` (8 or 16), with one quantisation entry per
+/// channel if `per_channel` (the stand-in's `OUT1` tail). The embeddings are the same, up to rounding.
+pub fn standin_hef_body_with_output(
+    input: u32,
+    pool: u32,
+    dim: usize,
+    seed: u64,
+    bits: u8,
+    per_channel: bool,
+) -> Vec<u8> {
+    let mut out = standin_hef_body(input, pool, dim, seed);
+    out.extend_from_slice(b"OUT1");
+    out.extend_from_slice(&[bits, u8::from(per_channel)]);
+    out
+}
+
 /// Writes a complete sample release into `dir`: model.onnx, model.hef, usearch.index, index.json (an
 /// object), metadata.json (an array), embeddings.npy and one canary image.
 pub fn write_sample_release(
