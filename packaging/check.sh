@@ -12,6 +12,8 @@ for tool in lintian systemd-analyze; do
   fi
 done
 
+command -v file >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq file; }
+
 agent_deb=$(ls target/debian/deckhand-agent_*_amd64.deb)
 cli_deb=$(ls target/debian/deckhand_*_amd64.deb)
 fail() { echo "packaging check: $*" >&2; exit 1; }
@@ -42,4 +44,21 @@ dpkg -r deckhand-agent
 dpkg -P deckhand-agent
 [ ! -e /var/lib/deckhand ] || fail "purge left /var/lib/deckhand"
 [ ! -e /etc/deckhand/agent.toml ] || fail "purge left /etc/deckhand/agent.toml"
-echo "packaging check: both packages pass"
+echo "packaging check: both amd64 packages pass"
+
+# The arm64 agent package, when built (packaging/build.sh --target aarch64): lintian finds no errors, it
+# holds the same files as the amd64 one, and its binary is an aarch64 executable. (It cannot be installed
+# on this amd64 machine; the aarch64 binary itself runs under qemu-user in tests/aarch64.rs.)
+arm_deb=$(ls target/aarch64-unknown-linux-gnu/debian/deckhand-agent_*_arm64.deb 2>/dev/null || true)
+if [ -n "$arm_deb" ]; then
+  lintian --fail-on error --suppress-tags no-manual-page "$arm_deb"
+  [ "$(dpkg-deb -f "$arm_deb" Architecture)" = arm64 ] || fail "$arm_deb is not arm64"
+  files() { dpkg-deb -c "$1" | awk '{print $6}' | sort; }
+  diff <(files "$agent_deb") <(files "$arm_deb") || fail "the arm64 and amd64 packages hold different files"
+  unpacked=$(mktemp -d)
+  dpkg-deb -x "$arm_deb" "$unpacked"
+  file "$unpacked/usr/bin/deckhand-agent" | grep -q 'ARM aarch64' \
+    || fail "the arm64 package's binary is not an aarch64 executable"
+  rm -rf "$unpacked"
+  echo "packaging check: the arm64 agent package passes"
+fi

@@ -1,0 +1,162 @@
+//! The Pi's build, run here: the aarch64 `deckhand-agent` (cross-built with the `hailo` feature against
+//! the stand-in library built for aarch64; see .ci/run) under qemu-user. It imports a release into a store,
+//! serves it with no network, and answers a photo with the same card as the x86_64 binary does: on the
+//! CPU backend, and on the Hailo backend through the FFI path with aarch64's ABI. Built with `--features
+//! aarch64`.
+#![cfg(feature = "aarch64")]
+
+use deckhand_tests::fixtures::{
+    self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
+};
+use deckhand_tests::{Agent, AgentOptions, Credentials, TestDir, bin, secs, shop};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+/// Where the aarch64 build of this profile is: `target/aarch64-unknown-linux-gnu/<profile>`.
+fn aarch64_dir() -> PathBuf {
+    let native = bin("deckhand-agent");
+    let profile_dir = native
+        .parent()
+        .unwrap_or_else(|| panic!("odd path {}", native.display()));
+    let target = profile_dir
+        .parent()
+        .unwrap_or_else(|| panic!("odd path {}", native.display()));
+    target
+        .join("aarch64-unknown-linux-gnu")
+        .join(profile_dir.file_name().unwrap_or_default())
+}
+
+/// The aarch64 agent, checked to be an aarch64 ELF, behind a script that runs it under qemu-user with
+/// Debian's aarch64 sysroot and the aarch64 stand-in library.
+fn aarch64_agent(t: &TestDir) -> PathBuf {
+    let dir = aarch64_dir();
+    let agent = dir.join("deckhand-agent");
+    let elf = std::fs::read(&agent).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; cross-build it first (.ci/run: cargo build --target aarch64-unknown-linux-gnu \
+             -p deckhand-agent --features hailo)",
+            agent.display()
+        )
+    });
+    // ELF, 64-bit, e_machine EM_AARCH64 (183).
+    assert!(
+        elf.starts_with(b"\x7fELF\x02") && u16::from_le_bytes([elf[18], elf[19]]) == 183,
+        "{} is not an aarch64 ELF",
+        agent.display()
+    );
+    let script = t.join("deckhand-agent-aarch64");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nLD_LIBRARY_PATH={} exec qemu-aarch64-static -L /usr/aarch64-linux-gnu {} \"$@\"\n",
+            dir.display(),
+            agent.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// `run` flags for an agent serving its store offline on `backend`.
+fn offline_args(fleet: &deckhand_tests::Fleet, name: &str, backend: &str) -> Vec<String> {
+    let mut args = fleet
+        .run_args(&AgentOptions {
+            name: name.to_owned(),
+            origin: false,
+            credentials: Credentials::None,
+            ..AgentOptions::default()
+        })
+        .unwrap();
+    let at = args.iter().position(|a| a == "--backend").unwrap() + 1;
+    args[at] = backend.to_owned();
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aarch64_agent_serves_offline_and_answers_like_the_x86_64_one() {
+    let t = TestDir::new("aarch64");
+    let arm = aarch64_agent(&t);
+    let fleet = shop("aarch64-fleet").start().await.unwrap();
+    let spec = ReferenceSpec::small(24);
+    let files = fixtures::write_reference_release(&fleet.join("release"), &spec).unwrap();
+    let bundle = fleet.join("bundle");
+    deckhand_tests::publish_to_dir(&fleet, &files, &bundle).await;
+    let photo = encode_jpeg(&perturb(&card_image(5, 0), Perturbation::Crop, 2), 85);
+    let trust = fleet.trust().display().to_string();
+
+    let mut answers = Vec::new();
+    for (name, binary, backend) in [
+        ("pi-x86", bin("deckhand-agent"), "cpu"),
+        ("pi-arm", arm.clone(), "cpu"),
+        ("pi-arm-hailo", arm.clone(), "hailo"),
+    ] {
+        // The store is filled the Pi way, offline, by the binary under test.
+        let data_dir = fleet.join(name).display().to_string();
+        let out = run_path(
+            &binary,
+            &[
+                "import",
+                "--data-dir",
+                &data_dir,
+                "--deployment",
+                "shop-1",
+                "--trust",
+                &trust,
+                "--bundle",
+                &bundle.display().to_string(),
+                "--backend",
+                "cpu",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{name} import: {}",
+            deckhand_tests::stderr(&out)
+        );
+        let agent = Agent::spawn(
+            &binary,
+            name,
+            &offline_args(&fleet, name, backend),
+            &[],
+            None,
+            &fleet.join("logs").join(format!("{name}.log")),
+        )
+        .await
+        .unwrap();
+        agent
+            .wait_for(secs(120), "version 1 active", |s| {
+                s.active_version() == Some(1)
+            })
+            .await
+            .unwrap();
+        let (code, answer) = agent.recognize(&photo).await.unwrap();
+        assert_eq!(code, 200, "{name}: {answer}");
+        assert_eq!(answer["backend"], backend, "{name}: {answer}");
+        answers.push((name, answer["card_id"].clone(), answer["score"].as_f64()));
+        agent.stop().await.unwrap();
+    }
+    // The same card everywhere, with the same score on the CPU (the same model on another ISA) and
+    // within quantisation on the Hailo stand-in.
+    let want = serde_json::json!(spec.card_id(5));
+    let reference = answers[0].2.unwrap_or(f64::NAN);
+    for (name, card, score) in &answers {
+        assert_eq!(
+            card, &want,
+            "{name} answered {card}, not {want}: {answers:?}"
+        );
+        let tolerance = if name.ends_with("hailo") { 0.01 } else { 1e-4 };
+        assert!(
+            score.is_some_and(|s| (s - reference).abs() < tolerance),
+            "{name}'s score differs from x86_64's: {answers:?}"
+        );
+    }
+}
+
+/// Runs a binary (or the qemu script) and returns its output.
+fn run_path(binary: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()))
+}
