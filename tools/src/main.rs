@@ -422,6 +422,19 @@ enum BenchCommand {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100000))]
         budget_mbps: Option<u64>,
     },
+    /// What one agent costs a Pi: idle RSS (anonymous and file-backed), bytes written to disk while
+    /// syncing over the release's bytes, idle CPU, and the stripped sizes of the binaries built here.
+    Footprint {
+        /// Release size in MiB.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        size: u64,
+        /// How long to measure idling, in seconds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        idle_secs: u64,
+        /// Directory on a disk (not a tmpfs) for the store (default: the system temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// The agents' download state machines in the fleet simulator (virtual time): origin bytes per
     /// release and convergence against the uplink limit, for fleets too large to run live.
     Sim {
@@ -927,6 +940,11 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                     )
                     .await
                 }
+                BenchCommand::Footprint {
+                    size,
+                    idle_secs,
+                    dir,
+                } => deckhand_tools::bench::footprint::run(size, idle_secs, dir.as_deref()).await,
                 BenchCommand::Sim {
                     agents,
                     size,

@@ -1,6 +1,7 @@
 //! `deckhand bench ...`: measured figures, printed. Benchmarks print; tests assert.
 
 pub mod fleet;
+pub mod footprint;
 pub mod recognizer;
 pub mod sim;
 

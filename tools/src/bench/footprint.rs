@@ -1,0 +1,191 @@
+//! `deckhand bench footprint`: what one agent costs a Pi. One real `deckhand-agent` syncs a release from
+//! the local S3 server, then idles with the default poll interval. Printed:
+//! - resident memory once idle, split into anonymous and file-backed (`/proc/PID/status`), beside the
+//!   model weights the CPU backend holds (the ONNX file's size), which the anonymous figure includes;
+//! - bytes the agent wrote to disk while syncing, over the release's bytes (`write_bytes` of
+//!   `/proc/PID/io`: what reached the block layer, so the directory must be on a disk, not a tmpfs);
+//! - CPU while idle over the window (`utime + stime` of `/proc/PID/stat`);
+//! - the stripped size of both binaries for each target and profile built in this target directory.
+
+use crate::ToolError;
+use crate::shop::Fleet;
+use crate::shop::fixtures::{self, ReferenceSpec};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The agent's default `--poll-secs`: idling is measured as a Pi idles.
+const DEFAULT_POLL_SECS: u64 = 30;
+
+pub async fn run(size_mib: u64, idle_secs: u64, dir: Option<&Path>) -> Result<(), ToolError> {
+    let base = dir.map_or_else(std::env::temp_dir, Path::to_owned);
+    let tmp = tempfile::Builder::new()
+        .prefix("deckhand-bench-footprint-")
+        .tempdir_in(&base)
+        .map_err(ToolError::io("create a directory in", &base))?;
+    let release_dir = tmp.path().join("release");
+    let spec = ReferenceSpec::small(40);
+    let files = tokio::task::spawn_blocking(move || {
+        fixtures::write_sized_release(&release_dir, &spec, size_mib << 20, 1)
+    })
+    .await??;
+    let release_bytes: u64 = files
+        .paths()
+        .into_iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let weights = std::fs::metadata(&files.onnx).map_or(0, |m| m.len());
+    let mut fleet = Fleet::new()
+        .name("footprint")
+        .dir(&tmp.path().join("shop"))
+        .without_peers()
+        .poll_secs(DEFAULT_POLL_SECS)
+        .start()
+        .await?;
+    fleet.publish(&files).await?;
+    println!(
+        "one agent (CPU backend, no peers) syncs a release of {:.1} MiB from the local S3 server into {}, \
+         then idles {idle_secs} s polling every {DEFAULT_POLL_SECS} s",
+        release_bytes as f64 / MIB,
+        tmp.path().display()
+    );
+    let started = Instant::now();
+    fleet.start_agent("pi").await?;
+    let agent = &fleet.agents[0];
+    let pid = agent.pid().ok_or_else(|| ToolError::AgentApi {
+        name: "pi".into(),
+        why: "no process id".into(),
+    })?;
+    agent
+        .wait_for(Duration::from_secs(600), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await?;
+    let synced = started.elapsed();
+    let written = proc_field(pid, "io", "write_bytes:")?;
+    println!(
+        "synced in {:.1} s; wrote {:.1} MiB to disk = {:.3}x the release",
+        synced.as_secs_f64(),
+        written as f64 / MIB,
+        written as f64 / release_bytes as f64
+    );
+
+    // Idle: the sync is done and the recognizer loaded; no request is made.
+    let ticks_before = cpu_ticks(pid)?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let ticks = cpu_ticks(pid)?.saturating_sub(ticks_before);
+    let hz = clock_ticks_per_second();
+    let idle_cpu = ticks as f64 / hz / idle_started.elapsed().as_secs_f64() * 100.0;
+    let kib = |field: &str| proc_field(pid, "status", field);
+    let (rss, anon, file, shmem) = (
+        kib("VmRSS:")?,
+        kib("RssAnon:")?,
+        kib("RssFile:")?,
+        kib("RssShmem:")?,
+    );
+    let mb = |k: u64| k as f64 / 1000.0 * 1.024;
+    println!(
+        "idle RSS {:.1} MB: anonymous {:.1} MB (of which model weights {:.1} MB: {:.1} MB without), \
+         file-backed {:.1} MB, shared memory {:.1} MB",
+        mb(rss),
+        mb(anon),
+        weights as f64 / 1e6,
+        mb(anon) - weights as f64 / 1e6,
+        mb(file),
+        mb(shmem)
+    );
+    println!(
+        "idle CPU over {:.0} s: {idle_cpu:.2}% of one core ({ticks} ticks of 1/{hz:.0} s)",
+        idle_started.elapsed().as_secs_f64()
+    );
+    fleet.stop().await?;
+
+    println!("stripped binaries in this target directory:");
+    for (target, profile, bin, size) in stripped_sizes(tmp.path())? {
+        println!(
+            "  {target:<28} {profile:<8} {bin:<15} {:>6.1} MiB",
+            size as f64 / MIB
+        );
+    }
+    Ok(())
+}
+
+/// A numeric field of `/proc/PID/<file>` (`write_bytes:` of io; `VmRSS:` and the like, in kB, of status).
+fn proc_field(pid: u32, file: &str, field: &str) -> Result<u64, ToolError> {
+    let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+    let text = std::fs::read_to_string(&path).map_err(ToolError::io("read", &path))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ToolError::Usage(format!("{} has no {field}", path.display())))
+}
+
+/// User plus system CPU time of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64, ToolError> {
+    let path = PathBuf::from(format!("/proc/{pid}/stat"));
+    let text = std::fs::read_to_string(&path).map_err(ToolError::io("read", &path))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    match (field(11), field(12)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => Err(ToolError::Usage(format!(
+            "{} has no utime and stime",
+            path.display()
+        ))),
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// (target, profile, binary, stripped bytes) for every deckhand binary built beside this one: the host's
+/// profiles under `target/` and each cross target's under `target/<triple>/`.
+fn stripped_sizes(work: &Path) -> Result<Vec<(String, String, String, u64)>, ToolError> {
+    let exe = std::env::current_exe().map_err(ToolError::io("find", Path::new("deckhand")))?;
+    // target/<profile>/deckhand -> target
+    let Some(target_dir) = exe.parent().and_then(Path::parent) else {
+        return Ok(Vec::new());
+    };
+    let mut dirs: Vec<(String, PathBuf, &str)> = Vec::new();
+    for profile in ["release", "dist", "debug"] {
+        dirs.push(("x86_64 (host)".into(), target_dir.join(profile), "strip"));
+        dirs.push((
+            "aarch64-unknown-linux-gnu".into(),
+            target_dir.join("aarch64-unknown-linux-gnu").join(profile),
+            "aarch64-linux-gnu-strip",
+        ));
+    }
+    let mut out = Vec::new();
+    for (target, dir, strip) in dirs {
+        for bin in ["deckhand-agent", "deckhand"] {
+            let path = dir.join(bin);
+            if !path.is_file() {
+                continue;
+            }
+            let copy = work.join(format!("stripped-{bin}"));
+            std::fs::copy(&path, &copy).map_err(ToolError::io("copy", &path))?;
+            let status = std::process::Command::new(strip).arg(&copy).status();
+            if !status.is_ok_and(|s| s.success()) {
+                println!("  ({strip} could not strip {})", path.display());
+                continue;
+            }
+            let size = std::fs::metadata(&copy).map_or(0, |m| m.len());
+            let _ = std::fs::remove_file(&copy);
+            let profile = dir
+                .file_name()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push((target.clone(), profile, bin.to_owned(), size));
+        }
+    }
+    Ok(out)
+}
