@@ -4,7 +4,7 @@
 #   deckhand-agent_<version>-1_<arch>.deb  the daemon, its systemd unit, /etc/deckhand/agent.toml
 #   deckhand_<version>-1_amd64.deb         the operator's CLI (x86_64 only: it runs on the operator's machine)
 #
-#   packaging/build.sh [--target x86_64|aarch64] [--profile release|dev] [--features hailo] [--no-build]
+#   packaging/build.sh [--target x86_64|aarch64] [--profile dist|release|dev] [--features hailo] [--no-build]
 #
 # aarch64 is cross-built from an x86_64 Debian machine: the linker and the C/C++ compilers are set in
 # .cargo/config.toml; this script installs what is missing (Debian's gcc-aarch64-linux-gnu,
@@ -16,10 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=x86_64
-profile=release
+profile=dist
 features=
 build=1
-usage="usage: packaging/build.sh [--target x86_64|aarch64] [--profile release|dev] [--features hailo] [--no-build]"
+usage="usage: packaging/build.sh [--target x86_64|aarch64] [--profile dist|release|dev] [--features hailo] [--no-build]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) target="$2"; shift 2 ;;
@@ -38,7 +38,7 @@ if [ "$features" = hailo ] && [ -z "${DECKHAND_HAILORT_LIB_DIR:-}" ] && [ ! -e /
   exit 2
 fi
 feature_args=()
-[ -n "$features" ] && feature_args=(--features "$features")
+[ -n "$features" ] && feature_args=(--features "deckhand-agent/$features")
 
 if ! command -v cargo-deb >/dev/null 2>&1; then
   # Pinned: the CI check packages dev-profile binaries, which later cargo-deb releases may refuse.
@@ -48,9 +48,8 @@ fi
 case "$target" in
   x86_64)
     if [ "$build" = 1 ]; then
-      # The two binaries alone: no test-only feature reaches a packaged binary.
-      cargo build --profile "$profile" -p deckhand-agent "${feature_args[@]}" --bin deckhand-agent
-      cargo build --profile "$profile" -p deckhand-tools --bin deckhand
+      # The two binaries alone, in one build (one feature set): no test-only feature reaches a package.
+      cargo build --profile "$profile" -p deckhand-agent -p deckhand-tools --bins "${feature_args[@]}"
     fi
     cargo deb --no-build --profile "$profile" -p deckhand-agent
     cargo deb --no-build --profile "$profile" -p deckhand-tools
