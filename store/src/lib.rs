@@ -153,6 +153,17 @@ pub struct Recovery {
 }
 
 /// A handle to an open store. Cheap to clone; every clone shares the one writer.
+/// What [`Store::put_chunks`] did.
+#[derive(Debug)]
+pub struct PutChunks {
+    /// How many of the given chunks, from the first, were written and recorded.
+    pub stored: usize,
+    /// How many places in begun blobs they filled.
+    pub places: usize,
+    /// Why the batch stopped early, if it did.
+    pub error: Option<StoreError>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -650,6 +661,73 @@ impl Store {
     /// Returns how many places it filled (0 when nothing needed it). The record is committed, after the
     /// bytes are synced, before this returns.
     pub fn put_chunk(&self, id: &BlobId, data: &[u8]) -> Result<usize, StoreError> {
+        let put = self.put_chunks(&[(*id, data)]);
+        match put.error {
+            Some(e) => Err(e),
+            None => Ok(put.places),
+        }
+    }
+
+    /// [`Store::put_chunk`] for several chunks (an origin range) with one sync and one commit, so a
+    /// download writes each catalog page and each page of data once, not once per chunk. Chunks are
+    /// checked in order; the first that fails (wrong hash, wrong length, a write error) stops the batch,
+    /// and the ones before it are still written and recorded.
+    pub fn put_chunks(&self, chunks: &[(BlobId, &[u8])]) -> PutChunks {
+        let mut out = PutChunks {
+            stored: 0,
+            places: 0,
+            error: None,
+        };
+        let mut places: Vec<(BlobId, i64)> = Vec::new();
+        let mut files: Vec<Arc<std::fs::File>> = Vec::new();
+        for (id, data) in chunks {
+            match self.write_chunk(id, data, &mut files) {
+                Ok(p) => {
+                    for place in p {
+                        // A chunk twice in one batch fills its places once.
+                        if !places.contains(&place) {
+                            places.push(place);
+                            out.places += 1;
+                        }
+                    }
+                    out.stored += 1;
+                }
+                Err(e) => {
+                    out.error = Some(e);
+                    break;
+                }
+            }
+        }
+        if places.is_empty() {
+            return out;
+        }
+        let recorded = self.inner.catalog.write(false, files, move |c| {
+            let mut stmt = c
+                .prepare_cached("UPDATE chunks SET have = 1 WHERE blob = ?1 AND idx = ?2")
+                .map_err(sql("record chunk"))?;
+            for (blob, idx) in &places {
+                stmt.execute(params![key(blob), idx])
+                    .map_err(sql("record chunk"))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = recorded {
+            // Nothing of this batch is recorded: the bytes are written again when fetched again.
+            out.stored = 0;
+            out.places = 0;
+            out.error = Some(e);
+        }
+        out
+    }
+
+    /// Checks one chunk and writes it into every begun blob that misses it; returns the places written
+    /// (to be recorded) and adds their files to `files` (to be synced before the record commits).
+    fn write_chunk(
+        &self,
+        id: &BlobId,
+        data: &[u8],
+        files: &mut Vec<Arc<std::fs::File>>,
+    ) -> Result<Vec<(BlobId, i64)>, StoreError> {
         let actual = BlobId::of(data);
         if actual != *id {
             return Err(StoreError::ContentMismatch {
@@ -676,10 +754,6 @@ impl Store {
                 .map(|(b, idx, off, len)| Ok((blob_id(b)?, idx, off as u64, len)))
                 .collect()
         })?;
-        if places.is_empty() {
-            return Ok(0);
-        }
-        let mut files = Vec::new();
         for (blob, _, offset, len) in &places {
             if *len as usize != data.len() {
                 return Err(StoreError::ChunkLength {
@@ -692,19 +766,11 @@ impl Store {
             let file = self.partial_file(blob)?;
             file.write_all_at(data, *offset)
                 .map_err(io("write chunk to", &self.partial_path(blob)))?;
-            files.push(file);
-        }
-        let n = places.len();
-        self.inner.catalog.write(false, files, move |c| {
-            let mut stmt = c
-                .prepare_cached("UPDATE chunks SET have = 1 WHERE blob = ?1 AND idx = ?2")
-                .map_err(sql("record chunk"))?;
-            for (blob, idx, _, _) in &places {
-                stmt.execute(params![key(blob), idx])
-                    .map_err(sql("record chunk"))?;
+            if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
+                files.push(file);
             }
-            Ok(n)
-        })
+        }
+        Ok(places.into_iter().map(|(b, idx, _, _)| (b, idx)).collect())
     }
 
     /// Copies into a begun blob every missing chunk the store already holds elsewhere (reused, never

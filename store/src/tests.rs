@@ -59,6 +59,60 @@ fn import_then_read_everything_back() {
 }
 
 #[test]
+fn a_range_of_chunks_is_stored_in_one_batch_up_to_the_first_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(9, 1_200_000);
+    let map = ChunkMap::build(&data);
+    assert!(map.chunks().len() >= 6, "the test needs several chunks");
+    store.begin(&map).unwrap();
+    let bytes = |c: &Chunk| &data[c.offset as usize..(c.offset + u64::from(c.len)) as usize];
+    let chunks = map.chunks();
+
+    // The third chunk's bytes are damaged: the two before it are stored and recorded, the rest are not.
+    let mut bad = bytes(&chunks[2]).to_vec();
+    bad[0] ^= 1;
+    let mut batch: Vec<(BlobId, &[u8])> = vec![
+        (chunks[0].id, bytes(&chunks[0])),
+        (chunks[1].id, bytes(&chunks[1])),
+        (chunks[2].id, &bad),
+        (chunks[3].id, bytes(&chunks[3])),
+    ];
+    let put = store.put_chunks(&batch);
+    assert_eq!(put.stored, 2);
+    assert_eq!(put.places, 2);
+    assert!(
+        matches!(put.error, Some(StoreError::ContentMismatch { expected, .. }) if expected == chunks[2].id),
+        "{:?}",
+        put.error
+    );
+    let missing: Vec<u64> = store
+        .missing(&map.blob())
+        .unwrap()
+        .iter()
+        .map(|c| c.offset)
+        .collect();
+    let expected: Vec<u64> = chunks[2..].iter().map(|c| c.offset).collect();
+    assert_eq!(missing, expected);
+
+    // The rest in one batch, with a chunk given twice: each place is filled once, and the blob completes.
+    batch = chunks[2..]
+        .iter()
+        .map(|c| (c.id, bytes(c)))
+        .chain(std::iter::once((chunks[4].id, bytes(&chunks[4]))))
+        .collect();
+    let put = store.put_chunks(&batch);
+    assert!(put.error.is_none(), "{:?}", put.error);
+    assert_eq!(put.stored, batch.len());
+    assert_eq!(put.places, chunks.len() - 2);
+    store.complete(&map.blob()).unwrap();
+    assert_eq!(
+        std::fs::read(store.blob_path(&map.blob()).unwrap()).unwrap(),
+        data
+    );
+}
+
+#[test]
 fn a_blob_is_filled_chunk_by_chunk_and_completed() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

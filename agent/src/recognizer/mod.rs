@@ -106,6 +106,18 @@ pub struct Recognition {
     pub latency_ms: f64,
 }
 
+/// How long one pass of [`Recognizer::recognize_timed`] spent in each stage (for a whole batch).
+/// Decoding happens before, in the caller.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StageTimes {
+    /// Resize, scale, normalise and lay out every image.
+    pub preprocess: std::time::Duration,
+    /// Run the model.
+    pub embed: std::time::Duration,
+    /// Search the index and rank candidates by card.
+    pub search: std::time::Duration,
+}
+
 /// A loaded, checked release.
 pub struct Recognizer {
     embedder: Mutex<Box<dyn Embedder>>,
@@ -265,12 +277,24 @@ impl Recognizer {
         images: &[RgbImage],
         started: &[Instant],
     ) -> Result<Vec<Recognition>, BackendError> {
+        self.recognize_timed(images, started).map(|(r, _)| r)
+    }
+
+    /// [`Recognizer::recognize`], also returning how long each stage took.
+    pub fn recognize_timed(
+        &self,
+        images: &[RgbImage],
+        started: &[Instant],
+    ) -> Result<(Vec<Recognition>, StageTimes), BackendError> {
+        let t = Instant::now();
         let mut input = Vec::with_capacity(
             images.len() * 3 * (self.settings.input_width * self.settings.input_height) as usize,
         );
         for img in images {
             preprocess::to_tensor(img, &self.settings, &mut input);
         }
+        let preprocess = t.elapsed();
+        let t = Instant::now();
         let embeddings = {
             let mut e = self
                 .embedder
@@ -278,12 +302,20 @@ impl Recognizer {
                 .map_err(|_| BackendError::Run("the backend panicked earlier".into()))?;
             e.embed(&input, images.len())?
         };
+        let embed = t.elapsed();
+        let t = Instant::now();
         let dim = self.settings.embedding_dim as usize;
-        embeddings
+        let answers = embeddings
             .chunks(dim)
             .zip(started)
             .map(|(emb, t)| self.rank(emb, *t))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let times = StageTimes {
+            preprocess,
+            embed,
+            search: t.elapsed(),
+        };
+        Ok((answers, times))
     }
 
     /// Searches one embedding and ranks the candidates by card.

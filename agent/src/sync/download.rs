@@ -544,24 +544,25 @@ fn store_range(
         received: data.len() as u64,
         error: None,
     };
+    let mut batch = Vec::with_capacity(chunks.len());
     for c in chunks {
         let at = (c.offset - start) as usize;
         let Some(bytes) = data.get(at..at + c.len as usize) else {
             out.error = Some(RangeError::Bad("fewer bytes than the range"));
-            return out;
+            break;
         };
-        match store.put_chunk(&c.id, bytes) {
-            Ok(_) => out.stored.push(c.id),
-            // Bytes that do not hash to the chunk map's id: the origin's copy is damaged.
-            Err(deckhand_store::StoreError::ContentMismatch { .. }) => {
-                out.error = Some(RangeError::Bad("bytes that do not match the chunk map"));
-                return out;
-            }
-            Err(e) => {
-                out.error = Some(RangeError::Store(e.into()));
-                return out;
-            }
+        batch.push((c.id, bytes));
+    }
+    // One sync and one commit for the whole range.
+    let put = store.put_chunks(&batch);
+    out.stored = batch[..put.stored].iter().map(|(id, _)| *id).collect();
+    match put.error {
+        // Bytes that do not hash to the chunk map's id: the origin's copy is damaged.
+        Some(deckhand_store::StoreError::ContentMismatch { .. }) => {
+            out.error = Some(RangeError::Bad("bytes that do not match the chunk map"));
         }
+        Some(e) => out.error = Some(RangeError::Store(e.into())),
+        None => {}
     }
     out
 }

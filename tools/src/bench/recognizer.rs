@@ -7,7 +7,7 @@ use crate::shop::fixtures::{
 };
 use deckhand_agent::http::metrics::Metrics;
 use deckhand_agent::recognizer::service::Service;
-use deckhand_agent::recognizer::{BackendChoice, Recognizer, ReleasePaths};
+use deckhand_agent::recognizer::{BackendChoice, BackendError, Recognizer, ReleasePaths};
 use deckhand_agent::release::ReleaseFiles;
 use deckhand_protocol::BlobId;
 use std::sync::Arc;
@@ -160,6 +160,9 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
         per.as_secs_f64() * 1e6
     );
 
+    // Where the time of one recognition goes, on the sample model and on an EfficientNet-Lite0-shaped one.
+    stages(&rec, &files, &spec, work.path())?;
+
     // Throughput and latency through the service (queue, batching, inference thread).
     let service = Service::start(Arc::new(Metrics::default())).map_err(ToolError::Service)?;
     service.activate(rec, &[])?;
@@ -200,6 +203,125 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
         percentile(&steady, 0.99).as_secs_f64() * 1000.0
     );
     service.shutdown();
+    Ok(())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    percentile(&v, 0.5)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Median per-stage times of `rec` over `runs` passes of `batch` decoded images.
+fn stage_times(
+    rec: &Recognizer,
+    images: &[image::RgbImage],
+    batch: usize,
+    runs: usize,
+) -> Result<[Duration; 3], ToolError> {
+    let (mut pre, mut emb, mut search) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let picked: Vec<_> = (0..batch)
+            .map(|i| images[(r * batch + i) % images.len()].clone())
+            .collect();
+        let starts = vec![Instant::now(); batch];
+        let (_, t) = rec.recognize_timed(&picked, &starts)?;
+        pre.push(t.preprocess / batch as u32);
+        emb.push(t.embed / batch as u32);
+        search.push(t.search / batch as u32);
+    }
+    Ok([median(pre), median(emb), median(search)])
+}
+
+/// Prints the median time of each stage: decode (for a card photo and for a camera frame), resize and
+/// normalise, embed, search. On the sample model, then on a generated EfficientNet-Lite0-shaped model
+/// over the same index.
+fn stages(
+    sample: &Recognizer,
+    files: &ReleaseFiles,
+    spec: &ReferenceSpec,
+    work: &std::path::Path,
+) -> Result<(), ToolError> {
+    const RUNS: usize = 30;
+    let photo = perturb(&card_image(11, 0), Perturbation::Noise, 1);
+    let frame = image::imageops::resize(&photo, 1280, 960, image::imageops::FilterType::Triangle);
+    let mut decode = Vec::new();
+    for (name, img) in [
+        ("card photo 252x352", &photo),
+        ("camera frame 1280x960", &frame),
+    ] {
+        let jpeg = fixtures::encode_jpeg(img, 85);
+        let mut times = Vec::new();
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            deckhand_agent::recognizer::preprocess::decode(&jpeg)
+                .map_err(|e| ToolError::Backend(BackendError::Run(e.to_string())))?;
+            times.push(t.elapsed());
+        }
+        decode.push(format!(
+            "{name} JPEG ({} KiB) {:.2} ms",
+            jpeg.len() / 1024,
+            ms(median(times))
+        ));
+    }
+    println!("\n  per-stage median times (one core for the model; {RUNS} passes each):");
+    println!("    decode: {}", decode.join("; "));
+
+    let lite0 = work.join("lite0.onnx");
+    let t = Instant::now();
+    let bytes = fixtures::efficientnet_lite0_onnx(spec.dim, 7);
+    std::fs::write(&lite0, &bytes).map_err(|source| ToolError::Io {
+        what: "writing the generated model",
+        path: lite0.clone(),
+        source,
+    })?;
+    let mut lite_paths = paths(files);
+    lite_paths.onnx = lite0;
+    let lite = Recognizer::load(
+        &lite_paths,
+        &reference_settings(spec.dim),
+        9,
+        BlobId::of(b"lite0"),
+        BackendChoice::Cpu,
+    )?;
+    let lite_load = t.elapsed();
+
+    let images: Vec<image::RgbImage> = (0..8)
+        .map(|i| {
+            perturb(
+                &card_image(i * 17 % spec.cards, 0),
+                Perturbation::Noise,
+                i as u64,
+            )
+        })
+        .collect();
+    for (name, rec) in [
+        ("sample model (pool + projection)".to_string(), sample),
+        (
+            format!(
+                "EfficientNet-Lite0-shaped ({} MBConv, {:.1} MB ONNX, generated and planned in {:.1} s)",
+                crate::shop::onnx::LITE0_BLOCKS,
+                bytes.len() as f64 / 1e6,
+                lite_load.as_secs_f64()
+            ),
+            &lite,
+        ),
+    ] {
+        println!("    {name}:");
+        for batch in [1, deckhand_agent::recognizer::MAX_BATCH] {
+            let [pre, emb, search] = stage_times(rec, &images, batch, RUNS)?;
+            println!(
+                "      batch {batch}, per image: resize+normalise {:.2} ms, embed {:.2} ms, search {:.3} ms over {} rows",
+                ms(pre),
+                ms(emb),
+                ms(search),
+                rec.rows()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -35,6 +35,8 @@ fn create_dir(path: &Path) -> Result<(), FixtureError> {
     })
 }
 
+use super::onnx::projection;
+pub use super::onnx::{efficientnet_lite0_onnx, embedding_model_onnx};
 pub use deckhand_protocol::testdata::{SplitMix, noise};
 
 /// Encodes a float32 matrix as a NumPy `.npy` file (format 1.0, little-endian, C order).
@@ -113,114 +115,6 @@ pub fn encode_jpeg(img: &image::RgbImage, quality: u8) -> Vec<u8> {
     out
 }
 
-/// The sample embedding model: input `image` [N, 3, size, size] (float, normalised RGB), average-pooled
-/// by `pool` to a small colour thumbnail, flattened, centred, and projected by a fixed random matrix to
-/// `dim` outputs named `embedding`. Deterministic for a given seed.
-pub fn embedding_model_onnx(size: u32, pool: u32, dim: usize, seed: u64) -> Vec<u8> {
-    use prost::Message as _;
-    use tract_onnx::pb;
-    let side = (size / pool) as usize;
-    let features = 3 * side * side;
-    let weights = projection(features, dim, seed);
-
-    let tensor_type = |dims: Vec<pb::tensor_shape_proto::Dimension>| pb::TypeProto {
-        denotation: String::new(),
-        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-            elem_type: pb::tensor_proto::DataType::Float as i32,
-            shape: Some(pb::TensorShapeProto { dim: dims }),
-        })),
-    };
-    let fixed = |v: i64| pb::tensor_shape_proto::Dimension {
-        denotation: String::new(),
-        value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)),
-    };
-    let batch = || pb::tensor_shape_proto::Dimension {
-        denotation: String::new(),
-        value: Some(pb::tensor_shape_proto::dimension::Value::DimParam(
-            "N".into(),
-        )),
-    };
-    let ints = |name: &str, v: Vec<i64>| pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Ints as i32,
-        ints: v,
-        ..Default::default()
-    };
-    let int = |name: &str, v: i64| pb::AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: v,
-        ..Default::default()
-    };
-    let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>| {
-        pb::NodeProto {
-            op_type: op.into(),
-            input: inputs.iter().map(|s| (*s).into()).collect(),
-            output: vec![output.into()],
-            name: output.into(),
-            attribute,
-            ..Default::default()
-        }
-    };
-    let graph = pb::GraphProto {
-        name: "deckhand-sample-embedder".into(),
-        node: vec![
-            node(
-                "AveragePool",
-                &["image"],
-                "pooled",
-                vec![
-                    ints("kernel_shape", vec![pool as i64; 2]),
-                    ints("strides", vec![pool as i64; 2]),
-                ],
-            ),
-            node("Flatten", &["pooled"], "flat", vec![int("axis", 1)]),
-            node(
-                "ReduceMean",
-                &["flat"],
-                "mean",
-                vec![ints("axes", vec![1]), int("keepdims", 1)],
-            ),
-            node("Sub", &["flat", "mean"], "centred", vec![]),
-            node("MatMul", &["centred", "projection"], "embedding", vec![]),
-        ],
-        initializer: vec![pb::TensorProto {
-            name: "projection".into(),
-            dims: vec![features as i64, dim as i64],
-            data_type: pb::tensor_proto::DataType::Float as i32,
-            raw_data: weights.iter().flat_map(|w| w.to_le_bytes()).collect(),
-            ..Default::default()
-        }],
-        input: vec![pb::ValueInfoProto {
-            name: "image".into(),
-            r#type: Some(tensor_type(vec![
-                batch(),
-                fixed(3),
-                fixed(size as i64),
-                fixed(size as i64),
-            ])),
-            doc_string: String::new(),
-        }],
-        output: vec![pb::ValueInfoProto {
-            name: "embedding".into(),
-            r#type: Some(tensor_type(vec![batch(), fixed(dim as i64)])),
-            doc_string: String::new(),
-        }],
-        ..Default::default()
-    };
-    pb::ModelProto {
-        ir_version: 7,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        producer_name: "deckhand-fixtures".into(),
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
 /// Writes a usearch index (f32, cosine unless `metric` says otherwise) holding `vectors` under keys
 /// 0..N, to `path`.
 pub fn write_usearch_index(
@@ -281,13 +175,6 @@ impl SampleSpec {
             seed,
         }
     }
-}
-
-/// The model weights the sample ONNX model and the sample HEF share.
-fn projection(features: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix(seed);
-    let scale = 1.0 / (features as f32).sqrt();
-    (0..features * dim).map(|_| rng.normal() * scale).collect()
 }
 
 /// The body of the sample HEF that the test stand-in for HailoRT reads: magic `DHSTANDIN1`, then input

@@ -13,6 +13,7 @@
 pub mod demo;
 pub mod fixtures;
 pub mod locals3;
+pub mod onnx;
 
 use crate::ToolError;
 use crate::fleet_ca::CaDir;
