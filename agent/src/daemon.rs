@@ -263,6 +263,7 @@ pub async fn run(
         );
         Arc::new(move || {
             let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
+            let usage = store.usage().ok();
             Status {
                 agent_id: me.clone(),
                 deployment: deployment.clone(),
@@ -289,36 +290,65 @@ pub async fn run(
                 bytes_served: service.metrics().served(),
                 quic_listen: peers.as_ref().map(|p| p.listen_addr().to_string()),
                 peers: peers.as_ref().map(|p| p.peers()).unwrap_or_default(),
+                recognitions: Some(service.metrics().recognition_stats()),
+                recent: service.metrics().recent(),
+                releases: activation::release_summaries(&store).unwrap_or_default(),
+                store_bytes: usage.as_ref().map(|u| u.complete_bytes + u.partial_bytes),
+                store_budget: usage.as_ref().and_then(|u| u.budget),
             }
         })
     };
+    let peer_statuses = crate::http::shop::PeerStatuses::default();
+    if let Some(node) = &peers {
+        let status = status.clone();
+        node.set_status_source(Arc::new(move || {
+            serde_json::to_vec(&status()).unwrap_or_default()
+        }));
+        tasks.spawn(
+            crate::http::shop::watch(node.clone(), peer_statuses.clone(), stop_rx.clone())
+                .instrument(span.clone()),
+        );
+    }
     let fleet: FleetFn = {
         let status = status.clone();
+        let peer_statuses = peer_statuses.clone();
         Arc::new(move || {
+            peer_statuses.touch();
             let s = status();
             let mut agents = vec![FleetMember {
                 id: s.agent_id,
                 is_self: true,
                 live: true,
                 active: s.active.map(|a| a.version),
-                pending: s.pending.map(|p| p.version),
+                pending: s.pending.as_ref().map(|p| p.version),
                 bytes_from_peers: s.bytes_from_peers,
                 bytes_from_origin: s.bytes_from_origin,
                 last_error: s.last_error,
+                progress: s.pending,
+                reaches_origin: Some(s.offline_since.is_none()),
                 ..FleetMember::default()
             }];
-            agents.extend(s.peers.into_iter().map(|p| FleetMember {
-                id: p.id,
-                is_self: false,
-                live: p.live,
-                addr: Some(p.addr),
-                active: p.active,
-                pending: p.pending,
-                banned: p.banned,
-                bytes_from: p.bytes_from,
-                bytes_to: p.bytes_to,
-                last_error: p.last_error,
-                ..FleetMember::default()
+            agents.extend(s.peers.into_iter().map(|p| {
+                FleetMember {
+                    progress: p
+                        .live
+                        .then(|| peer_statuses.get(&p.id).and_then(|st| st.pending))
+                        .flatten(),
+                    id: p.id,
+                    is_self: false,
+                    live: p.live,
+                    addr: Some(p.addr),
+                    active: p.active,
+                    pending: p.pending,
+                    banned: p.banned,
+                    bytes_from: p.bytes_from,
+                    bytes_to: p.bytes_to,
+                    last_error: p.last_error,
+                    reaches_origin: p.origin,
+                    last_seen: p.last_seen,
+                    banned_until: p.banned_until,
+                    ..FleetMember::default()
+                }
             }));
             FleetView {
                 deployment: s.deployment,

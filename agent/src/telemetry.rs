@@ -20,3 +20,16 @@ pub fn init(json: bool) {
         builder.try_init()
     };
 }
+
+/// Installs a subscriber writing plain lines (no colour) to `path`, filtered like [`init`]: for a
+/// command whose stdout tells a story of its own (`deckhand demo`).
+pub fn init_file(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    Ok(())
+}

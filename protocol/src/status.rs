@@ -39,6 +39,67 @@ pub struct Status {
     /// Where the QUIC endpoint listens (with fleet credentials).
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
+    /// Recognitions over the last minute.
+    #[serde(default)]
+    pub recognitions: Option<RecognitionStats>,
+    /// The latest recognitions, newest first (a few).
+    #[serde(default)]
+    pub recent: Vec<RecentRecognition>,
+    /// The active and previous releases, as their manifests list them.
+    #[serde(default)]
+    pub releases: Vec<ReleaseSummary>,
+    /// Bytes the store holds, and its budget (`--store-budget`) if one is set.
+    #[serde(default)]
+    pub store_bytes: Option<u64>,
+    #[serde(default)]
+    pub store_budget: Option<u64>,
+}
+
+/// Recognitions over the last minute, for the shop page.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecognitionStats {
+    /// Answers given in the last 60 s (cards and "no card").
+    pub last_minute: u64,
+    /// Latency percentiles over those answers, in milliseconds (`None` without answers).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Answers since the agent started.
+    pub total: u64,
+}
+
+/// One recent recognition.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecentRecognition {
+    /// The card, or `None` for "no card".
+    pub card_id: Option<String>,
+    /// The card's name from the release's metadata, when it has one.
+    pub name: Option<String>,
+    pub score: f32,
+    pub margin: Option<f32>,
+    /// When it was answered (RFC 3339).
+    pub at: String,
+    /// `http` or `inbox`.
+    pub source: String,
+    pub version: u64,
+}
+
+/// A release as its manifest describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSummary {
+    /// `active` or `previous`.
+    pub role: String,
+    pub version: u64,
+    /// When it was published (the manifest's `created_at`, RFC 3339).
+    pub created_at: String,
+    pub artifacts: Vec<ArtifactSummary>,
+}
+
+/// One artifact of a [`ReleaseSummary`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactSummary {
+    pub role: String,
+    pub blob: String,
+    pub size: u64,
 }
 
 /// The active release.
@@ -109,6 +170,9 @@ pub struct PeerInfo {
     pub bytes_from: u64,
     pub bytes_to: u64,
     pub last_error: Option<String>,
+    /// Whether its last Hello said it can fetch from the origin.
+    #[serde(default)]
+    pub origin: Option<bool>,
 }
 
 /// `GET /v1/fleet`: the shop as one agent sees it, itself first.
@@ -138,6 +202,33 @@ pub struct FleetMember {
     pub bytes_from_peers: u64,
     pub bytes_from_origin: u64,
     pub last_error: Option<String>,
+    /// How far its pending release got, as it last told (itself, or a live peer asked for its status).
+    #[serde(default)]
+    pub progress: Option<Pending>,
+    /// Whether it can reach the origin (from its Hello; `None` when unknown).
+    #[serde(default)]
+    pub reaches_origin: Option<bool>,
+    /// When it last answered (RFC 3339), and until when it is banned (peers only).
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    #[serde(default)]
+    pub banned_until: Option<String>,
+}
+
+/// A byte count for people: `812 B`, `5.2 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
@@ -274,8 +365,8 @@ impl FleetView {
                 opt(&a.active),
                 opt(&a.pending),
                 a.banned,
-                a.bytes_from,
-                a.bytes_to
+                human_bytes(a.bytes_from),
+                human_bytes(a.bytes_to)
             );
         }
         out
@@ -347,5 +438,8 @@ mod tests {
         let json = serde_json::to_value(&f).unwrap();
         assert_eq!(json["agents"][0]["self"], true);
         assert!(f.render().contains("pi-1 (self)"));
+        assert_eq!(human_bytes(812), "812 B");
+        assert_eq!(human_bytes(5 * 1024 * 1024 + 200 * 1024), "5.2 MiB");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
     }
 }

@@ -1,6 +1,8 @@
 //! The harness deckhand's integration tests share: deterministic data, one directory per test, and
 //! helpers to run and kill real processes.
 
+pub mod browser;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

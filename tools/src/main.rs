@@ -119,6 +119,12 @@ enum Command {
         /// Agents to run.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
         agents: u64,
+        /// Keep the shop running at the end, until Ctrl-C, to look at the shop page.
+        #[arg(long)]
+        keep: bool,
+        /// This process's logs on stderr (by default they go to demo.log in the demo's directory).
+        #[arg(short, long)]
+        verbose: bool,
     },
     /// Measure and print performance figures.
     Bench {
@@ -457,7 +463,10 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    deckhand_agent::telemetry::init(false);
+    // The demo tells its story on stdout and sets up its own logging (to a file unless -v).
+    if !matches!(cli.command, Command::Demo { .. }) {
+        deckhand_agent::telemetry::init(false);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -912,8 +921,19 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
         }
         Command::Fleet { command } => fleet(command).await?,
         Command::Layout { command } => return layout(command).await,
-        Command::Demo { dir, agents } => {
-            deckhand_tools::shop::demo::run(dir.as_deref(), agents as usize).await?;
+        Command::Demo {
+            dir,
+            agents,
+            keep,
+            verbose,
+        } => {
+            deckhand_tools::shop::demo::run(deckhand_tools::shop::demo::DemoOptions {
+                dir,
+                agents: agents as usize,
+                verbose,
+                keep,
+            })
+            .await?;
         }
         Command::Bench { what } => {
             let result = match what {

@@ -1,5 +1,6 @@
-//! The agent's HTTP API server: `POST /v1/recognize` (a JPEG or PNG body, a JSON answer), `GET /metrics`
-//! (Prometheus text), `GET /v1/status` (JSON) and `GET /v1/fleet` (this agent's view of its peers, JSON).
+//! The agent's HTTP API server: `GET /` (the shop page), `POST /v1/recognize` (a JPEG or PNG body, a JSON
+//! answer), `GET /metrics` (Prometheus text), `GET /v1/status` (JSON) and `GET /v1/fleet` (this agent's
+//! view of its peers, JSON).
 
 use crate::recognizer::preprocess::{ImageError, MAX_BODY};
 use crate::recognizer::service::{RecognizeError, Service};
@@ -26,6 +27,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/v1/recognize", post(recognize))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
@@ -74,6 +76,17 @@ async fn metrics(State(s): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.service.metrics().render(version),
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        super::shop::PAGE,
     )
         .into_response()
 }

@@ -1,7 +1,25 @@
 //! Counters and a latency histogram, rendered in the Prometheus text format at `GET /metrics`.
 
+use deckhand_protocol::status::{RecentRecognition, RecognitionStats};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How many recent recognitions the shop page is shown.
+pub const RECENT: usize = 12;
+/// The window recognitions per minute and latency percentiles are computed over.
+const WINDOW: Duration = Duration::from_secs(60);
+/// The most answers that window holds (a bound on memory at any rate).
+const WINDOW_CAP: usize = 8192;
+
+/// Which way a recognition request came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Http,
+    Inbox,
+}
 
 /// Latency bucket upper bounds, in seconds.
 const BUCKETS: [f64; 11] = [
@@ -33,6 +51,10 @@ pub struct Metrics {
     sync_local: AtomicU64,
     peer_served: AtomicU64,
     peers_banned: AtomicU64,
+    /// The latest answers, newest first (at most [`RECENT`]).
+    recent: Mutex<VecDeque<RecentRecognition>>,
+    /// (when, latency in ms) of the answers of the last [`WINDOW`] (at most [`WINDOW_CAP`]).
+    window: Mutex<VecDeque<(Instant, f64)>>,
 }
 
 impl Metrics {
@@ -51,6 +73,74 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        if let Ok(mut w) = self.window.lock() {
+            let now = Instant::now();
+            while w.len() >= WINDOW_CAP
+                || w.front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
+            {
+                w.pop_front();
+            }
+            w.push_back((now, seconds * 1000.0));
+        }
+    }
+
+    /// Remembers an answer for the shop page's "recent recognitions".
+    pub fn remember(&self, r: &crate::recognizer::Recognition, via: Via) {
+        let entry = RecentRecognition {
+            card_id: r.card_id.clone(),
+            name: r
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get("name"))
+                .and_then(|n| n.as_str())
+                .map(str::to_owned),
+            score: r.score,
+            margin: r.margin,
+            at: jiff::Timestamp::now().to_string(),
+            source: match via {
+                Via::Http => "http",
+                Via::Inbox => "inbox",
+            }
+            .to_owned(),
+            version: r.manifest_version,
+        };
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.push_front(entry);
+            recent.truncate(RECENT);
+        }
+    }
+
+    /// The latest answers, newest first.
+    pub fn recent(&self) -> Vec<RecentRecognition> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Answers and latency percentiles over the last minute.
+    pub fn recognition_stats(&self) -> RecognitionStats {
+        let now = Instant::now();
+        let mut lat: Vec<f64> = self
+            .window
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .filter(|(t, _)| now.duration_since(*t) <= WINDOW)
+                    .map(|(_, ms)| *ms)
+                    .collect()
+            })
+            .unwrap_or_default();
+        lat.sort_by(f64::total_cmp);
+        let pick =
+            |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
+        RecognitionStats {
+            last_minute: lat.len() as u64,
+            p50_ms: pick(0.5),
+            p99_ms: pick(0.99),
+            total: self.latency_count.load(Ordering::Relaxed),
+        }
     }
 
     pub fn failure(&self) {

@@ -1,10 +1,13 @@
-//! HTTP: the agent's API server (`/v1/recognize`, `/v1/status`, `/v1/fleet`, `/metrics`), the metrics it
+//! HTTP: the agent's API server (`/v1/recognize`, `/v1/status`, `/v1/fleet`, `/metrics`) and the shop page
+//! (`/`), the metrics it
 //! renders, and the one client that reads an agent's API.
 
 #[cfg(feature = "daemon")]
 mod api;
 pub mod client;
 pub mod metrics;
+#[cfg(feature = "daemon")]
+pub mod shop;
 
 #[cfg(feature = "daemon")]
 pub use api::{AppState, FleetFn, StatusFn, router, serve, status_code};

@@ -271,7 +271,15 @@ struct Inner {
     /// waited for, within a bound, on shutdown.
     tasks: tokio_util::task::TaskTracker,
     started: Instant,
+    /// What a peer asking for this agent's status gets (the daemon's `/v1/status` document).
+    status: Mutex<Option<StatusSource>>,
 }
+
+/// Produces this agent's status document, as JSON, for peers that ask ([`PeerNode::set_status_source`]).
+pub type StatusSource = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// How long a peer has to answer a status request (the shop page waits for it).
+pub const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The application close code an agent leaving on purpose sends its peers.
 const LEAVING: u32 = 0;
@@ -323,6 +331,7 @@ impl PeerNode {
                 hints: hints_tx,
                 haves: haves_tx,
                 haves_rx: Mutex::new(Some(haves_rx)),
+                status: Mutex::new(None),
                 serving: Semaphore::new(MAX_SERVING),
                 incoming: Arc::new(Semaphore::new(MAX_INCOMING)),
                 bucket,
@@ -441,6 +450,7 @@ impl PeerNode {
                 bytes_from: p.bytes_from,
                 bytes_to: p.bytes_to,
                 last_error: p.last_error.clone(),
+                origin: p.hello.as_ref().map(|h| h.origin),
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -600,6 +610,32 @@ impl PeerNode {
         match self.request(peer, &req, "have push", HAVE_TIMEOUT).await? {
             Response::Ack => Ok(()),
             other => Err(unexpected(peer, "have push", other)),
+        }
+    }
+
+    /// Sets what peers asking for this agent's status get.
+    pub fn set_status_source(&self, source: StatusSource) {
+        if let Ok(mut s) = self.inner.status.lock() {
+            *s = Some(source);
+        }
+    }
+
+    /// A peer's status document (for the fleet view), within [`STATUS_TIMEOUT`].
+    pub async fn get_status(
+        &self,
+        peer: &str,
+    ) -> Result<deckhand_protocol::status::Status, PeerError> {
+        match self
+            .request(peer, &Request::GetStatus, "status", STATUS_TIMEOUT)
+            .await?
+        {
+            Response::Status { json } => {
+                serde_json::from_slice(&json).map_err(|e| PeerError::Remote {
+                    peer: peer.to_owned(),
+                    message: format!("its status document does not parse: {e}"),
+                })
+            }
+            other => Err(unexpected(peer, "status", other)),
         }
     }
 
@@ -904,6 +940,10 @@ impl PeerNode {
                 Response::Ack
             }
             Request::GetStatus => {
+                let source = self.inner.status.lock().ok().and_then(|s| s.clone());
+                if let Some(source) = source {
+                    return Response::Status { json: source() };
+                }
                 let json = serde_json::json!({
                     "agent_id": self.inner.me,
                     "deployment": self.inner.deployment,

@@ -12,7 +12,7 @@
 
 use super::preprocess::{self, ImageError};
 use super::{BackendError, MAX_BATCH, Recognition, Recognizer};
-use crate::http::metrics::Metrics;
+use crate::http::metrics::{Metrics, Via};
 use arc_swap::ArcSwapOption;
 use image::RgbImage;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -59,6 +59,7 @@ pub use deckhand_protocol::status::Refusal;
 struct Job {
     image: RgbImage,
     started: Instant,
+    via: Via,
     reply: tokio::sync::oneshot::Sender<Result<Recognition, RecognizeError>>,
 }
 
@@ -165,6 +166,7 @@ impl Service {
         &self,
         image: RgbImage,
         started: Instant,
+        via: Via,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Recognition, RecognizeError>>, RecognizeError>
     {
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -177,6 +179,7 @@ impl Service {
         match tx.try_send(Job {
             image,
             started,
+            via,
             reply,
         }) {
             Ok(()) => Ok(rx),
@@ -205,7 +208,7 @@ impl Service {
         let image = tokio::task::spawn_blocking(move || me.decode(&bytes))
             .await
             .map_err(|_| RecognizeError::Stopped)??;
-        self.submit(image, started)?
+        self.submit(image, started, Via::Http)?
             .await
             .map_err(|_| RecognizeError::Stopped)?
     }
@@ -217,7 +220,7 @@ impl Service {
             return Err(RecognizeError::NoRelease);
         }
         let image = self.decode(bytes)?;
-        self.submit(image, started)?
+        self.submit(image, started, Via::Inbox)?
             .blocking_recv()
             .map_err(|_| RecognizeError::Stopped)?
     }
@@ -337,19 +340,20 @@ fn inference_loop(
         };
         let (images, rest): (Vec<RgbImage>, Vec<_>) = batch
             .into_iter()
-            .map(|j| (j.image, (j.started, j.reply)))
+            .map(|j| (j.image, (j.started, j.reply, j.via)))
             .unzip();
-        let starts: Vec<Instant> = rest.iter().map(|(s, _)| *s).collect();
+        let starts: Vec<Instant> = rest.iter().map(|(s, _, _)| *s).collect();
         match recognizer.recognize(&images, &starts) {
             Ok(results) => {
-                for (r, (started, reply)) in results.into_iter().zip(rest) {
+                for (r, (started, reply, via)) in results.into_iter().zip(rest) {
                     metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());
+                    metrics.remember(&r, via);
                     let _ = reply.send(Ok(r));
                 }
             }
             Err(e) => {
                 tracing::error!(cause = %e, version = recognizer.version, "inference failed");
-                for (_, reply) in rest {
+                for (_, reply, _) in rest {
                     metrics.failure();
                     let _ = reply.send(Err(RecognizeError::Backend(e.clone())));
                 }
@@ -432,7 +436,7 @@ mod tests {
         let mut waiting = Vec::new();
         let mut busy = 0;
         for _ in 0..(QUEUE + MAX_BATCH + 40) {
-            match service.submit(img.clone(), Instant::now()) {
+            match service.submit(img.clone(), Instant::now(), Via::Http) {
                 Ok(rx) => waiting.push(rx),
                 Err(RecognizeError::Busy) => busy += 1,
                 Err(e) => panic!("unexpected {e}"),

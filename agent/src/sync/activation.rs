@@ -229,6 +229,39 @@ pub fn active_envelope(store: &Store) -> Result<Option<Vec<u8>>, StoreError> {
     store.get_meta(META_ACTIVE)
 }
 
+/// The active and previous releases as their recorded manifests describe them (for the shop page). The
+/// envelopes were verified when they were accepted; they are only read here.
+pub fn release_summaries(
+    store: &Store,
+) -> Result<Vec<deckhand_protocol::status::ReleaseSummary>, StoreError> {
+    use deckhand_protocol::status::{ArtifactSummary, ReleaseSummary};
+    let mut out = Vec::new();
+    for (role, key) in [("active", META_ACTIVE), ("previous", META_PREVIOUS)] {
+        let Some(env) = store.get_meta(key)? else {
+            continue;
+        };
+        let Ok(m) = deckhand_protocol::envelope::inspect_unverified(&env) else {
+            tracing::warn!(role, "a recorded release envelope does not parse");
+            continue;
+        };
+        out.push(ReleaseSummary {
+            role: role.to_owned(),
+            version: m.version,
+            created_at: m.created_at.to_string(),
+            artifacts: m
+                .artifacts
+                .iter()
+                .map(|a| ArtifactSummary {
+                    role: a.role.as_str().to_owned(),
+                    blob: a.blob.to_string(),
+                    size: a.size,
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
 /// A chunk map that describes another blob than the manifest says (a mix-and-match).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
