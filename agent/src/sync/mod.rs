@@ -718,6 +718,7 @@ impl Engine {
         if let Ok(mut s) = self.status.lock() {
             s.pending = None;
         }
+        return_freed_memory();
         if let Ok(mut p) = self.pending.lock() {
             *p = None;
         }
@@ -952,5 +953,16 @@ async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Hands the memory a finished download and a replaced release freed back to the system. glibc keeps
+/// freed memory in its per-thread arenas, so without this an idle agent stays at its sync's high-water
+/// mark (`deckhand bench footprint` shows the difference in anonymous RSS).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's own arenas; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
