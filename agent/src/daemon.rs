@@ -275,6 +275,7 @@ pub async fn run(
                 }),
                 pending: sync.pending,
                 offline_since: sync.offline_since,
+                disk_full: sync.disk_full,
                 last_error: sync.last_error,
                 last_refused: service.last_refusal(),
                 last_switch: sync.last_switch,

@@ -19,6 +19,10 @@ pub struct Status {
     /// The last sync error, cleared by the next success. A refusal of the credentials or permissions
     /// shows here (the origin answered), not as offline.
     pub last_error: Option<String>,
+    /// Set while the disk holding the store is full (ENOSPC, not the configured budget): the pending
+    /// release waits for space; the active release keeps serving.
+    #[serde(default)]
+    pub disk_full: Option<DiskFull>,
     /// The last release refused at activation (it did not load or failed its canaries).
     pub last_refused: Option<Refusal>,
     /// The last manifest refused as older than what this agent accepted (a replay), and from where.
@@ -53,6 +57,17 @@ pub struct Status {
     pub store_bytes: Option<u64>,
     #[serde(default)]
     pub store_budget: Option<u64>,
+}
+
+/// The disk is full: what the pending release still needs and what is free.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFull {
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// Bytes of the pending release not yet stored.
+    pub bytes_needed: u64,
+    /// Bytes free on the store's file system when it was last checked.
+    pub bytes_free: u64,
 }
 
 /// Recognitions over the last minute, for the shop page.
@@ -262,6 +277,14 @@ impl Status {
         }
         if let Some(t) = &self.clock_behind_trusting {
             let _ = write!(out, "; clock behind, trusting {t}");
+        }
+        if let Some(d) = &self.disk_full {
+            let _ = write!(
+                out,
+                "; disk full: needs {}, {} free",
+                human_bytes(d.bytes_needed),
+                human_bytes(d.bytes_free)
+            );
         }
         if let Some(since) = &self.offline_since {
             let _ = write!(out, "; offline since {since}");

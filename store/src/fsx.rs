@@ -46,6 +46,32 @@ pub(crate) fn write_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(io("sync", path))
 }
 
+/// Bytes available to an unprivileged writer on the file system holding `path` (`statvfs`).
+pub(crate) fn free_bytes(path: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| StoreError::Io {
+        op: "statvfs",
+        path: path.to_owned(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the right type.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(StoreError::Io {
+            op: "statvfs",
+            path: path.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // fsblkcnt_t and c_ulong are u64 on the 64-bit targets built today, narrower on 32-bit ones.
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(blocks.saturating_mul(size))
+}
+
 /// Reserves `len` bytes for `file` so that a full disk is reported now, not halfway through a download.
 pub(crate) fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
     use std::os::fd::AsRawFd;

@@ -153,6 +153,24 @@ pub struct Recovery {
 }
 
 /// A handle to an open store. Cheap to clone; every clone shares the one writer.
+impl StoreError {
+    /// Whether the disk is full (ENOSPC from a file, or SQLite's "database or disk is full"), as opposed
+    /// to a budget this store was given ([`StoreError::BudgetExceeded`]).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+                    || source.kind() == std::io::ErrorKind::StorageFull
+            }
+            StoreError::Sqlite { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            StoreError::Commit(message) => message.contains("disk is full"),
+            _ => false,
+        }
+    }
+}
+
 /// What [`Store::put_chunks`] did.
 #[derive(Debug)]
 pub struct PutChunks {
@@ -338,6 +356,11 @@ impl Store {
                 _lock: lock,
             }),
         })
+    }
+
+    /// Bytes free on the file system that holds the store (for an unprivileged writer).
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        fsx::free_bytes(&self.inner.root)
     }
 
     pub fn root(&self) -> &Path {

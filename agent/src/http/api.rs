@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use deckhand_protocol::status::{FleetView, Status};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 /// Produces the status document (`/v1/status`).
@@ -73,11 +74,20 @@ async fn recognize(State(s): State<AppState>, body: Bytes) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     let version = s.service.active().map(|r| r.version);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.service.metrics().render(version),
-    )
-        .into_response()
+    let mut text = s.service.metrics().render(version);
+    let disk = (s.status)().disk_full;
+    let _ = write!(
+        text,
+        "# HELP deckhand_disk_full 1 while the store's disk is full (the pending release waits for space).\n\
+         # TYPE deckhand_disk_full gauge\n\
+         deckhand_disk_full {}\n\
+         # HELP deckhand_disk_bytes_needed Bytes the pending release still needs while the disk is full.\n\
+         # TYPE deckhand_disk_bytes_needed gauge\n\
+         deckhand_disk_bytes_needed {}\n",
+        u8::from(disk.is_some()),
+        disk.map_or(0, |d| d.bytes_needed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn page() -> Response {

@@ -60,6 +60,8 @@ pub struct SyncStatus {
     pub pending: Option<Pending>,
     pub offline_since: Option<String>,
     pub last_error: Option<String>,
+    /// Set while the store's disk is full.
+    pub disk_full: Option<deckhand_protocol::status::DiskFull>,
     /// Bytes stored since start, by source.
     pub bytes_from_peers: u64,
     pub bytes_from_origin: u64,
@@ -324,6 +326,7 @@ impl Engine {
                             if let Ok(mut s) = self.status.lock() {
                                 s.offline_since = None;
                                 s.last_error = None;
+                                s.disk_full = None;
                             }
                             self.cfg.poll
                         }
@@ -370,11 +373,39 @@ impl Engine {
 
     fn note_error(&self, e: &SyncError) {
         let unreachable = matches!(e, SyncError::Origin(o) if o.is_unreachable());
+        let disk_full = matches!(e, SyncError::Store(s) if s.is_disk_full());
+        let free = if disk_full {
+            self.store.free_bytes().unwrap_or(0)
+        } else {
+            0
+        };
         if let Ok(mut s) = self.status.lock() {
             if unreachable && s.offline_since.is_none() {
                 s.offline_since = Some(jiff::Timestamp::now().to_string());
             }
             s.last_error = Some(e.to_string());
+            if disk_full {
+                let needed = s
+                    .pending
+                    .as_ref()
+                    .map_or(0, |p| p.bytes_total.saturating_sub(p.bytes_have));
+                let since = s
+                    .disk_full
+                    .as_ref()
+                    .map_or_else(|| jiff::Timestamp::now().to_string(), |d| d.since.clone());
+                s.disk_full = Some(deckhand_protocol::status::DiskFull {
+                    since,
+                    bytes_needed: needed,
+                    bytes_free: free,
+                });
+            }
+        }
+        if disk_full {
+            tracing::warn!(
+                cause = %e,
+                free,
+                "the disk is full; the active release keeps serving, the new one waits for space"
+            );
         }
         if unreachable {
             tracing::debug!(cause = %e, "origin unreachable; serving the active release");
@@ -651,6 +682,7 @@ impl Engine {
                 let id = b.blob;
                 if self.on_store(move |store| Ok(store.has(&id)?)).await? {
                     have += b.size;
+                    self.pending_update(|p| p.bytes_have = have);
                     continue;
                 }
                 let map = self.chunk_map(b, &release).await?;
@@ -717,6 +749,9 @@ impl Engine {
         };
         if let Ok(mut s) = self.status.lock() {
             s.pending = None;
+            if result.is_ok() {
+                s.disk_full = None;
+            }
         }
         return_freed_memory();
         if let Ok(mut p) = self.pending.lock() {
