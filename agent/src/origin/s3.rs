@@ -211,14 +211,98 @@ impl Origin for S3Origin {
                 .send()
                 .await
                 .map_err(|e| error("get range", key, e))?;
-            let body = out
-                .body
-                .collect()
+            // Read no more than was asked for: a server that keeps sending is cut off, not buffered.
+            let mut stream = out.body;
+            let mut body = Vec::with_capacity(usize::try_from(want).unwrap_or(0).min(16 << 20));
+            while let Some(piece) = stream
+                .try_next()
                 .await
-                .map_err(|e| body_error("get range", key, e))?;
-            Ok(body.into_bytes())
+                .map_err(|e| body_error("get range", key, e))?
+            {
+                if (body.len() + piece.len()) as u64 > want {
+                    return Err(OriginError::Service {
+                        op: "get range",
+                        key: key.to_owned(),
+                        message: format!(
+                            "answered more than the {want} bytes asked for; not read further"
+                        ),
+                    });
+                }
+                body.extend_from_slice(&piece);
+            }
+            Ok(Bytes::from(body))
         })
         .await?;
         super::check_len(key, want, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A server that answers every request with a 206 whose body never ends (chunked, 64 KiB pieces),
+    /// until the client hangs up; returns its address and a count of the bytes it managed to send.
+    async fn endless_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-99/100\r\n\
+                                Transfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n";
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let piece = vec![b'a'; 64 * 1024];
+                    let chunk = [
+                        format!("{:x}\r\n", piece.len()).into_bytes(),
+                        piece,
+                        b"\r\n".to_vec(),
+                    ]
+                    .concat();
+                    while sock.write_all(&chunk).await.is_ok() {
+                        counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), sent)
+    }
+
+    #[tokio::test]
+    async fn a_range_answered_with_endless_data_is_cut_off_at_the_size_asked_for() {
+        let (endpoint, sent) = endless_server().await;
+        let cfg = OriginConfig {
+            endpoint_url: Some(endpoint),
+            region: Some("us-east-1".into()),
+            credentials: Some(("k".into(), "s".into())),
+            attempt_timeout: Duration::from_secs(10),
+            operation_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(2),
+            max_attempts: 1,
+        };
+        let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
+        let err = origin.get_range("p/blob", 0..100).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("answered more than the 100 bytes asked for"),
+            "{err}"
+        );
+        // Cut off after the first piece or so, not after the whole stream (or the timeout).
+        let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < 16 << 20, "the client read {sent} bytes");
+        // A capped whole-object read of the same endless answer is refused at its limit too.
+        let err = origin
+            .get_if_changed("p/current.json", None, 1000)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OriginError::TooLarge { .. }), "{err}");
     }
 }
