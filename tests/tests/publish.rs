@@ -352,6 +352,133 @@ async fn a_version_taken_by_another_publisher_is_an_error_that_overwrites_nothin
 }
 
 #[tokio::test]
+async fn current_json_is_not_moved_back_when_a_newer_release_lands_between_read_and_write() {
+    let w = s3_world("publish-current-race").await;
+    let (a, b) = (key(1), key(2));
+    publish::publish(w.fleet.origin(), &w.cfg, &b, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    // Publisher A chooses version 2.
+    let pa = publish::prepare(w.fleet.origin(), &w.cfg, &a, &options(&w.files), &w.work)
+        .await
+        .unwrap();
+    assert_eq!(pa.manifest.version, 2);
+    // Publisher B's version 3 reaches current.json after A read it and before A writes it.
+    let mut m3 = pa.manifest.clone();
+    m3.version = 3;
+    let env3 = deckhand_protocol::Envelope::sign_manifest(&m3, &[&b]).to_bytes();
+    let l = w.fleet.origin().layout();
+    let current = l.current(&shop());
+    w.fleet
+        .s3()
+        .stats()
+        .write_before_next_put(&current, env3.clone());
+    let published = publish::commit(w.fleet.origin(), &pa).await.unwrap();
+    assert_eq!(published.version, 2);
+    assert!(
+        !published.current_updated,
+        "A says it moved current.json to an older version"
+    );
+    assert_eq!(
+        w.fleet.origin().get(&current).await.unwrap(),
+        env3,
+        "current.json went back from version 3 to 2"
+    );
+    // A's manifest is published all the same.
+    assert_eq!(
+        w.fleet.origin().get(&l.manifest(&shop(), 2)).await.unwrap(),
+        pa.envelope
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishers_racing_for_twenty_rounds_never_share_a_version_or_move_current_back() {
+    let dir = world("publish-race-cli").start().await.unwrap();
+    let s3 = dir.s3();
+    let files =
+        fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(4)).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_owned();
+    let key_path = dir.join("ops.key");
+    std::fs::write(&key_path, key(1).to_file_text()).unwrap();
+    let origin = s3.origin_arg("fleet");
+    let args: Vec<String> = [
+        "publish",
+        "--origin",
+        &origin,
+        "--deployment",
+        "shop-1",
+        "--key",
+        &p(&key_path),
+        "--hef",
+        &p(&files.hef),
+        "--onnx",
+        &p(&files.onnx),
+        "--index",
+        &p(&files.index),
+        "--labels",
+        &p(&files.labels),
+        "--metadata",
+        &p(&files.metadata),
+        "--json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let origin = dir.origin();
+    let current = origin.layout().current(&shop());
+    let mut written = std::collections::BTreeSet::new();
+    let mut collisions = 0;
+    for round in 0..20 {
+        let racers: Vec<_> = (0..2)
+            .map(|_| {
+                deckhand(s3, &refs)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut won = Vec::new();
+        for r in racers {
+            let out = r.wait_with_output().unwrap();
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                won.push(v["version"].as_u64().unwrap());
+            } else {
+                // The loser is told clearly, and nothing else may go wrong.
+                assert!(
+                    stderr(&out)
+                        .contains("was published by another publisher after this publish chose it"),
+                    "round {round}: {}",
+                    stderr(&out)
+                );
+                collisions += 1;
+            }
+        }
+        assert!(!won.is_empty(), "round {round}: nobody won");
+        for v in won {
+            assert!(written.insert(v), "round {round}: version {v} won twice");
+        }
+        // current.json names the newest version written, never an older one.
+        let env = origin.get(&current).await.unwrap();
+        let named = deckhand_protocol::envelope::inspect_unverified(&env)
+            .unwrap()
+            .version;
+        assert_eq!(
+            Some(&named),
+            written.last(),
+            "round {round}: current.json names version {named}, versions written: {written:?}"
+        );
+    }
+    println!(
+        "20 rounds: {} versions published, {collisions} publishes lost a race and were told so",
+        written.len()
+    );
+    assert_eq!(written.len() + collisions, 40);
+}
+
+#[tokio::test]
 async fn republishing_with_one_changed_file_uploads_only_that_file() {
     let w = s3_world("publish-incremental").await;
     let k = key(1);

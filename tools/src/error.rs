@@ -29,6 +29,11 @@ pub enum ToolError {
          chose it; nothing was overwritten. Run the command again to publish as the next version."
     )]
     VersionTaken { deployment: String, version: u64 },
+    #[error(
+        "current.json changed under this publisher {attempts} times in a row (other publishers keep \
+         writing); the manifest is published, current.json was not moved: run the command again"
+    )]
+    CurrentContended { attempts: u32 },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,

@@ -8,6 +8,7 @@
 
 use crate::error::ToolError;
 use crate::origin::{Bucket, OriginConfig, OriginError, OriginUrl};
+use deckhand_agent::origin::Fetched;
 use deckhand_agent::release::{ReleaseFiles, SettingsOverrides, check_release};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
@@ -439,15 +440,52 @@ pub async fn advance_current(
     envelope: &[u8],
 ) -> Result<bool, ToolError> {
     let current_key = origin.layout().current(deployment);
-    let newer_exists = match origin.get_opt(&current_key).await? {
-        Some(bytes) => inspect_unverified(&bytes).is_ok_and(|c| c.version > version),
-        None => false,
-    };
-    if !newer_exists {
-        origin.put(&current_key, envelope.to_vec().into()).await?;
+    // Read, decide, then write only if nothing changed since the read (If-Match on the entity tag, or
+    // If-None-Match when there was nothing): a publisher that read an older current.json cannot
+    // overwrite a newer one another publisher wrote meanwhile. It reads again instead.
+    for _ in 0..CURRENT_ATTEMPTS {
+        let (current, etag) = match origin
+            .get_if_changed(
+                &current_key,
+                None,
+                deckhand_protocol::envelope::MAX_ENVELOPE as u64,
+            )
+            .await?
+        {
+            Fetched::Changed { body, etag } => (Some(body), etag),
+            Fetched::Missing | Fetched::NotModified => (None, None),
+        };
+        if current
+            .as_ref()
+            .is_some_and(|b| inspect_unverified(b).is_ok_and(|c| c.version > version))
+        {
+            return Ok(false);
+        }
+        let body = bytes::Bytes::copy_from_slice(envelope);
+        let written = match (&current, etag) {
+            (None, _) => origin.put_new(&current_key, body).await,
+            (Some(_), Some(tag)) => origin.put_if_match(&current_key, body, &tag).await,
+            // A server that gives no entity tag cannot be asked for a conditional write.
+            (Some(_), None) => origin.put(&current_key, body).await,
+        };
+        match written {
+            Ok(()) => return Ok(true),
+            Err(OriginError::Changed { .. } | OriginError::AlreadyExists { .. }) => {
+                tracing::info!(
+                    version,
+                    "current.json changed while this publisher wrote it; reading it again"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(!newer_exists)
+    Err(ToolError::CurrentContended {
+        attempts: CURRENT_ATTEMPTS,
+    })
 }
+
+/// How many times [`advance_current`] reads and tries again when other publishers keep writing.
+const CURRENT_ATTEMPTS: u32 = 10;
 
 /// Validates, uploads, signs and commits.
 pub async fn publish(

@@ -131,6 +131,8 @@ pub enum OriginError {
     },
     #[error("{op} {key}: the object already exists (another publisher wrote it first)")]
     AlreadyExists { op: &'static str, key: String },
+    #[error("{op} {key}: the object changed since it was read (another publisher wrote it)")]
+    Changed { op: &'static str, key: String },
     #[error("{op} {key}: timed out after {secs} s")]
     Timeout {
         op: &'static str,

@@ -116,6 +116,27 @@ impl Bucket for FileOrigin {
             .map_err(task_err("put", key))?
     }
 
+    async fn put_if_match(&self, key: &str, body: Bytes, etag: &str) -> Result<(), OriginError> {
+        let (dest, k, etag) = (self.path(key), key.to_owned(), etag.to_owned());
+        tokio::task::spawn_blocking(move || {
+            // The directory's lock makes compare-and-replace one step for writers on this host.
+            let dir = dest.parent().unwrap_or(Path::new("/"));
+            let lock = std::fs::File::open(dir).map_err(io_err("open", dir))?;
+            lock.lock().map_err(io_err("lock", dir))?;
+            let current = match std::fs::read(&dest) {
+                Ok(data) => Some(format!("\"{}\"", blake3::hash(&data).to_hex())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err("read", &dest)(e)),
+            };
+            if current.as_deref() != Some(etag.as_str()) {
+                return Err(OriginError::Changed { op: "put", key: k });
+            }
+            file_put(&dest, &k, &body, false)
+        })
+        .await
+        .map_err(task_err("put", key))?
+    }
+
     async fn put_file(
         &self,
         key: &str,

@@ -61,6 +61,11 @@ pub trait Bucket: Origin {
     /// the same key, exactly one succeeds; the other gets [`OriginError::AlreadyExists`].
     async fn put_new(&self, key: &str, body: Bytes) -> Result<(), OriginError>;
 
+    /// Replaces an object only if its entity tag is still `etag` (`If-Match`), as read with
+    /// [`Origin::get_if_changed`]. Of two writers that read the same version, exactly one succeeds; the
+    /// other gets [`OriginError::Changed`] and reads again.
+    async fn put_if_match(&self, key: &str, body: Bytes, etag: &str) -> Result<(), OriginError>;
+
     /// Uploads a local file, in parts of [`PART_SIZE`] with [`PART_CONCURRENCY`] in flight when it is at
     /// least [`MULTIPART_THRESHOLD`] bytes. `progress` is called with each uploaded byte count.
     async fn put_file(

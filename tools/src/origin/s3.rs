@@ -47,11 +47,20 @@ fn copy_source(bucket: &str, key: &str) -> String {
     )
 }
 
+/// When a put may replace what is there.
+enum Condition<'a> {
+    Always,
+    /// Only if nothing is there (`If-None-Match: *`).
+    Absent,
+    /// Only if what is there still has this entity tag (`If-Match`).
+    Unchanged(&'a str),
+}
+
 async fn put_inner(
     o: &S3Origin,
     key: &str,
     body: Bytes,
-    only_new: bool,
+    when: Condition<'_>,
 ) -> Result<(), OriginError> {
     timed(o.operation_timeout(), "put", key, async {
         let mut req = o
@@ -60,10 +69,19 @@ async fn put_inner(
             .bucket(o.bucket())
             .key(key)
             .body(ByteStream::from(body));
-        if only_new {
-            req = req.if_none_match("*");
+        match when {
+            Condition::Always => {}
+            Condition::Absent => req = req.if_none_match("*"),
+            Condition::Unchanged(etag) => req = req.if_match(etag),
         }
-        req.send().await.map_err(|e| error("put", key, e))?;
+        let conditional = matches!(when, Condition::Unchanged(_));
+        req.send().await.map_err(|e| match error("put", key, e) {
+            // 412 to an If-Match: somebody replaced the object since it was read.
+            OriginError::AlreadyExists { op, key } if conditional => {
+                OriginError::Changed { op, key }
+            }
+            other => other,
+        })?;
         Ok(())
     })
     .await
@@ -263,11 +281,15 @@ impl Bucket for S3Origin {
     }
 
     async fn put(&self, key: &str, body: Bytes) -> Result<(), OriginError> {
-        put_inner(self, key, body, false).await
+        put_inner(self, key, body, Condition::Always).await
     }
 
     async fn put_new(&self, key: &str, body: Bytes) -> Result<(), OriginError> {
-        put_inner(self, key, body, true).await
+        put_inner(self, key, body, Condition::Absent).await
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, etag: &str) -> Result<(), OriginError> {
+        put_inner(self, key, body, Condition::Unchanged(etag)).await
     }
 
     async fn put_file(

@@ -37,6 +37,8 @@ pub struct Stats {
     /// The simulated uplink: bytes per second (0: unlimited), and when it is next free.
     uplink: AtomicU64,
     uplink_free_at: Mutex<Option<std::time::Instant>>,
+    /// Another writer's object, written over `key` just before the next PUT of that key is served.
+    race: Mutex<Option<(String, Vec<u8>)>>,
 }
 
 impl Stats {
@@ -97,6 +99,15 @@ impl Stats {
     /// Server-side copies done (CopyObject and UploadPartCopy parts).
     pub fn copies(&self) -> u64 {
         self.copies.load(Ordering::SeqCst)
+    }
+
+    /// Just before the next PutObject of `key` is served, `body` is written there as another writer
+    /// would have (with a new entity tag): the interleaving of two publishers between one's read and
+    /// its write, made to happen.
+    pub fn write_before_next_put(&self, key: &str, body: Vec<u8>) {
+        if let Ok(mut r) = self.race.lock() {
+            *r = Some((key.to_owned(), body));
+        }
     }
 
     /// Makes every CopyObject write a copy one byte short (a faulty server), to test that copies are
@@ -209,6 +220,25 @@ impl S3 for Counting {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         self.stats.check_up()?;
         let key = req.input.key.clone();
+        let racing = self
+            .stats
+            .race
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take_if(|(k, _)| *k == key));
+        if let Some((_, body)) = racing {
+            // s3s-fs keeps an object's entity tag in a file beside it; without it, it computes a new one.
+            use base64::Engine as _;
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let bucket = &req.input.bucket;
+            let _ = std::fs::remove_file(self.root.join(format!(
+                ".bucket-{}.object-{}.internal.json",
+                b64(bucket),
+                b64(&key)
+            )));
+            std::fs::write(self.root.join(bucket).join(&key), body)
+                .map_err(|e| s3s::s3_error!(InternalError, "racing write: {e}"))?;
+        }
         let out = self.fs.put_object(req).await?;
         self.stats.record_put(&key);
         Ok(out)
