@@ -398,40 +398,51 @@ async fn two_publishers_racing_for_twenty_rounds_never_share_a_version_or_move_c
     let files =
         fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(4)).unwrap();
     let p = |p: &Path| p.to_str().unwrap().to_owned();
-    let key_path = dir.join("ops.key");
-    std::fs::write(&key_path, key(1).to_file_text()).unwrap();
+    // Two operators with their own keys: their manifests for one version always differ (the same
+    // publish run twice would write the same bytes, which is not a race).
+    let key_paths: Vec<_> = (1..=2)
+        .map(|n| {
+            let path = dir.join(format!("ops-{n}.key"));
+            std::fs::write(&path, key(n).to_file_text()).unwrap();
+            path
+        })
+        .collect();
     let origin = s3.origin_arg("fleet");
-    let args: Vec<String> = [
-        "publish",
-        "--origin",
-        &origin,
-        "--deployment",
-        "shop-1",
-        "--key",
-        &p(&key_path),
-        "--hef",
-        &p(&files.hef),
-        "--onnx",
-        &p(&files.onnx),
-        "--index",
-        &p(&files.index),
-        "--labels",
-        &p(&files.labels),
-        "--metadata",
-        &p(&files.metadata),
-        "--json",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = |key_path: &Path| -> Vec<String> {
+        [
+            "publish",
+            "--origin",
+            &origin,
+            "--deployment",
+            "shop-1",
+            "--key",
+            &p(key_path),
+            "--hef",
+            &p(&files.hef),
+            "--onnx",
+            &p(&files.onnx),
+            "--index",
+            &p(&files.index),
+            "--labels",
+            &p(&files.labels),
+            "--metadata",
+            &p(&files.metadata),
+            "--json",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let args: Vec<Vec<String>> = key_paths.iter().map(|k| args(k)).collect();
     let origin = dir.origin();
     let current = origin.layout().current(&shop());
     let mut written = std::collections::BTreeSet::new();
     let mut collisions = 0;
     for round in 0..20 {
-        let racers: Vec<_> = (0..2)
-            .map(|_| {
+        let racers: Vec<_> = args
+            .iter()
+            .map(|a| {
+                let refs: Vec<&str> = a.iter().map(String::as_str).collect();
                 deckhand(s3, &refs)
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())

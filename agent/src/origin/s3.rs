@@ -16,6 +16,8 @@ pub struct S3Origin {
     client: aws_sdk_s3::Client,
     bucket: String,
     operation_timeout: Duration,
+    /// Reads of a whole object whose body is cut off are tried this many times in all.
+    attempts: u32,
 }
 
 /// Builds an S3 client. Unset fields of `cfg` come from the standard AWS chain (environment,
@@ -92,7 +94,7 @@ pub fn body_error(op: &'static str, key: &str, e: impl std::fmt::Display) -> Ori
     OriginError::Service {
         op,
         key: key.to_owned(),
-        message: format!("reading the body: {e}"),
+        message: format!("{BODY_ERROR} {e}"),
     }
 }
 
@@ -112,6 +114,7 @@ impl S3Origin {
             client: client(cfg).await,
             bucket: bucket.to_owned(),
             operation_timeout: cfg.operation_timeout,
+            attempts: cfg.max_attempts.max(1),
         })
     }
 
@@ -127,7 +130,69 @@ impl S3Origin {
     pub fn operation_timeout(&self) -> Duration {
         self.operation_timeout
     }
+
+    /// One conditional GET of a whole object, its body read up to `limit`.
+    async fn get_once(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        limit: u64,
+    ) -> Result<Fetched, OriginError> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        if let Some(e) = etag {
+            req = req.if_none_match(e);
+        }
+        let out = match req.send().await {
+            Ok(out) => out,
+            Err(e) if status(&e) == Some(304) => return Ok(Fetched::NotModified),
+            Err(e) => match error("get", key, e) {
+                OriginError::NotFound { .. } => return Ok(Fetched::Missing),
+                other => return Err(other),
+            },
+        };
+        let new_etag = out.e_tag().map(str::to_owned);
+        if etag.is_some() && new_etag.as_deref() == etag {
+            // Servers that ignore If-None-Match still tell us it did not change.
+            return Ok(Fetched::NotModified);
+        }
+        let too_large = |size: u64| OriginError::TooLarge {
+            op: "get",
+            key: key.to_owned(),
+            size,
+            limit,
+        };
+        if let Some(size) = out.content_length().and_then(|l| u64::try_from(l).ok())
+            && size > limit
+        {
+            return Err(too_large(size));
+        }
+        // The declared length is not trusted: the body is read only up to the limit.
+        let mut stream = out.body;
+        let mut body = Vec::new();
+        while let Some(piece) = stream
+            .try_next()
+            .await
+            .map_err(|e| body_error("get", key, e))?
+        {
+            let size = (body.len() + piece.len()) as u64;
+            if size > limit {
+                return Err(too_large(size));
+            }
+            body.extend_from_slice(&piece);
+        }
+        Ok(Fetched::Changed {
+            body: Bytes::from(body),
+            etag: new_etag,
+        })
+    }
 }
+
+/// Whether a read failed while its body streamed (the answer had begun: worth reading again).
+fn is_body_error(e: &OriginError) -> bool {
+    matches!(e, OriginError::Service { message, .. } if message.starts_with(BODY_ERROR))
+}
+
+const BODY_ERROR: &str = "reading the body:";
 
 #[async_trait::async_trait]
 impl Origin for S3Origin {
@@ -146,52 +211,19 @@ impl Origin for S3Origin {
         limit: u64,
     ) -> Result<Fetched, OriginError> {
         timed(self.operation_timeout, "get", key, async {
-            let mut req = self.client.get_object().bucket(&self.bucket).key(key);
-            if let Some(e) = etag {
-                req = req.if_none_match(e);
-            }
-            let out = match req.send().await {
-                Ok(out) => out,
-                Err(e) if status(&e) == Some(304) => return Ok(Fetched::NotModified),
-                Err(e) => match error("get", key, e) {
-                    OriginError::NotFound { .. } => return Ok(Fetched::Missing),
-                    other => return Err(other),
-                },
-            };
-            let new_etag = out.e_tag().map(str::to_owned);
-            if etag.is_some() && new_etag.as_deref() == etag {
-                // Servers that ignore If-None-Match still tell us it did not change.
-                return Ok(Fetched::NotModified);
-            }
-            let too_large = |size: u64| OriginError::TooLarge {
-                op: "get",
-                key: key.to_owned(),
-                size,
-                limit,
-            };
-            if let Some(size) = out.content_length().and_then(|l| u64::try_from(l).ok())
-                && size > limit
-            {
-                return Err(too_large(size));
-            }
-            // The declared length is not trusted: the body is read only up to the limit.
-            let mut stream = out.body;
-            let mut body = Vec::new();
-            while let Some(piece) = stream
-                .try_next()
-                .await
-                .map_err(|e| body_error("get", key, e))?
-            {
-                let size = (body.len() + piece.len()) as u64;
-                if size > limit {
-                    return Err(too_large(size));
+            // The SDK retries a request that fails; a body cut off part way is retried here, a bounded
+            // number of times with backoff.
+            let mut attempt = 1;
+            loop {
+                match self.get_once(key, etag, limit).await {
+                    Err(e) if is_body_error(&e) && attempt < self.attempts => {
+                        tracing::debug!(key, attempt, cause = %e, "object body cut off; reading it again");
+                        tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+                        attempt += 1;
+                    }
+                    other => return other,
                 }
-                body.extend_from_slice(&piece);
             }
-            Ok(Fetched::Changed {
-                body: Bytes::from(body),
-                etag: new_etag,
-            })
         })
         .await
     }
@@ -304,5 +336,63 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, OriginError::TooLarge { .. }), "{err}");
+    }
+
+    /// Answers GETs with a 100-byte object, cutting the body off after 50 bytes for the first `cuts`
+    /// requests; returns its address and a count of the requests it saw.
+    async fn cutting_server(cuts: u64) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e\"\r\n\
+                                Connection: close\r\n\r\n";
+                    let body = [b'b'; 100];
+                    let len = if n < cuts { 50 } else { 100 };
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(&body[..len]).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    fn local(endpoint: String, max_attempts: u32) -> OriginConfig {
+        OriginConfig {
+            endpoint_url: Some(endpoint),
+            region: Some("us-east-1".into()),
+            credentials: Some(("k".into(), "s".into())),
+            attempt_timeout: Duration::from_secs(10),
+            operation_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(2),
+            max_attempts,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_part_way_is_read_again_a_bounded_number_of_times() {
+        // Cut twice, whole the third time: read, with three attempts.
+        let (endpoint, seen) = cutting_server(2).await;
+        let origin = S3Origin::connect("bucket", "p", &local(endpoint, 3))
+            .await
+            .unwrap();
+        let body = origin.get_capped("p/current.json", 1000).await.unwrap();
+        assert_eq!(body.len(), 100);
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // Cut every time: an error naming the body after exactly the allowed attempts, no hot loop.
+        let (endpoint, seen) = cutting_server(u64::MAX).await;
+        let origin = S3Origin::connect("bucket", "p", &local(endpoint, 3))
+            .await
+            .unwrap();
+        let err = origin.get_capped("p/current.json", 1000).await.unwrap_err();
+        assert!(err.to_string().contains("reading the body"), "{err}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }

@@ -163,6 +163,9 @@ struct Counting {
     stats: Arc<Stats>,
     /// The directory s3s-fs serves (buckets are its subdirectories).
     root: PathBuf,
+    /// s3s-fs checks If-None-Match and If-Match, then writes: two racing PUTs can both pass the check.
+    /// S3 decides each PUT atomically, so PUTs are served one at a time here.
+    puts: tokio::sync::Mutex<()>,
 }
 
 #[async_trait::async_trait]
@@ -220,6 +223,7 @@ impl S3 for Counting {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         self.stats.check_up()?;
         let key = req.input.key.clone();
+        let _one_at_a_time = self.puts.lock().await;
         let racing = self
             .stats
             .race
@@ -364,6 +368,7 @@ impl LocalS3 {
                 fs,
                 stats: stats.clone(),
                 root: root.to_owned(),
+                puts: tokio::sync::Mutex::new(()),
             });
             b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             b.build()
