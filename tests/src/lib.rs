@@ -146,6 +146,58 @@ pub fn deckhand_out(
         .unwrap_or_else(|e| panic!("cannot run deckhand: {e}"))
 }
 
+/// `deckhand publish` of `files` (with `metadata` in place of theirs) to `deployment` at `origin`,
+/// signed with the key at `key`, answering in JSON: the five files every release has. Callers append
+/// further flags (`--embeddings`, `--canary`, ...).
+pub fn publish_args(
+    origin: &str,
+    deployment: &str,
+    key: &Path,
+    files: &deckhand_agent::release::ReleaseFiles,
+    metadata: &Path,
+) -> Vec<String> {
+    let p = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = vec![
+        "publish".into(),
+        "--origin".into(),
+        origin.into(),
+        "--deployment".into(),
+        deployment.into(),
+        "--key".into(),
+        p(key),
+    ];
+    for (flag, path) in [
+        ("--hef", &files.hef),
+        ("--onnx", &files.onnx),
+        ("--index", &files.index),
+        ("--labels", &files.labels),
+    ] {
+        args.push(flag.into());
+        args.push(p(path));
+    }
+    args.extend(["--metadata".into(), p(metadata), "--json".into()]);
+    args
+}
+
+/// `deckhand-agent store verify` on a stopped agent's data directory: it succeeds and reports no
+/// corrupt blob. Returns its standard output.
+pub fn verify_store(dir: &Path) -> String {
+    let d = dir.display().to_string();
+    let out = run(
+        "deckhand-agent",
+        &["store", "verify", "--data-dir", &d],
+        &[],
+    );
+    let text = stdout(&out);
+    assert!(
+        out.status.success() && !text.contains("CORRUPT"),
+        "store verify {d}: exit {:?}\nstdout: {text}\nstderr: {}",
+        out.status.code(),
+        stderr(&out)
+    );
+    text
+}
+
 pub fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -145,23 +145,7 @@ async fn a_full_sd_card_keeps_serving_says_what_it_needs_and_resumes_without_ref
     // The store is consistent: stop the agent and verify it.
     let agent = fleet.agents.remove(0);
     agent.stop().await.unwrap();
-    let d = card.display().to_string();
-    let out = deckhand_tests::run(
-        "deckhand-agent",
-        &["store", "verify", "--data-dir", &d],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("CORRUPT"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    deckhand_tests::verify_store(&card);
 
     // A bigger card: version 2 completes, and S3 sent no byte of it twice.
     sd.resize(96);

@@ -52,21 +52,6 @@ fn is_version(v: u64) -> impl Fn(&Status) -> bool {
     move |s| s.active_version() == Some(v)
 }
 
-/// `store verify` on an agent's data directory: every blob hashes to its id.
-fn verify_store(dir: &std::path::Path) {
-    let d = dir.display().to_string();
-    let out = deckhand_tests::run(
-        "deckhand-agent",
-        &["store", "verify", "--data-dir", &d],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{d}: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_needs_no_s3() {
     // Five agents; each dials those started before it (they learn the later ones from their Hellos).
@@ -523,7 +508,7 @@ async fn a_corrupting_peer_is_banned_and_a_replaying_peer_refused() {
     let dirs: Vec<_> = (0..3).map(|i| fleet.join(format!("pi-{i}"))).collect();
     fleet.stop().await.unwrap();
     for dir in dirs {
-        verify_store(&dir);
+        deckhand_tests::verify_store(&dir);
     }
 }
 

@@ -8,7 +8,7 @@ use deckhand_protocol::manifest::Metric;
 use deckhand_protocol::{SecretKey, TrustPolicy};
 use deckhand_tests::fixtures::{self, SampleSpec, SplitMix};
 use deckhand_tests::{
-    Fleet, deckhand, deckhand_out, ok, publish_options, shop as world, stderr, stdout,
+    Fleet, deckhand, deckhand_out, ok, publish_args, publish_options, shop as world, stderr, stdout,
 };
 use deckhand_tools::origin::{Bucket, OriginConfig, OriginUrl};
 use deckhand_tools::publish::{self, Input, PublishOptions};
@@ -158,35 +158,16 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     let p = |p: &Path| p.to_str().unwrap().to_owned();
     let canary = format!("{}={}", p(&files.canaries[0].0), files.canaries[0].1);
     let publish_args = |metadata: &Path| -> Vec<String> {
-        [
-            "publish",
-            "--origin",
-            &origin,
-            "--deployment",
-            "shop-1",
-            "--key",
-            &p(&key),
-            "--hef",
-            &p(&files.hef),
-            "--onnx",
-            &p(&files.onnx),
-            "--index",
-            &p(&files.index),
-            "--labels",
-            &p(&files.labels),
-            "--metadata",
-            &p(metadata),
-            "--embeddings",
-            &p(files.embeddings.as_ref().unwrap()),
-            "--canary",
-            &canary,
-            "--expires-in",
-            "30d",
-            "--json",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
+        let mut args = publish_args(&origin, "shop-1", &key, &files, metadata);
+        args.extend([
+            "--embeddings".into(),
+            p(files.embeddings.as_ref().unwrap()),
+            "--canary".into(),
+            canary.clone(),
+            "--expires-in".into(),
+            "30d".into(),
+        ]);
+        args
     };
     let args = publish_args(&files.metadata);
     let v1 = ok(&deckhand_out(
@@ -408,31 +389,7 @@ async fn two_publishers_racing_for_twenty_rounds_never_share_a_version_or_move_c
         })
         .collect();
     let origin = s3.origin_arg("fleet");
-    let args = |key_path: &Path| -> Vec<String> {
-        [
-            "publish",
-            "--origin",
-            &origin,
-            "--deployment",
-            "shop-1",
-            "--key",
-            &p(key_path),
-            "--hef",
-            &p(&files.hef),
-            "--onnx",
-            &p(&files.onnx),
-            "--index",
-            &p(&files.index),
-            "--labels",
-            &p(&files.labels),
-            "--metadata",
-            &p(&files.metadata),
-            "--json",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
-    };
+    let args = |key_path: &Path| publish_args(&origin, "shop-1", key_path, &files, &files.metadata);
     let args: Vec<Vec<String>> = key_paths.iter().map(|k| args(k)).collect();
     let origin = dir.origin();
     let current = origin.layout().current(&shop());
@@ -778,31 +735,11 @@ async fn a_publish_killed_mid_upload_resumes_without_uploading_again() {
     std::fs::write(&key_path, key(1).to_file_text()).unwrap();
     let p = |p: &Path| p.to_str().unwrap().to_owned();
     let origin = s3.origin_arg("fleet");
-    let args: Vec<String> = [
-        "publish",
-        "--origin",
-        &origin,
-        "--deployment",
-        "shop-1",
-        "--key",
-        &p(&key_path),
-        "--hef",
-        &p(&files.hef),
-        "--onnx",
-        &p(&files.onnx),
-        "--index",
-        &p(&files.index),
-        "--labels",
-        &p(&files.labels),
-        "--metadata",
-        &p(&files.metadata),
-        "--canary",
-        &format!("{}={}", p(&canary), files.canaries[0].1),
-        "--json",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let mut args = publish_args(&origin, "shop-1", &key_path, &files, &files.metadata);
+    args.extend([
+        "--canary".into(),
+        format!("{}={}", p(&canary), files.canaries[0].1),
+    ]);
     let spawn = || {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         deckhand(s3, &refs)
