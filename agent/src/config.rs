@@ -118,6 +118,14 @@ pub struct Settings {
     /// An S3-compatible endpoint (path-style addressing is used with it).
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
+    /// Seconds one S3 request may take until its answer begins before it is tried again (at most 4
+    /// attempts, with backoff).
+    #[arg(long = "origin-attempt-secs", id = "origin_attempt_secs", default_value = "60", value_parser = secs(1, 3_600))]
+    pub origin_attempt: Duration,
+    /// Seconds in which an S3 download must deliver 64 KiB (or the rest of it): a slower one, a source
+    /// that drips, is abandoned and fetched again.
+    #[arg(long = "origin-stall-secs", id = "origin_stall_secs", default_value = "20", value_parser = secs(1, 3_600))]
+    pub origin_stall: Duration,
     /// Seconds between polls of the deployment's current.json.
     #[arg(long = "poll-secs", id = "poll_secs", default_value = "30", value_parser = secs(1, 86_400))]
     pub poll: Duration,
@@ -408,6 +416,8 @@ impl Settings {
                 url,
                 OriginConfig {
                     endpoint_url: self.endpoint_url.clone().filter(|e| !e.is_empty()),
+                    attempt_timeout: self.origin_attempt,
+                    progress_window: self.origin_stall,
                     ..Default::default()
                 },
             )
@@ -634,6 +644,8 @@ mod tests {
             "peers",
             "mdns",
             "origin",
+            "origin_attempt_secs",
+            "origin_stall_secs",
         ] {
             assert!(text.contains(&format!("# {key} =")), "{key}:\n{text}");
         }

@@ -378,7 +378,6 @@ async fn two_publishers_racing_for_twenty_rounds_never_share_a_version_or_move_c
     let s3 = dir.s3();
     let files =
         fixtures::write_sample_release(&dir.join("release"), &SampleSpec::small(4)).unwrap();
-    let p = |p: &Path| p.to_str().unwrap().to_owned();
     // Two operators with their own keys: their manifests for one version always differ (the same
     // publish run twice would write the same bytes, which is not a race).
     let key_paths: Vec<_> = (1..=2)

@@ -34,6 +34,27 @@ pub enum Source {
     Local,
 }
 
+/// Why an origin range GET failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeFailure {
+    /// The request failed (after the client's own retries): an error answer, a timeout, a cut body.
+    Error = 0,
+    /// The body delivered too little in a window (`--origin-stall-secs`): a dripping source.
+    Stalled = 1,
+    /// The answer was refused: short, or not hashing to the chunk map's ids.
+    Bad = 2,
+}
+
+impl RangeFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            RangeFailure::Error => "error",
+            RangeFailure::Stalled => "stalled",
+            RangeFailure::Bad => "bad",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     recognized: AtomicU64,
@@ -51,6 +72,8 @@ pub struct Metrics {
     sync_local: AtomicU64,
     peer_served: AtomicU64,
     peers_banned: AtomicU64,
+    /// Origin range GETs that failed, by why: (an error, stalled, a bad answer).
+    range_failed: [AtomicU64; 3],
     /// The latest answers, newest first (at most [`RECENT`]).
     recent: Mutex<VecDeque<RecentRecognition>>,
     /// (when, latency in ms) of the answers of the last [`WINDOW`] (at most [`WINDOW_CAP`]).
@@ -177,6 +200,11 @@ impl Metrics {
         self.peer_served.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// An origin range GET failed (it is fetched again, from a peer or the origin).
+    pub fn range_failed(&self, why: RangeFailure) {
+        self.range_failed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn peer_banned(&self) {
         self.peers_banned.fetch_add(1, Ordering::Relaxed);
     }
@@ -279,6 +307,23 @@ impl Metrics {
         );
         let _ = writeln!(s, "# TYPE deckhand_peers_banned_total counter");
         let _ = writeln!(s, "deckhand_peers_banned_total {}", g(&self.peers_banned));
+        let _ = writeln!(
+            s,
+            "# HELP deckhand_origin_ranges_failed_total Origin range GETs that failed and were fetched again, by why."
+        );
+        let _ = writeln!(s, "# TYPE deckhand_origin_ranges_failed_total counter");
+        for why in [
+            RangeFailure::Error,
+            RangeFailure::Stalled,
+            RangeFailure::Bad,
+        ] {
+            let _ = writeln!(
+                s,
+                "deckhand_origin_ranges_failed_total{{why=\"{}\"}} {}",
+                why.label(),
+                g(&self.range_failed[why as usize])
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP deckhand_active_version The manifest version serving recognitions (0: none)."

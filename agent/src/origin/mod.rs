@@ -88,14 +88,22 @@ pub struct OriginConfig {
     pub region: Option<String>,
     /// Static credentials (access key, secret key); otherwise the standard credential chain.
     pub credentials: Option<(String, String)>,
-    /// Per-attempt timeout of a request, body included.
+    /// Per-attempt timeout of a request until its answer begins (a body has [`Self::progress_window`]).
     pub attempt_timeout: Duration,
     /// Total time for a call, retries included.
     pub operation_timeout: Duration,
     pub connect_timeout: Duration,
     /// Attempts per call (1 = no retry).
     pub max_attempts: u32,
+    /// A body must deliver [`MIN_PROGRESS`] bytes (or all that is left) in every window this long, or it
+    /// is abandoned as stalled: a source that drips is given up on and fetched again, not waited for
+    /// until the operation times out.
+    pub progress_window: Duration,
 }
+
+/// What a body must deliver in each [`OriginConfig::progress_window`]: 64 KiB (3.2 KiB/s over the
+/// default 20 s window, a small share of the slowest shop uplink).
+pub const MIN_PROGRESS: u64 = 64 * 1024;
 
 impl Default for OriginConfig {
     fn default() -> Self {
@@ -107,6 +115,7 @@ impl Default for OriginConfig {
             operation_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
             max_attempts: 4,
+            progress_window: Duration::from_secs(20),
         }
     }
 }
@@ -133,6 +142,16 @@ pub enum OriginError {
     AlreadyExists { op: &'static str, key: String },
     #[error("{op} {key}: the object changed since it was read (another publisher wrote it)")]
     Changed { op: &'static str, key: String },
+    #[error(
+        "{op} {key}: {bytes} bytes arrived in the last {secs} s, under the {min} a download must make in that time; abandoned as stalled"
+    )]
+    Stalled {
+        op: &'static str,
+        key: String,
+        bytes: u64,
+        secs: u64,
+        min: u64,
+    },
     #[error("{op} {key}: timed out after {secs} s")]
     Timeout {
         op: &'static str,

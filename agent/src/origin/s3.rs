@@ -1,7 +1,7 @@
 //! The S3 backend (aws-sdk-s3), read side, and the one place an S3 client is built: credentials,
 //! endpoint, path-style addressing, timeouts and retries.
 
-use super::{Fetched, Origin, OriginConfig, OriginError, OriginUrl, timed};
+use super::{Fetched, MIN_PROGRESS, Origin, OriginConfig, OriginError, OriginUrl, timed};
 use aws_sdk_s3::error::SdkError;
 use bytes::Bytes;
 use deckhand_protocol::layout::Layout;
@@ -18,6 +18,8 @@ pub struct S3Origin {
     operation_timeout: Duration,
     /// Reads of a whole object whose body is cut off are tried this many times in all.
     attempts: u32,
+    /// See [`OriginConfig::progress_window`].
+    progress_window: Duration,
 }
 
 /// Builds an S3 client. Unset fields of `cfg` come from the standard AWS chain (environment,
@@ -115,6 +117,7 @@ impl S3Origin {
             bucket: bucket.to_owned(),
             operation_timeout: cfg.operation_timeout,
             attempts: cfg.max_attempts.max(1),
+            progress_window: cfg.progress_window,
         })
     }
 
@@ -166,20 +169,21 @@ impl S3Origin {
         {
             return Err(too_large(size));
         }
-        // The declared length is not trusted: the body is read only up to the limit.
-        let mut stream = out.body;
-        let mut body = Vec::new();
-        while let Some(piece) = stream
-            .try_next()
-            .await
-            .map_err(|e| body_error("get", key, e))?
-        {
-            let size = (body.len() + piece.len()) as u64;
-            if size > limit {
-                return Err(too_large(size));
-            }
-            body.extend_from_slice(&piece);
-        }
+        // The declared length is not trusted: the body is read only up to the limit (the length only
+        // tells the no-progress rule how much is left).
+        let declared = out
+            .content_length()
+            .and_then(|l| u64::try_from(l).ok())
+            .unwrap_or(0);
+        let body = read_body(
+            out.body,
+            "get",
+            key,
+            Window::new(self.progress_window),
+            declared,
+            |size| (size > limit).then(|| too_large(size)),
+        )
+        .await?;
         Ok(Fetched::Changed {
             body: Bytes::from(body),
             etag: new_etag,
@@ -187,9 +191,86 @@ impl S3Origin {
     }
 }
 
-/// Whether a read failed while its body streamed (the answer had begun: worth reading again).
+/// The no-progress rule of a body: [`MIN_PROGRESS`] bytes (or the rest of the body) in every window.
+struct Window {
+    len: Duration,
+    ends: tokio::time::Instant,
+    bytes: u64,
+}
+
+impl Window {
+    fn new(len: Duration) -> Self {
+        Self {
+            len,
+            ends: tokio::time::Instant::now() + len,
+            bytes: 0,
+        }
+    }
+
+    /// At the end of a window: an error if it delivered too little, else the next window begins.
+    fn close(&mut self, op: &'static str, key: &str, left: u64) -> Result<(), OriginError> {
+        if self.bytes < MIN_PROGRESS.min(left.max(1)) {
+            return Err(OriginError::Stalled {
+                op,
+                key: key.to_owned(),
+                bytes: self.bytes,
+                secs: self.len.as_secs(),
+                min: MIN_PROGRESS,
+            });
+        }
+        self.ends = tokio::time::Instant::now() + self.len;
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// Reads a body piece by piece, with `over(size)` deciding when it has grown past what may be read, and
+/// `window` giving up on a body that makes too little progress. `expect` is the length expected (0:
+/// unknown), so that the last window of a body is not asked for more than is left.
+async fn read_body(
+    mut stream: aws_sdk_s3::primitives::ByteStream,
+    op: &'static str,
+    key: &str,
+    mut window: Window,
+    expect: u64,
+    over: impl Fn(u64) -> Option<OriginError>,
+) -> Result<Vec<u8>, OriginError> {
+    let mut body = Vec::with_capacity(usize::try_from(expect).unwrap_or(0).min(16 << 20));
+    let left = |got: usize| {
+        if expect == 0 {
+            MIN_PROGRESS
+        } else {
+            expect.saturating_sub(got as u64)
+        }
+    };
+    loop {
+        let piece = match tokio::time::timeout_at(window.ends, stream.try_next()).await {
+            Err(_) => {
+                window.close(op, key, left(body.len()) + window.bytes)?;
+                continue;
+            }
+            Ok(piece) => piece.map_err(|e| body_error(op, key, e))?,
+        };
+        let Some(piece) = piece else {
+            return Ok(body);
+        };
+        let size = (body.len() + piece.len()) as u64;
+        if let Some(e) = over(size) {
+            return Err(e);
+        }
+        body.extend_from_slice(&piece);
+        window.bytes += piece.len() as u64;
+        if tokio::time::Instant::now() >= window.ends {
+            window.close(op, key, left(body.len()) + window.bytes)?;
+        }
+    }
+}
+
+/// Whether a read failed while its body streamed (the answer had begun: worth reading again), or
+/// stalled.
 fn is_body_error(e: &OriginError) -> bool {
-    matches!(e, OriginError::Service { message, .. } if message.starts_with(BODY_ERROR))
+    matches!(e, OriginError::Stalled { .. })
+        || matches!(e, OriginError::Service { message, .. } if message.starts_with(BODY_ERROR))
 }
 
 const BODY_ERROR: &str = "reading the body:";
@@ -244,24 +325,23 @@ impl Origin for S3Origin {
                 .await
                 .map_err(|e| error("get range", key, e))?;
             // Read no more than was asked for: a server that keeps sending is cut off, not buffered.
-            let mut stream = out.body;
-            let mut body = Vec::with_capacity(usize::try_from(want).unwrap_or(0).min(16 << 20));
-            while let Some(piece) = stream
-                .try_next()
-                .await
-                .map_err(|e| body_error("get range", key, e))?
-            {
-                if (body.len() + piece.len()) as u64 > want {
-                    return Err(OriginError::Service {
+            let body = read_body(
+                out.body,
+                "get range",
+                key,
+                Window::new(self.progress_window),
+                want,
+                |size| {
+                    (size > want).then(|| OriginError::Service {
                         op: "get range",
                         key: key.to_owned(),
                         message: format!(
                             "answered more than the {want} bytes asked for; not read further"
                         ),
-                    });
-                }
-                body.extend_from_slice(&piece);
-            }
+                    })
+                },
+            )
+            .await?;
             Ok(Bytes::from(body))
         })
         .await?;
@@ -319,6 +399,7 @@ mod tests {
             operation_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(2),
             max_attempts: 1,
+            progress_window: Duration::from_secs(20),
         };
         let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
         let err = origin.get_range("p/blob", 0..100).await.unwrap_err();
@@ -373,6 +454,7 @@ mod tests {
             operation_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(2),
             max_attempts,
+            progress_window: Duration::from_secs(20),
         }
     }
 
@@ -394,5 +476,92 @@ mod tests {
         let err = origin.get_capped("p/current.json", 1000).await.unwrap_err();
         assert!(err.to_string().contains("reading the body"), "{err}");
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    /// Answers every GET with a `size`-byte body of which it sends 1 KiB a second (the first `drips`
+    /// requests; whole at once after that); returns its address and a count of the requests.
+    async fn dripping_server(
+        size: usize,
+        drips: u64,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{size}\r\n\
+                         Content-Length: {size}\r\nETag: \"d\"\r\nConnection: close\r\n\r\n",
+                        size - 1
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let body = vec![b'd'; size];
+                    if n >= drips {
+                        let _ = sock.write_all(&body).await;
+                        return;
+                    }
+                    for piece in body.chunks(1024) {
+                        if sock.write_all(piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test]
+    async fn a_dripping_body_is_abandoned_after_a_window_without_progress() {
+        // 1 KiB/s against a 2 s window: abandoned after about 2 s, long before the operation timeout,
+        // with the error saying how little came.
+        let (endpoint, seen) = dripping_server(256 * 1024, u64::MAX).await;
+        let cfg = OriginConfig {
+            progress_window: Duration::from_secs(2),
+            ..local(endpoint, 1)
+        };
+        let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = origin.get_range("p/blob", 0..256 * 1024).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, OriginError::Stalled { .. }), "{err}");
+        assert!(err.to_string().contains("abandoned as stalled"), "{err}");
+        assert!(took < Duration::from_secs(10), "gave up after {took:?}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            !err.is_unreachable(),
+            "a slow origin is not an unreachable one"
+        );
+
+        // A whole-object read that stalls is read again, a bounded number of times: dripping twice,
+        // then whole.
+        let (endpoint, seen) = dripping_server(128 * 1024, 2).await;
+        let cfg = OriginConfig {
+            progress_window: Duration::from_secs(2),
+            ..local(endpoint, 3)
+        };
+        let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
+        let body = origin.get_capped("p/chunks", 1 << 20).await.unwrap();
+        assert_eq!(body.len(), 128 * 1024);
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_body_that_keeps_making_progress_is_read_whole() {
+        // 1 KiB/s for 3 KiB against a 5 s window: under 64 KiB, but all that was left came in time.
+        let (endpoint, _) = dripping_server(3 * 1024, u64::MAX).await;
+        let cfg = OriginConfig {
+            progress_window: Duration::from_secs(5),
+            ..local(endpoint, 1)
+        };
+        let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
+        let body = origin.get_range("p/blob", 0..3 * 1024).await.unwrap();
+        assert_eq!(body.len(), 3 * 1024);
     }
 }

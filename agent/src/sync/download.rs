@@ -4,6 +4,7 @@
 //! Every decision is the machine's; this file only does I/O, verification and storage.
 
 use super::{Engine, SyncError};
+use crate::http::metrics::RangeFailure;
 use crate::http::metrics::Source;
 use crate::origin::OriginError;
 use crate::peer::{HaveNote, PeerError};
@@ -418,6 +419,7 @@ impl Engine {
                     Some(RangeError::Store(e)) => return Err(e),
                     Some(RangeError::Bad(why)) => {
                         tracing::warn!(blob = %blob, ?range, why, "the origin's answer to a range GET was refused");
+                        self.service.metrics().range_failed(RangeFailure::Bad);
                         fetch.handle(
                             Event::RangeFailed {
                                 blob,
@@ -428,7 +430,14 @@ impl Engine {
                         );
                     }
                     Some(RangeError::Origin(e)) => {
-                        tracing::debug!(cause = %e, "range GET failed");
+                        let why = if matches!(e, OriginError::Stalled { .. }) {
+                            tracing::info!(blob = %blob, ?range, cause = %e, "range GET abandoned as stalled; fetching it again");
+                            RangeFailure::Stalled
+                        } else {
+                            tracing::debug!(blob = %blob, ?range, cause = %e, "range GET failed");
+                            RangeFailure::Error
+                        };
+                        self.service.metrics().range_failed(why);
                         self.origin_failed(&e);
                         fetch.handle(
                             Event::RangeFailed {

@@ -2,12 +2,14 @@
 //!
 //! aws-sdk-s3 talks to it over HTTP exactly as it talks to AWS. A counting layer records every object
 //! written and every byte served, so tests can assert "uploaded only what changed" and benchmarks can
-//! report origin bytes. `set_down(true)` makes the origin unreachable (connections are dropped).
+//! report origin bytes. `set_down(true)` makes the origin unreachable (connections are dropped), and
+//! `set_faults` makes it flaky: error answers, stalls, bodies cut off and bodies that drip, at random.
 
 use crate::origin::{OriginConfig, OriginUrl};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result};
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,7 +41,46 @@ pub struct Stats {
     uplink_free_at: Mutex<Option<std::time::Instant>>,
     /// Another writer's object, written over `key` just before the next PUT of that key is served.
     race: Mutex<Option<(String, Vec<u8>)>>,
+    /// Every request that reached the server (answered, faulted or refused).
+    requests: AtomicU64,
+    /// GetObject requests with a Range header.
+    range_requests: AtomicU64,
+    /// The faults to inject, and the generator deciding them.
+    faults: Mutex<Option<(Faults, deckhand_protocol::testdata::SplitMix)>>,
+    injected: [AtomicU64; 5],
 }
+
+/// Faults the server injects, each a share of the requests it decides at random (a seeded generator,
+/// one draw per request).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Answered with an error at once: half 500 InternalError, half 503 SlowDown.
+    pub errors: f64,
+    /// Held for [`Faults::stall`] (past the client's attempt timeout), then answered 503.
+    pub stalls: f64,
+    pub stall: Duration,
+    /// GetObject bodies that break off half way (the connection is dropped).
+    pub cuts: f64,
+    /// GetObject bodies sent at 1 KiB/s.
+    pub drips: f64,
+    /// The first ranged GetObject after the faults are set drips, whatever the draw: the test always
+    /// meets one.
+    pub drip_first_range: bool,
+    pub seed: u64,
+}
+
+/// A fault the server injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Error500 = 0,
+    SlowDown503 = 1,
+    Stall = 2,
+    Cut = 3,
+    Drip = 4,
+}
+
+/// How fast a dripping body is sent: 1 KiB a second.
+const DRIP: usize = 1024;
 
 impl Stats {
     /// Keys written by PutObject and CompleteMultipartUpload, in order.
@@ -79,8 +120,96 @@ impl Stats {
         self.bytes_carried.store(0, Ordering::SeqCst);
         self.gets.store(0, Ordering::SeqCst);
         self.refused.store(0, Ordering::SeqCst);
+        self.requests.store(0, Ordering::SeqCst);
+        self.range_requests.store(0, Ordering::SeqCst);
+        for i in &self.injected {
+            i.store(0, Ordering::SeqCst);
+        }
         if let Ok(mut r) = self.ranges.lock() {
             r.clear();
+        }
+    }
+
+    /// Every request that reached the server since the last reset, faulted and refused ones included.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Ranged GetObject requests since the last reset.
+    pub fn range_requests(&self) -> u64 {
+        self.range_requests.load(Ordering::SeqCst)
+    }
+
+    /// Faults injected of `kind` since the last reset.
+    pub fn injected(&self, kind: Fault) -> u64 {
+        self.injected[kind as usize].load(Ordering::SeqCst)
+    }
+
+    /// Makes the server flaky (`Some`) or well again (`None`).
+    pub fn set_faults(&self, faults: Option<Faults>) {
+        if let Ok(mut f) = self.faults.lock() {
+            *f = faults.map(|f| (f, deckhand_protocol::testdata::SplitMix(f.seed)));
+        }
+    }
+
+    /// The fault, if any, for one request (`get`: a GetObject, whose body can be cut or drip).
+    fn draw(&self, get: bool, ranged: bool) -> Option<Fault> {
+        let mut guard = self.faults.lock().ok()?;
+        let (faults, rng) = guard.as_mut()?;
+        let fault = if get && ranged && faults.drip_first_range {
+            faults.drip_first_range = false;
+            Some(Fault::Drip)
+        } else {
+            let r = f64::from(rng.unit());
+            let coin = rng.next_u64() % 2 == 0;
+            let shares = [
+                (faults.errors, true),
+                (faults.stalls, true),
+                (faults.cuts, get),
+                (faults.drips, get),
+            ];
+            let mut edge = 0.0;
+            let mut pick = None;
+            for (i, (share, applies)) in shares.into_iter().enumerate() {
+                edge += share;
+                if r < edge {
+                    pick = applies.then_some(i);
+                    break;
+                }
+            }
+            pick.map(|i| match i {
+                0 if coin => Fault::Error500,
+                0 => Fault::SlowDown503,
+                1 => Fault::Stall,
+                2 => Fault::Cut,
+                _ => Fault::Drip,
+            })
+        };
+        if let Some(f) = fault {
+            self.injected[f as usize].fetch_add(1, Ordering::SeqCst);
+        }
+        fault
+    }
+
+    /// Counts a request and answers it with an error if the faults say so (stalling first if they
+    /// say that). Cut and dripping bodies are returned for the caller to apply.
+    async fn admit(&self, get: bool, ranged: bool) -> S3Result<Option<Fault>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.check_up()?;
+        match self.draw(get, ranged) {
+            Some(Fault::Error500) => Err(s3s::s3_error!(InternalError, "injected fault")),
+            Some(Fault::SlowDown503) => Err(s3s::s3_error!(SlowDown, "injected fault")),
+            Some(Fault::Stall) => {
+                let stall = self
+                    .faults
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.as_ref().map(|(f, _)| f.stall))
+                    .unwrap_or_default();
+                tokio::time::sleep(stall).await;
+                Err(s3s::s3_error!(SlowDown, "injected fault, after a stall"))
+            }
+            body => Ok(body),
         }
     }
 
@@ -174,23 +303,33 @@ impl S3 for Counting {
         &self,
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.create_bucket(req).await
     }
     async fn head_bucket(
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.head_bucket(req).await
     }
     async fn get_object(
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
-        self.stats.check_up()?;
+        let ranged = req.input.range.is_some();
+        if ranged {
+            self.stats.range_requests.fetch_add(1, Ordering::SeqCst);
+        }
+        let fault = self.stats.admit(true, ranged).await?;
         let key = req.input.key.clone();
-        let out = self.fs.get_object(req).await?;
+        let mut out = self.fs.get_object(req).await?;
+        if let Some(fault) = fault
+            && let Some(body) = out.output.body.take()
+        {
+            let len = out.output.content_length.unwrap_or(0).max(0) as u64;
+            out.output.body = Some(StreamingBlob::wrap(FaultyBody::new(body, fault, len)));
+        }
         self.stats.gets.fetch_add(1, Ordering::SeqCst);
         let len = out.output.content_length.unwrap_or(0).max(0) as u64;
         // "bytes START-END/SIZE" for a range; the whole object otherwise.
@@ -214,14 +353,14 @@ impl S3 for Counting {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.head_object(req).await
     }
     async fn put_object(
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         let key = req.input.key.clone();
         let _one_at_a_time = self.puts.lock().await;
         let racing = self
@@ -251,21 +390,21 @@ impl S3 for Counting {
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.list_objects_v2(req).await
     }
     async fn create_multipart_upload(
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.create_multipart_upload(req).await
     }
     async fn upload_part(
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         let delay = self.stats.part_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -276,7 +415,7 @@ impl S3 for Counting {
         &self,
         req: S3Request<UploadPartCopyInput>,
     ) -> S3Result<S3Response<UploadPartCopyOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         let out = self.fs.upload_part_copy(req).await?;
         self.stats.copies.fetch_add(1, Ordering::SeqCst);
         Ok(out)
@@ -285,14 +424,14 @@ impl S3 for Counting {
         &self,
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.list_parts(req).await
     }
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         let key = req.input.key.clone();
         let out = self.fs.complete_multipart_upload(req).await?;
         self.stats.record_put(&key);
@@ -302,14 +441,14 @@ impl S3 for Counting {
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.abort_multipart_upload(req).await
     }
     async fn copy_object(
         &self,
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         let delay = self.stats.copy_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -331,15 +470,82 @@ impl S3 for Counting {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.delete_object(req).await
     }
     async fn delete_objects(
         &self,
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
-        self.stats.check_up()?;
+        self.stats.admit(false, false).await?;
         self.fs.delete_objects(req).await
+    }
+}
+
+/// A GetObject body with a fault: cut off half way (an error ends the stream, and the connection is
+/// dropped short of its Content-Length), or sent [`DRIP`] bytes a second.
+struct FaultyBody {
+    inner: StreamingBlob,
+    fault: Fault,
+    /// Bytes passed on so far, and (for a cut) how many may be.
+    sent: u64,
+    cut_at: u64,
+    /// Bytes read from `inner` not yet passed on (a drip), and the wait before the next piece.
+    held: bytes::Bytes,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl FaultyBody {
+    fn new(inner: StreamingBlob, fault: Fault, len: u64) -> Self {
+        Self {
+            inner,
+            fault,
+            sent: 0,
+            cut_at: len / 2,
+            held: bytes::Bytes::new(),
+            wait: None,
+        }
+    }
+}
+
+impl futures::Stream for FaultyBody {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.fault == Fault::Cut && this.sent >= this.cut_at {
+            return Poll::Ready(Some(Err(std::io::Error::other(
+                "injected fault: body cut off",
+            ))));
+        }
+        if let Some(wait) = this.wait.as_mut() {
+            std::task::ready!(wait.as_mut().poll(cx));
+            this.wait = None;
+        }
+        if this.held.is_empty() {
+            match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(Err(e)) => {
+                    return Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))));
+                }
+                Some(Ok(b)) => this.held = b,
+            }
+        }
+        let n = match this.fault {
+            Fault::Drip => {
+                this.wait = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                DRIP
+            }
+            _ => usize::try_from(this.cut_at - this.sent).unwrap_or(usize::MAX),
+        }
+        .min(this.held.len());
+        let piece = this.held.split_to(n);
+        this.sent += piece.len() as u64;
+        Poll::Ready(Some(Ok(piece)))
     }
 }
 
@@ -446,6 +652,7 @@ impl LocalS3 {
             operation_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
             max_attempts: 3,
+            progress_window: Duration::from_secs(20),
         }
     }
 
