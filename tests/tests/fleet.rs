@@ -675,7 +675,8 @@ fn refetched_chunks(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
+async fn a_device_without_a_fleet_certificate_or_with_a_revoked_one_gets_no_chunk_and_no_manifest()
+{
     use deckhand_protocol::wire::{Hello, Request, Response};
     let mut fleet = shop("fleet-outsider").start().await.unwrap();
     let spec = ReferenceSpec::small(20);
@@ -688,9 +689,12 @@ async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
         .unwrap();
     let chunk =
         deckhand_protocol::ChunkMap::build(&std::fs::read(&files.labels).unwrap()).chunks()[0].id;
-    let addr: std::net::SocketAddr = fleet.agents[0].quic().unwrap().parse().unwrap();
+    let quic = |fleet: &Fleet| -> std::net::SocketAddr {
+        fleet.agents[0].quic().unwrap().parse().unwrap()
+    };
+    let addr = quic(&fleet);
     // Each probe introduces itself (a Hello, as a new peer does), then asks for the manifest and a chunk.
-    let ask = |cfg: quinn::ClientConfig, name: &'static str| async move {
+    let ask = |cfg: quinn::ClientConfig, name: &'static str, addr: std::net::SocketAddr| async move {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = match endpoint
             .connect_with(cfg, addr, deckhand_protocol::wire::PEER_NAME)
@@ -724,7 +728,7 @@ async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
     let ca = fleet.ca().cert_path();
     // A fleet member gets both, and the agent learns of it from its Hello: the checks can succeed.
     let member = credentials(&fleet, "pi-9");
-    let answers = ask(member.client_config().unwrap(), "pi-9").await;
+    let answers = ask(member.client_config().unwrap(), "pi-9", addr).await;
     assert!(
         matches!(&answers[1], Ok(Response::Manifest { envelope }) if *envelope == v1.envelope),
         "{answers:?}"
@@ -753,7 +757,7 @@ async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
             outsider(&ca, Some((crt.as_path(), key.as_path()))),
         ),
     ] {
-        let answers = ask(cfg, "pi-7").await;
+        let answers = ask(cfg, "pi-7", addr).await;
         assert!(
             answers.iter().all(Result::is_err),
             "{who}: the agent answered {answers:?}"
@@ -761,6 +765,42 @@ async fn a_device_without_a_fleet_certificate_gets_no_chunk_and_no_manifest() {
     }
     let s = fleet.agents[0].status().await.unwrap();
     assert!(s.peers.iter().all(|p| p.id != "pi-7"), "{s:?}");
+
+    // The CA revokes pi-9 and the agent restarts with the revocation list: pi-9's own certificate,
+    // which was answered above, is now refused like an outsider's, while another member still gets
+    // answers from the same agent.
+    assert_eq!(fleet.ca().revoke("pi-9").unwrap(), 1);
+    fleet.agents.remove(0).stop().await.unwrap();
+    let crl = fleet.ca().crl_path().display().to_string();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi-0".into(),
+            origin: true,
+            credentials: Credentials::Existing,
+            extra: vec!["--fleet-crl".into(), crl],
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    let addr = quic(&fleet);
+    let answers = ask(member.client_config().unwrap(), "pi-9", addr).await;
+    assert!(
+        answers.iter().all(Result::is_err),
+        "the revoked pi-9: the agent answered {answers:?}"
+    );
+    let other = credentials(&fleet, "pi-8");
+    let answers = ask(other.client_config().unwrap(), "pi-8", addr).await;
+    assert!(
+        matches!(&answers[1], Ok(Response::Manifest { envelope }) if *envelope == v1.envelope),
+        "{answers:?}"
+    );
+    let s = fleet.agents[0]
+        .wait_for(secs(10), "the member pi-8 among the peers", |s| {
+            s.peers.iter().any(|p| p.id == "pi-8")
+        })
+        .await
+        .unwrap();
+    assert!(s.peers.iter().all(|p| p.id != "pi-9"), "{s:?}");
     fleet.stop().await.unwrap();
 }
 
