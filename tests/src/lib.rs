@@ -320,6 +320,50 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// A bridge `dev` in this namespace, up: the shop's LAN switch. Multicast goes to every port (mDNS).
+    pub fn bridge(&self, dev: &str) {
+        self.exec(&[
+            "ip",
+            "link",
+            "add",
+            dev,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        self.exec(&["ip", "link", "set", dev, "up"]);
+    }
+
+    /// Plugs `other` into `bridge` (in this namespace) with a veth pair: `port` is the end on the
+    /// bridge, and the end in `other`, `lan0`, is addressed `addr` (CIDR). Both are up.
+    pub fn plug(&self, bridge: &str, port: &str, other: &NetNs, addr: &str) {
+        ip(&[
+            "link",
+            "add",
+            port,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan0",
+            "netns",
+            &other.name,
+        ]);
+        self.exec(&["ip", "link", "set", port, "master", bridge, "up"]);
+        other.exec(&["ip", "addr", "add", addr, "dev", "lan0"]);
+        other.exec(&["ip", "link", "set", "lan0", "multicast", "on", "up"]);
+    }
+
+    /// Sets device `dev` in this namespace up or down (a cable plugged in or pulled out).
+    pub fn set_link(&self, dev: &str, up: bool) {
+        self.exec(&["ip", "link", "set", dev, if up { "up" } else { "down" }]);
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes the veth ends inside it.

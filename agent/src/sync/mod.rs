@@ -355,19 +355,32 @@ impl Engine {
                         continue;
                     }
                     asked.insert(h.peer.clone(), now);
-                    if let Err(e) = self.release_from_peer(&h).await {
-                        tracing::warn!(peer = %h.peer, version = h.version, cause = %e, "release from peer failed");
-                        self.note_error(&e);
-                        resume = true;
+                    match self.release_from_peer(&h).await {
+                        Ok(()) => self.note_ok(),
+                        Err(e) => {
+                            tracing::warn!(peer = %h.peer, version = h.version, cause = %e, "release from peer failed");
+                            self.note_error(&e);
+                            resume = true;
+                        }
                     }
                 }
-                Event::Bundle(dir) => {
-                    if let Err(e) = self.release_from_bundle(&dir).await {
+                Event::Bundle(dir) => match self.release_from_bundle(&dir).await {
+                    Ok(()) => self.note_ok(),
+                    Err(e) => {
                         tracing::warn!(bundle = %dir.display(), cause = %e, "bundle not imported");
                         self.note_error(&e);
                     }
-                }
+                },
             }
+        }
+    }
+
+    /// A step succeeded (a release from a peer or a bundle): an earlier error no longer stands. Being
+    /// offline is about the origin, and is cleared by its next answer only.
+    fn note_ok(&self) {
+        if let Ok(mut s) = self.status.lock() {
+            s.last_error = None;
+            s.disk_full = None;
         }
     }
 
