@@ -362,14 +362,7 @@ mod tests {
             edits in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3), 1..6),
         ) {
             let mut b = ChunkMap::build(&noise(seed, len)).encode();
-            for (at, byte, op) in edits {
-                let at = at as usize % (b.len() + 1);
-                match op {
-                    0 if at < b.len() => b[at] ^= byte | 1,
-                    1 => b.insert(at, byte),
-                    _ => b.truncate(at),
-                }
-            }
+            crate::testdata::mutate(&mut b, &edits);
             if let Ok(m) = ChunkMap::decode(&b) {
                 prop_assert_eq!(m.encode(), b);
             }

@@ -505,6 +505,21 @@ mod tests {
             prop_assert_eq!(v.manifest, m);
         }
 
+        /// A signed envelope, damaged anywhere (its JSON, its base64, its signatures): verifying never
+        /// panics, and nothing but the signed manifest itself is ever accepted.
+        #[test]
+        fn damaged_envelopes_never_panic_and_never_verify_another_manifest(
+            edits in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3), 1..6),
+        ) {
+            let a = key(9);
+            let m = sample(7);
+            let mut bytes = Envelope::sign_manifest(&m, &[&a]).to_bytes();
+            crate::testdata::mutate(&mut bytes, &edits);
+            if let Ok(v) = policy(&[&a], 1).verify(&bytes, now()) {
+                prop_assert_eq!(v.manifest, m);
+            }
+        }
+
         #[test]
         fn any_single_byte_change_to_payload_is_rejected(pos in any::<prop::sample::Index>(), flip in 1u8..=255) {
             let a = key(9);

@@ -397,6 +397,28 @@ pub(crate) mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// A valid manifest payload, damaged: parsing never panics, and whatever still parses is a valid
+        /// manifest that encodes and parses back to itself.
+        #[test]
+        fn damaged_payloads_never_panic_and_what_parses_is_valid(
+            version in 1u64..1000,
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<u32>(), proptest::prelude::any::<u8>(), 0u8..3),
+                1..6,
+            ),
+        ) {
+            let mut payload = sample(version).to_payload();
+            crate::testdata::mutate(&mut payload, &edits);
+            if let Ok(m) = Manifest::from_payload(&payload) {
+                proptest::prop_assert!(m.validate().is_ok());
+                proptest::prop_assert_eq!(Manifest::from_payload(&m.to_payload()).ok(), Some(m));
+            }
+        }
+    }
+
     #[test]
     fn payload_round_trips() {
         let m = sample(3);

@@ -42,3 +42,21 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// One edit of [`mutate`]: a position (taken modulo the length), a byte, and what to do there (0: flip
+/// the bits of `byte | 1`, 1: insert `byte`, else: cut the bytes off).
+pub type Edit = (u32, u8, u8);
+
+/// Damages `bytes` by `edits`. Property tests start from valid encodings and mutate them, so that the
+/// parsers are exercised past their first checks (random bytes rarely pass a magic or a tag).
+pub fn mutate(bytes: &mut Vec<u8>, edits: &[Edit]) {
+    for &(at, byte, op) in edits {
+        let at = at as usize % (bytes.len() + 1);
+        match op {
+            0 if at < bytes.len() => bytes[at] ^= byte | 1,
+            0 => {}
+            1 => bytes.insert(at, byte),
+            _ => bytes.truncate(at),
+        }
+    }
+}

@@ -237,3 +237,113 @@ async fn a_two_gib_current_json_at_the_origin_is_refused_without_being_read() {
     let peak_kib = deckhand_tests::peak_rss_kib(pid);
     assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
 }
+
+/// Writes `body` over the object `key` in the local S3's bucket, as someone with write access to the
+/// bucket would (s3s-fs keeps an object's entity tag beside it; without it, a new one is computed).
+fn overwrite_object(fleet: &Fleet, key: &str, body: &[u8]) {
+    std::fs::write(fleet.s3().bucket_dir().join(key), body).unwrap();
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let _ = std::fs::remove_file(fleet.s3().bucket_dir().parent().unwrap().join(format!(
+        ".bucket-{}.object-{}.internal.json",
+        b64(fleet.s3().bucket()),
+        b64(key)
+    )));
+}
+
+/// The value of the agent's `/metrics` line `name` (0 when absent).
+async fn metric(agent: &deckhand_tests::Agent, name: &str) -> u64 {
+    let (code, body) =
+        deckhand_agent::http::request(agent.http(), "GET", "/metrics", bytes::Bytes::new())
+            .await
+            .unwrap();
+    assert_eq!(code, 200);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving() {
+    use deckhand_protocol::manifest::Role;
+    let (mut fleet, files, spec) = one_agent_on_v1("origin-swapped").await;
+    let meta1_blob = deckhand_protocol::BlobId::of(&std::fs::read(&files.metadata).unwrap());
+    // The agent is off while version 2 is published and its objects are tampered with.
+    let dir = fleet.join("pi");
+    fleet.agents.remove(0).stop().await.unwrap();
+    let v2 = fleet
+        .publish(&renamed(&fleet, &files, &spec))
+        .await
+        .unwrap()
+        .manifest;
+    let layout = fleet.origin().layout().clone();
+    let meta2 = v2.artifact(Role::Metadata).unwrap().clone();
+    assert_ne!(meta1_blob, meta2.blob);
+    let map_key = layout.blob(&meta2.chunk_map);
+    let blob_key = layout.blob(&meta2.blob);
+    let map_good = std::fs::read(fleet.s3().bucket_dir().join(&map_key)).unwrap();
+    let blob_good = std::fs::read(fleet.s3().bucket_dir().join(&blob_key)).unwrap();
+
+    // 1. Version 2's chunk map becomes one claiming 10^9 chunks (its header's count field).
+    let mut huge = map_good.clone();
+    huge[57..61].copy_from_slice(&1_000_000_000u32.to_le_bytes());
+    overwrite_object(&fleet, &map_key, &huge);
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi".into(),
+            origin: true,
+            credentials: Credentials::None,
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    let pi = &fleet.agents[0];
+    let s = pi
+        .wait_for(secs(60), "the forged chunk map refused", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(&meta2.chunk_map.to_string()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.active_version(), Some(1), "{s:?}");
+    let (code, answer) = pi.recognize(&photo()).await.unwrap();
+    assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(1)));
+    let peak_kib = deckhand_tests::peak_rss_kib(pi.pid().unwrap());
+    assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+
+    let pi = &fleet.agents[0];
+    // 2. The chunk map is whole again, but version 2's metadata object is version 1's metadata (another
+    //    release's blob): every range of it is refused, status names the blob, version 1 serves on.
+    overwrite_object(&fleet, &map_key, &map_good);
+    overwrite_object(
+        &fleet,
+        &blob_key,
+        &std::fs::read(fleet.s3().bucket_dir().join(layout.blob(&meta1_blob))).unwrap(),
+    );
+    let s = pi
+        .wait_for(secs(60), "the swapped blob refused", |s| {
+            s.last_error.as_deref().is_some_and(|e| {
+                e.contains(&meta2.blob.to_string()) && e.contains("another release's")
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.active_version(), Some(1), "{s:?}");
+    assert!(metric(pi, "deckhand_origin_ranges_failed_total{why=\"bad\"}").await >= 1);
+    let (code, answer) = pi.recognize(&photo()).await.unwrap();
+    assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(1)));
+
+    // 3. The operator repairs the bucket: version 2 completes, with nothing lost on the way.
+    overwrite_object(&fleet, &blob_key, &blob_good);
+    let s = pi
+        .wait_for(secs(120), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    assert!(s.last_error.is_none(), "{s:?}");
+    fleet.agents.remove(0).stop().await.unwrap();
+    deckhand_tests::verify_store(&dir);
+}

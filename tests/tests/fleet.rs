@@ -331,6 +331,9 @@ enum Misbehave {
     ReplayManifest(Vec<u8>),
     /// Claims to hold the release and never answers a chunk request (counting them).
     Stall(std::sync::Arc<std::sync::atomic::AtomicU64>),
+    /// Claims to hold the release and answers every chunk request with one frame that never ends: a
+    /// header declaring 4 GiB, then bytes for as long as the stream stays open (counting them).
+    EndlessFrame(std::sync::Arc<std::sync::atomic::AtomicU64>),
 }
 
 /// A fleet member with a valid certificate that lies. Returns its QUIC address.
@@ -386,6 +389,10 @@ fn fake_peer(
         while let Some(incoming) = endpoint.accept().await {
             let Ok(conn) = incoming.await else { continue };
             let (hello, how) = (hello.clone(), how.clone());
+            if let Misbehave::EndlessFrame(sent) = how {
+                tokio::spawn(endless_frames(conn, hello, sent));
+                continue;
+            }
             tokio::spawn(deckhand_agent::peer::serve_with(conn, move |req| {
                 let (hello, how) = (hello.clone(), how.clone());
                 async move {
@@ -415,6 +422,103 @@ fn fake_peer(
         }
     });
     addr
+}
+
+/// Serves `conn` as [`Misbehave::EndlessFrame`]: Hellos and bitmaps answered properly, every chunk request
+/// with a frame declaring 4 GiB followed by bytes until the reader goes away.
+async fn endless_frames(
+    conn: quinn::Connection,
+    hello: deckhand_protocol::wire::Hello,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use deckhand_protocol::wire::{Request, Response};
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let (hello, sent) = (hello.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut header = [0u8; 4];
+            if recv.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes(header).min(4096) as usize];
+            if recv.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let answer = match Request::decode(&body) {
+                Ok(Request::Hello(_)) => Response::Hello(hello),
+                Ok(Request::GetHave { .. }) => Response::Have {
+                    bitmap: vec![0xff; 4096],
+                },
+                Ok(Request::GetChunk { .. }) => {
+                    if send.write_all(&u32::MAX.to_be_bytes()).await.is_err() {
+                        return;
+                    }
+                    let piece = vec![0x5a; 64 * 1024];
+                    while send.write_all(&piece).await.is_ok() {
+                        sent.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return;
+                }
+                _ => Response::NotFound,
+            };
+            let _ = send.write_all(&answer.encode()).await;
+            let _ = send.finish();
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_streaming_one_frame_forever_is_refused_at_its_header_with_bounded_memory() {
+    let mut fleet = shop("fleet-endless").start().await.unwrap();
+    let spec = ReferenceSpec::small(20);
+    let files = fixtures::write_sized_release(&fleet.join("r1"), &spec, 8 << 20, 9).unwrap();
+    let v1 = fleet.publish(&files).await.unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let endless = fake_peer(
+        credentials(&fleet, "endless"),
+        deckhand_protocol::wire::ReleaseRef {
+            version: 1,
+            manifest: v1.id,
+        },
+        Misbehave::EndlessFrame(sent.clone()),
+        None,
+    )
+    .to_string();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi-0".into(),
+            origin: true,
+            peers: vec![endless],
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(120), "version 1 active", is_version(1))
+        .await
+        .unwrap();
+    let pid = fleet.agents[0].pid().unwrap();
+    let peak_kib = deckhand_tests::peak_rss_kib(pid);
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "endless peer: it pushed {sent} bytes before the agent stopped reading; agent peak RSS {peak_kib} KiB"
+    );
+    // The peer was asked, its frame refused at the header (nothing allocated for it), the peer banned
+    // for it, and the release came from S3.
+    let peer = s.peers.iter().find(|p| p.id == "endless").unwrap();
+    assert!(
+        peer.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("frame of 4294967295 bytes is over the limit")),
+        "{peer:?}"
+    );
+    assert!(peer.banned, "{peer:?}");
+    assert_eq!(peer.bytes_from, 0, "{peer:?}");
+    assert!(
+        s.bytes_from_origin >= unique_chunk_bytes(&files) / 2,
+        "{s:?}"
+    );
+    assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+    fleet.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

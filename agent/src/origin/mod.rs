@@ -152,6 +152,10 @@ pub enum OriginError {
         secs: u64,
         min: u64,
     },
+    #[error(
+        "get range {key}: asked for {want} bytes, got {got}: the object is not the one the release names"
+    )]
+    Short { key: String, want: u64, got: u64 },
     #[error("{op} {key}: timed out after {secs} s")]
     Timeout {
         op: &'static str,
@@ -308,10 +312,10 @@ fn check_len(key: &str, want: u64, body: Bytes) -> Result<Bytes, OriginError> {
     if body.len() as u64 == want {
         Ok(body)
     } else {
-        Err(OriginError::Service {
-            op: "get range",
+        Err(OriginError::Short {
             key: key.to_owned(),
-            message: format!("asked for {want} bytes, got {}", body.len()),
+            want,
+            got: body.len() as u64,
         })
     }
 }

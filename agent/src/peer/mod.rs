@@ -127,6 +127,18 @@ const HAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl PeerError {
     /// How the download state machine treats this failure of a chunk request.
+    /// The peer sent a frame over the limit for its kind: never what an honest peer sends (a message of
+    /// a newer version that this one cannot read is a decoding error, not this).
+    pub fn is_oversized_frame(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Wire {
+                source: deckhand_protocol::wire::WireError::FrameTooLarge { .. },
+                ..
+            }
+        )
+    }
+
     pub fn failure(&self) -> deckhand_protocol::fetch::PeerFailure {
         use deckhand_protocol::fetch::PeerFailure;
         match self {
@@ -134,6 +146,7 @@ impl PeerError {
             PeerError::Busy { .. } => PeerFailure::Busy,
             PeerError::NotFound { .. } => PeerFailure::NotFound,
             PeerError::BadChunk { .. } => PeerFailure::Corrupt,
+            e if e.is_oversized_frame() => PeerFailure::Corrupt,
             _ => PeerFailure::Other,
         }
     }
@@ -545,7 +558,7 @@ impl PeerNode {
     }
 
     /// A chunk (or a small raw blob, e.g. a chunk map) by content id, verified. A peer whose bytes do not
-    /// hash to `id` is banned.
+    /// hash to `id`, or that announces a frame over the limit, is banned.
     pub async fn get_chunk(&self, peer: &str, id: &BlobId) -> Result<Vec<u8>, PeerError> {
         let resp = self
             .request(peer, &Request::GetChunk { id: *id }, "chunk", CHUNK_TIMEOUT)
@@ -555,6 +568,11 @@ impl PeerNode {
             Ok(other) => return Err(unexpected(peer, "chunk", other)),
             Err(e @ PeerError::Timeout { .. }) => {
                 self.set_aside(peer, &e.to_string());
+                return Err(e);
+            }
+            Err(e) if e.is_oversized_frame() => {
+                // Its frame was refused at the header, before anything was read or allocated.
+                self.ban(peer, &e.to_string());
                 return Err(e);
             }
             Err(e) => return Err(e),

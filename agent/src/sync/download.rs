@@ -124,6 +124,8 @@ impl Engine {
         let mut flush_at = Duration::ZERO;
         let mut haves = self.haves.lock().await;
         let mut last_have = fetch.progress().bytes_held;
+        // The last refused answer of the origin, for a stall's message.
+        let mut origin_bad: Option<String> = None;
         let mut budget: Option<Option<u64>> = None;
         loop {
             self.beat.beat();
@@ -213,10 +215,10 @@ impl Engine {
                     why: format!(
                         "{} chunks missing; no peer holds them and the origin is {}",
                         p.chunks_missing,
-                        if self.cfg.origin.is_none() {
-                            "not configured"
-                        } else {
-                            "unreachable"
+                        match (&self.cfg.origin, &origin_bad) {
+                            (None, _) => "not configured".to_owned(),
+                            (Some(_), Some(bad)) => format!("no help: {bad}"),
+                            (Some(_), None) => "unreachable".to_owned(),
                         }
                     ),
                 });
@@ -244,11 +246,11 @@ impl Engine {
                         Ok(d) => d,
                         Err(e) => return Err(SyncError::Worker(e)),
                     };
-                    self.finished(done, &mut fetch, &places, &mut owed, now())?;
+                    self.finished(done, &mut fetch, &places, &mut owed, &mut origin_bad, now())?;
                     // Take in whatever else finished meanwhile before deciding again.
                     while let Some(more) = tasks.try_join_next() {
                         let d = more.map_err(SyncError::Worker)?;
-                        self.finished(d, &mut fetch, &places, &mut owed, now())?;
+                        self.finished(d, &mut fetch, &places, &mut owed, &mut origin_bad, now())?;
                     }
                 }
                 Some(note) = recv_opt(&mut *haves) => {
@@ -335,6 +337,11 @@ impl Engine {
                 tasks.spawn(async move {
                     let key = origin.layout().blob(&blob);
                     let outcome = match origin.get_range(&key, range.clone()).await {
+                        Err(OriginError::Short { .. }) => RangeOutcome {
+                            stored: Vec::new(),
+                            received: 0,
+                            error: Some(RangeError::Bad("fewer bytes than the range")),
+                        },
                         Err(e) => RangeOutcome {
                             stored: Vec::new(),
                             received: 0,
@@ -369,6 +376,7 @@ impl Engine {
         fetch: &mut Fetch,
         places: &HashMap<BlobId, Vec<(BlobId, u32)>>,
         owed: &mut Owed,
+        origin_bad: &mut Option<String>,
         t: Duration,
     ) -> Result<(), SyncError> {
         let mut stored = |fetch: &mut Fetch, id: BlobId| {
@@ -420,6 +428,17 @@ impl Engine {
                     Some(RangeError::Bad(why)) => {
                         tracing::warn!(blob = %blob, ?range, why, "the origin's answer to a range GET was refused");
                         self.service.metrics().range_failed(RangeFailure::Bad);
+                        let bad = format!(
+                            "the origin answered bytes {}..{} of blob {blob} with {why}: its copy is \
+                             damaged or another release's",
+                            range.start, range.end
+                        );
+                        if let Ok(mut s) = self.status.lock() {
+                            s.last_error = Some(format!(
+                                "{bad}; asking peers, and the origin again with backoff"
+                            ));
+                        }
+                        *origin_bad = Some(bad);
                         fetch.handle(
                             Event::RangeFailed {
                                 blob,

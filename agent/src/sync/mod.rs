@@ -783,6 +783,8 @@ impl Engine {
                     freed = gc.bytes_freed,
                     "release active"
                 );
+                // What went wrong on the way to it is over.
+                self.note_ok();
             }
             Err(why) => {
                 tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");

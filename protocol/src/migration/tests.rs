@@ -463,3 +463,58 @@ fn an_object_is_found_under_its_old_or_new_key() {
     );
     assert_eq!(alternate(&p, "data/reference/other"), None);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// A plan and a journal batch, damaged: decoding never panics, and whatever still decodes encodes and
+    /// decodes back to itself (a batch only for its own journal).
+    #[test]
+    fn damaged_plans_and_journal_batches_never_panic_and_decode_consistently(
+        which_batch: bool,
+        edits in proptest::collection::vec(
+            (proptest::prelude::any::<u32>(), proptest::prelude::any::<u8>(), 0u8..3),
+            1..6,
+        ),
+    ) {
+        let j = Name::new("journal", "m-1").unwrap();
+        let t0 = now();
+        if which_batch {
+            let batch = Batch::new(
+                &j,
+                3,
+                vec![
+                    copied("data/a.png", "datasets/a.png", true, t0),
+                    Record::Deleted { source: "data/a.png".into(), at: t0 },
+                ],
+            );
+            let mut bytes = batch.encode();
+            crate::testdata::mutate(&mut bytes, &edits);
+            if let Ok(b) = Batch::decode(&bytes, &j) {
+                proptest::prop_assert_eq!(b.journal.as_str(), j.as_str());
+                proptest::prop_assert_eq!(Batch::decode(&b.encode(), &j).ok(), Some(b));
+            }
+        } else {
+            let plan = Plan {
+                schema: PLAN_SCHEMA.into(),
+                origin: "s3://cards/fleet".into(),
+                created_at: t0,
+                in_place: 4,
+                moves: vec![Move {
+                    source: "data/reference/usearch.index".into(),
+                    target: "datasets/reference/usearch.index".into(),
+                    size: 13,
+                    etag: Some("d".into()),
+                    target_existed: false,
+                }],
+                unplaced: vec![Unplaced { key: "notes.txt".into(), reason: "no rule".into() }],
+            };
+            let mut bytes = plan.encode();
+            crate::testdata::mutate(&mut bytes, &edits);
+            if let Ok(p) = Plan::decode(&bytes) {
+                proptest::prop_assert_eq!(p.schema.as_str(), PLAN_SCHEMA);
+                proptest::prop_assert_eq!(Plan::decode(&p.encode()).ok(), Some(p));
+            }
+        }
+    }
+}
