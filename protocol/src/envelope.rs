@@ -72,8 +72,8 @@ pub enum VerifyError {
     },
     #[error("envelope is not valid DSSE JSON: {0}")]
     Json(String),
-    #[error("envelope payload type is {0:?}, expected {PAYLOAD_TYPE:?}")]
-    PayloadType(String),
+    #[error("envelope payload type is {found:?}, expected {expected:?}")]
+    PayloadType { found: String, expected: String },
     #[error("envelope carries {0} signatures, over the limit of {MAX_SIGNATURES}")]
     TooManySignatures(usize),
     #[error("envelope payload is not valid base64: {0}")]
@@ -119,12 +119,18 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 impl Envelope {
-    /// Signs `payload` with each key.
+    /// Signs a manifest `payload` with each key.
     pub fn sign(payload: &[u8], keys: &[&SecretKey]) -> Self {
-        let message = pae(PAYLOAD_TYPE, payload);
+        Self::sign_typed(PAYLOAD_TYPE, payload, keys)
+    }
+
+    /// Signs `payload` of `payload_type` with each key. The type is signed too (DSSE's PAE), so a
+    /// signature over one kind of document never verifies as another.
+    pub fn sign_typed(payload_type: &str, payload: &[u8], keys: &[&SecretKey]) -> Self {
+        let message = pae(payload_type, payload);
         Self {
             payload: STANDARD.encode(payload),
-            payload_type: PAYLOAD_TYPE.to_owned(),
+            payload_type: payload_type.to_owned(),
             signatures: keys
                 .iter()
                 .map(|k| Signature {
@@ -188,8 +194,32 @@ impl TrustPolicy {
         now: Option<Timestamp>,
     ) -> Result<VerifiedManifest, VerifyError> {
         let (env, payload) = decode(envelope)?;
-        let message = pae(&env.payload_type, &payload);
+        let valid = self.signers(&env, &payload)?;
+        let manifest = Manifest::from_payload(&payload)?;
+        if let Some(now) = now
+            && now >= manifest.expires_at
+        {
+            return Err(VerifyError::Expired {
+                version: manifest.version,
+                expires_at: manifest.expires_at,
+                now,
+            });
+        }
+        Ok(VerifiedManifest {
+            id: BlobId::of(&payload),
+            manifest,
+            envelope: envelope.to_vec(),
+            signers: valid.into_iter().collect(),
+        })
+    }
 
+    /// The distinct trusted keys whose signatures over `payload` verify, if they reach the threshold.
+    pub(crate) fn signers(
+        &self,
+        env: &Envelope,
+        payload: &[u8],
+    ) -> Result<BTreeSet<KeyId>, VerifyError> {
+        let message = pae(&env.payload_type, payload);
         let mut valid = BTreeSet::new();
         let (mut untrusted, mut invalid) = (0, 0);
         for s in &env.signatures {
@@ -221,23 +251,7 @@ impl TrustPolicy {
                 invalid,
             });
         }
-
-        let manifest = Manifest::from_payload(&payload)?;
-        if let Some(now) = now
-            && now >= manifest.expires_at
-        {
-            return Err(VerifyError::Expired {
-                version: manifest.version,
-                expires_at: manifest.expires_at,
-                now,
-            });
-        }
-        Ok(VerifiedManifest {
-            id: BlobId::of(&payload),
-            manifest,
-            envelope: envelope.to_vec(),
-            signers: valid.into_iter().collect(),
-        })
+        Ok(valid)
     }
 }
 
@@ -257,6 +271,14 @@ pub fn unverified_id(envelope: &[u8]) -> Result<BlobId, VerifyError> {
 
 /// Size limits, DSSE shape, payload type, signature count, payload size, then the payload bytes.
 fn decode(envelope: &[u8]) -> Result<(Envelope, Vec<u8>), VerifyError> {
+    decode_typed(envelope, PAYLOAD_TYPE)
+}
+
+/// [`decode`] for an envelope of `payload_type`.
+pub(crate) fn decode_typed(
+    envelope: &[u8],
+    payload_type: &str,
+) -> Result<(Envelope, Vec<u8>), VerifyError> {
     if envelope.len() > MAX_ENVELOPE {
         return Err(VerifyError::Oversized {
             what: "envelope",
@@ -266,8 +288,11 @@ fn decode(envelope: &[u8]) -> Result<(Envelope, Vec<u8>), VerifyError> {
     }
     let env: Envelope =
         serde_json::from_slice(envelope).map_err(|e| VerifyError::Json(e.to_string()))?;
-    if env.payload_type != PAYLOAD_TYPE {
-        return Err(VerifyError::PayloadType(env.payload_type));
+    if env.payload_type != payload_type {
+        return Err(VerifyError::PayloadType {
+            found: env.payload_type,
+            expected: payload_type.to_owned(),
+        });
     }
     if env.signatures.len() > MAX_SIGNATURES {
         return Err(VerifyError::TooManySignatures(env.signatures.len()));
@@ -465,7 +490,7 @@ mod tests {
         env.payload_type = "application/json".into();
         assert!(matches!(
             pol.verify(&env.to_bytes(), now()),
-            Err(VerifyError::PayloadType(_))
+            Err(VerifyError::PayloadType { .. })
         ));
 
         assert!(matches!(

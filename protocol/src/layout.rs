@@ -204,6 +204,11 @@ pub enum Key {
     Current {
         deployment: Name,
     },
+    /// A deployment's trust root of one version ([`Layout::trust_root`]).
+    Root {
+        deployment: Name,
+        version: u64,
+    },
     Blob(BlobId),
     Migration {
         journal: Name,
@@ -287,6 +292,11 @@ impl Layout {
         self.join(&format!("deployments/{deployment}/manifest/"))
     }
 
+    /// A deployment's signed trust root of `version` (1, 2, ...): the manifest keys and threshold.
+    pub fn trust_root(&self, deployment: &Name, version: u64) -> String {
+        self.join(&format!("deployments/{deployment}/root/{version:020}.json"))
+    }
+
     /// The pointer to the newest manifest of a deployment.
     pub fn current(&self, deployment: &Name) -> String {
         self.join(&format!("deployments/{deployment}/current.json"))
@@ -358,6 +368,16 @@ impl Layout {
             ["deployments", deployment, "current.json"] => Ok(Key::Current {
                 deployment: Name::deployment(deployment)?,
             }),
+            ["deployments", deployment, "root", file] => {
+                let digits = file.strip_suffix(".json").ok_or_else(unrecognized)?;
+                if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(unrecognized());
+                }
+                Ok(Key::Root {
+                    deployment: Name::deployment(deployment)?,
+                    version: digits.parse().map_err(|_| unrecognized())?,
+                })
+            }
             ["deployments", deployment, "manifest", file] => {
                 let digits = file.strip_suffix(".json").ok_or_else(unrecognized)?;
                 if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -428,6 +448,13 @@ mod tests {
                     l.current(&name("shop")),
                     Key::Current {
                         deployment: name("shop"),
+                    },
+                ),
+                (
+                    l.trust_root(&name("shop"), 3),
+                    Key::Root {
+                        deployment: name("shop"),
+                        version: 3,
                     },
                 ),
                 (l.blob(&id), Key::Blob(id)),

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod migration;
+pub mod root;
 pub mod sim;
 pub mod status;
 pub mod switch;
