@@ -58,6 +58,10 @@ pub enum ConfigError {
     FleetIncomplete(String),
     #[error("--fleet-crl is given without the fleet credentials")]
     CrlWithoutFleet,
+    #[error(
+        "--trust and --trust-root are given together: give the keys, or the trust root that lists them"
+    )]
+    TrustTwice,
     #[error("--trust {path}: {why}")]
     Trust { path: PathBuf, why: String },
     #[error("--threshold {threshold} is not between 1 and the {keys} trusted key(s)")]
@@ -81,6 +85,10 @@ pub struct Settings {
     /// A trusted release-signing public key (NAME.pub); repeatable.
     #[arg(long)]
     pub trust: Vec<PathBuf>,
+    /// The deployment's signed trust root this agent is installed with (`deckhand keys root`), instead
+    /// of --trust: the agent follows newer roots published in the bucket (`deckhand keys rotate`).
+    #[arg(long)]
+    pub trust_root: Option<PathBuf>,
     /// How many distinct trusted keys must sign a manifest.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub threshold: u16,
@@ -275,6 +283,8 @@ pub struct RunConfig {
     pub budget: deckhand_protocol::budget::Budget,
     pub deployment: String,
     pub trust: Vec<PublicKey>,
+    /// The installed trust root envelope (`--trust-root`), when the keys come from one.
+    pub trust_root: Option<Vec<u8>>,
     /// Where releases come from; `None` runs from the store, peers and bundles alone.
     pub origin: Option<(OriginUrl, OriginConfig)>,
     /// Fleet credentials; without them the agent has no peers.
@@ -426,9 +436,18 @@ impl Settings {
             self.uplink_budget,
             self.uplink_schedule.clone(),
         )?;
-        if self.trust.is_empty() {
-            return Err(ConfigError::Missing("trust"));
+        match (self.trust.is_empty(), &self.trust_root) {
+            (true, None) => return Err(ConfigError::Missing("trust (or trust_root)")),
+            (false, Some(_)) => return Err(ConfigError::TrustTwice),
+            _ => {}
         }
+        let trust_root = match &self.trust_root {
+            Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::Trust {
+                path: p.clone(),
+                why: e.to_string(),
+            })?),
+            None => None,
+        };
         // Files are read last: every setting is checked first.
         let trust = self
             .trust
@@ -442,7 +461,7 @@ impl Settings {
                 PublicKey::from_file_text(&text).map_err(|e| bad(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if usize::from(self.threshold) > trust.len() {
+        if trust_root.is_none() && usize::from(self.threshold) > trust.len() {
             return Err(ConfigError::Threshold {
                 threshold: self.threshold.into(),
                 keys: trust.len(),
@@ -453,6 +472,7 @@ impl Settings {
             budget,
             deployment,
             trust,
+            trust_root,
             origin,
             fleet,
         })
@@ -519,6 +539,31 @@ mod tests {
 
     fn args(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn keys_or_a_trust_root_are_needed_and_not_both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = key_file(tmp.path());
+        let k = k.to_str().unwrap();
+        let root = tmp.path().join("root.json");
+        std::fs::write(&root, b"{}").unwrap();
+        let root = root.to_str().unwrap();
+        let resolve = |v: &[&str]| {
+            let mut a = vec!["--deployment", "shop-1"];
+            a.extend_from_slice(v);
+            parse(&args(&a)).unwrap().resolve()
+        };
+        let err = resolve(&[]).unwrap_err().to_string();
+        assert!(err.contains("trust"), "{err}");
+        let err = resolve(&["--trust", k, "--trust-root", root])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--trust and --trust-root"), "{err}");
+        // The root's bytes are read here and checked by the daemon against the deployment.
+        let run = resolve(&["--trust-root", root]).unwrap();
+        assert_eq!(run.trust_root.as_deref(), Some(&b"{}"[..]));
+        assert!(run.trust.is_empty());
     }
 
     #[test]

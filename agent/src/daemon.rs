@@ -51,6 +51,10 @@ pub fn agent_id(
 pub enum DaemonError {
     #[error("--trust/--threshold: {0}")]
     Trust(#[source] deckhand_protocol::VerifyError),
+    #[error("--trust-root: {0}")]
+    TrustRoot(#[source] deckhand_protocol::root::RootError),
+    #[error("the trust policy is unavailable")]
+    TrustUnavailable,
     #[error("--deployment: {0}")]
     Deployment(#[source] deckhand_protocol::layout::LayoutError),
     #[error("--peer needs fleet credentials (--fleet-ca, --fleet-cert, --fleet-key)")]
@@ -93,6 +97,30 @@ pub fn open_store(data_dir: &std::path::Path, budget: Option<u64>) -> Result<Sto
     Store::open(data_dir.join("store"), Options { budget })
 }
 
+/// What this agent trusts: the keys given, or the trust root it was installed with, or the newer one
+/// it followed to and kept in the store.
+fn trust(cfg: &RunConfig, store: &Store) -> Result<crate::sync::trust::Trust, DaemonError> {
+    use crate::sync::trust::{META_ROOT, Trust};
+    use deckhand_protocol::root::TrustedRoot;
+    let Some(installed) = &cfg.trust_root else {
+        let policy = TrustPolicy::new(cfg.trust.clone(), usize::from(cfg.settings.threshold))
+            .map_err(DaemonError::Trust)?;
+        return Ok(Trust::keys(policy));
+    };
+    let installed =
+        TrustedRoot::installed(installed, &cfg.deployment).map_err(DaemonError::TrustRoot)?;
+    // The store's root was reached from an installed one by the chain's rules; it is used if it is
+    // newer (a root installed later than the store's wins).
+    let kept = store
+        .get_meta(META_ROOT)?
+        .filter(|b| !b.is_empty())
+        .and_then(|b| TrustedRoot::installed(&b, &cfg.deployment).ok())
+        .filter(|k| k.version() > installed.version());
+    let root = kept.unwrap_or(installed);
+    tracing::info!(version = root.version(), "trusting the deployment's root");
+    Ok(Trust::root(root))
+}
+
 /// Loads the active release recorded in the store into the service. Returns its version, or `None`.
 pub async fn restore_active(
     store: &Store,
@@ -132,9 +160,9 @@ pub async fn run(
     cfg: RunConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let policy = TrustPolicy::new(cfg.trust.clone(), usize::from(cfg.settings.threshold))
-        .map_err(DaemonError::Trust)?;
     let store = open_store(&cfg.settings.data_dir, cfg.settings.store_budget)?;
+    let trust = Arc::new(trust(&cfg, &store)?);
+    let policy = trust.policy().ok_or(DaemonError::TrustUnavailable)?;
     let metrics = Arc::new(Metrics::default());
     let service = Service::start(metrics.clone())?;
     match restore_active(&store, &service, &policy, cfg.settings.backend).await {
@@ -224,7 +252,7 @@ pub async fn run(
             agent_id: me.clone(),
             origin,
             deployment,
-            policy: policy.clone(),
+            trust: trust.clone(),
             backend: cfg.settings.backend,
             poll: cfg.settings.poll,
             max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),

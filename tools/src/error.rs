@@ -18,6 +18,8 @@ pub enum ToolError {
     Release(#[from] ReleaseError),
     #[error("release refused: {0}")]
     Load(#[from] LoadError),
+    #[error("{context}: {why}")]
+    TrustRoot { context: String, why: String },
     #[error("{context}: {source}")]
     Verify {
         context: String,

@@ -15,5 +15,6 @@ pub mod origin;
 pub mod publish;
 pub mod releases;
 pub mod shop;
+pub mod trust_root;
 
 pub use error::ToolError;

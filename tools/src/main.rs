@@ -38,6 +38,46 @@ struct OriginArgs {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Create root version 1 of a deployment, signed by every --key it lists: written to --out (what
+    /// agents are installed with, `--trust-root`) and to the bucket.
+    Root {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// A signing key the root lists (NAME.key); repeatable.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// How many distinct listed keys must sign a manifest (and the next root).
+        #[arg(long, default_value_t = 1)]
+        threshold: u16,
+        /// How long the root admits manifests: 365d, 52w, ...
+        #[arg(long, default_value = "365d")]
+        expires_in: String,
+        /// Where to write the root for installing on the Pis.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Publish the next root of a deployment: --new-key replaces the keys, signed by enough of the
+    /// current root's keys (--key) and by the new ones. Agents follow it at their next poll.
+    Rotate {
+        #[command(flatten)]
+        origin: OriginArgs,
+        /// A key of the current root (NAME.key); repeatable, up to its threshold.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// A key of the new root (NAME.key); repeatable.
+        #[arg(long = "new-key", required = true)]
+        new_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        threshold: u16,
+        #[arg(long, default_value = "365d")]
+        expires_in: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Write a new ed25519 signing key: NAME.key (mode 0600) and NAME.pub. Prints the key id.
     Keygen {
@@ -46,6 +86,11 @@ enum Command {
         out: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// A deployment's signed trust root: the keys agents accept manifests from.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
     },
     /// Validate a release, upload what the origin lacks, and publish a signed manifest as the next version.
     Publish(Box<PublishArgs>),
@@ -700,6 +745,66 @@ fn work_dir() -> Result<tempfile::TempDir, ToolError> {
         ))
 }
 
+async fn keys(cmd: KeysCmd) -> Result<(), ToolError> {
+    let read_keys = |paths: &[PathBuf]| -> Result<Vec<SecretKey>, ToolError> {
+        paths.iter().map(|p| read_secret_key(p)).collect()
+    };
+    match cmd {
+        KeysCmd::Root {
+            origin,
+            keys,
+            threshold,
+            expires_in,
+            out,
+        } => {
+            let expires_in = parse_duration("expires-in", &expires_in)?;
+            let t = target(&origin).await?;
+            let w = deckhand_tools::trust_root::init(
+                Some(&*t.origin),
+                &t.deployment,
+                &read_keys(&keys)?,
+                threshold,
+                expires_in,
+                jiff::Timestamp::now(),
+            )
+            .await?;
+            std::fs::write(&out, &w.envelope).map_err(ToolError::io("write", &out))?;
+            eprintln!(
+                "wrote root version 1 of {} to {} and the bucket",
+                t.deployment,
+                out.display()
+            );
+        }
+        KeysCmd::Rotate {
+            origin,
+            keys,
+            new_keys,
+            threshold,
+            expires_in,
+            json,
+        } => {
+            let expires_in = parse_duration("expires-in", &expires_in)?;
+            let t = target(&origin).await?;
+            let w = deckhand_tools::trust_root::rotate(
+                &*t.origin,
+                &t.deployment,
+                &read_keys(&keys)?,
+                &read_keys(&new_keys)?,
+                threshold,
+                expires_in,
+                jiff::Timestamp::now(),
+            )
+            .await?;
+            if json {
+                print_json(&serde_json::json!({"version": w.version}));
+            } else {
+                println!("published root version {} of {}", w.version, t.deployment);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -721,6 +826,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
                 );
             }
         }
+        Command::Keys { cmd } => keys(cmd).await?,
         Command::Publish(a) => {
             let key = read_secret_key(&a.key)?;
             let deployment = Name::deployment(&a.origin.deployment)

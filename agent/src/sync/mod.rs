@@ -24,6 +24,7 @@
 pub mod activation;
 pub mod bundle;
 mod download;
+pub mod trust;
 
 use crate::http::metrics::Source;
 use crate::origin::{Fetched, Origin, OriginError};
@@ -51,6 +52,8 @@ const ORIGIN_RETRY: Duration = Duration::from_secs(5);
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
 const META_PENDING: &str = "pending_envelope";
+/// Trust roots followed at most per poll (a Pi offline for longer catches up over a few polls).
+const MAX_ROOTS_PER_POLL: usize = 32;
 /// How often a ready release waiting to switch looks at the peers again.
 const SWITCH_POLL: Duration = Duration::from_millis(100);
 
@@ -78,7 +81,8 @@ pub struct SyncConfig {
     pub agent_id: String,
     pub origin: Option<std::sync::Arc<dyn Origin>>,
     pub deployment: Name,
-    pub policy: TrustPolicy,
+    /// The keys manifests need: fixed, or a trust root followed to newer ones.
+    pub trust: std::sync::Arc<trust::Trust>,
     pub backend: BackendChoice,
     pub poll: Duration,
     pub max_backoff: Duration,
@@ -118,6 +122,12 @@ impl Via {
 pub enum SyncError {
     #[error(transparent)]
     Origin(#[from] OriginError),
+    #[error(transparent)]
+    Root(#[from] deckhand_protocol::root::RootError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("the trust policy is unavailable (a thread holding it panicked)")]
+    TrustUnavailable,
     #[error(transparent)]
     Activation(#[from] ActivationError),
     #[error(transparent)]
@@ -285,7 +295,10 @@ impl Engine {
                     .await
                     && !env.is_empty()
                 {
-                    match self.cfg.policy.verify_ignoring_expiry(&env) {
+                    match self
+                        .policy()
+                        .and_then(|p| p.verify_ignoring_expiry(&env).map_err(SyncError::from))
+                    {
                         Ok(v) => {
                             if let Err(e) = self.fetch_and_activate(&v, Via::Resume).await {
                                 tracing::warn!(cause = %e, "the pending release is not complete yet; will retry");
@@ -459,11 +472,12 @@ impl Engine {
         envelope: &[u8],
         from: &Via,
     ) -> Result<Option<VerifiedManifest>, SyncError> {
-        let (deployment, policy, envelope) = (
-            self.cfg.deployment.to_string(),
-            self.cfg.policy.clone(),
-            envelope.to_vec(),
-        );
+        let policy = self
+            .cfg
+            .trust
+            .admit_policy(jiff::Timestamp::now())?
+            .ok_or(SyncError::TrustUnavailable)?;
+        let (deployment, envelope) = (self.cfg.deployment.to_string(), envelope.to_vec());
         let (highest, accepted) = self
             .on_store(move |store| {
                 let highest = activation::highest_accepted(store, &deployment)?;
@@ -505,6 +519,7 @@ impl Engine {
         let Some(origin) = &self.cfg.origin else {
             return Ok(());
         };
+        self.follow_roots(origin.as_ref()).await?;
         let key = origin.layout().current(&self.cfg.deployment);
         let (body, new_etag) = match origin
             .get_if_changed(
@@ -529,6 +544,58 @@ impl Engine {
         Ok(())
     }
 
+    /// The signature policy for what was accepted before.
+    fn policy(&self) -> Result<TrustPolicy, SyncError> {
+        self.cfg.trust.policy().ok_or(SyncError::TrustUnavailable)
+    }
+
+    /// Follows the deployment's trust root to the newest one published at the origin, one version at a
+    /// time (at most [`MAX_ROOTS_PER_POLL`] a poll), keeping each in the store before it is used. A root
+    /// that does not verify is refused, named in status, and changes nothing.
+    async fn follow_roots(&self, origin: &dyn Origin) -> Result<(), SyncError> {
+        for _ in 0..MAX_ROOTS_PER_POLL {
+            let Some(next) = self.cfg.trust.next_root() else {
+                return Ok(());
+            };
+            let key = origin.layout().trust_root(&self.cfg.deployment, next);
+            let body = match origin
+                .get_if_changed(&key, None, deckhand_protocol::envelope::MAX_ENVELOPE as u64)
+                .await
+            {
+                Ok(Fetched::Changed { body, .. }) => body,
+                Ok(Fetched::NotModified | Fetched::Missing) => return Ok(()),
+                Err(e) => {
+                    self.origin_failed(&e);
+                    return Err(e.into());
+                }
+            };
+            match self.cfg.trust.advance(&body) {
+                Ok(Some(root)) => {
+                    let envelope = root.envelope().to_vec();
+                    self.on_store(move |store| {
+                        Ok(store.set_meta(trust::META_ROOT, &envelope, true)?)
+                    })
+                    .await?;
+                    tracing::info!(
+                        version = root.version(),
+                        keys = root.root().keys.len(),
+                        threshold = root.root().threshold,
+                        "trust root updated"
+                    );
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(key, cause = %e, "a trust root at the origin was refused");
+                    if let Ok(mut s) = self.status.lock() {
+                        s.last_refused_manifest = Some(format!("from the origin: {e}"));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn release_from_peer(&self, h: &Hint) -> Result<(), SyncError> {
         let Some(node) = &self.peers else {
             return Ok(());
@@ -536,7 +603,7 @@ impl Engine {
         let envelope = node.get_manifest(&h.peer).await?;
         // A fleet member that relays a forged manifest, or announces one version and relays an older
         // one (a replay), is lying: banned.
-        match self.cfg.policy.verify_ignoring_expiry(&envelope) {
+        match self.policy()?.verify_ignoring_expiry(&envelope) {
             Ok(v) if v.manifest.version < h.version => node.ban(
                 &h.peer,
                 &format!(

@@ -108,6 +108,8 @@ pub struct AgentOptions {
     pub mdns: bool,
     /// Environment over the S3 server's (`AWS_SECRET_ACCESS_KEY`, say).
     pub env: Vec<(&'static str, String)>,
+    /// Install the agent with this trust root (`--trust-root`) instead of the shop's key (`--trust`).
+    pub trust_root: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -360,18 +362,21 @@ impl Fleet {
 
     /// Publishes `files` as the next version of [`DEPLOYMENT`], valid for a day.
     pub async fn publish(&self, files: &ReleaseFiles) -> Result<publish::Prepared, ToolError> {
+        self.publish_signed(files, &self.key).await
+    }
+
+    /// Publishes `files` as the next version, signed with `key` (another operator's, or a rotated one).
+    pub async fn publish_signed(
+        &self,
+        files: &ReleaseFiles,
+        key: &SecretKey,
+    ) -> Result<publish::Prepared, ToolError> {
         let deployment = Name::deployment(DEPLOYMENT)?;
         let opts = PublishOptions::local(deployment, files, jiff::SignedDuration::from_hours(24));
         let work = self.dir.join("work");
         std::fs::create_dir_all(&work).map_err(ToolError::io("create", &work))?;
-        let (prepared, _) = publish::publish(
-            &*self.origin,
-            &self.s3.origin_config(),
-            &self.key,
-            &opts,
-            &work,
-        )
-        .await?;
+        let (prepared, _) =
+            publish::publish(&*self.origin, &self.s3.origin_config(), key, &opts, &work).await?;
         Ok(prepared)
     }
 
@@ -406,8 +411,6 @@ impl Fleet {
             self.dir.join(&opts.name).display().to_string(),
             "--deployment".into(),
             DEPLOYMENT.into(),
-            "--trust".into(),
-            self.trust.display().to_string(),
             "--backend".into(),
             "cpu".into(),
             "--poll-secs".into(),
@@ -415,6 +418,10 @@ impl Fleet {
             "--http-listen".into(),
             "127.0.0.1:0".into(),
         ];
+        match &opts.trust_root {
+            Some(root) => args.extend(["--trust-root".into(), root.display().to_string()]),
+            None => args.extend(["--trust".into(), self.trust.display().to_string()]),
+        }
         if opts.origin {
             args.extend(["--origin".into(), self.s3.origin_arg("fleet")]);
         }

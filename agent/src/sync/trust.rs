@@ -1,0 +1,79 @@
+//! What this agent trusts to sign manifests: a fixed list of keys (`--trust`), or a deployment's trust
+//! root (`--trust-root`), which the agent follows to newer roots published in the bucket
+//! (`deckhand keys rotate`). The newest verified root is kept in the store, so a restart does not walk
+//! back to the installed one.
+
+use deckhand_protocol::TrustPolicy;
+use deckhand_protocol::root::{RootError, TrustedRoot};
+use std::sync::Mutex;
+
+/// The store's meta key holding the newest verified root envelope.
+pub const META_ROOT: &str = "trust_root";
+
+#[derive(Debug)]
+pub struct Trust {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Keys(TrustPolicy),
+    Root(Box<TrustedRoot>),
+}
+
+impl Trust {
+    pub fn keys(policy: TrustPolicy) -> Self {
+        Self {
+            state: Mutex::new(State::Keys(policy)),
+        }
+    }
+
+    pub fn root(root: TrustedRoot) -> Self {
+        Self {
+            state: Mutex::new(State::Root(Box::new(root))),
+        }
+    }
+
+    fn state(&self) -> Option<State> {
+        self.state.lock().ok().map(|s| s.clone())
+    }
+
+    /// The policy to check signatures of what was accepted before (stored, resumed, relayed by a peer).
+    pub fn policy(&self) -> Option<TrustPolicy> {
+        Some(match self.state()? {
+            State::Keys(p) => p,
+            State::Root(r) => r.policy_ignoring_expiry().clone(),
+        })
+    }
+
+    /// The policy to admit a new manifest with at `now`: a root that expired admits nothing.
+    pub fn admit_policy(&self, now: jiff::Timestamp) -> Result<Option<TrustPolicy>, RootError> {
+        Ok(match self.state() {
+            None => None,
+            Some(State::Keys(p)) => Some(p),
+            Some(State::Root(r)) => Some(r.policy_at(now)?.clone()),
+        })
+    }
+
+    /// The version of the next root to look for, when following a root.
+    pub fn next_root(&self) -> Option<u64> {
+        match self.state()? {
+            State::Keys(_) => None,
+            State::Root(r) => r.version().checked_add(1),
+        }
+    }
+
+    /// Takes `envelope` as the next root if it is one. Returns the verified root for the caller to
+    /// keep; the policy changes at once.
+    pub fn advance(&self, envelope: &[u8]) -> Result<Option<TrustedRoot>, RootError> {
+        let Ok(mut state) = self.state.lock() else {
+            return Ok(None);
+        };
+        let State::Root(current) = &*state else {
+            return Ok(None);
+        };
+        let next = current.update(envelope)?;
+        *state = State::Root(Box::new(next.clone()));
+        Ok(Some(next))
+    }
+}

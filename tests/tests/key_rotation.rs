@@ -1,0 +1,210 @@
+//! A leaked or lost signing key, handled from the bucket: agents installed with the deployment's trust
+//! root (`deckhand keys root`) follow the rotations the operator publishes (`deckhand keys rotate`, the
+//! real CLI) without anyone touching a Pi. After a rotation the retired key's manifests are refused and
+//! the new key's accepted; a root signed by too few of the previous keys, and an old root replayed, are
+//! refused and change nothing; a Pi that was offline for three rotations catches up.
+
+use deckhand_protocol::SecretKey;
+use deckhand_protocol::layout::Name;
+use deckhand_protocol::root::Root;
+use deckhand_tests::fixtures::{self, ReferenceSpec};
+use deckhand_tests::{AgentOptions, Credentials, Fleet, deckhand_out, ok, secs, shop, stderr};
+use std::path::{Path, PathBuf};
+
+/// Writes key `n` as `ops-n.key` and returns it with its path.
+fn key(fleet: &Fleet, n: u8) -> (SecretKey, PathBuf) {
+    let k = SecretKey::from_seed(&[n; 32]);
+    let path = fleet.join(format!("ops-{n}.key"));
+    std::fs::write(&path, k.to_file_text()).unwrap();
+    (k, path)
+}
+
+/// `deckhand keys rotate` from the keys at `old` to the keys at `new`: the new root's version.
+fn rotate(fleet: &Fleet, old: &[&Path], new: &[&Path]) -> u64 {
+    let origin = fleet.s3().origin_arg("fleet");
+    let mut args = vec![
+        "keys",
+        "rotate",
+        "--origin",
+        &origin,
+        "--deployment",
+        "shop-1",
+        "--json",
+    ];
+    for k in old {
+        args.extend(["--key", k.to_str().unwrap()]);
+    }
+    for k in new {
+        args.extend(["--new-key", k.to_str().unwrap()]);
+    }
+    ok(&deckhand_out(fleet.s3(), &args))["version"]
+        .as_u64()
+        .unwrap()
+}
+
+fn pi(name: &str, root: &Path) -> AgentOptions {
+    AgentOptions {
+        name: name.into(),
+        origin: true,
+        credentials: Credentials::None,
+        trust_root: Some(root.to_owned()),
+        ..AgentOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_follow_key_rotations_from_the_bucket_and_refuse_bad_roots() {
+    let mut fleet = shop("key-rotation").without_peers().start().await.unwrap();
+    let spec = ReferenceSpec::small(20);
+    let files = fixtures::write_reference_release(&fleet.join("r1"), &spec).unwrap();
+    let renamed = |fleet: &Fleet, n: u64| {
+        deckhand_tests::with_card_renamed(
+            fleet,
+            &files,
+            &spec,
+            3,
+            &format!("Card three, print {n}"),
+        )
+    };
+    let (a, a_path) = key(&fleet, 1);
+    let (b, b_path) = key(&fleet, 2);
+    let (c, c_path) = key(&fleet, 3);
+    let (d, d_path) = key(&fleet, 4);
+
+    // Root version 1 lists key a; the Pi is installed with it.
+    let root1 = fleet.join("root-1.json");
+    let origin = fleet.s3().origin_arg("fleet");
+    let out = deckhand_out(
+        fleet.s3(),
+        &[
+            "keys",
+            "root",
+            "--origin",
+            &origin,
+            "--deployment",
+            "shop-1",
+            "--key",
+            a_path.to_str().unwrap(),
+            "--out",
+            root1.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    fleet.publish_signed(&files, &a).await.unwrap();
+    fleet.start_agent_with(pi("pi-0", &root1)).await.unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+
+    // a is retired for b: a's next manifest is refused, b's accepted.
+    assert_eq!(rotate(&fleet, &[&a_path], &[&b_path]), 2);
+    fleet.publish_signed(&renamed(&fleet, 2), &a).await.unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "the retired key's manifest refused", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("1 from untrusted keys"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.active_version(), Some(1), "{s:?}");
+    fleet.publish_signed(&renamed(&fleet, 3), &b).await.unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "the new key's manifest accepted", |s| {
+            s.active_version() == Some(3)
+        })
+        .await
+        .unwrap();
+
+    // A root version 3 signed by the new key c alone (none of version 2's keys): refused, and c's
+    // manifest with it. The CLI refuses to write such a root, so it is written to the bucket directly.
+    let layout = fleet.origin().layout().clone();
+    let dep = Name::deployment("shop-1").unwrap();
+    let root3_key = layout.trust_root(&dep, 3);
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 30);
+    let forged = Root::new("shop-1", 3, expires, &[c.public().clone()], 1).sign(&[&c]);
+    fleet.origin().put(&root3_key, forged.into()).await.unwrap();
+    fleet.publish_signed(&renamed(&fleet, 4), &c).await.unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "the under-signed root refused", |s| {
+            s.last_refused_manifest
+                .as_deref()
+                .is_some_and(|e| e.contains("not signed by enough of version 2's keys"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.active_version(), Some(3), "{s:?}");
+    // Root version 1 replayed as version 3: refused too.
+    fleet
+        .origin()
+        .put(&root3_key, std::fs::read(&root1).unwrap().into())
+        .await
+        .unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "the replayed root refused", |s| {
+            s.last_refused_manifest
+                .as_deref()
+                .is_some_and(|e| e.contains("version 1 is not the next after version 2"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.active_version(), Some(3), "{s:?}");
+    // Manifest 4 (by c) was never admitted under root 2.
+    assert!(
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("1 from untrusted keys")),
+        "{s:?}"
+    );
+
+    // The bad object is removed and two proper rotations follow (b -> c -> d); d signs version 5.
+    fleet.origin().delete(&root3_key).await.unwrap();
+    assert_eq!(rotate(&fleet, &[&b_path], &[&c_path]), 3);
+    assert_eq!(rotate(&fleet, &[&c_path], &[&d_path]), 4);
+    fleet.publish_signed(&renamed(&fleet, 5), &d).await.unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "version 5 active on pi-0", |s| {
+            s.active_version() == Some(5)
+        })
+        .await
+        .unwrap();
+
+    // A Pi installed with root version 1 that was offline for all three rotations catches up: it
+    // walks roots 2, 3 and 4 and accepts d's manifest.
+    fleet.start_agent_with(pi("pi-1", &root1)).await.unwrap();
+    let s = fleet.agents[1]
+        .wait_for(
+            secs(60),
+            "version 5 active on the Pi that was offline",
+            |s| s.active_version() == Some(5),
+        )
+        .await
+        .unwrap();
+    assert!(s.last_refused_manifest.is_none(), "{s:?}");
+    // And after a restart it trusts the newest root it kept, not the installed one.
+    let agent = fleet.agents.remove(1);
+    agent.stop().await.unwrap();
+    fleet.start_agent_with(pi("pi-1", &root1)).await.unwrap();
+    // The log has colours: drop the escape sequences.
+    let raw = std::fs::read_to_string(fleet.agents[1].log()).unwrap();
+    let mut log = String::new();
+    let mut in_escape = false;
+    for ch in raw.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    assert!(
+        log.lines()
+            .rfind(|l| l.contains("trusting the deployment's root"))
+            .is_some_and(|l| l.contains("version=4")),
+        "{log}"
+    );
+    fleet.stop().await.unwrap();
+}
