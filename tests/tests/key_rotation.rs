@@ -2,7 +2,8 @@
 //! root (`deckhand keys root`) follow the rotations the operator publishes (`deckhand keys rotate`, the
 //! real CLI) without anyone touching a Pi. After a rotation the retired key's manifests are refused and
 //! the new key's accepted; a root signed by too few of the previous keys, and an old root replayed, are
-//! refused and change nothing; a Pi that was offline for three rotations catches up.
+//! refused and change nothing; a Pi that was offline for three rotations catches up; and a Pi without S3
+//! follows the roots on a USB stick.
 
 use deckhand_protocol::SecretKey;
 use deckhand_protocol::layout::Name;
@@ -53,7 +54,7 @@ fn pi(name: &str, root: &Path) -> AgentOptions {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_follow_key_rotations_from_the_bucket_and_refuse_bad_roots() {
+async fn agents_follow_key_rotations_from_the_bucket_or_a_stick_and_refuse_bad_roots() {
     let mut fleet = shop("key-rotation").without_peers().start().await.unwrap();
     let spec = ReferenceSpec::small(20);
     let files = fixtures::write_reference_release(&fleet.join("r1"), &spec).unwrap();
@@ -206,5 +207,68 @@ async fn agents_follow_key_rotations_from_the_bucket_and_refuse_bad_roots() {
             .is_some_and(|l| l.contains("version=4")),
         "{log}"
     );
+
+    // Without S3 at all: a USB stick carrying the roots and a release signed by d reaches a Pi installed
+    // with root 1 (the roots are followed from the bundle as from the bucket).
+    let stick = fleet.join("usb");
+    std::fs::create_dir_all(&stick).unwrap();
+    let stick_origin = format!("file://{}", stick.display());
+    let out = deckhand_out(
+        fleet.s3(),
+        &[
+            "keys",
+            "root",
+            "--origin",
+            &stick_origin,
+            "--deployment",
+            "shop-1",
+            "--key",
+            a_path.to_str().unwrap(),
+            "--out",
+            fleet.join("root-1-stick.json").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (old, new) in [(&a_path, &b_path), (&b_path, &c_path), (&c_path, &d_path)] {
+        let mut args = vec![
+            "keys",
+            "rotate",
+            "--origin",
+            &stick_origin,
+            "--deployment",
+            "shop-1",
+        ];
+        args.extend([
+            "--key",
+            old.to_str().unwrap(),
+            "--new-key",
+            new.to_str().unwrap(),
+        ]);
+        let out = deckhand_out(fleet.s3(), &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let mut args =
+        deckhand_tests::publish_args(&stick_origin, "shop-1", &d_path, &files, &files.metadata);
+    args.retain(|a| a != "--json");
+    let out = deckhand_out(
+        fleet.s3(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    fleet
+        .start_agent_with(AgentOptions {
+            origin: false,
+            extra: vec!["--bundle-dir".into(), stick.display().to_string()],
+            ..pi("pi-2", &root1)
+        })
+        .await
+        .unwrap();
+    let s = fleet.agents[2]
+        .wait_for(secs(60), "the stick's release active on pi-2", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    assert!(s.bytes_from_bundles > 0, "{s:?}");
     fleet.stop().await.unwrap();
 }

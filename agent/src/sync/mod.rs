@@ -519,7 +519,12 @@ impl Engine {
         let Some(origin) = &self.cfg.origin else {
             return Ok(());
         };
-        self.follow_roots(origin.as_ref()).await?;
+        if let Err(e) = self.follow_roots(origin.as_ref(), "the origin").await {
+            if let SyncError::Origin(o) = &e {
+                self.origin_failed(o);
+            }
+            return Err(e);
+        }
         let key = origin.layout().current(&self.cfg.deployment);
         let (body, new_etag) = match origin
             .get_if_changed(
@@ -549,10 +554,10 @@ impl Engine {
         self.cfg.trust.policy().ok_or(SyncError::TrustUnavailable)
     }
 
-    /// Follows the deployment's trust root to the newest one published at the origin, one version at a
-    /// time (at most [`MAX_ROOTS_PER_POLL`] a poll), keeping each in the store before it is used. A root
+    /// Follows the deployment's trust root to the newest one published at `origin` (the bucket, or a
+    /// bundle directory read as a file origin), one version at a time (at most [`MAX_ROOTS_PER_POLL`] a poll), keeping each in the store before it is used. A root
     /// that does not verify is refused, named in status, and changes nothing.
-    async fn follow_roots(&self, origin: &dyn Origin) -> Result<(), SyncError> {
+    async fn follow_roots(&self, origin: &dyn Origin, from: &str) -> Result<(), SyncError> {
         for _ in 0..MAX_ROOTS_PER_POLL {
             let Some(next) = self.cfg.trust.next_root() else {
                 return Ok(());
@@ -564,10 +569,7 @@ impl Engine {
             {
                 Ok(Fetched::Changed { body, .. }) => body,
                 Ok(Fetched::NotModified | Fetched::Missing) => return Ok(()),
-                Err(e) => {
-                    self.origin_failed(&e);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             };
             match self.cfg.trust.advance(&body) {
                 Ok(Some(root)) => {
@@ -585,9 +587,9 @@ impl Engine {
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(key, cause = %e, "a trust root at the origin was refused");
+                    tracing::warn!(key, from, cause = %e, "a trust root was refused");
                     if let Ok(mut s) = self.status.lock() {
-                        s.last_refused_manifest = Some(format!("from the origin: {e}"));
+                        s.last_refused_manifest = Some(format!("from {from}: {e}"));
                     }
                     return Ok(());
                 }
@@ -629,6 +631,16 @@ impl Engine {
     }
 
     async fn release_from_bundle(&self, dir: &std::path::Path) -> Result<(), SyncError> {
+        // Newer trust roots the operator put in the bundle first, as at the origin.
+        if self.cfg.trust.next_root().is_some() {
+            let url = crate::origin::OriginUrl::File {
+                root: dir.to_owned(),
+            };
+            let bundle =
+                crate::origin::connect(&url, &crate::origin::OriginConfig::default()).await?;
+            let from = format!("bundle {}", dir.display());
+            self.follow_roots(bundle.as_ref(), &from).await?;
+        }
         let layout = Layout::new("")?;
         let current = dir.join(layout.current(&self.cfg.deployment));
         let Some(envelope) =
