@@ -179,6 +179,19 @@ pub fn publish_args(
     args
 }
 
+/// The value of an agent's `/metrics` line `name` (labels included), 0 when absent.
+pub async fn metric(agent: &Agent, name: &str) -> u64 {
+    let (code, body) =
+        deckhand_agent::http::request(agent.http(), "GET", "/metrics", bytes::Bytes::new())
+            .await
+            .unwrap_or_else(|e| panic!("{}: /metrics: {e}", agent.name));
+    assert_eq!(code, 200, "{}: /metrics", agent.name);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `deckhand-agent store verify` on a stopped agent's data directory: it succeeds and reports no
 /// corrupt blob. Returns its standard output.
 pub fn verify_store(dir: &Path) -> String {

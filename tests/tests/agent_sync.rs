@@ -251,19 +251,6 @@ fn overwrite_object(fleet: &Fleet, key: &str, body: &[u8]) {
     )));
 }
 
-/// The value of the agent's `/metrics` line `name` (0 when absent).
-async fn metric(agent: &deckhand_tests::Agent, name: &str) -> u64 {
-    let (code, body) =
-        deckhand_agent::http::request(agent.http(), "GET", "/metrics", bytes::Bytes::new())
-            .await
-            .unwrap();
-    assert_eq!(code, 200);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving() {
     use deckhand_protocol::manifest::Role;
@@ -331,7 +318,9 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
         .await
         .unwrap();
     assert_eq!(s.active_version(), Some(1), "{s:?}");
-    assert!(metric(pi, "deckhand_origin_ranges_failed_total{why=\"bad\"}").await >= 1);
+    assert!(
+        deckhand_tests::metric(pi, "deckhand_origin_ranges_failed_total{why=\"bad\"}").await >= 1
+    );
     let (code, answer) = pi.recognize(&photo()).await.unwrap();
     assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(1)));
 

@@ -7,19 +7,6 @@ use deckhand_tests::{MIB, secs, shop};
 use deckhand_tools::shop::locals3::{Fault, Faults};
 use std::time::{Duration, Instant};
 
-/// The value of an agent's `/metrics` line `name` (0 when absent).
-async fn metric(agent: &deckhand_tests::Agent, name: &str) -> u64 {
-    let (code, body) =
-        deckhand_agent::http::request(agent.http(), "GET", "/metrics", bytes::Bytes::new())
-            .await
-            .unwrap();
-    assert_eq!(code, 200);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_of_four_converges_through_a_flaky_s3_with_bounded_retries() {
     const RELEASE: u64 = 32 * MIB;
@@ -78,8 +65,10 @@ async fn a_fleet_of_four_converges_through_a_flaky_s3_with_bounded_retries() {
     let mut stalled = 0;
     let mut failed = 0;
     for a in &fleet.agents {
-        stalled += metric(a, "deckhand_origin_ranges_failed_total{why=\"stalled\"}").await;
-        failed += metric(a, "deckhand_origin_ranges_failed_total{why=\"error\"}").await;
+        stalled +=
+            deckhand_tests::metric(a, "deckhand_origin_ranges_failed_total{why=\"stalled\"}").await;
+        failed +=
+            deckhand_tests::metric(a, "deckhand_origin_ranges_failed_total{why=\"error\"}").await;
     }
     eprintln!(
         "flaky S3: converged in {:.1} s; {requests} requests ({ranges} ranged, {distinct} distinct ranges), {faulted} faulted \

@@ -424,6 +424,39 @@ fn fake_peer(
     addr
 }
 
+/// Starts pi-0 (with S3) dialling a fake fleet member `name` that holds `v1` and misbehaves as `how`;
+/// returns pi-0's status once version 1 is active.
+async fn beside_a_fake_peer(
+    fleet: &mut Fleet,
+    v1: &deckhand_tools::publish::Prepared,
+    name: &str,
+    how: Misbehave,
+) -> Status {
+    let peer = fake_peer(
+        credentials(fleet, name),
+        deckhand_protocol::wire::ReleaseRef {
+            version: 1,
+            manifest: v1.id,
+        },
+        how,
+        None,
+    )
+    .to_string();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi-0".into(),
+            origin: true,
+            peers: vec![peer],
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    fleet.agents[0]
+        .wait_for(secs(120), "version 1 active", is_version(1))
+        .await
+        .unwrap()
+}
+
 /// Serves `conn` as [`Misbehave::EndlessFrame`]: Hellos and bitmaps answered properly, every chunk request
 /// with a frame declaring 4 GiB followed by bytes until the reader goes away.
 async fn endless_frames(
@@ -473,29 +506,13 @@ async fn a_peer_streaming_one_frame_forever_is_refused_at_its_header_with_bounde
     let files = fixtures::write_sized_release(&fleet.join("r1"), &spec, 8 << 20, 9).unwrap();
     let v1 = fleet.publish(&files).await.unwrap();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let endless = fake_peer(
-        credentials(&fleet, "endless"),
-        deckhand_protocol::wire::ReleaseRef {
-            version: 1,
-            manifest: v1.id,
-        },
+    let s = beside_a_fake_peer(
+        &mut fleet,
+        &v1,
+        "endless",
         Misbehave::EndlessFrame(sent.clone()),
-        None,
     )
-    .to_string();
-    fleet
-        .start_agent_with(AgentOptions {
-            name: "pi-0".into(),
-            origin: true,
-            peers: vec![endless],
-            ..AgentOptions::default()
-        })
-        .await
-        .unwrap();
-    let s = fleet.agents[0]
-        .wait_for(secs(120), "version 1 active", is_version(1))
-        .await
-        .unwrap();
+    .await;
     let pid = fleet.agents[0].pid().unwrap();
     let peak_kib = deckhand_tests::peak_rss_kib(pid);
     let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -924,29 +941,7 @@ async fn a_stalled_peer_is_abandoned_and_the_release_comes_from_elsewhere() {
         })
         .sum();
     let asked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let staller = fake_peer(
-        credentials(&fleet, "staller"),
-        deckhand_protocol::wire::ReleaseRef {
-            version: 1,
-            manifest: v1.id,
-        },
-        Misbehave::Stall(asked.clone()),
-        None,
-    )
-    .to_string();
-    fleet
-        .start_agent_with(AgentOptions {
-            name: "pi-0".into(),
-            origin: true,
-            peers: vec![staller],
-            ..AgentOptions::default()
-        })
-        .await
-        .unwrap();
-    let s = fleet.agents[0]
-        .wait_for(secs(120), "version 1 active", is_version(1))
-        .await
-        .unwrap();
+    let s = beside_a_fake_peer(&mut fleet, &v1, "staller", Misbehave::Stall(asked.clone())).await;
     let asked = asked.load(std::sync::atomic::Ordering::SeqCst) as usize;
     eprintln!("the staller was asked for {asked} of {chunks} chunks");
     // The first requests in flight time out, the staller is set aside, and nothing queued behind them is
