@@ -116,6 +116,12 @@ fn trust(cfg: &RunConfig, store: &Store) -> Result<crate::sync::trust::Trust, Da
         .filter(|b| !b.is_empty())
         .and_then(|b| TrustedRoot::installed(&b, &cfg.deployment).ok())
         .filter(|k| k.version() > installed.version());
+    // Every root held is kept by version, to pass on to peers that are behind.
+    store.set_meta(
+        &crate::sync::trust::meta_key(installed.version()),
+        installed.envelope(),
+        true,
+    )?;
     let root = kept.unwrap_or(installed);
     tracing::info!(version = root.version(), "trusting the deployment's root");
     Ok(Trust::root(root))

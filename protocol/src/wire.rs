@@ -126,12 +126,19 @@ pub enum Request {
     /// pushed to the peers that download the same release, so they need not poll for bitmaps. Answered
     /// with [`Response::Ack`].
     Have { blob: BlobId, chunks: Vec<u32> },
+    /// The deployment's trust root of `version`, if the responder holds it (a Pi without S3 follows
+    /// rotations through its peers).
+    GetRoot { deployment: String, version: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     Hello(Hello),
     Manifest {
+        envelope: Vec<u8>,
+    },
+    /// A trust root envelope, verified by the receiver along its own chain.
+    Root {
         envelope: Vec<u8>,
     },
     Chunk {
@@ -161,6 +168,7 @@ mod tag {
     pub const GET_HAVE: u8 = 0x04;
     pub const GET_STATUS: u8 = 0x05;
     pub const HAVE: u8 = 0x06;
+    pub const GET_ROOT: u8 = 0x07;
 
     pub const R_HELLO: u8 = 0x81;
     pub const R_MANIFEST: u8 = 0x82;
@@ -168,6 +176,7 @@ mod tag {
     pub const R_HAVE: u8 = 0x84;
     pub const R_STATUS: u8 = 0x85;
     pub const R_ACK: u8 = 0x86;
+    pub const R_ROOT: u8 = 0x87;
     pub const R_BUSY: u8 = 0xfd;
     pub const R_NOT_FOUND: u8 = 0xfe;
     pub const R_ERROR: u8 = 0xff;
@@ -338,6 +347,15 @@ impl Request {
                 w.finish()
             }
             Request::GetStatus => W::new(tag::GET_STATUS).finish(),
+            Request::GetRoot {
+                deployment,
+                version,
+            } => {
+                let mut w = W::new(tag::GET_ROOT);
+                w.bytes(deployment.as_bytes());
+                w.u64(*version);
+                w.finish()
+            }
             Request::Have { blob, chunks } => {
                 let mut w = W::new(tag::HAVE);
                 w.id(blob);
@@ -371,6 +389,10 @@ impl Request {
                 blob: r.id("blob id")?,
             },
             tag::GET_STATUS => Request::GetStatus,
+            tag::GET_ROOT => Request::GetRoot {
+                deployment: r.string("deployment")?,
+                version: r.u64("root version")?,
+            },
             tag::HAVE => {
                 let blob = r.id("blob id")?;
                 let mut n = [0u8; 4];
@@ -406,6 +428,11 @@ impl Response {
             }
             Response::Manifest { envelope } => {
                 let mut w = W::new(tag::R_MANIFEST);
+                w.bytes(envelope);
+                w.finish()
+            }
+            Response::Root { envelope } => {
+                let mut w = W::new(tag::R_ROOT);
                 w.bytes(envelope);
                 w.finish()
             }
@@ -452,6 +479,9 @@ impl Response {
             tag::R_HELLO => Response::Hello(r.hello()?),
             tag::R_MANIFEST => Response::Manifest {
                 envelope: r.bytes("manifest envelope", MAX_ENVELOPE)?,
+            },
+            tag::R_ROOT => Response::Root {
+                envelope: r.bytes("root envelope", MAX_ENVELOPE)?,
             },
             tag::R_CHUNK => Response::Chunk {
                 data: r.bytes("chunk", MAX_CHUNK_LEN as usize)?,
@@ -521,6 +551,10 @@ mod tests {
                 blob: BlobId::of(b"b"),
             },
             Request::GetStatus,
+            Request::GetRoot {
+                deployment: "shop".into(),
+                version: 7,
+            },
             Request::Have {
                 blob: BlobId::of(b"b"),
                 chunks: vec![0, 1, 2, 700, u32::MAX],
@@ -541,6 +575,9 @@ mod tests {
             Response::Hello(hello()),
             Response::Manifest {
                 envelope: b"{}".to_vec(),
+            },
+            Response::Root {
+                envelope: b"{\"r\":1}".to_vec(),
             },
             Response::Chunk {
                 data: vec![7; 70_000],
@@ -643,7 +680,7 @@ mod tests {
         /// encodes back to exactly the bytes it came from.
         #[test]
         fn damaged_valid_frames_never_panic_and_decode_exactly(
-            which in 0usize..15,
+            which in 0usize..17,
             edits in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3), 1..6),
         ) {
             let requests = [
@@ -652,11 +689,13 @@ mod tests {
                 Request::GetChunk { id: BlobId::of(b"c") },
                 Request::GetHave { blob: BlobId::of(b"b") },
                 Request::GetStatus,
+                Request::GetRoot { deployment: "shop".into(), version: 3 },
                 Request::Have { blob: BlobId::of(b"b"), chunks: vec![1, 2, 3, 9] },
             ];
             let responses = [
                 Response::Hello(hello()),
                 Response::Manifest { envelope: b"{}".to_vec() },
+                Response::Root { envelope: b"{}".to_vec() },
                 Response::Chunk { data: vec![7; 300] },
                 Response::Have { bitmap: vec![0b1010_0101; 9] },
                 Response::Status { json: b"{\"a\":1}".to_vec() },

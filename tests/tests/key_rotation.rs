@@ -272,3 +272,80 @@ async fn agents_follow_key_rotations_from_the_bucket_or_a_stick_and_refuse_bad_r
     assert!(s.bytes_from_bundles > 0, "{s:?}");
     fleet.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pi_without_s3_follows_rotations_through_its_peer() {
+    let mut fleet = shop("key-rotation-peer").start().await.unwrap();
+    let spec = ReferenceSpec::small(20);
+    let files = fixtures::write_reference_release(&fleet.join("r1"), &spec).unwrap();
+    let (a, a_path) = key(&fleet, 1);
+    let (_b, b_path) = key(&fleet, 2);
+    let (c, c_path) = key(&fleet, 3);
+    let root1 = fleet.join("root-1.json");
+    let origin = fleet.s3().origin_arg("fleet");
+    let out = deckhand_out(
+        fleet.s3(),
+        &[
+            "keys",
+            "root",
+            "--origin",
+            &origin,
+            "--deployment",
+            "shop-1",
+            "--key",
+            a_path.to_str().unwrap(),
+            "--out",
+            root1.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    fleet.publish_signed(&files, &a).await.unwrap();
+    // pi-0 reads S3 and follows two rotations (a -> b -> c); c signs version 2.
+    fleet
+        .start_agent_with(AgentOptions {
+            credentials: Credentials::Enroll,
+            ..pi("pi-0", &root1)
+        })
+        .await
+        .unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "version 1 active on pi-0", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rotate(&fleet, &[&a_path], &[&b_path]), 2);
+    assert_eq!(rotate(&fleet, &[&b_path], &[&c_path]), 3);
+    let v2 = deckhand_tests::with_card_renamed(&fleet, &files, &spec, 3, "Card three, print 2");
+    fleet.publish_signed(&v2, &c).await.unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "version 2 active on pi-0", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    // pi-1 has no S3, only pi-0, and was installed with root 1: it takes roots 2 and 3 from pi-0, then
+    // version 2 (signed by c) verifies; pi-0 is not banned for relaying it.
+    let peers = fleet.quic_addrs();
+    fleet
+        .start_agent_with(AgentOptions {
+            origin: false,
+            peers,
+            credentials: Credentials::Enroll,
+            ..pi("pi-1", &root1)
+        })
+        .await
+        .unwrap();
+    let s = fleet.agents[1]
+        .wait_for(secs(60), "version 2 active on pi-1 through its peer", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    assert!(s.bytes_from_peers > 0, "{s:?}");
+    assert!(
+        s.peers.iter().all(|p| !p.banned),
+        "a peer relaying a rotated key's manifest was banned: {s:?}"
+    );
+    fleet.stop().await.unwrap();
+}

@@ -675,6 +675,27 @@ impl PeerNode {
         }
     }
 
+    /// The deployment's trust root of `version` from `peer`, if it holds it (unverified: the caller
+    /// checks it along its own chain).
+    pub async fn get_root(&self, peer: &str, version: u64) -> Result<Option<Vec<u8>>, PeerError> {
+        match self
+            .request(
+                peer,
+                &Request::GetRoot {
+                    deployment: self.inner.deployment.clone(),
+                    version,
+                },
+                "trust root",
+                HELLO_TIMEOUT,
+            )
+            .await?
+        {
+            Response::Root { envelope } => Ok(Some(envelope)),
+            Response::NotFound => Ok(None),
+            other => Err(unexpected(peer, "trust root", other)),
+        }
+    }
+
     /// Records a peer's Hello, learnt from either side of a connection. Sends a hint if it announces a
     /// newer release of our deployment.
     fn record_hello(
@@ -909,6 +930,26 @@ impl PeerNode {
                 match self.local().envelope {
                     Some(envelope) => Response::Manifest { envelope },
                     None => Response::NotFound,
+                }
+            }
+            Request::GetRoot {
+                deployment,
+                version,
+            } => {
+                if deployment != self.inner.deployment {
+                    return Response::NotFound;
+                }
+                let store = self.inner.store.clone();
+                let key = crate::sync::trust::meta_key(version);
+                match tokio::task::spawn_blocking(move || store.get_meta(&key)).await {
+                    Ok(Ok(Some(envelope))) if !envelope.is_empty() => Response::Root { envelope },
+                    Ok(Ok(_)) => Response::NotFound,
+                    Ok(Err(e)) => Response::Error {
+                        message: e.to_string(),
+                    },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
                 }
             }
             Request::GetChunk { id: chunk } => {

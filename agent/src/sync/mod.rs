@@ -571,28 +571,56 @@ impl Engine {
                 Ok(Fetched::NotModified | Fetched::Missing) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            match self.cfg.trust.advance(&body) {
-                Ok(Some(root)) => {
-                    let envelope = root.envelope().to_vec();
-                    self.on_store(move |store| {
-                        Ok(store.set_meta(trust::META_ROOT, &envelope, true)?)
-                    })
-                    .await?;
-                    tracing::info!(
-                        version = root.version(),
-                        keys = root.root().keys.len(),
-                        threshold = root.root().threshold,
-                        "trust root updated"
-                    );
+            if !self.take_root(&body, from).await? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `body` as the next trust root if it is one, keeping it in the store before it is used.
+    /// `Ok(false)` when it is refused (named in status) or no root is followed.
+    async fn take_root(&self, body: &[u8], from: &str) -> Result<bool, SyncError> {
+        match self.cfg.trust.advance(body) {
+            Ok(Some(root)) => {
+                let (envelope, version) = (root.envelope().to_vec(), root.version());
+                self.on_store(move |store| {
+                    store.set_meta(&trust::meta_key(version), &envelope, true)?;
+                    Ok(store.set_meta(trust::META_ROOT, &envelope, true)?)
+                })
+                .await?;
+                tracing::info!(
+                    version,
+                    from,
+                    keys = root.root().keys.len(),
+                    threshold = root.root().threshold,
+                    "trust root updated"
+                );
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => {
+                tracing::warn!(from, cause = %e, "a trust root was refused");
+                if let Ok(mut s) = self.status.lock() {
+                    s.last_refused_manifest = Some(format!("from {from}: {e}"));
                 }
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(key, from, cause = %e, "a trust root was refused");
-                    if let Ok(mut s) = self.status.lock() {
-                        s.last_refused_manifest = Some(format!("from {from}: {e}"));
-                    }
-                    return Ok(());
-                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// [`Engine::follow_roots`] through a peer: the roots it holds, each verified along this agent's
+    /// chain.
+    async fn follow_peer_roots(&self, node: &PeerNode, peer: &str) -> Result<(), SyncError> {
+        for _ in 0..MAX_ROOTS_PER_POLL {
+            let Some(next) = self.cfg.trust.next_root() else {
+                return Ok(());
+            };
+            let Some(body) = node.get_root(peer, next).await? else {
+                return Ok(());
+            };
+            if !self.take_root(&body, &format!("peer {peer}")).await? {
+                return Ok(());
             }
         }
         Ok(())
@@ -602,6 +630,8 @@ impl Engine {
         let Some(node) = &self.peers else {
             return Ok(());
         };
+        // Rotations first: the peer may relay a manifest signed by a key of a newer root.
+        self.follow_peer_roots(node, &h.peer).await?;
         let envelope = node.get_manifest(&h.peer).await?;
         // A fleet member that relays a forged manifest, or announces one version and relays an older
         // one (a replay), is lying: banned.

@@ -10,6 +10,12 @@ use std::sync::Mutex;
 /// The store's meta key holding the newest verified root envelope.
 pub const META_ROOT: &str = "trust_root";
 
+/// The store's meta key of the verified root of `version` (each is kept, to pass on to peers that are
+/// behind).
+pub fn meta_key(version: u64) -> String {
+    format!("trust_root/{version:020}")
+}
+
 #[derive(Debug)]
 pub struct Trust {
     state: Mutex<State>,
