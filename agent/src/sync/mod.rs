@@ -360,6 +360,15 @@ impl Engine {
                     resume = true;
                 }
                 Event::Hint(h) => {
+                    // A hint queued while this agent got the release some other way is stale:
+                    // the peer is not asked (it may be unreachable by now).
+                    if self
+                        .service
+                        .active()
+                        .is_some_and(|r| r.version >= h.version)
+                    {
+                        continue;
+                    }
                     let now = Instant::now();
                     if asked
                         .get(&h.peer)
