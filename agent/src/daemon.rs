@@ -296,12 +296,17 @@ pub async fn run(
             store.clone(),
         );
         Arc::new(move || {
-            let sync = sync_status.lock().map(|s| s.clone()).unwrap_or_default();
+            // The active release is read under the sync status's lock, which the swap also holds:
+            // a document never shows the new release beside the old one's errors or progress.
+            let (sync, active) = match sync_status.lock() {
+                Ok(s) => (s.clone(), service.active()),
+                Err(_) => (Default::default(), service.active()),
+            };
             let usage = store.usage().ok();
             Status {
                 agent_id: me.clone(),
                 deployment: deployment.clone(),
-                active: service.active().map(|r| ActiveRelease {
+                active: active.map(|r| ActiveRelease {
                     version: r.version,
                     manifest: r.manifest_id.to_string(),
                     backend: r.backend().to_owned(),

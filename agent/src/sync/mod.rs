@@ -862,8 +862,15 @@ impl Engine {
                 let due = self.switch_when_due(v).await;
                 self.set_ready(None);
                 let why = due?;
+                // The swap happens under the status lock (the status document reads the active
+                // release under it too): no reader sees the new release beside an error from the
+                // way to it, which is over.
+                let mut status = self.status.lock();
                 self.service.swap(recognizer);
-                if let Ok(mut s) = self.status.lock() {
+                if let Ok(s) = status.as_mut() {
+                    s.pending = None;
+                    s.last_error = None;
+                    s.disk_full = None;
                     s.last_switch = Some(deckhand_protocol::status::Switch {
                         version: m.version,
                         ready_at: ready_at.to_string(),
@@ -871,6 +878,7 @@ impl Engine {
                         why: why.to_string(),
                     });
                 }
+                drop(status);
                 Ok(())
             }
             Err(why) => {
@@ -901,8 +909,6 @@ impl Engine {
                     freed = gc.bytes_freed,
                     "release active"
                 );
-                // What went wrong on the way to it is over.
-                self.note_ok();
             }
             Err(why) => {
                 tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");
