@@ -181,6 +181,21 @@ pub async fn run(
             service.refuse(0, "", &e.to_string());
         }
     }
+    {
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || activation::collect_at_start(&store)).await {
+            Ok(Ok(Some(gc))) if gc.blobs_removed > 0 => {
+                tracing::info!(
+                    blobs = gc.blobs_removed,
+                    freed = gc.bytes_freed,
+                    "collected what an interrupted activation left"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(cause = %e, "collecting at start failed"),
+            Err(e) => tracing::warn!(cause = %e, "collecting at start failed"),
+        }
+    }
     let creds = cfg
         .fleet
         .as_ref()

@@ -24,6 +24,20 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Renames `from` to `to` and makes the new name durable: after this returns, a power cut leaves `to`.
+/// Creates `dir` and any missing ancestors, and syncs the directory holding each one created: a new
+/// directory's name is on the disk only once its parent was synced (without it, a power cut soon after
+/// the first start could take the whole store with it).
+pub(crate) fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn durable_rename(from: &Path, to: &Path) -> Result<(), StoreError> {
     std::fs::rename(from, to).map_err(io("rename", from))?;
     if let Some(dir) = to.parent() {

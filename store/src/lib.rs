@@ -324,7 +324,7 @@ impl Store {
         let root = root.as_ref().to_owned();
         for dir in ["", "blobs", "partial", "tmp", "quarantine"] {
             let d = root.join(dir);
-            std::fs::create_dir_all(&d).map_err(io("create directory", &d))?;
+            fsx::create_dir_durable(&d)?;
         }
         let lock_path = root.join("LOCK");
         let lock = OpenOptions::new()
@@ -340,6 +340,9 @@ impl Store {
         }
         let db = root.join(CATALOG_FILE);
         let mut conn = catalog::open_write(&db)?;
+        // The catalog's name, when it was just created (SQLite syncs the directory for its WAL, not for
+        // the database file itself).
+        fsx::sync_dir(&root)?;
         let recovery = recover(&mut conn, &root)?;
         if recovery != Recovery::default() {
             tracing::info!(root = %root.display(), ?recovery, "store recovered from an interrupted run");
@@ -580,7 +583,9 @@ impl Store {
         file.sync_all().map_err(io("sync", &path))?;
         fsx::sync_dir(&self.inner.root.join("partial"))?;
         let map = map.clone();
-        self.inner.catalog.write(false, Vec::new(), move |c| {
+        // Durably (one sync per blob, and the chunk map's row before it): chunks recorded later are
+        // never orphaned by a power cut that lost the row they belong to.
+        self.inner.catalog.write(true, Vec::new(), move |c| {
             if blob_row(c, &blob)?.is_some() {
                 return Ok(());
             }
@@ -870,7 +875,9 @@ impl Store {
         }
         fsx::durable_rename(&path, &self.complete_path(blob))?;
         let id = *blob;
-        self.inner.catalog.write(false, Vec::new(), move |c| {
+        // Durably, and with it every record before it (the blob's row, its chunk map's): a whole blob
+        // fetched is never lost to a power cut and fetched again.
+        self.inner.catalog.write(true, Vec::new(), move |c| {
             c.execute("UPDATE blobs SET complete = 1 WHERE id = ?1", [key(&id)])
                 .map_err(sql("mark blob complete"))?;
             Ok(())
@@ -1215,6 +1222,11 @@ fn recover(conn: &mut Connection, root: &Path) -> Result<Recovery, StoreError> {
     }
     let blobs_dir = root.join("blobs");
     let partial_dir = root.join("partial");
+    // The repair commits durably: a partial file recreated below holds zeros where its chunk rows said
+    // `have = 1`; if the reset of those rows were lost to a second power cut, the next open would find
+    // the file the right size and trust the rows.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sql("set synchronous"))?;
     let tx = conn.transaction().map_err(sql("begin recovery"))?;
     let rows: Vec<(BlobId, u64, bool)> = {
         let mut stmt = tx
@@ -1298,6 +1310,8 @@ fn recover(conn: &mut Connection, root: &Path) -> Result<Recovery, StoreError> {
         fsx::sync_dir(dir)?;
     }
     tx.commit().map_err(sql("commit recovery"))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql("set synchronous"))?;
     Ok(rec)
 }
 

@@ -2,6 +2,7 @@
 //! helpers to run and kill real processes.
 
 pub mod browser;
+pub mod powerfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -21,6 +21,10 @@ use std::path::Path;
 /// `store export` too).
 pub(crate) const META_ACTIVE: &str = "active_envelope";
 pub(crate) const META_PREVIOUS: &str = "previous_envelope";
+/// The envelope of the release accepted and not yet active (empty when none): recorded in the commit
+/// that accepts it, cleared in the one that activates it, so a restart (or a power cut) in between
+/// resumes it rather than leaving the highest accepted version out of reach.
+pub(crate) const META_PENDING: &str = "pending_envelope";
 
 fn highest_key(deployment: &str) -> String {
     format!("highest_accepted/{deployment}")
@@ -68,7 +72,8 @@ pub fn trusted_now(store: &Store, system: jiff::Timestamp) -> Result<jiff::Times
 
 /// Verifies an envelope (expiry judged at the trusted now: the later of the system clock `system` and
 /// the time floor) and, if it is newer than anything accepted before, records its version as the
-/// highest accepted and raises the time floor to its `created_at`, in one durable commit, and returns it.
+/// highest accepted, raises the time floor to its `created_at` and records it as pending, in one durable
+/// commit, and returns it.
 pub fn accept(
     store: &Store,
     policy: &TrustPolicy,
@@ -89,6 +94,7 @@ pub fn accept(
                 verified.manifest.version.to_string().as_bytes(),
             ),
             (TIME_FLOOR, floor.to_string().as_bytes()),
+            (META_PENDING, &verified.envelope),
         ],
     )?;
     Ok(verified)
@@ -214,14 +220,33 @@ pub fn record_active(
                 ("active", &active),
                 ("pending", &[]),
             ],
-            &[(META_PREVIOUS, env), (META_ACTIVE, &v.envelope)],
+            &[
+                (META_PREVIOUS, env),
+                (META_ACTIVE, &v.envelope),
+                (META_PENDING, b""),
+            ],
         )?,
         _ => store.set_pins_and_meta(
             &[("active", &active), ("pending", &[])],
-            &[(META_ACTIVE, &v.envelope)],
+            &[(META_ACTIVE, &v.envelope), (META_PENDING, b"")],
         )?,
     }
     store.gc()
+}
+
+/// The accepted release not yet active, if any (its envelope, as accepted).
+pub fn pending_envelope(store: &Store) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(store.get_meta(META_PENDING)?.filter(|e| !e.is_empty()))
+}
+
+/// Collects at start what no release keeps, unless a release is pending (its download resumes, and
+/// activating it collects): a power cut between recording a release active and collecting the one it
+/// replaced leaves that one's blobs behind.
+pub fn collect_at_start(store: &Store) -> Result<Option<deckhand_store::GcReport>, StoreError> {
+    if pending_envelope(store)?.is_some() {
+        return Ok(None);
+    }
+    store.gc().map(Some)
 }
 
 /// The active release's envelope, as recorded.

@@ -51,7 +51,6 @@ const STALL: Duration = Duration::from_secs(45);
 const ORIGIN_RETRY: Duration = Duration::from_secs(5);
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
-const META_PENDING: &str = "pending_envelope";
 /// Trust roots followed at most per poll (a Pi offline for longer catches up over a few polls).
 const MAX_ROOTS_PER_POLL: usize = 32;
 /// How often a ready release waiting to switch looks at the peers again.
@@ -291,9 +290,8 @@ impl Engine {
             if resume {
                 resume = false;
                 if let Ok(Some(env)) = self
-                    .on_store(|store| Ok(store.get_meta(META_PENDING)?))
+                    .on_store(|store| Ok(activation::pending_envelope(store)?))
                     .await
-                    && !env.is_empty()
                 {
                     match self
                         .policy()
@@ -490,6 +488,7 @@ impl Engine {
         let (highest, accepted) = self
             .on_store(move |store| {
                 let highest = activation::highest_accepted(store, &deployment)?;
+                // Accepting records it as pending in the same commit.
                 let accepted = activation::accept(
                     store,
                     &policy,
@@ -497,9 +496,6 @@ impl Engine {
                     &envelope,
                     jiff::Timestamp::now(),
                 );
-                if let Ok(v) = &accepted {
-                    store.set_meta(META_PENDING, &v.envelope, true)?;
-                }
                 Ok((highest, accepted))
             })
             .await?;
@@ -896,10 +892,11 @@ impl Engine {
         if let Ok(mut p) = self.pending.lock() {
             *p = None;
         }
-        self.on_store(|store| Ok(store.set_meta(META_PENDING, b"", true)?))
-            .await?;
         match result {
             Ok(()) => {
+                // Recording it active clears the pending envelope in the same commit: a power cut
+                // before it resumes the release at the next start (it is accepted, so only resuming
+                // reaches it).
                 let (s2, v2) = (self.store.clone(), v.clone());
                 let gc = joined(
                     tokio::task::spawn_blocking(move || activation::record_active(&s2, &v2)).await,
@@ -911,6 +908,8 @@ impl Engine {
                 );
             }
             Err(why) => {
+                self.on_store(|store| Ok(store.set_meta(activation::META_PENDING, b"", true)?))
+                    .await?;
                 tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");
             }
         }
