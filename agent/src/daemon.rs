@@ -14,7 +14,7 @@ use deckhand_protocol::status::{ActiveRelease, FleetMember, FleetView, Status};
 use deckhand_protocol::{PublicKey, TrustPolicy};
 use deckhand_store::{Options, Store, StoreError};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tracing::Instrument as _;
 
@@ -65,6 +65,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is larger than any signed document may be ({limit} bytes); not read")]
+    EnvelopeTooLarge { path: PathBuf, limit: u64 },
     #[error("a loader task stopped: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -100,21 +102,38 @@ pub fn open_store(data_dir: &std::path::Path, budget: Option<u64>) -> Result<Sto
 /// What this agent trusts: the keys given, or the trust root it was installed with, or the newer one
 /// it followed to and kept in the store.
 fn trust(cfg: &RunConfig, store: &Store) -> Result<crate::sync::trust::Trust, DaemonError> {
+    load_trust(
+        &cfg.deployment,
+        &cfg.trust,
+        usize::from(cfg.settings.threshold),
+        cfg.trust_root.as_deref(),
+        store,
+    )
+}
+
+/// [`trust`] for `run` and `import` alike: `keys` at `threshold`, or the root `trust_root` (an envelope)
+/// and the newer one kept in the store.
+fn load_trust(
+    deployment: &str,
+    keys: &[deckhand_protocol::PublicKey],
+    threshold: usize,
+    trust_root: Option<&[u8]>,
+    store: &Store,
+) -> Result<crate::sync::trust::Trust, DaemonError> {
     use crate::sync::trust::{META_ROOT, Trust};
     use deckhand_protocol::root::TrustedRoot;
-    let Some(installed) = &cfg.trust_root else {
-        let policy = TrustPolicy::new(cfg.trust.clone(), usize::from(cfg.settings.threshold))
-            .map_err(DaemonError::Trust)?;
+    let Some(installed) = trust_root else {
+        let policy = TrustPolicy::new(keys.to_vec(), threshold).map_err(DaemonError::Trust)?;
         return Ok(Trust::keys(policy));
     };
     let installed =
-        TrustedRoot::installed(installed, &cfg.deployment).map_err(DaemonError::TrustRoot)?;
+        TrustedRoot::installed(installed, deployment).map_err(DaemonError::TrustRoot)?;
     // The store's root was reached from an installed one by the chain's rules; it is used if it is
     // newer (a root installed later than the store's wins).
     let kept = store
         .get_meta(META_ROOT)?
         .filter(|b| !b.is_empty())
-        .and_then(|b| TrustedRoot::installed(&b, &cfg.deployment).ok())
+        .and_then(|b| TrustedRoot::installed(&b, deployment).ok())
         .filter(|k| k.version() > installed.version());
     // Every root held is kept by version, to pass on to peers that are behind.
     store.set_meta(
@@ -125,6 +144,72 @@ fn trust(cfg: &RunConfig, store: &Store) -> Result<crate::sync::trust::Trust, Da
     let root = kept.unwrap_or(installed);
     tracing::info!(version = root.version(), "trusting the deployment's root");
     Ok(Trust::root(root))
+}
+
+/// Reads a signed document (a manifest or trust root envelope) from a file, refusing one larger than any
+/// envelope may be before reading it whole. `Ok(None)` when the file does not exist.
+fn read_envelope_file(path: &Path) -> Result<Option<Vec<u8>>, DaemonError> {
+    use std::io::Read as _;
+    let limit = deckhand_protocol::envelope::MAX_ENVELOPE as u64;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DaemonError::BundleRead {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut body = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut body)
+        .map_err(|source| DaemonError::BundleRead {
+            path: path.to_owned(),
+            source,
+        })?;
+    if body.len() as u64 > limit {
+        return Err(DaemonError::EnvelopeTooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    Ok(Some(body))
+}
+
+/// Follows the chain of trust roots the operator put in a bundle directory (`deployments/D/root/N.json`,
+/// as at the origin), keeping each in the store before it is used. A root that does not verify is an
+/// error: the operator is at the Pi, and must know.
+fn follow_bundle_roots(
+    trust: &crate::sync::trust::Trust,
+    store: &Store,
+    bundle: &Path,
+    deployment: &deckhand_protocol::layout::Name,
+) -> Result<(), DaemonError> {
+    let layout = deckhand_protocol::layout::Layout::new("").map_err(DaemonError::Deployment)?;
+    for _ in 0..crate::sync::trust::MAX_ROOTS_FOLLOWED {
+        let Some(next) = trust.next_root() else {
+            return Ok(());
+        };
+        let Some(body) = read_envelope_file(&bundle.join(layout.trust_root(deployment, next)))?
+        else {
+            return Ok(());
+        };
+        let Some(root) = trust.advance(&body).map_err(DaemonError::TrustRoot)? else {
+            return Ok(());
+        };
+        store.set_meta(
+            &crate::sync::trust::meta_key(root.version()),
+            root.envelope(),
+            true,
+        )?;
+        store.set_meta(crate::sync::trust::META_ROOT, root.envelope(), true)?;
+        tracing::info!(
+            version = root.version(),
+            "trust root updated from the bundle"
+        );
+    }
+    Ok(())
 }
 
 /// Loads the active release recorded in the store into the service. Returns its version, or `None`.
@@ -493,6 +578,8 @@ pub struct ImportConfig {
     pub deployment: String,
     pub trust: Vec<PublicKey>,
     pub threshold: usize,
+    /// The deployment's trust root envelope (`--trust-root`), instead of `trust` and `threshold`.
+    pub trust_root: Option<Vec<u8>>,
     pub bundle: PathBuf,
     pub backend: BackendChoice,
 }
@@ -501,18 +588,30 @@ pub struct ImportConfig {
 /// manifest is verified and must be newer than anything accepted; every blob is imported and checked;
 /// the release must load and pass its canaries. Returns the version.
 pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
-    let policy = TrustPolicy::new(cfg.trust.clone(), cfg.threshold).map_err(DaemonError::Trust)?;
     let store = open_store(&cfg.data_dir, None)?;
     let name = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
         .map_err(DaemonError::Deployment)?;
+    let trust = load_trust(
+        &cfg.deployment,
+        &cfg.trust,
+        cfg.threshold,
+        cfg.trust_root.as_deref(),
+        &store,
+    )?;
+    follow_bundle_roots(&trust, &store, &cfg.bundle, &name)?;
+    let now = activation::trusted_now(&store, jiff::Timestamp::now())?;
+    let policy = trust
+        .admit_policy(now)
+        .map_err(DaemonError::TrustRoot)?
+        .ok_or(DaemonError::TrustUnavailable)?;
     let current = cfg.bundle.join(
         deckhand_protocol::layout::Layout::new("")
             .map_err(DaemonError::Deployment)?
             .current(&name),
     );
-    let envelope = std::fs::read(&current).map_err(|source| DaemonError::BundleRead {
+    let envelope = read_envelope_file(&current)?.ok_or_else(|| DaemonError::BundleRead {
         path: current.clone(),
-        source,
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
     })?;
     let verified = activation::accept(
         &store,

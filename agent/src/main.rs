@@ -73,11 +73,15 @@ struct TrustArgs {
     #[arg(long)]
     deployment: String,
     /// A trusted release-signing public key (NAME.pub); repeatable.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "trust_root")]
     trust: Vec<PathBuf>,
-    /// How many distinct trusted keys must sign a manifest.
-    #[arg(long, default_value_t = 1)]
+    /// How many distinct trusted keys must sign a manifest (with --trust).
+    #[arg(long, default_value_t = 1, conflicts_with = "trust_root")]
     threshold: usize,
+    /// The deployment's trust root as installed (`deckhand keys root`), instead of --trust: newer roots
+    /// found in the bundle (and the newest this Pi already follows) are followed first.
+    #[arg(long, conflicts_with = "trust")]
+    trust_root: Option<PathBuf>,
     /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
     #[arg(long, default_value = "auto")]
     backend: String,
@@ -142,11 +146,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status(args),
         Command::Import(args) => {
             let (trust, backend) = settle(&args.common)?;
+            let trust_root = args
+                .common
+                .trust_root
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("--trust-root {}", p.display())))
+                .transpose()?;
             let cfg = daemon::ImportConfig {
                 data_dir: args.common.data_dir.clone(),
                 deployment: args.common.deployment.clone(),
                 trust,
                 threshold: args.common.threshold,
+                trust_root,
                 bundle: args.bundle.clone(),
                 backend,
             };

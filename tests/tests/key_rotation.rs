@@ -270,6 +270,49 @@ async fn agents_follow_key_rotations_from_the_bucket_or_a_stick_and_refuse_bad_r
         .await
         .unwrap();
     assert!(s.bytes_from_bundles > 0, "{s:?}");
+
+    // By hand at the Pi: `deckhand-agent import --trust-root` follows the stick's roots too; the retired
+    // key alone (`--trust`) is refused, naming the signature, and nothing is imported.
+    let import = |data: &Path, trust: [&str; 2]| {
+        let d = data.display().to_string();
+        let b = stick.display().to_string();
+        deckhand_tests::run(
+            "deckhand-agent",
+            &[
+                "import",
+                "--data-dir",
+                &d,
+                "--deployment",
+                "shop-1",
+                trust[0],
+                trust[1],
+                "--backend",
+                "cpu",
+                "--bundle",
+                &b,
+            ],
+            &[],
+        )
+    };
+    let out = import(
+        &fleet.join("pi-3"),
+        ["--trust-root", root1.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success() && deckhand_tests::stdout(&out).contains("activated version 1"),
+        "{}",
+        stderr(&out)
+    );
+    let a_pub = fleet.join("ops-1.pub");
+    std::fs::write(&a_pub, a.public().to_file_text()).unwrap();
+    let out = import(&fleet.join("pi-4"), ["--trust", a_pub.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("signature"), "{}", stderr(&out));
+    let out = import(
+        &fleet.join("pi-4"),
+        ["--trust-root", root1.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     fleet.stop().await.unwrap();
 }
 

@@ -52,7 +52,6 @@ const ORIGIN_RETRY: Duration = Duration::from_secs(5);
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
 /// Trust roots followed at most per poll (a Pi offline for longer catches up over a few polls).
-const MAX_ROOTS_PER_POLL: usize = 32;
 /// How often a ready release waiting to switch looks at the peers again.
 const SWITCH_POLL: Duration = Duration::from_millis(100);
 
@@ -560,10 +559,10 @@ impl Engine {
     }
 
     /// Follows the deployment's trust root to the newest one published at `origin` (the bucket, or a
-    /// bundle directory read as a file origin), one version at a time (at most [`MAX_ROOTS_PER_POLL`] a poll), keeping each in the store before it is used. A root
+    /// bundle directory read as a file origin), one version at a time (at most [`trust::MAX_ROOTS_FOLLOWED`] a poll), keeping each in the store before it is used. A root
     /// that does not verify is refused, named in status, and changes nothing.
     async fn follow_roots(&self, origin: &dyn Origin, from: &str) -> Result<(), SyncError> {
-        for _ in 0..MAX_ROOTS_PER_POLL {
+        for _ in 0..trust::MAX_ROOTS_FOLLOWED {
             let Some(next) = self.cfg.trust.next_root() else {
                 return Ok(());
             };
@@ -617,7 +616,7 @@ impl Engine {
     /// [`Engine::follow_roots`] through a peer: the roots it holds, each verified along this agent's
     /// chain.
     async fn follow_peer_roots(&self, node: &PeerNode, peer: &str) -> Result<(), SyncError> {
-        for _ in 0..MAX_ROOTS_PER_POLL {
+        for _ in 0..trust::MAX_ROOTS_FOLLOWED {
             let Some(next) = self.cfg.trust.next_root() else {
                 return Ok(());
             };
