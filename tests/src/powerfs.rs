@@ -504,6 +504,19 @@ impl State {
         Ok(ino)
     }
 
+    /// A create, mknod or mkdir: counted, then the inode, then the kernel's reference to it.
+    fn make(
+        &mut self,
+        op: &'static str,
+        parent: u64,
+        name: &OsStr,
+        node: Node,
+    ) -> Result<FileAttr, Errno> {
+        self.mutate(op, parent, Some(name))?;
+        let ino = self.new_inode(parent, name, node)?;
+        self.entry(ino)
+    }
+
     /// Drops one link to `ino` (an unlink, or a rename over it).
     fn unlinked(&mut self, ino: u64) {
         if let Some(l) = self.live.get_mut(&ino) {
@@ -548,6 +561,20 @@ impl Fs {
     }
 }
 
+fn answer(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn answer_entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn mode_perm(mode: u32, umask: u32) -> u16 {
     ((mode & !umask) & 0o7777) as u16
 }
@@ -559,10 +586,7 @@ impl fuser::Filesystem for Fs {
             let ino = *s.entries(parent.0)?.get(name).ok_or(Errno::ENOENT)?;
             s.entry(ino)
         });
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -634,14 +658,14 @@ impl fuser::Filesystem for Fs {
             if mode & libc::S_IFMT != libc::S_IFREG {
                 return Err(Errno::EPERM);
             }
-            s.mutate("create", parent.0, Some(name))?;
-            let ino = s.new_inode(parent.0, name, Node::empty_file(mode_perm(mode, umask)))?;
-            s.entry(ino)
+            s.make(
+                "create",
+                parent.0,
+                name,
+                Node::empty_file(mode_perm(mode, umask)),
+            )
         })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, r);
     }
 
     fn mkdir(
@@ -654,15 +678,13 @@ impl fuser::Filesystem for Fs {
         reply: ReplyEntry,
     ) {
         let mut s = self.lock();
-        let r = (|| {
-            s.mutate("mkdir", parent.0, Some(name))?;
-            let ino = s.new_inode(parent.0, name, Node::empty_dir(mode_perm(mode, umask)))?;
-            s.entry(ino)
-        })();
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let r = s.make(
+            "mkdir",
+            parent.0,
+            name,
+            Node::empty_dir(mode_perm(mode, umask)),
+        );
+        answer_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -677,10 +699,7 @@ impl fuser::Filesystem for Fs {
             s.unlinked(ino);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -695,10 +714,7 @@ impl fuser::Filesystem for Fs {
             s.unlinked(ino);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, r);
     }
 
     fn rename(
@@ -744,10 +760,7 @@ impl fuser::Filesystem for Fs {
             l.name = newname.to_owned();
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -850,10 +863,7 @@ impl fuser::Filesystem for Fs {
             s.synced.insert(ino.0, node);
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, r);
     }
 
     fn readdir(
@@ -910,10 +920,7 @@ impl fuser::Filesystem for Fs {
             s.collect_synced();
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, r);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -962,11 +969,12 @@ impl fuser::Filesystem for Fs {
         reply: ReplyCreate,
     ) {
         let mut s = self.lock();
-        let r = (|| {
-            s.mutate("create", parent.0, Some(name))?;
-            let ino = s.new_inode(parent.0, name, Node::empty_file(mode_perm(mode, umask)))?;
-            s.entry(ino)
-        })();
+        let r = s.make(
+            "create",
+            parent.0,
+            name,
+            Node::empty_file(mode_perm(mode, umask)),
+        );
         match r {
             Ok(attr) => reply.created(
                 &TTL,
@@ -1006,9 +1014,6 @@ impl fuser::Filesystem for Fs {
                 _ => Err(Errno::from_i32(libc::EOPNOTSUPP)),
             }
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, r);
     }
 }

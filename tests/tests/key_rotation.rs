@@ -20,14 +20,14 @@ fn key(fleet: &Fleet, n: u8) -> (SecretKey, PathBuf) {
     (k, path)
 }
 
-/// `deckhand keys rotate` from the keys at `old` to the keys at `new`: the new root's version.
-fn rotate(fleet: &Fleet, old: &[&Path], new: &[&Path]) -> u64 {
-    let origin = fleet.s3().origin_arg("fleet");
+/// `deckhand keys rotate` at `origin` (the bucket, or a stick's `file://`) from the keys at `old` to the
+/// keys at `new`: the new root's version.
+fn rotate_at(fleet: &Fleet, origin: &str, old: &[&Path], new: &[&Path]) -> u64 {
     let mut args = vec![
         "keys",
         "rotate",
         "--origin",
-        &origin,
+        origin,
         "--deployment",
         "shop-1",
         "--json",
@@ -41,6 +41,32 @@ fn rotate(fleet: &Fleet, old: &[&Path], new: &[&Path]) -> u64 {
     ok(&deckhand_out(fleet.s3(), &args))["version"]
         .as_u64()
         .unwrap()
+}
+
+/// [`rotate_at`] the shop's bucket.
+fn rotate(fleet: &Fleet, old: &[&Path], new: &[&Path]) -> u64 {
+    rotate_at(fleet, &fleet.s3().origin_arg("fleet"), old, new)
+}
+
+/// `deckhand keys root` at `origin`: root version 1 listing `key`, written to `out` as well (what a Pi
+/// is installed with).
+fn first_root(fleet: &Fleet, origin: &str, key: &Path, out: &Path) {
+    let out = deckhand_out(
+        fleet.s3(),
+        &[
+            "keys",
+            "root",
+            "--origin",
+            origin,
+            "--deployment",
+            "shop-1",
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 fn pi(name: &str, root: &Path) -> AgentOptions {
@@ -74,23 +100,7 @@ async fn agents_follow_key_rotations_from_the_bucket_or_a_stick_and_refuse_bad_r
 
     // Root version 1 lists key a; the Pi is installed with it.
     let root1 = fleet.join("root-1.json");
-    let origin = fleet.s3().origin_arg("fleet");
-    let out = deckhand_out(
-        fleet.s3(),
-        &[
-            "keys",
-            "root",
-            "--origin",
-            &origin,
-            "--deployment",
-            "shop-1",
-            "--key",
-            a_path.to_str().unwrap(),
-            "--out",
-            root1.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    first_root(&fleet, &fleet.s3().origin_arg("fleet"), &a_path, &root1);
     fleet.publish_signed(&files, &a).await.unwrap();
     fleet.start_agent_with(pi("pi-0", &root1)).await.unwrap();
     fleet.agents[0]
@@ -213,39 +223,14 @@ async fn agents_follow_key_rotations_from_the_bucket_or_a_stick_and_refuse_bad_r
     let stick = fleet.join("usb");
     std::fs::create_dir_all(&stick).unwrap();
     let stick_origin = format!("file://{}", stick.display());
-    let out = deckhand_out(
-        fleet.s3(),
-        &[
-            "keys",
-            "root",
-            "--origin",
-            &stick_origin,
-            "--deployment",
-            "shop-1",
-            "--key",
-            a_path.to_str().unwrap(),
-            "--out",
-            fleet.join("root-1-stick.json").to_str().unwrap(),
-        ],
+    first_root(
+        &fleet,
+        &stick_origin,
+        &a_path,
+        &fleet.join("root-1-stick.json"),
     );
-    assert!(out.status.success(), "{}", stderr(&out));
     for (old, new) in [(&a_path, &b_path), (&b_path, &c_path), (&c_path, &d_path)] {
-        let mut args = vec![
-            "keys",
-            "rotate",
-            "--origin",
-            &stick_origin,
-            "--deployment",
-            "shop-1",
-        ];
-        args.extend([
-            "--key",
-            old.to_str().unwrap(),
-            "--new-key",
-            new.to_str().unwrap(),
-        ]);
-        let out = deckhand_out(fleet.s3(), &args);
-        assert!(out.status.success(), "{}", stderr(&out));
+        rotate_at(&fleet, &stick_origin, &[old], &[new]);
     }
     let mut args =
         deckhand_tests::publish_args(&stick_origin, "shop-1", &d_path, &files, &files.metadata);
@@ -325,23 +310,7 @@ async fn a_pi_without_s3_follows_rotations_through_its_peer() {
     let (_b, b_path) = key(&fleet, 2);
     let (c, c_path) = key(&fleet, 3);
     let root1 = fleet.join("root-1.json");
-    let origin = fleet.s3().origin_arg("fleet");
-    let out = deckhand_out(
-        fleet.s3(),
-        &[
-            "keys",
-            "root",
-            "--origin",
-            &origin,
-            "--deployment",
-            "shop-1",
-            "--key",
-            a_path.to_str().unwrap(),
-            "--out",
-            root1.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    first_root(&fleet, &fleet.s3().origin_arg("fleet"), &a_path, &root1);
     fleet.publish_signed(&files, &a).await.unwrap();
     // pi-0 reads S3 and follows two rotations (a -> b -> c); c signs version 2.
     fleet
