@@ -354,54 +354,67 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    /// A server that answers every request with a 206 whose body never ends (chunked, 64 KiB pieces),
-    /// until the client hangs up; returns its address and a count of the bytes it managed to send.
-    async fn endless_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A local HTTP server for one answer per connection: it reads the request, then `answer` writes
+    /// to the connection, given the request's number (from 0). Returns its address and the count of
+    /// requests seen.
+    async fn server<F, Fut>(answer: F) -> (String, Arc<AtomicU64>)
+    where
+        F: Fn(tokio::net::TcpStream, u64) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = sent.clone();
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    let _ = sock.read(&mut buf).await;
-                    let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-99/100\r\n\
-                                Transfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n";
-                    if sock.write_all(head.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let piece = vec![b'a'; 64 * 1024];
-                    let chunk = [
-                        format!("{:x}\r\n", piece.len()).into_bytes(),
-                        piece,
-                        b"\r\n".to_vec(),
-                    ]
-                    .concat();
-                    while sock.write_all(&chunk).await.is_ok() {
-                        counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = sock.read(&mut buf).await;
+                tokio::spawn(answer(sock, n));
             }
         });
-        (format!("http://{addr}"), sent)
+        (format!("http://{addr}"), seen)
+    }
+
+    /// A server that answers every request with a 206 whose body never ends (chunked, 64 KiB pieces),
+    /// until the client hangs up; returns its address and a count of the bytes it managed to send.
+    async fn endless_server() -> (String, Arc<AtomicU64>) {
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        let (addr, _) = server(move |mut sock, _| {
+            let counter = counter.clone();
+            async move {
+                let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-99/100\r\n\
+                            Transfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = vec![b'a'; 64 * 1024];
+                let chunk = [
+                    format!("{:x}\r\n", piece.len()).into_bytes(),
+                    piece,
+                    b"\r\n".to_vec(),
+                ]
+                .concat();
+                while sock.write_all(&chunk).await.is_ok() {
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+        (addr, sent)
     }
 
     #[tokio::test]
     async fn a_range_answered_with_endless_data_is_cut_off_at_the_size_asked_for() {
         let (endpoint, sent) = endless_server().await;
-        let cfg = OriginConfig {
-            endpoint_url: Some(endpoint),
-            region: Some("us-east-1".into()),
-            credentials: Some(("k".into(), "s".into())),
-            attempt_timeout: Duration::from_secs(10),
-            operation_timeout: Duration::from_secs(20),
-            connect_timeout: Duration::from_secs(2),
-            max_attempts: 1,
-            progress_window: Duration::from_secs(20),
-        };
-        let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
+        let origin = S3Origin::connect("bucket", "p", &local(endpoint, 1))
+            .await
+            .unwrap();
         let err = origin.get_range("p/blob", 0..100).await.unwrap_err();
         assert!(
             err.to_string()
@@ -409,7 +422,7 @@ mod tests {
             "{err}"
         );
         // Cut off after the first piece or so, not after the whole stream (or the timeout).
-        let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        let sent = sent.load(Ordering::Relaxed);
         assert!(sent < 16 << 20, "the client read {sent} bytes");
         // A capped whole-object read of the same endless answer is refused at its limit too.
         let err = origin
@@ -421,28 +434,17 @@ mod tests {
 
     /// Answers GETs with a 100-byte object, cutting the body off after 50 bytes for the first `cuts`
     /// requests; returns its address and a count of the requests it saw.
-    async fn cutting_server(cuts: u64) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    let _ = sock.read(&mut buf).await;
-                    let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e\"\r\n\
-                                Connection: close\r\n\r\n";
-                    let body = [b'b'; 100];
-                    let len = if n < cuts { 50 } else { 100 };
-                    let _ = sock.write_all(head.as_bytes()).await;
-                    let _ = sock.write_all(&body[..len]).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        (format!("http://{addr}"), seen)
+    async fn cutting_server(cuts: u64) -> (String, Arc<AtomicU64>) {
+        server(move |mut sock, n| async move {
+            let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e\"\r\n\
+                        Connection: close\r\n\r\n";
+            let body = [b'b'; 100];
+            let len = if n < cuts { 50 } else { 100 };
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(&body[..len]).await;
+            let _ = sock.shutdown().await;
+        })
+        .await
     }
 
     fn local(endpoint: String, max_attempts: u32) -> OriginConfig {
@@ -467,7 +469,7 @@ mod tests {
             .unwrap();
         let body = origin.get_capped("p/current.json", 1000).await.unwrap();
         assert_eq!(body.len(), 100);
-        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
         // Cut every time: an error naming the body after exactly the allowed attempts, no hot loop.
         let (endpoint, seen) = cutting_server(u64::MAX).await;
         let origin = S3Origin::connect("bucket", "p", &local(endpoint, 3))
@@ -475,46 +477,32 @@ mod tests {
             .unwrap();
         let err = origin.get_capped("p/current.json", 1000).await.unwrap_err();
         assert!(err.to_string().contains("reading the body"), "{err}");
-        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
     }
 
     /// Answers every GET with a `size`-byte body of which it sends 1 KiB a second (the first `drips`
     /// requests; whole at once after that); returns its address and a count of the requests.
-    async fn dripping_server(
-        size: usize,
-        drips: u64,
-    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    let _ = sock.read(&mut buf).await;
-                    let head = format!(
-                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{size}\r\n\
-                         Content-Length: {size}\r\nETag: \"d\"\r\nConnection: close\r\n\r\n",
-                        size - 1
-                    );
-                    let _ = sock.write_all(head.as_bytes()).await;
-                    let body = vec![b'd'; size];
-                    if n >= drips {
-                        let _ = sock.write_all(&body).await;
-                        return;
-                    }
-                    for piece in body.chunks(1024) {
-                        if sock.write_all(piece).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                });
+    async fn dripping_server(size: usize, drips: u64) -> (String, Arc<AtomicU64>) {
+        server(move |mut sock, n| async move {
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{size}\r\n\
+                 Content-Length: {size}\r\nETag: \"d\"\r\nConnection: close\r\n\r\n",
+                size - 1
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let body = vec![b'd'; size];
+            if n >= drips {
+                let _ = sock.write_all(&body).await;
+                return;
             }
-        });
-        (format!("http://{addr}"), seen)
+            for piece in body.chunks(1024) {
+                if sock.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+        .await
     }
 
     #[tokio::test]
@@ -533,7 +521,7 @@ mod tests {
         assert!(matches!(err, OriginError::Stalled { .. }), "{err}");
         assert!(err.to_string().contains("abandoned as stalled"), "{err}");
         assert!(took < Duration::from_secs(10), "gave up after {took:?}");
-        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
         assert!(
             !err.is_unreachable(),
             "a slow origin is not an unreachable one"
@@ -549,7 +537,7 @@ mod tests {
         let origin = S3Origin::connect("bucket", "p", &cfg).await.unwrap();
         let body = origin.get_capped("p/chunks", 1 << 20).await.unwrap();
         assert_eq!(body.len(), 128 * 1024);
-        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
