@@ -523,12 +523,6 @@ impl Engine {
         let Some(origin) = &self.cfg.origin else {
             return Ok(());
         };
-        if let Err(e) = self.follow_roots(origin.as_ref(), "the origin").await {
-            if let SyncError::Origin(o) = &e {
-                self.origin_failed(o);
-            }
-            return Err(e);
-        }
         let key = origin.layout().current(&self.cfg.deployment);
         let (body, new_etag) = match origin
             .get_if_changed(
@@ -546,6 +540,16 @@ impl Engine {
             }
         };
         self.origin_ok();
+        // Newer trust roots before the manifest is checked. Only when current.json changed (an
+        // unchanged one costs a conditional GET, not a root GET too): a manifest signed by a rotated-in
+        // key, or by a key a rotation revoked, always arrives as a change; and until it is admitted its
+        // ETag is not kept, so every poll looks again.
+        if let Err(e) = self.follow_roots(origin.as_ref(), "the origin").await {
+            if let SyncError::Origin(o) = &e {
+                self.origin_failed(o);
+            }
+            return Err(e);
+        }
         if let Some(v) = self.admit(&body, &Via::Origin).await? {
             self.fetch_and_activate(&v, Via::Origin).await?;
         }
