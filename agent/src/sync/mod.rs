@@ -51,7 +51,6 @@ const STALL: Duration = Duration::from_secs(45);
 const ORIGIN_RETRY: Duration = Duration::from_secs(5);
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
-/// Trust roots followed at most per poll (a Pi offline for longer catches up over a few polls).
 /// How often a ready release waiting to switch looks at the peers again.
 const SWITCH_POLL: Duration = Duration::from_millis(100);
 
@@ -563,8 +562,10 @@ impl Engine {
     }
 
     /// Follows the deployment's trust root to the newest one published at `origin` (the bucket, or a
-    /// bundle directory read as a file origin), one version at a time (at most [`trust::MAX_ROOTS_FOLLOWED`] a poll), keeping each in the store before it is used. A root
-    /// that does not verify is refused, named in status, and changes nothing.
+    /// bundle directory read as a file origin), one version at a time (at most
+    /// [`trust::MAX_ROOTS_FOLLOWED`] a poll; a Pi offline for longer catches up over a few polls),
+    /// keeping each in the store before it is used. A root that does not verify is refused, named in
+    /// status, and changes nothing.
     async fn follow_roots(&self, origin: &dyn Origin, from: &str) -> Result<(), SyncError> {
         for _ in 0..trust::MAX_ROOTS_FOLLOWED {
             let Some(next) = self.cfg.trust.next_root() else {
@@ -885,11 +886,9 @@ impl Engine {
                 Err(why)
             }
         };
+        // Refused: nothing is pending any more (a swap cleared it with the swap).
         if let Ok(mut s) = self.status.lock() {
             s.pending = None;
-            if result.is_ok() {
-                s.disk_full = None;
-            }
         }
         return_freed_memory();
         if let Ok(mut p) = self.pending.lock() {

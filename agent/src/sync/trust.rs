@@ -10,7 +10,8 @@ use std::sync::Mutex;
 /// The store's meta key holding the newest verified root envelope.
 pub const META_ROOT: &str = "trust_root";
 
-/// The most roots followed in one go (from the origin in one poll, from a peer, from a bundle).
+/// The most roots followed in one go (from the origin in one poll, from a peer, from a bundle); a Pi
+/// further behind catches up over a few.
 pub const MAX_ROOTS_FOLLOWED: usize = 32;
 
 /// The store's meta key of the verified root of `version` (each is kept, to pass on to peers that are
