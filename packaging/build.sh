@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds deckhand's Debian packages into target/debian/ (amd64) or target/aarch64-unknown-linux-gnu/debian/
-# (arm64):
+# (arm64), under $CARGO_TARGET_DIR when that is set:
 #   deckhand-agent_<version>-1_<arch>.deb  the daemon, its systemd unit, /etc/deckhand/agent.toml
 #   deckhand_<version>-1_amd64.deb         the operator's CLI (x86_64 only: it runs on the operator's machine)
 #
@@ -14,6 +14,7 @@
 # binaries already built with that profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+target_dir=${CARGO_TARGET_DIR:-target}
 
 target=x86_64
 profile=dist
@@ -48,12 +49,15 @@ fi
 case "$target" in
   x86_64)
     if [ "$build" = 1 ]; then
-      # The two binaries alone, in one build (one feature set): no test-only feature reaches a package.
-      cargo build --profile "$profile" -p deckhand-agent -p deckhand-tools --bins "${feature_args[@]}"
+      # The two binaries, in one build whose features are resolved over the whole workspace, as the
+      # test build's are (CI then reuses its compiled dependencies instead of compiling them again for
+      # another feature set). No test-only feature reaches a package: the agent's `fault-injection` is
+      # switched on only by the tests' dev-dependency, which a build does not use.
+      cargo build --profile "$profile" --workspace --bin deckhand-agent --bin deckhand "${feature_args[@]}"
     fi
     cargo deb --no-build --profile "$profile" -p deckhand-agent
     cargo deb --no-build --profile "$profile" -p deckhand-tools
-    ls -l target/debian/*.deb
+    ls -l "$target_dir"/debian/*.deb
     ;;
   aarch64)
     triple=aarch64-unknown-linux-gnu
@@ -69,7 +73,7 @@ case "$target" in
       cargo build --target "$triple" --profile "$profile" -p deckhand-agent "${feature_args[@]}" --bin deckhand-agent
     fi
     cargo deb --no-build --target "$triple" --profile "$profile" -p deckhand-agent
-    ls -l "target/$triple/debian/"*.deb
+    ls -l "$target_dir/$triple/debian/"*.deb
     ;;
   *) echo "packaging/build.sh: unknown --target $target (x86_64, aarch64)" >&2; exit 2 ;;
 esac

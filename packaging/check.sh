@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Checks the amd64 packages in target/debian/ on this (Debian) machine, as root: lintian finds no errors,
+# Checks the amd64 packages in target/debian/ (under $CARGO_TARGET_DIR when set) on this (Debian) machine, as root: lintian finds no errors,
 # the agent package installs with dpkg, its binary runs from /usr/bin, its unit passes systemd-analyze
 # verify, the deckhand user exists and the unit is enabled; remove keeps /var/lib/deckhand and purge
 # removes it. It leaves the machine as it found it (the packages are purged at the end, even on failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+target_dir=${CARGO_TARGET_DIR:-target}
 
 for tool in lintian systemd-analyze; do
   if ! command -v "$tool" >/dev/null 2>&1; then
@@ -14,8 +15,8 @@ done
 
 command -v file >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq file; }
 
-agent_deb=$(ls target/debian/deckhand-agent_*_amd64.deb)
-cli_deb=$(ls target/debian/deckhand_*_amd64.deb)
+agent_deb=$(ls "$target_dir"/debian/deckhand-agent_*_amd64.deb)
+cli_deb=$(ls "$target_dir"/debian/deckhand_*_amd64.deb)
 fail() { echo "packaging check: $*" >&2; exit 1; }
 cleanup() { dpkg --purge deckhand-agent deckhand >/dev/null 2>&1 || true; }
 trap cleanup EXIT
@@ -49,7 +50,7 @@ echo "packaging check: both amd64 packages pass"
 # The arm64 agent package, when built (packaging/build.sh --target aarch64): lintian finds no errors, it
 # holds the same files as the amd64 one, and its binary is an aarch64 executable. (It cannot be installed
 # on this amd64 machine; the aarch64 binary itself runs under qemu-user in tests/aarch64.rs.)
-arm_deb=$(ls target/aarch64-unknown-linux-gnu/debian/deckhand-agent_*_arm64.deb 2>/dev/null || true)
+arm_deb=$(ls "$target_dir"/aarch64-unknown-linux-gnu/debian/deckhand-agent_*_arm64.deb 2>/dev/null || true)
 if [ -n "$arm_deb" ]; then
   lintian --fail-on error --suppress-tags no-manual-page "$arm_deb"
   [ "$(dpkg-deb -f "$arm_deb" Architecture)" = arm64 ] || fail "$arm_deb is not arm64"

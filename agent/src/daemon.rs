@@ -41,7 +41,12 @@ pub fn agent_id(
         return Ok(id);
     }
     let mut b = [0u8; 4];
-    rand::fill(&mut b);
+    if getrandom::fill(&mut b).is_err() {
+        // No randomness from the OS (Linux has it once booted): the id only has to differ between the
+        // shop's agents, so the clock and the process id make it.
+        let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+        b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..4]);
+    }
     let id = format!("agent-{}", hex::encode(b));
     store.set_meta("agent_id", id.as_bytes(), true)?;
     Ok(id)

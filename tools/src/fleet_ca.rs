@@ -31,6 +31,8 @@ pub enum CaError {
     AgentId(#[from] AgentIdError),
     #[error("certificate: {0}")]
     Cert(#[from] rcgen::Error),
+    #[error("no randomness from the operating system for a serial number: {0}")]
+    Random(#[source] getrandom::Error),
     #[error("{path}: cannot encode the issued list: {source}")]
     Encode {
         path: PathBuf,
@@ -150,7 +152,7 @@ impl CaDir {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(3650);
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         let cert = params.self_signed(&key)?;
         write_new(&self.key_path(), key.serialize_pem().as_bytes(), true)?;
         write_new(&self.cert_path(), cert.pem().as_bytes(), false)?;
@@ -209,7 +211,7 @@ impl CaDir {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(i64::from(days.max(1)));
-        let serial = random_serial();
+        let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
         let cert = params.signed_by(&key, &issuer)?;
         std::fs::create_dir_all(out).map_err(|source| CaError::Io {
@@ -283,12 +285,12 @@ impl CaDir {
     }
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial() -> Result<SerialNumber, CaError> {
     let mut b = [0u8; 16];
-    rand::fill(&mut b);
+    getrandom::fill(&mut b).map_err(CaError::Random)?;
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // and never shortened
-    SerialNumber::from_slice(&b)
+    Ok(SerialNumber::from_slice(&b))
 }
 
 fn format_time(t: time::OffsetDateTime) -> String {

@@ -14,8 +14,9 @@
 //! Like a board without HailoRT's multi-process service, it allows one vdevice at a time (a second is
 //! `HAILO_OUT_OF_PHYSICAL_DEVICES`) and [`MAX_GROUPS`] configured network groups per vdevice. HailoRT 4.x
 //! has no call that releases one network group: they are freed with their vdevice, and so here.
-//! `deckhand_standin_set_device_present(false)` makes `hailo_create_vdevice` fail as a Pi without a
-//! Hailo board does; `deckhand_standin_network_groups()` counts the groups configured on live vdevices.
+//! `deckhand_standin_set_device_present(false)`, or `DECKHAND_STANDIN_NO_DEVICE` set in the environment
+//! of a process that loads it (a whole agent, for the aarch64 test under qemu), makes
+//! `hailo_create_vdevice` fail as a Pi without a Hailo board does; `deckhand_standin_network_groups()` counts the groups configured on live vdevices.
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -262,7 +263,9 @@ pub unsafe extern "C" fn hailo_create_vdevice(
     if vdevice.is_null() {
         return INVALID_ARGUMENT;
     }
-    if !DEVICE_PRESENT.load(Ordering::SeqCst) {
+    if !DEVICE_PRESENT.load(Ordering::SeqCst)
+        || std::env::var_os("DECKHAND_STANDIN_NO_DEVICE").is_some()
+    {
         return OUT_OF_PHYSICAL_DEVICES;
     }
     let Ok(mut live) = VDEVICES.lock() else {

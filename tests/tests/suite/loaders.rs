@@ -3,7 +3,7 @@
 
 use deckhand_tools::shop::fixtures;
 
-mod loaders {
+mod release_files {
     use super::fixtures;
     use deckhand_protocol::manifest::{ChannelLayout, Metric};
 

@@ -1,0 +1,23 @@
+//! deckhand's integration tests, one module per story, in one test binary: the tree (aws-sdk-s3, tract,
+//! quinn, s3s and the rest) is linked once, and the tests of every story share the harness's threads.
+//! Run one story with `cargo test -p deckhand-tests --test suite fleet::`. The Hailo stand-in tests
+//! (`tests/hailo.rs`) and the aarch64 test (`tests/aarch64.rs`) are binaries of their own: each needs a
+//! build with its own feature (see tests/run and .ci/run).
+
+mod agent_offline;
+mod agent_sync;
+mod demo;
+mod discovery;
+mod disk_full;
+mod flaky_s3;
+mod fleet;
+mod key_rotation;
+mod layout;
+mod loaders;
+mod partition;
+mod power_cut;
+mod publish;
+mod recognizer;
+mod recovery;
+mod shop_page;
+mod store_crash;
