@@ -131,6 +131,8 @@ pub enum ToolError {
     Backend(#[from] deckhand_agent::recognizer::BackendError),
     #[error(transparent)]
     Layout(#[from] crate::layout::LayoutError),
+    #[error("cannot write the report as JSON: {0}")]
+    Report(#[source] serde_json::Error),
 }
 
 impl ToolError {

@@ -2,7 +2,7 @@
 //! uses, and an EfficientNet-Lite0-shaped embedder for measuring the CPU backend on a real-sized network.
 //! Weights come from a seeded generator, so the same seed always gives the same bytes.
 
-use super::fixtures::SplitMix;
+use deckhand_protocol::testdata::SplitMix;
 use prost::Message as _;
 use tract_onnx::pb;
 
