@@ -4,8 +4,8 @@
 //! an expired manifest keeps serving, since recognition must never stop), and serves recognitions over
 //! HTTP and the inbox. It needs no network to do so.
 
-use crate::http::metrics::Metrics;
 use crate::http::{AppState, FleetFn, StatusFn};
+use crate::metrics::Metrics;
 use crate::recognizer::BackendChoice;
 use crate::recognizer::inbox::Inbox;
 use crate::recognizer::service::{Service, check_canaries};
@@ -29,15 +29,12 @@ pub fn agent_id(
     store: &Store,
     creds: Option<&crate::peer::tls::FleetCredentials>,
 ) -> Result<String, StoreError> {
+    let ledger = crate::ledger::Ledger::new(store);
     if let Some(c) = creds {
-        store.set_meta("agent_id", c.agent_id.as_bytes(), true)?;
+        ledger.set_agent_id(&c.agent_id)?;
         return Ok(c.agent_id.clone());
     }
-    if let Some(id) = store
-        .get_meta("agent_id")?
-        .and_then(|v| String::from_utf8(v).ok())
-        && !id.is_empty()
-    {
+    if let Some(id) = ledger.agent_id()? {
         return Ok(id);
     }
     let mut b = [0u8; 4];
@@ -48,7 +45,7 @@ pub fn agent_id(
         b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..4]);
     }
     let id = format!("agent-{}", hex::encode(b));
-    store.set_meta("agent_id", id.as_bytes(), true)?;
+    ledger.set_agent_id(&id)?;
     Ok(id)
 }
 
@@ -125,7 +122,7 @@ fn load_trust(
     trust_root: Option<&[u8]>,
     store: &Store,
 ) -> Result<crate::sync::trust::Trust, DaemonError> {
-    use crate::sync::trust::{META_ROOT, Trust};
+    use crate::sync::trust::Trust;
     use deckhand_protocol::root::TrustedRoot;
     let Some(installed) = trust_root else {
         let policy = TrustPolicy::new(keys.to_vec(), threshold).map_err(DaemonError::Trust)?;
@@ -135,17 +132,13 @@ fn load_trust(
         TrustedRoot::installed(installed, deployment).map_err(DaemonError::TrustRoot)?;
     // The store's root was reached from an installed one by the chain's rules; it is used if it is
     // newer (a root installed later than the store's wins).
-    let kept = store
-        .get_meta(META_ROOT)?
-        .filter(|b| !b.is_empty())
+    let ledger = crate::ledger::Ledger::new(store);
+    let kept = ledger
+        .followed_root()?
         .and_then(|b| TrustedRoot::installed(&b, deployment).ok())
         .filter(|k| k.version() > installed.version());
     // Every root held is kept by version, to pass on to peers that are behind.
-    store.set_meta(
-        &crate::sync::trust::meta_key(installed.version()),
-        installed.envelope(),
-        true,
-    )?;
+    ledger.keep_root(installed.version(), installed.envelope())?;
     let root = kept.unwrap_or(installed);
     tracing::info!(version = root.version(), "trusting the deployment's root");
     Ok(Trust::root(root))
@@ -203,12 +196,7 @@ fn follow_bundle_roots(
         let Some(root) = trust.advance(&body).map_err(DaemonError::TrustRoot)? else {
             return Ok(());
         };
-        store.set_meta(
-            &crate::sync::trust::meta_key(root.version()),
-            root.envelope(),
-            true,
-        )?;
-        store.set_meta(crate::sync::trust::META_ROOT, root.envelope(), true)?;
+        crate::ledger::Ledger::new(store).follow_root(root.version(), root.envelope())?;
         tracing::info!(
             version = root.version(),
             "trust root updated from the bundle"
@@ -224,7 +212,7 @@ pub async fn restore_active(
     policy: &TrustPolicy,
     backend: BackendChoice,
 ) -> Result<Option<u64>, DaemonError> {
-    let Some(envelope) = activation::active_envelope(store)? else {
+    let Some(envelope) = crate::ledger::Ledger::new(store).active()? else {
         return Ok(None);
     };
     // Signatures are checked again; expiry is not: a release that was valid when it went live keeps
@@ -423,7 +411,8 @@ pub async fn run(
                 last_error: sync.last_error,
                 last_refused: service.last_refusal(),
                 last_switch: sync.last_switch,
-                clock_behind_trusting: activation::time_floor(&store)
+                clock_behind_trusting: crate::ledger::Ledger::new(&store)
+                    .time_floor()
                     .ok()
                     .flatten()
                     .filter(|f| *f > jiff::Timestamp::now())
@@ -604,7 +593,7 @@ pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
         &store,
     )?;
     follow_bundle_roots(&trust, &store, &cfg.bundle, &name)?;
-    let now = activation::trusted_now(&store, jiff::Timestamp::now())?;
+    let now = crate::ledger::Ledger::new(&store).trusted_now(jiff::Timestamp::now())?;
     let policy = trust
         .admit_policy(now)
         .map_err(DaemonError::TrustRoot)?

@@ -7,6 +7,7 @@
 //! watching) sits behind the `daemon` feature, so the operator's CLI does not link it.
 
 pub mod http;
+pub mod metrics;
 pub mod origin;
 pub mod recognizer;
 pub mod release;
@@ -16,6 +17,8 @@ pub mod telemetry;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod ledger;
 #[cfg(feature = "daemon")]
 pub mod maintenance;
 #[cfg(feature = "daemon")]

@@ -194,7 +194,7 @@ fn sixteen_bit_and_per_channel_outputs_are_read_as_float32_and_embed_like_onnx()
 
 #[test]
 fn a_hundred_swaps_between_two_hefs_fail_no_request_and_reuse_their_network_groups() {
-    use deckhand_agent::http::metrics::Metrics;
+    use deckhand_agent::metrics::Metrics;
     use deckhand_agent::recognizer::service::Service;
     use deckhand_agent::recognizer::{BackendChoice, Recognizer, ReleasePaths};
     use std::sync::Arc;

@@ -1,11 +1,9 @@
-//! HTTP: the agent's API server (`/v1/recognize`, `/v1/status`, `/v1/fleet`, `/metrics`) and the shop page
-//! (`/`), the metrics it
-//! renders, and the one client that reads an agent's API.
+//! HTTP: the agent's API server (`/v1/recognize`, `/v1/status`, `/v1/fleet`, `/metrics`, rendering
+//! `crate::metrics`) and the shop page (`/`), and the one client that reads an agent's API.
 
 #[cfg(feature = "daemon")]
 mod api;
 pub mod client;
-pub mod metrics;
 #[cfg(feature = "daemon")]
 pub mod shop;
 

@@ -10,7 +10,6 @@
 //! a file appears under its final name only after its bytes were verified and synced. Manifests are
 //! written last, so a bundle with a manifest is a complete bundle.
 
-use crate::sync::activation::{META_ACTIVE, META_PREVIOUS};
 use deckhand_protocol::envelope::{inspect_unverified, unverified_id};
 use deckhand_protocol::layout::{Layout, Name};
 use deckhand_protocol::manifest::{BlobRef, Manifest};
@@ -83,7 +82,7 @@ pub struct ExportReport {
 pub fn export(data_dir: &Path, out: &Path, which: Which) -> Result<ExportReport, ExportError> {
     let reader = StoreReader::open(data_dir.join("store"))?;
     // Both envelopes from one committed state of the catalog (a swap records them together).
-    let recorded = reader.get_meta_many(&[META_ACTIVE, META_PREVIOUS])?;
+    let recorded = crate::ledger::recorded_releases(&reader)?;
     let wanted: &[(&'static str, usize)] = match which {
         Which::Active => &[("active", 0)],
         Which::Previous => &[("previous", 1)],
@@ -91,7 +90,7 @@ pub fn export(data_dir: &Path, out: &Path, which: Which) -> Result<ExportReport,
     };
     let mut releases: Vec<(&'static str, Vec<u8>, Manifest)> = Vec::new();
     for &(name, i) in wanted {
-        let Some(envelope) = recorded.get(i).cloned().flatten() else {
+        let Some(envelope) = recorded[i].clone() else {
             // `all` exports what there is; asking for one release that is not there is an error.
             if which == Which::All && name == "previous" {
                 continue;

@@ -16,7 +16,7 @@
 pub mod discovery;
 pub mod tls;
 
-use crate::http::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::peer::tls::{FleetCredentials, FleetError, peer_id};
 use deckhand_protocol::BlobId;
 use deckhand_protocol::status::PeerInfo;
@@ -940,9 +940,9 @@ impl PeerNode {
                     return Response::NotFound;
                 }
                 let store = self.inner.store.clone();
-                let key = crate::sync::trust::meta_key(version);
-                match tokio::task::spawn_blocking(move || store.get_meta(&key)).await {
-                    Ok(Ok(Some(envelope))) if !envelope.is_empty() => Response::Root { envelope },
+                let root = move || crate::ledger::Ledger::new(&store).root(version);
+                match tokio::task::spawn_blocking(root).await {
+                    Ok(Ok(Some(envelope))) => Response::Root { envelope },
                     Ok(Ok(_)) => Response::NotFound,
                     Ok(Err(e)) => Response::Error {
                         message: e.to_string(),

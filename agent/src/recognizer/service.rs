@@ -12,7 +12,7 @@
 
 use super::preprocess::{self, ImageError};
 use super::{BackendError, MAX_BATCH, Recognition, Recognizer};
-use crate::http::metrics::{Metrics, Via};
+use crate::metrics::{Metrics, Via};
 use arc_swap::ArcSwapOption;
 use image::RgbImage;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};

@@ -11,24 +11,12 @@
 //! 4. `record_active`: only after the swap, the pins move (previous := old active, active := new) and
 //!    the active envelope is recorded durably; then gc drops everything unpinned.
 
+use crate::ledger::Ledger;
 use crate::recognizer::{BackendChoice, Recognizer, RecognizerError, ReleasePaths};
 use deckhand_protocol::manifest::{BlobRef, Manifest, Role};
 use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
 use deckhand_store::{Store, StoreError};
 use std::path::Path;
-
-/// The catalog's meta keys holding the active and previous releases' envelopes (read by
-/// `store export` too).
-pub(crate) const META_ACTIVE: &str = "active_envelope";
-pub(crate) const META_PREVIOUS: &str = "previous_envelope";
-/// The envelope of the release accepted and not yet active (empty when none): recorded in the commit
-/// that accepts it, cleared in the one that activates it, so a restart (or a power cut) in between
-/// resumes it rather than leaving the highest accepted version out of reach.
-pub(crate) const META_PENDING: &str = "pending_envelope";
-
-fn highest_key(deployment: &str) -> String {
-    format!("highest_accepted/{deployment}")
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
@@ -42,34 +30,6 @@ pub enum ActivationError {
     Release { version: u64, why: String },
 }
 
-/// The highest manifest version this agent ever accepted for `deployment`.
-pub fn highest_accepted(store: &Store, deployment: &str) -> Result<Option<u64>, StoreError> {
-    Ok(store
-        .get_meta(&highest_key(deployment))?
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|s| s.parse().ok()))
-}
-
-/// The store's time floor: the newest `created_at` of a manifest it accepted
-/// ([`deckhand_protocol::clock`]).
-const TIME_FLOOR: &str = "time_floor";
-
-/// The durable time floor, if any manifest was accepted yet.
-pub fn time_floor(store: &Store) -> Result<Option<jiff::Timestamp>, StoreError> {
-    Ok(store
-        .get_meta(TIME_FLOOR)?
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|s| s.parse().ok()))
-}
-
-/// The agent's trusted now: the later of the system clock `system` and the store's time floor.
-pub fn trusted_now(store: &Store, system: jiff::Timestamp) -> Result<jiff::Timestamp, StoreError> {
-    Ok(deckhand_protocol::clock::trusted_now(
-        system,
-        time_floor(store)?,
-    ))
-}
-
 /// Verifies an envelope (expiry judged at the trusted now: the later of the system clock `system` and
 /// the time floor) and, if it is newer than anything accepted before, records its version as the
 /// highest accepted, raises the time floor to its `created_at` and records it as pending, in one durable
@@ -81,22 +41,13 @@ pub fn accept(
     envelope: &[u8],
     system: jiff::Timestamp,
 ) -> Result<VerifiedManifest, ActivationError> {
-    let floor = time_floor(store)?;
+    let ledger = Ledger::new(store);
+    let floor = ledger.time_floor()?;
     let now = deckhand_protocol::clock::trusted_now(system, floor);
     let verified = policy.verify(envelope, now)?;
-    verified.check_admissible(deployment, highest_accepted(store, deployment)?)?;
+    verified.check_admissible(deployment, ledger.highest_accepted(deployment)?)?;
     let floor = deckhand_protocol::clock::raise_floor(floor, verified.manifest.created_at);
-    store.set_pins_and_meta(
-        &[],
-        &[
-            (
-                highest_key(deployment).as_str(),
-                verified.manifest.version.to_string().as_bytes(),
-            ),
-            (TIME_FLOOR, floor.to_string().as_bytes()),
-            (META_PENDING, &verified.envelope),
-        ],
-    )?;
+    ledger.record_accepted(deployment, &verified, floor)?;
     Ok(verified)
 }
 
@@ -209,49 +160,19 @@ pub fn record_active(
     store: &Store,
     v: &VerifiedManifest,
 ) -> Result<deckhand_store::GcReport, StoreError> {
-    let old = store.get_meta(META_ACTIVE)?;
-    let old_blobs = store.pins("active")?;
-    let active = release_blobs(&v.manifest);
     // One durable commit: the swap is recorded whole or not at all.
-    match &old {
-        Some(env) if *env != v.envelope => store.set_pins_and_meta(
-            &[
-                ("previous", &old_blobs),
-                ("active", &active),
-                ("pending", &[]),
-            ],
-            &[
-                (META_PREVIOUS, env),
-                (META_ACTIVE, &v.envelope),
-                (META_PENDING, b""),
-            ],
-        )?,
-        _ => store.set_pins_and_meta(
-            &[("active", &active), ("pending", &[])],
-            &[(META_ACTIVE, &v.envelope), (META_PENDING, b"")],
-        )?,
-    }
+    Ledger::new(store).record_active(v, &release_blobs(&v.manifest))?;
     store.gc()
-}
-
-/// The accepted release not yet active, if any (its envelope, as accepted).
-pub fn pending_envelope(store: &Store) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(store.get_meta(META_PENDING)?.filter(|e| !e.is_empty()))
 }
 
 /// Collects at start what no release keeps, unless a release is pending (its download resumes, and
 /// activating it collects): a power cut between recording a release active and collecting the one it
 /// replaced leaves that one's blobs behind.
 pub fn collect_at_start(store: &Store) -> Result<Option<deckhand_store::GcReport>, StoreError> {
-    if pending_envelope(store)?.is_some() {
+    if Ledger::new(store).pending()?.is_some() {
         return Ok(None);
     }
     store.gc().map(Some)
-}
-
-/// The active release's envelope, as recorded.
-pub fn active_envelope(store: &Store) -> Result<Option<Vec<u8>>, StoreError> {
-    store.get_meta(META_ACTIVE)
 }
 
 /// The active and previous releases as their recorded manifests describe them (for the shop page). The
@@ -261,8 +182,9 @@ pub fn release_summaries(
 ) -> Result<Vec<deckhand_protocol::status::ReleaseSummary>, StoreError> {
     use deckhand_protocol::status::{ArtifactSummary, ReleaseSummary};
     let mut out = Vec::new();
-    for (role, key) in [("active", META_ACTIVE), ("previous", META_PREVIOUS)] {
-        let Some(env) = store.get_meta(key)? else {
+    let [active, previous] = Ledger::new(store).releases()?;
+    for (role, env) in [("active", active), ("previous", previous)] {
+        let Some(env) = env else {
             continue;
         };
         let Ok(m) = deckhand_protocol::envelope::inspect_unverified(&env) else {

@@ -4,8 +4,8 @@
 //! Every decision is the machine's; this file only does I/O, verification and storage.
 
 use super::{Engine, SyncError};
-use crate::http::metrics::RangeFailure;
-use crate::http::metrics::Source;
+use crate::metrics::RangeFailure;
+use crate::metrics::Source;
 use crate::origin::OriginError;
 use crate::peer::{HaveNote, PeerError};
 use deckhand_protocol::fetch::{Action, BlobChunks, Event, Fetch, FetchConfig};

@@ -26,7 +26,7 @@ pub mod bundle;
 mod download;
 pub mod trust;
 
-use crate::http::metrics::Source;
+use crate::metrics::Source;
 use crate::origin::{Fetched, Origin, OriginError};
 use crate::peer::{HaveNote, Hint, LocalState, PeerNode};
 use crate::recognizer::BackendChoice;
@@ -288,7 +288,7 @@ impl Engine {
             if resume {
                 resume = false;
                 if let Ok(Some(env)) = self
-                    .on_store(|store| Ok(activation::pending_envelope(store)?))
+                    .on_store(|store| Ok(crate::ledger::Ledger::new(store).pending()?))
                     .await
                 {
                     match self
@@ -456,7 +456,10 @@ impl Engine {
         });
         let envelope = match pending {
             Some(v) => Some(v.envelope.clone()),
-            None => activation::active_envelope(&self.store).ok().flatten(),
+            None => crate::ledger::Ledger::new(&self.store)
+                .active()
+                .ok()
+                .flatten(),
         };
         node.set_local(LocalState {
             active,
@@ -485,7 +488,7 @@ impl Engine {
         let (deployment, envelope) = (self.cfg.deployment.to_string(), envelope.to_vec());
         let (highest, accepted) = self
             .on_store(move |store| {
-                let highest = activation::highest_accepted(store, &deployment)?;
+                let highest = crate::ledger::Ledger::new(store).highest_accepted(&deployment)?;
                 // Accepting records it as pending in the same commit.
                 let accepted = activation::accept(
                     store,
@@ -594,8 +597,7 @@ impl Engine {
             Ok(Some(root)) => {
                 let (envelope, version) = (root.envelope().to_vec(), root.version());
                 self.on_store(move |store| {
-                    store.set_meta(&trust::meta_key(version), &envelope, true)?;
-                    Ok(store.set_meta(trust::META_ROOT, &envelope, true)?)
+                    Ok(crate::ledger::Ledger::new(store).follow_root(version, &envelope)?)
                 })
                 .await?;
                 tracing::info!(
@@ -910,7 +912,7 @@ impl Engine {
                 );
             }
             Err(why) => {
-                self.on_store(|store| Ok(store.set_meta(activation::META_PENDING, b"", true)?))
+                self.on_store(|store| Ok(crate::ledger::Ledger::new(store).clear_pending()?))
                     .await?;
                 tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");
             }
@@ -936,7 +938,7 @@ impl Engine {
         };
         // Judged by the trusted clock: a Pi whose clock is behind does not switch before not_before.
         let floor = self
-            .on_store(|store| Ok(activation::time_floor(store)?))
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).time_floor()?))
             .await?;
         if plan.mode == Mode::Together {
             self.set_ready(Some(release));

@@ -1,24 +1,15 @@
 //! What this agent trusts to sign manifests: a fixed list of keys (`--trust`), or a deployment's trust
 //! root (`--trust-root`), which the agent follows to newer roots published in the bucket
-//! (`deckhand keys rotate`). The newest verified root is kept in the store, so a restart does not walk
-//! back to the installed one.
+//! (`deckhand keys rotate`). The newest verified root is kept in the store (`crate::ledger`), so a restart does
+//! not walk back to the installed one.
 
 use deckhand_protocol::TrustPolicy;
 use deckhand_protocol::root::{RootError, TrustedRoot};
 use std::sync::Mutex;
 
-/// The store's meta key holding the newest verified root envelope.
-pub const META_ROOT: &str = "trust_root";
-
 /// The most roots followed in one go (from the origin in one poll, from a peer, from a bundle); a Pi
 /// further behind catches up over a few.
 pub const MAX_ROOTS_FOLLOWED: usize = 32;
-
-/// The store's meta key of the verified root of `version` (each is kept, to pass on to peers that are
-/// behind).
-pub fn meta_key(version: u64) -> String {
-    format!("trust_root/{version:020}")
-}
 
 #[derive(Debug)]
 pub struct Trust {

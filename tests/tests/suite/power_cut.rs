@@ -109,7 +109,9 @@ fn inspect(data_dir: &Path, newest: &deckhand_protocol::Manifest) -> AfterCut {
         report.corrupt,
         report.chunks_reset
     );
-    let highest = activation::highest_accepted(&store, DEPLOYMENT).unwrap();
+    let highest = deckhand_agent::ledger::Ledger::new(&store)
+        .highest_accepted(DEPLOYMENT)
+        .unwrap();
     let listing = maintenance::list(&store).unwrap();
     let complete: BTreeSet<&str> = listing
         .blobs
@@ -123,28 +125,31 @@ fn inspect(data_dir: &Path, newest: &deckhand_protocol::Manifest) -> AfterCut {
         .map(|(name, blobs)| (name.as_str(), blobs.iter().map(String::as_str).collect()))
         .collect();
     // The active release: its envelope, its pin and its blobs agree, and every blob is complete.
-    let active = activation::active_envelope(&store).unwrap().map(|env| {
-        let m = deckhand_protocol::envelope::inspect_unverified(&env).unwrap();
-        let blobs: Vec<String> = activation::release_blobs(&m)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        let named: BTreeSet<&str> = blobs.iter().map(String::as_str).collect();
-        assert_eq!(
-            pins.get("active"),
-            Some(&named),
-            "the active pin is not version {}'s blobs",
-            m.version
-        );
-        for b in &blobs {
-            assert!(
-                complete.contains(b.as_str()),
-                "version {} is active but its blob {b} is not complete",
+    let active = deckhand_agent::ledger::Ledger::new(&store)
+        .active()
+        .unwrap()
+        .map(|env| {
+            let m = deckhand_protocol::envelope::inspect_unverified(&env).unwrap();
+            let blobs: Vec<String> = activation::release_blobs(&m)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let named: BTreeSet<&str> = blobs.iter().map(String::as_str).collect();
+            assert_eq!(
+                pins.get("active"),
+                Some(&named),
+                "the active pin is not version {}'s blobs",
                 m.version
             );
-        }
-        m.version
-    });
+            for b in &blobs {
+                assert!(
+                    complete.contains(b.as_str()),
+                    "version {} is active but its blob {b} is not complete",
+                    m.version
+                );
+            }
+            m.version
+        });
     assert!(
         highest >= active,
         "highest accepted {highest:?} below the active version {active:?}"
@@ -380,11 +385,11 @@ async fn power_cuts_during_fetch_complete_activation_and_gc_leave_one_whole_rele
     // The last state is whole: the agent boots on it and serves the newest version.
     let fs = mount(&card, disk);
     let (dir, m) = (card.clone(), {
-        let env = deckhand_agent::sync::activation::active_envelope(
-            &deckhand_agent::maintenance::open(&card).unwrap(),
-        )
-        .unwrap()
-        .unwrap();
+        let store = deckhand_agent::maintenance::open(&card).unwrap();
+        let env = deckhand_agent::ledger::Ledger::new(&store)
+            .active()
+            .unwrap()
+            .unwrap();
         deckhand_protocol::envelope::inspect_unverified(&env).unwrap()
     });
     let after = tokio::task::spawn_blocking(move || inspect(&dir, &m))

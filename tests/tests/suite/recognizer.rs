@@ -1,8 +1,8 @@
 //! The recognizer and its service, in-process with real files: accuracy on perturbed photos, swaps under
 //! load, bad input over HTTP, and the inbox answering exactly as HTTP does.
 
-use deckhand_agent::http::metrics::Metrics;
 use deckhand_agent::http::{AppState, router, serve};
+use deckhand_agent::metrics::Metrics;
 use deckhand_agent::recognizer::inbox::Inbox;
 use deckhand_agent::recognizer::service::{RecognizeError, Service, SwapError};
 use deckhand_agent::recognizer::{BackendChoice, Recognizer};

@@ -5,7 +5,7 @@ use crate::error::ToolError;
 use crate::shop::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, perturb, reference_settings,
 };
-use deckhand_agent::http::metrics::Metrics;
+use deckhand_agent::metrics::Metrics;
 use deckhand_agent::recognizer::service::Service;
 use deckhand_agent::recognizer::{BackendChoice, BackendError, Recognizer, ReleasePaths};
 use deckhand_agent::release::ReleaseFiles;

@@ -1,0 +1,182 @@
+//! The ledger: what a Pi must remember across restarts and power cuts, and what its security rests on.
+//!
+//! Every meta key of the store's catalog is named here, and read and written only through [`Ledger`]:
+//! the agent's id, the highest manifest version accepted per deployment, the time floor (the newest
+//! signed time seen), the trust roots (each kept by version, and the one followed), and the releases
+//! (pending, active, previous, with their pins). Each write is one durable commit
+//! (`synchronous=FULL`), so a power cut leaves either the state before it or the state after it
+//! (store/DESIGN.md, "The ledger").
+
+use deckhand_protocol::{BlobId, VerifiedManifest};
+use deckhand_store::{Store, StoreError, StoreReader};
+
+const AGENT_ID: &str = "agent_id";
+const TIME_FLOOR: &str = "time_floor";
+/// The newest verified trust root envelope: the one followed.
+const ROOT: &str = "trust_root";
+const ACTIVE: &str = "active_envelope";
+const PREVIOUS: &str = "previous_envelope";
+/// The envelope of the release accepted and not yet active (empty when none): recorded in the commit
+/// that accepts it, cleared in the one that activates it, so a restart (or a power cut) in between
+/// resumes it rather than leaving the highest accepted version out of reach.
+const PENDING: &str = "pending_envelope";
+
+fn highest_key(deployment: &str) -> String {
+    format!("highest_accepted/{deployment}")
+}
+
+/// The key of the verified root of `version` (each is kept, to pass on to peers that are behind).
+fn root_key(version: u64) -> String {
+    format!("trust_root/{version:020}")
+}
+
+fn parsed<T: std::str::FromStr>(v: Option<Vec<u8>>) -> Option<T> {
+    v.and_then(|v| String::from_utf8(v).ok())
+        .and_then(|s| s.parse().ok())
+}
+
+fn nonempty(v: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    v.filter(|e| !e.is_empty())
+}
+
+/// The durable facts of one store.
+#[derive(Clone, Copy)]
+pub struct Ledger<'s> {
+    store: &'s Store,
+}
+
+impl<'s> Ledger<'s> {
+    pub fn new(store: &'s Store) -> Self {
+        Self { store }
+    }
+
+    /// The agent id recorded at first start (or from its certificate).
+    pub fn agent_id(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .get_meta(AGENT_ID)?
+            .and_then(|v| String::from_utf8(v).ok())
+            .filter(|id| !id.is_empty()))
+    }
+
+    pub fn set_agent_id(&self, id: &str) -> Result<(), StoreError> {
+        self.store.set_meta(AGENT_ID, id.as_bytes(), true)
+    }
+
+    /// The highest manifest version this agent ever accepted for `deployment`.
+    pub fn highest_accepted(&self, deployment: &str) -> Result<Option<u64>, StoreError> {
+        Ok(parsed(self.store.get_meta(&highest_key(deployment))?))
+    }
+
+    /// The time floor: the newest `created_at` of a manifest accepted ([`deckhand_protocol::clock`]), if
+    /// any was accepted yet.
+    pub fn time_floor(&self) -> Result<Option<jiff::Timestamp>, StoreError> {
+        Ok(parsed(self.store.get_meta(TIME_FLOOR)?))
+    }
+
+    /// The agent's trusted now: the later of the system clock `system` and the time floor.
+    pub fn trusted_now(&self, system: jiff::Timestamp) -> Result<jiff::Timestamp, StoreError> {
+        Ok(deckhand_protocol::clock::trusted_now(
+            system,
+            self.time_floor()?,
+        ))
+    }
+
+    /// Records a verified manifest as accepted, in one commit: its version as the highest accepted for
+    /// `deployment`, the time floor raised to `floor`, and its envelope as pending.
+    pub fn record_accepted(
+        &self,
+        deployment: &str,
+        verified: &VerifiedManifest,
+        floor: jiff::Timestamp,
+    ) -> Result<(), StoreError> {
+        self.store.set_pins_and_meta(
+            &[],
+            &[
+                (
+                    highest_key(deployment).as_str(),
+                    verified.manifest.version.to_string().as_bytes(),
+                ),
+                (TIME_FLOOR, floor.to_string().as_bytes()),
+                (PENDING, &verified.envelope),
+            ],
+        )
+    }
+
+    /// The accepted release not yet active, if any (its envelope, as accepted).
+    pub fn pending(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(nonempty(self.store.get_meta(PENDING)?))
+    }
+
+    /// The pending release was refused (its canaries failed, it does not load): nothing is pending.
+    pub fn clear_pending(&self) -> Result<(), StoreError> {
+        self.store.set_meta(PENDING, b"", true)
+    }
+
+    /// The active release's envelope, as recorded.
+    pub fn active(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(nonempty(self.store.get_meta(ACTIVE)?))
+    }
+
+    /// The active and previous releases' envelopes, as recorded.
+    pub fn releases(&self) -> Result<[Option<Vec<u8>>; 2], StoreError> {
+        Ok([
+            nonempty(self.store.get_meta(ACTIVE)?),
+            nonempty(self.store.get_meta(PREVIOUS)?),
+        ])
+    }
+
+    /// Records `v` as the active release after its swap, in one commit: the old active becomes previous
+    /// (its blobs still pinned, for rollback), `blobs` are pinned as active, nothing is pending.
+    pub fn record_active(&self, v: &VerifiedManifest, blobs: &[BlobId]) -> Result<(), StoreError> {
+        let old = self.active()?;
+        let old_blobs = self.store.pins("active")?;
+        match &old {
+            Some(env) if *env != v.envelope => self.store.set_pins_and_meta(
+                &[
+                    ("previous", &old_blobs),
+                    ("active", blobs),
+                    ("pending", &[]),
+                ],
+                &[(PREVIOUS, env), (ACTIVE, &v.envelope), (PENDING, b"")],
+            ),
+            _ => self.store.set_pins_and_meta(
+                &[("active", blobs), ("pending", &[])],
+                &[(ACTIVE, &v.envelope), (PENDING, b"")],
+            ),
+        }
+    }
+
+    /// The trust root followed: the newest verified one, reached from an installed root.
+    pub fn followed_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(nonempty(self.store.get_meta(ROOT)?))
+    }
+
+    /// The verified root of `version`, if this agent holds it.
+    pub fn root(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(nonempty(self.store.get_meta(&root_key(version))?))
+    }
+
+    /// Keeps a verified root by its version (to pass on to peers), without following it.
+    pub fn keep_root(&self, version: u64, envelope: &[u8]) -> Result<(), StoreError> {
+        self.store.set_meta(&root_key(version), envelope, true)
+    }
+
+    /// Follows a verified root, in one commit: kept by its version and recorded as the one followed.
+    pub fn follow_root(&self, version: u64, envelope: &[u8]) -> Result<(), StoreError> {
+        self.store.set_pins_and_meta(
+            &[],
+            &[(root_key(version).as_str(), envelope), (ROOT, envelope)],
+        )
+    }
+}
+
+/// The active and previous releases' envelopes read through a [`StoreReader`] (another process, while
+/// the agent runs), from one committed state of the catalog (a swap records them together).
+pub fn recorded_releases(reader: &StoreReader) -> Result<[Option<Vec<u8>>; 2], StoreError> {
+    let mut recorded = reader.get_meta_many(&[ACTIVE, PREVIOUS])?.into_iter();
+    Ok([
+        nonempty(recorded.next().flatten()),
+        nonempty(recorded.next().flatten()),
+    ])
+}
