@@ -55,8 +55,6 @@ pub enum DaemonError {
     Trust(#[source] deckhand_protocol::VerifyError),
     #[error("--trust-root: {0}")]
     TrustRoot(#[source] deckhand_protocol::root::RootError),
-    #[error("the trust policy is unavailable")]
-    TrustUnavailable,
     #[error("--deployment: {0}")]
     Deployment(#[source] deckhand_protocol::layout::LayoutError),
     #[error("--peer needs fleet credentials (--fleet-ca, --fleet-cert, --fleet-key)")]
@@ -246,7 +244,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let store = open_store(&cfg.settings.data_dir, cfg.settings.store_budget)?;
     let trust = Arc::new(trust(&cfg, &store)?);
-    let policy = trust.policy().ok_or(DaemonError::TrustUnavailable)?;
+    let policy = trust.policy();
     let metrics = Arc::new(Metrics::default());
     let service = Service::start(metrics.clone())?;
     match restore_active(&store, &service, &policy, cfg.settings.backend).await {
@@ -594,10 +592,7 @@ pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
     )?;
     follow_bundle_roots(&trust, &store, &cfg.bundle, &name)?;
     let now = crate::ledger::Ledger::new(&store).trusted_now(jiff::Timestamp::now())?;
-    let policy = trust
-        .admit_policy(now)
-        .map_err(DaemonError::TrustRoot)?
-        .ok_or(DaemonError::TrustUnavailable)?;
+    let policy = trust.admit_policy(now).map_err(DaemonError::TrustRoot)?;
     let current = cfg.bundle.join(
         deckhand_protocol::layout::Layout::new("")
             .map_err(DaemonError::Deployment)?

@@ -37,7 +37,7 @@ use deckhand_protocol::manifest::BlobRef;
 use deckhand_protocol::status::Pending;
 use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
 use deckhand_protocol::wire::ReleaseRef;
-use deckhand_protocol::{ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
+use deckhand_protocol::{ChunkMap, VerifiedManifest, VerifyError};
 use deckhand_store::Store;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -123,8 +123,6 @@ pub enum SyncError {
     Root(#[from] deckhand_protocol::root::RootError),
     #[error(transparent)]
     Verify(#[from] VerifyError),
-    #[error("the trust policy is unavailable (a thread holding it panicked)")]
-    TrustUnavailable,
     #[error(transparent)]
     Activation(#[from] ActivationError),
     #[error(transparent)]
@@ -291,10 +289,7 @@ impl Engine {
                     .on_store(|store| Ok(crate::ledger::Ledger::new(store).pending()?))
                     .await
                 {
-                    match self
-                        .policy()
-                        .and_then(|p| p.verify_ignoring_expiry(&env).map_err(SyncError::from))
-                    {
+                    match self.cfg.trust.policy().verify_ignoring_expiry(&env) {
                         Ok(v) => {
                             if let Err(e) = self.fetch_and_activate(&v, Via::Resume).await {
                                 tracing::warn!(cause = %e, "the pending release is not complete yet; will retry");
@@ -480,11 +475,7 @@ impl Engine {
         envelope: &[u8],
         from: &Via,
     ) -> Result<Option<VerifiedManifest>, SyncError> {
-        let policy = self
-            .cfg
-            .trust
-            .admit_policy(jiff::Timestamp::now())?
-            .ok_or(SyncError::TrustUnavailable)?;
+        let policy = self.cfg.trust.admit_policy(jiff::Timestamp::now())?;
         let (deployment, envelope) = (self.cfg.deployment.to_string(), envelope.to_vec());
         let (highest, accepted) = self
             .on_store(move |store| {
@@ -557,11 +548,6 @@ impl Engine {
         }
         *etag = new_etag;
         Ok(())
-    }
-
-    /// The signature policy for what was accepted before.
-    fn policy(&self) -> Result<TrustPolicy, SyncError> {
-        self.cfg.trust.policy().ok_or(SyncError::TrustUnavailable)
     }
 
     /// Follows the deployment's trust root to the newest one published at `origin` (the bucket, or a
@@ -646,7 +632,7 @@ impl Engine {
         let envelope = node.get_manifest(&h.peer).await?;
         // A fleet member that relays a forged manifest, or announces one version and relays an older
         // one (a replay), is lying: banned.
-        match self.policy()?.verify_ignoring_expiry(&envelope) {
+        match self.cfg.trust.policy().verify_ignoring_expiry(&envelope) {
             Ok(v) if v.manifest.version < h.version => node.ban(
                 &h.peer,
                 &format!(

@@ -5,7 +5,7 @@
 
 use deckhand_protocol::TrustPolicy;
 use deckhand_protocol::root::{RootError, TrustedRoot};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// The most roots followed in one go (from the origin in one poll, from a peer, from a bundle); a Pi
 /// further behind catches up over a few.
@@ -35,41 +35,49 @@ impl Trust {
         }
     }
 
-    fn state(&self) -> Option<State> {
-        self.state.lock().ok().map(|s| s.clone())
-    }
-
-    /// The policy to check signatures of what was accepted before (stored, resumed, relayed by a peer).
-    pub fn policy(&self) -> Option<TrustPolicy> {
-        Some(match self.state()? {
-            State::Keys(p) => p,
-            State::Root(r) => r.policy_ignoring_expiry().clone(),
+    /// The state. Only a panic inside one of the short sections below could poison the lock, and each
+    /// of them leaves the state whole (it is replaced by one assignment), so a poisoned lock is reported
+    /// and its state used: root following never stops quietly.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| {
+            tracing::error!("the trust state's lock was poisoned by a panic; its state is kept");
+            poisoned.into_inner()
         })
     }
 
+    fn state(&self) -> State {
+        self.lock().clone()
+    }
+
+    /// The policy to check signatures of what was accepted before (stored, resumed, relayed by a peer).
+    pub fn policy(&self) -> TrustPolicy {
+        match self.state() {
+            State::Keys(p) => p,
+            State::Root(r) => r.policy_ignoring_expiry().clone(),
+        }
+    }
+
     /// The policy to admit a new manifest with at `now`: a root that expired admits nothing.
-    pub fn admit_policy(&self, now: jiff::Timestamp) -> Result<Option<TrustPolicy>, RootError> {
+    pub fn admit_policy(&self, now: jiff::Timestamp) -> Result<TrustPolicy, RootError> {
         Ok(match self.state() {
-            None => None,
-            Some(State::Keys(p)) => Some(p),
-            Some(State::Root(r)) => Some(r.policy_at(now)?.clone()),
+            State::Keys(p) => p,
+            State::Root(r) => r.policy_at(now)?.clone(),
         })
     }
 
     /// The version of the next root to look for, when following a root.
     pub fn next_root(&self) -> Option<u64> {
-        match self.state()? {
+        match self.state() {
             State::Keys(_) => None,
             State::Root(r) => r.version().checked_add(1),
         }
     }
 
     /// Takes `envelope` as the next root if it is one. Returns the verified root for the caller to
-    /// keep; the policy changes at once.
+    /// keep (`None` when no root is followed: the agent trusts a fixed list of keys); the policy
+    /// changes at once.
     pub fn advance(&self, envelope: &[u8]) -> Result<Option<TrustedRoot>, RootError> {
-        let Ok(mut state) = self.state.lock() else {
-            return Ok(None);
-        };
+        let mut state = self.lock();
         let State::Root(current) = &*state else {
             return Ok(None);
         };
