@@ -4,18 +4,20 @@
 //! an expired manifest keeps serving, since recognition must never stop), and serves recognitions over
 //! HTTP and the inbox. It needs no network to do so.
 
-use crate::http::{AppState, FleetFn, StatusFn};
+use crate::http::AppState;
 use crate::metrics::Metrics;
+use crate::peer::PeerNode;
+use crate::peer::statuses::PeerStatuses;
 use crate::recognizer::BackendChoice;
 use crate::recognizer::inbox::Inbox;
 use crate::recognizer::service::{Service, check_canaries};
 use crate::sync::activation::{self, ActivationError};
-use deckhand_protocol::status::{ActiveRelease, FleetMember, FleetView, Status};
 use deckhand_protocol::{PublicKey, TrustPolicy};
 use deckhand_store::{Options, Store, StoreError};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::sync::mpsc::Receiver;
 use tracing::Instrument as _;
 
 /// How long the daemon's tasks get to stop after the HTTP API stopped, before they are aborted.
@@ -65,8 +67,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is larger than any signed document may be ({limit} bytes); not read")]
-    EnvelopeTooLarge { path: PathBuf, limit: u64 },
     #[error("a loader task stopped: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -93,6 +93,8 @@ pub enum DaemonError {
     Discovery(#[from] crate::peer::discovery::DiscoveryError),
     #[error(transparent)]
     Bundle(#[from] crate::sync::bundle::BundleError),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
 }
 
 pub fn open_store(data_dir: &std::path::Path, budget: Option<u64>) -> Result<Store, StoreError> {
@@ -142,67 +144,6 @@ fn load_trust(
     Ok(Trust::root(root))
 }
 
-/// Reads a signed document (a manifest or trust root envelope) from a file, refusing one larger than any
-/// envelope may be before reading it whole. `Ok(None)` when the file does not exist.
-fn read_envelope_file(path: &Path) -> Result<Option<Vec<u8>>, DaemonError> {
-    use std::io::Read as _;
-    let limit = deckhand_protocol::envelope::MAX_ENVELOPE as u64;
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(DaemonError::BundleRead {
-                path: path.to_owned(),
-                source,
-            });
-        }
-    };
-    let mut body = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut body)
-        .map_err(|source| DaemonError::BundleRead {
-            path: path.to_owned(),
-            source,
-        })?;
-    if body.len() as u64 > limit {
-        return Err(DaemonError::EnvelopeTooLarge {
-            path: path.to_owned(),
-            limit,
-        });
-    }
-    Ok(Some(body))
-}
-
-/// Follows the chain of trust roots the operator put in a bundle directory (`deployments/D/root/N.json`,
-/// as at the origin), keeping each in the store before it is used. A root that does not verify is an
-/// error: the operator is at the Pi, and must know.
-fn follow_bundle_roots(
-    trust: &crate::sync::trust::Trust,
-    store: &Store,
-    bundle: &Path,
-    deployment: &deckhand_protocol::layout::Name,
-) -> Result<(), DaemonError> {
-    let layout = deckhand_protocol::layout::Layout::new("").map_err(DaemonError::Deployment)?;
-    for _ in 0..crate::sync::trust::MAX_ROOTS_FOLLOWED {
-        let Some(next) = trust.next_root() else {
-            return Ok(());
-        };
-        let Some(body) = read_envelope_file(&bundle.join(layout.trust_root(deployment, next)))?
-        else {
-            return Ok(());
-        };
-        let Some(root) = trust.advance(&body).map_err(DaemonError::TrustRoot)? else {
-            return Ok(());
-        };
-        crate::ledger::Ledger::new(store).follow_root(root.version(), root.envelope())?;
-        tracing::info!(
-            version = root.version(),
-            "trust root updated from the bundle"
-        );
-    }
-    Ok(())
-}
-
 /// Loads the active release recorded in the store into the service. Returns its version, or `None`.
 pub async fn restore_active(
     store: &Store,
@@ -237,41 +178,16 @@ pub async fn restore_active(
 
 /// Runs until `shutdown` resolves. Prints where it listens on stdout (`quic listening on ADDR`, then
 /// `listening on http://ADDR`), once serving: the shop's `Fleet` and anyone supervising the process read
-/// those lines.
+/// those lines. Wiring only: each part starts in its own function, every task is owned by `tasks` (the
+/// peer node owns its own) and stops on `stop`.
 pub async fn run(
     cfg: RunConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let store = open_store(&cfg.settings.data_dir, cfg.settings.store_budget)?;
     let trust = Arc::new(trust(&cfg, &store)?);
-    let policy = trust.policy();
-    let metrics = Arc::new(Metrics::default());
-    let service = Service::start(metrics.clone())?;
-    match restore_active(&store, &service, &policy, cfg.settings.backend).await {
-        Ok(Some(v)) => tracing::info!(version = v, "serving the active release from the store"),
-        Ok(None) => {
-            tracing::warn!("no release in the store yet; recognitions answer 503 until one arrives")
-        }
-        Err(e) => {
-            tracing::error!(cause = %e, "the recorded active release does not load");
-            service.refuse(0, "", &e.to_string());
-        }
-    }
-    {
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || activation::collect_at_start(&store)).await {
-            Ok(Ok(Some(gc))) if gc.blobs_removed > 0 => {
-                tracing::info!(
-                    blobs = gc.blobs_removed,
-                    freed = gc.bytes_freed,
-                    "collected what an interrupted activation left"
-                );
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(cause = %e, "collecting at start failed"),
-            Err(e) => tracing::warn!(cause = %e, "collecting at start failed"),
-        }
-    }
+    let service = Service::start(Arc::new(Metrics::default()))?;
+    serve_from_store(&store, &service, &trust.policy(), cfg.settings.backend).await;
     let creds = cfg
         .fleet
         .as_ref()
@@ -279,215 +195,46 @@ pub async fn run(
         .transpose()?;
     let me = agent_id(&store, creds.as_ref())?;
     let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
-    let deployment = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
-        .map_err(DaemonError::Deployment)?;
-    let sync_status = Arc::new(std::sync::Mutex::new(crate::sync::SyncStatus::default()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (peers, hints) = match &creds {
-        Some(creds) => {
-            let (node, hints) = crate::peer::PeerNode::start(
-                crate::peer::PeerConfig {
-                    creds: creds.clone(),
-                    deployment: cfg.deployment.clone(),
-                    listen: cfg.settings.quic_listen,
-                    static_peers: cfg.settings.peers.clone(),
-                    streams_per_peer: 8,
-                    serve_bytes_per_sec: cfg.settings.serve_bytes_per_sec,
-                },
-                store.clone(),
-                metrics.clone(),
-                stop_rx.clone(),
-            )
-            .await?;
-            (Some(node), Some(hints))
-        }
-        None => {
-            if !cfg.settings.peers.is_empty() {
-                return Err(DaemonError::PeersWithoutCredentials);
-            }
-            (None, None)
-        }
-    };
-    // Every task the daemon starts is owned here and stops on `stop_rx` (the peer node owns its own).
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let _mdns = match (&peers, cfg.settings.mdns) {
-        (Some(node), true) => {
-            match crate::peer::discovery::Mdns::start(
-                node.clone(),
-                &cfg.deployment,
-                stop_rx.clone(),
-            ) {
-                Ok((m, browse)) => {
-                    tasks.spawn(browse.instrument(span.clone()));
-                    Some(m)
-                }
-                Err(e) => {
-                    // Static peers still work; a LAN without multicast is no reason not to serve.
-                    tracing::warn!(cause = %e, "mdns discovery is off");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
-    let (bundle_tx, bundle_rx) = tokio::sync::mpsc::channel(4);
+    let (peers, hints) = start_peers(&cfg, creds, &store, &service, &stop).await?;
+    let _mdns = start_discovery(&cfg, peers.as_ref(), &stop, &mut tasks, &span);
+    let (bundle_tx, bundles) = tokio::sync::mpsc::channel(4);
     let _bundles = match &cfg.settings.bundle_dir {
         Some(dir) => {
             let (watcher, debounce) =
-                crate::sync::bundle::BundleWatcher::start(dir.clone(), bundle_tx, stop_rx.clone())?;
+                crate::sync::bundle::BundleWatcher::start(dir.clone(), bundle_tx, stop.clone())?;
             tasks.spawn(debounce.instrument(span.clone()));
             Some(watcher)
         }
         None => None,
     };
-    let origin = match &cfg.origin {
-        Some((url, origin_cfg)) => Some(crate::origin::connect(url, origin_cfg).await?),
-        None => None,
-    };
-    let engine = crate::sync::Engine::new(
-        crate::sync::SyncConfig {
-            agent_id: me.clone(),
-            origin,
-            deployment,
-            trust: trust.clone(),
-            backend: cfg.settings.backend,
-            poll: cfg.settings.poll,
-            max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),
-            max_wait: cfg.settings.max_wait,
-            gather: cfg.settings.gather,
-            budget: cfg.budget.clone(),
-            activate: cfg.settings.activate,
-            activate_deadline: cfg.settings.activate_deadline,
-        },
-        store.clone(),
-        service.clone(),
-        sync_status.clone(),
-        peers.clone(),
-    );
+    let sync_status = Arc::new(std::sync::Mutex::new(crate::sync::SyncStatus::default()));
+    let engine = engine(&cfg, &me, trust, &store, &service, &sync_status, &peers).await?;
     let sync_beat = engine.beat();
-    tasks.spawn(
-        engine
-            .run(
-                crate::sync::Inputs {
-                    hints,
-                    haves: peers.as_ref().and_then(|p| p.take_haves()),
-                    bundles: Some(bundle_rx),
-                },
-                stop_rx.clone(),
-            )
-            .instrument(span.clone()),
-    );
-    let status: StatusFn = {
-        let (service, deployment, sync_status, peers, me, store) = (
-            service.clone(),
-            cfg.deployment.clone(),
-            sync_status.clone(),
-            peers.clone(),
-            me.clone(),
-            store.clone(),
-        );
-        Arc::new(move || {
-            // The active release is read under the sync status's lock, which the swap also holds:
-            // a document never shows the new release beside the old one's errors or progress.
-            let (sync, active) = match sync_status.lock() {
-                Ok(s) => (s.clone(), service.active()),
-                Err(_) => (Default::default(), service.active()),
-            };
-            let usage = store.usage().ok();
-            Status {
-                agent_id: me.clone(),
-                deployment: deployment.clone(),
-                active: active.map(|r| ActiveRelease {
-                    version: r.version,
-                    manifest: r.manifest_id.to_string(),
-                    backend: r.backend().to_owned(),
-                    activated_at: r.activated_at().map(|t| t.to_string()),
-                }),
-                pending: sync.pending,
-                offline_since: sync.offline_since,
-                disk_full: sync.disk_full,
-                last_error: sync.last_error,
-                last_refused: service.last_refusal(),
-                last_switch: sync.last_switch,
-                clock_behind_trusting: crate::ledger::Ledger::new(&store)
-                    .time_floor()
-                    .ok()
-                    .flatten()
-                    .filter(|f| *f > jiff::Timestamp::now())
-                    .map(|f| f.to_string()),
-                last_refused_manifest: sync.last_refused_manifest,
-                bytes_from_peers: sync.bytes_from_peers,
-                bytes_from_origin: sync.bytes_from_origin,
-                bytes_from_bundles: sync.bytes_from_bundles,
-                bytes_served: service.metrics().served(),
-                quic_listen: peers.as_ref().map(|p| p.listen_addr().to_string()),
-                peers: peers.as_ref().map(|p| p.peers()).unwrap_or_default(),
-                recognitions: Some(service.metrics().recognition_stats()),
-                recent: service.metrics().recent(),
-                releases: activation::release_summaries(&store).unwrap_or_default(),
-                store_bytes: usage.as_ref().map(|u| u.complete_bytes + u.partial_bytes),
-                store_budget: usage.as_ref().and_then(|u| u.budget),
-            }
-        })
+    let inputs = crate::sync::Inputs {
+        hints,
+        haves: peers.as_ref().and_then(|p| p.take_haves()),
+        bundles: Some(bundles),
     };
-    let peer_statuses = crate::http::shop::PeerStatuses::default();
+    tasks.spawn(engine.run(inputs, stop.clone()).instrument(span.clone()));
+    let sources = crate::report::Sources {
+        agent_id: me,
+        deployment: cfg.deployment.clone(),
+        sync: sync_status,
+        service: service.clone(),
+        peers: peers.clone(),
+        store,
+    };
+    let peer_statuses = PeerStatuses::default();
     if let Some(node) = &peers {
-        let status = status.clone();
+        let sources = sources.clone();
         node.set_status_source(Arc::new(move || {
-            serde_json::to_vec(&status()).unwrap_or_default()
+            serde_json::to_vec(&sources.status()).unwrap_or_default()
         }));
-        tasks.spawn(
-            crate::http::shop::watch(node.clone(), peer_statuses.clone(), stop_rx.clone())
-                .instrument(span.clone()),
-        );
+        let watch = crate::peer::statuses::watch(node.clone(), peer_statuses.clone(), stop.clone());
+        tasks.spawn(watch.instrument(span.clone()));
     }
-    let fleet: FleetFn = {
-        let status = status.clone();
-        let peer_statuses = peer_statuses.clone();
-        Arc::new(move || {
-            peer_statuses.touch();
-            let s = status();
-            let mut agents = vec![FleetMember {
-                id: s.agent_id,
-                is_self: true,
-                live: true,
-                active: s.active.map(|a| a.version),
-                pending: s.pending.as_ref().map(|p| p.version),
-                bytes_from_peers: s.bytes_from_peers,
-                bytes_from_origin: s.bytes_from_origin,
-                last_error: s.last_error,
-                progress: s.pending,
-                reaches_origin: Some(s.offline_since.is_none()),
-                ..FleetMember::default()
-            }];
-            agents.extend(s.peers.into_iter().map(|p| {
-                FleetMember {
-                    progress: p
-                        .live
-                        .then(|| peer_statuses.get(&p.id).and_then(|st| st.pending))
-                        .flatten(),
-                    id: p.id,
-                    is_self: false,
-                    live: p.live,
-                    addr: Some(p.addr),
-                    active: p.active,
-                    pending: p.pending,
-                    banned: p.banned,
-                    bytes_from: p.bytes_from,
-                    bytes_to: p.bytes_to,
-                    last_error: p.last_error,
-                    reaches_origin: p.origin,
-                    last_seen: p.last_seen,
-                    banned_until: p.banned_until,
-                    ..FleetMember::default()
-                }
-            }));
-            FleetView {
-                deployment: s.deployment,
-                agents,
-            }
-        })
-    };
     let listener = tokio::net::TcpListener::bind(cfg.settings.http_listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -500,48 +247,185 @@ pub async fn run(
     }
     println!("listening on http://{addr}");
     crate::systemd::ready();
-    {
-        let (status, service) = (status.clone(), service.clone());
-        tasks.spawn(
-            crate::systemd::run(
-                move || status().summary_line(),
-                move || {
-                    service.inference_alive(crate::systemd::INFERENCE_LIMIT)?;
-                    let quiet = sync_beat.since();
-                    if quiet > crate::systemd::SYNC_LIMIT {
-                        return Err(format!(
-                            "the sync loop has not gone round for {:.0} s",
-                            quiet.as_secs_f64()
-                        ));
-                    }
-                    Ok(())
-                },
-                stop_rx,
-            )
-            .instrument(span.clone()),
-        );
-    }
-    let _inbox = match &cfg.settings.inbox {
-        Some(inbox) => {
-            let outbox = cfg
-                .settings
-                .outbox
-                .clone()
-                .unwrap_or_else(|| inbox.with_file_name("outbox"));
-            Some(Inbox::start(service.clone(), inbox.clone(), outbox)?)
-        }
-        None => None,
-    };
+    let watchdog = watchdog(sources.clone(), service.clone(), sync_beat, stop);
+    tasks.spawn(watchdog.instrument(span));
+    let _inbox = start_inbox(&cfg, &service)?;
     let app = crate::http::router(AppState {
         service: service.clone(),
-        status,
-        fleet,
+        status: {
+            let sources = sources.clone();
+            Arc::new(move || sources.status())
+        },
+        fleet: Arc::new(move || sources.fleet(&peer_statuses)),
     });
     crate::http::serve(listener, app, shutdown).await?;
     crate::systemd::stopping();
     tracing::debug!("the HTTP API stopped");
     let _ = stop_tx.send(true);
-    // Each task drops its work at once on stop; one that does not within the bound is aborted.
+    stop_all(tasks, peers, service).await;
+    Ok(())
+}
+
+/// Loads the active release recorded in the store into the service, and collects what an interrupted
+/// activation left. Neither failing stops the daemon: a release that does not load is shown refused
+/// (recognitions answer 503 until one arrives).
+async fn serve_from_store(
+    store: &Store,
+    service: &Service,
+    policy: &TrustPolicy,
+    backend: BackendChoice,
+) {
+    match restore_active(store, service, policy, backend).await {
+        Ok(Some(v)) => tracing::info!(version = v, "serving the active release from the store"),
+        Ok(None) => {
+            tracing::warn!("no release in the store yet; recognitions answer 503 until one arrives")
+        }
+        Err(e) => {
+            tracing::error!(cause = %e, "the recorded active release does not load");
+            service.refuse(0, "", &e.to_string());
+        }
+    }
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || activation::collect_at_start(&store)).await {
+        Ok(Ok(Some(gc))) if gc.blobs_removed > 0 => {
+            tracing::info!(
+                blobs = gc.blobs_removed,
+                freed = gc.bytes_freed,
+                "collected what an interrupted activation left"
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(cause = %e, "collecting at start failed"),
+        Err(e) => tracing::warn!(cause = %e, "collecting at start failed"),
+    }
+}
+
+/// The QUIC peer node, when the agent has fleet credentials, and the receiver of its hints.
+async fn start_peers(
+    cfg: &RunConfig,
+    creds: Option<crate::peer::tls::FleetCredentials>,
+    store: &Store,
+    service: &Service,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(Option<PeerNode>, Option<Receiver<crate::peer::Hint>>), DaemonError> {
+    let Some(creds) = creds else {
+        if !cfg.settings.peers.is_empty() {
+            return Err(DaemonError::PeersWithoutCredentials);
+        }
+        return Ok((None, None));
+    };
+    let peer_cfg = crate::peer::PeerConfig {
+        creds,
+        deployment: cfg.deployment.clone(),
+        listen: cfg.settings.quic_listen,
+        static_peers: cfg.settings.peers.clone(),
+        streams_per_peer: 8,
+        serve_bytes_per_sec: cfg.settings.serve_bytes_per_sec,
+    };
+    let metrics = service.metrics().clone();
+    let (node, hints) = PeerNode::start(peer_cfg, store.clone(), metrics, stop.clone()).await?;
+    Ok((Some(node), Some(hints)))
+}
+
+/// mDNS discovery of the shop's peers; a LAN without multicast is no reason not to serve (static peers
+/// still work), so failing to start it is logged, not fatal.
+fn start_discovery(
+    cfg: &RunConfig,
+    peers: Option<&PeerNode>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    span: &tracing::Span,
+) -> Option<crate::peer::discovery::Mdns> {
+    let node = peers.filter(|_| cfg.settings.mdns)?;
+    match crate::peer::discovery::Mdns::start(node.clone(), &cfg.deployment, stop.clone()) {
+        Ok((m, browse)) => {
+            tasks.spawn(browse.instrument(span.clone()));
+            Some(m)
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, "mdns discovery is off");
+            None
+        }
+    }
+}
+
+async fn engine(
+    cfg: &RunConfig,
+    me: &str,
+    trust: Arc<crate::sync::trust::Trust>,
+    store: &Store,
+    service: &Service,
+    sync_status: &Arc<std::sync::Mutex<crate::sync::SyncStatus>>,
+    peers: &Option<PeerNode>,
+) -> Result<crate::sync::Engine, DaemonError> {
+    let origin = match &cfg.origin {
+        Some((url, origin_cfg)) => Some(crate::origin::connect(url, origin_cfg).await?),
+        None => None,
+    };
+    let deployment = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
+        .map_err(DaemonError::Deployment)?;
+    let sync_cfg = crate::sync::SyncConfig {
+        agent_id: me.to_owned(),
+        origin,
+        deployment,
+        trust,
+        backend: cfg.settings.backend,
+        poll: cfg.settings.poll,
+        max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),
+        max_wait: cfg.settings.max_wait,
+        gather: cfg.settings.gather,
+        budget: cfg.budget.clone(),
+        activate: cfg.settings.activate,
+        activate_deadline: cfg.settings.activate_deadline,
+    };
+    Ok(crate::sync::Engine::new(
+        sync_cfg,
+        store.clone(),
+        service.clone(),
+        sync_status.clone(),
+        peers.clone(),
+    ))
+}
+
+/// The systemd watchdog: pings while inference answers and the sync loop goes round.
+fn watchdog(
+    sources: crate::report::Sources,
+    service: Service,
+    sync_beat: crate::systemd::Beat,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    crate::systemd::run(
+        move || sources.status().summary_line(),
+        move || {
+            service.inference_alive(crate::systemd::INFERENCE_LIMIT)?;
+            let quiet = sync_beat.since();
+            if quiet > crate::systemd::SYNC_LIMIT {
+                return Err(format!(
+                    "the sync loop has not gone round for {:.0} s",
+                    quiet.as_secs_f64()
+                ));
+            }
+            Ok(())
+        },
+        stop,
+    )
+}
+
+fn start_inbox(cfg: &RunConfig, service: &Service) -> Result<Option<Inbox>, DaemonError> {
+    let Some(inbox) = &cfg.settings.inbox else {
+        return Ok(None);
+    };
+    let outbox = cfg
+        .settings
+        .outbox
+        .clone()
+        .unwrap_or_else(|| inbox.with_file_name("outbox"));
+    Ok(Some(Inbox::start(service.clone(), inbox.clone(), outbox)?))
+}
+
+/// After `stop` was sent: each task drops its work at once; one that does not within [`TASKS_STOP`]
+/// is aborted. Then the node leaves the fleet and the recognizer stops.
+async fn stop_all(mut tasks: tokio::task::JoinSet<()>, peers: Option<PeerNode>, service: Service) {
     if tokio::time::timeout(TASKS_STOP, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -560,7 +444,6 @@ pub async fn run(
         tracing::debug!("left the fleet");
     }
     service.shutdown();
-    Ok(())
 }
 
 /// A settled configuration for `import`.
@@ -579,7 +462,7 @@ pub struct ImportConfig {
 /// Sideloads the newest release of a bundle directory into the store and makes it the active one: the
 /// manifest is verified and must be newer than anything accepted; every blob is imported and checked;
 /// the release must load and pass its canaries. Returns the version.
-pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
+pub async fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
     let store = open_store(&cfg.data_dir, None)?;
     let name = deckhand_protocol::layout::Name::deployment(&cfg.deployment)
         .map_err(DaemonError::Deployment)?;
@@ -590,18 +473,22 @@ pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
         cfg.trust_root.as_deref(),
         &store,
     )?;
-    follow_bundle_roots(&trust, &store, &cfg.bundle, &name)?;
+    // The same reading of a stick as the engine's; a root that does not verify is an error here: the
+    // operator is at the Pi, and must know.
+    let bundle = crate::sync::bundle::Bundle::open(&cfg.bundle).await?;
+    let followed = bundle.follow_roots(&trust, &store, &name).await?;
+    if let Some(e) = followed.refused {
+        return Err(DaemonError::TrustRoot(e));
+    }
+    let Some(envelope) = bundle.envelope(&name).await? else {
+        let layout = deckhand_protocol::layout::Layout::new("").map_err(DaemonError::Deployment)?;
+        return Err(DaemonError::BundleRead {
+            path: cfg.bundle.join(layout.current(&name)),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    };
     let now = crate::ledger::Ledger::new(&store).trusted_now(jiff::Timestamp::now())?;
     let policy = trust.admit_policy(now).map_err(DaemonError::TrustRoot)?;
-    let current = cfg.bundle.join(
-        deckhand_protocol::layout::Layout::new("")
-            .map_err(DaemonError::Deployment)?
-            .current(&name),
-    );
-    let envelope = read_envelope_file(&current)?.ok_or_else(|| DaemonError::BundleRead {
-        path: current.clone(),
-        source: std::io::Error::from(std::io::ErrorKind::NotFound),
-    })?;
     let verified = activation::accept(
         &store,
         &policy,
@@ -609,13 +496,17 @@ pub fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
         &envelope,
         jiff::Timestamp::now(),
     )?;
-    activation::import_bundle(&store, &cfg.bundle, &verified.manifest)?;
-    let recognizer = activation::load_recognizer(&store, &verified, cfg.backend)?;
-    let canaries = activation::canaries(&store, &verified.manifest)?;
-    check_canaries(&recognizer, &canaries).map_err(|e| ActivationError::Release {
-        version: verified.manifest.version,
-        why: e.to_string(),
-    })?;
-    activation::record_active(&store, &verified)?;
-    Ok(verified.manifest.version)
+    bundle.import_blobs(&store, &verified.manifest).await?;
+    let (store, backend) = (store.clone(), cfg.backend);
+    tokio::task::spawn_blocking(move || {
+        let recognizer = activation::load_recognizer(&store, &verified, backend)?;
+        let canaries = activation::canaries(&store, &verified.manifest)?;
+        check_canaries(&recognizer, &canaries).map_err(|e| ActivationError::Release {
+            version: verified.manifest.version,
+            why: e.to_string(),
+        })?;
+        activation::record_active(&store, &verified)?;
+        Ok::<_, DaemonError>(verified.manifest.version)
+    })
+    .await?
 }

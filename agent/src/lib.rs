@@ -7,6 +7,7 @@
 //! watching) sits behind the `daemon` feature, so the operator's CLI does not link it.
 
 pub mod http;
+pub mod locks;
 pub mod metrics;
 pub mod origin;
 pub mod recognizer;
@@ -23,6 +24,8 @@ pub mod ledger;
 pub mod maintenance;
 #[cfg(feature = "daemon")]
 pub mod peer;
+#[cfg(feature = "daemon")]
+pub mod report;
 #[cfg(feature = "daemon")]
 pub mod sync;
 #[cfg(feature = "daemon")]

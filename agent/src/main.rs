@@ -161,7 +161,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 bundle: args.bundle.clone(),
                 backend,
             };
-            let version = daemon::import(&cfg)
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let version = rt
+                .block_on(daemon::import(&cfg))
                 .with_context(|| format!("importing {}", args.bundle.display()))?;
             println!("activated version {version}");
             Ok(ExitCode::SUCCESS)

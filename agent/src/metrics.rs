@@ -96,7 +96,8 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-        if let Ok(mut w) = self.window.lock() {
+        {
+            let mut w = crate::locks::lock(&self.window, "window");
             let now = Instant::now();
             while w.len() >= WINDOW_CAP
                 || w.front()
@@ -128,7 +129,8 @@ impl Metrics {
             .to_owned(),
             version: r.manifest_version,
         };
-        if let Ok(mut recent) = self.recent.lock() {
+        {
+            let mut recent = crate::locks::lock(&self.recent, "recent");
             recent.push_front(entry);
             recent.truncate(RECENT);
         }
@@ -136,25 +138,20 @@ impl Metrics {
 
     /// The latest answers, newest first.
     pub fn recent(&self) -> Vec<RecentRecognition> {
-        self.recent
-            .lock()
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default()
+        crate::locks::lock(&self.recent, "recent answers")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Answers and latency percentiles over the last minute.
     pub fn recognition_stats(&self) -> RecognitionStats {
         let now = Instant::now();
-        let mut lat: Vec<f64> = self
-            .window
-            .lock()
-            .map(|w| {
-                w.iter()
-                    .filter(|(t, _)| now.duration_since(*t) <= WINDOW)
-                    .map(|(_, ms)| *ms)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut lat: Vec<f64> = crate::locks::lock(&self.window, "latency window")
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= WINDOW)
+            .map(|(_, ms)| *ms)
+            .collect();
         lat.sort_by(f64::total_cmp);
         let pick =
             |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);

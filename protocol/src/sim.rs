@@ -470,40 +470,7 @@ impl<'a> Sim<'a> {
     fn process(&mut self, t: Duration, ev: Ev) {
         let blob = self.release[0].blob;
         match ev {
-            Ev::Start(a) => {
-                let mut fc = self.cfg.fetch.clone();
-                fc.me = self.names[a].clone();
-                let ag = &mut self.agents[a];
-                let mut fetch = Fetch::new(fc, &self.release, &[Vec::new()], t);
-                fetch.handle(
-                    Event::Budget {
-                        bytes_per_sec: self.cfg.budget,
-                    },
-                    t,
-                );
-                ag.fetch = Some(fetch);
-                ag.alive = true;
-                ag.started = true;
-                self.dirty.insert(a);
-                let others: Vec<usize> = (0..self.cfg.agents)
-                    .filter(|b| *b != a && self.agents[*b].alive)
-                    .collect();
-                let span = self
-                    .cfg
-                    .discover
-                    .end
-                    .saturating_sub(self.cfg.discover.start);
-                for b in others {
-                    let (lo, hi) = (a.min(b) as u64, a.max(b) as u64);
-                    let j = jitter(
-                        self.cfg.seed,
-                        &[b"meet", &lo.to_le_bytes(), &hi.to_le_bytes()],
-                    );
-                    let frac = (j % 10_000) as f64 / 10_000.0;
-                    let d = self.cfg.discover.start + span.mul_f64(frac);
-                    self.at(t + d, Ev::Meet(a, b));
-                }
-            }
+            Ev::Start(a) => self.start_agent(a, t),
             Ev::Meet(a, b) => {
                 if !(self.agents[a].alive && self.agents[b].alive) {
                     return;
@@ -525,27 +492,8 @@ impl<'a> Sim<'a> {
                     self.at(at, Ev::Deliver(x, bm));
                 }
             }
-            Ev::Die(a) | Ev::Leave(a) => {
-                let graceful = matches!(ev, Ev::Leave(_));
-                if !self.agents[a].alive {
-                    return;
-                }
-                self.agents[a].alive = false;
-                self.uplink.retain(|tr| tr.agent != a);
-                let knows: Vec<usize> = self.agents[a].knows.iter().copied().collect();
-                let notice = if graceful {
-                    self.cfg.lan_latency
-                } else {
-                    self.cfg.detect
-                };
-                for b in knows {
-                    self.agents[b].knows.remove(&a);
-                    let down = Event::PeerDown {
-                        peer: self.names[a].clone(),
-                    };
-                    self.at(t + notice, Ev::Deliver(b, down));
-                }
-            }
+            Ev::Die(a) => self.gone(a, false, t),
+            Ev::Leave(a) => self.gone(a, true, t),
             Ev::Deliver(a, e) => self.deliver(a, e, t),
             Ev::Tick(a) => {
                 if self.agents[a].next_tick.is_some_and(|w| w <= t) {
@@ -553,53 +501,13 @@ impl<'a> Sim<'a> {
                 }
                 self.dirty.insert(a);
             }
-            Ev::Flush(a) => {
-                self.agents[a].flushing = false;
-                if !self.agents[a].alive {
-                    return;
-                }
-                let chunks: Vec<u32> = std::mem::take(&mut self.agents[a].pending_have)
-                    .into_iter()
-                    .collect();
-                if chunks.is_empty() {
-                    return;
-                }
-                let knows: Vec<usize> = self.agents[a].knows.iter().copied().collect();
-                for b in knows {
-                    let have = Event::Have {
-                        peer: self.names[a].clone(),
-                        blob,
-                        chunks: chunks.clone(),
-                    };
-                    self.at(t + self.cfg.lan_latency, Ev::Deliver(b, have));
-                }
-            }
+            Ev::Flush(a) => self.flush(a, t),
             Ev::PeerDone {
                 to,
                 from,
                 id,
                 asked,
-            } => {
-                if !self.agents[to].alive {
-                    return;
-                }
-                if !self.agents[from].alive {
-                    // A dead peer never answers: the request times out; a peer that left refused at once.
-                    let fail = Event::PeerFailed {
-                        peer: self.names[from].clone(),
-                        id,
-                        failure: PeerFailure::Timeout,
-                    };
-                    self.at(
-                        (asked + self.cfg.chunk_timeout).max(t),
-                        Ev::Deliver(to, fail),
-                    );
-                    return;
-                }
-                let len = self.chunk_len(&id);
-                self.report.lan_bytes += u64::from(len);
-                self.stored(to, id, t);
-            }
+            } => self.peer_done(to, from, id, asked, t),
             Ev::UplinkStart(a, blob, range, chunks) => {
                 if !self.agents[a].alive {
                     return;
@@ -614,6 +522,111 @@ impl<'a> Sim<'a> {
                 });
             }
         }
+    }
+
+    fn start_agent(&mut self, a: usize, t: Duration) {
+        let mut fc = self.cfg.fetch.clone();
+        fc.me = self.names[a].clone();
+        let ag = &mut self.agents[a];
+        let mut fetch = Fetch::new(fc, &self.release, &[Vec::new()], t);
+        fetch.handle(
+            Event::Budget {
+                bytes_per_sec: self.cfg.budget,
+            },
+            t,
+        );
+        ag.fetch = Some(fetch);
+        ag.alive = true;
+        ag.started = true;
+        self.dirty.insert(a);
+        let others: Vec<usize> = (0..self.cfg.agents)
+            .filter(|b| *b != a && self.agents[*b].alive)
+            .collect();
+        let span = self
+            .cfg
+            .discover
+            .end
+            .saturating_sub(self.cfg.discover.start);
+        for b in others {
+            let (lo, hi) = (a.min(b) as u64, a.max(b) as u64);
+            let j = jitter(
+                self.cfg.seed,
+                &[b"meet", &lo.to_le_bytes(), &hi.to_le_bytes()],
+            );
+            let frac = (j % 10_000) as f64 / 10_000.0;
+            let d = self.cfg.discover.start + span.mul_f64(frac);
+            self.at(t + d, Ev::Meet(a, b));
+        }
+    }
+
+    /// Agent `a` dies (its peers notice after `detect`) or leaves (they are told at once).
+    fn gone(&mut self, a: usize, graceful: bool, t: Duration) {
+        if !self.agents[a].alive {
+            return;
+        }
+        self.agents[a].alive = false;
+        self.uplink.retain(|tr| tr.agent != a);
+        let knows: Vec<usize> = self.agents[a].knows.iter().copied().collect();
+        let notice = if graceful {
+            self.cfg.lan_latency
+        } else {
+            self.cfg.detect
+        };
+        for b in knows {
+            self.agents[b].knows.remove(&a);
+            let down = Event::PeerDown {
+                peer: self.names[a].clone(),
+            };
+            self.at(t + notice, Ev::Deliver(b, down));
+        }
+    }
+
+    /// Agent `a` pushes what it stored since its last push to the peers it knows.
+    fn flush(&mut self, a: usize, t: Duration) {
+        let blob = self.release[0].blob;
+        self.agents[a].flushing = false;
+        if !self.agents[a].alive {
+            return;
+        }
+        let chunks: Vec<u32> = std::mem::take(&mut self.agents[a].pending_have)
+            .into_iter()
+            .collect();
+        if chunks.is_empty() {
+            return;
+        }
+        let knows: Vec<usize> = self.agents[a].knows.iter().copied().collect();
+        for b in knows {
+            let have = Event::Have {
+                peer: self.names[a].clone(),
+                blob,
+                chunks: chunks.clone(),
+            };
+            self.at(t + self.cfg.lan_latency, Ev::Deliver(b, have));
+        }
+    }
+
+    /// A chunk request from `to` to `from`, asked at `asked`, is answered (or, `from` being dead, times
+    /// out).
+    fn peer_done(&mut self, to: usize, from: usize, id: BlobId, asked: Duration, t: Duration) {
+        if !self.agents[to].alive {
+            return;
+        }
+        if !self.agents[from].alive {
+            // A dead peer never answers: the request times out; a peer that left refused at once.
+            let fail = Event::PeerFailed {
+                peer: self.names[from].clone(),
+                id,
+                failure: PeerFailure::Timeout,
+            };
+            self.at(
+                (asked + self.cfg.chunk_timeout).max(t),
+                Ev::Deliver(to, fail),
+            );
+            return;
+        }
+        let len = self.chunk_len(&id);
+        self.report.lan_bytes += u64::from(len);
+        self.stored(to, id, t);
     }
 
     fn chunk_len(&self, id: &BlobId) -> u32 {

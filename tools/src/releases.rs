@@ -366,11 +366,67 @@ pub async fn bundle_push(
         &OriginConfig::default(),
     )
     .await?;
+    let mut report = PushReport::default();
+    let manifests = bundle_manifests(&*bundle, deployment, trust, &mut report).await?;
+    let mut problems = Vec::new();
+    let already = already_restored(origin, deployment, &manifests, &mut problems).await?;
+    let lacking = check_bundle_blobs(
+        &*bundle,
+        origin,
+        &manifests,
+        work,
+        &mut report,
+        &mut problems,
+    )
+    .await?;
+    if !problems.is_empty() {
+        return Err(ToolError::BundleRefused { problems });
+    }
+    // Only now is anything written: blobs and chunk maps, then the manifests, then current.json.
     let bl = bundle.layout().clone();
     let dl = origin.layout().clone();
-    let mut report = PushReport::default();
+    for id in &lacking {
+        let key = dl.blob(id);
+        let path = root.join(bl.blob(id));
+        let size = std::fs::metadata(&path)
+            .map_err(ToolError::io("read", &path))?
+            .len();
+        origin.put_file(&key, &path, &|_| {}).await?;
+        report.uploaded += 1;
+        report.bytes_uploaded += size;
+    }
+    write_manifests(origin, deployment, &manifests, &already, &mut report).await?;
+    report.current_before = origin
+        .get_opt(&dl.current(deployment))
+        .await?
+        .and_then(|b| inspect_unverified(&b).ok())
+        .map(|m| m.version);
+    if let Some(newest) = manifests.last()
+        && report
+            .current_before
+            .is_none_or(|before| before < newest.manifest.version)
+        && crate::publish::advance_current(
+            origin,
+            deployment,
+            newest.manifest.version,
+            &newest.envelope,
+        )
+        .await?
+    {
+        report.current_set_to = Some(newest.manifest.version);
+    }
+    Ok(report)
+}
 
-    // 1. The manifests, verified.
+/// Step 1: every manifest of `deployment` in the bundle, verified against `trust` (expiry aside, with a
+/// warning), oldest first.
+async fn bundle_manifests(
+    bundle: &dyn Bucket,
+    deployment: &Name,
+    trust: &TrustPolicy,
+    report: &mut PushReport,
+) -> Result<Vec<deckhand_protocol::VerifiedManifest>, ToolError> {
+    let bl = bundle.layout().clone();
     let mut manifests = Vec::new();
     for obj in bundle.list(&bl.manifest_dir(deployment)).await? {
         let Ok(Key::Manifest { version, .. }) = bl.classify(&obj.key) else {
@@ -409,11 +465,20 @@ pub async fn bundle_push(
         });
     }
     manifests.sort_by_key(|v| v.manifest.version);
+    Ok(manifests)
+}
 
-    // 2. Nothing may already sit at a restored version but the same bytes.
-    let mut problems = Vec::new();
+/// Step 2: nothing may already sit at a restored version but the same bytes. Returns the versions
+/// already there.
+async fn already_restored(
+    origin: &dyn Bucket,
+    deployment: &Name,
+    manifests: &[deckhand_protocol::VerifiedManifest],
+    problems: &mut Vec<String>,
+) -> Result<BTreeSet<u64>, ToolError> {
+    let dl = origin.layout().clone();
     let mut already = BTreeSet::new();
-    for v in &manifests {
+    for v in manifests {
         let key = dl.manifest(deployment, v.manifest.version);
         match origin.get_opt(&key).await? {
             Some(b) if b == v.envelope => {
@@ -425,12 +490,23 @@ pub async fn bundle_push(
             None => {}
         }
     }
+    Ok(already)
+}
 
-    // 3. Every blob and chunk map verified in the bundle, and what the origin lacks, before anything is
-    //    written.
+/// Step 3: every blob and chunk map verified in the bundle (all of them: a bundle that does not verify
+/// is refused whole), and what the origin lacks, before anything is written.
+async fn check_bundle_blobs(
+    bundle: &dyn Bucket,
+    origin: &dyn Bucket,
+    manifests: &[deckhand_protocol::VerifiedManifest],
+    work: &Path,
+    report: &mut PushReport,
+    problems: &mut Vec<String>,
+) -> Result<Vec<BlobId>, ToolError> {
+    let dl = origin.layout().clone();
     let mut lacking: Vec<BlobId> = Vec::new();
     let mut seen = BTreeSet::new();
-    for v in &manifests {
+    for v in manifests {
         for b in v.manifest.blobs() {
             if !seen.insert(b.blob) {
                 continue;
@@ -449,26 +525,24 @@ pub async fn bundle_push(
             // Every blob of the bundle is checked, not only those uploaded: a bundle that does not
             // verify is refused whole.
             let what = describe(&v.manifest, &b.blob);
-            check_blob(&*bundle, &b, &what, work, &mut problems).await?;
+            check_blob(bundle, &b, &what, work, problems).await?;
             lacking.extend(missing);
         }
     }
-    if !problems.is_empty() {
-        return Err(ToolError::BundleRefused { problems });
-    }
+    Ok(lacking)
+}
 
-    // 4. Write: blobs and chunk maps, then the manifests, then current.json.
-    for id in &lacking {
-        let key = dl.blob(id);
-        let path = root.join(bl.blob(id));
-        let size = std::fs::metadata(&path)
-            .map_err(ToolError::io("read", &path))?
-            .len();
-        origin.put_file(&key, &path, &|_| {}).await?;
-        report.uploaded += 1;
-        report.bytes_uploaded += size;
-    }
-    for v in &manifests {
+/// Each manifest under its own version with `If-None-Match: *`: the same bytes already there are fine,
+/// different bytes refuse the push.
+async fn write_manifests(
+    origin: &dyn Bucket,
+    deployment: &Name,
+    manifests: &[deckhand_protocol::VerifiedManifest],
+    already: &BTreeSet<u64>,
+    report: &mut PushReport,
+) -> Result<(), ToolError> {
+    let dl = origin.layout().clone();
+    for v in manifests {
         let version = v.manifest.version;
         let key = dl.manifest(deployment, version);
         let written = if already.contains(&version) {
@@ -500,24 +574,5 @@ pub async fn bundle_push(
             written,
         });
     }
-    report.current_before = origin
-        .get_opt(&dl.current(deployment))
-        .await?
-        .and_then(|b| inspect_unverified(&b).ok())
-        .map(|m| m.version);
-    if let Some(newest) = manifests.last()
-        && report
-            .current_before
-            .is_none_or(|before| before < newest.manifest.version)
-        && crate::publish::advance_current(
-            origin,
-            deployment,
-            newest.manifest.version,
-            &newest.envelope,
-        )
-        .await?
-    {
-        report.current_set_to = Some(newest.manifest.version);
-    }
-    Ok(report)
+    Ok(())
 }

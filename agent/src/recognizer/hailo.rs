@@ -480,9 +480,7 @@ impl Embedder for HailoEmbedder {
 /// Drops the cached networks no live release uses and, if none is left, the vdevice with every group
 /// on it (at shutdown, or to hand the board to another process). Returns the networks still in use.
 pub fn release_unused() -> usize {
-    let Ok(mut guard) = REGISTRY.lock() else {
-        return 0;
-    };
+    let mut guard = crate::locks::lock(&REGISTRY, "hailo registry");
     let Some(reg) = guard.as_mut() else {
         return 0;
     };
@@ -497,9 +495,7 @@ pub fn release_unused() -> usize {
 /// Network groups configured on the current vdevice, and how many HEFs are cached on it (for tests and
 /// status).
 pub fn configured_groups() -> (usize, usize) {
-    REGISTRY
-        .lock()
-        .ok()
-        .and_then(|r| r.as_ref().map(|r| (r.configured, r.nets.len())))
-        .unwrap_or((0, 0))
+    crate::locks::lock(&REGISTRY, "hailo registry")
+        .as_ref()
+        .map_or((0, 0), |r| (r.configured, r.nets.len()))
 }

@@ -139,11 +139,9 @@ impl Service {
     /// Whether the inference thread is alive: running, and not inside one batch for longer than `limit`
     /// (a wedged accelerator or driver). `Err` says what is wrong, for the watchdog.
     pub fn inference_alive(&self, limit: std::time::Duration) -> Result<(), String> {
-        let finished = self
-            .thread
-            .lock()
-            .map(|t| t.as_ref().is_none_or(|h| h.is_finished()))
-            .unwrap_or(true);
+        let finished = crate::locks::lock(&self.thread, "inference thread")
+            .as_ref()
+            .is_none_or(|h| h.is_finished());
         if finished {
             return Err("the inference thread is not running".into());
         }
@@ -158,7 +156,7 @@ impl Service {
 
     /// The last release refused at activation, if any.
     pub fn last_refusal(&self) -> Option<Refusal> {
-        self.refused.lock().ok().and_then(|r| r.clone())
+        crate::locks::lock(&self.refused, "refused").clone()
     }
 
     /// Queues a decoded image. Fails at once when the queue is full.
@@ -263,7 +261,8 @@ impl Service {
             reason,
             "release refused; the active release keeps serving"
         );
-        if let Ok(mut r) = self.refused.lock() {
+        {
+            let mut r = crate::locks::lock(&self.refused, "refused");
             *r = Some(Refusal {
                 version,
                 manifest_id: manifest_id.to_owned(),
@@ -275,12 +274,12 @@ impl Service {
 
     /// Stops taking requests and waits for the inference thread to finish those queued.
     pub fn shutdown(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
+        {
+            let mut tx = crate::locks::lock(&self.tx, "tx");
             tx.take();
         }
-        if let Ok(mut t) = self.thread.lock()
-            && let Some(handle) = t.take()
-        {
+        let thread = crate::locks::lock(&self.thread, "inference thread").take();
+        if let Some(handle) = thread {
             let _ = handle.join();
         }
     }

@@ -80,3 +80,66 @@ impl BundleWatcher {
         Ok((BundleWatcher { _watcher: watcher }, debounce))
     }
 }
+
+/// A bundle directory (`deckhand bundle export`: the origin's layout on a stick), read the one way
+/// both the engine and `deckhand-agent import` take a release in from one: its trust roots first
+/// ([`Bundle::follow_roots`]), then its current.json ([`Bundle::envelope`]), admitted by the caller,
+/// then every blob of the release imported and checked ([`Bundle::import_blobs`]).
+pub struct Bundle {
+    dir: PathBuf,
+    /// The directory read as a file origin (same layout as the bucket).
+    origin: std::sync::Arc<dyn crate::origin::Origin>,
+}
+
+impl Bundle {
+    pub async fn open(dir: &std::path::Path) -> Result<Bundle, super::SyncError> {
+        let url = crate::origin::OriginUrl::File {
+            root: dir.to_owned(),
+        };
+        let origin = crate::origin::connect(&url, &crate::origin::OriginConfig::default()).await?;
+        Ok(Bundle {
+            dir: dir.to_owned(),
+            origin,
+        })
+    }
+
+    pub fn label(&self) -> String {
+        format!("bundle {}", self.dir.display())
+    }
+
+    /// Follows the trust roots the operator put in the bundle ([`super::trust::follow_roots`]).
+    pub async fn follow_roots(
+        &self,
+        trust: &super::trust::Trust,
+        store: &deckhand_store::Store,
+        deployment: &deckhand_protocol::layout::Name,
+    ) -> Result<super::trust::Followed, super::SyncError> {
+        let source = super::trust::RootSource::Origin(self.origin.as_ref());
+        super::trust::follow_roots(trust, store, deployment, &source, &self.label()).await
+    }
+
+    /// The deployment's current.json in the bundle (`None` if it has none), read only up to
+    /// [`deckhand_protocol::envelope::MAX_ENVELOPE`]: a stick is not trusted to be small.
+    pub async fn envelope(
+        &self,
+        deployment: &deckhand_protocol::layout::Name,
+    ) -> Result<Option<Vec<u8>>, super::SyncError> {
+        let layout = deckhand_protocol::layout::Layout::new("")?;
+        let current = self.dir.join(layout.current(deployment));
+        super::read_capped(&current, deckhand_protocol::envelope::MAX_ENVELOPE).await
+    }
+
+    /// Imports every blob of the admitted release `m` from the bundle into the store, each checked
+    /// against the manifest. Returns the bytes imported (blobs the store held already are skipped).
+    pub async fn import_blobs(
+        &self,
+        store: &deckhand_store::Store,
+        m: &deckhand_protocol::Manifest,
+    ) -> Result<u64, super::SyncError> {
+        let (store, dir, m) = (store.clone(), self.dir.clone(), m.clone());
+        let imported =
+            tokio::task::spawn_blocking(move || super::activation::import_bundle(&store, &dir, &m))
+                .await??;
+        Ok(imported)
+    }
+}

@@ -1,15 +1,18 @@
 //! The pump around [`deckhand_protocol::fetch::Fetch`]: it feeds the state machine what happened (peers
 //! up and down, pushed HAVEs and bitmaps, chunks stored, requests failed, ranges done) and carries out
 //! what it asks (chunk requests to peers, Range GETs to the origin), in owned tasks of one `JoinSet`.
-//! Every decision is the machine's; this file only does I/O, verification and storage.
+//! Every decision about peers and the origin is the machine's (its verdicts on peers are recorded for
+//! the peer node to enforce); this file does I/O, verification and storage, and the chores of a
+//! member of the swarm: pushing HAVEs to the peers downloading the same release and refreshing their
+//! bitmaps.
 
 use super::{Engine, SyncError};
 use crate::metrics::RangeFailure;
 use crate::metrics::Source;
 use crate::origin::OriginError;
 use crate::peer::{HaveNote, PeerError};
-use deckhand_protocol::fetch::{Action, BlobChunks, Event, Fetch, FetchConfig};
-use deckhand_protocol::wire::{MAX_HAVE, ReleaseRef};
+use deckhand_protocol::fetch::{Action, BlobChunks, Event, Fetch};
+use deckhand_protocol::wire::{Hello, MAX_HAVE, ReleaseRef};
 use deckhand_protocol::{BlobId, Chunk, ChunkMap};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
@@ -23,6 +26,8 @@ const HAVE_EVERY: Duration = Duration::from_millis(100);
 const REFRESH: Duration = Duration::from_secs(3);
 /// The longest sleep between looks at the peer table.
 const LOOK: Duration = Duration::from_millis(250);
+/// How long the final HAVE pushes are waited for once the download is complete.
+const LAST_PUSHES: Duration = Duration::from_millis(500);
 
 /// What an owned task reports back.
 enum Done {
@@ -73,15 +78,100 @@ impl Engine {
         release: &ReleaseRef,
         before: u64,
     ) -> Result<(), SyncError> {
+        let mut pump = Pump::new(self, maps, *release, before).await?;
+        let mut haves = self.haves.lock().await;
+        loop {
+            self.beat.beat();
+            let t = pump.now();
+            pump.budget_now(t);
+            pump.look_at_peers(t);
+            if let Some((peer, newer)) = self.superseded(release) {
+                let version = release.version;
+                return Err(SyncError::Superseded {
+                    version,
+                    newer,
+                    peer,
+                });
+            }
+            pump.show_progress();
+            if pump.fetch.is_complete() {
+                break;
+            }
+            if pump.fetch.stalled(t) {
+                return Err(pump.stalled());
+            }
+            for action in pump.fetch.poll(t) {
+                pump.start(action);
+            }
+            self.announce();
+            pump.push_haves(t, false);
+            let wake = pump.wake(t);
+            tokio::select! {
+                Some(done) = pump.tasks.join_next() => {
+                    pump.finished(done.map_err(SyncError::Worker)?)?;
+                    // Take in whatever else finished meanwhile before deciding again.
+                    while let Some(more) = pump.tasks.try_join_next() {
+                        pump.finished(more.map_err(SyncError::Worker)?)?;
+                    }
+                }
+                Some(note) = recv_opt(&mut *haves) => {
+                    pump.have(note);
+                    while let Some(Ok(more)) = haves.as_mut().map(|h| h.try_recv()) {
+                        pump.have(more);
+                    }
+                }
+                _ = tokio::time::sleep(wake) => {}
+            }
+        }
+        pump.finish().await;
+        Ok(())
+    }
+}
+
+/// One download's state around its machine: the owned tasks, the peers fed to the machine, and the
+/// HAVEs owed to the peers downloading the same release.
+struct Pump<'e> {
+    engine: &'e Engine,
+    fetch: Fetch,
+    release: ReleaseRef,
+    blobs: Vec<BlobChunks>,
+    /// Where each chunk id sits, for the HAVEs this agent pushes.
+    places: HashMap<BlobId, Vec<(BlobId, u32)>>,
+    tasks: JoinSet<Done>,
+    /// The peers fed to the machine as up, and whether each shares the origin fetches.
+    known: BTreeMap<String, bool>,
+    /// Peers that serve this release already: they hold every chunk of it.
+    serving: BTreeSet<String>,
+    owed: Owed,
+    started: Instant,
+    refresh_at: Duration,
+    flush_at: Duration,
+    /// Bytes of the release complete before this download, and held as last shown in status.
+    before: u64,
+    shown: u64,
+    /// The last refused answer of the origin, for a stall's message.
+    origin_bad: Option<String>,
+    /// The uplink budget last fed to the machine.
+    budget: Option<Option<u64>>,
+    stall: Duration,
+}
+
+impl<'e> Pump<'e> {
+    async fn new(
+        engine: &'e Engine,
+        maps: &[ChunkMap],
+        release: ReleaseRef,
+        before: u64,
+    ) -> Result<Pump<'e>, SyncError> {
         let started = Instant::now();
-        let now = || started.elapsed();
         let mut blobs = Vec::new();
         let mut held = Vec::new();
         for map in maps {
-            let (s, id) = (self.store.clone(), map.blob());
-            let bitmap =
-                super::joined(tokio::task::spawn_blocking(move || s.have_bitmap(&id)).await)??
-                    .unwrap_or_default();
+            let id = map.blob();
+            let bitmap = engine
+                .on_store(move |s| Ok(s.have_bitmap(&id)?))
+                .await?
+                .unwrap_or_default();
             held.push(
                 (0..map.chunks().len() as u32)
                     .filter(|i| deckhand_protocol::sync::bit(&bitmap, *i as usize))
@@ -92,197 +182,184 @@ impl Engine {
                 chunks: map.chunks().to_vec(),
             });
         }
-        // Where each chunk id sits, for the HAVEs this agent pushes.
         let mut places: HashMap<BlobId, Vec<(BlobId, u32)>> = HashMap::new();
         for b in &blobs {
             for (i, c) in b.chunks.iter().enumerate() {
                 places.entry(c.id).or_default().push((b.blob, i as u32));
             }
         }
-        let me = self
+        let mut fc = engine.fetch_config();
+        // Peers are gathered once, when the node starts: a download that begins later already knows them.
+        fc.gather = engine
             .peers
             .as_ref()
-            .map_or(self.cfg.agent_id.clone(), |n| n.me().to_owned());
-        let mut fc = FetchConfig::new(me);
-        fc.has_origin = self.cfg.origin.is_some();
-        fc.max_wait = self.cfg.max_wait;
-        // Peers are gathered once, when the node starts: a download that begins later already knows them.
-        fc.gather = self.peers.as_ref().map_or(Duration::ZERO, |n| {
-            self.cfg.gather.saturating_sub(n.uptime())
-        });
-        fc.origin_retry = super::ORIGIN_RETRY;
-        fc.set_aside = crate::peer::SET_ASIDE;
-        fc.ban = crate::peer::BAN;
-        fc.stall = super::STALL;
-        let mut fetch = Fetch::new(fc, &blobs, &held, now());
-        let mut tasks: JoinSet<Done> = JoinSet::new();
-        let mut known: BTreeMap<String, bool> = BTreeMap::new();
-        let mut refresh_at = Duration::ZERO;
-        let mut owed = Owed::default();
-        // Peers that serve this release already: they hold every chunk of it.
-        let mut serving: BTreeSet<String> = BTreeSet::new();
-        let mut flush_at = Duration::ZERO;
-        let mut haves = self.haves.lock().await;
-        let mut last_have = fetch.progress().bytes_held;
-        // The last refused answer of the origin, for a stall's message.
-        let mut origin_bad: Option<String> = None;
-        let mut budget: Option<Option<u64>> = None;
-        loop {
-            self.beat.beat();
-            let t = now();
-            // The budget at this minute of the local day.
-            let zoned = jiff::Zoned::now();
-            let minute = zoned.hour() as u16 * 60 + zoned.minute() as u16;
-            let b = self.cfg.budget.at(minute);
-            if budget != Some(b) {
-                budget = Some(b);
-                fetch.handle(Event::Budget { bytes_per_sec: b }, t);
-            }
-            // The peer table, as events.
-            let usable = self.peers.as_ref().map(|n| n.usable()).unwrap_or_default();
-            let mut seen = BTreeSet::new();
-            for (peer, hello) in &usable {
-                seen.insert(peer.clone());
-                let shares = hello
-                    .pending
-                    .is_some_and(|r| r.manifest == release.manifest)
-                    && hello.origin;
-                let new = !known.contains_key(peer);
-                if known.get(peer) != Some(&shares) {
-                    known.insert(peer.clone(), shares);
-                    fetch.handle(
-                        Event::PeerUp {
-                            peer: peer.clone(),
-                            shares,
-                        },
-                        t,
-                    );
-                }
-                if new {
-                    self.ask_bitmaps(&mut tasks, peer, &blobs);
-                }
-                // A peer that switched to the release holds all of it, whatever its last HAVE pushes
-                // said: its pieces are not fetched again when it stops sharing the origin fetches.
-                if hello.active == Some(*release) && serving.insert(peer.clone()) {
-                    for b in &blobs {
-                        fetch.handle(
-                            Event::Bitmap {
-                                peer: peer.clone(),
-                                blob: b.blob,
-                                bitmap: vec![0xff; b.chunks.len().div_ceil(8)],
-                            },
-                            t,
-                        );
-                    }
-                }
-            }
-            let gone: Vec<String> = known
-                .keys()
-                .filter(|p| !seen.contains(*p))
-                .cloned()
-                .collect();
-            for peer in gone {
-                known.remove(&peer);
-                fetch.handle(Event::PeerDown { peer }, t);
-            }
-            if t >= refresh_at {
-                refresh_at = t + REFRESH;
-                for peer in known.keys() {
-                    self.ask_bitmaps(&mut tasks, peer, &blobs);
-                }
-            }
-            if let Some((peer, newer)) = self.superseded(release) {
-                return Err(SyncError::Superseded {
-                    version: release.version,
-                    newer,
-                    peer,
-                });
-            }
-            let p = fetch.progress();
-            if p.bytes_held != last_have {
-                last_have = p.bytes_held;
-                self.pending_update(|s| s.bytes_have = before + p.bytes_held);
-            }
-            if fetch.is_complete() {
-                // Tell the others what the last chunks were before leaving.
-                self.flush_haves(&mut tasks, release, &mut owed);
-                break;
-            }
-            if fetch.stalled(t) {
-                return Err(SyncError::Stalled {
-                    version: release.version,
-                    secs: super::STALL.as_secs(),
-                    why: format!(
-                        "{} chunks missing; no peer holds them and the origin is {}",
-                        p.chunks_missing,
-                        match (&self.cfg.origin, &origin_bad) {
-                            (None, _) => "not configured".to_owned(),
-                            (Some(_), Some(bad)) => format!("no help: {bad}"),
-                            (Some(_), None) => "unreachable".to_owned(),
-                        }
-                    ),
-                });
-            }
-            for action in fetch.poll(t) {
-                self.start(&mut tasks, action);
-            }
-            self.announce();
-            if t >= flush_at && !owed.is_empty() {
-                flush_at = t + HAVE_EVERY;
-                self.flush_haves(&mut tasks, release, &mut owed);
-            }
-            let wake = fetch
-                .next_wake()
-                .map_or(LOOK, |w| w.saturating_sub(t))
-                .min(LOOK);
-            let wake = if owed.is_empty() {
-                wake
-            } else {
-                wake.min(flush_at.saturating_sub(t))
-            };
-            tokio::select! {
-                Some(done) = tasks.join_next() => {
-                    let done = match done {
-                        Ok(d) => d,
-                        Err(e) => return Err(SyncError::Worker(e)),
-                    };
-                    self.finished(done, &mut fetch, &places, &mut owed, &mut origin_bad, now())?;
-                    // Take in whatever else finished meanwhile before deciding again.
-                    while let Some(more) = tasks.try_join_next() {
-                        let d = more.map_err(SyncError::Worker)?;
-                        self.finished(d, &mut fetch, &places, &mut owed, &mut origin_bad, now())?;
-                    }
-                }
-                Some(note) = recv_opt(&mut *haves) => {
-                    take_have(&mut fetch, note, now());
-                    while let Some(Ok(more)) = haves.as_mut().map(|h| h.try_recv()) {
-                        take_have(&mut fetch, more, now());
-                    }
-                }
-                _ = tokio::time::sleep(wake) => {}
+            .map_or(Duration::ZERO, |n| fc.gather.saturating_sub(n.uptime()));
+        let stall = fc.stall;
+        let fetch = Fetch::new(fc, &blobs, &held, Duration::ZERO);
+        Ok(Pump {
+            engine,
+            shown: fetch.progress().bytes_held,
+            fetch,
+            release,
+            blobs,
+            places,
+            tasks: JoinSet::new(),
+            known: BTreeMap::new(),
+            serving: BTreeSet::new(),
+            owed: Owed::default(),
+            started,
+            refresh_at: Duration::ZERO,
+            flush_at: Duration::ZERO,
+            before,
+            origin_bad: None,
+            budget: None,
+            stall,
+        })
+    }
+
+    /// The machine's clock: time since the download began.
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The shop's budget at this minute of the local day, fed in when it changed.
+    fn budget_now(&mut self, t: Duration) {
+        let zoned = jiff::Zoned::now();
+        let minute = zoned.hour() as u16 * 60 + zoned.minute() as u16;
+        let b = self.engine.cfg.budget.at(minute);
+        if self.budget != Some(b) {
+            self.budget = Some(b);
+            self.fetch.handle(Event::Budget { bytes_per_sec: b }, t);
+        }
+    }
+
+    /// The node's usable peers, fed in as changes (up, down, sharing or not); a new peer and, every
+    /// [`REFRESH`], every peer is asked for its bitmaps.
+    fn look_at_peers(&mut self, t: Duration) {
+        let usable = self
+            .engine
+            .peers
+            .as_ref()
+            .map(|n| n.usable())
+            .unwrap_or_default();
+        let seen: BTreeSet<String> = usable.iter().map(|(p, _)| p.clone()).collect();
+        for (peer, hello) in &usable {
+            self.peer_seen(peer, hello, t);
+        }
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for peer in gone {
+            self.known.remove(&peer);
+            self.fetch.handle(Event::PeerDown { peer }, t);
+        }
+        if t >= self.refresh_at {
+            self.refresh_at = t + REFRESH;
+            let known: Vec<String> = self.known.keys().cloned().collect();
+            for peer in known {
+                self.ask_bitmaps(&peer);
             }
         }
-        // The final HAVE pushes are short (2 s timeout each); they are not waited for past a moment. What
-        // was owed to a peer while a push to it was in flight goes out once that push is done.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Some(done) = tasks.join_next().await {
+    }
+
+    fn peer_seen(&mut self, peer: &str, hello: &Hello, t: Duration) {
+        let release = self.release;
+        let shares = hello
+            .pending
+            .is_some_and(|r| r.manifest == release.manifest)
+            && hello.origin;
+        let new = !self.known.contains_key(peer);
+        if self.known.get(peer) != Some(&shares) {
+            self.known.insert(peer.to_owned(), shares);
+            let peer = peer.to_owned();
+            self.fetch.handle(Event::PeerUp { peer, shares }, t);
+        }
+        if new {
+            self.ask_bitmaps(peer);
+        }
+        // A peer that switched to the release holds all of it, whatever its last HAVE pushes said: its
+        // pieces are not fetched again when it stops sharing the origin fetches.
+        if hello.active == Some(release) && self.serving.insert(peer.to_owned()) {
+            for b in &self.blobs {
+                let bitmap = vec![0xff; b.chunks.len().div_ceil(8)];
+                let (peer, blob) = (peer.to_owned(), b.blob);
+                self.fetch.handle(Event::Bitmap { peer, blob, bitmap }, t);
+            }
+        }
+    }
+
+    fn show_progress(&mut self) {
+        let held = self.fetch.progress().bytes_held;
+        if held != self.shown {
+            self.shown = held;
+            let have = self.before + held;
+            self.engine.pending_update(|s| s.bytes_have = have);
+        }
+    }
+
+    fn stalled(&self) -> SyncError {
+        let p = self.fetch.progress();
+        let origin = match (&self.engine.cfg.origin, &self.origin_bad) {
+            (None, _) => "not configured".to_owned(),
+            (Some(_), Some(bad)) => format!("no help: {bad}"),
+            (Some(_), None) => "unreachable".to_owned(),
+        };
+        SyncError::Stalled {
+            version: self.release.version,
+            secs: self.stall.as_secs(),
+            why: format!(
+                "{} chunks missing; no peer holds them and the origin is {origin}",
+                p.chunks_missing
+            ),
+        }
+    }
+
+    /// How long to sleep: until the machine's next wake or the next HAVE push, at most [`LOOK`].
+    fn wake(&self, t: Duration) -> Duration {
+        let wake = self
+            .fetch
+            .next_wake()
+            .map_or(LOOK, |w| w.saturating_sub(t))
+            .min(LOOK);
+        if self.owed.is_empty() {
+            wake
+        } else {
+            wake.min(self.flush_at.saturating_sub(t))
+        }
+    }
+
+    fn have(&mut self, note: HaveNote) {
+        let t = self.now();
+        let HaveNote { peer, blob, chunks } = note;
+        self.fetch.handle(Event::Have { peer, blob, chunks }, t);
+    }
+
+    /// The download is complete: what was stored last is pushed to the others, and the final pushes
+    /// (short, 2 s timeout each) are waited for a moment. What was owed to a peer while a push to it was
+    /// in flight goes out once that push is done.
+    async fn finish(mut self) {
+        self.push_haves(Duration::ZERO, true);
+        let _ = tokio::time::timeout(LAST_PUSHES, async {
+            while let Some(done) = self.tasks.join_next().await {
                 if let Ok(Done::Pushed { peer }) = done {
-                    owed.pushing.remove(&peer);
-                    self.flush_haves(&mut tasks, release, &mut owed);
+                    self.owed.pushing.remove(&peer);
+                    self.push_haves(Duration::ZERO, true);
                 }
             }
         })
         .await;
-        Ok(())
     }
 
-    fn ask_bitmaps(&self, tasks: &mut JoinSet<Done>, peer: &str, blobs: &[BlobChunks]) {
-        let Some(node) = self.peers.clone() else {
+    fn ask_bitmaps(&mut self, peer: &str) {
+        let Some(node) = self.engine.peers.clone() else {
             return;
         };
-        for b in blobs {
+        for b in &self.blobs {
             let (node, peer, blob) = (node.clone(), peer.to_owned(), b.blob);
-            tasks.spawn(async move {
+            self.tasks.spawn(async move {
                 let bitmap = match node.get_have(&peer, &blob).await {
                     Ok(b) => b,
                     Err(e) => {
@@ -295,22 +372,20 @@ impl Engine {
         }
     }
 
-    fn start(&self, tasks: &mut JoinSet<Done>, action: Action) {
+    /// Carries out one of the machine's actions in an owned task.
+    fn start(&mut self, action: Action) {
+        let store = self.engine.store.clone();
         match action {
             Action::Ask { peer, id, .. } => {
-                let Some(node) = self.peers.clone() else {
+                let Some(node) = self.engine.peers.clone() else {
                     return;
                 };
-                let store = self.store.clone();
-                tasks.spawn(async move {
+                self.tasks.spawn(async move {
                     let data = match node.get_chunk(&peer, &id).await {
                         Ok(d) => d,
                         Err(e) => {
-                            return Done::Chunk {
-                                peer,
-                                id,
-                                result: Err(e),
-                            };
+                            let result = Err(e);
+                            return Done::Chunk { peer, id, result };
                         }
                     };
                     let n = data.len() as u64;
@@ -330,33 +405,24 @@ impl Engine {
                 range,
                 chunks,
             } => {
-                let Some(origin) = self.cfg.origin.clone() else {
+                let Some(origin) = self.engine.cfg.origin.clone() else {
                     return;
                 };
-                let store = self.store.clone();
-                tasks.spawn(async move {
+                self.tasks.spawn(async move {
                     let key = origin.layout().blob(&blob);
                     let outcome = match origin.get_range(&key, range.clone()).await {
-                        Err(OriginError::Short { .. }) => RangeOutcome {
-                            stored: Vec::new(),
-                            received: 0,
-                            error: Some(RangeError::Bad("fewer bytes than the range")),
-                        },
-                        Err(e) => RangeOutcome {
-                            stored: Vec::new(),
-                            received: 0,
-                            error: Some(RangeError::Origin(e)),
-                        },
+                        Err(OriginError::Short { .. }) => {
+                            RangeOutcome::failed(RangeError::Bad("fewer bytes than the range"))
+                        }
+                        Err(e) => RangeOutcome::failed(RangeError::Origin(e)),
                         Ok(data) => {
                             let start = range.start;
                             tokio::task::spawn_blocking(move || {
                                 store_range(&store, start, &data, &chunks)
                             })
                             .await
-                            .unwrap_or_else(|e| RangeOutcome {
-                                stored: Vec::new(),
-                                received: 0,
-                                error: Some(RangeError::Store(SyncError::Worker(e))),
+                            .unwrap_or_else(|e| {
+                                RangeOutcome::failed(RangeError::Store(SyncError::Worker(e)))
                             })
                         }
                     };
@@ -370,27 +436,23 @@ impl Engine {
         }
     }
 
-    fn finished(
-        &self,
-        done: Done,
-        fetch: &mut Fetch,
-        places: &HashMap<BlobId, Vec<(BlobId, u32)>>,
-        owed: &mut Owed,
-        origin_bad: &mut Option<String>,
-        t: Duration,
-    ) -> Result<(), SyncError> {
-        let mut stored = |fetch: &mut Fetch, id: BlobId| {
-            fetch.handle(Event::Stored { id }, t);
-            for (blob, i) in places.get(&id).into_iter().flatten() {
-                owed.fresh.entry(*blob).or_default().insert(*i);
-            }
-        };
+    /// A chunk was stored: the machine is told, and every peer downloading the release is owed it.
+    fn stored(&mut self, id: BlobId, t: Duration) {
+        self.fetch.handle(Event::Stored { id }, t);
+        for (blob, i) in self.places.get(&id).into_iter().flatten() {
+            self.owed.fresh.entry(*blob).or_default().insert(*i);
+        }
+    }
+
+    /// Feeds what a task reports into the machine. A store failure ends the download.
+    fn finished(&mut self, done: Done) -> Result<(), SyncError> {
+        let t = self.now();
         match done {
             Done::Chunk {
                 id, result: Ok(n), ..
             } => {
-                self.account(Source::Peer, n);
-                stored(fetch, id);
+                self.engine.account(Source::Peer, n);
+                self.stored(id, t);
             }
             Done::Chunk {
                 peer,
@@ -398,99 +460,106 @@ impl Engine {
                 result: Err(e),
             } => {
                 tracing::debug!(peer = %peer, chunk = %id, cause = %e, "chunk from peer failed");
-                fetch.handle(
-                    Event::PeerFailed {
-                        peer,
-                        id,
-                        failure: e.failure(),
-                    },
-                    t,
-                );
+                let failure = e.failure();
+                self.fetch
+                    .handle(Event::PeerFailed { peer, id, failure }, t);
+                for j in self.fetch.judgements() {
+                    self.engine.record_judgement(&j, &e.to_string());
+                }
             }
             Done::ChunkStoreFailed(e) => return Err(e),
             Done::Range {
                 blob,
                 range,
                 outcome,
-            } => {
-                if outcome.received > 0 {
-                    self.account(Source::Origin, outcome.received);
-                }
-                for id in outcome.stored {
-                    stored(fetch, id);
-                }
-                match outcome.error {
-                    None => {
-                        self.origin_ok();
-                        fetch.handle(Event::RangeDone { blob, range }, t);
-                    }
-                    Some(RangeError::Store(e)) => return Err(e),
-                    Some(RangeError::Bad(why)) => {
-                        tracing::warn!(blob = %blob, ?range, why, "the origin's answer to a range GET was refused");
-                        self.service.metrics().range_failed(RangeFailure::Bad);
-                        let bad = format!(
-                            "the origin answered bytes {}..{} of blob {blob} with {why}: its copy is \
-                             damaged or another release's",
-                            range.start, range.end
-                        );
-                        if let Ok(mut s) = self.status.lock() {
-                            s.last_error = Some(format!(
-                                "{bad}; asking peers, and the origin again with backoff"
-                            ));
-                        }
-                        *origin_bad = Some(bad);
-                        fetch.handle(
-                            Event::RangeFailed {
-                                blob,
-                                range,
-                                unreachable: false,
-                            },
-                            t,
-                        );
-                    }
-                    Some(RangeError::Origin(e)) => {
-                        let why = if matches!(e, OriginError::Stalled { .. }) {
-                            tracing::info!(blob = %blob, ?range, cause = %e, "range GET abandoned as stalled; fetching it again");
-                            RangeFailure::Stalled
-                        } else {
-                            tracing::debug!(blob = %blob, ?range, cause = %e, "range GET failed");
-                            RangeFailure::Error
-                        };
-                        self.service.metrics().range_failed(why);
-                        self.origin_failed(&e);
-                        fetch.handle(
-                            Event::RangeFailed {
-                                blob,
-                                range,
-                                unreachable: e.is_unreachable() || e.is_denied(),
-                            },
-                            t,
-                        );
-                    }
-                }
-            }
+            } => self.range_finished(blob, range, outcome, t)?,
             Done::Bitmap {
                 peer,
                 blob,
                 bitmap: Some(bitmap),
-            } => fetch.handle(Event::Bitmap { peer, blob, bitmap }, t),
+            } => self.fetch.handle(Event::Bitmap { peer, blob, bitmap }, t),
             Done::Bitmap { bitmap: None, .. } => {}
             Done::Pushed { peer } => {
-                owed.pushing.remove(&peer);
+                self.owed.pushing.remove(&peer);
             }
         }
         Ok(())
     }
 
-    /// Pushes what was stored since the last push to every peer downloading the same release (one push
-    /// in flight per peer; a peer still busy with the last one catches up from its bitmap refresh).
-    /// Pushes to every peer downloading the same release the chunks owed to it, one push in flight per
-    /// peer: what is stored meanwhile waits for that push to finish, and is not lost.
-    fn flush_haves(&self, tasks: &mut JoinSet<Done>, release: &ReleaseRef, owed: &mut Owed) {
-        let fresh = std::mem::take(&mut owed.fresh);
-        let Some(node) = self.peers.clone() else {
+    fn range_finished(
+        &mut self,
+        blob: BlobId,
+        range: Range<u64>,
+        outcome: RangeOutcome,
+        t: Duration,
+    ) -> Result<(), SyncError> {
+        let engine = self.engine;
+        if outcome.received > 0 {
+            engine.account(Source::Origin, outcome.received);
+        }
+        for id in outcome.stored {
+            self.stored(id, t);
+        }
+        let unreachable = match outcome.error {
+            None => {
+                engine.origin_ok();
+                self.fetch.handle(Event::RangeDone { blob, range }, t);
+                return Ok(());
+            }
+            Some(RangeError::Store(e)) => return Err(e),
+            Some(RangeError::Bad(why)) => {
+                tracing::warn!(blob = %blob, ?range, why, "the origin's answer to a range GET was refused");
+                engine.service.metrics().range_failed(RangeFailure::Bad);
+                let bad = format!(
+                    "the origin answered bytes {}..{} of blob {blob} with {why}: its copy is \
+                     damaged or another release's",
+                    range.start, range.end
+                );
+                engine.note_status(|s| {
+                    s.last_error = Some(format!(
+                        "{bad}; asking peers, and the origin again with backoff"
+                    ));
+                });
+                self.origin_bad = Some(bad);
+                false
+            }
+            Some(RangeError::Origin(e)) => {
+                let why = if matches!(e, OriginError::Stalled { .. }) {
+                    tracing::info!(blob = %blob, ?range, cause = %e, "range GET abandoned as stalled; fetching it again");
+                    RangeFailure::Stalled
+                } else {
+                    tracing::debug!(blob = %blob, ?range, cause = %e, "range GET failed");
+                    RangeFailure::Error
+                };
+                engine.service.metrics().range_failed(why);
+                engine.origin_failed(&e);
+                e.is_unreachable() || e.is_denied()
+            }
+        };
+        self.fetch.handle(
+            Event::RangeFailed {
+                blob,
+                range,
+                unreachable,
+            },
+            t,
+        );
+        Ok(())
+    }
+
+    /// Pushes to every peer downloading the same release the chunks owed to it, every [`HAVE_EVERY`]
+    /// (or now, when `now` is set), one push in flight per peer: what is stored meanwhile waits for that
+    /// push to finish, and is not lost.
+    fn push_haves(&mut self, t: Duration, now: bool) {
+        if !now && (t < self.flush_at || self.owed.is_empty()) {
+            return;
+        }
+        self.flush_at = t + HAVE_EVERY;
+        let fresh = std::mem::take(&mut self.owed.fresh);
+        let Some(node) = self.engine.peers.clone() else {
             return;
         };
+        let release = self.release;
         let downloading: BTreeSet<String> = node
             .usable()
             .into_iter()
@@ -499,6 +568,7 @@ impl Engine {
             .collect();
         // A peer that left, or no longer downloads it, is owed nothing (it asks for bitmaps if it
         // comes back).
+        let owed = &mut self.owed;
         owed.per_peer.retain(|peer, _| downloading.contains(peer));
         for peer in downloading {
             let debt = owed.per_peer.entry(peer.clone()).or_default();
@@ -519,7 +589,7 @@ impl Engine {
                 .collect();
             owed.pushing.insert(peer.clone());
             let node = node.clone();
-            tasks.spawn(async move {
+            self.tasks.spawn(async move {
                 for (blob, chunks) in batches {
                     if let Err(e) = node.push_have(&peer, &blob, chunks).await {
                         tracing::debug!(peer = %peer, cause = %e, "have push failed");
@@ -549,15 +619,14 @@ impl Owed {
     }
 }
 
-fn take_have(fetch: &mut Fetch, note: HaveNote, t: Duration) {
-    fetch.handle(
-        Event::Have {
-            peer: note.peer,
-            blob: note.blob,
-            chunks: note.chunks,
-        },
-        t,
-    );
+impl RangeOutcome {
+    fn failed(error: RangeError) -> Self {
+        RangeOutcome {
+            stored: Vec::new(),
+            received: 0,
+            error: Some(error),
+        }
+    }
 }
 
 /// Stores the chunks of one origin range (on a blocking thread).

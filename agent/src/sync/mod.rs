@@ -24,20 +24,20 @@
 pub mod activation;
 pub mod bundle;
 mod download;
+mod sources;
+mod switching;
 pub mod trust;
 
 use crate::metrics::Source;
 use crate::origin::{Fetched, Origin, OriginError};
 use crate::peer::{HaveNote, Hint, LocalState, PeerNode};
 use crate::recognizer::BackendChoice;
-use crate::recognizer::service::{Service, check_canaries};
+use crate::recognizer::service::Service;
 use crate::sync::activation::ActivationError;
-use deckhand_protocol::layout::{Layout, Name};
-use deckhand_protocol::manifest::BlobRef;
+use deckhand_protocol::layout::Name;
 use deckhand_protocol::status::Pending;
-use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
 use deckhand_protocol::wire::ReleaseRef;
-use deckhand_protocol::{ChunkMap, VerifiedManifest, VerifyError};
+use deckhand_protocol::{VerifiedManifest, VerifyError};
 use deckhand_store::Store;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,14 +45,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// A download with no progress at all for this long gives up (and is retried later).
-const STALL: Duration = Duration::from_secs(45);
-/// After the origin fails, how long it is left alone before it is tried again.
-const ORIGIN_RETRY: Duration = Duration::from_secs(5);
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
-/// How often a ready release waiting to switch looks at the peers again.
-const SWITCH_POLL: Duration = Duration::from_millis(100);
 
 /// What status shows about syncing.
 #[derive(Clone, Debug, Default)]
@@ -167,7 +161,10 @@ pub enum SyncError {
 
 /// Reads a file of at most `limit` bytes (`None` if it does not exist). A larger one is refused after
 /// reading `limit + 1` bytes, whatever its size: a bundle on a stick is not trusted to be small.
-async fn read_capped(path: &std::path::Path, limit: usize) -> Result<Option<Vec<u8>>, SyncError> {
+pub(crate) async fn read_capped(
+    path: &std::path::Path,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, SyncError> {
     use tokio::io::AsyncReadExt as _;
     let bundle = |source| SyncError::Bundle {
         path: path.to_owned(),
@@ -327,11 +324,11 @@ impl Engine {
                         Ok(()) => {
                             backoff = self.cfg.poll;
                             failures = 0;
-                            if let Ok(mut s) = self.status.lock() {
+                            self.note_status(|s| {
                                 s.offline_since = None;
                                 s.last_error = None;
                                 s.disk_full = None;
-                            }
+                            });
                             self.cfg.poll
                         }
                         Err(e) => {
@@ -391,10 +388,10 @@ impl Engine {
     /// A step succeeded (a release from a peer or a bundle): an earlier error no longer stands. Being
     /// offline is about the origin, and is cleared by its next answer only.
     fn note_ok(&self) {
-        if let Ok(mut s) = self.status.lock() {
+        self.note_status(|s| {
             s.last_error = None;
             s.disk_full = None;
-        }
+        });
     }
 
     fn note_error(&self, e: &SyncError) {
@@ -405,7 +402,7 @@ impl Engine {
         } else {
             0
         };
-        if let Ok(mut s) = self.status.lock() {
+        self.note_status(|s| {
             if unreachable && s.offline_since.is_none() {
                 s.offline_since = Some(jiff::Timestamp::now().to_string());
             }
@@ -425,7 +422,7 @@ impl Engine {
                     bytes_free: free,
                 });
             }
-        }
+        });
         if disk_full {
             tracing::warn!(
                 cause = %e,
@@ -443,7 +440,7 @@ impl Engine {
     /// Tells peers what this agent holds and wants (when that changed).
     fn announce(&self) {
         let Some(node) = &self.peers else { return };
-        let pending = self.pending.lock().ok().and_then(|p| p.clone());
+        let pending = crate::locks::lock(&self.pending, "pending").clone();
         let pending = pending.as_ref();
         let active = self.service.active().map(|r| ReleaseRef {
             version: r.version,
@@ -464,7 +461,7 @@ impl Engine {
             }),
             envelope,
             origin: self.origin_reachable(),
-            ready: self.ready.lock().ok().and_then(|r| *r),
+            ready: *crate::locks::lock(&self.ready, "ready"),
         });
     }
 
@@ -503,9 +500,9 @@ impl Engine {
             }
             Err(ActivationError::Verify(e @ VerifyError::Stale { .. })) => {
                 tracing::warn!(source = %from.label(), cause = %e, "an older manifest was offered; refused");
-                if let Ok(mut s) = self.status.lock() {
+                self.note_status(|s| {
                     s.last_refused_manifest = Some(format!("from {}: {e}", from.label()));
-                }
+                });
                 Ok(None)
             }
             Err(e) => Err(e.into()),
@@ -537,7 +534,8 @@ impl Engine {
         // unchanged one costs a conditional GET, not a root GET too): a manifest signed by a rotated-in
         // key, or by a key a rotation revoked, always arrives as a change; and until it is admitted its
         // ETag is not kept, so every poll looks again.
-        if let Err(e) = self.follow_roots(origin.as_ref(), "the origin").await {
+        let source = trust::RootSource::Origin(origin.as_ref());
+        if let Err(e) = self.follow_roots(source, "the origin").await {
             if let SyncError::Origin(o) = &e {
                 self.origin_failed(o);
             }
@@ -550,152 +548,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Follows the deployment's trust root to the newest one published at `origin` (the bucket, or a
-    /// bundle directory read as a file origin), one version at a time (at most
-    /// [`trust::MAX_ROOTS_FOLLOWED`] a poll; a Pi offline for longer catches up over a few polls),
-    /// keeping each in the store before it is used. A root that does not verify is refused, named in
-    /// status, and changes nothing.
-    async fn follow_roots(&self, origin: &dyn Origin, from: &str) -> Result<(), SyncError> {
-        for _ in 0..trust::MAX_ROOTS_FOLLOWED {
-            let Some(next) = self.cfg.trust.next_root() else {
-                return Ok(());
-            };
-            let key = origin.layout().trust_root(&self.cfg.deployment, next);
-            let body = match origin
-                .get_if_changed(&key, None, deckhand_protocol::envelope::MAX_ENVELOPE as u64)
-                .await
-            {
-                Ok(Fetched::Changed { body, .. }) => body,
-                Ok(Fetched::NotModified | Fetched::Missing) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            if !self.take_root(&body, from).await? {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes `body` as the next trust root if it is one, keeping it in the store before it is used.
-    /// `Ok(false)` when it is refused (named in status) or no root is followed.
-    async fn take_root(&self, body: &[u8], from: &str) -> Result<bool, SyncError> {
-        match self.cfg.trust.advance(body) {
-            Ok(Some(root)) => {
-                let (envelope, version) = (root.envelope().to_vec(), root.version());
-                self.on_store(move |store| {
-                    Ok(crate::ledger::Ledger::new(store).follow_root(version, &envelope)?)
-                })
-                .await?;
-                tracing::info!(
-                    version,
-                    from,
-                    keys = root.root().keys.len(),
-                    threshold = root.root().threshold,
-                    "trust root updated"
-                );
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => {
-                tracing::warn!(from, cause = %e, "a trust root was refused");
-                if let Ok(mut s) = self.status.lock() {
-                    s.last_refused_manifest = Some(format!("from {from}: {e}"));
-                }
-                Ok(false)
-            }
-        }
-    }
-
-    /// [`Engine::follow_roots`] through a peer: the roots it holds, each verified along this agent's
-    /// chain.
-    async fn follow_peer_roots(&self, node: &PeerNode, peer: &str) -> Result<(), SyncError> {
-        for _ in 0..trust::MAX_ROOTS_FOLLOWED {
-            let Some(next) = self.cfg.trust.next_root() else {
-                return Ok(());
-            };
-            let Some(body) = node.get_root(peer, next).await? else {
-                return Ok(());
-            };
-            if !self.take_root(&body, &format!("peer {peer}")).await? {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-
-    async fn release_from_peer(&self, h: &Hint) -> Result<(), SyncError> {
-        let Some(node) = &self.peers else {
-            return Ok(());
-        };
-        // Rotations first: the peer may relay a manifest signed by a key of a newer root.
-        self.follow_peer_roots(node, &h.peer).await?;
-        let envelope = node.get_manifest(&h.peer).await?;
-        // A fleet member that relays a forged manifest, or announces one version and relays an older
-        // one (a replay), is lying: banned.
-        match self.cfg.trust.policy().verify_ignoring_expiry(&envelope) {
-            Ok(v) if v.manifest.version < h.version => node.ban(
-                &h.peer,
-                &format!(
-                    "announced version {} but relayed version {}",
-                    h.version, v.manifest.version
-                ),
-            ),
-            Ok(_) => {}
-            Err(e) => node.ban(
-                &h.peer,
-                &format!("relayed a manifest that does not verify: {e}"),
-            ),
-        }
-        let from = Via::Peer(h.peer.clone());
-        match self.admit(&envelope, &from).await {
-            Ok(Some(v)) => self.fetch_and_activate(&v, from).await,
-            Ok(None) => Ok(()),
-            Err(e) => {
-                tracing::warn!(peer = %h.peer, cause = %e, "a peer relayed a manifest that does not verify");
-                Err(e)
-            }
-        }
-    }
-
-    async fn release_from_bundle(&self, dir: &std::path::Path) -> Result<(), SyncError> {
-        // Newer trust roots the operator put in the bundle first, as at the origin.
-        if self.cfg.trust.next_root().is_some() {
-            let url = crate::origin::OriginUrl::File {
-                root: dir.to_owned(),
-            };
-            let bundle =
-                crate::origin::connect(&url, &crate::origin::OriginConfig::default()).await?;
-            let from = format!("bundle {}", dir.display());
-            self.follow_roots(bundle.as_ref(), &from).await?;
-        }
-        let layout = Layout::new("")?;
-        let current = dir.join(layout.current(&self.cfg.deployment));
-        let Some(envelope) =
-            read_capped(&current, deckhand_protocol::envelope::MAX_ENVELOPE).await?
-        else {
-            return Ok(());
-        };
-        let from = Via::Bundle(dir.to_owned());
-        let Some(v) = self.admit(&envelope, &from).await? else {
-            return Ok(());
-        };
-        let (store, d, m) = (self.store.clone(), dir.to_owned(), v.manifest.clone());
-        let bytes = joined(
-            tokio::task::spawn_blocking(move || activation::import_bundle(&store, &d, &m)).await,
-        )??;
-        self.service.metrics().sync_bytes(Source::Local, bytes);
-        if let Ok(mut s) = self.status.lock() {
-            s.bytes_from_bundles += bytes;
-        }
-        self.fetch_and_activate(&v, from).await
-    }
-
     /// An origin that cannot be reached, or refuses this agent's credentials, is left alone for a while,
     /// and peers are told this agent does not share the origin fetches.
     fn origin_failed(&self, e: &OriginError) {
         if e.is_unreachable() || e.is_denied() {
-            if let Ok(mut d) = self.origin_down_until.lock() {
-                *d = Some(Instant::now() + ORIGIN_RETRY);
+            {
+                let mut d = crate::locks::lock(&self.origin_down_until, "origin_down_until");
+                *d = Some(Instant::now() + self.fetch_config().origin_retry);
             }
             self.origin_last_ok
                 .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -704,7 +563,8 @@ impl Engine {
     }
 
     fn origin_ok(&self) {
-        if let Ok(mut d) = self.origin_down_until.lock() {
+        {
+            let mut d = crate::locks::lock(&self.origin_down_until, "origin_down_until");
             *d = None;
         }
         self.origin_last_ok
@@ -722,11 +582,8 @@ impl Engine {
 
     fn origin_usable(&self) -> bool {
         self.cfg.origin.is_some()
-            && self
-                .origin_down_until
-                .lock()
-                .map(|d| d.is_none_or(|t| Instant::now() >= t))
-                .unwrap_or(true)
+            && crate::locks::lock(&self.origin_down_until, "origin down until")
+                .is_none_or(|t| Instant::now() >= t)
     }
 
     /// Store work on a blocking thread: the one way the engine reaches its store, whose commits are
@@ -752,26 +609,34 @@ impl Engine {
         .await
     }
 
+    /// Changes what status shows about syncing. A panic while the lock was held (a bug) poisons it;
+    /// the status is then taken over as it was left, and the poisoning reported once, rather than
+    /// status freezing quietly.
+    fn note_status(&self, f: impl FnOnce(&mut SyncStatus)) {
+        f(&mut crate::locks::lock(&self.status, "sync status"));
+    }
+
     fn pending_update(&self, f: impl FnOnce(&mut Pending)) {
-        if let Ok(mut s) = self.status.lock()
-            && let Some(p) = s.pending.as_mut()
-        {
-            f(p);
-        }
+        self.note_status(|s| {
+            if let Some(p) = s.pending.as_mut() {
+                f(p);
+            }
+        });
     }
 
     async fn fetch_and_activate(&self, v: &VerifiedManifest, from: Via) -> Result<(), SyncError> {
         let m = &v.manifest;
         let blobs = m.blobs();
-        if let Ok(mut s) = self.status.lock() {
+        self.note_status(|s| {
             s.pending = Some(Pending {
                 version: m.version,
                 source: from.label(),
                 bytes_total: blobs.iter().map(|b| b.size).sum(),
                 ..Pending::default()
             });
-        }
-        if let Ok(mut p) = self.pending.lock() {
+        });
+        {
+            let mut p = crate::locks::lock(&self.pending, "pending");
             *p = Some(v.clone());
         }
         self.announce();
@@ -830,265 +695,9 @@ impl Engine {
         self.activate(v).await
     }
 
-    async fn activate(&self, v: &VerifiedManifest) -> Result<(), SyncError> {
-        let m = &v.manifest;
-        let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
-        // Loaded and canary-checked off the runtime's threads: only the swap is left.
-        let checked = joined(
-            tokio::task::spawn_blocking(move || {
-                let r =
-                    activation::load_recognizer(&s2, &v2, backend).map_err(|e| e.to_string())?;
-                let c = activation::canaries(&s2, &v2.manifest).map_err(|e| e.to_string())?;
-                check_canaries(&r, &c).map_err(|e| e.to_string())?;
-                Ok::<_, String>(r)
-            })
-            .await,
-        )?;
-        let result = match checked {
-            Ok(recognizer) => {
-                let ready_at = jiff::Timestamp::now();
-                let due = self.switch_when_due(v).await;
-                self.set_ready(None);
-                let why = due?;
-                // The swap happens under the status lock (the status document reads the active
-                // release under it too): no reader sees the new release beside an error from the
-                // way to it, which is over.
-                let mut status = self.status.lock();
-                self.service.swap(recognizer);
-                if let Ok(s) = status.as_mut() {
-                    s.pending = None;
-                    s.last_error = None;
-                    s.disk_full = None;
-                    s.last_switch = Some(deckhand_protocol::status::Switch {
-                        version: m.version,
-                        ready_at: ready_at.to_string(),
-                        switched_at: jiff::Timestamp::now().to_string(),
-                        why: why.to_string(),
-                    });
-                }
-                drop(status);
-                Ok(())
-            }
-            Err(why) => {
-                self.service.refuse(m.version, &v.id.to_string(), &why);
-                Err(why)
-            }
-        };
-        // Refused: nothing is pending any more (a swap cleared it with the swap).
-        if let Ok(mut s) = self.status.lock() {
-            s.pending = None;
-        }
-        return_freed_memory();
-        if let Ok(mut p) = self.pending.lock() {
-            *p = None;
-        }
-        match result {
-            Ok(()) => {
-                // Recording it active clears the pending envelope in the same commit: a power cut
-                // before it resumes the release at the next start (it is accepted, so only resuming
-                // reaches it).
-                let (s2, v2) = (self.store.clone(), v.clone());
-                let gc = joined(
-                    tokio::task::spawn_blocking(move || activation::record_active(&s2, &v2)).await,
-                )??;
-                tracing::info!(
-                    version = m.version,
-                    freed = gc.bytes_freed,
-                    "release active"
-                );
-            }
-            Err(why) => {
-                self.on_store(|store| Ok(crate::ledger::Ledger::new(store).clear_pending()?))
-                    .await?;
-                tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");
-            }
-        }
-        self.announce();
-        Ok(())
-    }
-
-    /// Holds a ready release until it is due ([`deckhand_protocol::switch`]): not before the manifest's
-    /// `not_before`, and when the shop switches together, until every live member is ready for it, one
-    /// already serves it, or the deadline passed. Meanwhile this agent announces it ready, status says
-    /// what it waits for, and a newer release announced by a peer ends the wait (superseded).
-    async fn switch_when_due(&self, v: &VerifiedManifest) -> Result<switch::Why, SyncError> {
-        let m = &v.manifest;
-        let plan = Plan {
-            mode: m.activate.unwrap_or(self.cfg.activate),
-            not_before: m.not_before,
-            deadline: self.cfg.activate_deadline,
-        };
-        let release = ReleaseRef {
-            version: m.version,
-            manifest: v.id,
-        };
-        // Judged by the trusted clock: a Pi whose clock is behind does not switch before not_before.
-        let floor = self
-            .on_store(|store| Ok(crate::ledger::Ledger::new(store).time_floor()?))
-            .await?;
-        if plan.mode == Mode::Together {
-            self.set_ready(Some(release));
-        }
-        let mut since: Option<Instant> = None;
-        loop {
-            self.beat.beat();
-            let members: Vec<(String, Member)> = self
-                .peers
-                .as_ref()
-                .map(|n| n.usable())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(id, h)| {
-                    let state = if h.active == Some(release) {
-                        Member::Serving
-                    } else if h.ready == Some(release) {
-                        Member::Ready
-                    } else {
-                        Member::NotReady
-                    };
-                    (id, state)
-                })
-                .collect();
-            let states: Vec<Member> = members.iter().map(|(_, m)| *m).collect();
-            let now = deckhand_protocol::clock::trusted_now(jiff::Timestamp::now(), floor);
-            // The deadline runs on the monotonic clock, from when not_before (if any) had passed.
-            if plan.not_before.is_some_and(|t| now < t) {
-                since = None;
-            } else if since.is_none() {
-                since = Some(Instant::now());
-            }
-            let waited = since.map_or(Duration::ZERO, |s| s.elapsed());
-            let left = match switch::decide(&plan, now, waited, &states) {
-                Decision::Switch(why) => {
-                    tracing::info!(version = m.version, why = %why, members = states.len(), "switching");
-                    self.pending_update(|p| p.waiting = None);
-                    return Ok(why);
-                }
-                Decision::Wait(left) => left,
-            };
-            let until = now
-                .checked_add(
-                    jiff::SignedDuration::try_from(left).unwrap_or(jiff::SignedDuration::MAX),
-                )
-                .unwrap_or(now);
-            let waiting = match plan.not_before {
-                Some(t) if now < t => format!("switching at {t} (the manifest's not_before)"),
-                _ => {
-                    let missing: Vec<&str> = members
-                        .iter()
-                        .filter(|(_, m)| *m == Member::NotReady)
-                        .map(|(id, _)| id.as_str())
-                        .collect();
-                    format!(
-                        "switching together: {} of {} agents ready, waiting for {}; at {until} at the latest",
-                        states.len() + 1 - missing.len(),
-                        states.len() + 1,
-                        missing.join(", ")
-                    )
-                }
-            };
-            self.pending_update(|p| p.waiting = Some(waiting.clone()));
-            if let Some((peer, newer)) = self.superseded(&release) {
-                self.pending_update(|p| p.waiting = None);
-                return Err(SyncError::Superseded {
-                    version: m.version,
-                    newer,
-                    peer,
-                });
-            }
-            tokio::time::sleep(left.min(SWITCH_POLL)).await;
-        }
-    }
-
-    /// What this agent announces as ready to switch to.
-    fn set_ready(&self, release: Option<ReleaseRef>) {
-        if let Ok(mut r) = self.ready.lock() {
-            *r = release;
-        }
-        self.announce();
-    }
-
-    /// Usable peers, each with whether it shares the origin fetches of `release`: it wants the release
-    /// too and can reach the origin. Any peer may hold chunks of it (from an older release, say), so all
-    /// are asked for bitmaps.
-    fn sharing(&self, release: &ReleaseRef) -> Vec<(String, bool)> {
-        let Some(node) = &self.peers else {
-            return Vec::new();
-        };
-        node.usable()
-            .into_iter()
-            .map(|(id, h)| {
-                let wants = h.pending.is_some_and(|r| r.manifest == release.manifest);
-                (id, wants && h.origin)
-            })
-            .collect()
-    }
-
-    /// A usable peer announcing a release newer than `release`: downloading it is pointless.
-    fn superseded(&self, release: &ReleaseRef) -> Option<(String, u64)> {
-        let node = self.peers.as_ref()?;
-        node.usable().into_iter().find_map(|(id, h)| {
-            let newest = [h.active, h.pending]
-                .iter()
-                .flatten()
-                .map(|r| r.version)
-                .max()?;
-            (newest > release.version).then_some((id, newest))
-        })
-    }
-
-    async fn chunk_map(&self, b: &BlobRef, release: &ReleaseRef) -> Result<ChunkMap, SyncError> {
-        let id = b.chunk_map;
-        if let Ok(m) = self
-            .on_store(move |store| Ok(store.read_chunk_map(&id)?))
-            .await
-        {
-            return Ok(m);
-        }
-        let mut last: Option<SyncError> = None;
-        if let Some(node) = &self.peers {
-            for (peer, _) in self.sharing(release) {
-                match node.get_chunk(&peer, &b.chunk_map).await {
-                    Ok(bytes) => {
-                        let bytes = self.put_raw(b.chunk_map, bytes).await?;
-                        return ChunkMap::decode(&bytes).map_err(|source| SyncError::ChunkMap {
-                            id: b.chunk_map,
-                            source,
-                        });
-                    }
-                    Err(e) => last = Some(e.into()),
-                }
-            }
-        }
-        if let Some(origin) = &self.cfg.origin
-            && self.origin_usable()
-        {
-            let key = origin.layout().blob(&b.chunk_map);
-            match origin
-                .get_capped(&key, deckhand_protocol::chunk::max_encoded_len(b.size))
-                .await
-            {
-                Ok(bytes) => {
-                    self.origin_ok();
-                    let bytes = self.put_raw(b.chunk_map, bytes.to_vec()).await?;
-                    self.account(Source::Origin, bytes.len() as u64);
-                    return ChunkMap::decode(&bytes).map_err(|source| SyncError::ChunkMap {
-                        id: b.chunk_map,
-                        source,
-                    });
-                }
-                Err(e) => {
-                    self.origin_failed(&e);
-                    last = Some(e.into());
-                }
-            }
-        }
-        Err(last.unwrap_or(SyncError::ChunkMapUnavailable(b.chunk_map)))
-    }
-
     fn account(&self, source: Source, n: u64) {
         self.service.metrics().sync_bytes(source, n);
-        if let Ok(mut s) = self.status.lock() {
+        self.note_status(|s| {
             match source {
                 Source::Peer => s.bytes_from_peers += n,
                 Source::Origin => s.bytes_from_origin += n,
@@ -1101,7 +710,7 @@ impl Engine {
                     Source::Local => {}
                 }
             }
-        }
+        });
     }
 }
 
@@ -1116,16 +725,5 @@ async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Hands the memory a finished download and a replaced release freed back to the system. glibc keeps
-/// freed memory in its per-thread arenas, so without this an idle agent stays at its sync's high-water
-/// mark (`deckhand bench footprint` shows the difference in anonymous RSS).
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free pages of glibc's own arenas; it touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -86,3 +86,89 @@ impl Trust {
         Ok(Some(next))
     }
 }
+
+/// Where the next trust roots are read from: the origin (the bucket, or a bundle directory read as a
+/// file origin: the same layout), or a peer that holds them.
+pub enum RootSource<'a> {
+    Origin(&'a dyn crate::origin::Origin),
+    Peer {
+        node: &'a crate::peer::PeerNode,
+        peer: &'a str,
+    },
+}
+
+impl RootSource<'_> {
+    /// Root `version` of `deployment`, or `None` when the source does not hold it.
+    async fn root(
+        &self,
+        deployment: &deckhand_protocol::layout::Name,
+        version: u64,
+    ) -> Result<Option<Vec<u8>>, super::SyncError> {
+        use crate::origin::Fetched;
+        match self {
+            RootSource::Origin(origin) => {
+                let key = origin.layout().trust_root(deployment, version);
+                let limit = deckhand_protocol::envelope::MAX_ENVELOPE as u64;
+                match origin.get_if_changed(&key, None, limit).await? {
+                    Fetched::Changed { body, .. } => Ok(Some(body.to_vec())),
+                    Fetched::NotModified | Fetched::Missing => Ok(None),
+                }
+            }
+            RootSource::Peer { node, peer } => Ok(node.get_root(peer, version).await?),
+        }
+    }
+}
+
+/// What following the chain of roots at a source came to.
+#[derive(Debug, Default)]
+pub struct Followed {
+    /// Roots taken (each kept in the store before it was used).
+    pub taken: usize,
+    /// The root that was refused, if one was: nothing after it was looked at.
+    pub refused: Option<RootError>,
+}
+
+/// The one way roots are followed, from S3, a peer or a stick: one version at a time, at most
+/// [`MAX_ROOTS_FOLLOWED`] in one go (a Pi further behind catches up over a few), each verified along
+/// the chain ([`Trust::advance`]) and kept in the store by the ledger in one commit before the next is
+/// looked at. A root that does not verify changes nothing and is returned for the caller to report.
+pub async fn follow_roots(
+    trust: &Trust,
+    store: &deckhand_store::Store,
+    deployment: &deckhand_protocol::layout::Name,
+    source: &RootSource<'_>,
+    from: &str,
+) -> Result<Followed, super::SyncError> {
+    let mut followed = Followed::default();
+    for _ in 0..MAX_ROOTS_FOLLOWED {
+        let Some(next) = trust.next_root() else {
+            break;
+        };
+        let Some(body) = source.root(deployment, next).await? else {
+            break;
+        };
+        let root = match trust.advance(&body) {
+            Ok(Some(root)) => root,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(from, cause = %e, "a trust root was refused");
+                followed.refused = Some(e);
+                break;
+            }
+        };
+        let (envelope, version, s) = (root.envelope().to_vec(), root.version(), store.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::ledger::Ledger::new(&s).follow_root(version, &envelope)
+        })
+        .await??;
+        tracing::info!(
+            version,
+            from,
+            keys = root.root().keys.len(),
+            threshold = root.root().threshold,
+            "trust root updated"
+        );
+        followed.taken += 1;
+    }
+    Ok(followed)
+}

@@ -134,7 +134,19 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
         println!("    {:<12} top-1 {:>6.1}%", format!("{p:?}"), acc * 100.0);
     }
 
-    // usearch search alone.
+    search_alone(&files, &spec)?;
+
+    // Where the time of one recognition goes, on the sample model and on an EfficientNet-Lite0-shaped one.
+    stages(&rec, &files, &spec, work.path())?;
+
+    through_the_service(rec, &files, &spec).await
+}
+
+/// usearch's search alone, over the benchmark's reference DB.
+fn search_alone(
+    files: &deckhand_agent::release::ReleaseFiles,
+    spec: &ReferenceSpec,
+) -> Result<(), ToolError> {
     let index = usearch::Index::restore(
         files
             .index
@@ -159,11 +171,16 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
         spec.dim,
         per.as_secs_f64() * 1e6
     );
+    Ok(())
+}
 
-    // Where the time of one recognition goes, on the sample model and on an EfficientNet-Lite0-shaped one.
-    stages(&rec, &files, &spec, work.path())?;
-
-    // Throughput and latency through the service (queue, batching, inference thread).
+/// Throughput and latency through the service (queue, batching, inference thread), steady and while
+/// releases are swapped in the background.
+async fn through_the_service(
+    rec: deckhand_agent::recognizer::Recognizer,
+    files: &deckhand_agent::release::ReleaseFiles,
+    spec: &ReferenceSpec,
+) -> Result<(), ToolError> {
     let service = Service::start(Arc::new(Metrics::default())).map_err(ToolError::Service)?;
     service.activate(rec, &[])?;
     let photos: Vec<bytes::Bytes> = (0..64)
@@ -187,7 +204,7 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
     );
 
     // p99 while releases are swapped in the background.
-    let next = load(&files, &spec, 2)?;
+    let next = load(files, spec, 2)?;
     let swapping = load_test(
         &service,
         &photos,

@@ -65,19 +65,61 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         }
     };
     std::fs::create_dir_all(&dir).map_err(ToolError::io("create", &dir))?;
-    if opts.verbose {
-        deckhand_agent::telemetry::init(false);
-    } else {
-        let log = dir.join("demo.log");
-        deckhand_agent::telemetry::init_file(&log).map_err(ToolError::io("create", &log))?;
-        println!(
-            "deckhand demo in {}; logs in {}",
-            dir.display(),
-            log.display()
-        );
-    }
+    logs(&dir, opts.verbose)?;
     let started = Instant::now();
     step(1, "generate a sample release");
+    let (spec, files) = sample_release(&dir).await?;
+    step(
+        2,
+        "start S3, make a signing key and a fleet CA, publish version 1",
+    );
+    let (mut shop, release_bytes) = start_and_publish(&dir, &files).await?;
+    step(
+        3,
+        &format!("start {n} agents; they find each other and sync"),
+    );
+    start_agents(&mut shop, n, release_bytes).await?;
+    step(4, "recognise photos of cards (cropped, rotated, noisy)");
+    let photo_dir = dir.join("photos");
+    let right = recognise_photos(&shop, &spec, &photo_dir).await?;
+    step(
+        5,
+        "publish version 2 (a card renamed) while a client keeps asking",
+    );
+    let client = second_release(&shop, &spec, &files, &dir).await?;
+    step(6, &format!("the fleet as {} sees it", shop.agents[0].name));
+    show_fleet(&shop, &photo_dir, started, opts.keep).await?;
+    shop.stop().await?;
+    if client.failed > 0 || client.mixed > 0 || right == 0 {
+        return Err(ToolError::DemoFailed {
+            failed: client.failed,
+            mixed: client.mixed,
+            right,
+        });
+    }
+    Ok(())
+}
+
+/// This process's logs: on stderr with `-v`, else in the demo's directory.
+fn logs(dir: &std::path::Path, verbose: bool) -> Result<(), ToolError> {
+    if verbose {
+        deckhand_agent::telemetry::init(false);
+        return Ok(());
+    }
+    let log = dir.join("demo.log");
+    deckhand_agent::telemetry::init_file(&log).map_err(ToolError::io("create", &log))?;
+    println!(
+        "deckhand demo in {}; logs in {}",
+        dir.display(),
+        log.display()
+    );
+    Ok(())
+}
+
+/// Step 1: the sample release, generated deterministically.
+async fn sample_release(
+    dir: &std::path::Path,
+) -> Result<(ReferenceSpec, deckhand_agent::release::ReleaseFiles), ToolError> {
     let t = Instant::now();
     let spec = ReferenceSpec::small(60);
     let (spec2, rdir) = (spec.clone(), dir.join("release-1"));
@@ -92,20 +134,23 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         dir.join("release-1").display(),
         secs(t.elapsed())
     );
+    Ok((spec, files))
+}
 
-    step(
-        2,
-        "start S3, make a signing key and a fleet CA, publish version 1",
-    );
+/// Step 2: S3, a key and a CA, and version 1 published. Returns the shop and the release's bytes.
+async fn start_and_publish(
+    dir: &std::path::Path,
+    files: &deckhand_agent::release::ReleaseFiles,
+) -> Result<(Fleet, u64), ToolError> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(ToolError::Random)?;
-    let mut shop = Fleet::new()
-        .dir(&dir)
+    let shop = Fleet::new()
+        .dir(dir)
         .key(deckhand_protocol::SecretKey::from_seed(&seed))
         .start()
         .await?;
     let t = Instant::now();
-    let v1 = shop.publish(&files).await?;
+    let v1 = shop.publish(files).await?;
     println!(
         "S3 at {}; signed and published version {} ({}): {} in {} blobs ({})",
         shop.s3().endpoint(),
@@ -115,11 +160,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         v1.manifest.blobs().len(),
         secs(t.elapsed())
     );
+    Ok((shop, v1.manifest.total_bytes()))
+}
 
-    step(
-        3,
-        &format!("start {n} agents; they find each other and sync"),
-    );
+/// Step 3: `n` agents started; they sync version 1, S3 counting what it sends.
+async fn start_agents(shop: &mut Fleet, n: usize, release: u64) -> Result<(), ToolError> {
     shop.s3().stats().reset();
     let t = Instant::now();
     for i in 0..n {
@@ -144,11 +189,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         );
     }
     let sent = shop.s3().stats().bytes_sent();
-    let ratio = sent as f64 / v1.manifest.total_bytes().max(1) as f64;
+    let ratio = sent as f64 / release.max(1) as f64;
     println!(
         "S3 sent {} in all for a {} release and {n} agents: {ratio:.2}x the release{} ({})",
         human_bytes(sent),
-        human_bytes(v1.manifest.total_bytes()),
+        human_bytes(release),
         if ratio < 1.5 {
             ", so the shop's uplink carried each byte about once; the rest came from peers"
         } else {
@@ -156,8 +201,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         },
         secs(t.elapsed())
     );
+    Ok(())
+}
 
-    step(4, "recognise photos of cards (cropped, rotated, noisy)");
+/// Step 4: perturbed photos of cards recognised, spread over the agents. Returns how many were right.
+async fn recognise_photos(
+    shop: &Fleet,
+    spec: &ReferenceSpec,
+    photo_dir: &std::path::Path,
+) -> Result<usize, ToolError> {
     let mut right = 0;
     let photos = [
         (7, Perturbation::Crop),
@@ -165,8 +217,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         (25, Perturbation::Noise),
         (41, Perturbation::Crop),
     ];
-    let photo_dir = dir.join("photos");
-    std::fs::create_dir_all(&photo_dir).map_err(ToolError::io("create", &photo_dir))?;
+    std::fs::create_dir_all(photo_dir).map_err(ToolError::io("create", photo_dir))?;
     for (i, (card, p)) in photos.iter().enumerate() {
         let a = &shop.agents[i % shop.agents.len()];
         let photo = encode_jpeg(&perturb(&card_image(*card, 0), *p, i as u64 + 1), 85);
@@ -191,11 +242,56 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         photos.len(),
         photo_dir.display()
     );
+    Ok(right)
+}
 
-    step(
-        5,
-        "publish version 2 (a card renamed) while a client keeps asking",
-    );
+/// What the client asking through the swap saw.
+#[derive(Default)]
+struct ClientCounts {
+    asked: AtomicU64,
+    failed: AtomicU64,
+    mixed: AtomicU64,
+}
+
+/// The counts at the end.
+struct ClientSaw {
+    failed: u64,
+    mixed: u64,
+}
+
+/// Asks `http` to recognise `photo` until `stop`, counting failures and answers that mix the two
+/// releases (version 1 answers with the old name, version 2 with the new: never a mix).
+async fn keep_asking(
+    http: String,
+    photo: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    counts: Arc<ClientCounts>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let body = bytes::Bytes::copy_from_slice(&photo);
+        let r = deckhand_agent::http::request_json(&http, "POST", "/v1/recognize", body).await;
+        counts.asked.fetch_add(1, Ordering::SeqCst);
+        match r {
+            Ok((200, a)) => {
+                let v2_name = a["metadata"]["name"] == "Card seven, second print";
+                if (a["manifest_version"] == 2) != v2_name {
+                    counts.mixed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            _ => {
+                counts.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Step 5: version 2 (one card renamed) published and swapped in while a client keeps asking.
+async fn second_release(
+    shop: &Fleet,
+    spec: &ReferenceSpec,
+    files: &deckhand_agent::release::ReleaseFiles,
+    dir: &std::path::Path,
+) -> Result<ClientSaw, ToolError> {
     let renamed = spec.card_id(7);
     let mut meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&files.metadata).map_err(ToolError::io("read", &files.metadata))?,
@@ -211,63 +307,37 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
     .map_err(ToolError::io("write", &files2.metadata))?;
     let photo = encode_jpeg(&perturb(&card_image(7, 0), Perturbation::Crop, 9), 85);
     let stop = Arc::new(AtomicBool::new(false));
-    let (asked, failed, mixed) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let client = {
-        let (http, photo, stop, asked, failed, mixed) = (
-            shop.agents[0].http().to_owned(),
-            photo.clone(),
-            stop.clone(),
-            asked.clone(),
-            failed.clone(),
-            mixed.clone(),
-        );
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let r = deckhand_agent::http::request_json(
-                    &http,
-                    "POST",
-                    "/v1/recognize",
-                    bytes::Bytes::copy_from_slice(&photo),
-                )
-                .await;
-                asked.fetch_add(1, Ordering::SeqCst);
-                match r {
-                    Ok((200, a)) => {
-                        // Version 1 answers with the old name, version 2 with the new: never a mix.
-                        let v2_name = a["metadata"]["name"] == "Card seven, second print";
-                        if (a["manifest_version"] == 2) != v2_name {
-                            mixed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-        })
-    };
+    let counts = Arc::new(ClientCounts::default());
+    let client = tokio::spawn(keep_asking(
+        shop.agents[0].http().to_owned(),
+        photo.clone(),
+        stop.clone(),
+        counts.clone(),
+    ));
     shop.s3().stats().reset();
     let t = Instant::now();
     let v2 = shop.publish(&files2).await?;
-    shop.wait_all(WAIT, "version 2 active", |s| s.active_version() == Some(2))
-        .await?;
+    let waited = shop
+        .wait_all(WAIT, "version 2 active", |s| s.active_version() == Some(2))
+        .await;
     stop.store(true, Ordering::SeqCst);
     let _ = client.await;
+    waited?;
     println!(
         "version {} swapped in on every agent ({}); S3 sent {} (only the changed metadata)",
         v2.manifest.version,
         secs(t.elapsed()),
         human_bytes(shop.s3().stats().bytes_sent()),
     );
+    let saw = ClientSaw {
+        failed: counts.failed.load(Ordering::SeqCst),
+        mixed: counts.mixed.load(Ordering::SeqCst),
+    };
     println!(
         "meanwhile a client asked {} times: {} failed, {} saw a mix of two releases",
-        asked.load(Ordering::SeqCst),
-        failed.load(Ordering::SeqCst),
-        mixed.load(Ordering::SeqCst)
+        counts.asked.load(Ordering::SeqCst),
+        saw.failed,
+        saw.mixed
     );
     let (_, answer) = recognize(&shop.agents[0], &photo).await?;
     println!(
@@ -276,8 +346,16 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         answer["metadata"]["name"].as_str().unwrap_or("-"),
         answer["manifest_version"]
     );
+    Ok(saw)
+}
 
-    step(6, &format!("the fleet as {} sees it", shop.agents[0].name));
+/// Step 6: the fleet as the first agent sees it; with `--keep`, the shop runs until Ctrl-C.
+async fn show_fleet(
+    shop: &Fleet,
+    photo_dir: &std::path::Path,
+    started: Instant,
+    keep: bool,
+) -> Result<(), ToolError> {
     let fleet = deckhand_agent::http::get_fleet(shop.agents[0].http())
         .await
         .map_err(|e| ToolError::AgentApi {
@@ -287,7 +365,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
     print!("{}", fleet.render());
     let page = format!("http://{}/", shop.agents[0].http());
     println!("\ndemo done in {}", secs(started.elapsed()));
-    if opts.keep {
+    if keep {
         println!(
             "the shop keeps running: open {page} for the shop page (try a card: a photo from {}); \
              Ctrl-C to stop",
@@ -301,14 +379,6 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
         println!(
             "the shop page was at {page}; run `deckhand demo --keep` to keep the shop running and look"
         );
-    }
-    shop.stop().await?;
-    if failed.load(Ordering::SeqCst) > 0 || mixed.load(Ordering::SeqCst) > 0 || right == 0 {
-        return Err(ToolError::DemoFailed {
-            failed: failed.load(Ordering::SeqCst),
-            mixed: mixed.load(Ordering::SeqCst),
-            right,
-        });
     }
     Ok(())
 }

@@ -157,43 +157,14 @@ fn print_steps(what: &str, r: &layout::StepReport, json: bool) -> Result<ExitCod
 }
 
 pub async fn run(command: LayoutCommand) -> Result<ExitCode, ToolError> {
-    use deckhand_protocol::migration::{Plan, Rules};
+    use deckhand_protocol::migration::Plan;
     match command {
         LayoutCommand::Plan {
             bucket: b,
             rules,
             out,
             json,
-        } => {
-            let rules = match &rules {
-                Some(p) => read_rules(p)?,
-                None => Rules::defaults(),
-            };
-            let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
-            let plan = layout::plan(&*origin, &rules).await?;
-            if let Some(out) = &out {
-                std::fs::write(out, plan.encode()).map_err(ToolError::io("write plan", out))?;
-            }
-            emit(json, &plan, |plan| {
-                for m in &plan.moves {
-                    println!("{} -> {}", m.source, m.target);
-                }
-                for u in &plan.unplaced {
-                    println!("left alone: {} ({})", u.key, u.reason);
-                }
-                eprintln!(
-                    "{} objects to move ({} bytes), {} already in the layout, {} left alone",
-                    plan.moves.len(),
-                    plan.bytes(),
-                    plan.in_place,
-                    plan.unplaced.len()
-                );
-                if let Some(out) = &out {
-                    eprintln!("plan written to {}", out.display());
-                }
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => plan(&b, rules.as_deref(), out.as_deref(), json).await,
         LayoutCommand::Migrate {
             plan,
             endpoint_url,
@@ -251,38 +222,79 @@ pub async fn run(command: LayoutCommand) -> Result<ExitCode, ToolError> {
             bucket: b,
             trust,
             json,
-        } => {
-            let policy = optional_policy(&trust)?;
-            let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
-            let work = work_dir()?;
-            let r = layout::audit(&*origin, policy.as_ref(), work.path()).await?;
-            emit(json, &r, |r| {
-                println!("{} objects, {} bytes", r.objects, r.bytes);
-                for (folder, c) in &r.folders {
-                    println!("  {folder}/: {} objects, {} bytes", c.objects, c.bytes);
-                }
-                println!(
-                    "{} manifests, {} blobs checked; {} legacy keys awaiting finalize",
-                    r.manifests, r.blobs_checked, r.awaiting_finalize
-                );
-                for (what, list) in [
-                    ("misplaced", &r.misplaced),
-                    ("bad manifest", &r.bad_manifests),
-                    ("missing", &r.missing),
-                    ("unreachable", &r.unreachable),
-                    ("orphan", &r.orphans),
-                ] {
-                    for item in list {
-                        println!("  {what}: {item}");
-                    }
-                }
-                println!("{} violations", r.violations());
-            })?;
-            Ok(if r.violations() == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => audit(&b, &trust, json).await,
     }
+}
+
+/// `deckhand layout plan`: the moves the rules make of the bucket's keys, written to `out` if given.
+async fn plan(
+    b: &BucketArgs,
+    rules: Option<&std::path::Path>,
+    out: Option<&std::path::Path>,
+    json: bool,
+) -> Result<ExitCode, ToolError> {
+    use deckhand_protocol::migration::Rules;
+    let rules = match rules {
+        Some(p) => read_rules(p)?,
+        None => Rules::defaults(),
+    };
+    let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
+    let plan = layout::plan(&*origin, &rules).await?;
+    if let Some(out) = out {
+        std::fs::write(out, plan.encode()).map_err(ToolError::io("write plan", out))?;
+    }
+    emit(json, &plan, |plan| {
+        for m in &plan.moves {
+            println!("{} -> {}", m.source, m.target);
+        }
+        for u in &plan.unplaced {
+            println!("left alone: {} ({})", u.key, u.reason);
+        }
+        eprintln!(
+            "{} objects to move ({} bytes), {} already in the layout, {} left alone",
+            plan.moves.len(),
+            plan.bytes(),
+            plan.in_place,
+            plan.unplaced.len()
+        );
+        if let Some(out) = out {
+            eprintln!("plan written to {}", out.display());
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `deckhand layout audit`: what the bucket holds against the layout; fails on any violation.
+async fn audit(b: &BucketArgs, trust: &[PathBuf], json: bool) -> Result<ExitCode, ToolError> {
+    let policy = optional_policy(trust)?;
+    let origin = bucket(&b.origin, b.endpoint_url.as_deref()).await?;
+    let work = work_dir()?;
+    let r = layout::audit(&*origin, policy.as_ref(), work.path()).await?;
+    emit(json, &r, |r| {
+        println!("{} objects, {} bytes", r.objects, r.bytes);
+        for (folder, c) in &r.folders {
+            println!("  {folder}/: {} objects, {} bytes", c.objects, c.bytes);
+        }
+        println!(
+            "{} manifests, {} blobs checked; {} legacy keys awaiting finalize",
+            r.manifests, r.blobs_checked, r.awaiting_finalize
+        );
+        for (what, list) in [
+            ("misplaced", &r.misplaced),
+            ("bad manifest", &r.bad_manifests),
+            ("missing", &r.missing),
+            ("unreachable", &r.unreachable),
+            ("orphan", &r.orphans),
+        ] {
+            for item in list {
+                println!("  {what}: {item}");
+            }
+        }
+        println!("{} violations", r.violations());
+    })?;
+    Ok(if r.violations() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

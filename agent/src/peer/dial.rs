@@ -1,0 +1,205 @@
+//! Finding and keeping peers: dialing the addresses discovery and configuration give (with backoff),
+//! exchanging Hellos, gossiping this agent's state when it changes, and recording what peers announce.
+
+use super::*;
+
+impl PeerNode {
+    /// Records a peer's Hello, learnt from either side of a connection. Sends a hint if it announces a
+    /// newer release of our deployment.
+    pub(super) fn record_hello(
+        &self,
+        id: &str,
+        hello: Hello,
+        addr: SocketAddr,
+        conn: Option<quinn::Connection>,
+    ) {
+        let newest = self.local().newest();
+        let announced = [hello.active, hello.pending]
+            .iter()
+            .flatten()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        let ours = hello.deployment == self.inner.deployment;
+        {
+            let mut peers = crate::locks::lock(&self.inner.peers, "peers");
+            if !peers.contains_key(id) && peers.len() >= MAX_PEERS {
+                return;
+            }
+            let p = peers
+                .entry(id.to_owned())
+                .or_insert_with(|| PeerState::new(addr));
+            if let Some(c) = conn {
+                p.conn = Some(c);
+                p.addr = addr;
+            }
+            p.hello = Some(hello);
+            p.last_hello = Some(Instant::now());
+            p.left = false;
+        }
+        if ours && announced > newest && !self.is_banned(id) {
+            // Bounded: when the engine is busy, a later Hello repeats the hint.
+            let _ = self.inner.hints.try_send(Hint {
+                peer: id.to_owned(),
+                version: announced,
+            });
+        }
+    }
+    pub(super) async fn dial_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let now = Instant::now();
+            let connected: HashSet<SocketAddr> = crate::locks::lock(&self.inner.peers, "peers")
+                .values()
+                .filter(|s| s.conn.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                .map(|s| s.addr)
+                .collect();
+            let due: Vec<SocketAddr> = {
+                let mut addrs = crate::locks::lock(&self.inner.addrs, "addresses");
+                let due: Vec<_> = addrs
+                    .iter()
+                    .filter(|(a, t)| **t <= now && !connected.contains(a))
+                    .map(|(a, _)| *a)
+                    .collect();
+                for a in &due {
+                    // The next attempt, if this one fails; backs off while it keeps failing.
+                    addrs.insert(*a, now + Duration::from_secs(3));
+                }
+                due
+            };
+            for addr in due {
+                let node = self.clone();
+                self.inner
+                    .tasks
+                    .spawn(async move { node.dial(addr).await }.in_current_span());
+            }
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) {
+        let connecting =
+            match self
+                .inner
+                .endpoint
+                .connect_with(self.inner.client.clone(), addr, PEER_NAME)
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%addr, cause = %e, "cannot dial");
+                    return;
+                }
+            };
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(%addr, cause = %e, "dial failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%addr, "dial timed out");
+                return;
+            }
+        };
+        let Some(id) = peer_id(&conn) else {
+            conn.close(1u8.into(), b"no fleet identity");
+            return;
+        };
+        if id == self.inner.me {
+            conn.close(0u8.into(), b"self");
+            {
+                let mut own = crate::locks::lock(&self.inner.own, "own");
+                own.insert(addr);
+            }
+            {
+                let mut a = crate::locks::lock(&self.inner.addrs, "addrs");
+                a.remove(&addr);
+            }
+            return;
+        }
+        // One connection per peer: a second address of a connected peer is dropped.
+        let already = self.conn(&id).is_ok();
+        if already {
+            conn.close(0u8.into(), b"duplicate");
+            {
+                let mut a = crate::locks::lock(&self.inner.addrs, "addrs");
+                a.remove(&addr);
+            }
+            return;
+        }
+        if let Err(e) = self.exchange_hello(&id, addr, conn).await {
+            tracing::debug!(peer = %id, cause = %e, "hello failed");
+        } else {
+            tracing::info!(peer = %id, %addr, "connected");
+        }
+    }
+
+    async fn exchange_hello(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        conn: quinn::Connection,
+    ) -> Result<(), PeerError> {
+        let resp = roundtrip(
+            &conn,
+            id,
+            &Request::Hello(self.hello()),
+            "hello",
+            HELLO_TIMEOUT,
+        )
+        .await?;
+        match resp {
+            Response::Hello(h) if h.agent_id == id => {
+                self.record_hello(id, h, addr, Some(conn));
+                Ok(())
+            }
+            Response::Hello(h) => Err(PeerError::Remote {
+                peer: id.to_owned(),
+                message: format!("hello names {:?}, not its certificate", h.agent_id),
+            }),
+            other => Err(unexpected(id, "hello", other)),
+        }
+    }
+
+    pub(super) async fn gossip_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(GOSSIP) => {}
+                _ = self.inner.changed.notified() => {}
+                _ = stop.changed() => return,
+            }
+            let conns: Vec<(String, SocketAddr, quinn::Connection)> =
+                crate::locks::lock(&self.inner.peers, "peers")
+                    .iter()
+                    .filter_map(|(id, s)| {
+                        let c = s.conn.clone()?;
+                        c.close_reason().is_none().then(|| (id.clone(), s.addr, c))
+                    })
+                    .collect();
+            let jobs = conns.into_iter().map(|(id, addr, conn)| {
+                let node = self.clone();
+                async move {
+                    if let Err(e) = node.exchange_hello(&id, addr, conn.clone()).await {
+                        tracing::debug!(peer = %id, cause = %e, "gossip failed");
+                        if conn.close_reason().is_some()
+                            && let Some(p) =
+                                crate::locks::lock(&node.inner.peers, "peers").get_mut(&id)
+                        {
+                            p.left |= closed_by_leaving(&conn);
+                            p.conn = None;
+                            p.last_error = Some(e.to_string());
+                            {
+                                let mut a = crate::locks::lock(&node.inner.addrs, "addrs");
+                                a.insert(p.addr, Instant::now());
+                            }
+                        }
+                    }
+                }
+            });
+            futures::future::join_all(jobs).await;
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Serving peers: incoming connections (at most [`MAX_INCOMING`], each identified by its fleet
+//! certificate), one request per stream, answered from the store within the serving limits
+//! ([`MAX_SERVING`] chunks at once, the bandwidth [`Bucket`]). A banned peer's streams are refused.
+
+use super::*;
+use frames::{FrameError, read_frame};
+
+/// The serving bandwidth cap: a token bucket of `rate` bytes per second with one second of burst.
+pub(super) struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    pub(super) fn new(rate: u64, now: Instant) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            tokens: rate.max(1) as f64,
+            at: now,
+        }
+    }
+
+    /// Takes `n` bytes at `now`; returns how long the caller must wait before sending them.
+    fn take(&mut self, n: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+impl PeerNode {
+    pub(super) async fn accept_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let incoming = tokio::select! {
+                i = self.inner.endpoint.accept() => i,
+                _ = stop.changed() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let Ok(permit) = self.inner.incoming.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    remote = %incoming.remote_address(),
+                    limit = MAX_INCOMING,
+                    "refused an incoming connection: at the connection limit"
+                );
+                incoming.refuse();
+                continue;
+            };
+            let node = self.clone();
+            self.inner.tasks.spawn(async move {
+                let _permit = permit;
+                let remote = incoming.remote_address();
+                let conn = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, cause = %e, "refused an incoming connection");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let Some(id) = peer_id(&conn) else {
+                    conn.close(1u8.into(), b"no fleet identity");
+                    return;
+                };
+                let span = tracing::info_span!("peer", peer = %id, %remote);
+                node.serve_conn(id, conn).instrument(span).await;
+            });
+        }
+        self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);
+    }
+
+    async fn serve_conn(&self, id: String, conn: quinn::Connection) {
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => {
+                    // A peer known only by the connections it opened says here that it left.
+                    if closed_by_leaving(&conn)
+                        && let Some(p) = crate::locks::lock(&self.inner.peers, "peers").get_mut(&id)
+                    {
+                        p.left = true;
+                        tracing::info!(peer = %id, "the peer left");
+                    }
+                    return;
+                }
+            };
+            if self.is_banned(&id) {
+                conn.close(2u8.into(), b"banned");
+                return;
+            }
+            let node = self.clone();
+            let (id2, remote) = (id.clone(), conn.remote_address());
+            self.inner.tasks.spawn(
+                async move {
+                    if let Err(e) = node.serve_stream(&id2, remote, send, recv).await {
+                        tracing::debug!(cause = %e, "stream ended with an error");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    async fn serve_stream(
+        &self,
+        id: &str,
+        remote: SocketAddr,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), PeerError> {
+        let conn_err = |e: &dyn std::fmt::Display| PeerError::Connection {
+            peer: id.to_owned(),
+            why: e.to_string(),
+        };
+        let body = tokio::time::timeout(READ_REQUEST_TIMEOUT, read_frame(&mut recv, MAX_REQUEST))
+            .await
+            .map_err(|_| PeerError::Timeout {
+                peer: id.to_owned(),
+                what: "request",
+                after: READ_REQUEST_TIMEOUT,
+            })?
+            .map_err(|e| match e {
+                FrameError::Wire(source) => PeerError::Wire {
+                    peer: id.to_owned(),
+                    source,
+                },
+                FrameError::Io(why) => conn_err(&why),
+            })?;
+        let response = match Request::decode(&body) {
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(req) => self.answer(id, remote, req).await,
+        };
+        let bytes = response.encode();
+        if let Response::Chunk { data } = &response {
+            self.throttle(data.len()).await;
+            if let Some(p) = crate::locks::lock(&self.inner.peers, "peers").get_mut(id) {
+                p.bytes_to += data.len() as u64;
+            }
+            self.inner.metrics.peer_served(data.len() as u64);
+        }
+        tokio::time::timeout(CHUNK_TIMEOUT, async {
+            send.write_all(&bytes).await.map_err(|e| conn_err(&e))?;
+            send.finish().map_err(|e| conn_err(&e))?;
+            Ok::<_, PeerError>(())
+        })
+        .await
+        .map_err(|_| PeerError::Timeout {
+            peer: id.to_owned(),
+            what: "response",
+            after: CHUNK_TIMEOUT,
+        })??;
+        Ok(())
+    }
+
+    async fn answer(&self, id: &str, remote: SocketAddr, req: Request) -> Response {
+        match req {
+            Request::Hello(h) => self.answer_hello(id, remote, h),
+            Request::GetManifest { deployment } => {
+                if deployment != self.inner.deployment {
+                    return Response::NotFound;
+                }
+                match self.local().envelope {
+                    Some(envelope) => Response::Manifest { envelope },
+                    None => Response::NotFound,
+                }
+            }
+            Request::GetRoot {
+                deployment,
+                version,
+            } => {
+                if deployment != self.inner.deployment {
+                    return Response::NotFound;
+                }
+                let root = move |s: &Store| crate::ledger::Ledger::new(s).root(version);
+                self.answer_from_store(root, |envelope| Response::Root { envelope })
+                    .await
+            }
+            Request::GetChunk { id: chunk } => {
+                // At the serving limit a request waits a little for a slot, then is told Busy: a
+                // short queue instead of a storm of retries when many peers want one new chunk.
+                let Ok(Ok(_permit)) =
+                    tokio::time::timeout(BUSY_AFTER, self.inner.serving.acquire()).await
+                else {
+                    return Response::Busy;
+                };
+                self.answer_from_store(
+                    move |s: &Store| s.read_chunk(&chunk),
+                    |data| Response::Chunk { data },
+                )
+                .await
+            }
+            Request::GetHave { blob } => {
+                self.answer_from_store(
+                    move |s: &Store| s.have_bitmap(&blob),
+                    |bitmap| Response::Have { bitmap },
+                )
+                .await
+            }
+            Request::Have { blob, chunks } => {
+                // Bounded: when the engine falls behind, the announcement is dropped and its periodic
+                // bitmap refresh catches up.
+                let note = HaveNote {
+                    peer: id.to_owned(),
+                    blob,
+                    chunks,
+                };
+                if self.inner.haves.try_send(note).is_err() {
+                    tracing::debug!(peer = id, "have announcement dropped: the engine is behind");
+                }
+                Response::Ack
+            }
+            Request::GetStatus => {
+                let source = crate::locks::lock(&self.inner.status, "status source").clone();
+                if let Some(source) = source {
+                    return Response::Status { json: source() };
+                }
+                let json = serde_json::json!({
+                    "agent_id": self.inner.me,
+                    "deployment": self.inner.deployment,
+                    "peers": self.peers(),
+                });
+                Response::Status {
+                    json: json.to_string().into_bytes(),
+                }
+            }
+        }
+    }
+
+    /// A peer's Hello: its claimed id must be its certificate's; its address is learnt (with the
+    /// address it came from when it listens on any) and its state recorded. Answered with ours.
+    fn answer_hello(&self, id: &str, remote: SocketAddr, h: Hello) -> Response {
+        if h.agent_id != id {
+            return Response::Error {
+                message: format!(
+                    "hello names agent {:?} but the certificate names {id:?}",
+                    h.agent_id
+                ),
+            };
+        }
+        // The peer's own listen address, with the address it actually came from.
+        if let Ok(listen) = h.listen.parse::<SocketAddr>() {
+            let back = SocketAddr::new(
+                if listen.ip().is_unspecified() {
+                    remote.ip()
+                } else {
+                    listen.ip()
+                },
+                listen.port(),
+            );
+            self.add_addr(back);
+        }
+        let known = crate::locks::lock(&self.inner.peers, "peers").contains_key(id);
+        let addr = h
+            .listen
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified())
+            .unwrap_or(remote);
+        self.record_hello(id, h, addr, None);
+        if !known {
+            tracing::info!(peer = id, "new peer");
+        }
+        Response::Hello(self.hello())
+    }
+
+    /// Answers from the store, read on a blocking thread: `found` of what `read` returns, NotFound for
+    /// nothing, an error answer for a store error.
+    async fn answer_from_store<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<Option<T>, deckhand_store::StoreError> + Send + 'static,
+        found: impl FnOnce(T) -> Response,
+    ) -> Response {
+        let store = self.inner.store.clone();
+        match tokio::task::spawn_blocking(move || read(&store)).await {
+            Ok(Ok(Some(v))) => found(v),
+            Ok(Ok(None)) => Response::NotFound,
+            Ok(Err(e)) => Response::Error {
+                message: e.to_string(),
+            },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// Waits until the serving bucket has `n` bytes of tokens.
+    async fn throttle(&self, n: usize) {
+        let Some(bucket) = &self.inner.bucket else {
+            return;
+        };
+        let wait = bucket.lock().await.take(n, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_cap_admits_rate_times_time_plus_one_second_of_burst() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, t0);
+        // One second of burst is free; then each byte costs a thousandth of a second.
+        assert_eq!(b.take(1000, t0), Duration::ZERO);
+        assert_eq!(b.take(500, t0), Duration::from_millis(500));
+        // A sender that sleeps as told, sending 100-byte chunks for 10 virtual seconds.
+        let mut b = Bucket::new(1000, t0);
+        let (mut now, mut sent) = (t0, 0u64);
+        let end = t0 + Duration::from_secs(10);
+        loop {
+            let at = now + b.take(100, now);
+            if at > end {
+                break;
+            }
+            now = at;
+            sent += 100;
+        }
+        let allowed = 1000 * 10 + 1000;
+        assert!(sent <= allowed, "{sent} bytes in 10 s at 1000 B/s");
+        assert!(
+            sent >= allowed - 200,
+            "the cap starves: {sent} bytes in 10 s"
+        );
+        // Idle time refills at most one second of burst.
+        let later = end + Duration::from_secs(60);
+        assert_eq!(b.take(1000, later), Duration::ZERO);
+        assert!(b.take(1, later) > Duration::ZERO);
+        // A clock that steps back does not mint tokens.
+        let mut b = Bucket::new(1000, t0 + Duration::from_secs(5));
+        assert_eq!(b.take(1000, t0), Duration::ZERO);
+        assert!(b.take(100, t0) > Duration::ZERO);
+    }
+}

@@ -1,0 +1,211 @@
+//! A complete release goes live: loaded and canary-checked off the runtime's threads, held until it
+//! is due ([`deckhand_protocol::switch`]: at once, or together with the shop, never before the
+//! manifest's `not_before`), then swapped in and recorded active, or refused and named.
+
+use super::{Engine, SyncError, joined};
+use crate::recognizer::service::check_canaries;
+use crate::sync::activation;
+use deckhand_protocol::VerifiedManifest;
+use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
+use deckhand_protocol::wire::ReleaseRef;
+use std::time::{Duration, Instant};
+
+/// How often a ready release waiting to switch looks at the peers again.
+const SWITCH_POLL: Duration = Duration::from_millis(100);
+
+impl Engine {
+    pub(super) async fn activate(&self, v: &VerifiedManifest) -> Result<(), SyncError> {
+        let m = &v.manifest;
+        let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
+        // Loaded and canary-checked off the runtime's threads: only the swap is left.
+        let checked = joined(
+            tokio::task::spawn_blocking(move || {
+                let r =
+                    activation::load_recognizer(&s2, &v2, backend).map_err(|e| e.to_string())?;
+                let c = activation::canaries(&s2, &v2.manifest).map_err(|e| e.to_string())?;
+                check_canaries(&r, &c).map_err(|e| e.to_string())?;
+                Ok::<_, String>(r)
+            })
+            .await,
+        )?;
+        let result = match checked {
+            Ok(recognizer) => {
+                let ready_at = jiff::Timestamp::now();
+                let due = self.switch_when_due(v).await;
+                self.set_ready(None);
+                let why = due?;
+                // The swap happens under the status lock (the status document reads the active
+                // release under it too): no reader sees the new release beside an error from the
+                // way to it, which is over.
+                let mut status = crate::locks::lock(&self.status, "sync status");
+                self.service.swap(recognizer);
+                {
+                    let s = &mut *status;
+                    s.pending = None;
+                    s.last_error = None;
+                    s.disk_full = None;
+                    s.last_switch = Some(deckhand_protocol::status::Switch {
+                        version: m.version,
+                        ready_at: ready_at.to_string(),
+                        switched_at: jiff::Timestamp::now().to_string(),
+                        why: why.to_string(),
+                    });
+                }
+                drop(status);
+                Ok(())
+            }
+            Err(why) => {
+                self.service.refuse(m.version, &v.id.to_string(), &why);
+                Err(why)
+            }
+        };
+        // Refused: nothing is pending any more (a swap cleared it with the swap).
+        self.note_status(|s| {
+            s.pending = None;
+        });
+        return_freed_memory();
+        {
+            let mut p = crate::locks::lock(&self.pending, "pending");
+            *p = None;
+        }
+        match result {
+            Ok(()) => {
+                // Recording it active clears the pending envelope in the same commit: a power cut
+                // before it resumes the release at the next start (it is accepted, so only resuming
+                // reaches it).
+                let (s2, v2) = (self.store.clone(), v.clone());
+                let gc = joined(
+                    tokio::task::spawn_blocking(move || activation::record_active(&s2, &v2)).await,
+                )??;
+                tracing::info!(
+                    version = m.version,
+                    freed = gc.bytes_freed,
+                    "release active"
+                );
+            }
+            Err(why) => {
+                self.on_store(|store| Ok(crate::ledger::Ledger::new(store).clear_pending()?))
+                    .await?;
+                tracing::error!(version = m.version, reason = %why, "release refused; the active release keeps serving");
+            }
+        }
+        self.announce();
+        Ok(())
+    }
+
+    /// Holds a ready release until it is due ([`deckhand_protocol::switch`]): not before the manifest's
+    /// `not_before`, and when the shop switches together, until every live member is ready for it, one
+    /// already serves it, or the deadline passed. Meanwhile this agent announces it ready, status says
+    /// what it waits for, and a newer release announced by a peer ends the wait (superseded).
+    pub(super) async fn switch_when_due(
+        &self,
+        v: &VerifiedManifest,
+    ) -> Result<switch::Why, SyncError> {
+        let m = &v.manifest;
+        let plan = Plan {
+            mode: m.activate.unwrap_or(self.cfg.activate),
+            not_before: m.not_before,
+            deadline: self.cfg.activate_deadline,
+        };
+        let release = ReleaseRef {
+            version: m.version,
+            manifest: v.id,
+        };
+        // Judged by the trusted clock: a Pi whose clock is behind does not switch before not_before.
+        let floor = self
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).time_floor()?))
+            .await?;
+        if plan.mode == Mode::Together {
+            self.set_ready(Some(release));
+        }
+        let mut since: Option<Instant> = None;
+        loop {
+            self.beat.beat();
+            let members: Vec<(String, Member)> = self
+                .peers
+                .as_ref()
+                .map(|n| n.usable())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, h)| {
+                    let state = if h.active == Some(release) {
+                        Member::Serving
+                    } else if h.ready == Some(release) {
+                        Member::Ready
+                    } else {
+                        Member::NotReady
+                    };
+                    (id, state)
+                })
+                .collect();
+            let states: Vec<Member> = members.iter().map(|(_, m)| *m).collect();
+            let now = deckhand_protocol::clock::trusted_now(jiff::Timestamp::now(), floor);
+            // The deadline runs on the monotonic clock, from when not_before (if any) had passed.
+            if plan.not_before.is_some_and(|t| now < t) {
+                since = None;
+            } else if since.is_none() {
+                since = Some(Instant::now());
+            }
+            let waited = since.map_or(Duration::ZERO, |s| s.elapsed());
+            let left = match switch::decide(&plan, now, waited, &states) {
+                Decision::Switch(why) => {
+                    tracing::info!(version = m.version, why = %why, members = states.len(), "switching");
+                    self.pending_update(|p| p.waiting = None);
+                    return Ok(why);
+                }
+                Decision::Wait(left) => left,
+            };
+            let until = now
+                .checked_add(
+                    jiff::SignedDuration::try_from(left).unwrap_or(jiff::SignedDuration::MAX),
+                )
+                .unwrap_or(now);
+            let waiting = match plan.not_before {
+                Some(t) if now < t => format!("switching at {t} (the manifest's not_before)"),
+                _ => {
+                    let missing: Vec<&str> = members
+                        .iter()
+                        .filter(|(_, m)| *m == Member::NotReady)
+                        .map(|(id, _)| id.as_str())
+                        .collect();
+                    format!(
+                        "switching together: {} of {} agents ready, waiting for {}; at {until} at the latest",
+                        states.len() + 1 - missing.len(),
+                        states.len() + 1,
+                        missing.join(", ")
+                    )
+                }
+            };
+            self.pending_update(|p| p.waiting = Some(waiting.clone()));
+            if let Some((peer, newer)) = self.superseded(&release) {
+                self.pending_update(|p| p.waiting = None);
+                return Err(SyncError::Superseded {
+                    version: m.version,
+                    newer,
+                    peer,
+                });
+            }
+            tokio::time::sleep(left.min(SWITCH_POLL)).await;
+        }
+    }
+
+    /// What this agent announces as ready to switch to.
+    pub(super) fn set_ready(&self, release: Option<ReleaseRef>) {
+        {
+            let mut r = crate::locks::lock(&self.ready, "ready");
+            *r = release;
+        }
+        self.announce();
+    }
+}
+
+/// Hands the memory a finished download and a replaced release freed back to the system. glibc keeps
+/// freed memory in its per-thread arenas, so without this an idle agent stays at its sync's high-water
+/// mark (`deckhand bench footprint` shows the difference in anonymous RSS).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's own arenas; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
