@@ -209,9 +209,9 @@ pub async fn run(
         }
         None => None,
     };
-    let sync_status = Arc::new(std::sync::Mutex::new(crate::sync::SyncStatus::default()));
-    let engine = engine(&cfg, &me, trust, &store, &service, &sync_status, &peers).await?;
+    let engine = engine(&cfg, &me, trust, &store, &service, &peers).await?;
     let sync_beat = engine.beat();
+    let engine_status = engine.status();
     let inputs = crate::sync::Inputs {
         hints,
         haves: peers.as_ref().and_then(|p| p.take_haves()),
@@ -221,7 +221,7 @@ pub async fn run(
     let sources = crate::report::Sources {
         agent_id: me,
         deployment: cfg.deployment.clone(),
-        sync: sync_status,
+        sync: engine_status,
         service: service.clone(),
         peers: peers.clone(),
         store,
@@ -355,7 +355,6 @@ async fn engine(
     trust: Arc<crate::sync::trust::Trust>,
     store: &Store,
     service: &Service,
-    sync_status: &Arc<std::sync::Mutex<crate::sync::SyncStatus>>,
     peers: &Option<PeerNode>,
 ) -> Result<crate::sync::Engine, DaemonError> {
     let origin = match &cfg.origin {
@@ -382,7 +381,6 @@ async fn engine(
         sync_cfg,
         store.clone(),
         service.clone(),
-        sync_status.clone(),
         peers.clone(),
     ))
 }

@@ -14,7 +14,6 @@ use deckhand_protocol::status::{
     Refusal, ReleaseSummary, Status,
 };
 use deckhand_store::Store;
-use std::sync::{Arc, Mutex};
 
 /// Everything a status document shows, as read at one moment.
 #[derive(Clone, Debug, Default)]
@@ -109,18 +108,20 @@ pub fn fleet(s: Status, progress_of: impl Fn(&str) -> Option<Pending>) -> FleetV
 pub struct Sources {
     pub agent_id: String,
     pub deployment: String,
-    pub sync: Arc<Mutex<SyncStatus>>,
+    /// What the sync engine publishes.
+    pub sync: tokio::sync::watch::Receiver<SyncStatus>,
     pub service: Service,
     pub peers: Option<PeerNode>,
     pub store: Store,
 }
 
 impl Sources {
-    /// Reads every part once. The active release is read under the sync status's lock, which the swap
-    /// also holds: a document never shows the new release beside the old one's errors or progress.
+    /// Reads every part once. The active release is read while the engine's snapshot is held, and the
+    /// engine publishes a swap with its status in one change: a document never shows the new release
+    /// beside the old one's errors or progress.
     pub fn snapshot(&self) -> Snapshot {
         let (sync, active) = {
-            let sync = crate::locks::lock(&self.sync, "sync status");
+            let sync = self.sync.borrow();
             (sync.clone(), self.service.active())
         };
         let usage = self.store.usage().ok();

@@ -131,6 +131,8 @@ pub enum ToolError {
     Backend(#[from] deckhand_agent::recognizer::BackendError),
     #[error(transparent)]
     Layout(#[from] crate::layout::LayoutError),
+    #[error(transparent)]
+    Check(#[from] crate::check::CheckError),
     #[error("cannot write the report as JSON: {0}")]
     Report(#[source] serde_json::Error),
 }

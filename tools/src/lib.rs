@@ -7,6 +7,7 @@
 //! `bench` prints the benchmarks' figures.
 
 pub mod bench;
+pub mod check;
 pub mod error;
 pub mod fleet_ca;
 pub mod keygen;

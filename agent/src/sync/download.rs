@@ -73,19 +73,18 @@ impl Engine {
     /// filled in), pumping the download state machine until it is complete. The caller completes the
     /// blobs. `before`: bytes of the release's blobs already complete, for the progress in status.
     pub(super) async fn download(
-        &self,
+        &mut self,
         maps: &[ChunkMap],
         release: &ReleaseRef,
         before: u64,
     ) -> Result<(), SyncError> {
         let mut pump = Pump::new(self, maps, *release, before).await?;
-        let mut haves = self.haves.lock().await;
         loop {
-            self.beat.beat();
+            pump.engine.beat.beat();
             let t = pump.now();
             pump.budget_now(t);
             pump.look_at_peers(t);
-            if let Some((peer, newer)) = self.superseded(release) {
+            if let Some((peer, newer)) = pump.engine.superseded(release) {
                 let version = release.version;
                 return Err(SyncError::Superseded {
                     version,
@@ -103,7 +102,7 @@ impl Engine {
             for action in pump.fetch.poll(t) {
                 pump.start(action);
             }
-            self.announce();
+            pump.engine.announce();
             pump.push_haves(t, false);
             let wake = pump.wake(t);
             tokio::select! {
@@ -114,9 +113,9 @@ impl Engine {
                         pump.finished(more.map_err(SyncError::Worker)?)?;
                     }
                 }
-                Some(note) = recv_opt(&mut *haves) => {
+                Some(note) = recv_opt(&mut pump.haves) => {
                     pump.have(note);
-                    while let Some(Ok(more)) = haves.as_mut().map(|h| h.try_recv()) {
+                    while let Some(Ok(more)) = pump.haves.as_mut().map(|h| h.try_recv()) {
                         pump.have(more);
                     }
                 }
@@ -131,7 +130,9 @@ impl Engine {
 /// One download's state around its machine: the owned tasks, the peers fed to the machine, and the
 /// HAVEs owed to the peers downloading the same release.
 struct Pump<'e> {
-    engine: &'e Engine,
+    engine: &'e mut Engine,
+    /// The engine's receiver of the HAVEs peers push, held for the download (given back on drop).
+    haves: Option<tokio::sync::mpsc::Receiver<HaveNote>>,
     fetch: Fetch,
     release: ReleaseRef,
     blobs: Vec<BlobChunks>,
@@ -158,7 +159,7 @@ struct Pump<'e> {
 
 impl<'e> Pump<'e> {
     async fn new(
-        engine: &'e Engine,
+        engine: &'e mut Engine,
         maps: &[ChunkMap],
         release: ReleaseRef,
         before: u64,
@@ -197,6 +198,7 @@ impl<'e> Pump<'e> {
         let stall = fc.stall;
         let fetch = Fetch::new(fc, &blobs, &held, Duration::ZERO);
         Ok(Pump {
+            haves: engine.haves.take(),
             engine,
             shown: fetch.progress().bytes_held,
             fetch,
@@ -493,29 +495,31 @@ impl<'e> Pump<'e> {
         outcome: RangeOutcome,
         t: Duration,
     ) -> Result<(), SyncError> {
-        let engine = self.engine;
         if outcome.received > 0 {
-            engine.account(Source::Origin, outcome.received);
+            self.engine.account(Source::Origin, outcome.received);
         }
         for id in outcome.stored {
             self.stored(id, t);
         }
         let unreachable = match outcome.error {
             None => {
-                engine.origin_ok();
+                self.engine.origin_ok();
                 self.fetch.handle(Event::RangeDone { blob, range }, t);
                 return Ok(());
             }
             Some(RangeError::Store(e)) => return Err(e),
             Some(RangeError::Bad(why)) => {
                 tracing::warn!(blob = %blob, ?range, why, "the origin's answer to a range GET was refused");
-                engine.service.metrics().range_failed(RangeFailure::Bad);
+                self.engine
+                    .service
+                    .metrics()
+                    .range_failed(RangeFailure::Bad);
                 let bad = format!(
                     "the origin answered bytes {}..{} of blob {blob} with {why}: its copy is \
                      damaged or another release's",
                     range.start, range.end
                 );
-                engine.note_status(|s| {
+                self.engine.note_status(|s| {
                     s.last_error = Some(format!(
                         "{bad}; asking peers, and the origin again with backoff"
                     ));
@@ -531,8 +535,8 @@ impl<'e> Pump<'e> {
                     tracing::debug!(blob = %blob, ?range, cause = %e, "range GET failed");
                     RangeFailure::Error
                 };
-                engine.service.metrics().range_failed(why);
-                engine.origin_failed(&e);
+                self.engine.service.metrics().range_failed(why);
+                self.engine.origin_failed(&e);
                 e.is_unreachable() || e.is_denied()
             }
         };
@@ -599,6 +603,12 @@ impl<'e> Pump<'e> {
                 Done::Pushed { peer }
             });
         }
+    }
+}
+
+impl Drop for Pump<'_> {
+    fn drop(&mut self) {
+        self.engine.haves = self.haves.take();
     }
 }
 

@@ -41,7 +41,6 @@ use deckhand_protocol::{VerifiedManifest, VerifyError};
 use deckhand_store::Store;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -193,23 +192,28 @@ fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, SyncError> {
     Ok(r?)
 }
 
-/// The engine's shared parts.
-#[derive(Clone)]
+/// The sync engine: one task ([`Engine::run`]) owns it and its plain fields; what it is doing is
+/// published as a [`SyncStatus`] snapshot on a `watch` channel ([`Engine::status`]), which status
+/// documents read (`crate::report`).
 pub struct Engine {
     cfg: SyncConfig,
     store: Store,
     service: Service,
-    status: Arc<Mutex<SyncStatus>>,
+    status: tokio::sync::watch::Sender<SyncStatus>,
     peers: Option<PeerNode>,
-    origin_down_until: Arc<Mutex<Option<Instant>>>,
+    /// After the origin could not be reached: until when it is left alone.
+    origin_down_until: Option<Instant>,
     /// Whether the last request to the origin succeeded (what peers are told).
-    origin_last_ok: Arc<std::sync::atomic::AtomicBool>,
+    origin_last_ok: bool,
     /// The release being fetched, announced to peers as pending.
-    pending: Arc<Mutex<Option<VerifiedManifest>>>,
+    pending: Option<VerifiedManifest>,
     /// HAVE announcements peers push; read by the one download running.
-    haves: Arc<tokio::sync::Mutex<Option<mpsc::Receiver<HaveNote>>>>,
+    haves: Option<mpsc::Receiver<HaveNote>>,
     /// The release held ready to switch together, announced to peers.
-    ready: Arc<Mutex<Option<ReleaseRef>>>,
+    ready: Option<ReleaseRef>,
+    /// The active release's envelope as recorded in the store (what peers are relayed when nothing is
+    /// pending): read at start, replaced when a release is recorded active.
+    active_envelope: Option<Vec<u8>>,
     /// When the engine's loops last went round (the watchdog withholds its ping if they stop).
     beat: crate::systemd::Beat,
 }
@@ -224,26 +228,26 @@ pub struct Inputs {
 }
 
 impl Engine {
-    pub fn new(
-        cfg: SyncConfig,
-        store: Store,
-        service: Service,
-        status: Arc<Mutex<SyncStatus>>,
-        peers: Option<PeerNode>,
-    ) -> Self {
+    pub fn new(cfg: SyncConfig, store: Store, service: Service, peers: Option<PeerNode>) -> Self {
         Engine {
             cfg,
             store,
             service,
-            status,
+            status: tokio::sync::watch::Sender::new(SyncStatus::default()),
             peers,
-            origin_down_until: Arc::new(Mutex::new(None)),
-            pending: Arc::new(Mutex::new(None)),
-            origin_last_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            haves: Arc::new(tokio::sync::Mutex::new(None)),
-            ready: Arc::new(Mutex::new(None)),
+            origin_down_until: None,
+            pending: None,
+            origin_last_ok: true,
+            haves: None,
+            ready: None,
+            active_envelope: None,
             beat: crate::systemd::Beat::default(),
         }
+    }
+
+    /// What the engine is doing, as it publishes it.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<SyncStatus> {
+        self.status.subscribe()
     }
 
     /// The engine's heartbeat: its loops beat each time they go round (at least every second while
@@ -266,11 +270,18 @@ impl Engine {
     }
 
     async fn run_until_stopped(
-        self,
+        mut self,
         mut inputs: Inputs,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        *self.haves.lock().await = inputs.haves.take();
+        self.haves = inputs.haves.take();
+        match self
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).active()?))
+            .await
+        {
+            Ok(envelope) => self.active_envelope = envelope,
+            Err(e) => tracing::warn!(cause = %e, "cannot read the active release's envelope"),
+        }
         self.announce();
         let mut etag: Option<String> = None;
         let mut backoff = self.cfg.poll;
@@ -440,18 +451,14 @@ impl Engine {
     /// Tells peers what this agent holds and wants (when that changed).
     fn announce(&self) {
         let Some(node) = &self.peers else { return };
-        let pending = crate::locks::lock(&self.pending, "pending").clone();
-        let pending = pending.as_ref();
+        let pending = self.pending.as_ref();
         let active = self.service.active().map(|r| ReleaseRef {
             version: r.version,
             manifest: r.manifest_id,
         });
         let envelope = match pending {
             Some(v) => Some(v.envelope.clone()),
-            None => crate::ledger::Ledger::new(&self.store)
-                .active()
-                .ok()
-                .flatten(),
+            None => self.active_envelope.clone(),
         };
         node.set_local(LocalState {
             active,
@@ -461,7 +468,7 @@ impl Engine {
             }),
             envelope,
             origin: self.origin_reachable(),
-            ready: *crate::locks::lock(&self.ready, "ready"),
+            ready: self.ready,
         });
     }
 
@@ -509,8 +516,8 @@ impl Engine {
         }
     }
 
-    async fn poll_origin(&self, etag: &mut Option<String>) -> Result<(), SyncError> {
-        let Some(origin) = &self.cfg.origin else {
+    async fn poll_origin(&mut self, etag: &mut Option<String>) -> Result<(), SyncError> {
+        let Some(origin) = self.cfg.origin.clone() else {
             return Ok(());
         };
         let key = origin.layout().current(&self.cfg.deployment);
@@ -550,40 +557,27 @@ impl Engine {
 
     /// An origin that cannot be reached, or refuses this agent's credentials, is left alone for a while,
     /// and peers are told this agent does not share the origin fetches.
-    fn origin_failed(&self, e: &OriginError) {
+    fn origin_failed(&mut self, e: &OriginError) {
         if e.is_unreachable() || e.is_denied() {
-            {
-                let mut d = crate::locks::lock(&self.origin_down_until, "origin_down_until");
-                *d = Some(Instant::now() + self.fetch_config().origin_retry);
-            }
-            self.origin_last_ok
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+            self.origin_down_until = Some(Instant::now() + self.fetch_config().origin_retry);
+            self.origin_last_ok = false;
             self.announce();
         }
     }
 
-    fn origin_ok(&self) {
-        {
-            let mut d = crate::locks::lock(&self.origin_down_until, "origin_down_until");
-            *d = None;
-        }
-        self.origin_last_ok
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+    fn origin_ok(&mut self) {
+        self.origin_down_until = None;
+        self.origin_last_ok = true;
         self.announce();
     }
 
     /// Configured, and the last request to it succeeded: this agent shares the origin fetches.
     fn origin_reachable(&self) -> bool {
-        self.cfg.origin.is_some()
-            && self
-                .origin_last_ok
-                .load(std::sync::atomic::Ordering::SeqCst)
+        self.cfg.origin.is_some() && self.origin_last_ok
     }
 
     fn origin_usable(&self) -> bool {
-        self.cfg.origin.is_some()
-            && crate::locks::lock(&self.origin_down_until, "origin down until")
-                .is_none_or(|t| Instant::now() >= t)
+        self.cfg.origin.is_some() && self.origin_down_until.is_none_or(|t| Instant::now() >= t)
     }
 
     /// Store work on a blocking thread: the one way the engine reaches its store, whose commits are
@@ -613,7 +607,7 @@ impl Engine {
     /// the status is then taken over as it was left, and the poisoning reported once, rather than
     /// status freezing quietly.
     fn note_status(&self, f: impl FnOnce(&mut SyncStatus)) {
-        f(&mut crate::locks::lock(&self.status, "sync status"));
+        self.status.send_modify(f);
     }
 
     fn pending_update(&self, f: impl FnOnce(&mut Pending)) {
@@ -624,7 +618,11 @@ impl Engine {
         });
     }
 
-    async fn fetch_and_activate(&self, v: &VerifiedManifest, from: Via) -> Result<(), SyncError> {
+    async fn fetch_and_activate(
+        &mut self,
+        v: &VerifiedManifest,
+        from: Via,
+    ) -> Result<(), SyncError> {
         let m = &v.manifest;
         let blobs = m.blobs();
         self.note_status(|s| {
@@ -635,10 +633,7 @@ impl Engine {
                 ..Pending::default()
             });
         });
-        {
-            let mut p = crate::locks::lock(&self.pending, "pending");
-            *p = Some(v.clone());
-        }
+        self.pending = Some(v.clone());
         self.announce();
         let (pin, sizes): (Vec<_>, Vec<_>) = (
             activation::release_blobs(m),
@@ -650,8 +645,9 @@ impl Engine {
         })
         .await?;
         let complete = {
-            let (s, m) = (self.store.clone(), m.clone());
-            joined(tokio::task::spawn_blocking(move || activation::is_complete(&s, &m)).await)??
+            let m = m.clone();
+            self.on_store(move |s| Ok(activation::is_complete(s, &m)?))
+                .await?
         };
         let release = ReleaseRef {
             version: m.version,
@@ -671,23 +667,19 @@ impl Engine {
                 }
                 let map = self.chunk_map(b, &release).await?;
                 activation::check_chunk_map(&map, b)?;
-                let (s, m) = (self.store.clone(), map.clone());
-                joined(
-                    tokio::task::spawn_blocking(
-                        move || -> Result<_, deckhand_store::StoreError> {
-                            s.begin(&m)?;
-                            s.fill_local(&m.blob())
-                        },
-                    )
-                    .await,
-                )??;
+                let m = map.clone();
+                self.on_store(move |s| {
+                    s.begin(&m)?;
+                    Ok(s.fill_local(&m.blob())?)
+                })
+                .await?;
                 maps.push(map);
             }
             self.pending_update(|p| p.bytes_have = have);
             self.download(&maps, &release, have).await?;
             for map in &maps {
-                let (s, id) = (self.store.clone(), map.blob());
-                joined(tokio::task::spawn_blocking(move || s.complete(&id)).await)??;
+                let id = map.blob();
+                self.on_store(move |s| Ok(s.complete(&id)?)).await?;
             }
             let total = blobs.iter().map(|b| b.size).sum();
             self.pending_update(|p| p.bytes_have = total);

@@ -34,7 +34,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) async fn release_from_peer(&self, h: &Hint) -> Result<(), SyncError> {
+    pub(super) async fn release_from_peer(&mut self, h: &Hint) -> Result<(), SyncError> {
         let Some(node) = &self.peers else {
             return Ok(());
         };
@@ -78,7 +78,10 @@ impl Engine {
     /// A release from a bundle directory, taken in as `deckhand-agent import` does ([`bundle::Bundle`]):
     /// roots, then the manifest admitted, then the blobs imported; then fetched (nothing is missing)
     /// and activated. A root the stick carries that does not verify is named in status.
-    pub(super) async fn release_from_bundle(&self, dir: &std::path::Path) -> Result<(), SyncError> {
+    pub(super) async fn release_from_bundle(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<(), SyncError> {
         let bundle = bundle::Bundle::open(dir).await?;
         let followed = bundle
             .follow_roots(&self.cfg.trust, &self.store, &self.cfg.deployment)
@@ -130,7 +133,7 @@ impl Engine {
     }
 
     pub(super) async fn chunk_map(
-        &self,
+        &mut self,
         b: &BlobRef,
         release: &ReleaseRef,
     ) -> Result<ChunkMap, SyncError> {

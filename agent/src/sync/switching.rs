@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 const SWITCH_POLL: Duration = Duration::from_millis(100);
 
 impl Engine {
-    pub(super) async fn activate(&self, v: &VerifiedManifest) -> Result<(), SyncError> {
+    pub(super) async fn activate(&mut self, v: &VerifiedManifest) -> Result<(), SyncError> {
         let m = &v.manifest;
         let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
         // Loaded and canary-checked off the runtime's threads: only the swap is left.
@@ -34,13 +34,13 @@ impl Engine {
                 let due = self.switch_when_due(v).await;
                 self.set_ready(None);
                 let why = due?;
-                // The swap happens under the status lock (the status document reads the active
-                // release under it too): no reader sees the new release beside an error from the
-                // way to it, which is over.
-                let mut status = crate::locks::lock(&self.status, "sync status");
-                self.service.swap(recognizer);
-                {
-                    let s = &mut *status;
+                // The swap is published with the status that goes with it, in one change of the
+                // watched snapshot (status documents read the active release while they hold the
+                // snapshot): no reader sees the new release beside an error from the way to it,
+                // which is over. The swap itself is one pointer store.
+                let service = &self.service;
+                self.status.send_modify(|s| {
+                    service.swap(recognizer);
                     s.pending = None;
                     s.last_error = None;
                     s.disk_full = None;
@@ -50,8 +50,7 @@ impl Engine {
                         switched_at: jiff::Timestamp::now().to_string(),
                         why: why.to_string(),
                     });
-                }
-                drop(status);
+                });
                 Ok(())
             }
             Err(why) => {
@@ -64,19 +63,17 @@ impl Engine {
             s.pending = None;
         });
         return_freed_memory();
-        {
-            let mut p = crate::locks::lock(&self.pending, "pending");
-            *p = None;
-        }
+        self.pending = None;
         match result {
             Ok(()) => {
                 // Recording it active clears the pending envelope in the same commit: a power cut
                 // before it resumes the release at the next start (it is accepted, so only resuming
                 // reaches it).
-                let (s2, v2) = (self.store.clone(), v.clone());
-                let gc = joined(
-                    tokio::task::spawn_blocking(move || activation::record_active(&s2, &v2)).await,
-                )??;
+                let v2 = v.clone();
+                let gc = self
+                    .on_store(move |s| Ok(activation::record_active(s, &v2)?))
+                    .await?;
+                self.active_envelope = Some(v.envelope.clone());
                 tracing::info!(
                     version = m.version,
                     freed = gc.bytes_freed,
@@ -98,7 +95,7 @@ impl Engine {
     /// already serves it, or the deadline passed. Meanwhile this agent announces it ready, status says
     /// what it waits for, and a newer release announced by a peer ends the wait (superseded).
     pub(super) async fn switch_when_due(
-        &self,
+        &mut self,
         v: &VerifiedManifest,
     ) -> Result<switch::Why, SyncError> {
         let m = &v.manifest;
@@ -190,11 +187,8 @@ impl Engine {
     }
 
     /// What this agent announces as ready to switch to.
-    pub(super) fn set_ready(&self, release: Option<ReleaseRef>) {
-        {
-            let mut r = crate::locks::lock(&self.ready, "ready");
-            *r = release;
-        }
+    pub(super) fn set_ready(&mut self, release: Option<ReleaseRef>) {
+        self.ready = release;
         self.announce();
     }
 }

@@ -12,10 +12,9 @@
 
 pub mod journal;
 
-use crate::error::ToolError;
+use crate::check::{check_blob, describe};
 use crate::layout::journal::Journal;
 use crate::origin::{Bucket, CopyOptions, ObjectInfo, OriginError};
-use crate::releases::{check_blob, describe};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::BlobRef;
@@ -93,7 +92,7 @@ fn bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
 }
 
 /// Lists the origin and classifies every key.
-pub async fn plan(origin: &dyn Bucket, rules: &Rules) -> Result<Plan, ToolError> {
+pub async fn plan(origin: &dyn Bucket, rules: &Rules) -> Result<Plan, LayoutError> {
     let layout = origin.layout();
     // S3 lists every object with its entity tag; where a server does not, HEAD asks for it (objects that
     // meet at one new key are compared by it).
@@ -139,6 +138,10 @@ fn same(info: &ObjectInfo, size: u64, etag: &Option<String>) -> bool {
 pub enum LayoutError {
     #[error(transparent)]
     Origin(#[from] OriginError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Check(#[from] crate::check::CheckError),
     #[error("the plan was made for {planned}, not {origin}")]
     OtherOrigin { planned: String, origin: String },
     #[error("journal {0} was already finalized or rolled back; make a new plan")]
@@ -315,7 +318,7 @@ async fn run_steps<'a, T, F, Fut>(
     bar: &ProgressBar,
     report: &mut StepReport,
     step: F,
-) -> Result<(), ToolError>
+) -> Result<(), LayoutError>
 where
     F: Fn(&'a T) -> Fut,
     Fut: Future<Output = Result<(Record, u64), LayoutError>>,
@@ -350,13 +353,12 @@ pub async fn migrate(
     origin: &dyn Bucket,
     plan: &Plan,
     opts: &MigrateOptions,
-) -> Result<StepReport, ToolError> {
+) -> Result<StepReport, LayoutError> {
     if plan.origin != origin.url().to_string() {
         return Err(LayoutError::OtherOrigin {
             planned: plan.origin.clone(),
             origin: origin.url().to_string(),
-        }
-        .into());
+        });
     }
     let mut journal = Journal::create_or_resume(origin, plan).await?;
     let mut report = StepReport {
@@ -364,7 +366,7 @@ pub async fn migrate(
         ..StepReport::default()
     };
     if !journal.state.deleted.is_empty() || !journal.state.restored.is_empty() {
-        return Err(LayoutError::JournalClosed(journal.id.to_string()).into());
+        return Err(LayoutError::JournalClosed(journal.id.to_string()));
     }
     let todo: Vec<&Move> = plan
         .moves
@@ -397,10 +399,10 @@ pub async fn finalize(
     min_age: SignedDuration,
     parallel: usize,
     progress: bool,
-) -> Result<StepReport, ToolError> {
+) -> Result<StepReport, LayoutError> {
     let mut journal = Journal::load(origin, journal_id).await?;
     if !journal.state.restored.is_empty() || !journal.state.removed.is_empty() {
-        return Err(LayoutError::RolledBack(journal_id.to_string()).into());
+        return Err(LayoutError::RolledBack(journal_id.to_string()));
     }
     let now = Timestamp::now();
     let due: Vec<Record> = journal
@@ -493,7 +495,7 @@ pub async fn rollback(
     origin: &dyn Bucket,
     journal_id: &Name,
     opts: &MigrateOptions,
-) -> Result<StepReport, ToolError> {
+) -> Result<StepReport, LayoutError> {
     let mut journal = Journal::load(origin, journal_id).await?;
     let mut report = StepReport {
         journal: journal_id.to_string(),
@@ -698,7 +700,7 @@ pub async fn audit(
     origin: &dyn Bucket,
     trust: Option<&TrustPolicy>,
     work: &Path,
-) -> Result<AuditReport, ToolError> {
+) -> Result<AuditReport, LayoutError> {
     let layout = origin.layout();
     let root = layout.root();
     let listing = origin.list(&root).await?;
