@@ -275,13 +275,7 @@ impl Engine {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         self.haves = inputs.haves.take();
-        match self
-            .on_store(|store| Ok(crate::ledger::Ledger::new(store).active()?))
-            .await
-        {
-            Ok(envelope) => self.active_envelope = envelope,
-            Err(e) => tracing::warn!(cause = %e, "cannot read the active release's envelope"),
-        }
+        self.read_active_envelope().await;
         self.announce();
         let mut etag: Option<String> = None;
         let mut backoff = self.cfg.poll;
@@ -292,24 +286,7 @@ impl Engine {
         let mut resume = true;
         loop {
             if resume {
-                resume = false;
-                if let Ok(Some(env)) = self
-                    .on_store(|store| Ok(crate::ledger::Ledger::new(store).pending()?))
-                    .await
-                {
-                    match self.cfg.trust.policy().verify_ignoring_expiry(&env) {
-                        Ok(v) => {
-                            if let Err(e) = self.fetch_and_activate(&v, Via::Resume).await {
-                                tracing::warn!(cause = %e, "the pending release is not complete yet; will retry");
-                                self.note_error(&e);
-                                resume = true;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(cause = %e, "the recorded pending manifest no longer verifies; dropped")
-                        }
-                    }
-                }
+                resume = !self.resume_pending().await;
             }
             let has_origin = self.cfg.origin.is_some();
             // Waiting for something to do, the loop still beats every second (the watchdog's sign of life).
@@ -394,6 +371,42 @@ impl Engine {
                 },
             }
         }
+    }
+
+    /// The active release's envelope, as the store records it (relayed to peers while nothing is pending).
+    async fn read_active_envelope(&mut self) {
+        match self
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).active()?))
+            .await
+        {
+            Ok(envelope) => self.active_envelope = envelope,
+            Err(e) => tracing::warn!(cause = %e, "cannot read the active release's envelope"),
+        }
+    }
+
+    /// Resumes the release recorded pending (accepted before a restart, or not complete when last
+    /// tried). Returns whether nothing is left to resume: false when it is still not complete, to be
+    /// tried again.
+    async fn resume_pending(&mut self) -> bool {
+        let Ok(Some(env)) = self
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).pending()?))
+            .await
+        else {
+            return true;
+        };
+        match self.cfg.trust.policy().verify_ignoring_expiry(&env) {
+            Ok(v) => {
+                if let Err(e) = self.fetch_and_activate(&v, Via::Resume).await {
+                    tracing::warn!(cause = %e, "the pending release is not complete yet; will retry");
+                    self.note_error(&e);
+                    return false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "the recorded pending manifest no longer verifies; dropped")
+            }
+        }
+        true
     }
 
     /// A step succeeded (a release from a peer or a bundle): an earlier error no longer stands. Being
