@@ -442,7 +442,7 @@ impl PeerNode {
                         .as_ref()
                         .and_then(|s| s.banned_until)
                         .map(|t| wall(now, t)),
-                    banned: verdicts.banned(id, now),
+                    banned: shown.as_ref().is_some_and(|s| s.banned_until.is_some()),
                     bytes_from: p.bytes_from,
                     bytes_to: p.bytes_to,
                     // A verdict that stands says why; otherwise the last transport error.

@@ -11,7 +11,7 @@
 
 use deckhand_protocol::fetch::{Judgement, Verdict};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// At most this many peers are remembered (the peer table's own bound); the verdict ending first is
@@ -45,11 +45,9 @@ pub struct Verdicts {
 }
 
 impl Verdicts {
-    /// Runs `f` on the table. A panic elsewhere while the lock was held cannot leave an entry half
-    /// written (each change is one insert or remove), so a poisoned lock is taken over, not dropped.
+    /// Runs `f` on the table (a poisoned lock is reported and taken over: `crate::locks`).
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Entry>) -> T) -> T {
-        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut table)
+        f(&mut crate::locks::lock(&self.table, "verdicts"))
     }
 
     /// Records a judgement passed at `now`; `why` says what the peer did, for status.
