@@ -98,6 +98,18 @@ pub struct Settings {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8640")]
     pub http_listen: SocketAddr,
+    /// A bearer token the HTTP API asks for on everything but the shop page itself (`GET /`), at
+    /// least 16 characters; the page asks its user for it once. Prefer this file or
+    /// DECKHAND_HTTP_TOKEN to the command line, where `ps` shows it [default: none].
+    #[arg(long, env = "DECKHAND_HTTP_TOKEN", hide_env_values = true, value_parser = token)]
+    pub http_token: Option<String>,
+    /// HTTP connections held at once; beyond it the quietest connection is closed for a newcomer, and
+    /// a newcomer is refused only when every connection is at work.
+    #[arg(long, default_value = "512", value_parser = clap::value_parser!(u32).range(8..=65_536))]
+    pub http_max_connections: u32,
+    /// HTTP connections held at once from one address, with the same rule.
+    #[arg(long, default_value = "64", value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub http_max_per_address: u32,
     /// Where QUIC listens for fleet peers.
     #[arg(long, default_value = "0.0.0.0:8641")]
     pub quic_listen: SocketAddr,
@@ -187,6 +199,16 @@ fn host_port(s: &str) -> Result<String, &'static str> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
         _ => Err("not host:port"),
     }
+}
+
+fn token(s: &str) -> Result<String, &'static str> {
+    if s.chars().count() < 16 {
+        return Err("a token needs at least 16 characters");
+    }
+    if !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("a token is printable ASCII without spaces");
+    }
+    Ok(s.to_owned())
 }
 
 fn on_off(s: &str) -> Result<bool, &'static str> {

@@ -188,11 +188,8 @@ pub async fn run(
     let trust = Arc::new(trust(&cfg, &store)?);
     let service = Service::start(Arc::new(Metrics::default()))?;
     serve_from_store(&store, &service, &trust.policy(), cfg.settings.backend).await;
-    let creds = cfg
-        .fleet
-        .as_ref()
-        .map(crate::peer::tls::FleetCredentials::load)
-        .transpose()?;
+    let fleet = fleet_credentials(&cfg, &store);
+    let creds = fleet.clone().ok().flatten();
     let me = agent_id(&store, creds.as_ref())?;
     let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -209,7 +206,7 @@ pub async fn run(
         }
         None => None,
     };
-    let engine = engine(&cfg, &me, trust, &store, &service, &peers).await?;
+    let engine = engine(&cfg, &me, trust.clone(), &store, &service, &peers).await?;
     let sync_beat = engine.beat();
     let engine_status = engine.status();
     let inputs = crate::sync::Inputs {
@@ -225,6 +222,8 @@ pub async fn run(
         service: service.clone(),
         peers: peers.clone(),
         store,
+        trust: trust.clone(),
+        fleet,
     };
     let peer_statuses = PeerStatuses::default();
     if let Some(node) = &peers {
@@ -257,8 +256,14 @@ pub async fn run(
             Arc::new(move || sources.status())
         },
         fleet: Arc::new(move || sources.fleet(&peer_statuses)),
+        token: cfg.settings.http_token.as_deref().map(Arc::from),
     });
-    crate::http::serve(listener, app, shutdown).await?;
+    let limits = crate::http::gate::Limits {
+        max_connections: cfg.settings.http_max_connections as usize,
+        per_address: cfg.settings.http_max_per_address as usize,
+        ..crate::http::gate::Limits::default()
+    };
+    crate::http::serve(listener, app, limits, shutdown).await?;
     crate::systemd::stopping();
     tracing::debug!("the HTTP API stopped");
     let _ = stop_tx.send(true);
@@ -300,6 +305,40 @@ async fn serve_from_store(
     }
 }
 
+/// The fleet credentials (`Ok(None)` without `--fleet-*`), judging certificates at the trusted clock.
+/// Credentials that do not load never stop the agent: it serves from its store without QUIC, and
+/// status shows why (`Err`). Credentials that load but do not check now (expired, revoked) are used:
+/// peers judge them, and a renewal may arrive.
+fn fleet_credentials(
+    cfg: &RunConfig,
+    store: &Store,
+) -> Result<Option<crate::peer::tls::FleetCredentials>, String> {
+    use crate::peer::tls::FleetCredentials;
+    let Some(paths) = &cfg.fleet else {
+        return Ok(None);
+    };
+    let store = store.clone();
+    let floor = Box::new(move || {
+        crate::ledger::Ledger::new(&store)
+            .time_floor()
+            .ok()
+            .flatten()
+    });
+    match FleetCredentials::load(paths) {
+        Ok(creds) => {
+            let creds = creds.with_floor(Some(floor));
+            if let Err(e) = creds.check() {
+                tracing::error!(cause = %e, "this agent's fleet certificate does not check; peers will refuse it");
+            }
+            Ok(Some(creds))
+        }
+        Err(e) => {
+            tracing::error!(cause = %e, "fleet credentials do not load; serving from the store without peers");
+            Err(format!("fleet credentials: {e}"))
+        }
+    }
+}
+
 /// The QUIC peer node, when the agent has fleet credentials, and the receiver of its hints.
 async fn start_peers(
     cfg: &RunConfig,
@@ -309,7 +348,9 @@ async fn start_peers(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Option<PeerNode>, Option<Receiver<crate::peer::Hint>>), DaemonError> {
     let Some(creds) = creds else {
-        if !cfg.settings.peers.is_empty() {
+        // Peers named without any credentials is a wrong setting; credentials that did not load are
+        // shown in status, and the agent serves without peers.
+        if !cfg.settings.peers.is_empty() && cfg.fleet.is_none() {
             return Err(DaemonError::PeersWithoutCredentials);
         }
         return Ok((None, None));

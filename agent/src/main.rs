@@ -210,6 +210,7 @@ fn run_daemon() -> anyhow::Result<ExitCode> {
         .filter(|a| a != "--log-json")
         .collect();
     let cfg = deckhand_agent::config::parse(&args)?.resolve()?;
+    deckhand_agent::systemd::raise_open_files();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

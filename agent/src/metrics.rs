@@ -330,3 +330,69 @@ impl Metrics {
         s
     }
 }
+
+/// The gauges read from the status document: the disk, fleet membership, what expires and when, and
+/// how old the newest manifest is (a bucket where nothing new appears shows as an age that grows).
+pub fn render_status(
+    out: &mut String,
+    status: &deckhand_protocol::status::Status,
+    now: jiff::Timestamp,
+) {
+    let disk = status.disk_full.as_ref();
+    let _ = write!(
+        out,
+        "# HELP deckhand_disk_full 1 while the store's disk is full (the pending release waits for space).\n\
+         # TYPE deckhand_disk_full gauge\n\
+         deckhand_disk_full {}\n\
+         # HELP deckhand_disk_bytes_needed Bytes the pending release still needs while the disk is full.\n\
+         # TYPE deckhand_disk_bytes_needed gauge\n\
+         deckhand_disk_bytes_needed {}\n\
+         # HELP deckhand_fleet_credentials_ok 0 while this agent's fleet credentials do not load or check.\n\
+         # TYPE deckhand_fleet_credentials_ok gauge\n\
+         deckhand_fleet_credentials_ok {}\n",
+        u8::from(disk.is_some()),
+        disk.map_or(0, |d| d.bytes_needed),
+        u8::from(status.fleet_error.is_none()),
+    );
+    let _ = write!(
+        out,
+        "# HELP deckhand_expiry_timestamp_seconds When this Pi's certificate, the fleet CA, the trust root and the active manifest expire.\n\
+         # TYPE deckhand_expiry_timestamp_seconds gauge\n"
+    );
+    for e in &status.expiries {
+        if let Ok(at) = e.expires_at.parse::<jiff::Timestamp>() {
+            let what = e.what.replace(' ', "_").to_lowercase();
+            let _ = writeln!(
+                out,
+                "deckhand_expiry_timestamp_seconds{{what=\"{what}\"}} {}",
+                at.as_second()
+            );
+        }
+    }
+    let _ = write!(
+        out,
+        "# HELP deckhand_expiry_warning 1 from 30 days before an expiry on.\n\
+         # TYPE deckhand_expiry_warning gauge\n"
+    );
+    for e in &status.expiries {
+        let what = e.what.replace(' ', "_").to_lowercase();
+        let _ = writeln!(
+            out,
+            "deckhand_expiry_warning{{what=\"{what}\"}} {}",
+            u8::from(e.warning.is_some())
+        );
+    }
+    if let Some(newest) = status
+        .newest_manifest_at
+        .as_deref()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+    {
+        let _ = write!(
+            out,
+            "# HELP deckhand_newest_manifest_age_seconds Age of the newest manifest this agent verified.\n\
+             # TYPE deckhand_newest_manifest_age_seconds gauge\n\
+             deckhand_newest_manifest_age_seconds {}\n",
+            now.duration_since(newest).as_secs().max(0)
+        );
+    }
+}

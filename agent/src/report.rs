@@ -7,13 +7,18 @@
 
 use crate::peer::PeerNode;
 use crate::peer::statuses::PeerStatuses;
+use crate::peer::tls::FleetCredentials;
 use crate::recognizer::service::Service;
 use crate::sync::SyncStatus;
+use crate::sync::trust::Trust;
+use deckhand_protocol::clock::{WARN_BEFORE, expiry_warning, manifest_warn_before};
 use deckhand_protocol::status::{
-    ActiveRelease, FleetMember, FleetView, PeerInfo, Pending, RecentRecognition, RecognitionStats,
-    Refusal, ReleaseSummary, Status,
+    ActiveRelease, Expiry, FleetMember, FleetView, PeerInfo, Pending, RecentRecognition,
+    RecognitionStats, Refusal, ReleaseSummary, Status,
 };
 use deckhand_store::Store;
+use jiff::Timestamp;
+use std::sync::Arc;
 
 /// Everything a status document shows, as read at one moment.
 #[derive(Clone, Debug, Default)]
@@ -23,8 +28,21 @@ pub struct Snapshot {
     pub sync: SyncStatus,
     pub active: Option<ActiveRelease>,
     pub last_refused: Option<Refusal>,
+    /// The trusted now (the later of the system clock and the time floor).
+    pub now: Timestamp,
     /// The durable time floor, when the system clock is behind it.
-    pub clock_behind: Option<jiff::Timestamp>,
+    pub clock_behind: Option<Timestamp>,
+    /// The durable time floor: the newest `created_at` verified.
+    pub time_floor: Option<Timestamp>,
+    /// When this Pi's fleet certificate, the fleet CA, the followed trust root and the active manifest
+    /// expire.
+    pub certificate_expires: Option<Timestamp>,
+    pub ca_expires: Option<Timestamp>,
+    pub root_expires: Option<Timestamp>,
+    /// The active manifest's `created_at` and `expires_at`.
+    pub manifest_dates: Option<(Timestamp, Timestamp)>,
+    /// Why this agent is not a fleet member, when it is not.
+    pub fleet_error: Option<String>,
     pub bytes_served: u64,
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
@@ -38,7 +56,32 @@ pub struct Snapshot {
 
 /// `/v1/status`.
 pub fn status(s: Snapshot) -> Status {
+    let manifest_lead = s
+        .manifest_dates
+        .map(|(created, expires)| manifest_warn_before(created, expires));
+    let expiries = [
+        ("certificate", s.certificate_expires, WARN_BEFORE),
+        ("fleet CA", s.ca_expires, WARN_BEFORE),
+        ("trust root", s.root_expires, WARN_BEFORE),
+        (
+            "manifest",
+            s.manifest_dates.map(|(_, expires)| expires),
+            manifest_lead.unwrap_or(WARN_BEFORE),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(what, at, lead)| {
+        at.map(|at| Expiry {
+            what: what.to_owned(),
+            expires_at: at.to_string(),
+            warning: expiry_warning(what, at, s.now, lead),
+        })
+    })
+    .collect();
     Status {
+        expiries,
+        newest_manifest_at: s.time_floor.map(|t| t.to_string()),
+        fleet_error: s.fleet_error,
         agent_id: s.agent_id,
         deployment: s.deployment,
         active: s.active,
@@ -113,6 +156,9 @@ pub struct Sources {
     pub service: Service,
     pub peers: Option<PeerNode>,
     pub store: Store,
+    pub trust: Arc<Trust>,
+    /// This agent's fleet credentials, or why they did not load (neither with no `--fleet-*`).
+    pub fleet: Result<Option<FleetCredentials>, String>,
 }
 
 impl Sources {
@@ -126,7 +172,33 @@ impl Sources {
         };
         let usage = self.store.usage().ok();
         let metrics = self.service.metrics();
+        let system = Timestamp::now();
+        let time_floor = crate::ledger::Ledger::new(&self.store)
+            .time_floor()
+            .ok()
+            .flatten();
+        let releases = crate::sync::activation::release_summaries(&self.store).unwrap_or_default();
+        let manifest_dates = releases
+            .iter()
+            .find(|r| r.role == "active")
+            .and_then(|r| Some((r.created_at.parse().ok()?, r.expires_at.parse().ok()?)));
+        let (certificate_expires, ca_expires) = match &self.fleet {
+            Ok(Some(creds)) => creds.not_after(),
+            _ => (None, None),
+        };
+        let fleet_error = match &self.fleet {
+            Ok(Some(creds)) => creds.check().err().map(|e| e.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.clone()),
+        };
         Snapshot {
+            now: deckhand_protocol::clock::trusted_now(system, time_floor),
+            time_floor,
+            certificate_expires,
+            ca_expires,
+            root_expires: self.trust.root_expires_at(),
+            manifest_dates,
+            fleet_error,
             agent_id: self.agent_id.clone(),
             deployment: self.deployment.clone(),
             sync,
@@ -137,17 +209,13 @@ impl Sources {
                 activated_at: r.activated_at().map(|t| t.to_string()),
             }),
             last_refused: self.service.last_refusal(),
-            clock_behind: crate::ledger::Ledger::new(&self.store)
-                .time_floor()
-                .ok()
-                .flatten()
-                .filter(|f| *f > jiff::Timestamp::now()),
+            clock_behind: time_floor.filter(|f| *f > system),
             bytes_served: metrics.served(),
             quic_listen: self.peers.as_ref().map(|p| p.listen_addr().to_string()),
             peers: self.peers.as_ref().map(|p| p.peers()).unwrap_or_default(),
             recognitions: metrics.recognition_stats(),
             recent: metrics.recent(),
-            releases: crate::sync::activation::release_summaries(&self.store).unwrap_or_default(),
+            releases,
             store_bytes: usage.as_ref().map(|u| u.complete_bytes + u.partial_bytes),
             store_budget: usage.as_ref().and_then(|u| u.budget),
         }
@@ -207,5 +275,45 @@ mod tests {
             "a peer gone shows no stale progress"
         );
         assert_eq!(view.agents[0].reaches_origin, Some(true));
+    }
+
+    #[test]
+    fn what_expires_within_thirty_days_is_warned_of() {
+        let now: Timestamp = "2027-06-01T00:00:00Z".parse().unwrap();
+        let days = |d: i64| Some(now + jiff::SignedDuration::from_hours(d * 24));
+        let s = status(Snapshot {
+            now,
+            certificate_expires: days(12),
+            ca_expires: days(3000),
+            root_expires: days(-2),
+            manifest_dates: days(-9).zip(days(31)),
+            time_floor: days(-40),
+            ..Snapshot::default()
+        });
+        let warned: Vec<_> = s
+            .expiries
+            .iter()
+            .map(|e| (e.what.as_str(), e.warning.is_some()))
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                ("certificate", true),
+                ("fleet CA", false),
+                ("trust root", true),
+                ("manifest", false)
+            ]
+        );
+        assert_eq!(
+            s.expiries[0].warning.as_deref(),
+            Some("certificate expires in 12 days (2027-06-13T00:00:00Z)")
+        );
+        assert_eq!(
+            s.newest_manifest_at.as_deref(),
+            Some("2027-04-22T00:00:00Z")
+        );
+        let line = s.summary_line();
+        assert!(line.contains("certificate expires in 12 days"), "{line}");
+        assert!(line.contains("trust root expired 2 days ago"), "{line}");
     }
 }

@@ -101,3 +101,32 @@ pub async fn run(
         }
     }
 }
+
+/// Raises this process's soft limit on open files to its hard limit (systemd's `LimitNOFILE=` sets
+/// both; a shell usually leaves the soft one at 1,024): the HTTP gate's connection cap and the store's
+/// files then stay clear of it, and a flood of connections meets the gate, not EMFILE.
+pub fn raise_open_files() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit write and read only the struct passed, which lives on this stack.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let from = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        (libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0).then_some(from)
+    };
+    match raised {
+        Some(from) => tracing::debug!(from, to = lim.rlim_max, "raised the open files limit"),
+        None => tracing::warn!(
+            cause = %std::io::Error::last_os_error(),
+            "cannot raise the open files limit"
+        ),
+    }
+}

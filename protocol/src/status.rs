@@ -57,6 +57,29 @@ pub struct Status {
     pub store_bytes: Option<u64>,
     #[serde(default)]
     pub store_budget: Option<u64>,
+    /// What stops working on a date: this Pi's fleet certificate, the fleet CA, the trust root, the
+    /// active manifest (each judged at the trusted now).
+    #[serde(default)]
+    pub expiries: Vec<Expiry>,
+    /// The `created_at` of the newest manifest this agent verified (RFC 3339): a bucket where nothing
+    /// new appears shows here as an age that keeps growing.
+    #[serde(default)]
+    pub newest_manifest_at: Option<String>,
+    /// Why this agent is not a fleet member (QUIC off): its credentials did not load, or they do not
+    /// check (another CA, revoked, expired). It serves from its store regardless.
+    #[serde(default)]
+    pub fleet_error: Option<String>,
+}
+
+/// Something dated the agent depends on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expiry {
+    /// `certificate`, `fleet CA`, `trust root` or `manifest`.
+    pub what: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    /// Set from [`crate::clock::WARN_BEFORE`] before `expires_at` on.
+    pub warning: Option<String>,
 }
 
 /// The disk is full: what the pending release still needs and what is free.
@@ -106,6 +129,9 @@ pub struct ReleaseSummary {
     pub version: u64,
     /// When it was published (the manifest's `created_at`, RFC 3339).
     pub created_at: String,
+    /// When its manifest expires (RFC 3339): no agent takes it up after that; one serving it keeps on.
+    #[serde(default)]
+    pub expires_at: String,
     pub artifacts: Vec<ArtifactSummary>,
 }
 
@@ -286,6 +312,12 @@ impl Status {
                 human_bytes(d.bytes_free)
             );
         }
+        if let Some(e) = &self.fleet_error {
+            let _ = write!(out, "; not a fleet member: {e}");
+        }
+        for w in self.expiries.iter().filter_map(|e| e.warning.as_ref()) {
+            let _ = write!(out, "; {w}");
+        }
         if let Some(since) = &self.offline_since {
             let _ = write!(out, "; offline since {since}");
         } else if let Some(e) = &self.last_error {
@@ -332,6 +364,19 @@ impl Status {
         }
         if let Some(r) = &self.last_refused {
             let _ = writeln!(out, "refused     version {}: {}", r.version, r.reason);
+        }
+        if let Some(e) = &self.fleet_error {
+            let _ = writeln!(out, "fleet       not a member: {e}");
+        }
+        if let Some(t) = &self.newest_manifest_at {
+            let _ = writeln!(out, "newest      manifest created {t}");
+        }
+        for e in &self.expiries {
+            let warn = e
+                .warning
+                .as_deref()
+                .map_or(String::new(), |w| format!("  WARNING: {w}"));
+            let _ = writeln!(out, "expires     {:<12} {}{warn}", e.what, e.expires_at);
         }
         for p in &self.peers {
             let _ = writeln!(

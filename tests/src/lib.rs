@@ -455,3 +455,20 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
 }
+
+/// libfaketime, which the clock test runs the agent under (Debian's `libfaketime`; .ci/run installs it).
+pub const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The environment that runs the agent with its system clock at `faketime` (libfaketime's FAKETIME:
+/// `@1970-01-02 00:00:00`, `-10d`, `+3d`); monotonic time is left alone.
+pub fn clock_at(faketime: &str) -> Vec<(&'static str, String)> {
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: apt-get install libfaketime"
+    );
+    vec![
+        ("LD_PRELOAD", FAKETIME.into()),
+        ("FAKETIME", faketime.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+    ]
+}

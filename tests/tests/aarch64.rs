@@ -165,7 +165,7 @@ async fn the_aarch64_agent_serves_offline_and_answers_like_the_x86_64_one() {
             name,
             &offline_args(&fleet, name, backend),
             env,
-            None,
+            &[],
             &log,
         )
         .await

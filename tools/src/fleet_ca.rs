@@ -108,6 +108,9 @@ pub struct Issued {
 }
 
 /// The operator's CA directory: `ca.crt`, `ca.key`, `issued.json`, `crl.pem`.
+/// How long `deckhand fleet enroll` makes a certificate valid unless told otherwise.
+pub const ENROLL_DAYS: u32 = 365;
+
 pub struct CaDir {
     pub dir: PathBuf,
 }
@@ -323,17 +326,48 @@ mod tests {
         ca.enroll("pi-1", 30, &out).unwrap();
         let creds = FleetCredentials::load(&paths(&ca, &out, "pi-1", true)).unwrap();
         assert_eq!(creds.agent_id, "pi-1");
+        creds.check().unwrap();
         creds.server_config(8).unwrap();
         creds.client_config().unwrap();
-        // Revoked: the agent's own check refuses it at load.
+        // Revoked: the credentials load (the agent serves regardless), and its check names why it is
+        // not a member.
         assert_eq!(ca.revoke("pi-1").unwrap(), 1);
-        let err = FleetCredentials::load(&paths(&ca, &out, "pi-1", true)).unwrap_err();
+        let creds = FleetCredentials::load(&paths(&ca, &out, "pi-1", true)).unwrap();
+        let err = creds.check().unwrap_err();
         assert!(err.to_string().contains("not valid"), "{err}");
+        assert!(err.to_string().contains("Revoked"), "{err}");
         assert!(matches!(ca.revoke("pi-9"), Err(CaError::UnknownAgent(_))));
         assert!(matches!(
             ca.enroll("Pi_1", 30, &out),
             Err(CaError::AgentId(_))
         ));
+    }
+
+    #[test]
+    fn certificates_are_judged_at_the_trusted_clock() {
+        use deckhand_agent::peer::tls::{EPOCH, TrustedClock};
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(tmp.path().join("ca"));
+        ca.init("shop").unwrap();
+        let out = tmp.path().join("out");
+        ca.enroll("pi-1", 30, &out).unwrap();
+        let creds = FleetCredentials::load(&paths(&ca, &out, "pi-1", false)).unwrap();
+        creds.check().unwrap();
+        let (cert, ca_end) = creds.not_after();
+        let cert = cert.unwrap();
+        assert!(cert > jiff::Timestamp::now() + jiff::SignedDuration::from_hours(29 * 24));
+        assert!(ca_end.unwrap() > cert);
+        // A floor past the certificate's end (a newer manifest was verified): expired, whatever the
+        // system clock says.
+        let later = cert + jiff::SignedDuration::from_hours(24);
+        let floored = creds.with_floor(Some(Box::new(move || Some(later))));
+        assert_eq!(floored.now(), later);
+        let err = floored.check().unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(TrustedClock::system().now() >= EPOCH);
+        // Never before the agent's own certificate's start (the CA signed it then).
+        let least = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+        assert_eq!(TrustedClock::new(None, least).now(), least);
     }
 
     #[test]
@@ -348,7 +382,7 @@ mod tests {
         let out = tmp.path().join("out");
         b.enroll("pi-2", 30, &out).unwrap();
         let mut p = paths(&a, &out, "pi-2", false);
-        let err = FleetCredentials::load(&p).unwrap_err();
+        let err = FleetCredentials::load(&p).unwrap().check().unwrap_err();
         assert!(err.to_string().contains("not valid"), "{err}");
         // A key that is not the certificate's.
         a.enroll("pi-3", 30, &out).unwrap();

@@ -1,17 +1,19 @@
 //! The agent's HTTP API server: `GET /` (the shop page), `POST /v1/recognize` (a JPEG or PNG body, a JSON
 //! answer), `GET /metrics` (Prometheus text), `GET /v1/status` (JSON) and `GET /v1/fleet` (this agent's
-//! view of its peers, JSON).
+//! view of its peers, JSON). With `http_token` set, everything but the page asks for
+//! `Authorization: Bearer <token>` (the page asks its user for the token once).
 
+use super::server::{BodyError, Conn, read_body};
 use crate::recognizer::preprocess::{ImageError, MAX_BODY};
 use crate::recognizer::service::{RecognizeError, Service};
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::{Extension, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use deckhand_protocol::status::{FleetView, Status};
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 /// Produces the status document (`/v1/status`).
@@ -24,6 +26,8 @@ pub struct AppState {
     pub service: Service,
     pub status: StatusFn,
     pub fleet: FleetFn,
+    /// The bearer token every request but the page's must carry (`http_token`), if one is set.
+    pub token: Option<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -33,8 +37,47 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/fleet", get(fleet))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
+}
+
+/// With a token set, every request but `GET /` carries it; compared in constant time.
+async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(token) = &s.token else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if equal_in_constant_time(given.as_bytes(), token.as_bytes()) {
+        return next.run(req).await;
+    }
+    let mut resp = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({ "error": "this agent asks for its access token (Authorization: Bearer, http_token in agent.toml)" })),
+    )
+        .into_response();
+    if let Ok(v) = "Bearer".parse() {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// Whether `a` and `b` are equal, taking the same time wherever they differ (a token is not guessed
+/// a byte at a time from response times).
+fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    let a = blake3::hash(a);
+    let b = blake3::hash(b);
+    a == b
 }
 
 /// The HTTP status for a failed recognition: the client's fault is a 4xx, being busy a 503.
@@ -52,41 +95,46 @@ pub fn status_code(e: &RecognizeError) -> StatusCode {
     }
 }
 
-async fn recognize(State(s): State<AppState>, body: Bytes) -> Response {
-    match s.service.recognize(body).await {
-        Ok(r) => (StatusCode::OK, axum::Json(r)).into_response(),
+/// A JSON error answer; a 503 says when to try again.
+fn error_response(code: StatusCode, message: String) -> Response {
+    let mut resp = (code, axum::Json(serde_json::json!({ "error": message }))).into_response();
+    if code == StatusCode::SERVICE_UNAVAILABLE
+        && let Ok(v) = "1".parse()
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+async fn recognize(
+    State(s): State<AppState>,
+    Extension(conn): Extension<Conn>,
+    body: Body,
+) -> Response {
+    let read = match read_body(body, MAX_BODY, &conn).await {
+        Ok(r) => r,
         Err(e) => {
-            let code = status_code(&e);
-            let mut resp = (
-                code,
-                axum::Json(serde_json::json!({ "error": e.to_string() })),
-            )
-                .into_response();
-            if code == StatusCode::SERVICE_UNAVAILABLE
-                && let Ok(v) = "1".parse()
-            {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            resp
+            let code = match e {
+                BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::TooSlow => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                BodyError::Read(_) => StatusCode::BAD_REQUEST,
+            };
+            return error_response(code, e.to_string());
         }
+    };
+    // Read whole: the connection is at work until it is answered, and never shed meanwhile.
+    let _working = conn.activity.working();
+    match s.service.recognize(read.bytes.clone()).await {
+        Ok(r) => (StatusCode::OK, axum::Json(r)).into_response(),
+        Err(e) => error_response(status_code(&e), e.to_string()),
     }
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
     let version = s.service.active().map(|r| r.version);
     let mut text = s.service.metrics().render(version);
-    let disk = (s.status)().disk_full;
-    let _ = write!(
-        text,
-        "# HELP deckhand_disk_full 1 while the store's disk is full (the pending release waits for space).\n\
-         # TYPE deckhand_disk_full gauge\n\
-         deckhand_disk_full {}\n\
-         # HELP deckhand_disk_bytes_needed Bytes the pending release still needs while the disk is full.\n\
-         # TYPE deckhand_disk_bytes_needed gauge\n\
-         deckhand_disk_bytes_needed {}\n",
-        u8::from(disk.is_some()),
-        disk.map_or(0, |d| d.bytes_needed)
-    );
+    crate::metrics::render_status(&mut text, &(s.status)(), jiff::Timestamp::now());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -103,17 +151,6 @@ async fn page() -> Response {
 
 async fn status(State(s): State<AppState>) -> Response {
     axum::Json((s.status)()).into_response()
-}
-
-/// Serves until `shutdown` resolves, then lets in-flight requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 async fn fleet(State(s): State<AppState>) -> Response {

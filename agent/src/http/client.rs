@@ -1,5 +1,6 @@
 //! The one HTTP client for an agent's API, used by `deckhand-agent status`, `deckhand fleet status`, the
-//! demo and the tests. Every request has a timeout.
+//! demo and the tests. Every request has a timeout. With `DECKHAND_HTTP_TOKEN` set, every request carries
+//! it as a bearer token (an agent with `http_token` asks for it).
 
 use bytes::Bytes;
 use deckhand_protocol::status::{FleetView, Status};
@@ -120,10 +121,17 @@ pub async fn request(
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(http)?;
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, addr)
+            .header(header::HOST, addr);
+        if let Some(token) = std::env::var("DECKHAND_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
             .body(http_body_util::Full::new(body))
             .map_err(|source| ClientError::Request {
                 what: what.clone(),

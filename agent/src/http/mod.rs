@@ -5,8 +5,14 @@
 mod api;
 pub mod client;
 #[cfg(feature = "daemon")]
+pub mod gate;
+#[cfg(feature = "daemon")]
+pub mod server;
+#[cfg(feature = "daemon")]
 pub mod shop;
 
 #[cfg(feature = "daemon")]
-pub use api::{AppState, FleetFn, StatusFn, router, serve, status_code};
+pub use api::{AppState, FleetFn, StatusFn, router, status_code};
 pub use client::{ClientError, get_as, get_fleet, get_json, get_status, request, request_json};
+#[cfg(feature = "daemon")]
+pub use server::serve;

@@ -6,6 +6,11 @@
 //! revoked certificate, as client and as server. Certificates also expire, so a lost Pi drops out on its
 //! own.
 //!
+//! Certificate dates are judged at the agent's trusted now ([`TrustedClock`]: the later of the system
+//! clock, the store's time floor and [`EPOCH`]), never at a clock that booted at 1970. Credentials that
+//! do not check (expired, revoked, from another CA) never stop the agent: it serves from its store and
+//! status says why it is not a fleet member ([`FleetCredentials::check`]).
+//!
 //! Both sides of every QUIC connection present a certificate chained to the CA (TLS 1.3, ALPN
 //! `deckhand/1`); a device without one is refused during the handshake, before any request is read.
 
@@ -14,8 +19,82 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// No clock this code runs under reads earlier than the day it was written (2026-11-01), as systemd
+/// takes its build time as the earliest time: a Pi that boots at 1970 with an empty store still judges
+/// certificates at a time they can be valid at.
+pub const EPOCH: jiff::Timestamp = jiff::Timestamp::constant(1_793_491_200, 0);
+
+/// How long a time floor read from the store is used before it is read again.
+const FLOOR_FRESH: Duration = Duration::from_secs(10);
+
+/// Reads the durable time floor (the store's ledger); `None` when there is none (or it cannot be read).
+pub type FloorFn = Box<dyn Fn() -> Option<jiff::Timestamp> + Send + Sync>;
+
+/// The time certificate checks are made at: the later of the system clock, the time floor (the newest
+/// `created_at` the agent verified, see `protocol::clock`), the start of this agent's own certificate
+/// (the CA signed it then, so real time is at least that) and [`EPOCH`]. rustls asks it at every
+/// handshake. A Pi booting at 1970 with a store judges at its floor; one with an empty store at its
+/// certificate's start, so peers enrolled before it are valid to it.
+pub struct TrustedClock {
+    read_floor: Option<FloorFn>,
+    least: jiff::Timestamp,
+    cached: Mutex<Option<(Instant, Option<jiff::Timestamp>)>>,
+}
+
+impl std::fmt::Debug for TrustedClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustedClock")
+            .field("least", &self.least)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrustedClock {
+    /// The system clock, never before [`EPOCH`].
+    pub fn system() -> Arc<Self> {
+        Self::new(None, EPOCH)
+    }
+
+    /// The system clock, never before `least`, raised to the floor `read_floor` returns (read at most
+    /// every 10 s).
+    pub fn new(read_floor: Option<FloorFn>, least: jiff::Timestamp) -> Arc<Self> {
+        Arc::new(Self {
+            read_floor,
+            least: least.max(EPOCH),
+            cached: Mutex::new(None),
+        })
+    }
+
+    fn floor(&self) -> Option<jiff::Timestamp> {
+        let read = self.read_floor.as_ref()?;
+        let mut cached = crate::locks::lock(&self.cached, "the trusted clock's floor");
+        match *cached {
+            Some((at, floor)) if at.elapsed() < FLOOR_FRESH => floor,
+            _ => {
+                let floor = read();
+                *cached = Some((Instant::now(), floor));
+                floor
+            }
+        }
+    }
+
+    pub fn now(&self) -> jiff::Timestamp {
+        let system = jiff::Timestamp::now().max(self.least);
+        deckhand_protocol::clock::trusted_now(system, self.floor())
+    }
+}
+
+impl rustls::time_provider::TimeProvider for TrustedClock {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        let secs = u64::try_from(self.now().as_second()).ok()?;
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            Duration::from_secs(secs),
+        ))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -45,7 +124,7 @@ fn invalid(path: &Path, what: impl std::fmt::Display) -> FleetError {
     }
 }
 
-/// An agent's fleet credentials, loaded and checked at start-up.
+/// An agent's fleet credentials, loaded at start-up.
 #[derive(Clone)]
 pub struct FleetCredentials {
     pub agent_id: String,
@@ -53,6 +132,9 @@ pub struct FleetCredentials {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    clock: Arc<TrustedClock>,
+    cert_path: PathBuf,
+    ca_path: PathBuf,
 }
 
 impl std::fmt::Debug for FleetCredentials {
@@ -73,6 +155,9 @@ pub struct CredentialPaths {
 }
 
 impl FleetCredentials {
+    /// Reads the credentials and checks what no date changes: the files parse, the certificate names a
+    /// valid agent id and the key matches it. Whether the certificate is valid under the CA now is
+    /// [`check`](Self::check)'s question, asked again whenever status is read.
     pub fn load(p: &CredentialPaths) -> Result<Self, FleetError> {
         let ca = CertificateDer::from_pem_slice(&read(&p.ca)?)
             .map_err(|e| invalid(&p.ca, format!("not a PEM certificate: {e}")))?;
@@ -98,11 +183,52 @@ impl FleetCredentials {
             chain,
             key: Arc::new(key),
             crls,
+            clock: TrustedClock::system(),
+            cert_path: p.cert.clone(),
+            ca_path: p.ca.clone(),
         };
-        // Catch a certificate from another CA, a key that does not match, or a revoked certificate
-        // now, not at the first handshake.
-        creds.check_own(p)?;
-        Ok(creds)
+        // A key that does not match the certificate: building a server config checks it.
+        creds.tls_server()?;
+        Ok(creds.with_floor(None))
+    }
+
+    /// Judges certificates at the trusted clock: never before this agent's own certificate's start,
+    /// raised to the floor `read_floor` returns.
+    pub fn with_floor(mut self, read_floor: Option<FloorFn>) -> Self {
+        let least = self.chain.first().and_then(not_before).unwrap_or(EPOCH);
+        self.clock = TrustedClock::new(read_floor, least);
+        self
+    }
+
+    /// Whether this agent's certificate is valid under the fleet CA at the trusted now: chained to it,
+    /// within its dates, not revoked. Peers judge it the same way; an error names the problem.
+    pub fn check(&self) -> Result<(), FleetError> {
+        let verifier = self.client_verifier()?;
+        let (leaf, rest) = self
+            .chain
+            .split_first()
+            .ok_or_else(|| invalid(&self.cert_path, "holds no certificate"))?;
+        let now = rustls::time_provider::TimeProvider::current_time(self.clock.as_ref())
+            .unwrap_or_else(rustls::pki_types::UnixTime::now);
+        verifier
+            .verify_client_cert(leaf, rest, now)
+            .map(|_| ())
+            .map_err(|e| {
+                invalid(
+                    &self.cert_path,
+                    format!("not valid under {}: {e}", self.ca_path.display()),
+                )
+            })
+    }
+
+    /// When this agent's certificate and the fleet CA's stop being valid.
+    pub fn not_after(&self) -> (Option<jiff::Timestamp>, Option<jiff::Timestamp>) {
+        (self.chain.first().and_then(not_after), not_after(&self.ca))
+    }
+
+    /// The trusted now certificates are judged at.
+    pub fn now(&self) -> jiff::Timestamp {
+        self.clock.now()
     }
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -129,28 +255,15 @@ impl FleetCredentials {
             .map_err(|e| FleetError::Tls(e.to_string()))
     }
 
-    fn check_own(&self, p: &CredentialPaths) -> Result<(), FleetError> {
-        let verifier = self.client_verifier()?;
-        let (leaf, rest) = self
-            .chain
-            .split_first()
-            .ok_or_else(|| invalid(&p.cert, "holds no certificate"))?;
-        verifier
-            .verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())
-            .map_err(|e| invalid(&p.cert, format!("not valid under {}: {e}", p.ca.display())))?;
-        // The key must match the certificate: building a server config checks it.
-        self.tls_server()?;
-        Ok(())
-    }
-
     fn tls_server(&self) -> Result<rustls::ServerConfig, FleetError> {
         let verifier = self.client_verifier()?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| FleetError::Tls(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| FleetError::Tls(format!("certificate and key do not match: {e}")))?;
+        let mut cfg =
+            rustls::ServerConfig::builder_with_details(Self::provider(), self.clock.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| FleetError::Tls(e.to_string()))?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(self.chain.clone(), self.key.clone_key())
+                .map_err(|e| FleetError::Tls(format!("certificate and key do not match: {e}")))?;
         cfg.alpn_protocols = vec![deckhand_protocol::wire::ALPN.to_vec()];
         Ok(cfg)
     }
@@ -175,12 +288,13 @@ impl FleetCredentials {
         .allow_unknown_revocation_status()
         .build()
         .map_err(|e| FleetError::Tls(e.to_string()))?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| FleetError::Tls(e.to_string()))?
-            .with_webpki_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| FleetError::Tls(e.to_string()))?;
+        let mut tls =
+            rustls::ClientConfig::builder_with_details(Self::provider(), self.clock.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| FleetError::Tls(e.to_string()))?
+                .with_webpki_verifier(verifier)
+                .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+                .map_err(|e| FleetError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![deckhand_protocol::wire::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| FleetError::Tls(e.to_string()))?;
@@ -199,6 +313,18 @@ fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
+}
+
+/// When a DER certificate starts being valid.
+fn not_before(cert: &CertificateDer<'_>) -> Option<jiff::Timestamp> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    jiff::Timestamp::from_second(x509.validity().not_before.timestamp()).ok()
+}
+
+/// When a DER certificate stops being valid.
+fn not_after(cert: &CertificateDer<'_>) -> Option<jiff::Timestamp> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    jiff::Timestamp::from_second(x509.validity().not_after.timestamp()).ok()
 }
 
 /// The common name of a DER certificate.

@@ -24,8 +24,31 @@ pub enum ImageError {
     Decode(String),
 }
 
+/// What an image's header says, read before any pixel is decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    format: image::ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Probe {
+    /// The most memory decoding it takes: the decoded pixels (up to 4 bytes each, RGBA) and their RGB
+    /// copy when they are not RGB already.
+    pub fn decode_bytes(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height) * 7
+    }
+}
+
 /// Decodes JPEG or PNG bytes into RGB, refusing anything over [`MAX_PIXELS`] before decoding it.
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    let probe = probe(bytes)?;
+    decode_probed(bytes, probe)
+}
+
+/// Reads an image's format and size from its header, refusing what is not a JPEG or PNG, a JPEG cut
+/// short and anything over [`MAX_PIXELS`].
+pub fn probe(bytes: &[u8]) -> Result<Probe, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -50,6 +73,20 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     if u64::from(width) * u64::from(height) > MAX_PIXELS {
         return Err(ImageError::TooLarge { width, height });
     }
+    Ok(Probe {
+        format,
+        width,
+        height,
+    })
+}
+
+/// Decodes an image [`probe`] read the header of.
+pub fn decode_probed(bytes: &[u8], probe: Probe) -> Result<RgbImage, ImageError> {
+    let Probe {
+        format,
+        width,
+        height,
+    } = probe;
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(width);
@@ -59,7 +96,17 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     let img = reader
         .decode()
         .map_err(|e| ImageError::Decode(e.to_string()))?;
-    Ok(img.to_rgb8())
+    Ok(img.into_rgb8())
+}
+
+/// The image at the model's input size (resized only when it is not already).
+pub fn fit(img: RgbImage, s: &RecognizerSettings) -> RgbImage {
+    let (w, h) = (s.input_width, s.input_height);
+    if img.dimensions() == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle)
+    }
 }
 
 /// Resizes and normalises an image into the model's input layout, appending to `out`.

@@ -73,7 +73,16 @@ pub struct Service {
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Since when the inference thread has been inside a batch (`busy.since`), or idle.
     busy: Arc<Busy>,
+    /// Bytes of decoded images held at once by HTTP requests ([`DECODE_BUDGET`]).
+    decoding: Arc<tokio::sync::Semaphore>,
 }
+
+/// Memory that images being decoded may take at once, over every HTTP request
+/// ([`preprocess::Probe::decode_bytes`] each, until the image is shrunk to the model's input): one
+/// 24-megapixel image beside a few camera frames. A request that does not fit is answered 503 at once;
+/// a flood of large images cannot take the Pi's memory, whatever their count. (The inbox decodes one
+/// image at a time.)
+pub const DECODE_BUDGET: u32 = 192 * 1024 * 1024;
 
 /// When the inference thread started the batch it is in: milliseconds after `epoch`, 0 when idle.
 struct Busy {
@@ -124,6 +133,7 @@ impl Service {
             refused: Arc::new(Mutex::new(None)),
             thread: Arc::new(Mutex::new(Some(thread))),
             busy,
+            decoding: Arc::new(tokio::sync::Semaphore::new(DECODE_BUDGET as usize)),
         })
     }
 
@@ -190,22 +200,53 @@ impl Service {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<RgbImage, RecognizeError> {
-        preprocess::decode(bytes).map_err(|e| {
-            self.metrics.rejected_input();
-            RecognizeError::Image(e)
-        })
+        preprocess::decode(bytes)
+            .map(|img| self.fit(img))
+            .map_err(|e| self.bad_input(e))
     }
 
-    /// Recognises JPEG or PNG bytes (decoding on a blocking thread).
+    /// The image at the live release's input size, resized on the caller's thread: the inference
+    /// thread, which answers every request in turn, never spends its time shrinking a large photo.
+    /// (A swap in between is harmless: the inference thread resizes what does not fit.)
+    fn fit(&self, img: RgbImage) -> RgbImage {
+        match self.live.load_full() {
+            Some(r) => preprocess::fit(img, r.settings()),
+            None => img,
+        }
+    }
+
+    fn bad_input(&self, e: preprocess::ImageError) -> RecognizeError {
+        self.metrics.rejected_input();
+        RecognizeError::Image(e)
+    }
+
+    /// Recognises JPEG or PNG bytes (decoding on a blocking thread), within the decoding budget: an
+    /// image whose decoding does not fit beside those being decoded or waiting is answered Busy.
     pub async fn recognize(&self, bytes: bytes::Bytes) -> Result<Recognition, RecognizeError> {
         let started = Instant::now();
         if self.live.load().is_none() {
             return Err(RecognizeError::NoRelease);
         }
+        let probe = preprocess::probe(&bytes).map_err(|e| self.bad_input(e))?;
+        let cost = u32::try_from(probe.decode_bytes()).unwrap_or(u32::MAX);
+        let budget = self
+            .decoding
+            .clone()
+            .try_acquire_many_owned(cost)
+            .map_err(|_| {
+                self.metrics.queue_full();
+                RecognizeError::Busy
+            })?;
         let me = self.clone();
-        let image = tokio::task::spawn_blocking(move || me.decode(&bytes))
-            .await
-            .map_err(|_| RecognizeError::Stopped)??;
+        let image = tokio::task::spawn_blocking(move || {
+            preprocess::decode_probed(&bytes, probe)
+                .map(|img| me.fit(img))
+                .map_err(|e| me.bad_input(e))
+        })
+        .await
+        .map_err(|_| RecognizeError::Stopped)??;
+        // Decoded and shrunk to the model's input: what waits in the queue is small.
+        drop(budget);
         self.submit(image, started, Via::Http)?
             .await
             .map_err(|_| RecognizeError::Stopped)?

@@ -195,6 +195,7 @@ pub fn release_summaries(
             role: role.to_owned(),
             version: m.version,
             created_at: m.created_at.to_string(),
+            expires_at: m.expires_at.to_string(),
             artifacts: m
                 .artifacts
                 .iter()

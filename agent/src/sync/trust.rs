@@ -65,6 +65,14 @@ impl Trust {
         })
     }
 
+    /// When the followed root expires (`None` with a fixed list of keys).
+    pub fn root_expires_at(&self) -> Option<jiff::Timestamp> {
+        match self.state() {
+            State::Keys(_) => None,
+            State::Root(r) => Some(r.root().expires_at),
+        }
+    }
+
     /// The version of the next root to look for, when following a root.
     pub fn next_root(&self) -> Option<u64> {
         match self.state() {

@@ -280,23 +280,6 @@ async fn under_systemd_it_notifies_ready_status_and_a_watchdog_that_stops_while_
     );
 }
 
-/// libfaketime, which the clock test runs the agent under (Debian's `libfaketime`; .ci/run installs it).
-const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-
-/// The environment that runs the agent with its system clock at `faketime` (libfaketime's FAKETIME:
-/// `@1970-01-02 00:00:00`, `-10d`, `+3d`); monotonic time is left alone.
-fn clock_at(faketime: &str) -> Vec<(&'static str, String)> {
-    assert!(
-        Path::new(FAKETIME).exists(),
-        "{FAKETIME} is missing: apt-get install libfaketime"
-    );
-    vec![
-        ("LD_PRELOAD", FAKETIME.into()),
-        ("FAKETIME", faketime.into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pi_without_a_clock_trusts_the_newest_signed_time_and_expiry_never_stops_service() {
     let mut t = shop("clock").start().await.unwrap();
@@ -309,7 +292,7 @@ async fn a_pi_without_a_clock_trusts_the_newest_signed_time_and_expiry_never_sto
         name: "pi".into(),
         credentials: Credentials::None,
         extra: vec!["--bundle-dir".into(), usb.display().to_string()],
-        env: clock_at(faketime),
+        env: deckhand_tests::clock_at(faketime),
         ..AgentOptions::default()
     };
     let s = std::time::Duration::from_secs;

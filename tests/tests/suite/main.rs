@@ -14,6 +14,8 @@ mod discovery;
 mod disk_full;
 mod flaky_s3;
 mod fleet;
+mod flood;
+mod identity;
 mod key_rotation;
 mod layout;
 mod loaders;

@@ -240,13 +240,19 @@ async fn bad_input_gets_a_clear_4xx_and_the_inbox_answers_as_http_does() {
         service: service.clone(),
         status: Arc::new(deckhand_protocol::status::Status::default),
         fleet: Arc::new(deckhand_protocol::status::FleetView::default),
+        token: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, app, async move {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(serve(
+        listener,
+        app,
+        deckhand_agent::http::gate::Limits::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
 
     let photo = encode_jpeg(&perturb(&card_image(5, 0), Perturbation::Rotate, 3), 80);
     let (code, body) = http(addr, "POST", "/v1/recognize", &photo).await;

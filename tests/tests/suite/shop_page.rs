@@ -85,6 +85,13 @@ async fn the_shop_page_shows_the_fleet_syncing_tries_a_card_and_notices_a_lost_p
             b.eval("document.getElementById('pi-release').textContent"),
             "version 1"
         );
+        let attention = b.eval("document.getElementById('pi-attention').textContent");
+        assert!(
+            attention
+                .as_str()
+                .is_some_and(|a| a.starts_with("nothing; newest release published")),
+            "nothing dated needs attention: {attention}"
+        );
         // Try a card through the page's own file input.
         b.set_files("#try-file", &[&photo_path]);
         let card = b.wait_for(

@@ -110,6 +110,9 @@ pub struct AgentOptions {
     pub env: Vec<(&'static str, String)>,
     /// Install the agent with this trust root (`--trust-root`) instead of the shop's key (`--trust`).
     pub trust_root: Option<PathBuf>,
+    /// Run it with at most this many open files, soft and hard (`prlimit`), as a shell's default
+    /// (1,024) would.
+    pub open_files: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -429,7 +432,11 @@ impl Fleet {
             args.extend(["--peer".into(), p.clone()]);
         }
         if opts.credentials == Credentials::Enroll {
-            self.ca.enroll(&opts.name, 30, &self.dir.join("certs"))?;
+            self.ca.enroll(
+                &opts.name,
+                crate::fleet_ca::ENROLL_DAYS,
+                &self.dir.join("certs"),
+            )?;
         }
         if opts.credentials != Credentials::None {
             args.extend(self.credential_args(&opts.name));
@@ -464,15 +471,14 @@ impl Fleet {
         let log = self.dir.join("logs").join(format!("{}.log", opts.name));
         let mut env = self.s3.env();
         env.extend(opts.env.iter().cloned());
-        let agent = Agent::spawn(
-            &self.bin,
-            &opts.name,
-            &args,
-            &env,
-            opts.netns.as_deref(),
-            &log,
-        )
-        .await?;
+        let mut wrapper: Vec<String> = Vec::new();
+        if let Some(ns) = &opts.netns {
+            wrapper.extend(["ip".into(), "netns".into(), "exec".into(), ns.clone()]);
+        }
+        if let Some(n) = opts.open_files {
+            wrapper.extend(["prlimit".into(), format!("--nofile={n}:{n}"), "--".into()]);
+        }
+        let agent = Agent::spawn(&self.bin, &opts.name, &args, &env, &wrapper, &log).await?;
         self.agents.push(agent);
         let i = self.agents.len() - 1;
         Ok(&self.agents[i])
@@ -515,20 +521,21 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `BIN run ARGS` (inside `netns` when given), its log going to `log`, and waits for it to
-    /// print where it listens.
+    /// Starts `WRAPPER... BIN run ARGS` (a wrapper such as `ip netns exec NS` execs the agent), its
+    /// log going to `log`, and waits for it to print where it listens.
     pub async fn spawn(
         bin: &Path,
         name: &str,
         args: &[String],
         env: &[(&str, String)],
-        netns: Option<&str>,
+        wrapper: &[String],
         log: &Path,
     ) -> Result<Agent, ToolError> {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = tokio::process::Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
+        // A wrapper (`ip netns exec NS`, `prlimit ... --`) execs the agent: its pid is the agent's.
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest).arg(bin);
                 c
             }
             None => tokio::process::Command::new(bin),
@@ -595,7 +602,12 @@ impl Agent {
             child,
             http,
             quic,
-            netns: netns.map(str::to_owned),
+            netns: match wrapper {
+                [ip, netns, exec, ns, ..] if [ip, netns, exec] == ["ip", "netns", "exec"] => {
+                    Some(ns.clone())
+                }
+                _ => None,
+            },
             bin: bin.to_owned(),
             log: log.to_owned(),
             drain,

@@ -27,7 +27,7 @@ pub enum FleetCommand {
         #[arg(long)]
         out: PathBuf,
         /// Days the certificate is valid.
-        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        #[arg(long, default_value_t = deckhand_tools::fleet_ca::ENROLL_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
         days: u32,
     },
     /// Revoke an agent's certificates: rewrites DIR/crl.pem; give it to agents with --fleet-crl.
