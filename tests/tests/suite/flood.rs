@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const IDLE: usize = 1_100;
 /// PNG bombs in flight at once.
 const BOMBS: usize = 48;
+/// The till's recognitions during the flood.
+const TILL: usize = 50;
 
 /// Lets this test process hold the flood's sockets (its hard limit is higher than a shell's soft one).
 fn raise_own_open_files() {
@@ -125,11 +127,9 @@ async fn a_flood_of_idle_connections_and_png_bombs_does_not_keep_the_tills_out()
         });
     }
 
-    // 3. The till, from 127.0.0.1: a recognition every 100 ms for 8 s, each answered within 1 s.
+    // 3. The till, from 127.0.0.1: 50 recognitions 100 ms apart, each answered within 1 s.
     let mut slowest = Duration::ZERO;
-    let mut answered = 0;
-    let till_until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < till_until {
+    for answered in 0..TILL {
         let started = Instant::now();
         let answer = tokio::time::timeout(Duration::from_secs(1), pi.recognize(&photo)).await;
         let took = started.elapsed();
@@ -143,7 +143,6 @@ async fn a_flood_of_idle_connections_and_png_bombs_does_not_keep_the_tills_out()
         assert_eq!(code, 200, "the till's recognition: {body}");
         assert!(body["card_id"].as_str().is_some(), "{body}");
         slowest = slowest.max(took);
-        answered += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -155,11 +154,10 @@ async fn a_flood_of_idle_connections_and_png_bombs_does_not_keep_the_tills_out()
     }
     let peak_mib = peak_rss_kib(pi.pid().unwrap()) / 1024;
     eprintln!(
-        "flood: {} idle connections held by the client, {answered} till recognitions (slowest {} ms), bomb answers {codes:?}, agent peak RSS {peak_mib} MiB",
+        "flood: {} idle connections held by the client, {TILL} till recognitions (slowest {} ms), bomb answers {codes:?}, agent peak RSS {peak_mib} MiB",
         idle.len(),
         slowest.as_millis()
     );
-    assert!(answered >= 40, "the till answered only {answered} times");
     assert!(peak_mib < 512, "the agent's peak RSS was {peak_mib} MiB");
     // Bombs were decoded one budget's worth at a time: some answered (a 24-megapixel blank has no
     // card), the rest told to come back (503), none left unanswered by a stuck server.
