@@ -92,6 +92,11 @@ pub struct Settings {
     /// How many distinct trusted keys must sign a manifest.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub threshold: u16,
+    /// Whether the system clock is synchronised, so that a manifest created over an hour ahead of it is
+    /// refused (a leaked key fast-forwarding the fleet): auto (the kernel's NTP status, which
+    /// systemd-timesyncd, chrony and ntpd set), yes, or no (the clock never judges a manifest).
+    #[arg(long, default_value = "auto")]
+    pub clock_synchronised: crate::systemd::ClockSync,
     /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,

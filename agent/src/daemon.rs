@@ -409,6 +409,7 @@ async fn engine(
         origin,
         deployment,
         trust,
+        clock: cfg.settings.clock_synchronised,
         backend: cfg.settings.backend,
         poll: cfg.settings.poll,
         max_backoff: cfg.settings.poll.max(std::time::Duration::from_secs(60)),
@@ -533,7 +534,7 @@ pub async fn import(cfg: &ImportConfig) -> Result<u64, DaemonError> {
         &policy,
         &cfg.deployment,
         &envelope,
-        jiff::Timestamp::now(),
+        crate::systemd::ClockSync::Auto.now(),
     )?;
     bundle.import_blobs(&store, &verified.manifest).await?;
     let (store, backend) = (store.clone(), cfg.backend);

@@ -1,17 +1,21 @@
 //! The ledger: what a Pi must remember across restarts and power cuts, and what its security rests on.
 //!
 //! Every meta key of the store's catalog is named here, and read and written only through [`Ledger`]:
-//! the agent's id, the highest manifest version accepted per deployment, the time floor (the newest
-//! signed time seen), the trust roots (each kept by version, and the one followed), and the releases
+//! the agent's id, the floors ([`Floors`]: the highest manifest version accepted per deployment, the
+//! time floor (the newest signed time seen) and the epoch they were raised in), the trust roots (each kept by version, and the one followed), and the releases
 //! (pending, active, previous, with their pins). Each write is one durable commit
 //! (`synchronous=FULL`), so a power cut leaves either the state before it or the state after it
 //! (store/DESIGN.md, "The ledger").
 
+use deckhand_protocol::floors::{Epoch, Floors};
 use deckhand_protocol::{BlobId, VerifiedManifest};
 use deckhand_store::{Store, StoreError, StoreReader};
 
 const AGENT_ID: &str = "agent_id";
 const TIME_FLOOR: &str = "time_floor";
+/// The trust root that last changed the release keys, and its `created_at` ([`Epoch`]); absent until
+/// one does.
+const EPOCH: &str = "floor_epoch";
 /// The newest verified trust root envelope: the one followed.
 const ROOT: &str = "trust_root";
 const ACTIVE: &str = "active_envelope";
@@ -82,25 +86,50 @@ impl<'s> Ledger<'s> {
         ))
     }
 
-    /// Records a verified manifest as accepted, in one commit: its version as the highest accepted for
-    /// `deployment`, the time floor raised to `floor`, and its envelope as pending.
+    /// The floors of `deployment`: its highest accepted version, the time floor and their epoch.
+    pub fn floors(&self, deployment: &str) -> Result<Floors, StoreError> {
+        Ok(Floors {
+            highest: self.highest_accepted(deployment)?,
+            time: self.time_floor()?,
+            epoch: self
+                .store
+                .get_meta(EPOCH)?
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|s| Epoch::from_text(&s)),
+        })
+    }
+
+    /// The meta writes that record `floors` for `deployment`.
+    fn floor_writes(deployment: &str, floors: &Floors) -> [(String, Vec<u8>); 3] {
+        let text = |v: Option<String>| v.unwrap_or_default().into_bytes();
+        [
+            (
+                highest_key(deployment),
+                text(floors.highest.map(|h| h.to_string())),
+            ),
+            (
+                TIME_FLOOR.to_owned(),
+                text(floors.time.map(|t| t.to_string())),
+            ),
+            (EPOCH.to_owned(), text(floors.epoch.map(|e| e.to_text()))),
+        ]
+    }
+
+    /// Records a verified manifest as accepted, in one commit: the floors of `deployment` raised to
+    /// `floors` ([`Floors::after`]) and its envelope as pending.
     pub fn record_accepted(
         &self,
         deployment: &str,
         verified: &VerifiedManifest,
-        floor: jiff::Timestamp,
+        floors: &Floors,
     ) -> Result<(), StoreError> {
-        self.store.set_pins_and_meta(
-            &[],
-            &[
-                (
-                    highest_key(deployment).as_str(),
-                    verified.manifest.version.to_string().as_bytes(),
-                ),
-                (TIME_FLOOR, floor.to_string().as_bytes()),
-                (PENDING, &verified.envelope),
-            ],
-        )
+        let writes = Self::floor_writes(deployment, floors);
+        let mut meta: Vec<(&str, &[u8])> = writes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        meta.push((PENDING, &verified.envelope));
+        self.store.set_pins_and_meta(&[], &meta)
     }
 
     /// The accepted release not yet active, if any (its envelope, as accepted).
@@ -162,12 +191,25 @@ impl<'s> Ledger<'s> {
         self.store.set_meta(&root_key(version), envelope, true)
     }
 
-    /// Follows a verified root, in one commit: kept by its version and recorded as the one followed.
-    pub fn follow_root(&self, version: u64, envelope: &[u8]) -> Result<(), StoreError> {
-        self.store.set_pins_and_meta(
-            &[],
-            &[(root_key(version).as_str(), envelope), (ROOT, envelope)],
-        )
+    /// Follows a verified root, in one commit: kept by its version and recorded as the one followed;
+    /// when it changed the release keys, `deployment`'s floors start its epoch ([`Floors::rotated`])
+    /// in the same commit.
+    pub fn follow_root(
+        &self,
+        version: u64,
+        envelope: &[u8],
+        epoch: Option<(&str, Epoch)>,
+    ) -> Result<(), StoreError> {
+        let key = root_key(version);
+        let writes = epoch.map(|(d, e)| Self::floor_writes(d, &Floors::rotated(e)));
+        let mut meta: Vec<(&str, &[u8])> = vec![(key.as_str(), envelope), (ROOT, envelope)];
+        meta.extend(
+            writes
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_slice())),
+        );
+        self.store.set_pins_and_meta(&[], &meta)
     }
 }
 

@@ -130,3 +130,53 @@ pub fn raise_open_files() {
         ),
     }
 }
+
+/// Whether the system clock is taken as synchronised, for refusing a manifest created far ahead of it
+/// ([`deckhand_protocol::floors::MAX_AHEAD`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockSync {
+    /// As the kernel says: its NTP status (set by systemd-timesyncd, chrony or ntpd) is synchronised.
+    Auto,
+    /// Always (a Pi with a trusted clock the kernel does not know of, such as a GPS-disciplined one).
+    Yes,
+    /// Never: only the floors judge a manifest's time.
+    No,
+}
+
+impl std::str::FromStr for ClockSync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "yes" => Ok(Self::Yes),
+            "no" => Ok(Self::No),
+            other => Err(format!("{other:?} is not auto, yes or no")),
+        }
+    }
+}
+
+impl ClockSync {
+    /// The system clock now, and whether it is synchronised.
+    pub fn now(self) -> deckhand_protocol::floors::SystemClock {
+        deckhand_protocol::floors::SystemClock {
+            now: jiff::Timestamp::now(),
+            synchronised: match self {
+                Self::Auto => kernel_clock_synchronised(),
+                Self::Yes => true,
+                Self::No => false,
+            },
+        }
+    }
+}
+
+/// The kernel's word on the clock: `adjtimex` answers `TIME_ERROR` while it is not synchronised (the
+/// NTP daemon sets and clears `STA_UNSYNC`).
+fn kernel_clock_synchronised() -> bool {
+    // SAFETY: a zeroed `timex` with `modes` 0 only reads the kernel's state into the struct, which
+    // lives on this stack.
+    let state = unsafe {
+        let mut t: libc::timex = std::mem::zeroed();
+        libc::adjtimex(&mut t)
+    };
+    state >= 0 && state != libc::TIME_ERROR
+}

@@ -100,6 +100,25 @@ pub enum VerifyError {
     Stale { version: u64, highest: u64 },
     #[error("manifest is for deployment {found:?}, expected {expected:?}")]
     Deployment { expected: String, found: String },
+    #[error(
+        "manifest version {version} was created at {created_at}, before trust root version {root} \
+         changed the release keys ({since}): a manifest of the retired keys' days, replayed"
+    )]
+    BeforeEpoch {
+        version: u64,
+        created_at: Timestamp,
+        root: u64,
+        since: Timestamp,
+    },
+    #[error(
+        "manifest version {version} was created at {created_at}, over an hour ahead of this Pi's \
+         synchronised clock ({now}): a leaked key fast-forwarding the fleet, or a publisher's clock far off"
+    )]
+    Ahead {
+        version: u64,
+        created_at: Timestamp,
+        now: Timestamp,
+    },
     #[error("trust policy needs a threshold of 1 to {keys} for {keys} key(s), got {threshold}")]
     Policy { keys: usize, threshold: usize },
 }
@@ -311,30 +330,6 @@ pub(crate) fn decode_typed(
     Ok((env, payload))
 }
 
-impl VerifiedManifest {
-    /// Refuses a manifest for another deployment, or one not strictly newer than `highest_accepted`
-    /// (so a replayed older manifest, from S3 or from a peer, never rolls an agent back).
-    pub fn check_admissible(
-        &self,
-        deployment: &str,
-        highest_accepted: Option<u64>,
-    ) -> Result<(), VerifyError> {
-        if self.manifest.deployment != deployment {
-            return Err(VerifyError::Deployment {
-                expected: deployment.to_owned(),
-                found: self.manifest.deployment.clone(),
-            });
-        }
-        match highest_accepted {
-            Some(highest) if self.manifest.version <= highest => Err(VerifyError::Stale {
-                version: self.manifest.version,
-                highest,
-            }),
-            _ => Ok(()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,18 +366,6 @@ mod tests {
         assert_eq!(v.manifest, m);
         assert_eq!(v.id, BlobId::of(&m.to_payload()));
         assert_eq!(v.signers.len(), 2);
-        v.check_admissible("shop-1", Some(4)).unwrap();
-        assert_eq!(
-            v.check_admissible("shop-1", Some(5)),
-            Err(VerifyError::Stale {
-                version: 5,
-                highest: 5
-            })
-        );
-        assert!(matches!(
-            v.check_admissible("shop-2", None),
-            Err(VerifyError::Deployment { .. })
-        ));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod chunk;
 pub mod clock;
 pub mod envelope;
 pub mod fetch;
+pub mod floors;
 pub mod id;
 pub mod keys;
 pub mod layout;

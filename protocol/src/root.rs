@@ -1,14 +1,24 @@
-//! A deployment's signed trust root, in the manner of TUF's root metadata: the keys whose signatures a
-//! manifest needs and how many of them, a version and an expiry. Root version N+1 must be signed by
-//! a threshold of version N's keys *and* a threshold of its own, so a key is retired, or a leaked key
-//! replaced, by publishing the next root to the bucket (`deckhand keys rotate`) instead of touching every
-//! Pi. An agent starts from the root it was installed with and follows the chain one version at a time,
-//! from S3 or a bundle; an old root replayed, a skipped version, or a root signed by too few of the
-//! previous keys is refused and changes nothing.
+//! A deployment's signed trust root, in the manner of TUF's root metadata: which keys sign what, how
+//! many of them, a version and an expiry. Root version N+1 must be signed by a threshold of version N's
+//! root keys *and* a threshold of its own, so a key is retired, or a leaked key replaced, by publishing
+//! the next root to the bucket (`deckhand keys rotate`) instead of touching every Pi. An agent starts
+//! from the root it was installed with and follows the chain one version at a time, from S3, a peer or
+//! a bundle; an old root replayed, a skipped version, or a root signed by too few of the previous root
+//! keys is refused and changes nothing.
+//!
+//! Two schemas:
+//! * `deckhand.root/v2` separates the roles as TUF does: `root_keys` (with `root_threshold`) sign the
+//!   next root and are kept offline; `keys` (with `threshold`) are the release keys, which sign
+//!   manifests. A leaked release key cannot publish a root, and a root that changes the release keys
+//!   starts a new floor epoch at its signed `created_at` ([`crate::floors`]), so a fleet the leaked key
+//!   fast-forwarded recovers.
+//! * `deckhand.root/v1` has one key set for both (read as `root_keys = keys`). A v1 root may be followed
+//!   by a v2 one, never the other way round.
 //!
 //! Pure code: the caller fetches the bytes and passes the time.
 
 use crate::envelope::{Envelope, TrustPolicy, VerifyError, decode_typed};
+use crate::floors::Epoch;
 use crate::keys::{PublicKey, SecretKey};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -16,8 +26,11 @@ use serde::{Deserialize, Serialize};
 /// The DSSE payload type of a root: signed with the payload, so a root signature never verifies as a
 /// manifest's, nor the other way round.
 pub const ROOT_PAYLOAD_TYPE: &str = "application/vnd.deckhand.root+json";
-pub const ROOT_SCHEMA: &str = "deckhand.root/v1";
-/// The most manifest keys a root may list.
+/// The schema a root is written with.
+pub const ROOT_SCHEMA: &str = "deckhand.root/v2";
+/// The first schema: one key set signs manifests and roots.
+pub const ROOT_SCHEMA_V1: &str = "deckhand.root/v1";
+/// The most keys a root may list in each role.
 pub const MAX_ROOT_KEYS: usize = 16;
 
 /// The signed content of a root.
@@ -28,12 +41,30 @@ pub struct Root {
     pub deployment: String,
     /// 1 for the first root, then one more for each rotation.
     pub version: u64,
+    /// v2: when the root was signed. A root that changes the release keys starts the new keys' floors
+    /// here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
     /// After this, the root no longer admits new manifests (the active release keeps serving) until a
     /// newer root is found.
     pub expires_at: Timestamp,
-    /// The manifest keys, in the text form of a `.pub` file (`ed25519 BASE64`).
+    /// v2: the keys that sign the next root (kept offline), in the text form of a `.pub` file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_keys: Vec<String>,
+    /// v2: how many distinct `root_keys` must sign the next root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_threshold: Option<u16>,
+    /// The release keys, which sign manifests (in v1, also the next root), in the text form of a
+    /// `.pub` file (`ed25519 BASE64`).
     pub keys: Vec<String>,
-    /// How many distinct `keys` must sign a manifest, and the next root.
+    /// How many distinct `keys` must sign a manifest.
+    pub threshold: u16,
+}
+
+/// One role's keys and threshold, to write a root with.
+#[derive(Clone, Copy, Debug)]
+pub struct Role<'a> {
+    pub keys: &'a [PublicKey],
     pub threshold: u16,
 }
 
@@ -44,8 +75,18 @@ pub enum RootError {
     Envelope(VerifyError),
     #[error("trust root payload is not valid JSON of {ROOT_SCHEMA}: {0}")]
     Json(String),
-    #[error("trust root schema is {0:?}, expected {ROOT_SCHEMA:?}")]
+    #[error("trust root schema is {0:?}, expected {ROOT_SCHEMA:?} or {ROOT_SCHEMA_V1:?}")]
     Schema(String),
+    #[error("trust root version {version} of {schema} {why}")]
+    Fields {
+        version: u64,
+        schema: String,
+        why: &'static str,
+    },
+    #[error(
+        "trust root version {version} is {ROOT_SCHEMA_V1}, after a {ROOT_SCHEMA} root: a downgrade would let release keys sign roots again"
+    )]
+    Downgrade { version: u64 },
     #[error("trust root is for deployment {found:?}, expected {expected:?}")]
     Deployment { expected: String, found: String },
     #[error(
@@ -59,22 +100,23 @@ pub enum RootError {
         why: String,
     },
     #[error(
-        "trust root version {version} lists {keys} key(s) with a threshold of {threshold}: it needs 1 to {MAX_ROOT_KEYS} keys and a threshold they can meet"
+        "trust root version {version} lists {keys} {role} key(s) with a threshold of {threshold}: it needs 1 to {MAX_ROOT_KEYS} keys and a threshold they can meet"
     )]
     Keys {
         version: u64,
+        role: &'static str,
         keys: usize,
         threshold: u16,
     },
     #[error(
-        "trust root version {version} is not signed by enough of version {previous}'s keys: {why}"
+        "trust root version {version} is not signed by enough of version {previous}'s root keys: {why}"
     )]
     PreviousKeys {
         version: u64,
         previous: u64,
         why: VerifyError,
     },
-    #[error("trust root version {version} is not signed by enough of its own keys: {why}")]
+    #[error("trust root version {version} is not signed by enough of its own root keys: {why}")]
     OwnKeys { version: u64, why: VerifyError },
     #[error(
         "trust root version {version} expired at {expires_at} (now {now}): a newer root is needed"
@@ -86,9 +128,38 @@ pub enum RootError {
     },
 }
 
+fn key_texts(keys: &[PublicKey]) -> Vec<String> {
+    keys.iter()
+        .map(|k| k.to_file_text().trim().to_owned())
+        .collect()
+}
+
 impl Root {
-    /// Root `version` of `deployment` listing `keys`, `threshold` of which must sign.
+    /// Root `version` of `deployment` (v2), created at `created_at`: `root` signs the next root,
+    /// `release` signs manifests.
     pub fn new(
+        deployment: &str,
+        version: u64,
+        created_at: Timestamp,
+        expires_at: Timestamp,
+        root: Role<'_>,
+        release: Role<'_>,
+    ) -> Self {
+        Self {
+            schema: ROOT_SCHEMA.into(),
+            deployment: deployment.into(),
+            version,
+            created_at: Some(created_at),
+            expires_at,
+            root_keys: key_texts(root.keys),
+            root_threshold: Some(root.threshold),
+            keys: key_texts(release.keys),
+            threshold: release.threshold,
+        }
+    }
+
+    /// A v1 root (one key set for manifests and roots), as earlier releases of deckhand wrote them.
+    pub fn v1(
         deployment: &str,
         version: u64,
         expires_at: Timestamp,
@@ -96,38 +167,82 @@ impl Root {
         threshold: u16,
     ) -> Self {
         Self {
-            schema: ROOT_SCHEMA.into(),
+            schema: ROOT_SCHEMA_V1.into(),
             deployment: deployment.into(),
             version,
+            created_at: None,
             expires_at,
-            keys: keys
-                .iter()
-                .map(|k| k.to_file_text().trim().to_owned())
-                .collect(),
+            root_keys: Vec::new(),
+            root_threshold: None,
+            keys: key_texts(keys),
             threshold,
         }
     }
 
-    /// The signed envelope bytes, signed by each of `keys` (for a rotation: the previous root's and the
-    /// new root's).
+    /// The signed envelope bytes, signed by each of `keys` (for a rotation: the previous root's root
+    /// keys and the new root's).
     pub fn sign(&self, keys: &[&SecretKey]) -> Vec<u8> {
         // Serialising plain strings and numbers cannot fail.
         let payload = serde_json::to_vec_pretty(self).unwrap_or_default();
         Envelope::sign_typed(ROOT_PAYLOAD_TYPE, &payload, keys).to_bytes()
     }
 
-    /// The manifest policy this root sets.
-    fn policy(&self) -> Result<TrustPolicy, RootError> {
+    pub fn is_v1(&self) -> bool {
+        self.schema == ROOT_SCHEMA_V1
+    }
+
+    /// The keys that sign the next root, and how many must.
+    pub fn root_role(&self) -> (&[String], u16) {
+        match self.root_threshold {
+            Some(t) if !self.is_v1() => (&self.root_keys, t),
+            _ => (&self.keys, self.threshold),
+        }
+    }
+
+    /// The shape the schema asks for.
+    fn check_fields(&self) -> Result<(), RootError> {
+        let fields = |why| RootError::Fields {
+            version: self.version,
+            schema: self.schema.clone(),
+            why,
+        };
+        match self.schema.as_str() {
+            ROOT_SCHEMA_V1
+                if self.created_at.is_some()
+                    || !self.root_keys.is_empty()
+                    || self.root_threshold.is_some() =>
+            {
+                Err(fields("has fields of a later schema"))
+            }
+            ROOT_SCHEMA_V1 => Ok(()),
+            ROOT_SCHEMA
+                if self.created_at.is_none()
+                    || self.root_keys.is_empty()
+                    || self.root_threshold.is_none() =>
+            {
+                Err(fields("lacks created_at, root_keys or root_threshold"))
+            }
+            ROOT_SCHEMA => Ok(()),
+            other => Err(RootError::Schema(other.to_owned())),
+        }
+    }
+
+    fn policy_of(
+        &self,
+        role: &'static str,
+        keys: &[String],
+        threshold: u16,
+    ) -> Result<TrustPolicy, RootError> {
         let too_few = || RootError::Keys {
             version: self.version,
-            keys: self.keys.len(),
-            threshold: self.threshold,
+            role,
+            keys: keys.len(),
+            threshold,
         };
-        if self.keys.is_empty() || self.keys.len() > MAX_ROOT_KEYS {
+        if keys.is_empty() || keys.len() > MAX_ROOT_KEYS {
             return Err(too_few());
         }
-        let keys = self
-            .keys
+        let keys = keys
             .iter()
             .map(|k| {
                 PublicKey::from_file_text(k).map_err(|e| RootError::Key {
@@ -137,7 +252,24 @@ impl Root {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        TrustPolicy::new(keys, usize::from(self.threshold)).map_err(|_| too_few())
+        TrustPolicy::new(keys, usize::from(threshold)).map_err(|_| too_few())
+    }
+
+    /// The policies this root sets: for the next root, and for manifests.
+    fn policies(&self) -> Result<(TrustPolicy, TrustPolicy), RootError> {
+        let (root_keys, root_threshold) = self.root_role();
+        Ok((
+            self.policy_of("root", root_keys, root_threshold)?,
+            self.policy_of("release", &self.keys, self.threshold)?,
+        ))
+    }
+
+    /// The release keys as a set with their threshold: what a rotation compares.
+    fn release_role(&self) -> (std::collections::BTreeSet<&str>, u16) {
+        (
+            self.keys.iter().map(String::as_str).collect(),
+            self.threshold,
+        )
     }
 }
 
@@ -145,6 +277,9 @@ impl Root {
 #[derive(Clone, Debug)]
 pub struct TrustedRoot {
     root: Root,
+    /// Signs the next root.
+    root_policy: TrustPolicy,
+    /// Signs manifests.
     policy: TrustPolicy,
     envelope: Vec<u8>,
 }
@@ -154,16 +289,14 @@ fn open(envelope: &[u8]) -> Result<(Envelope, Vec<u8>, Root), RootError> {
     let (env, payload) = decode_typed(envelope, ROOT_PAYLOAD_TYPE).map_err(RootError::Envelope)?;
     let root: Root =
         serde_json::from_slice(&payload).map_err(|e| RootError::Json(e.to_string()))?;
-    if root.schema != ROOT_SCHEMA {
-        return Err(RootError::Schema(root.schema));
-    }
+    root.check_fields()?;
     Ok((env, payload, root))
 }
 
 impl TrustedRoot {
     /// The root an agent was installed with (or kept from an earlier run): for `deployment`, signed by
-    /// a threshold of its own keys. Its expiry is checked when it is used, not here: an agent whose
-    /// root expired keeps serving and looks for a newer root.
+    /// a threshold of its own root keys. Its expiry is checked when it is used, not here: an agent
+    /// whose root expired keeps serving and looks for a newer root.
     pub fn installed(envelope: &[u8], deployment: &str) -> Result<Self, RootError> {
         let (env, payload, root) = open(envelope)?;
         if root.deployment != deployment {
@@ -172,8 +305,8 @@ impl TrustedRoot {
                 found: root.deployment,
             });
         }
-        let policy = root.policy()?;
-        policy
+        let (root_policy, policy) = root.policies()?;
+        root_policy
             .signers(&env, &payload)
             .map_err(|why| RootError::OwnKeys {
                 version: root.version,
@@ -181,14 +314,16 @@ impl TrustedRoot {
             })?;
         Ok(Self {
             root,
+            root_policy,
             policy,
             envelope: envelope.to_vec(),
         })
     }
 
-    /// The next root, if `envelope` is it: version one above this one, the same deployment, signed by a
-    /// threshold of this root's keys and a threshold of its own. Expiry is not checked: a Pi that was
-    /// offline walks through roots that have expired since to the newest one.
+    /// The next root, if `envelope` is it: version one above this one, the same deployment, not a
+    /// downgrade to v1, signed by a threshold of this root's root keys and a threshold of its own.
+    /// Expiry is not checked: a Pi that was offline walks through roots that have expired since to the
+    /// newest one.
     pub fn update(&self, envelope: &[u8]) -> Result<Self, RootError> {
         let (env, payload, next) = open(envelope)?;
         if next.deployment != self.root.deployment {
@@ -203,15 +338,20 @@ impl TrustedRoot {
                 found: next.version,
             });
         }
-        self.policy
+        if next.is_v1() && !self.root.is_v1() {
+            return Err(RootError::Downgrade {
+                version: next.version,
+            });
+        }
+        self.root_policy
             .signers(&env, &payload)
             .map_err(|why| RootError::PreviousKeys {
                 version: next.version,
                 previous: self.root.version,
                 why,
             })?;
-        let policy = next.policy()?;
-        policy
+        let (root_policy, policy) = next.policies()?;
+        root_policy
             .signers(&env, &payload)
             .map_err(|why| RootError::OwnKeys {
                 version: next.version,
@@ -219,8 +359,20 @@ impl TrustedRoot {
             })?;
         Ok(Self {
             root: next,
+            root_policy,
             policy,
             envelope: envelope.to_vec(),
+        })
+    }
+
+    /// The floor epoch this root starts when it follows `previous`: when it changes the release keys
+    /// (or their threshold) and carries a signed `created_at` (v2). A v1 root starts none: its keys
+    /// sign roots too, so a leaked key could reset the floors itself.
+    pub fn epoch_after(&self, previous: &TrustedRoot) -> Option<Epoch> {
+        let since = self.root.created_at?;
+        (self.root.release_role() != previous.root.release_role()).then_some(Epoch {
+            root: self.root.version,
+            since,
         })
     }
 
@@ -269,14 +421,43 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn pubs(keys: &[&SecretKey]) -> Vec<PublicKey> {
+        keys.iter().map(|k| k.public().clone()).collect()
+    }
+
+    /// A v2 root whose root keys and release keys are the same `keys`.
     fn root(version: u64, keys: &[&SecretKey], threshold: u16) -> Root {
-        let pubs: Vec<PublicKey> = keys.iter().map(|k| k.public().clone()).collect();
+        let pubs = pubs(keys);
+        let role = Role {
+            keys: &pubs,
+            threshold,
+        };
         Root::new(
             "shop-1",
             version,
+            t("2026-11-01T00:00:00Z"),
             t("2027-06-01T00:00:00Z"),
-            &pubs,
-            threshold,
+            role,
+            role,
+        )
+    }
+
+    /// A v2 root: `root_keys` sign roots, `release` sign manifests (threshold 1 each).
+    fn split(version: u64, root_keys: &[&SecretKey], release: &[&SecretKey], at: &str) -> Root {
+        let (r, k) = (pubs(root_keys), pubs(release));
+        Root::new(
+            "shop-1",
+            version,
+            t(at),
+            t("2027-06-01T00:00:00Z"),
+            Role {
+                keys: &r,
+                threshold: 1,
+            },
+            Role {
+                keys: &k,
+                threshold: 1,
+            },
         )
     }
 
@@ -332,7 +513,7 @@ mod tests {
         );
         assert!(
             err.to_string()
-                .contains("not signed by enough of version 1's keys")
+                .contains("not signed by enough of version 1's root keys")
         );
         // The new key alone (a thief of d): refused the same way.
         assert!(matches!(
@@ -373,13 +554,7 @@ mod tests {
             })
         ));
         // Another deployment's root, and a manifest envelope passed off as a root.
-        let other = Root::new(
-            "shop-2",
-            3,
-            t("2027-01-01T00:00:00Z"),
-            &[c.public().clone()],
-            1,
-        );
+        let other = Root::v1("shop-2", 3, t("2027-01-01T00:00:00Z"), &pubs(&[&c]), 1);
         assert!(matches!(
             v2.update(&other.sign(&[&b, &c])),
             Err(RootError::Deployment { .. })
@@ -440,5 +615,94 @@ mod tests {
             TrustedRoot::installed(&bad.sign(&[&a]), "shop-1"),
             Err(RootError::Key { .. })
         ));
+        // Each schema has its own fields.
+        let mut v1_with_root_keys = Root::v1("shop-1", 1, now(), &pubs(&[&a]), 1);
+        v1_with_root_keys.root_keys = vec![v1_with_root_keys.keys[0].clone()];
+        assert!(matches!(
+            TrustedRoot::installed(&v1_with_root_keys.sign(&[&a]), "shop-1"),
+            Err(RootError::Fields { .. })
+        ));
+        let mut v2_without = root(1, &[&a], 1);
+        v2_without.created_at = None;
+        assert!(matches!(
+            TrustedRoot::installed(&v2_without.sign(&[&a]), "shop-1"),
+            Err(RootError::Fields { .. })
+        ));
+    }
+
+    #[test]
+    fn release_keys_sign_manifests_and_only_the_offline_root_keys_sign_the_next_root() {
+        let (offline, release, thief) = (key(1), key(2), key(3));
+        let v1 = TrustedRoot::installed(
+            &split(1, &[&offline], &[&release], "2026-11-01T00:00:00Z").sign(&[&offline]),
+            "shop-1",
+        )
+        .unwrap();
+        // The release key signs manifests, the root key does not.
+        let policy = v1.policy_at(now()).unwrap();
+        let manifest_by = |k: &SecretKey| Envelope::sign_manifest(&sample(5), &[k]).to_bytes();
+        assert!(policy.verify(&manifest_by(&release), now()).is_ok());
+        assert!(policy.verify(&manifest_by(&offline), now()).is_err());
+        // A leaked release key cannot publish a root naming its thief.
+        let grab = split(2, &[&thief], &[&thief], "2026-12-01T00:00:00Z");
+        assert!(matches!(
+            v1.update(&grab.sign(&[&release, &thief])),
+            Err(RootError::PreviousKeys { version: 2, .. })
+        ));
+        // The operator's rotation, signed by the offline key alone, retires the release key and starts
+        // a new floor epoch at its signed time.
+        let fresh = key(4);
+        let v2 = v1
+            .update(&split(2, &[&offline], &[&fresh], "2026-12-01T00:00:00Z").sign(&[&offline]))
+            .unwrap();
+        assert_eq!(
+            v2.epoch_after(&v1),
+            Some(Epoch {
+                root: 2,
+                since: t("2026-12-01T00:00:00Z")
+            })
+        );
+        assert!(
+            v2.policy_at(now())
+                .unwrap()
+                .verify(&manifest_by(&release), now())
+                .is_err()
+        );
+        // A rotation of the root keys alone keeps the release keys' floors.
+        let offline2 = key(5);
+        let v3 = v2
+            .update(
+                &split(3, &[&offline2], &[&fresh], "2026-12-02T00:00:00Z")
+                    .sign(&[&offline, &offline2]),
+            )
+            .unwrap();
+        assert_eq!(v3.epoch_after(&v2), None);
+    }
+
+    #[test]
+    fn a_v1_root_is_followed_by_a_v2_one_never_the_other_way_round() {
+        let (a, b) = (key(1), key(2));
+        let v1 = TrustedRoot::installed(
+            &Root::v1("shop-1", 1, t("2027-06-01T00:00:00Z"), &pubs(&[&a]), 1).sign(&[&a]),
+            "shop-1",
+        )
+        .unwrap();
+        // v1's keys sign the next root too.
+        let v2 = v1
+            .update(&split(2, &[&b], &[&b], "2026-12-01T00:00:00Z").sign(&[&a, &b]))
+            .unwrap();
+        assert!(v2.epoch_after(&v1).is_some());
+        let back = Root::v1("shop-1", 3, t("2027-06-01T00:00:00Z"), &pubs(&[&b]), 1);
+        assert_eq!(
+            v2.update(&back.sign(&[&b])).unwrap_err(),
+            RootError::Downgrade { version: 3 }
+        );
+        // A v1 rotation starts no epoch: its keys could have reset the floors themselves.
+        let v1b = v1
+            .update(
+                &Root::v1("shop-1", 2, t("2027-06-01T00:00:00Z"), &pubs(&[&b]), 1).sign(&[&a, &b]),
+            )
+            .unwrap();
+        assert_eq!(v1b.epoch_after(&v1), None);
     }
 }

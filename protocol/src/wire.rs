@@ -108,6 +108,35 @@ pub struct Hello {
     /// shop ([`crate::switch`]). An optional trailing field: a Hello without it is encoded exactly as
     /// before it existed.
     pub ready: Option<ReleaseRef>,
+    /// The trust root version the agent follows, when it follows one that was rotated (2 and up): a
+    /// peer behind on roots learns of the rotation from it, and releases announced under an older root
+    /// are not taken for newer ones. A trailing field after `ready` (written as "none" when only this
+    /// is present); a Hello without either is encoded exactly as before they existed.
+    pub root: Option<u64>,
+}
+
+impl Hello {
+    /// The newest release the sender announces (active or pending), if any.
+    pub fn newest(&self) -> Option<u64> {
+        [self.active, self.pending]
+            .iter()
+            .flatten()
+            .map(|r| r.version)
+            .max()
+    }
+
+    /// Whether the sender announces a release newer than `version` for an agent following root `root`
+    /// (`None`: version 1, or a fixed list of keys). A sender on an older root announces what that root's
+    /// release keys signed: after a rotation of the release keys the versions start again, so its
+    /// larger number is not newer; it catches up from its peers.
+    pub fn announces_newer(&self, version: u64, root: Option<u64>) -> bool {
+        self.root.unwrap_or(1) >= root.unwrap_or(1) && self.newest().is_some_and(|v| v > version)
+    }
+
+    /// The sender's root version, if newer than `root`: it has a rotation to pass on.
+    pub fn newer_root(&self, root: Option<u64>) -> Option<u64> {
+        self.root.filter(|theirs| *theirs > root.unwrap_or(1))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,7 +162,7 @@ pub enum Request {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
-    Hello(Hello),
+    Hello(Box<Hello>),
     Manifest {
         envelope: Vec<u8>,
     },
@@ -228,8 +257,11 @@ impl W {
         self.release(&h.pending);
         self.bytes(h.listen.as_bytes());
         self.0.push(u8::from(h.origin));
-        if h.ready.is_some() {
+        if h.ready.is_some() || h.root.is_some() {
             self.release(&h.ready);
+        }
+        if let Some(root) = h.root {
+            self.u64(root);
         }
     }
     fn finish(mut self) -> Vec<u8> {
@@ -303,6 +335,11 @@ impl<'a> R<'a> {
                 None
             } else {
                 self.release("ready release")?
+            },
+            root: if self.0.is_empty() {
+                None
+            } else {
+                Some(self.u64("trust root version")?)
             },
         })
     }
@@ -476,7 +513,7 @@ impl Response {
         }
         let (t, mut r) = split_tag(body)?;
         let msg = match t {
-            tag::R_HELLO => Response::Hello(r.hello()?),
+            tag::R_HELLO => Response::Hello(Box::new(r.hello()?)),
             tag::R_MANIFEST => Response::Manifest {
                 envelope: r.bytes("manifest envelope", MAX_ENVELOPE)?,
             },
@@ -527,6 +564,7 @@ mod tests {
             listen: "127.0.0.1:7000".into(),
             origin: true,
             ready: None,
+            root: None,
         }
     }
 
@@ -539,6 +577,18 @@ mod tests {
                     version: 4,
                     manifest: BlobId::of(b"m4"),
                 }),
+                ..hello()
+            }),
+            Request::Hello(Hello {
+                root: Some(2),
+                ..hello()
+            }),
+            Request::Hello(Hello {
+                ready: Some(ReleaseRef {
+                    version: 4,
+                    manifest: BlobId::of(b"m4"),
+                }),
+                root: Some(u64::MAX),
                 ..hello()
             }),
             Request::GetManifest {
@@ -572,7 +622,7 @@ mod tests {
             assert_eq!(Request::decode(body(&m.encode(), MAX_REQUEST)).unwrap(), m);
         }
         let responses = [
-            Response::Hello(hello()),
+            Response::Hello(Box::new(hello())),
             Response::Manifest {
                 envelope: b"{}".to_vec(),
             },
@@ -693,7 +743,7 @@ mod tests {
                 Request::Have { blob: BlobId::of(b"b"), chunks: vec![1, 2, 3, 9] },
             ];
             let responses = [
-                Response::Hello(hello()),
+                Response::Hello(Box::new(hello())),
                 Response::Manifest { envelope: b"{}".to_vec() },
                 Response::Root { envelope: b"{}".to_vec() },
                 Response::Chunk { data: vec![7; 300] },

@@ -259,7 +259,23 @@ pub async fn next_version(origin: &dyn Bucket, deployment: &Name) -> Result<u64,
     {
         highest = highest.max(m.version);
     }
-    highest.checked_add(1).ok_or(ToolError::VersionsExhausted)
+    if let Some(next) = highest.checked_add(1) {
+        return Ok(next);
+    }
+    // A leaked key published the last version there is. Agents admit it only until a rotation of the
+    // release keys starts a new epoch, where any version not yet in the bucket will do: the lowest.
+    let taken: std::collections::BTreeSet<u64> = origin
+        .list(&layout.manifest_dir(deployment))
+        .await?
+        .iter()
+        .filter_map(|obj| match layout.classify(&obj.key) {
+            Ok(Key::Manifest { version, .. }) => Some(version),
+            _ => None,
+        })
+        .collect();
+    (1..u64::MAX)
+        .find(|v| !taken.contains(v))
+        .ok_or(ToolError::VersionsExhausted)
 }
 
 fn media_type(role: Role) -> &'static str {
@@ -574,4 +590,26 @@ pub async fn rollback(
     let prepared = sign(manifest, key, Vec::new(), Vec::new(), 0)?;
     let published = commit(origin, &prepared).await?;
     Ok((prepared, published))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn after_the_last_version_a_leaked_key_took_the_lowest_free_one_is_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = deckhand_agent::origin::FileOrigin::new(dir.path()).unwrap();
+        let bucket: &dyn Bucket = &file;
+        let d = Name::deployment("shop-1").unwrap();
+        for v in [1, 2, 4] {
+            let key = bucket.layout().manifest(&d, v);
+            bucket.put(&key, Bytes::from_static(b"{}")).await.unwrap();
+        }
+        assert_eq!(next_version(bucket, &d).await.unwrap(), 5);
+        let key = bucket.layout().manifest(&d, u64::MAX);
+        bucket.put(&key, Bytes::from_static(b"{}")).await.unwrap();
+        assert_eq!(next_version(bucket, &d).await.unwrap(), 3);
+    }
 }

@@ -13,13 +13,12 @@ impl PeerNode {
         addr: SocketAddr,
         conn: Option<quinn::Connection>,
     ) {
-        let newest = self.local().newest();
-        let announced = [hello.active, hello.pending]
-            .iter()
-            .flatten()
-            .map(|r| r.version)
-            .max()
-            .unwrap_or(0);
+        let local = self.local();
+        let announced = hello.newest().unwrap_or(0);
+        // A peer on an older root announces what that root's keys signed: nothing to take before it
+        // catches up (from us). A peer on a newer root has a rotation to pass on, whatever it announces.
+        let newer_release = hello.announces_newer(local.newest(), local.root);
+        let newer_root = hello.newer_root(local.root);
         let ours = hello.deployment == self.inner.deployment;
         {
             let mut peers = crate::locks::lock(&self.inner.peers, "peers");
@@ -37,11 +36,12 @@ impl PeerNode {
             p.last_hello = Some(Instant::now());
             p.left = false;
         }
-        if ours && announced > newest && !self.is_banned(id) {
+        if ours && (newer_release || newer_root.is_some()) && !self.is_banned(id) {
             // Bounded: when the engine is busy, a later Hello repeats the hint.
             let _ = self.inner.hints.try_send(Hint {
                 peer: id.to_owned(),
                 version: announced,
+                newer_root,
             });
         }
     }
@@ -153,7 +153,7 @@ impl PeerNode {
         .await?;
         match resp {
             Response::Hello(h) if h.agent_id == id => {
-                self.record_hello(id, h, addr, Some(conn));
+                self.record_hello(id, *h, addr, Some(conn));
                 Ok(())
             }
             Response::Hello(h) => Err(PeerError::Remote {

@@ -107,6 +107,8 @@ pub struct LocalState {
     pub origin: bool,
     /// The release this agent holds ready, waiting to switch together with the shop.
     pub ready: Option<ReleaseRef>,
+    /// The trust root version followed, once it was rotated (2 and up).
+    pub root: Option<u64>,
 }
 
 impl LocalState {
@@ -166,6 +168,9 @@ impl PeerError {
 pub struct Hint {
     pub peer: String,
     pub version: u64,
+    /// The peer's trust root version, when it is newer than ours: follow it even if the release it
+    /// announces is not newer (a rotation of the release keys starts the versions again).
+    pub newer_root: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -414,6 +419,7 @@ impl PeerNode {
             listen: self.inner.listen.to_string(),
             origin: l.origin,
             ready: l.ready,
+            root: l.root,
         }
     }
 

@@ -268,7 +268,7 @@ impl PeerNode {
         if !known {
             tracing::info!(peer = id, "new peer");
         }
-        Response::Hello(self.hello())
+        Response::Hello(Box::new(self.hello()))
     }
 
     /// Answers from the store, read on a blocking thread: `found` of what `read` returns, NotFound for

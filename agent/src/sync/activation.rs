@@ -13,6 +13,7 @@
 
 use crate::ledger::Ledger;
 use crate::recognizer::{BackendChoice, Recognizer, RecognizerError, ReleasePaths};
+use deckhand_protocol::floors::SystemClock;
 use deckhand_protocol::manifest::{BlobRef, Manifest, Role};
 use deckhand_protocol::{BlobId, ChunkMap, TrustPolicy, VerifiedManifest, VerifyError};
 use deckhand_store::{Store, StoreError};
@@ -30,24 +31,22 @@ pub enum ActivationError {
     Release { version: u64, why: String },
 }
 
-/// Verifies an envelope (expiry judged at the trusted now: the later of the system clock `system` and
-/// the time floor) and, if it is newer than anything accepted before, records its version as the
-/// highest accepted, raises the time floor to its `created_at` and records it as pending, in one durable
-/// commit, and returns it.
+/// Verifies an envelope (expiry judged at the trusted now: the later of the system clock and the time
+/// floor) and, if the floors admit it ([`deckhand_protocol::floors::Floors::admit`]: newer than anything accepted in this epoch,
+/// not from before the epoch, not far ahead of a synchronised clock), raises the floors to it and
+/// records it as pending, in one durable commit, and returns it.
 pub fn accept(
     store: &Store,
     policy: &TrustPolicy,
     deployment: &str,
     envelope: &[u8],
-    system: jiff::Timestamp,
+    clock: SystemClock,
 ) -> Result<VerifiedManifest, ActivationError> {
     let ledger = Ledger::new(store);
-    let floor = ledger.time_floor()?;
-    let now = deckhand_protocol::clock::trusted_now(system, floor);
-    let verified = policy.verify(envelope, now)?;
-    verified.check_admissible(deployment, ledger.highest_accepted(deployment)?)?;
-    let floor = deckhand_protocol::clock::raise_floor(floor, verified.manifest.created_at);
-    ledger.record_accepted(deployment, &verified, floor)?;
+    let floors = ledger.floors(deployment)?;
+    let verified = policy.verify(envelope, floors.trusted_now(clock.now))?;
+    floors.admit(&verified.manifest, deployment, clock)?;
+    ledger.record_accepted(deployment, &verified, &floors.after(&verified.manifest))?;
     Ok(verified)
 }
 

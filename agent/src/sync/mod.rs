@@ -73,6 +73,8 @@ pub struct SyncConfig {
     pub deployment: Name,
     /// The keys manifests need: fixed, or a trust root followed to newer ones.
     pub trust: std::sync::Arc<trust::Trust>,
+    /// Whether the system clock is taken as synchronised when admitting a manifest.
+    pub clock: crate::systemd::ClockSync,
     pub backend: BackendChoice,
     pub poll: Duration,
     pub max_backoff: Duration,
@@ -337,12 +339,12 @@ impl Engine {
                 }
                 Event::Hint(h) => {
                     // A hint queued while this agent got the release some other way is stale:
-                    // the peer is not asked (it may be unreachable by now).
-                    if self
-                        .service
-                        .active()
-                        .is_some_and(|r| r.version >= h.version)
-                    {
+                    // the peer is not asked (it may be unreachable by now). A peer on a newer root
+                    // is asked whatever it announces.
+                    let newer_root = h
+                        .newer_root
+                        .is_some_and(|r| self.cfg.trust.version().is_none_or(|ours| r > ours));
+                    if !newer_root && self.live_active().is_some_and(|r| r.version >= h.version) {
                         continue;
                     }
                     let now = Instant::now();
@@ -461,16 +463,36 @@ impl Engine {
         }
     }
 
-    /// Tells peers what this agent holds and wants (when that changed).
-    fn announce(&self) {
-        let Some(node) = &self.peers else { return };
-        let pending = self.pending.as_ref();
-        let active = self.service.active().map(|r| ReleaseRef {
+    /// Whether the active release was signed by release keys a rotation retired (after a leaked key's
+    /// fast-forward, say). It keeps serving until the next release goes live, but the current keys do
+    /// not vouch for it, and after a rotation of the release keys its version means nothing: it is
+    /// neither announced nor relayed (a peer would refuse it, and judge the relay), and a peer's
+    /// release is not judged older than it.
+    fn active_retired(&self) -> bool {
+        self.active_envelope
+            .as_deref()
+            .is_some_and(|env| self.cfg.trust.policy().verify_ignoring_expiry(env).is_err())
+    }
+
+    /// The active release, as announced and compared with peers' (none while its keys are retired).
+    fn live_active(&self) -> Option<ReleaseRef> {
+        if self.active_retired() {
+            return None;
+        }
+        self.service.active().map(|r| ReleaseRef {
             version: r.version,
             manifest: r.manifest_id,
-        });
+        })
+    }
+
+    /// Tells peers what this agent holds and wants (when that changed).
+    pub(super) fn announce(&self) {
+        let Some(node) = &self.peers else { return };
+        let pending = self.pending.as_ref();
+        let active = self.live_active();
         let envelope = match pending {
             Some(v) => Some(v.envelope.clone()),
+            None if active.is_none() => None,
             None => self.active_envelope.clone(),
         };
         node.set_local(LocalState {
@@ -482,6 +504,7 @@ impl Engine {
             envelope,
             origin: self.origin_reachable(),
             ready: self.ready,
+            root: self.cfg.trust.version().filter(|v| *v > 1),
         });
     }
 
@@ -494,17 +517,13 @@ impl Engine {
     ) -> Result<Option<VerifiedManifest>, SyncError> {
         let policy = self.cfg.trust.admit_policy(jiff::Timestamp::now())?;
         let (deployment, envelope) = (self.cfg.deployment.to_string(), envelope.to_vec());
+        let clock = self.cfg.clock;
         let (highest, accepted) = self
             .on_store(move |store| {
                 let highest = crate::ledger::Ledger::new(store).highest_accepted(&deployment)?;
                 // Accepting records it as pending in the same commit.
-                let accepted = activation::accept(
-                    store,
-                    &policy,
-                    &deployment,
-                    &envelope,
-                    jiff::Timestamp::now(),
-                );
+                let accepted =
+                    activation::accept(store, &policy, &deployment, &envelope, clock.now());
                 Ok((highest, accepted))
             })
             .await?;

@@ -31,6 +31,10 @@ impl Engine {
         if let Some(e) = followed.refused {
             self.note_status(|s| s.last_refused_manifest = Some(format!("from {from}: {e}")));
         }
+        if followed.taken > 0 {
+            // Peers behind on roots learn of the rotation from our Hello.
+            self.announce();
+        }
         Ok(())
     }
 
@@ -119,16 +123,14 @@ impl Engine {
             .collect()
     }
 
-    /// A usable peer announcing a release newer than `release`: downloading it is pointless.
+    /// A usable peer announcing a release newer than `release` under our root (or a newer one):
+    /// downloading it is pointless.
     pub(super) fn superseded(&self, release: &ReleaseRef) -> Option<(String, u64)> {
         let node = self.peers.as_ref()?;
+        let root = self.cfg.trust.version();
         node.usable().into_iter().find_map(|(id, h)| {
-            let newest = [h.active, h.pending]
-                .iter()
-                .flatten()
-                .map(|r| r.version)
-                .max()?;
-            (newest > release.version).then_some((id, newest))
+            h.announces_newer(release.version, root)
+                .then(|| (id, h.newest().unwrap_or(0)))
         })
     }
 

@@ -4,6 +4,7 @@
 //! not walk back to the installed one.
 
 use deckhand_protocol::TrustPolicy;
+use deckhand_protocol::floors::Epoch;
 use deckhand_protocol::root::{RootError, TrustedRoot};
 use std::sync::{Mutex, MutexGuard};
 
@@ -73,6 +74,14 @@ impl Trust {
         }
     }
 
+    /// The version of the root followed (`None` with a fixed list of keys).
+    pub fn version(&self) -> Option<u64> {
+        match self.state() {
+            State::Keys(_) => None,
+            State::Root(r) => Some(r.version()),
+        }
+    }
+
     /// The version of the next root to look for, when following a root.
     pub fn next_root(&self) -> Option<u64> {
         match self.state() {
@@ -82,16 +91,20 @@ impl Trust {
     }
 
     /// Takes `envelope` as the next root if it is one. Returns the verified root for the caller to
-    /// keep (`None` when no root is followed: the agent trusts a fixed list of keys); the policy
-    /// changes at once.
-    pub fn advance(&self, envelope: &[u8]) -> Result<Option<TrustedRoot>, RootError> {
+    /// keep, with the floor epoch it starts if it changed the release keys (`None` when no root is
+    /// followed: the agent trusts a fixed list of keys); the policy changes at once.
+    pub fn advance(
+        &self,
+        envelope: &[u8],
+    ) -> Result<Option<(TrustedRoot, Option<Epoch>)>, RootError> {
         let mut state = self.lock();
         let State::Root(current) = &*state else {
             return Ok(None);
         };
         let next = current.update(envelope)?;
+        let epoch = next.epoch_after(current);
         *state = State::Root(Box::new(next.clone()));
-        Ok(Some(next))
+        Ok(Some((next, epoch)))
     }
 }
 
@@ -155,8 +168,8 @@ pub async fn follow_roots(
         let Some(body) = source.root(deployment, next).await? else {
             break;
         };
-        let root = match trust.advance(&body) {
-            Ok(Some(root)) => root,
+        let (root, epoch) = match trust.advance(&body) {
+            Ok(Some(taken)) => taken,
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(from, cause = %e, "a trust root was refused");
@@ -165,8 +178,13 @@ pub async fn follow_roots(
             }
         };
         let (envelope, version, s) = (root.envelope().to_vec(), root.version(), store.clone());
+        let deployment = root.root().deployment.clone();
         tokio::task::spawn_blocking(move || {
-            crate::ledger::Ledger::new(&s).follow_root(version, &envelope)
+            crate::ledger::Ledger::new(&s).follow_root(
+                version,
+                &envelope,
+                epoch.map(|e| (deployment.as_str(), e)),
+            )
         })
         .await??;
         tracing::info!(
@@ -176,6 +194,13 @@ pub async fn follow_roots(
             threshold = root.root().threshold,
             "trust root updated"
         );
+        if let Some(e) = epoch {
+            tracing::warn!(
+                version,
+                since = %e.since,
+                "the trust root changed the release keys: the version and time floors start again from it"
+            );
+        }
         followed.taken += 1;
     }
     Ok(followed)

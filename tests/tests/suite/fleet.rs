@@ -359,6 +359,7 @@ fn fake_peer(
         listen: addr.to_string(),
         origin: false,
         ready: None,
+        root: None,
     };
     if let Some(agent) = introduce {
         let (endpoint, hello, client) = (
@@ -397,7 +398,7 @@ fn fake_peer(
                 let (hello, how) = (hello.clone(), how.clone());
                 async move {
                     match (req, how) {
-                        (Request::Hello(_), _) => Response::Hello(hello),
+                        (Request::Hello(_), _) => Response::Hello(Box::new(hello.clone())),
                         (Request::GetHave { .. }, Misbehave::CorruptChunks) => Response::Have {
                             bitmap: vec![0xff; 4096],
                         },
@@ -477,7 +478,7 @@ async fn endless_frames(
                 return;
             }
             let answer = match Request::decode(&body) {
-                Ok(Request::Hello(_)) => Response::Hello(hello),
+                Ok(Request::Hello(_)) => Response::Hello(Box::new(hello.clone())),
                 Ok(Request::GetHave { .. }) => Response::Have {
                     bitmap: vec![0xff; 4096],
                 },
@@ -835,6 +836,7 @@ async fn a_device_without_a_fleet_certificate_or_with_a_revoked_one_gets_no_chun
                 listen: "127.0.0.1:9".into(),
                 origin: false,
                 ready: None,
+                root: None,
             }),
             Request::GetManifest {
                 deployment: "shop-1".into(),

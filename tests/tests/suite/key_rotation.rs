@@ -7,7 +7,7 @@
 
 use deckhand_protocol::SecretKey;
 use deckhand_protocol::layout::Name;
-use deckhand_protocol::root::Root;
+use deckhand_protocol::root::{Role, Root};
 use deckhand_tests::fixtures::{self, ReferenceSpec};
 use deckhand_tests::{AgentOptions, Credentials, Fleet, deckhand_out, ok, secs, shop, stderr};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,13 @@ fn key(fleet: &Fleet, n: u8) -> (SecretKey, PathBuf) {
 /// `deckhand keys rotate` at `origin` (the bucket, or a stick's `file://`) from the keys at `old` to the
 /// keys at `new`: the new root's version.
 fn rotate_at(fleet: &Fleet, origin: &str, old: &[&Path], new: &[&Path]) -> u64 {
+    ok(&rotation(fleet, origin, old, new))["version"]
+        .as_u64()
+        .unwrap()
+}
+
+/// What `deckhand keys rotate --json` at `origin` from `old` to `new` printed.
+fn rotation(fleet: &Fleet, origin: &str, old: &[&Path], new: &[&Path]) -> std::process::Output {
     let mut args = vec![
         "keys",
         "rotate",
@@ -38,9 +45,7 @@ fn rotate_at(fleet: &Fleet, origin: &str, old: &[&Path], new: &[&Path]) -> u64 {
     for k in new {
         args.extend(["--new-key", k.to_str().unwrap()]);
     }
-    ok(&deckhand_out(fleet.s3(), &args))["version"]
-        .as_u64()
-        .unwrap()
+    deckhand_out(fleet.s3(), &args)
 }
 
 /// [`rotate_at`] the shop's bucket.
@@ -136,14 +141,19 @@ async fn agents_follow_key_rotations_from_the_bucket_or_a_stick_and_refuse_bad_r
     let dep = Name::deployment("shop-1").unwrap();
     let root3_key = layout.trust_root(&dep, 3);
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 30);
-    let forged = Root::new("shop-1", 3, expires, &[c.public().clone()], 1).sign(&[&c]);
+    let c_role = [c.public().clone()];
+    let role = Role {
+        keys: &c_role,
+        threshold: 1,
+    };
+    let forged = Root::new("shop-1", 3, jiff::Timestamp::now(), expires, role, role).sign(&[&c]);
     fleet.origin().put(&root3_key, forged.into()).await.unwrap();
     fleet.publish_signed(&renamed(&fleet, 4), &c).await.unwrap();
     let s = fleet.agents[0]
         .wait_for(secs(60), "the under-signed root refused", |s| {
             s.last_refused_manifest
                 .as_deref()
-                .is_some_and(|e| e.contains("not signed by enough of version 2's keys"))
+                .is_some_and(|e| e.contains("not signed by enough of version 2's root keys"))
         })
         .await
         .unwrap();
@@ -359,5 +369,240 @@ async fn a_pi_without_s3_follows_rotations_through_its_peer() {
         s.peers.iter().all(|p| !p.banned),
         "a peer relaying a rotated key's manifest was banned: {s:?}"
     );
+    fleet.stop().await.unwrap();
+}
+
+/// What a thief with the release key does: re-signs the operator's current manifest as `version`,
+/// created at `created_at` (expiring 150 days later), and makes it the deployment's current.json.
+/// Returns the envelope.
+async fn fast_forward(
+    fleet: &Fleet,
+    leaked: &SecretKey,
+    template: &[u8],
+    version: u64,
+    created_at: jiff::Timestamp,
+) -> Vec<u8> {
+    let mut m = deckhand_protocol::envelope::inspect_unverified(template).unwrap();
+    m.version = version;
+    m.created_at = created_at;
+    m.expires_at = created_at + jiff::SignedDuration::from_hours(24 * 150);
+    let envelope = deckhand_protocol::Envelope::sign_manifest(&m, &[leaked]).to_bytes();
+    set_current(fleet, &envelope).await;
+    envelope
+}
+
+async fn set_current(fleet: &Fleet, envelope: &[u8]) {
+    let key = current_key(fleet);
+    fleet
+        .origin()
+        .put(&key, envelope.to_vec().into())
+        .await
+        .unwrap();
+}
+
+fn current_key(fleet: &Fleet) -> String {
+    let dep = Name::deployment("shop-1").unwrap();
+    fleet.origin().layout().current(&dep)
+}
+
+async fn current(fleet: &Fleet) -> Vec<u8> {
+    let key = current_key(fleet);
+    fleet
+        .origin()
+        .get_opt(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// TUF's fast-forward attack and its recovery. The root keys are kept offline; the release key leaks.
+/// The thief cannot publish a root, but signs a manifest at version 2^63 and one created in 9999 and
+/// slips them into current.json, then puts the operator's manifest back: every later release of the
+/// operator's is refused (stale, then expired at the trusted now of 9999), except that a Pi whose clock
+/// is synchronised refuses the manifest from 9999 outright. One `deckhand keys rotate --new-key`
+/// (signed by the offline root key) starts a new floor epoch: the operator's next release, at a
+/// version far below the thief's, goes live on both Pis, and the thief's manifests stay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_forward_by_a_leaked_release_key_freezes_nothing_after_one_rotation() {
+    let mut fleet = shop("fast-forward").start().await.unwrap();
+    let spec = ReferenceSpec::small(20);
+    let files = fixtures::write_reference_release(&fleet.join("r1"), &spec).unwrap();
+    let renamed = |fleet: &Fleet, n: u64| {
+        deckhand_tests::with_card_renamed(fleet, &files, &spec, 3, &format!("Card three, {n}"))
+    };
+    let (_, root_path) = key(&fleet, 10);
+    let (leaked, leaked_path) = key(&fleet, 11);
+    let (fresh, _) = key(&fleet, 12);
+    let (_, thief_path) = key(&fleet, 13);
+    // The release keys are listed by their public halves: they never sign a root.
+    let public = |k: &SecretKey, name: &str| {
+        let p = fleet.join(name);
+        std::fs::write(&p, k.public().to_file_text()).unwrap();
+        p
+    };
+    let leaked_pub = public(&leaked, "release-1.pub");
+    let fresh_pub = public(&fresh, "release-2.pub");
+    let root1 = fleet.join("root-1.json");
+    let out = deckhand_out(
+        fleet.s3(),
+        &[
+            "keys",
+            "root",
+            "--origin",
+            &fleet.s3().origin_arg("fleet"),
+            "--deployment",
+            "shop-1",
+            "--root-key",
+            root_path.to_str().unwrap(),
+            "--key",
+            leaked_pub.to_str().unwrap(),
+            "--out",
+            root1.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    fleet.publish_signed(&files, &leaked).await.unwrap();
+    let v1 = current(&fleet).await;
+    // pi-0 and pi-1 read S3; pi-2 has only its peers.
+    for (name, clock, origin) in [
+        ("pi-0", "no", true),
+        ("pi-1", "yes", true),
+        ("pi-2", "no", false),
+    ] {
+        let peers = fleet.quic_addrs();
+        fleet
+            .start_agent_with(AgentOptions {
+                extra: vec!["--clock-synchronised".into(), clock.into()],
+                credentials: Credentials::Enroll,
+                origin,
+                peers,
+                ..pi(name, &root1)
+            })
+            .await
+            .unwrap();
+    }
+    for a in &fleet.agents {
+        a.wait_for(secs(60), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    }
+
+    // The leaked release key cannot publish a root naming its thief.
+    let bucket = fleet.s3().origin_arg("fleet");
+    let out = rotation(&fleet, &bucket, &[&leaked_path], &[&thief_path]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not signed by enough of version 1's root keys"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Version 2^63, created now: every Pi takes it (it points at version 1's blobs), pi-2 from a peer.
+    let huge = 1u64 << 63;
+    let ahead = fast_forward(&fleet, &leaked, &v1, huge, jiff::Timestamp::now()).await;
+    for a in &fleet.agents {
+        a.wait_for(secs(60), "version 2^63 active", |s| {
+            s.active_version() == Some(huge)
+        })
+        .await
+        .unwrap();
+    }
+    // The thief puts the operator's manifest back; the operator's next release is stale.
+    set_current(&fleet, &v1).await;
+    fleet
+        .publish_signed(&renamed(&fleet, 2), &leaked)
+        .await
+        .unwrap();
+    let v2 = current(&fleet).await;
+    let stale = format!("version 2 is not above the highest accepted version {huge}");
+    for a in &fleet.agents[..2] {
+        a.wait_for(secs(60), "the operator's version 2 refused", |s| {
+            s.last_refused_manifest
+                .as_deref()
+                .is_some_and(|e| e.contains(&stale))
+        })
+        .await
+        .unwrap();
+    }
+
+    // Created in 9999: the Pi without a synchronised clock takes it and its time floor is 9999; the
+    // one with NTP refuses it.
+    let y9999: jiff::Timestamp = "9999-01-01T00:00:00Z".parse().unwrap();
+    fast_forward(&fleet, &leaked, &v1, huge + 1, y9999).await;
+    for i in [0, 2] {
+        let s = fleet.agents[i]
+            .wait_for(secs(60), "the manifest from 9999 active", |s| {
+                s.active_version() == Some(huge + 1)
+            })
+            .await
+            .unwrap();
+        assert!(
+            s.newest_manifest_at
+                .as_deref()
+                .is_some_and(|t| t.starts_with("9999-")),
+            "{s:?}"
+        );
+    }
+    let s = fleet.agents[1]
+        .wait_for(secs(60), "the manifest from 9999 refused by pi-1", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("ahead of this Pi's synchronised clock"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.active_version(), Some(huge), "{s:?}");
+    // The operator's version 2 back in current.json: expired at pi-0's trusted now of 9999.
+    set_current(&fleet, &v2).await;
+    fleet.agents[0]
+        .wait_for(secs(60), "version 2 expired at 9999 on pi-0", |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("version 2 expired at"))
+        })
+        .await
+        .unwrap();
+
+    // The recovery: one rotation of the release keys, signed by the offline root key, then the
+    // operator's next release (version 3, far below the thief's) goes live on every Pi: pi-2 learns of
+    // the rotation from its peers' Hellos (they follow a newer root), though they announce a version
+    // below its own; they do not take pi-2's version 2^63 + 1 for a newer release, nor ban it.
+    assert_eq!(rotate_at(&fleet, &bucket, &[&root_path], &[&fresh_pub]), 2);
+    fleet
+        .publish_signed(&renamed(&fleet, 3), &fresh)
+        .await
+        .unwrap();
+    for a in &fleet.agents {
+        let s = a
+            .wait_for(secs(60), "version 3 active after the rotation", |s| {
+                s.active_version() == Some(3)
+            })
+            .await
+            .unwrap();
+        let floor: jiff::Timestamp = s.newest_manifest_at.as_deref().unwrap().parse().unwrap();
+        assert!(
+            floor < jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+            "{s:?}"
+        );
+        assert!(s.peers.iter().all(|p| !p.banned), "{s:?}");
+    }
+    let s = fleet.agents[2].status().await.unwrap();
+    assert!(s.bytes_from_origin == 0 && s.bytes_from_peers > 0, "{s:?}");
+    // The thief's manifests stay refused: the rotation retired the key that signed them.
+    set_current(&fleet, &ahead).await;
+    for a in &fleet.agents[..2] {
+        let s = a
+            .wait_for(secs(60), "the thief's version 2^63 refused", |s| {
+                s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("1 from untrusted keys"))
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.active_version(), Some(3), "{s:?}");
+    }
     fleet.stop().await.unwrap();
 }
