@@ -166,6 +166,11 @@ pub struct Settings {
     /// The fleet's certificate revocation list (`deckhand fleet revoke`).
     #[arg(long)]
     pub fleet_crl: Option<PathBuf>,
+    /// The background scrub's budget: bytes of the active and previous releases re-hashed per hour, at
+    /// the idle I/O priority (a size such as 512MiB; 0 turns it off). A blob found rotten is
+    /// quarantined and fetched again.
+    #[arg(long, default_value = "512MiB", value_parser = size)]
+    pub scrub_per_hour: u64,
     /// Cap on bytes per second served to peers [default: none].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub serve_bytes_per_sec: Option<u64>,

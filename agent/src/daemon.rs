@@ -209,10 +209,12 @@ pub async fn run(
     let engine = engine(&cfg, &me, trust.clone(), &store, &service, &peers).await?;
     let sync_beat = engine.beat();
     let engine_status = engine.status();
+    let (scrubber, repairs) = start_scrub(&cfg, &store)?;
     let inputs = crate::sync::Inputs {
         hints,
         haves: peers.as_ref().and_then(|p| p.take_haves()),
         bundles: Some(bundles),
+        repairs,
     };
     tasks.spawn(engine.run(inputs, stop.clone()).instrument(span.clone()));
     let sources = crate::report::Sources {
@@ -224,6 +226,7 @@ pub async fn run(
         store,
         trust: trust.clone(),
         fleet,
+        scrub: scrubber.as_ref().map(|s| s.status_handle()),
     };
     let peer_statuses = PeerStatuses::default();
     if let Some(node) = &peers {
@@ -267,8 +270,33 @@ pub async fn run(
     crate::systemd::stopping();
     tracing::debug!("the HTTP API stopped");
     let _ = stop_tx.send(true);
+    if let Some(s) = scrubber {
+        tokio::task::spawn_blocking(move || s.stop()).await?;
+    }
     stop_all(tasks, peers, service).await;
     Ok(())
+}
+
+/// The background scrub ([`crate::maintenance::scrub`]), unless `scrub_per_hour` is 0, and the channel
+/// on which it tells the sync engine of a blob it quarantined.
+#[allow(clippy::type_complexity)]
+fn start_scrub(
+    cfg: &RunConfig,
+    store: &Store,
+) -> Result<
+    (
+        Option<crate::maintenance::scrub::Scrubber>,
+        Option<tokio::sync::mpsc::Receiver<()>>,
+    ),
+    DaemonError,
+> {
+    if cfg.settings.scrub_per_hour == 0 {
+        return Ok((None, None));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let scrubber =
+        crate::maintenance::scrub::Scrubber::start(store.clone(), cfg.settings.scrub_per_hour, tx)?;
+    Ok((Some(scrubber), Some(rx)))
 }
 
 /// Loads the active release recorded in the store into the service, and collects what an interrupted

@@ -354,6 +354,27 @@ pub fn render_status(
         disk.map_or(0, |d| d.bytes_needed),
         u8::from(status.fleet_error.is_none()),
     );
+    if let Some(s) = &status.scrub {
+        let _ = write!(
+            out,
+            "# HELP deckhand_scrub_bytes_total Bytes of the live releases the background scrub re-hashed.\n\
+             # TYPE deckhand_scrub_bytes_total counter\n\
+             deckhand_scrub_bytes_total {}\n\
+             # HELP deckhand_scrub_quarantined_total Blobs the scrub found rotten (quarantined, fetched again).\n\
+             # TYPE deckhand_scrub_quarantined_total counter\n\
+             deckhand_scrub_quarantined_total {}\n",
+            s.bytes_checked, s.quarantined
+        );
+    }
+    if let Some(r) = &status.store_repair {
+        let _ = write!(
+            out,
+            "# HELP deckhand_store_repaired 1 when the store repaired its catalog or dropped downloads at start.\n\
+             # TYPE deckhand_store_repaired gauge\n\
+             deckhand_store_repaired {}\n",
+            u8::from(!r.is_empty())
+        );
+    }
     let _ = write!(
         out,
         "# HELP deckhand_expiry_timestamp_seconds When this Pi's certificate, the fleet CA, the trust root and the active manifest expire.\n\

@@ -43,6 +43,9 @@ pub struct Snapshot {
     pub manifest_dates: Option<(Timestamp, Timestamp)>,
     /// Why this agent is not a fleet member, when it is not.
     pub fleet_error: Option<String>,
+    /// What the store repaired at open ([`store_repair`]).
+    pub store_repair: Option<String>,
+    pub scrub: Option<deckhand_protocol::status::ScrubStatus>,
     pub bytes_served: u64,
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
@@ -82,6 +85,8 @@ pub fn status(s: Snapshot) -> Status {
         expiries,
         newest_manifest_at: s.time_floor.map(|t| t.to_string()),
         fleet_error: s.fleet_error,
+        store_repair: s.store_repair,
+        scrub: s.scrub,
         agent_id: s.agent_id,
         deployment: s.deployment,
         active: s.active,
@@ -159,6 +164,8 @@ pub struct Sources {
     pub trust: Arc<Trust>,
     /// This agent's fleet credentials, or why they did not load (neither with no `--fleet-*`).
     pub fleet: Result<Option<FleetCredentials>, String>,
+    /// The background scrub's progress, when it runs.
+    pub scrub: Option<Arc<std::sync::Mutex<deckhand_protocol::status::ScrubStatus>>>,
 }
 
 impl Sources {
@@ -199,6 +206,11 @@ impl Sources {
             root_expires: self.trust.root_expires_at(),
             manifest_dates,
             fleet_error,
+            store_repair: store_repair(self.store.recovery()),
+            scrub: self
+                .scrub
+                .as_ref()
+                .map(|s| crate::locks::lock(s, "scrub status").clone()),
             agent_id: self.agent_id.clone(),
             deployment: self.deployment.clone(),
             sync,
@@ -232,6 +244,45 @@ impl Sources {
             peer_statuses.get(id).and_then(|st| st.pending)
         })
     }
+}
+
+/// What the store repaired at open, for status: `None` when it was only the routine recovery of an
+/// interrupted run.
+pub fn store_repair(r: &deckhand_store::Recovery) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(b) = &r.rebuilt {
+        let what = match (&b.set_aside, &b.why) {
+            (Some(aside), Some(why)) => format!(
+                "the catalog was damaged ({why}) and is kept at {}",
+                aside.display()
+            ),
+            _ => "the catalog was missing".to_owned(),
+        };
+        parts.push(format!(
+            "{what}; rebuilt from {} blob(s) on disk ({} bytes, each hashed), {} quarantined; {}",
+            b.blobs_adopted,
+            b.bytes_adopted,
+            b.blobs_quarantined,
+            if b.from_mirror {
+                "floors, trust roots and releases restored from the mirror"
+            } else {
+                "no mirror: floors and releases start again"
+            }
+        ));
+    }
+    if r.reserve_released {
+        parts.push(format!(
+            "the disk was full: the store released its {} MiB reserve to open",
+            deckhand_store::RESERVE_BYTES >> 20
+        ));
+    }
+    if r.partials_dropped > 0 {
+        parts.push(format!(
+            "{} partial download(s) dropped: no room to recreate them (the disk is full)",
+            r.partials_dropped
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 #[cfg(test)]

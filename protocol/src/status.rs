@@ -69,6 +69,28 @@ pub struct Status {
     /// check (another CA, revoked, expired). It serves from its store regardless.
     #[serde(default)]
     pub fleet_error: Option<String>,
+    /// What the store repaired when the agent started: a damaged or missing catalog rebuilt from the
+    /// blobs on disk, partial downloads dropped for a full disk.
+    #[serde(default)]
+    pub store_repair: Option<String>,
+    /// The background scrub of the live release (`None` when it is off).
+    #[serde(default)]
+    pub scrub: Option<ScrubStatus>,
+}
+
+/// What the background scrub has done since the agent started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    /// Its I/O budget.
+    pub bytes_per_hour: u64,
+    /// Whole passes over the active and previous releases.
+    pub passes: u64,
+    pub bytes_checked: u64,
+    /// Blobs found rotten, quarantined and fetched again.
+    pub quarantined: u64,
+    pub last_pass_at: Option<String>,
+    /// The last blob found rotten: which, when, and why.
+    pub last_found: Option<String>,
 }
 
 /// Something dated the agent depends on.
@@ -315,6 +337,12 @@ impl Status {
         if let Some(e) = &self.fleet_error {
             let _ = write!(out, "; not a fleet member: {e}");
         }
+        if let Some(r) = &self.store_repair {
+            let _ = write!(out, "; store repaired: {r}");
+        }
+        if let Some(f) = self.scrub.as_ref().and_then(|s| s.last_found.as_ref()) {
+            let _ = write!(out, "; scrub found {f}");
+        }
         for w in self.expiries.iter().filter_map(|e| e.warning.as_ref()) {
             let _ = write!(out, "; {w}");
         }
@@ -367,6 +395,22 @@ impl Status {
         }
         if let Some(e) = &self.fleet_error {
             let _ = writeln!(out, "fleet       not a member: {e}");
+        }
+        if let Some(r) = &self.store_repair {
+            let _ = writeln!(out, "repaired    {r}");
+        }
+        if let Some(s) = &self.scrub {
+            let _ = writeln!(
+                out,
+                "scrub       {} pass(es), {} checked, {} quarantined{}",
+                s.passes,
+                human_bytes(s.bytes_checked),
+                s.quarantined,
+                s.last_found
+                    .as_ref()
+                    .map(|f| format!("; last: {f}"))
+                    .unwrap_or_default()
+            );
         }
         if let Some(t) = &self.newest_manifest_at {
             let _ = writeln!(out, "newest      manifest created {t}");

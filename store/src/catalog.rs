@@ -93,7 +93,16 @@ pub(crate) fn open_write(path: &Path) -> Result<Connection, StoreError> {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(sql("set schema version"))?;
         }
-        SCHEMA_VERSION => {}
+        SCHEMA_VERSION => {
+            // Damage SQLite only meets when it reads the page (an SD card's bad sector): look now, while
+            // the store can still be rebuilt, rather than at some later read.
+            let check: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(sql("check catalog"))?;
+            if check != "ok" {
+                return Err(StoreError::Damaged(check));
+            }
+        }
         other => {
             return Err(StoreError::Corrupt(format!(
                 "catalog schema version {other} is newer than this build understands ({SCHEMA_VERSION})"
@@ -241,8 +250,13 @@ impl Catalog {
         out
     }
 
-    /// Stops the writer after it has finished every job already sent.
+    /// Stops the writer after it has finished every job already sent. The idle read connections are
+    /// closed first, so the writer's connection is the last: closing, it checkpoints the WAL into the
+    /// catalog and removes it (a read-only connection closing last cannot).
     pub(crate) fn shutdown(&self) {
+        if let Ok(mut pool) = self.readers.lock() {
+            pool.clear();
+        }
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }

@@ -11,8 +11,10 @@
 mod catalog;
 mod fsx;
 mod reader;
+mod repair;
 
 pub use reader::StoreReader;
+pub use repair::Rebuilt;
 
 use catalog::{Catalog, sql};
 use deckhand_protocol::chunk::MAX_CHUNK_LEN;
@@ -46,6 +48,8 @@ pub enum StoreError {
     Commit(String),
     #[error("catalog is unusable: {0}")]
     Corrupt(String),
+    #[error("catalog is damaged: {0}")]
+    Damaged(String),
     #[error("store at {0} is in use by another process")]
     Locked(PathBuf),
     #[error("blob {0} is not in the store")]
@@ -133,6 +137,19 @@ pub struct VerifyReport {
     pub chunks_reset: u64,
 }
 
+/// What [`Store::scrub_blob`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scrubbed {
+    /// The file still hashes to its id.
+    Sound { bytes: u64 },
+    /// It did not (or could not be read): quarantined, and forgotten by the catalog.
+    Quarantined { why: String },
+    /// Not a complete blob of this store (any more): nothing to check.
+    Absent,
+    /// `pace` asked to stop before the end.
+    Stopped,
+}
+
 /// Space the store uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -150,7 +167,20 @@ pub struct Recovery {
     pub lost_blobs_forgotten: u64,
     pub completions_finished: u64,
     pub partials_recreated: u64,
+    /// Partial blobs whose files could not be recreated (the disk is full): forgotten, to be fetched
+    /// again once there is room.
+    pub partials_dropped: u64,
+    /// The catalog was damaged or missing beside blobs, and rebuilt from them ([`repair`]).
+    pub rebuilt: Option<Rebuilt>,
+    /// The disk was full at open: the store's reserve ([`RESERVE_BYTES`]) was released so that SQLite
+    /// had room to open the catalog.
+    pub reserve_released: bool,
 }
+
+/// The size of `reserve`, a file the store keeps to release when it opens on a full disk: SQLite needs a
+/// little room to open a WAL catalog (its shared-memory index), and recovery a little to commit.
+pub const RESERVE_BYTES: u64 = 1 << 20;
+const RESERVE_FILE: &str = "reserve";
 
 /// A handle to an open store. Cheap to clone; every clone shares the one writer.
 impl StoreError {
@@ -195,6 +225,8 @@ struct Inner {
     partials: Mutex<HashMap<BlobId, Arc<File>>>,
     tmp_counter: AtomicU64,
     recovery: Recovery,
+    /// Held while the mirror of meta and pins is read and written, so the last writer's is the newest.
+    mirror: Mutex<()>,
     /// Held for the life of the store: a second process opening the same directory is refused.
     _lock: File,
 }
@@ -338,12 +370,55 @@ impl Store {
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(root)),
             Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &lock_path)(e)),
         }
+        let reserve = root.join(RESERVE_FILE);
+        let full = fsx::free_bytes(&root).is_ok_and(|free| free < RESERVE_BYTES);
+        let reserve_released = full && reserve.exists();
+        if reserve_released {
+            std::fs::remove_file(&reserve).map_err(io("release the reserve", &reserve))?;
+            fsx::sync_dir(&root)?;
+            tracing::warn!(root = %root.display(), "the disk is full: the store's reserve was released so it can open");
+        }
         let db = root.join(CATALOG_FILE);
-        let mut conn = catalog::open_write(&db)?;
+        let existed = db.exists();
+        let (mut conn, damaged) = match catalog::open_write(&db) {
+            Ok(conn) => (conn, None),
+            Err(e) if repair::is_damage(&e) => {
+                let aside = repair::set_aside(&root, &db)?;
+                tracing::error!(
+                    catalog = %db.display(),
+                    set_aside = %aside.display(),
+                    cause = %e,
+                    "the store's catalog is damaged; set aside, rebuilding it from the blobs on disk"
+                );
+                (catalog::open_write(&db)?, Some((aside, e.to_string())))
+            }
+            Err(e) => return Err(e),
+        };
         // The catalog's name, when it was just created (SQLite syncs the directory for its WAL, not for
         // the database file itself).
         fsx::sync_dir(&root)?;
-        let recovery = recover(&mut conn, &root)?;
+        let rebuilt = if damaged.is_some() || (!existed && repair::has_blobs(&root)?) {
+            let mut rebuilt = repair::rebuild(&mut conn, &root)?;
+            if let Some((aside, why)) = damaged {
+                rebuilt.set_aside = Some(aside);
+                rebuilt.why = Some(why);
+            }
+            tracing::warn!(root = %root.display(), ?rebuilt, "store catalog rebuilt");
+            Some(rebuilt)
+        } else {
+            None
+        };
+        let mut recovery = recover(&mut conn, &root)?;
+        recovery.rebuilt = rebuilt;
+        recovery.reserve_released = reserve_released;
+        if !reserve.exists()
+            && fsx::free_bytes(&root).is_ok_and(|free| free >= 4 * RESERVE_BYTES)
+            && let Err(e) =
+                recreate_partial(&reserve, RESERVE_BYTES).and_then(|()| fsx::sync_dir(&root))
+        {
+            tracing::warn!(cause = %e, "cannot set the store's reserve aside");
+            let _ = std::fs::remove_file(&reserve);
+        }
         if recovery != Recovery::default() {
             tracing::info!(root = %root.display(), ?recovery, "store recovered from an interrupted run");
         }
@@ -356,6 +431,7 @@ impl Store {
                 partials: Mutex::new(HashMap::new()),
                 tmp_counter: AtomicU64::new(0),
                 recovery,
+                mirror: Mutex::new(()),
                 _lock: lock,
             }),
         })
@@ -954,6 +1030,55 @@ impl Store {
     }
 
     /// Moves a complete blob aside (it is never served again) and forgets it.
+    /// Re-hashes one complete blob's file while the store is in use, in 1 MiB reads, calling `pace` with
+    /// the bytes of each read (the caller sleeps there to keep to an I/O budget; `false` stops early). A
+    /// file that no longer hashes to its id (bit rot), or cannot be read, is quarantined as `verify`
+    /// does: a reader holding it open keeps its bytes; the next reader finds the blob missing.
+    pub fn scrub_blob(
+        &self,
+        id: &BlobId,
+        pace: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Scrubbed, StoreError> {
+        let Some(row) = self.inner.catalog.read(|c| blob_row(c, id))? else {
+            return Ok(Scrubbed::Absent);
+        };
+        if !row.complete {
+            return Ok(Scrubbed::Absent);
+        }
+        let path = self.complete_path(id);
+        let hashed = (|| -> Result<Option<(BlobId, u64)>, StoreError> {
+            let file = File::open(&path).map_err(io("open", &path))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            loop {
+                let n = file.read_at(&mut buf, offset).map_err(io("read", &path))?;
+                if n == 0 {
+                    return Ok(Some((BlobId::from_hash(hasher.finalize()), offset)));
+                }
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+                if !pace(n as u64) {
+                    return Ok(None);
+                }
+            }
+        })();
+        let why = match hashed {
+            Ok(None) => return Ok(Scrubbed::Stopped),
+            Ok(Some((got, len))) if got == *id && len == row.size => {
+                return Ok(Scrubbed::Sound { bytes: len });
+            }
+            Ok(Some((got, len))) => format!("{len} bytes hash to {got}"),
+            Err(e) => e.to_string(),
+        };
+        // Gone between the row and the read (a gc): not rot.
+        if self.inner.catalog.read(|c| blob_row(c, id))?.is_none() {
+            return Ok(Scrubbed::Absent);
+        }
+        self.quarantine(id, &format!("scrub: {why}"))?;
+        Ok(Scrubbed::Quarantined { why })
+    }
+
     fn quarantine(&self, id: &BlobId, reason: &str) -> Result<(), StoreError> {
         let from = self.complete_path(id);
         let name = format!("{}.{}", id.to_hex(), now_unix());
@@ -1014,7 +1139,28 @@ impl Store {
                 .map_err(sql("write meta"))?;
             }
             Ok(())
-        })
+        })?;
+        self.write_mirror();
+        Ok(())
+    }
+
+    /// Writes the mirror of meta and pins ([`repair`]) after a commit that changed them. The commit
+    /// stands whatever happens here; a mirror that cannot be written (a full disk) is reported and
+    /// written again at the next such commit.
+    fn write_mirror(&self) {
+        let _serial = self.inner.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let written = self
+            .inner
+            .catalog
+            .read(repair::Mirror::read)
+            .and_then(|m| m.write(&self.inner.root, &format!("mirror.{n}")));
+        if let Err(e) = written {
+            tracing::warn!(
+                cause = %e,
+                "cannot write the catalog mirror: losing the catalog now would lose what it holds since the last mirror"
+            );
+        }
     }
 
     /// The blobs pinned under `name`.
@@ -1206,7 +1352,11 @@ impl Store {
             )
             .map_err(sql("write meta"))?;
             Ok(())
-        })
+        })?;
+        if durable {
+            self.write_mirror();
+        }
+        Ok(())
     }
 }
 
@@ -1280,17 +1430,23 @@ fn recover(conn: &mut Connection, root: &Path) -> Result<Recovery, StoreError> {
         let part_len = std::fs::metadata(&part).ok().map(|m| m.len());
         if part_len != Some(size) {
             // The file is gone or the wrong size: nothing recorded in it can be trusted.
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&part)
-                .map_err(io("recreate", &part))?;
-            fsx::preallocate(&f, size, &part)?;
-            f.sync_all().map_err(io("sync", &part))?;
-            tx.execute("UPDATE chunks SET have = 0 WHERE blob = ?1", [key(&id)])
-                .map_err(sql("reset chunks"))?;
-            rec.partials_recreated += 1;
+            match recreate_partial(&part, size) {
+                Ok(()) => {
+                    tx.execute("UPDATE chunks SET have = 0 WHERE blob = ?1", [key(&id)])
+                        .map_err(sql("reset chunks"))?;
+                    rec.partials_recreated += 1;
+                }
+                Err(e) if e.is_disk_full() => {
+                    // A full disk at boot: the store opens without the partial (the active release
+                    // serves); the download starts it again when there is room.
+                    tracing::warn!(blob = %id, cause = %e, "no room to recreate a partial blob; forgotten");
+                    let _ = std::fs::remove_file(&part);
+                    forget(&tx, &id)?;
+                    rec.partials_dropped += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         known_partial.insert(id);
     }
@@ -1313,6 +1469,18 @@ fn recover(conn: &mut Connection, root: &Path) -> Result<Recovery, StoreError> {
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql("set synchronous"))?;
     Ok(rec)
+}
+
+/// A file (a partial blob, the reserve), empty and preallocated to `size`, synced.
+fn recreate_partial(part: &Path, size: u64) -> Result<(), StoreError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(part)
+        .map_err(io("recreate", part))?;
+    fsx::preallocate(&f, size, part)?;
+    f.sync_all().map_err(io("sync", part))
 }
 
 #[cfg(test)]

@@ -476,3 +476,160 @@ fn raw_blobs_are_checked_against_their_expected_id() {
         Err(StoreError::TooLarge { .. })
     ));
 }
+
+/// A store holding one imported blob (with its chunk map), pinned, and a durable meta value.
+fn store_with_a_release(dir: &Path) -> Imported {
+    let store = open(dir);
+    let src = dir.join("src.bin");
+    std::fs::write(&src, noise(7, 700_000)).unwrap();
+    let imp = store.import_file(&src).unwrap();
+    store
+        .set_pins_and_meta(
+            &[("active", &[imp.blob, imp.chunk_map_id])],
+            &[("highest_accepted/shop-1", b"9")],
+        )
+        .unwrap();
+    store
+        .set_meta("time_floor", b"2026-12-01T00:00:00Z", true)
+        .unwrap();
+    imp
+}
+
+/// What a rebuilt store must hold again: the blob and its chunks (served to peers), the pin, the meta.
+fn assert_whole(store: &Store, imp: &Imported) {
+    assert!(store.has(&imp.blob).unwrap());
+    for c in imp.chunk_map.chunks() {
+        let got = store.read_chunk(&c.id).unwrap().unwrap();
+        assert_eq!(BlobId::of(&got), c.id);
+    }
+    assert_eq!(
+        store.read_chunk_map(&imp.chunk_map_id).unwrap(),
+        imp.chunk_map
+    );
+    let mut pinned = store.pins("active").unwrap();
+    pinned.sort();
+    let mut want = vec![imp.blob, imp.chunk_map_id];
+    want.sort();
+    assert_eq!(pinned, want);
+    assert_eq!(
+        store
+            .get_meta("highest_accepted/shop-1")
+            .unwrap()
+            .as_deref(),
+        Some(&b"9"[..])
+    );
+    assert_eq!(
+        store.get_meta("time_floor").unwrap().as_deref(),
+        Some(&b"2026-12-01T00:00:00Z"[..])
+    );
+    // gc keeps what the pin keeps.
+    store.gc().unwrap();
+    assert!(store.has(&imp.blob).unwrap());
+}
+
+#[test]
+fn a_catalog_whose_first_page_was_overwritten_is_set_aside_and_rebuilt_from_the_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let imp = store_with_a_release(dir.path());
+    // A bad sector: the first 4 KiB of the catalog overwritten.
+    let db = dir.path().join(CATALOG_FILE);
+    // Stopped cleanly, the catalog holds everything (no WAL to read page 1 from).
+    assert!(!dir.path().join("catalog.sqlite-wal").exists());
+    let f = OpenOptions::new().write(true).open(&db).unwrap();
+    f.write_all_at(&[0xA5; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    // A file in blobs/ that does not hash to its name (bit rot in a blob) is quarantined, not adopted.
+    let rotten = BlobId::of(b"was something else");
+    std::fs::write(dir.path().join("blobs").join(rotten.to_hex()), b"rotten").unwrap();
+    let store = open(dir.path());
+    let rebuilt = store.recovery().rebuilt.clone().unwrap_or_else(|| {
+        panic!(
+            "not rebuilt: {:?}; first bytes {:?}",
+            store.recovery(),
+            &std::fs::read(&db).unwrap()[..16]
+        )
+    });
+    assert!(rebuilt.from_mirror, "{rebuilt:?}");
+    assert_eq!(rebuilt.blobs_adopted, 2, "{rebuilt:?}");
+    assert_eq!(rebuilt.blobs_quarantined, 1, "{rebuilt:?}");
+    assert_eq!(rebuilt.chunk_maps, 1, "{rebuilt:?}");
+    let aside = rebuilt.set_aside.unwrap();
+    assert!(aside.exists() && aside.starts_with(dir.path().join("quarantine")));
+    assert!(rebuilt.why.unwrap().contains("not a database"));
+    assert!(!store.has(&rotten).unwrap());
+    assert_whole(&store, &imp);
+    drop(store);
+    // Opened again, nothing more to repair.
+    assert_eq!(open(dir.path()).recovery().rebuilt, None);
+}
+
+#[test]
+fn a_missing_catalog_beside_blobs_is_rebuilt_instead_of_the_blobs_being_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let imp = store_with_a_release(dir.path());
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("{CATALOG_FILE}{suffix}")));
+    }
+    let store = open(dir.path());
+    let rebuilt = store.recovery().rebuilt.clone().unwrap();
+    assert_eq!(rebuilt.set_aside, None);
+    assert_eq!(store.recovery().orphan_files_removed, 0);
+    assert_whole(&store, &imp);
+    // Without the mirror too, the blobs are still adopted (meta and pins are gone).
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("{CATALOG_FILE}{suffix}")));
+    }
+    std::fs::remove_file(dir.path().join(repair::MIRROR_FILE)).unwrap();
+    let store = open(dir.path());
+    let rebuilt = store.recovery().rebuilt.clone().unwrap();
+    assert!(!rebuilt.from_mirror);
+    assert!(store.has(&imp.blob).unwrap());
+    assert_eq!(store.get_meta("time_floor").unwrap(), None);
+}
+
+#[test]
+fn a_scrub_finds_bit_rot_in_a_blob_in_use_quarantines_it_and_can_be_paced_or_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = noise(3, 3_000_000);
+    let imp = store.import_bytes(&data).unwrap();
+    let mut reads = Vec::new();
+    let sound = store
+        .scrub_blob(&imp.blob, &mut |n| {
+            reads.push(n);
+            true
+        })
+        .unwrap();
+    assert_eq!(sound, Scrubbed::Sound { bytes: 3_000_000 });
+    assert_eq!(reads, vec![1 << 20, 1 << 20, 3_000_000 - (2 << 20)]);
+    assert_eq!(
+        store.scrub_blob(&imp.blob, &mut |_| false).unwrap(),
+        Scrubbed::Stopped
+    );
+    // One flipped bit in the file, as an SD card loses it.
+    let path = store.blob_path(&imp.blob).unwrap();
+    let held = File::open(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[2_500_000] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let found = store.scrub_blob(&imp.blob, &mut |_| true).unwrap();
+    assert!(
+        matches!(&found, Scrubbed::Quarantined { why } if why.contains("hash to")),
+        "{found:?}"
+    );
+    assert!(!store.has(&imp.blob).unwrap());
+    assert!(!path.exists());
+    // A reader that held the file open still reads it; the store no longer serves it.
+    assert_eq!(held.metadata().unwrap().len(), 3_000_000);
+    assert!(
+        store
+            .read_chunk(&imp.chunk_map.chunks()[0].id)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.scrub_blob(&imp.blob, &mut |_| true).unwrap(),
+        Scrubbed::Absent
+    );
+}

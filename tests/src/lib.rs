@@ -102,6 +102,25 @@ pub fn with_card_renamed(
     next
 }
 
+/// An agent's `/metrics` text (asserting it answered 200).
+pub async fn metrics_text(agent: &deckhand_tools::shop::Agent) -> String {
+    let (code, body) =
+        deckhand_agent::http::request(agent.http(), "GET", "/metrics", bytes::Bytes::new())
+            .await
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    assert_eq!(code, 200, "GET /metrics");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Whether the store under an agent's data directory keeps, in `quarantine/`, a file whose name starts
+/// with `prefix` (a blob's hex id, or `catalog-`).
+pub fn quarantined(data_dir: &Path, prefix: &str) -> bool {
+    let dir = data_dir.join("store").join("quarantine");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(prefix)))
+}
+
 /// Copies a directory tree.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{}: {e}", to.display()));

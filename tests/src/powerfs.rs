@@ -288,18 +288,46 @@ impl PowerFs {
     /// that syncs), only what was synced if it did.
     pub fn unmount(mut self) -> Result<Disk, PowerFsError> {
         if let Some(session) = self.session.take() {
-            session
-                .umount_and_join()
-                .map_err(|source| PowerFsError::Unmount {
-                    path: self.path.clone(),
-                    source,
-                })?;
+            match session.umount_and_join() {
+                Ok(()) => {}
+                // The session's last read of /dev/fuse can come back ECONNABORTED instead of ENODEV when
+                // the kernel ends the connection at this unmount while a killed process's request was
+                // still in flight (seen twice in this project: once beside other stories, once at the
+                // 53rd of 110 unmounts, none in 220 others). The mount is gone either way, and what the
+                // disk holds is this
+                // filesystem's own record below, which the kernel's ending does not touch.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) && !self.mounted() => {
+                    eprintln!(
+                        "powerfs: the FUSE session ended ECONNABORTED at unmount; the mount is gone"
+                    );
+                }
+                Err(source) => {
+                    return Err(PowerFsError::Unmount {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
         }
         let s = self.lock();
         Ok(if s.cut.is_some() {
             s.disk()
         } else {
             s.everything()
+        })
+    }
+}
+
+impl PowerFs {
+    /// Whether a FUSE filesystem is still mounted at this path (`/proc/self/mountinfo`).
+    fn mounted(&self) -> bool {
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return true;
+        };
+        let path = self.path.to_string_lossy();
+        info.lines().any(|l| {
+            let mut f = l.split(' ');
+            f.nth(4) == Some(path.as_ref()) && l.contains(" - fuse")
         })
     }
 }

@@ -1,7 +1,9 @@
 //! Store maintenance run by hand on a Pi: list what the store holds, re-verify it, collect garbage, and
-//! export its releases as a bundle (`export`, which may run beside the agent).
+//! export its releases as a bundle (`export`, which may run beside the agent); and the agent's own
+//! background scrub of its live releases (`scrub`).
 
 pub mod export;
+pub mod scrub;
 
 use deckhand_store::{BlobInfo, GcReport, Options, Store, StoreError, VerifyReport};
 use serde::Serialize;

@@ -97,6 +97,8 @@ enum Via {
     Peer(String),
     Bundle(PathBuf),
     Resume,
+    /// Blobs of the active release the scrub found rotten, fetched again.
+    Repair,
 }
 
 impl Via {
@@ -106,6 +108,7 @@ impl Via {
             Via::Peer(p) => format!("peer {p}"),
             Via::Bundle(d) => format!("bundle {}", d.display()),
             Via::Resume => "resumed".into(),
+            Via::Repair => "repair of the active release".into(),
         }
     }
 }
@@ -227,6 +230,8 @@ pub struct Inputs {
     pub haves: Option<mpsc::Receiver<HaveNote>>,
     /// Bundle directories that changed.
     pub bundles: Option<mpsc::Receiver<PathBuf>>,
+    /// The scrub quarantined a blob: fetch what the active release misses.
+    pub repairs: Option<mpsc::Receiver<()>>,
 }
 
 impl Engine {
@@ -301,6 +306,7 @@ impl Engine {
                     _ = tokio::time::sleep_until(next_poll), if !has_origin && resume => break Event::Retry,
                     Some(h) = recv_opt(&mut inputs.hints) => break Event::Hint(h),
                     Some(dir) = recv_opt(&mut inputs.bundles) => break Event::Bundle(dir),
+                    Some(()) = recv_opt(&mut inputs.repairs) => break Event::Repair,
                 }
             };
             match event {
@@ -364,6 +370,13 @@ impl Engine {
                         }
                     }
                 }
+                Event::Repair => match self.repair_active().await {
+                    Ok(()) => self.note_ok(),
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "the active release could not be repaired yet; the scrub will find it again");
+                        self.note_error(&e);
+                    }
+                },
                 Event::Bundle(dir) => match self.release_from_bundle(&dir).await {
                     Ok(()) => self.note_ok(),
                     Err(e) => {
@@ -650,11 +663,10 @@ impl Engine {
         });
     }
 
-    async fn fetch_and_activate(
-        &mut self,
-        v: &VerifiedManifest,
-        from: Via,
-    ) -> Result<(), SyncError> {
+    /// Fetches what the store misses of `v` (announced and shown as pending meanwhile): every blob's
+    /// chunk map, the blobs begun, one download of their chunks from peers and the origin, each blob
+    /// completed.
+    async fn fetch(&mut self, v: &VerifiedManifest, from: Via) -> Result<(), SyncError> {
         let m = &v.manifest;
         let blobs = m.blobs();
         self.note_status(|s| {
@@ -716,7 +728,41 @@ impl Engine {
             let total = blobs.iter().map(|b| b.size).sum();
             self.pending_update(|p| p.bytes_have = total);
         }
-        self.activate(v).await
+        Ok(())
+    }
+
+    /// Fetches what the store misses of `v` ([`Engine::fetch`]), then makes it live.
+    async fn fetch_and_activate(
+        &mut self,
+        v: &VerifiedManifest,
+        from: Via,
+    ) -> Result<(), SyncError> {
+        self.fetch(v, from).await?;
+        self.activate(v, false).await
+    }
+
+    /// Fetches again the blobs of the active release the scrub quarantined (from peers or the origin,
+    /// as any download), and reloads it from the repaired store, so the recognizer no longer holds
+    /// bytes read before the rot was found. Nothing to do when every blob is there.
+    async fn repair_active(&mut self) -> Result<(), SyncError> {
+        let Some(envelope) = self.active_envelope.clone() else {
+            return Ok(());
+        };
+        let v = self.cfg.trust.policy().verify_ignoring_expiry(&envelope)?;
+        let complete = {
+            let m = v.manifest.clone();
+            self.on_store(move |s| Ok(activation::is_complete(s, &m)?))
+                .await?
+        };
+        if complete {
+            return Ok(());
+        }
+        tracing::warn!(
+            version = v.manifest.version,
+            "fetching again what the scrub quarantined"
+        );
+        self.fetch(&v, Via::Repair).await?;
+        self.activate(&v, true).await
     }
 
     fn account(&self, source: Source, n: u64) {
@@ -743,6 +789,7 @@ enum Event {
     Retry,
     Hint(Hint),
     Bundle(PathBuf),
+    Repair,
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {

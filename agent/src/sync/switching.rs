@@ -14,7 +14,13 @@ use std::time::{Duration, Instant};
 const SWITCH_POLL: Duration = Duration::from_millis(100);
 
 impl Engine {
-    pub(super) async fn activate(&mut self, v: &VerifiedManifest) -> Result<(), SyncError> {
+    /// `v` goes live when due ([`Engine::switch_when_due`]); a `repair` of the release already live
+    /// (blobs the scrub quarantined, fetched again) swaps at once.
+    pub(super) async fn activate(
+        &mut self,
+        v: &VerifiedManifest,
+        repair: bool,
+    ) -> Result<(), SyncError> {
         let m = &v.manifest;
         let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
         // Loaded and canary-checked off the runtime's threads: only the swap is left.
@@ -31,7 +37,11 @@ impl Engine {
         let result = match checked {
             Ok(recognizer) => {
                 let ready_at = jiff::Timestamp::now();
-                let due = self.switch_when_due(v).await;
+                let due = if repair {
+                    Ok(switch::Why::AtOnce)
+                } else {
+                    self.switch_when_due(v).await
+                };
                 self.set_ready(None);
                 let why = due?;
                 // The swap is published with the status that goes with it, in one change of the

@@ -1,7 +1,7 @@
 //! A full SD card, for real: the agent's data directory is a small tmpfs this test mounts, so the disk
 //! fills (ENOSPC), not a configured budget. The active release keeps serving; status and /metrics say the
 //! disk is full and how much the pending release needs; the store verifies clean; once the disk grows the
-//! release completes without S3 sending anything twice.
+//! release completes without S3 sending anything twice. A card with not a byte free at boot still serves.
 
 use deckhand_tests::fixtures::{self, Perturbation, ReferenceSpec};
 use deckhand_tests::{AgentOptions, Credentials, MIB, secs, shop};
@@ -52,6 +52,24 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// Writes `path` until the file system has no byte left (ENOSPC).
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0xEEu8; 64 * 1024];
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // The last partial block, byte by byte.
+    while f.write(&[0xEE]).is_ok_and(|n| n == 1) {}
+    let _ = f.sync_all();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,12 +139,7 @@ async fn a_full_sd_card_keeps_serving_says_what_it_needs_and_resumes_without_ref
         "{}",
         status.summary_line()
     );
-    let (code, metrics) =
-        deckhand_agent::http::request(pi.http(), "GET", "/metrics", bytes::Bytes::new())
-            .await
-            .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics).into_owned();
-    assert_eq!(code, 200);
+    let metrics = deckhand_tests::metrics_text(pi).await;
     assert!(metrics.contains("deckhand_disk_full 1"), "{metrics}");
     assert!(
         metrics.contains(&format!("deckhand_disk_bytes_needed {}", full.bytes_needed)),
@@ -145,6 +158,49 @@ async fn a_full_sd_card_keeps_serving_says_what_it_needs_and_resumes_without_ref
     // The store is consistent: stop the agent and verify it.
     let agent = fleet.agents.remove(0);
     agent.stop().await.unwrap();
+    deckhand_tests::verify_store(&card);
+
+    // Booting on a card with not one byte free (a log grew into the rest, say): the agent starts,
+    // serves version 1 and says the disk is full. A download begun before (a 4 MiB blob) whose partial
+    // file went missing must be recreated at open, and cannot be: it is dropped, to be fetched again
+    // when there is room.
+    let begun = deckhand_protocol::testdata::noise(99, 4 * MIB as usize);
+    {
+        let store = deckhand_store::Store::open(card.join("store"), Default::default()).unwrap();
+        let map = deckhand_protocol::ChunkMap::build(&begun);
+        store.begin(&map).unwrap();
+        std::fs::remove_file(card.join("store").join("partial").join(map.blob().to_hex())).unwrap();
+    }
+    let filler = card.join("filler");
+    fill_up(&filler);
+    if let Err(e) = fleet.start_agent_with(opts.clone()).await {
+        panic!(
+            "{e}: {}",
+            std::fs::read_to_string(fleet.join("logs").join("pi.log")).unwrap_or_default()
+        );
+    }
+    let pi = fleet.agent(0);
+    let status = pi
+        .wait_for(secs(60), "version 1 served from a full card", |s| {
+            s.active_version() == Some(1) && s.disk_full.is_some()
+        })
+        .await
+        .unwrap();
+    assert!(
+        status
+            .store_repair
+            .as_deref()
+            .is_some_and(|r| r.contains("1 partial download(s) dropped")),
+        "{status:?}"
+    );
+    let (code, answer) = pi.recognize(&photo).await.unwrap();
+    assert_eq!(
+        (code, answer["manifest_version"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+    fleet.agents.remove(0).stop().await.unwrap();
+    std::fs::remove_file(&filler).unwrap();
     deckhand_tests::verify_store(&card);
 
     // A bigger card: version 2 completes, and S3 sent no byte of it twice.

@@ -9,6 +9,7 @@
 
 mod agent_offline;
 mod agent_sync;
+mod catalog_repair;
 mod demo;
 mod discovery;
 mod disk_full;
@@ -23,5 +24,6 @@ mod partition;
 mod publish;
 mod recognizer;
 mod recovery;
+mod scrub;
 mod shop_page;
 mod store_crash;

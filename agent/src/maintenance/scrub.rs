@@ -1,0 +1,186 @@
+//! The background scrub: bit rot in the live release is found while the agent runs, not only by
+//! `store verify` with the agent stopped.
+//!
+//! One owned thread re-hashes the blobs of the active and previous releases ([`Store::scrub_blob`]),
+//! pass after pass, within a budget of bytes per hour (`scrub_per_hour`), at the idle I/O priority so
+//! a recognition or a download never waits for it. A blob that no longer hashes to its id is
+//! quarantined by the store and the sync engine is told, which fetches it again from peers or S3 as it
+//! fetches any missing blob. Status shows the passes, the bytes checked and what was found.
+
+use deckhand_protocol::status::ScrubStatus;
+use deckhand_store::{Scrubbed, Store};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The longest the thread sleeps without looking at its stop flag.
+const SLICE: Duration = Duration::from_millis(100);
+/// The pause between passes when there is nothing to check (no active release yet).
+const IDLE: Duration = Duration::from_secs(10);
+
+/// The scrub thread, stopped (within [`SLICE`] and one 1 MiB read) when dropped or stopped.
+pub struct Scrubber {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    status: Arc<Mutex<ScrubStatus>>,
+}
+
+impl Scrubber {
+    /// Starts scrubbing `store` at `per_hour` bytes an hour; each blob quarantined is sent on `found`
+    /// (bounded; the engine looks at the whole release when it takes one).
+    pub fn start(
+        store: Store,
+        per_hour: u64,
+        found: tokio::sync::mpsc::Sender<()>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Mutex::new(ScrubStatus {
+            bytes_per_hour: per_hour,
+            ..ScrubStatus::default()
+        }));
+        let run = Run {
+            store,
+            per_second: (per_hour as f64 / 3600.0).max(1.0),
+            found,
+            stop: stop.clone(),
+            status: status.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("scrub".into())
+            .spawn(move || run.run())?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            status,
+        })
+    }
+
+    /// A handle on the status, for the reports.
+    pub fn status_handle(&self) -> Arc<Mutex<ScrubStatus>> {
+        self.status.clone()
+    }
+
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the scrub thread panicked");
+        }
+    }
+}
+
+impl Drop for Scrubber {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+struct Run {
+    store: Store,
+    per_second: f64,
+    found: tokio::sync::mpsc::Sender<()>,
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<ScrubStatus>>,
+}
+
+impl Run {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `d` in slices; false when asked to stop.
+    fn sleep(&self, d: Duration) -> bool {
+        let deadline = std::time::Instant::now() + d;
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            std::thread::sleep((deadline - now).min(SLICE));
+        }
+    }
+
+    fn note(&self, f: impl FnOnce(&mut ScrubStatus)) {
+        f(&mut crate::locks::lock(&self.status, "scrub status"));
+    }
+
+    fn run(self) {
+        idle_io_priority();
+        while !self.stopped() {
+            let mut blobs = Vec::new();
+            for pin in ["active", "previous"] {
+                match self.store.pins(pin) {
+                    Ok(ids) => blobs.extend(ids),
+                    Err(e) => tracing::warn!(cause = %e, "scrub: cannot list the pinned blobs"),
+                }
+            }
+            blobs.sort();
+            blobs.dedup();
+            let mut checked_any = false;
+            for id in blobs {
+                let mut pace = |n: u64| {
+                    self.note(|s| s.bytes_checked += n);
+                    self.sleep(Duration::from_secs_f64(n as f64 / self.per_second))
+                };
+                match self.store.scrub_blob(&id, &mut pace) {
+                    Ok(Scrubbed::Sound { .. }) => checked_any = true,
+                    Ok(Scrubbed::Absent) => {}
+                    Ok(Scrubbed::Stopped) => return,
+                    Ok(Scrubbed::Quarantined { why }) => {
+                        checked_any = true;
+                        tracing::error!(blob = %id, why, "scrub: bit rot in a stored blob; quarantined, to be fetched again");
+                        self.note(|s| {
+                            s.quarantined += 1;
+                            s.last_found = Some(format!(
+                                "blob {id} at {}: {why}; quarantined and fetched again",
+                                jiff::Timestamp::now()
+                            ));
+                        });
+                        // Full: the engine has a repair queued already, and it looks at every blob.
+                        let _ = self.found.try_send(());
+                    }
+                    Err(e) => tracing::warn!(blob = %id, cause = %e, "scrub: cannot check a blob"),
+                }
+                if self.stopped() {
+                    return;
+                }
+            }
+            if checked_any {
+                self.note(|s| {
+                    s.passes += 1;
+                    s.last_pass_at = Some(jiff::Timestamp::now().to_string());
+                });
+            } else if !self.sleep(IDLE) {
+                return;
+            }
+        }
+    }
+}
+
+/// Puts the calling thread in the idle I/O class (`ioprio_set`): its reads wait for every other
+/// reader of the disk.
+fn idle_io_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: ioprio_set takes three integers and touches no memory of ours; `0` names this thread.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(cause = %std::io::Error::last_os_error(), "scrub: cannot lower its I/O priority");
+    }
+}
