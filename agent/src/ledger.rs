@@ -2,8 +2,9 @@
 //!
 //! Every meta key of the store's catalog is named here, and read and written only through [`Ledger`]:
 //! the agent's id, the floors ([`Floors`]: the highest manifest version accepted per deployment, the
-//! time floor (the newest signed time seen) and the epoch they were raised in), the trust roots (each kept by version, and the one followed), and the releases
-//! (pending, active, previous, with their pins). Each write is one durable commit
+//! time floor (the newest signed time seen) and the epoch they were raised in), the trust roots (each
+//! kept by version, and the one followed), and the releases (pending, active, previous, with their
+//! pins). Each write is one durable commit
 //! (`synchronous=FULL`), so a power cut leaves either the state before it or the state after it
 //! (store/DESIGN.md, "The ledger").
 

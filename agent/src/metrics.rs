@@ -366,15 +366,13 @@ pub fn render_status(
             s.bytes_checked, s.quarantined
         );
     }
-    if let Some(r) = &status.store_repair {
-        let _ = write!(
-            out,
-            "# HELP deckhand_store_repaired 1 when the store repaired its catalog or dropped downloads at start.\n\
-             # TYPE deckhand_store_repaired gauge\n\
-             deckhand_store_repaired {}\n",
-            u8::from(!r.is_empty())
-        );
-    }
+    let _ = write!(
+        out,
+        "# HELP deckhand_store_repaired 1 when the store repaired its catalog or dropped downloads at start.\n\
+         # TYPE deckhand_store_repaired gauge\n\
+         deckhand_store_repaired {}\n",
+        u8::from(status.store_repair.is_some())
+    );
     let _ = write!(
         out,
         "# HELP deckhand_expiry_timestamp_seconds When this Pi's certificate, the fleet CA, the trust root and the active manifest expire.\n\

@@ -120,6 +120,29 @@ pub(crate) fn hash_file(path: &Path) -> Result<(blake3::Hash, u64), StoreError> 
     Ok((hasher.finalize(), hasher.count()))
 }
 
+/// Hashes a whole file in 1 MiB reads, calling `pace` with the bytes of each (it sleeps there to keep
+/// to an I/O budget); `None` when `pace` asks to stop before the end.
+pub(crate) fn hash_file_paced(
+    path: &Path,
+    pace: &mut dyn FnMut(u64) -> bool,
+) -> Result<Option<(blake3::Hash, u64)>, StoreError> {
+    let file = File::open(path).map_err(io("open", path))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read_at(&mut buf, hasher.count())
+            .map_err(io("read", path))?;
+        if n == 0 {
+            return Ok(Some((hasher.finalize(), hasher.count())));
+        }
+        hasher.update(&buf[..n]);
+        if !pace(n as u64) {
+            return Ok(None);
+        }
+    }
+}
+
 /// Reads exactly `len` bytes at `offset`.
 pub(crate) fn read_at(
     file: &File,

@@ -1029,7 +1029,6 @@ impl Store {
         }
     }
 
-    /// Moves a complete blob aside (it is never served again) and forgets it.
     /// Re-hashes one complete blob's file while the store is in use, in 1 MiB reads, calling `pace` with
     /// the bytes of each read (the caller sleeps there to keep to an I/O budget; `false` stops early). A
     /// file that no longer hashes to its id (bit rot), or cannot be read, is quarantined as `verify`
@@ -1045,30 +1044,12 @@ impl Store {
         if !row.complete {
             return Ok(Scrubbed::Absent);
         }
-        let path = self.complete_path(id);
-        let hashed = (|| -> Result<Option<(BlobId, u64)>, StoreError> {
-            let file = File::open(&path).map_err(io("open", &path))?;
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut offset = 0u64;
-            loop {
-                let n = file.read_at(&mut buf, offset).map_err(io("read", &path))?;
-                if n == 0 {
-                    return Ok(Some((BlobId::from_hash(hasher.finalize()), offset)));
-                }
-                hasher.update(&buf[..n]);
-                offset += n as u64;
-                if !pace(n as u64) {
-                    return Ok(None);
-                }
-            }
-        })();
-        let why = match hashed {
+        let why = match fsx::hash_file_paced(&self.complete_path(id), pace) {
             Ok(None) => return Ok(Scrubbed::Stopped),
-            Ok(Some((got, len))) if got == *id && len == row.size => {
+            Ok(Some((hash, len))) if BlobId::from_hash(hash) == *id && len == row.size => {
                 return Ok(Scrubbed::Sound { bytes: len });
             }
-            Ok(Some((got, len))) => format!("{len} bytes hash to {got}"),
+            Ok(Some((hash, len))) => format!("{len} bytes hash to {}", BlobId::from_hash(hash)),
             Err(e) => e.to_string(),
         };
         // Gone between the row and the read (a gc): not rot.
@@ -1079,6 +1060,7 @@ impl Store {
         Ok(Scrubbed::Quarantined { why })
     }
 
+    /// Moves a complete blob aside (it is never served again) and forgets it.
     fn quarantine(&self, id: &BlobId, reason: &str) -> Result<(), StoreError> {
         let from = self.complete_path(id);
         let name = format!("{}.{}", id.to_hex(), now_unix());

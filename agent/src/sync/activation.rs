@@ -32,9 +32,9 @@ pub enum ActivationError {
 }
 
 /// Verifies an envelope (expiry judged at the trusted now: the later of the system clock and the time
-/// floor) and, if the floors admit it ([`deckhand_protocol::floors::Floors::admit`]: newer than anything accepted in this epoch,
-/// not from before the epoch, not far ahead of a synchronised clock), raises the floors to it and
-/// records it as pending, in one durable commit, and returns it.
+/// floor) and, if the floors admit it ([`deckhand_protocol::floors::Floors::admit`]: newer than
+/// anything accepted in this epoch, not from before the epoch, not far ahead of a synchronised clock),
+/// raises the floors to it and records it as pending, in one durable commit, and returns it.
 pub fn accept(
     store: &Store,
     policy: &TrustPolicy,

@@ -219,6 +219,9 @@ pub struct Engine {
     /// The active release's envelope as recorded in the store (what peers are relayed when nothing is
     /// pending): read at start, replaced when a release is recorded active.
     active_envelope: Option<Vec<u8>>,
+    /// Whether the active envelope's keys are retired ([`Engine::active_retired`]), for the trust root
+    /// version it was judged under: announcing is on the download's path, a signature check is not.
+    retired: std::sync::Mutex<Option<(Option<u64>, bool)>>,
     /// When the engine's loops last went round (the watchdog withholds its ping if they stop).
     beat: crate::systemd::Beat,
 }
@@ -248,6 +251,7 @@ impl Engine {
             haves: None,
             ready: None,
             active_envelope: None,
+            retired: std::sync::Mutex::new(None),
             beat: crate::systemd::Beat::default(),
         }
     }
@@ -347,9 +351,10 @@ impl Engine {
                     // A hint queued while this agent got the release some other way is stale:
                     // the peer is not asked (it may be unreachable by now). A peer on a newer root
                     // is asked whatever it announces.
+                    // (With a fixed list of keys there are no roots to follow.)
                     let newer_root = h
                         .newer_root
-                        .is_some_and(|r| self.cfg.trust.version().is_none_or(|ours| r > ours));
+                        .is_some_and(|r| self.cfg.trust.version().is_some_and(|ours| r > ours));
                     if !newer_root && self.live_active().is_some_and(|r| r.version >= h.version) {
                         continue;
                     }
@@ -394,7 +399,7 @@ impl Engine {
             .on_store(|store| Ok(crate::ledger::Ledger::new(store).active()?))
             .await
         {
-            Ok(envelope) => self.active_envelope = envelope,
+            Ok(envelope) => self.set_active_envelope(envelope),
             Err(e) => tracing::warn!(cause = %e, "cannot read the active release's envelope"),
         }
     }
@@ -482,9 +487,24 @@ impl Engine {
     /// neither announced nor relayed (a peer would refuse it, and judge the relay), and a peer's
     /// release is not judged older than it.
     fn active_retired(&self) -> bool {
-        self.active_envelope
-            .as_deref()
-            .is_some_and(|env| self.cfg.trust.policy().verify_ignoring_expiry(env).is_err())
+        let root = self.cfg.trust.version();
+        let mut cached = crate::locks::lock(&self.retired, "retired keys");
+        match *cached {
+            Some((judged_under, retired)) if judged_under == root => retired,
+            _ => {
+                let retired = self.active_envelope.as_deref().is_some_and(|env| {
+                    self.cfg.trust.policy().verify_ignoring_expiry(env).is_err()
+                });
+                *cached = Some((root, retired));
+                retired
+            }
+        }
+    }
+
+    /// Replaces the active envelope (read at start, or after a swap); judged again when next needed.
+    fn set_active_envelope(&mut self, envelope: Option<Vec<u8>>) {
+        self.active_envelope = envelope;
+        *crate::locks::lock(&self.retired, "retired keys") = None;
     }
 
     /// The active release, as announced and compared with peers' (none while its keys are retired).

@@ -83,7 +83,7 @@ impl Engine {
                 let gc = self
                     .on_store(move |s| Ok(activation::record_active(s, &v2)?))
                     .await?;
-                self.active_envelope = Some(v.envelope.clone());
+                self.set_active_envelope(Some(v.envelope.clone()));
                 tracing::info!(
                     version = m.version,
                     freed = gc.bytes_freed,

@@ -68,7 +68,7 @@ impl Trust {
 
     /// When the followed root expires (`None` with a fixed list of keys).
     pub fn root_expires_at(&self) -> Option<jiff::Timestamp> {
-        match self.state() {
+        match &*self.lock() {
             State::Keys(_) => None,
             State::Root(r) => Some(r.root().expires_at),
         }
@@ -76,7 +76,7 @@ impl Trust {
 
     /// The version of the root followed (`None` with a fixed list of keys).
     pub fn version(&self) -> Option<u64> {
-        match self.state() {
+        match &*self.lock() {
             State::Keys(_) => None,
             State::Root(r) => Some(r.version()),
         }

@@ -1,7 +1,7 @@
 //! `deckhand keygen` and `deckhand keys root|rotate`: signing keys and a deployment's trust root.
 
 use crate::output::emit;
-use crate::settle::{OriginArgs, parse_duration, read_public_keys, read_secret_key, target};
+use crate::settle::{OriginArgs, parse_duration, read_secret_key, target, usage};
 use clap::{Args, Subcommand};
 use deckhand_protocol::{PublicKey, SecretKey};
 use deckhand_tools::{ToolError, keygen, trust_root};
@@ -92,19 +92,28 @@ fn read_keys(paths: &[PathBuf]) -> Result<Vec<SecretKey>, ToolError> {
     paths.iter().map(|p| read_secret_key(p)).collect()
 }
 
-/// Keys given as secret keys (NAME.key) or public keys (NAME.pub): the public keys, and the secrets
-/// when every one was a secret key.
-fn read_any_keys(paths: &[PathBuf]) -> Result<(Vec<PublicKey>, Vec<SecretKey>), ToolError> {
+/// Keys given to `--{flag}` as secret keys (NAME.key) or public keys (NAME.pub): the public keys, and
+/// the secrets of those given as secret keys.
+fn read_any_keys(
+    flag: &str,
+    paths: &[PathBuf],
+) -> Result<(Vec<PublicKey>, Vec<SecretKey>), ToolError> {
     let mut public = Vec::new();
     let mut secret = Vec::new();
     for p in paths {
-        match read_secret_key(p) {
-            Ok(k) => {
-                public.push(k.public().clone());
-                secret.push(k);
-            }
-            Err(_) => public.extend(read_public_keys(std::slice::from_ref(p))?),
+        let text = std::fs::read_to_string(p).map_err(ToolError::io("read key", p))?;
+        if let Ok(k) = SecretKey::from_file_text(&text) {
+            public.push(k.public().clone());
+            secret.push(k);
+            continue;
         }
+        public.push(PublicKey::from_file_text(&text).map_err(|e| {
+            usage(
+                flag,
+                &p.display().to_string(),
+                format!("neither a secret key (NAME.key) nor a public key (NAME.pub): {e}"),
+            )
+        })?);
     }
     Ok((public, secret))
 }
@@ -121,7 +130,7 @@ pub async fn keys(command: KeysCommand) -> Result<(), ToolError> {
             out,
         } => {
             let expires_in = parse_duration("expires-in", &expires_in)?;
-            let (release, release_secrets) = read_any_keys(&keys)?;
+            let (release, release_secrets) = read_any_keys("key", &keys)?;
             let root = if root_keys.is_empty() {
                 if release_secrets.len() != release.len() {
                     return Err(ToolError::Usage(
@@ -181,7 +190,7 @@ pub async fn keys(command: KeysCommand) -> Result<(), ToolError> {
                         .into(),
                 ));
             }
-            let (release, release_secrets) = read_any_keys(&new_keys)?;
+            let (release, release_secrets) = read_any_keys("new-key", &new_keys)?;
             let change = trust_root::Rotation {
                 root: (!new_root_keys.is_empty())
                     .then(|| read_keys(&new_root_keys))
