@@ -163,7 +163,8 @@ pub struct Settings {
     /// This agent's fleet private key.
     #[arg(long)]
     pub fleet_key: Option<PathBuf>,
-    /// The fleet's certificate revocation list (`deckhand fleet revoke`).
+    /// A fleet revocation list installed by hand (optional: `deckhand fleet revoke --origin` reaches
+    /// agents through the bucket, their peers or a stick, with renewed certificates and CA rotations).
     #[arg(long)]
     pub fleet_crl: Option<PathBuf>,
     /// The background scrub's budget: bytes of the active and previous releases re-hashed per hour, at

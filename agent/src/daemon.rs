@@ -190,7 +190,7 @@ pub async fn run(
     serve_from_store(&store, &service, &trust.policy(), cfg.settings.backend).await;
     let fleet = fleet_credentials(&cfg, &store);
     let creds = fleet.clone().ok().flatten();
-    let me = agent_id(&store, creds.as_ref())?;
+    let me = agent_id(&store, creds.as_ref().map(|f| f.current()).as_deref())?;
     let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -340,25 +340,26 @@ async fn serve_from_store(
 fn fleet_credentials(
     cfg: &RunConfig,
     store: &Store,
-) -> Result<Option<crate::peer::tls::FleetCredentials>, String> {
+) -> Result<Option<Arc<crate::peer::renewal::Fleet>>, String> {
     use crate::peer::tls::FleetCredentials;
     let Some(paths) = &cfg.fleet else {
         return Ok(None);
     };
-    let store = store.clone();
+    let floor_store = store.clone();
     let floor = Box::new(move || {
-        crate::ledger::Ledger::new(&store)
+        crate::ledger::Ledger::new(&floor_store)
             .time_floor()
             .ok()
             .flatten()
     });
     match FleetCredentials::load(paths) {
         Ok(creds) => {
-            let creds = creds.with_floor(Some(floor));
-            if let Err(e) = creds.check() {
+            let fleet =
+                crate::peer::renewal::Fleet::new(creds.with_floor(Some(floor)), store.clone());
+            if let Err(e) = fleet.current().check() {
                 tracing::error!(cause = %e, "this agent's fleet certificate does not check; peers will refuse it");
             }
-            Ok(Some(creds))
+            Ok(Some(fleet))
         }
         Err(e) => {
             tracing::error!(cause = %e, "fleet credentials do not load; serving from the store without peers");
@@ -370,7 +371,7 @@ fn fleet_credentials(
 /// The QUIC peer node, when the agent has fleet credentials, and the receiver of its hints.
 async fn start_peers(
     cfg: &RunConfig,
-    creds: Option<crate::peer::tls::FleetCredentials>,
+    creds: Option<Arc<crate::peer::renewal::Fleet>>,
     store: &Store,
     service: &Service,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -384,7 +385,7 @@ async fn start_peers(
         return Ok((None, None));
     };
     let peer_cfg = crate::peer::PeerConfig {
-        creds,
+        fleet: creds,
         deployment: cfg.deployment.clone(),
         listen: cfg.settings.quic_listen,
         static_peers: cfg.settings.peers.clone(),

@@ -4,7 +4,7 @@
 //! the agent's id, the floors ([`Floors`]: the highest manifest version accepted per deployment, the
 //! time floor (the newest signed time seen) and the epoch they were raised in), the trust roots (each
 //! kept by version, and the one followed), and the releases (pending, active, previous, with their
-//! pins). Each write is one durable commit
+//! pins), and the fleet bundle taken last. Each write is one durable commit
 //! (`synchronous=FULL`), so a power cut leaves either the state before it or the state after it
 //! (store/DESIGN.md, "The ledger").
 
@@ -25,6 +25,10 @@ const PREVIOUS: &str = "previous_envelope";
 /// that accepts it, cleared in the one that activates it, so a restart (or a power cut) in between
 /// resumes it rather than leaving the highest accepted version out of reach.
 const PENDING: &str = "pending_envelope";
+/// The newest fleet bundle taken (`deckhand fleet`: renewed certificates, CA cross-certificates,
+/// revocation lists), as received: a restart keeps the renewal and the revocations, and it is relayed
+/// to peers that hold an older one.
+const FLEET: &str = "fleet_bundle";
 
 fn highest_key(deployment: &str) -> String {
     format!("highest_accepted/{deployment}")
@@ -185,6 +189,16 @@ impl<'s> Ledger<'s> {
     /// The verified root of `version`, if this agent holds it.
     pub fn root(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(nonempty(self.store.get_meta(&root_key(version))?))
+    }
+
+    /// The fleet bundle taken last, if any.
+    pub fn fleet_bundle(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(nonempty(self.store.get_meta(FLEET)?))
+    }
+
+    /// Keeps a fleet bundle (checked by the caller: newer than the one held, signed by a fleet CA).
+    pub fn keep_fleet_bundle(&self, bundle: &[u8]) -> Result<(), StoreError> {
+        self.store.set_meta(FLEET, bundle, true)
     }
 
     /// Keeps a verified root by its version (to pass on to peers), without following it.

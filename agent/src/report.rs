@@ -6,8 +6,8 @@
 //! pure functions of those snapshots, so what a document shows is decided here and nowhere else.
 
 use crate::peer::PeerNode;
+use crate::peer::renewal::Fleet;
 use crate::peer::statuses::PeerStatuses;
-use crate::peer::tls::FleetCredentials;
 use crate::recognizer::service::Service;
 use crate::sync::SyncStatus;
 use crate::sync::trust::Trust;
@@ -43,6 +43,7 @@ pub struct Snapshot {
     pub manifest_dates: Option<(Timestamp, Timestamp)>,
     /// Why this agent is not a fleet member, when it is not.
     pub fleet_error: Option<String>,
+    pub fleet_trust: Option<deckhand_protocol::status::FleetTrust>,
     /// What the store repaired at open ([`store_repair`]).
     pub store_repair: Option<String>,
     pub scrub: Option<deckhand_protocol::status::ScrubStatus>,
@@ -85,6 +86,7 @@ pub fn status(s: Snapshot) -> Status {
         expiries,
         newest_manifest_at: s.time_floor.map(|t| t.to_string()),
         fleet_error: s.fleet_error,
+        fleet_trust: s.fleet_trust,
         store_repair: s.store_repair,
         scrub: s.scrub,
         agent_id: s.agent_id,
@@ -163,7 +165,7 @@ pub struct Sources {
     pub store: Store,
     pub trust: Arc<Trust>,
     /// This agent's fleet credentials, or why they did not load (neither with no `--fleet-*`).
-    pub fleet: Result<Option<FleetCredentials>, String>,
+    pub fleet: Result<Option<Arc<Fleet>>, String>,
     /// The background scrub's progress, when it runs.
     pub scrub: Option<Arc<std::sync::Mutex<deckhand_protocol::status::ScrubStatus>>>,
 }
@@ -189,14 +191,20 @@ impl Sources {
             .iter()
             .find(|r| r.role == "active")
             .and_then(|r| Some((r.created_at.parse().ok()?, r.expires_at.parse().ok()?)));
-        let (certificate_expires, ca_expires) = match &self.fleet {
-            Ok(Some(creds)) => creds.not_after(),
-            _ => (None, None),
+        let creds = self
+            .fleet
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .map(|f| f.current());
+        let (certificate_expires, ca_expires) = match &creds {
+            Some(creds) => creds.not_after(),
+            None => (None, None),
         };
-        let fleet_error = match &self.fleet {
-            Ok(Some(creds)) => creds.check().err().map(|e| e.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(e.clone()),
+        let fleet_error = match (&self.fleet, &creds) {
+            (_, Some(creds)) => creds.check().err().map(|e| e.to_string()),
+            (Err(e), None) => Some(e.clone()),
+            (Ok(_), None) => None,
         };
         Snapshot {
             now: deckhand_protocol::clock::trusted_now(system, time_floor),
@@ -206,6 +214,7 @@ impl Sources {
             root_expires: self.trust.root_expires_at(),
             manifest_dates,
             fleet_error,
+            fleet_trust: creds.map(|c| c.trust()),
             store_repair: store_repair(self.store.recovery()),
             scrub: self
                 .scrub

@@ -210,6 +210,8 @@ pub enum Key {
         version: u64,
     },
     Blob(BlobId),
+    /// The fleet's certificates and revocation lists ([`Layout::fleet`]).
+    Fleet,
     Migration {
         journal: Name,
         path: RelPath,
@@ -302,6 +304,13 @@ impl Layout {
         self.join(&format!("deployments/{deployment}/current.json"))
     }
 
+    /// The fleet's renewed certificates, CA cross-certificates and CA-signed revocation lists (PEM),
+    /// written by `deckhand fleet renew|revoke|rotate-ca`, read by every agent at its poll. Each part is
+    /// signed by a fleet CA, so the bucket is not trusted with it.
+    pub fn fleet(&self) -> String {
+        self.join("fleet/bundle.pem")
+    }
+
     /// A content-addressed blob or chunk map.
     pub fn blob(&self, id: &BlobId) -> String {
         self.join(&format!("{BLOB_DIR}/{}", id.to_hex()))
@@ -362,6 +371,7 @@ impl Layout {
                 target: Name::new("target", target)?,
                 path: tail(4)?,
             }),
+            ["fleet", "bundle.pem"] => Ok(Key::Fleet),
             ["deployments", "_blob", hex] => BlobId::from_hex(hex)
                 .map(Key::Blob)
                 .map_err(|_| unrecognized()),
@@ -458,6 +468,7 @@ mod tests {
                     },
                 ),
                 (l.blob(&id), Key::Blob(id)),
+                (l.fleet(), Key::Fleet),
                 (
                     l.migration(&name("m1"), &rel("journal.json")),
                     Key::Migration {

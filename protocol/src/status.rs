@@ -76,6 +76,24 @@ pub struct Status {
     /// The background scrub of the live release (`None` when it is off).
     #[serde(default)]
     pub scrub: Option<ScrubStatus>,
+    /// The fleet's certificate authorities and revocations as this agent holds them (`None` without
+    /// fleet credentials).
+    #[serde(default)]
+    pub fleet_trust: Option<FleetTrust>,
+}
+
+/// What the newest fleet bundle taken (`deckhand fleet renew|revoke|rotate-ca|retire-ca`) left this
+/// agent trusting.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetTrust {
+    /// The bundle's number (its highest revocation list number); `None` before any.
+    pub bundle: Option<u64>,
+    /// The fleet CAs trusted (common names), installed first.
+    pub cas: Vec<String>,
+    /// CAs a successor retired.
+    pub retired_cas: Vec<String>,
+    /// The serial number (hex) of the certificate this agent presents: the installed one, or a renewal.
+    pub certificate_serial: Option<String>,
 }
 
 /// What the background scrub has done since the agent started.

@@ -24,6 +24,9 @@ pub const MAX_STR: usize = 256;
 /// The largest status document a peer answers `GetStatus` with. Agents serve it; none asks for it yet
 /// (`/v1/fleet` is built from Hellos), so the tag is kept for a fleet view relayed through peers.
 pub const MAX_STATUS: usize = 256 * 1024;
+/// The largest fleet bundle (certificates and revocation lists, PEM) relayed between peers or read from
+/// the bucket: a fleet of a few thousand Pis.
+pub const MAX_FLEET_BUNDLE: usize = 4 * 1024 * 1024;
 /// The largest chunk bitmap: one bit per chunk of a map at its chunk limit.
 pub const MAX_BITMAP: usize = (crate::chunk::MAX_CHUNKS as usize).div_ceil(8);
 
@@ -113,6 +116,11 @@ pub struct Hello {
     /// are not taken for newer ones. A trailing field after `ready` (written as "none" when only this
     /// is present); a Hello without either is encoded exactly as before they existed.
     pub root: Option<u64>,
+    /// The number of the fleet bundle the agent holds (the highest CA-signed revocation list number in
+    /// it, see `deckhand fleet`): a peer that holds an older one asks for it ([`Request::GetFleet`]),
+    /// so renewed certificates and revocations reach a Pi without S3. A trailing field after `root`
+    /// (written as 0, read back as `None`, when only this is present).
+    pub fleet: Option<u64>,
 }
 
 impl Hello {
@@ -137,6 +145,12 @@ impl Hello {
     pub fn newer_root(&self, root: Option<u64>) -> Option<u64> {
         self.root.filter(|theirs| *theirs > root.unwrap_or(1))
     }
+
+    /// The sender's fleet bundle number, if newer than `fleet`: it has renewals or revocations to
+    /// pass on.
+    pub fn newer_fleet(&self, fleet: Option<u64>) -> Option<u64> {
+        self.fleet.filter(|theirs| *theirs > fleet.unwrap_or(0))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +172,9 @@ pub enum Request {
     /// The deployment's trust root of `version`, if the responder holds it (a Pi without S3 follows
     /// rotations through its peers).
     GetRoot { deployment: String, version: u64 },
+    /// The fleet bundle the responder holds (renewed certificates, CA cross-certificates, revocation
+    /// lists), each part verified by the receiver against its own fleet CA.
+    GetFleet,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,6 +186,10 @@ pub enum Response {
     /// A trust root envelope, verified by the receiver along its own chain.
     Root {
         envelope: Vec<u8>,
+    },
+    /// A fleet bundle (PEM), at most [`MAX_FLEET_BUNDLE`] bytes.
+    Fleet {
+        bundle: Vec<u8>,
     },
     Chunk {
         data: Vec<u8>,
@@ -198,6 +219,7 @@ mod tag {
     pub const GET_STATUS: u8 = 0x05;
     pub const HAVE: u8 = 0x06;
     pub const GET_ROOT: u8 = 0x07;
+    pub const GET_FLEET: u8 = 0x08;
 
     pub const R_HELLO: u8 = 0x81;
     pub const R_MANIFEST: u8 = 0x82;
@@ -206,6 +228,7 @@ mod tag {
     pub const R_STATUS: u8 = 0x85;
     pub const R_ACK: u8 = 0x86;
     pub const R_ROOT: u8 = 0x87;
+    pub const R_FLEET: u8 = 0x88;
     pub const R_BUSY: u8 = 0xfd;
     pub const R_NOT_FOUND: u8 = 0xfe;
     pub const R_ERROR: u8 = 0xff;
@@ -257,11 +280,14 @@ impl W {
         self.release(&h.pending);
         self.bytes(h.listen.as_bytes());
         self.0.push(u8::from(h.origin));
-        if h.ready.is_some() || h.root.is_some() {
+        if h.ready.is_some() || h.root.is_some() || h.fleet.is_some() {
             self.release(&h.ready);
         }
-        if let Some(root) = h.root {
-            self.u64(root);
+        if h.root.is_some() || h.fleet.is_some() {
+            self.u64(h.root.unwrap_or(0));
+        }
+        if let Some(fleet) = h.fleet {
+            self.u64(fleet);
         }
     }
     fn finish(mut self) -> Vec<u8> {
@@ -339,7 +365,12 @@ impl<'a> R<'a> {
             root: if self.0.is_empty() {
                 None
             } else {
-                Some(self.u64("trust root version")?)
+                Some(self.u64("trust root version")?).filter(|v| *v != 0)
+            },
+            fleet: if self.0.is_empty() {
+                None
+            } else {
+                Some(self.u64("fleet bundle number")?)
             },
         })
     }
@@ -384,6 +415,7 @@ impl Request {
                 w.finish()
             }
             Request::GetStatus => W::new(tag::GET_STATUS).finish(),
+            Request::GetFleet => W::new(tag::GET_FLEET).finish(),
             Request::GetRoot {
                 deployment,
                 version,
@@ -426,6 +458,7 @@ impl Request {
                 blob: r.id("blob id")?,
             },
             tag::GET_STATUS => Request::GetStatus,
+            tag::GET_FLEET => Request::GetFleet,
             tag::GET_ROOT => Request::GetRoot {
                 deployment: r.string("deployment")?,
                 version: r.u64("root version")?,
@@ -471,6 +504,11 @@ impl Response {
             Response::Root { envelope } => {
                 let mut w = W::new(tag::R_ROOT);
                 w.bytes(envelope);
+                w.finish()
+            }
+            Response::Fleet { bundle } => {
+                let mut w = W::new(tag::R_FLEET);
+                w.bytes(bundle);
                 w.finish()
             }
             Response::Chunk { data } => {
@@ -520,6 +558,9 @@ impl Response {
             tag::R_ROOT => Response::Root {
                 envelope: r.bytes("root envelope", MAX_ENVELOPE)?,
             },
+            tag::R_FLEET => Response::Fleet {
+                bundle: r.bytes("fleet bundle", MAX_FLEET_BUNDLE)?,
+            },
             tag::R_CHUNK => Response::Chunk {
                 data: r.bytes("chunk", MAX_CHUNK_LEN as usize)?,
             },
@@ -565,6 +606,7 @@ mod tests {
             origin: true,
             ready: None,
             root: None,
+            fleet: None,
         }
     }
 
@@ -591,6 +633,17 @@ mod tests {
                 root: Some(u64::MAX),
                 ..hello()
             }),
+            // A fleet number without a rotated root: the root is written as 0 and read back as none.
+            Request::Hello(Hello {
+                fleet: Some(1_800_000_000),
+                ..hello()
+            }),
+            Request::Hello(Hello {
+                root: Some(3),
+                fleet: Some(9),
+                ..hello()
+            }),
+            Request::GetFleet,
             Request::GetManifest {
                 deployment: "shop".into(),
             },
@@ -628,6 +681,9 @@ mod tests {
             },
             Response::Root {
                 envelope: b"{\"r\":1}".to_vec(),
+            },
+            Response::Fleet {
+                bundle: vec![b'-'; MAX_FLEET_BUNDLE],
             },
             Response::Chunk {
                 data: vec![7; 70_000],

@@ -19,6 +19,7 @@ impl PeerNode {
         // catches up (from us). A peer on a newer root has a rotation to pass on, whatever it announces.
         let newer_release = hello.announces_newer(local.newest(), local.root);
         let newer_root = hello.newer_root(local.root);
+        let newer_fleet = hello.newer_fleet(self.inner.fleet.current().number());
         let ours = hello.deployment == self.inner.deployment;
         {
             let mut peers = crate::locks::lock(&self.inner.peers, "peers");
@@ -36,12 +37,16 @@ impl PeerNode {
             p.last_hello = Some(Instant::now());
             p.left = false;
         }
-        if ours && (newer_release || newer_root.is_some()) && !self.is_banned(id) {
+        if ours
+            && (newer_release || newer_root.is_some() || newer_fleet.is_some())
+            && !self.is_banned(id)
+        {
             // Bounded: when the engine is busy, a later Hello repeats the hint.
             let _ = self.inner.hints.try_send(Hint {
                 peer: id.to_owned(),
                 version: announced,
                 newer_root,
+                newer_fleet,
             });
         }
     }
@@ -81,18 +86,17 @@ impl PeerNode {
     }
 
     async fn dial(&self, addr: SocketAddr) {
-        let connecting =
-            match self
-                .inner
-                .endpoint
-                .connect_with(self.inner.client.clone(), addr, PEER_NAME)
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(%addr, cause = %e, "cannot dial");
-                    return;
-                }
-            };
+        let connecting = match self.inner.endpoint.connect_with(
+            crate::locks::lock(&self.inner.client, "client config").clone(),
+            addr,
+            PEER_NAME,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%addr, cause = %e, "cannot dial");
+                return;
+            }
+        };
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {

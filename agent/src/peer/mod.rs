@@ -15,7 +15,9 @@
 //! verdicts are recorded in [`Verdicts`], which the node enforces: a banned peer is not offered for
 //! requests, its streams are refused and its announcements ignored; a peer set aside is not offered.
 
+pub mod anchors;
 pub mod discovery;
+pub mod renewal;
 pub mod statuses;
 pub mod tls;
 pub mod verdicts;
@@ -30,7 +32,7 @@ use serve::Bucket;
 pub use verdicts::Verdicts;
 
 use crate::metrics::Metrics;
-use crate::peer::tls::{FleetCredentials, FleetError, peer_id};
+use crate::peer::tls::{FleetError, peer_id};
 use deckhand_protocol::BlobId;
 use deckhand_protocol::status::PeerInfo;
 use deckhand_protocol::wire::PEER_NAME;
@@ -171,11 +173,13 @@ pub struct Hint {
     /// The peer's trust root version, when it is newer than ours: follow it even if the release it
     /// announces is not newer (a rotation of the release keys starts the versions again).
     pub newer_root: Option<u64>,
+    /// The peer's fleet bundle number, when it is newer than ours: ask it for the bundle.
+    pub newer_fleet: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
-    pub creds: FleetCredentials,
+    pub fleet: Arc<renewal::Fleet>,
     pub deployment: String,
     pub listen: SocketAddr,
     /// Addresses to dial (host:port), besides what discovery finds.
@@ -239,7 +243,10 @@ struct Inner {
     me: String,
     deployment: String,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// The client side of this agent's credentials (replaced when a fleet bundle is taken).
+    client: Mutex<quinn::ClientConfig>,
+    fleet: Arc<renewal::Fleet>,
+    streams_per_peer: u32,
     store: Store,
     local: Mutex<LocalState>,
     changed: Notify,
@@ -291,8 +298,9 @@ impl PeerNode {
         metrics: Arc<Metrics>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(PeerNode, mpsc::Receiver<Hint>), PeerError> {
-        let server = cfg.creds.server_config(cfg.streams_per_peer.max(1))?;
-        let client = cfg.creds.client_config()?;
+        let creds = cfg.fleet.current();
+        let server = creds.server_config(cfg.streams_per_peer.max(1))?;
+        let client = creds.client_config()?;
         let endpoint =
             quinn::Endpoint::server(server, cfg.listen).map_err(|e| PeerError::Listen {
                 addr: cfg.listen,
@@ -309,10 +317,12 @@ impl PeerNode {
             .map(|rate| tokio::sync::Mutex::new(Bucket::new(rate, Instant::now())));
         let node = PeerNode {
             inner: Arc::new(Inner {
-                me: cfg.creds.agent_id.clone(),
+                me: creds.agent_id.clone(),
                 deployment: cfg.deployment.clone(),
                 endpoint,
-                client,
+                client: Mutex::new(client),
+                fleet: cfg.fleet.clone(),
+                streams_per_peer: cfg.streams_per_peer.max(1),
                 store,
                 local: Mutex::new(LocalState::default()),
                 changed: Notify::new(),
@@ -351,6 +361,11 @@ impl PeerNode {
         tasks.spawn(
             node.clone()
                 .dial_loop(stop.clone())
+                .instrument(span.clone()),
+        );
+        tasks.spawn(
+            node.clone()
+                .follow_fleet(stop.clone())
                 .instrument(span.clone()),
         );
         tasks.spawn(node.clone().gossip_loop(stop).instrument(span));
@@ -420,6 +435,61 @@ impl PeerNode {
             origin: l.origin,
             ready: l.ready,
             root: l.root,
+            fleet: self.inner.fleet.current().number(),
+        }
+    }
+
+    /// Whether the certificate a connection's peer presented still checks under this agent's
+    /// credentials as they are now.
+    fn still_valid(&self, conn: &quinn::Connection) -> bool {
+        let chain = conn.peer_identity().and_then(|a| {
+            a.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        });
+        chain.is_some_and(|c| self.inner.fleet.current().verifies_peer(&c))
+    }
+
+    /// This agent's fleet credentials, as they are now.
+    pub fn fleet(&self) -> &Arc<renewal::Fleet> {
+        &self.inner.fleet
+    }
+
+    /// Switches the endpoint to new credentials when a fleet bundle is taken: the server side for the
+    /// next handshakes, the client side for the next dials; connections whose peer no longer checks
+    /// (revoked, its CA retired) are closed; peers hear the new bundle number in the next Hello.
+    async fn follow_fleet(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut changed = self.inner.fleet.subscribe();
+        loop {
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            let creds = self.inner.fleet.current();
+            let configs = creds
+                .server_config(self.inner.streams_per_peer)
+                .and_then(|s| Ok((s, creds.client_config()?)));
+            match configs {
+                Ok((server, client)) => {
+                    self.inner.endpoint.set_server_config(Some(server));
+                    *crate::locks::lock(&self.inner.client, "client config") = client;
+                }
+                Err(e) => {
+                    tracing::error!(cause = %e, "cannot use the new fleet credentials; the endpoint keeps the old ones");
+                    continue;
+                }
+            }
+            let conns: Vec<(String, quinn::Connection)> =
+                crate::locks::lock(&self.inner.peers, "peers")
+                    .iter()
+                    .filter_map(|(id, p)| Some((id.clone(), p.conn.clone()?)))
+                    .collect();
+            for (id, conn) in conns {
+                if !self.still_valid(&conn) {
+                    tracing::warn!(peer = %id, "closing the connection: the peer's certificate no longer checks");
+                    conn.close(1u8.into(), b"certificate no longer valid");
+                }
+            }
+            self.inner.changed.notify_one();
         }
     }
 
@@ -615,6 +685,18 @@ impl PeerNode {
 
     /// The deployment's trust root of `version` from `peer`, if it holds it (unverified: the caller
     /// checks it along its own chain).
+    /// The fleet bundle `peer` holds, if any.
+    pub async fn get_fleet(&self, peer: &str) -> Result<Option<Vec<u8>>, PeerError> {
+        match self
+            .request(peer, &Request::GetFleet, "fleet bundle", HELLO_TIMEOUT)
+            .await?
+        {
+            Response::Fleet { bundle } => Ok(Some(bundle)),
+            Response::NotFound => Ok(None),
+            other => Err(unexpected(peer, "fleet bundle", other)),
+        }
+    }
+
     pub async fn get_root(&self, peer: &str, version: u64) -> Result<Option<Vec<u8>>, PeerError> {
         match self
             .request(

@@ -76,8 +76,22 @@ impl PeerNode {
     }
 
     async fn serve_conn(&self, id: String, conn: quinn::Connection) {
+        let mut fleet = self.inner.fleet.subscribe();
         loop {
-            let (send, recv) = match conn.accept_bi().await {
+            let accepted = tokio::select! {
+                a = conn.accept_bi() => a,
+                Ok(()) = fleet.changed() => {
+                    // New credentials (a revocation, a retired CA): a peer that no longer checks
+                    // is dropped from the connections it opened too.
+                    if !self.still_valid(&conn) {
+                        tracing::warn!(peer = %id, "closing the connection: the peer's certificate no longer checks");
+                        conn.close(1u8.into(), b"certificate no longer valid");
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let (send, recv) = match accepted {
                 Ok(s) => s,
                 Err(_) => {
                     // A peer known only by the connections it opened says here that it left.
@@ -172,6 +186,12 @@ impl PeerNode {
                     None => Response::NotFound,
                 }
             }
+            Request::GetFleet => match self.inner.fleet.current().bundle() {
+                Some(b) => Response::Fleet {
+                    bundle: b.bytes.to_vec(),
+                },
+                None => Response::NotFound,
+            },
             Request::GetRoot {
                 deployment,
                 version,

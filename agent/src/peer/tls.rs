@@ -14,6 +14,7 @@
 //! Both sides of every QUIC connection present a certificate chained to the CA (TLS 1.3, ALPN
 //! `deckhand/1`); a device without one is refused during the handshake, before any request is read.
 
+use super::anchors::{self, Bundle, Resolved};
 use deckhand_protocol::wire::check_agent_id;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -108,6 +109,8 @@ pub enum FleetError {
     Invalid { path: PathBuf, what: String },
     #[error("tls: {0}")]
     Tls(String),
+    #[error("fleet bundle: {0}")]
+    Bundle(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, FleetError> {
@@ -124,14 +127,24 @@ fn invalid(path: &Path, what: impl std::fmt::Display) -> FleetError {
     }
 }
 
-/// An agent's fleet credentials, loaded at start-up.
+/// An agent's fleet credentials: what was installed with it (`--fleet-*`) and what the newest fleet
+/// bundle it holds adds ([`super::anchors`]): renewed certificates, CAs a rotation introduced,
+/// revocation lists. Immutable; a bundle taken makes new credentials ([`take`](Self::take)).
 #[derive(Clone)]
 pub struct FleetCredentials {
     pub agent_id: String,
+    /// The installed CA.
     ca: CertificateDer<'static>,
-    chain: Vec<CertificateDer<'static>>,
+    /// The installed certificate chain.
+    installed: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// The installed revocation lists.
     crls: Vec<CertificateRevocationListDer<'static>>,
+    bundle: Option<Bundle>,
+    /// The anchors and lists in force, from the installed ones and the bundle.
+    resolved: Arc<Resolved>,
+    /// The chain this agent presents: the installed one, or the newest renewal that checks.
+    chain: Vec<CertificateDer<'static>>,
     clock: Arc<TrustedClock>,
     cert_path: PathBuf,
     ca_path: PathBuf,
@@ -180,9 +193,12 @@ impl FleetCredentials {
         let creds = FleetCredentials {
             agent_id,
             ca,
+            installed: chain.clone(),
             chain,
             key: Arc::new(key),
             crls,
+            bundle: None,
+            resolved: Arc::default(),
             clock: TrustedClock::system(),
             cert_path: p.cert.clone(),
             ca_path: p.ca.clone(),
@@ -195,9 +211,138 @@ impl FleetCredentials {
     /// Judges certificates at the trusted clock: never before this agent's own certificate's start,
     /// raised to the floor `read_floor` returns.
     pub fn with_floor(mut self, read_floor: Option<FloorFn>) -> Self {
-        let least = self.chain.first().and_then(not_before).unwrap_or(EPOCH);
+        let least = self.installed.first().and_then(not_before).unwrap_or(EPOCH);
         self.clock = TrustedClock::new(read_floor, least);
+        self.resolve()
+    }
+
+    /// The same credentials with `bundle` (in place of any bundle held), resolved at the trusted now.
+    pub fn with_bundle(mut self, bundle: Option<Bundle>) -> Self {
+        self.bundle = bundle;
+        self.resolve()
+    }
+
+    /// Takes `bundle` if it is newer than the one held (a higher revocation list number under an
+    /// anchor this agent trusts): the credentials to use from now on. `Ok(None)`: not newer, nothing
+    /// changes. An error names why nothing in it could be trusted.
+    pub fn take(&self, bundle: Bundle) -> Result<Option<Self>, FleetError> {
+        let next = self.clone().with_bundle(Some(bundle));
+        match next.resolved.number {
+            None => Err(FleetError::Bundle(
+                next.resolved.refused.first().cloned().unwrap_or_else(|| {
+                    "no revocation list signed by a fleet CA this agent trusts".into()
+                }),
+            )),
+            Some(n) if Some(n) > self.resolved.number => Ok(Some(next)),
+            Some(_) => Ok(None),
+        }
+    }
+
+    /// The chain this agent presents in its handshakes.
+    pub fn presented(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The number of the fleet bundle in force (its highest revocation list number).
+    pub fn number(&self) -> Option<u64> {
+        self.resolved.number
+    }
+
+    /// The bundle held, as received (relayed to peers that ask).
+    pub fn bundle(&self) -> Option<&Bundle> {
+        self.bundle.as_ref()
+    }
+
+    /// The fleet CAs trusted (names), and those retired.
+    pub fn anchors(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.resolved
+                .anchors
+                .iter()
+                .map(|a| a.name.clone())
+                .collect(),
+            self.resolved.retired.clone(),
+        )
+    }
+
+    /// What status shows of the fleet's trust.
+    pub fn trust(&self) -> deckhand_protocol::status::FleetTrust {
+        let (cas, retired_cas) = self.anchors();
+        deckhand_protocol::status::FleetTrust {
+            bundle: self.number(),
+            cas,
+            retired_cas,
+            certificate_serial: self.chain.first().and_then(|c| {
+                let (_, x) = x509_parser::parse_x509_certificate(c.as_ref()).ok()?;
+                Some(hex::encode(x.raw_serial()))
+            }),
+        }
+    }
+
+    /// Works out the anchors and lists in force and the chain to present.
+    fn resolve(mut self) -> Self {
+        let now = self.clock.now().as_second();
+        let resolved = anchors::resolve(&self.ca, &self.crls, self.bundle.as_ref(), now);
+        for why in &resolved.refused {
+            tracing::warn!(cause = %why, "part of the fleet bundle was refused");
+        }
+        self.resolved = Arc::new(resolved);
+        self.chain = self.best_chain();
         self
+    }
+
+    /// The installed chain, or a renewed certificate for this agent's key from the bundle: the one
+    /// that checks now with the latest end (with the cross-certificate of its CA when a rotation
+    /// introduced that CA). When none checks, the installed chain (its check says why).
+    fn best_chain(&self) -> Vec<CertificateDer<'static>> {
+        let Some(spki) = self.installed.first().and_then(public_key) else {
+            return self.installed.clone();
+        };
+        let mut candidates = vec![self.installed.clone()];
+        for cert in self.bundle.iter().flat_map(|b| b.certs.iter()) {
+            let ours = common_name(cert).as_deref() == Some(self.agent_id.as_str())
+                && public_key(cert).as_ref() == Some(&spki);
+            if !ours {
+                continue;
+            }
+            let mut chain = vec![cert.clone()];
+            if let Some(anchor) = self.resolved.issuer_of(cert).filter(|a| !a.installed) {
+                chain.push(anchor.cert.clone());
+            }
+            candidates.push(chain);
+        }
+        let Ok(verifier) = self.client_verifier() else {
+            return self.installed.clone();
+        };
+        let now = self.unix_now();
+        candidates
+            .into_iter()
+            .filter(|c| {
+                c.split_first().is_some_and(|(leaf, rest)| {
+                    verifier.verify_client_cert(leaf, rest, now).is_ok()
+                })
+            })
+            .max_by_key(|c| c.first().and_then(not_after))
+            .unwrap_or_else(|| self.installed.clone())
+    }
+
+    fn unix_now(&self) -> rustls::pki_types::UnixTime {
+        rustls::time_provider::TimeProvider::current_time(self.clock.as_ref())
+            .unwrap_or_else(rustls::pki_types::UnixTime::now)
+    }
+
+    /// Whether a peer's certificate chain (as its handshake presented it) still checks: chained to a
+    /// live anchor, within its dates at the trusted now, not revoked. Connections whose peer no longer
+    /// checks are closed when new credentials are taken.
+    pub fn verifies_peer(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Ok(verifier) = self.client_verifier() else {
+            return false;
+        };
+        chain.split_first().is_some_and(|(leaf, rest)| {
+            verifier
+                .verify_client_cert(leaf, rest, self.unix_now())
+                .is_ok()
+        })
     }
 
     /// Whether this agent's certificate is valid under the fleet CA at the trusted now: chained to it,
@@ -208,8 +353,7 @@ impl FleetCredentials {
             .chain
             .split_first()
             .ok_or_else(|| invalid(&self.cert_path, "holds no certificate"))?;
-        let now = rustls::time_provider::TimeProvider::current_time(self.clock.as_ref())
-            .unwrap_or_else(rustls::pki_types::UnixTime::now);
+        let now = self.unix_now();
         verifier
             .verify_client_cert(leaf, rest, now)
             .map(|_| ())
@@ -221,9 +365,14 @@ impl FleetCredentials {
             })
     }
 
-    /// When this agent's certificate and the fleet CA's stop being valid.
+    /// When this agent's certificate and the fleet CA that issued it stop being valid.
     pub fn not_after(&self) -> (Option<jiff::Timestamp>, Option<jiff::Timestamp>) {
-        (self.chain.first().and_then(not_after), not_after(&self.ca))
+        let leaf = self.chain.first();
+        let ca = leaf
+            .and_then(|l| self.resolved.issuer_of(l))
+            .and_then(|a| a.not_after)
+            .or_else(|| not_after(&self.ca));
+        (leaf.and_then(not_after), ca)
     }
 
     /// The trusted now certificates are judged at.
@@ -235,12 +384,34 @@ impl FleetCredentials {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
+    /// The live anchors (the installed CA until a bundle says otherwise).
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, FleetError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(self.ca.clone())
-            .map_err(|e| FleetError::Tls(format!("fleet CA: {e}")))?;
+        if self.resolved.anchors.is_empty() && self.resolved.retired.is_empty() {
+            roots
+                .add(self.ca.clone())
+                .map_err(|e| FleetError::Tls(format!("fleet CA: {e}")))?;
+        }
+        for a in &self.resolved.anchors {
+            roots
+                .add(a.cert.clone())
+                .map_err(|e| FleetError::Tls(format!("fleet CA {}: {e}", a.name)))?;
+        }
+        if roots.is_empty() {
+            return Err(FleetError::Tls(
+                "every fleet CA this agent knew is retired".into(),
+            ));
+        }
         Ok(Arc::new(roots))
+    }
+
+    /// The revocation lists in force.
+    fn lists(&self) -> Vec<CertificateRevocationListDer<'static>> {
+        if self.resolved.anchors.is_empty() {
+            self.crls.clone()
+        } else {
+            self.resolved.crls.clone()
+        }
     }
 
     /// How this agent checks a peer's certificate, as a server: chained to the fleet CA, not revoked.
@@ -248,7 +419,7 @@ impl FleetCredentials {
         &self,
     ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, FleetError> {
         rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
-            .with_crls(self.crls.clone())
+            .with_crls(self.lists())
             .only_check_end_entity_revocation()
             .allow_unknown_revocation_status()
             .build()
@@ -283,7 +454,7 @@ impl FleetCredentials {
             self.roots()?,
             Self::provider(),
         )
-        .with_crls(self.crls.clone())
+        .with_crls(self.lists())
         .only_check_end_entity_revocation()
         .allow_unknown_revocation_status()
         .build()
@@ -313,6 +484,12 @@ fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
+}
+
+/// A DER certificate's subject public key info.
+fn public_key(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(x509.public_key().raw.to_vec())
 }
 
 /// When a DER certificate starts being valid.

@@ -129,6 +129,14 @@ impl Bundle {
         super::read_capped(&current, deckhand_protocol::envelope::MAX_ENVELOPE).await
     }
 
+    /// The fleet bundle on the stick (`None` if it has none), read only up to
+    /// [`deckhand_protocol::wire::MAX_FLEET_BUNDLE`].
+    pub async fn fleet(&self) -> Result<Option<Vec<u8>>, super::SyncError> {
+        let layout = deckhand_protocol::layout::Layout::new("")?;
+        let path = self.dir.join(layout.fleet());
+        super::read_capped(&path, deckhand_protocol::wire::MAX_FLEET_BUNDLE).await
+    }
+
     /// Imports every blob of the admitted release `m` from the bundle into the store, each checked
     /// against the manifest. Returns the bytes imported (blobs the store held already are skipped).
     pub async fn import_blobs(

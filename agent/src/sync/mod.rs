@@ -222,6 +222,8 @@ pub struct Engine {
     /// Whether the active envelope's keys are retired ([`Engine::active_retired`]), for the trust root
     /// version it was judged under: announcing is on the download's path, a signature check is not.
     retired: std::sync::Mutex<Option<(Option<u64>, bool)>>,
+    /// The entity tag of the fleet bundle last read from the origin.
+    fleet_etag: Option<String>,
     /// When the engine's loops last went round (the watchdog withholds its ping if they stop).
     beat: crate::systemd::Beat,
 }
@@ -252,6 +254,7 @@ impl Engine {
             ready: None,
             active_envelope: None,
             retired: std::sync::Mutex::new(None),
+            fleet_etag: None,
             beat: crate::systemd::Beat::default(),
         }
     }
@@ -292,6 +295,7 @@ impl Engine {
         let mut backoff = self.cfg.poll;
         let mut next_poll = tokio::time::Instant::now();
         let mut asked: HashMap<String, Instant> = HashMap::new();
+        let mut fleet_asked: HashMap<String, Instant> = HashMap::new();
         let mut failures = 0u64;
         // A download accepted before a restart resumes first.
         let mut resume = true;
@@ -348,6 +352,16 @@ impl Engine {
                     resume = true;
                 }
                 Event::Hint(h) => {
+                    if h.newer_fleet.is_some() {
+                        let now = Instant::now();
+                        let recent = fleet_asked
+                            .get(&h.peer)
+                            .is_some_and(|t| now.duration_since(*t) < HINT_SPACING);
+                        if !recent {
+                            fleet_asked.insert(h.peer.clone(), now);
+                            self.fleet_from_peer(&h.peer).await;
+                        }
+                    }
                     // A hint queued while this agent got the release some other way is stale:
                     // the peer is not asked (it may be unreachable by now). A peer on a newer root
                     // is asked whatever it announces.
@@ -586,7 +600,7 @@ impl Engine {
             return Ok(());
         };
         let key = origin.layout().current(&self.cfg.deployment);
-        let (body, new_etag) = match origin
+        let fetched = match origin
             .get_if_changed(
                 &key,
                 etag.as_deref(),
@@ -594,12 +608,17 @@ impl Engine {
             )
             .await
         {
-            Ok(Fetched::NotModified | Fetched::Missing) => return Ok(()),
-            Ok(Fetched::Changed { body, etag }) => (body, etag),
+            Ok(f) => f,
             Err(e) => {
                 self.origin_failed(&e);
                 return Err(e.into());
             }
+        };
+        // Renewed certificates and revocations, whatever the deployment's releases do.
+        self.fleet_from_origin(origin.as_ref()).await;
+        let (body, new_etag) = match fetched {
+            Fetched::NotModified | Fetched::Missing => return Ok(()),
+            Fetched::Changed { body, etag } => (body, etag),
         };
         self.origin_ok();
         // Newer trust roots before the manifest is checked. Only when current.json changed (an

@@ -38,6 +38,53 @@ impl Engine {
         Ok(())
     }
 
+    /// Offers a fleet bundle to this agent's credentials ([`crate::peer::renewal::Fleet::offer`]):
+    /// taken if it verifies and is newer. One that does not verify is logged with why; nothing changes.
+    pub(super) async fn offer_fleet(&self, bytes: Vec<u8>, from: String) {
+        let Some(fleet) = self.peers.as_ref().map(|p| p.fleet().clone()) else {
+            return;
+        };
+        let label = from.clone();
+        match tokio::task::spawn_blocking(move || fleet.offer(&bytes, &from)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(from = %label, cause = %e, "a fleet bundle was refused"),
+            Err(e) => tracing::warn!(from = %label, cause = %e, "offering a fleet bundle failed"),
+        }
+    }
+
+    /// The fleet bundle in the bucket, when it changed since the last poll.
+    pub(super) async fn fleet_from_origin(&mut self, origin: &dyn crate::origin::Origin) {
+        use crate::origin::Fetched;
+        if self.peers.is_none() {
+            return;
+        }
+        let key = origin.layout().fleet();
+        let limit = deckhand_protocol::wire::MAX_FLEET_BUNDLE as u64;
+        match origin
+            .get_if_changed(&key, self.fleet_etag.as_deref(), limit)
+            .await
+        {
+            Ok(Fetched::Changed { body, etag }) => {
+                self.offer_fleet(body.to_vec(), "the origin".into()).await;
+                self.fleet_etag = etag;
+            }
+            Ok(Fetched::NotModified | Fetched::Missing) => {}
+            Err(e) => tracing::debug!(cause = %e, "cannot read the fleet bundle from the origin"),
+        }
+    }
+
+    /// The fleet bundle of a peer that announced a newer one.
+    pub(super) async fn fleet_from_peer(&self, peer: &str) {
+        let Some(node) = &self.peers else {
+            return;
+        };
+        match node.get_fleet(peer).await {
+            Ok(Some(bytes)) => self.offer_fleet(bytes, format!("peer {peer}")).await,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(peer, cause = %e, "cannot get the fleet bundle from a peer"),
+        }
+    }
+
     pub(super) async fn release_from_peer(&mut self, h: &Hint) -> Result<(), SyncError> {
         let Some(node) = &self.peers else {
             return Ok(());
@@ -87,6 +134,9 @@ impl Engine {
         dir: &std::path::Path,
     ) -> Result<(), SyncError> {
         let bundle = bundle::Bundle::open(dir).await?;
+        if let Some(bytes) = bundle.fleet().await? {
+            self.offer_fleet(bytes, bundle.label()).await;
+        }
         let followed = bundle
             .follow_roots(&self.cfg.trust, &self.store, &self.cfg.deployment)
             .await?;

@@ -360,6 +360,7 @@ fn fake_peer(
         origin: false,
         ready: None,
         root: None,
+        fleet: None,
     };
     if let Some(agent) = introduce {
         let (endpoint, hello, client) = (
@@ -837,6 +838,7 @@ async fn a_device_without_a_fleet_certificate_or_with_a_revoked_one_gets_no_chun
                 origin: false,
                 ready: None,
                 root: None,
+                fleet: None,
             }),
             Request::GetManifest {
                 deployment: "shop-1".into(),
@@ -892,7 +894,7 @@ async fn a_device_without_a_fleet_certificate_or_with_a_revoked_one_gets_no_chun
     // The CA revokes pi-9 and the agent restarts with the revocation list: pi-9's own certificate,
     // which was answered above, is now refused like an outsider's, while another member still gets
     // answers from the same agent.
-    assert_eq!(fleet.ca().revoke("pi-9").unwrap(), 1);
+    assert_eq!(fleet.ca().revoke("pi-9").unwrap().0, 1);
     fleet.agents.remove(0).stop().await.unwrap();
     let crl = fleet.ca().crl_path().display().to_string();
     fleet

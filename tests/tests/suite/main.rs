@@ -24,6 +24,7 @@ mod partition;
 mod publish;
 mod recognizer;
 mod recovery;
+mod renewal;
 mod scrub;
 mod shop_page;
 mod store_crash;

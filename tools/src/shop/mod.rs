@@ -252,6 +252,12 @@ impl FleetBuilder {
             .map_err(ToolError::io("write", &trust))?;
         let ca = CaDir::new(dir.join("fleet-ca"));
         ca.init("shop")?;
+        // What every Pi is installed with: a copy of the CA certificate (a rotation replaces the
+        // operator's; a Pi moves over through the fleet bundle).
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).map_err(ToolError::io("create", &certs))?;
+        std::fs::copy(ca.cert_path(), certs.join("ca.crt"))
+            .map_err(ToolError::io("copy the CA certificate", &certs))?;
         let mut fleet = Fleet {
             dir,
             _tmp: tmp,
@@ -452,12 +458,12 @@ impl Fleet {
         Ok(args)
     }
 
-    /// The fleet credential flags of an enrolled agent (CA, certificate, key).
+    /// The fleet credential flags of an enrolled agent (the CA as installed, certificate, key).
     pub fn credential_args(&self, name: &str) -> Vec<String> {
         let certs = self.dir.join("certs");
         vec![
             "--fleet-ca".into(),
-            self.ca.cert_path().display().to_string(),
+            certs.join("ca.crt").display().to_string(),
             "--fleet-cert".into(),
             certs.join(format!("{name}.crt")).display().to_string(),
             "--fleet-key".into(),
