@@ -72,6 +72,9 @@ pub struct Metrics {
     sync_local: AtomicU64,
     peer_served: AtomicU64,
     peers_banned: AtomicU64,
+    /// QUIC handshakes shed to make room (the oldest first), and Initials answered with a Retry.
+    handshakes_shed: AtomicU64,
+    handshakes_retried: AtomicU64,
     /// Origin range GETs that failed, by why: (an error, stalled, a bad answer).
     range_failed: [AtomicU64; 3],
     /// The latest answers, newest first (at most [`RECENT`]).
@@ -202,6 +205,16 @@ impl Metrics {
         self.range_failed[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A QUIC handshake in flight was shed to make room for a newer one.
+    pub fn handshake_shed(&self) {
+        self.handshakes_shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A QUIC Initial was answered with a Retry (the address must prove it receives our packets).
+    pub fn handshake_retried(&self) {
+        self.handshakes_retried.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn peer_banned(&self) {
         self.peers_banned.fetch_add(1, Ordering::Relaxed);
     }
@@ -306,6 +319,26 @@ impl Metrics {
         let _ = writeln!(s, "deckhand_peers_banned_total {}", g(&self.peers_banned));
         let _ = writeln!(
             s,
+            "# HELP deckhand_quic_handshakes_shed_total QUIC handshakes in flight shed to make room (the oldest first)."
+        );
+        let _ = writeln!(s, "# TYPE deckhand_quic_handshakes_shed_total counter");
+        let _ = writeln!(
+            s,
+            "deckhand_quic_handshakes_shed_total {}",
+            g(&self.handshakes_shed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP deckhand_quic_retries_total QUIC Initials answered with a Retry while handshakes were pressed."
+        );
+        let _ = writeln!(s, "# TYPE deckhand_quic_retries_total counter");
+        let _ = writeln!(
+            s,
+            "deckhand_quic_retries_total {}",
+            g(&self.handshakes_retried)
+        );
+        let _ = writeln!(
+            s,
             "# HELP deckhand_origin_ranges_failed_total Origin range GETs that failed and were fetched again, by why."
         );
         let _ = writeln!(s, "# TYPE deckhand_origin_ranges_failed_total counter");
@@ -364,6 +397,19 @@ pub fn render_status(
              # TYPE deckhand_scrub_quarantined_total counter\n\
              deckhand_scrub_quarantined_total {}\n",
             s.bytes_checked, s.quarantined
+        );
+    }
+    if let Some(t) = &status.fleet_trust {
+        let _ = write!(
+            out,
+            "# HELP deckhand_fleet_bundle The number of the fleet bundle this agent holds (renewals, revocations, CA rotations); 0 before any.\n\
+             # TYPE deckhand_fleet_bundle gauge\n\
+             deckhand_fleet_bundle {}\n\
+             # HELP deckhand_fleet_cas Fleet CAs this agent trusts (2 during a CA rotation).\n\
+             # TYPE deckhand_fleet_cas gauge\n\
+             deckhand_fleet_cas {}\n",
+            t.bundle.unwrap_or(0),
+            t.cas.len()
         );
     }
     let _ = write!(

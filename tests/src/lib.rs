@@ -3,6 +3,7 @@
 
 pub mod browser;
 pub mod powerfs;
+pub mod quic_flood;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -51,6 +52,23 @@ use std::time::Duration;
 /// the real `deckhand-agent` binary of this build, in a temporary directory named after the test.
 pub fn shop(name: &str) -> FleetBuilder {
     Fleet::new().name(name).agent_binary(bin("deckhand-agent"))
+}
+
+/// A shop of `agents` agents, each serving version 1 (a release of `bytes`) once this returns.
+pub async fn serving_v1(name: &str, agents: usize, bytes: u64) -> Fleet {
+    let fleet = shop(name)
+        .agents(agents)
+        .release(bytes)
+        .start()
+        .await
+        .unwrap();
+    fleet
+        .wait_all(secs(60), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    fleet
 }
 
 /// `n` seconds.

@@ -63,19 +63,8 @@ impl PeerNode {
                 .filter(|s| s.conn.as_ref().is_some_and(|c| c.close_reason().is_none()))
                 .map(|s| s.addr)
                 .collect();
-            let due: Vec<SocketAddr> = {
-                let mut addrs = crate::locks::lock(&self.inner.addrs, "addresses");
-                let due: Vec<_> = addrs
-                    .iter()
-                    .filter(|(a, t)| **t <= now && !connected.contains(a))
-                    .map(|(a, _)| *a)
-                    .collect();
-                for a in &due {
-                    // The next attempt, if this one fails; backs off while it keeps failing.
-                    addrs.insert(*a, now + Duration::from_secs(3));
-                }
-                due
-            };
+            // Each is given its next attempt as if it fails; it backs off while it keeps failing.
+            let due = crate::locks::lock(&self.inner.addrs, "addresses").due(now, &connected);
             for addr in due {
                 let node = self.clone();
                 self.inner
@@ -86,6 +75,13 @@ impl PeerNode {
     }
 
     async fn dial(&self, addr: SocketAddr) {
+        if !self.try_dial(addr).await {
+            crate::locks::lock(&self.inner.addrs, "addresses").failed(addr, Instant::now());
+        }
+    }
+
+    /// One dial: `false` when it reached no member (nothing answered, or not with a fleet identity).
+    async fn try_dial(&self, addr: SocketAddr) -> bool {
         let connecting = match self.inner.endpoint.connect_with(
             crate::locks::lock(&self.inner.client, "client config").clone(),
             addr,
@@ -94,24 +90,25 @@ impl PeerNode {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(%addr, cause = %e, "cannot dial");
-                return;
+                return false;
             }
         };
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::debug!(%addr, cause = %e, "dial failed");
-                return;
+                return false;
             }
             Err(_) => {
                 tracing::debug!(%addr, "dial timed out");
-                return;
+                return false;
             }
         };
         let Some(id) = peer_id(&conn) else {
             conn.close(1u8.into(), b"no fleet identity");
-            return;
+            return false;
         };
+        crate::locks::lock(&self.inner.addrs, "addresses").connected(addr);
         if id == self.inner.me {
             conn.close(0u8.into(), b"self");
             {
@@ -122,7 +119,7 @@ impl PeerNode {
                 let mut a = crate::locks::lock(&self.inner.addrs, "addrs");
                 a.remove(&addr);
             }
-            return;
+            return true;
         }
         // One connection per peer: a second address of a connected peer is dropped.
         let already = self.conn(&id).is_ok();
@@ -132,13 +129,14 @@ impl PeerNode {
                 let mut a = crate::locks::lock(&self.inner.addrs, "addrs");
                 a.remove(&addr);
             }
-            return;
+            return true;
         }
         if let Err(e) = self.exchange_hello(&id, addr, conn).await {
             tracing::debug!(peer = %id, cause = %e, "hello failed");
         } else {
             tracing::info!(peer = %id, %addr, "connected");
         }
+        true
     }
 
     async fn exchange_hello(
@@ -197,7 +195,7 @@ impl PeerNode {
                             p.last_error = Some(e.to_string());
                             {
                                 let mut a = crate::locks::lock(&node.inner.addrs, "addrs");
-                                a.insert(p.addr, Instant::now());
+                                a.add(p.addr, false, Instant::now());
                             }
                         }
                     }

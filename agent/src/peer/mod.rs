@@ -15,6 +15,7 @@
 //! verdicts are recorded in [`Verdicts`], which the node enforces: a banned peer is not offered for
 //! requests, its streams are refused and its announcements ignored; a peer set aside is not offered.
 
+pub mod admission;
 pub mod anchors;
 pub mod discovery;
 pub mod renewal;
@@ -49,12 +50,10 @@ use tracing::Instrument as _;
 
 /// Chunks served at once, across all peers.
 pub const MAX_SERVING: usize = 16;
-/// Peers tracked at most (addresses beyond this are ignored).
+/// Peers tracked at most (a new one beyond this is ignored until one is forgotten).
 pub const MAX_PEERS: usize = 256;
 /// How long a chunk request waits for a serving slot before it is answered Busy.
 const BUSY_AFTER: Duration = Duration::from_secs(2);
-/// Incoming connections served at once; one more is refused at the QUIC handshake.
-pub const MAX_INCOMING: usize = 64;
 /// A peer is live if it answered a Hello this recently.
 pub const LIVE: Duration = Duration::from_secs(8);
 const GOSSIP: Duration = Duration::from_secs(2);
@@ -253,15 +252,21 @@ struct Inner {
     peers: Mutex<HashMap<String, PeerState>>,
     /// The verdicts passed on peers (recorded by the sync engine, enforced here).
     verdicts: Verdicts,
-    /// Addresses to dial; the value is when the next attempt may happen.
-    addrs: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Addresses to dial ([`admission::DialTable`]: failing ones back off and age out).
+    addrs: Mutex<admission::DialTable>,
     /// Our own addresses, learnt when a dial reaches ourselves.
     own: Mutex<HashSet<SocketAddr>>,
     hints: mpsc::Sender<Hint>,
     haves: mpsc::Sender<HaveNote>,
     haves_rx: Mutex<Option<mpsc::Receiver<HaveNote>>>,
     serving: Semaphore,
-    incoming: Arc<Semaphore>,
+    /// QUIC handshakes in flight ([`admission`]), and how to cancel each (to shed it).
+    handshakes: Mutex<(
+        admission::Handshakes,
+        HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    )>,
+    /// Connections each member holds open to this agent ([`admission::PER_MEMBER`] at most).
+    members: Mutex<HashMap<String, usize>>,
     bucket: Option<tokio::sync::Mutex<Bucket>>,
     metrics: Arc<Metrics>,
     listen: SocketAddr,
@@ -328,14 +333,15 @@ impl PeerNode {
                 changed: Notify::new(),
                 peers: Mutex::new(HashMap::new()),
                 verdicts: Verdicts::default(),
-                addrs: Mutex::new(HashMap::new()),
+                addrs: Mutex::default(),
                 own: Mutex::new(HashSet::new()),
                 hints: hints_tx,
                 haves: haves_tx,
                 haves_rx: Mutex::new(Some(haves_rx)),
                 status: Mutex::new(None),
                 serving: Semaphore::new(MAX_SERVING),
-                incoming: Arc::new(Semaphore::new(MAX_INCOMING)),
+                handshakes: Mutex::default(),
+                members: Mutex::default(),
                 bucket,
                 metrics,
                 listen,
@@ -345,7 +351,7 @@ impl PeerNode {
         };
         for p in &cfg.static_peers {
             match tokio::net::lookup_host(p.as_str()).await {
-                Ok(addrs) => addrs.for_each(|a| node.add_addr(a)),
+                Ok(addrs) => addrs.for_each(|a| node.add_dial(a, true)),
                 Err(e) => {
                     tracing::warn!(peer = %p, cause = %e, "cannot resolve a static peer; skipped")
                 }
@@ -390,17 +396,30 @@ impl PeerNode {
         self.inner.listen
     }
 
-    /// Adds an address to dial (from discovery or configuration).
+    /// Adds an address to dial (from discovery, or a peer's Hello).
     pub fn add_addr(&self, addr: SocketAddr) {
+        self.add_dial(addr, false);
+    }
+
+    /// Adds an address to dial; `pinned` for a configured peer (never forgotten).
+    fn add_dial(&self, addr: SocketAddr, pinned: bool) {
         if crate::locks::lock(&self.inner.own, "own addresses").contains(&addr)
             || addr == self.inner.listen
         {
             return;
         }
-        let mut a = crate::locks::lock(&self.inner.addrs, "addresses");
-        if a.len() < MAX_PEERS {
-            a.entry(addr).or_insert_with(Instant::now);
+        let added =
+            crate::locks::lock(&self.inner.addrs, "addresses").add(addr, pinned, Instant::now());
+        if !added {
+            tracing::debug!(%addr, "the dial table is full of addresses not tried yet; this one waits");
         }
+    }
+
+    /// Addresses known to dial, and how many were evicted for newer ones and forgotten after failing.
+    pub fn dial_table(&self) -> (usize, u64, u64) {
+        let t = crate::locks::lock(&self.inner.addrs, "addresses");
+        let (evicted, aged_out) = t.dropped();
+        (t.len(), evicted, aged_out)
     }
 
     /// Updates what this agent announces, and tells connected peers at once if it changed.

@@ -1,9 +1,28 @@
-//! Serving peers: incoming connections (at most [`MAX_INCOMING`], each identified by its fleet
-//! certificate), one request per stream, answered from the store within the serving limits
+//! Serving peers: incoming connections (handshakes admitted by [`admission`]: bounded in total and per
+//! address, the oldest shed, a Retry under pressure; then each identified by its fleet certificate, at
+//! most [`admission::PER_MEMBER`] per member), one request per stream, answered from the store within the serving limits
 //! ([`MAX_SERVING`] chunks at once, the bandwidth [`Bucket`]). A banned peer's streams are refused.
 
 use super::*;
 use frames::{FrameError, read_frame};
+
+/// A member's connection counted while it is served.
+struct MemberSlot {
+    node: PeerNode,
+    id: String,
+}
+
+impl Drop for MemberSlot {
+    fn drop(&mut self) {
+        let mut m = crate::locks::lock(&self.node.inner.members, "member connections");
+        if let Some(n) = m.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.id);
+            }
+        }
+    }
+}
 
 /// The serving bandwidth cap: a token bucket of `rate` bytes per second with one second of burst.
 pub(super) struct Bucket {
@@ -43,29 +62,42 @@ impl PeerNode {
                 _ = stop.changed() => break,
             };
             let Some(incoming) = incoming else { break };
-            let Ok(permit) = self.inner.incoming.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    remote = %incoming.remote_address(),
-                    limit = MAX_INCOMING,
-                    "refused an incoming connection: at the connection limit"
-                );
-                incoming.refuse();
+            let Some((ticket, cancelled)) = self.admit(&incoming) else {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
                 continue;
             };
             let node = self.clone();
             self.inner.tasks.spawn(async move {
-                let _permit = permit;
                 let remote = incoming.remote_address();
-                let conn = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
+                let outcome = tokio::select! {
+                    r = tokio::time::timeout(admission::HANDSHAKE_TIMEOUT, incoming) => Some(r),
+                    _ = cancelled => None,
+                };
+                node.handshake_ended(ticket);
+                let conn = match outcome {
+                    Some(Ok(Ok(c))) => c,
+                    Some(Ok(Err(e))) => {
                         tracing::info!(%remote, cause = %e, "refused an incoming connection");
                         return;
                     }
-                    Err(_) => return,
+                    Some(Err(_)) => {
+                        tracing::debug!(%remote, "an incoming handshake timed out");
+                        return;
+                    }
+                    None => {
+                        tracing::debug!(%remote, "an incoming handshake was shed for a newer one");
+                        return;
+                    }
                 };
                 let Some(id) = peer_id(&conn) else {
                     conn.close(1u8.into(), b"no fleet identity");
+                    return;
+                };
+                let Some(_slot) = node.member_slot(&id) else {
+                    tracing::warn!(peer = %id, %remote, limit = admission::PER_MEMBER, "refused a connection: the member holds its share already");
+                    conn.close(3u8.into(), b"too many connections");
                     return;
                 };
                 let span = tracing::info_span!("peer", peer = %id, %remote);
@@ -73,6 +105,58 @@ impl PeerNode {
             });
         }
         self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);
+    }
+
+    /// Admits an Initial ([`admission::Handshakes::admit`]): its ticket and what cancels it, or `None`
+    /// to answer it with a Retry. A handshake shed to make room is cancelled here.
+    fn admit(
+        &self,
+        incoming: &quinn::Incoming,
+    ) -> Option<(u64, tokio::sync::oneshot::Receiver<()>)> {
+        let mut h = crate::locks::lock(&self.inner.handshakes, "handshakes");
+        let (gate, cancels) = &mut *h;
+        let admit = gate.admit(
+            incoming.remote_address().ip(),
+            incoming.remote_address_validated(),
+            Instant::now(),
+        );
+        match admit {
+            admission::Admit::Retry => {
+                self.inner.metrics.handshake_retried();
+                None
+            }
+            admission::Admit::Start { ticket, shed } => {
+                if let Some(cancel) = shed.and_then(|t| cancels.remove(&t)) {
+                    // The shed handshake's task drops its connection (closing it) and frees its slot.
+                    let _ = cancel.send(());
+                    self.inner.metrics.handshake_shed();
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                cancels.insert(ticket, tx);
+                Some((ticket, rx))
+            }
+        }
+    }
+
+    fn handshake_ended(&self, ticket: u64) {
+        let mut h = crate::locks::lock(&self.inner.handshakes, "handshakes");
+        h.0.done(ticket);
+        h.1.remove(&ticket);
+    }
+
+    /// A member's connection slot, held while the connection is served; `None` when it holds
+    /// [`admission::PER_MEMBER`] already.
+    fn member_slot(&self, id: &str) -> Option<MemberSlot> {
+        let mut m = crate::locks::lock(&self.inner.members, "member connections");
+        let n = m.entry(id.to_owned()).or_default();
+        if *n >= admission::PER_MEMBER {
+            return None;
+        }
+        *n += 1;
+        Some(MemberSlot {
+            node: self.clone(),
+            id: id.to_owned(),
+        })
     }
 
     async fn serve_conn(&self, id: String, conn: quinn::Connection) {

@@ -328,10 +328,15 @@ impl Engine {
                         Ok(()) => {
                             backoff = self.cfg.poll;
                             failures = 0;
+                            // The origin answered; an error of the pending release that is still
+                            // being retried (`resume`) still stands until a retry succeeds.
+                            let settled = !resume;
                             self.note_status(|s| {
                                 s.offline_since = None;
-                                s.last_error = None;
-                                s.disk_full = None;
+                                if settled {
+                                    s.last_error = None;
+                                    s.disk_full = None;
+                                }
                             });
                             self.cfg.poll
                         }
@@ -435,6 +440,7 @@ impl Engine {
                     self.note_error(&e);
                     return false;
                 }
+                self.note_ok();
             }
             Err(e) => {
                 tracing::warn!(cause = %e, "the recorded pending manifest no longer verifies; dropped")

@@ -612,18 +612,21 @@ async fn a_corrupting_peer_is_banned_and_a_replaying_peer_refused() {
         Misbehave::ReplayManifest(v1.envelope.clone()),
         fleet.agents[2].quic(),
     );
-    let s = fleet.agents[2]
-        .wait_for(secs(30), "the replayer banned", |s| {
-            s.peers.iter().any(|p| p.id == "replayer" && p.banned)
-        })
+    // The ban is recorded before the relayed manifest is judged (refused as older): both are waited
+    // for, as a status read between the two shows only the first.
+    fleet.agents[2]
+        .wait_for(
+            secs(30),
+            "the replayer banned and its manifest refused",
+            |s| {
+                s.peers.iter().any(|p| p.id == "replayer" && p.banned)
+                    && s.last_refused_manifest
+                        .as_deref()
+                        .is_some_and(|m| m.contains("replayer"))
+            },
+        )
         .await
         .unwrap();
-    assert!(
-        s.last_refused_manifest
-            .as_deref()
-            .is_some_and(|m| m.contains("replayer")),
-        "{s:?}"
-    );
     for a in &fleet.agents {
         assert_eq!(a.status().await.unwrap().active_version(), Some(2));
     }

@@ -301,3 +301,45 @@ async fn the_api_asks_for_its_token_and_ends_silent_and_slow_connections() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     fleet.agents.remove(0).stop().await.unwrap();
 }
+
+/// A stranger replays captured QUIC Initials at a member, 128 a second from fresh ports, never
+/// answering one: without admission each took one of the member's 64 connection slots for 5 s, so a
+/// Pi joining the shop had its handshake refused at every try and never reached its peer. With
+/// admission (a share per address, the oldest shed, a Retry for unproved addresses under pressure),
+/// the newcomer joins and syncs from the member while the flood goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_quic_initials_do_not_keep_a_new_pi_from_its_peer() {
+    let mut fleet = deckhand_tests::serving_v1("quic-flood", 1, MIB).await;
+    let target: SocketAddr = fleet.agents[0].quic().unwrap().parse().unwrap();
+    let initials = deckhand_tests::quic_flood::capture_initials(1024).await;
+    let flood =
+        deckhand_tests::quic_flood::stall_handshakes(target, initials, 128, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The newcomer knows only the flooded member, and has no S3.
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi-new".into(),
+            origin: false,
+            peers: vec![target.to_string()],
+            credentials: Credentials::Enroll,
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    let st = fleet.agents[1]
+        .wait_for(secs(30), "the newcomer synced from its peer", |s| {
+            s.active_version() == Some(1) && s.live_peer("pi-0").is_some()
+        })
+        .await;
+    let text = deckhand_tests::metrics_text(&fleet.agents[0]).await;
+    flood.abort();
+    let st = st.unwrap();
+    assert!(st.bytes_from_peers > 0, "{st:?}");
+    let retried = text
+        .lines()
+        .find_map(|l| l.strip_prefix("deckhand_quic_retries_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(retried > 100, "the flood reached the member: {text}");
+    fleet.stop().await.unwrap();
+}

@@ -3,23 +3,12 @@
 //! certificate's start), not at the system clock. Real agents, their clocks moved by libfaketime.
 
 use deckhand_tests::fixtures::{Perturbation, card_image, encode_jpeg, perturb};
-use deckhand_tests::{MIB, clock_at, metric, secs, shop};
+use deckhand_tests::{MIB, clock_at, metric, secs};
 use deckhand_tools::shop::{AgentOptions, Credentials};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pi_at_1970_or_with_an_expired_certificate_serves_and_peers_judge_by_the_trusted_clock() {
-    let mut fleet = shop("identity")
-        .agents(2)
-        .release(2 * MIB)
-        .start()
-        .await
-        .unwrap();
-    fleet
-        .wait_all(secs(60), "version 1 active", |s| {
-            s.active_version() == Some(1)
-        })
-        .await
-        .unwrap();
+    let mut fleet = deckhand_tests::serving_v1("identity", 2, 2 * MIB).await;
     let photo = encode_jpeg(&perturb(&card_image(3, 0), Perturbation::Brightness, 1), 85);
     let (a, b) = ("pi-0", "pi-1");
     let st = fleet.agents[1].status().await.unwrap();

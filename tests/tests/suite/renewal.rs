@@ -78,6 +78,11 @@ async fn renewals_revocations_and_a_ca_rotation_reach_every_pi_from_the_bucket_o
         })
         .await
         .unwrap();
+    let text = deckhand_tests::metrics_text(&fleet.agents[2]).await;
+    assert!(
+        text.contains(&format!("deckhand_fleet_bundle {renewed}\n")),
+        "{text}"
+    );
     for (agent, old) in fleet.agents.iter().zip(&before) {
         let st = agent
             .wait_for(
@@ -143,15 +148,19 @@ async fn renewals_revocations_and_a_ca_rotation_reach_every_pi_from_the_bucket_o
         .unwrap();
 
     // 5. pi-2 restarts with what it was installed with (the old CA, its first certificate): the
-    //    bundle kept in its store makes it a member of the rotated fleet at once.
+    //    bundle kept in its store makes it a member of the rotated fleet at once. It now watches a
+    //    stick too.
     fleet.agents.remove(1).stop().await.unwrap();
     let peers = fleet.quic_addrs();
+    let stick = fleet.join("usb");
+    std::fs::create_dir_all(&stick).unwrap();
     fleet
         .start_agent_with(AgentOptions {
             name: c.into(),
             origin: false,
             peers,
             credentials: Credentials::Existing,
+            extra: vec!["--bundle-dir".into(), stick.display().to_string()],
             ..AgentOptions::default()
         })
         .await
@@ -164,5 +173,41 @@ async fn renewals_revocations_and_a_ca_rotation_reach_every_pi_from_the_bucket_o
         .unwrap();
     assert_eq!(bundle(&st), Some(retired), "{st:?}");
     assert_eq!(st.fleet_error, None, "{st:?}");
+
+    // 6. A renewal carried on a stick (not put in the bucket) reaches pi-2 from it, and pi-0 from
+    //    pi-2: a Hello announcing a higher number is asked for its bundle.
+    let dir = fleet.ca().dir.display().to_string();
+    let stick_origin = format!("file://{}", stick.display());
+    let args = [
+        "fleet",
+        "renew",
+        "--name",
+        c,
+        "--dir",
+        &dir,
+        "--origin",
+        &stick_origin,
+    ];
+    let out = deckhand_out(fleet.s3(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let serial_before = serial(&st);
+    let st = fleet.agents[1]
+        .wait_for(secs(30), "the stick's renewal taken", |s| {
+            bundle(s).is_some_and(|n| n > retired)
+        })
+        .await
+        .unwrap();
+    assert_ne!(serial(&st), serial_before, "{st:?}");
+    let from_stick = bundle(&st);
+    fleet.agents[0]
+        .wait_for(secs(30), "pi-0 has the stick's bundle from pi-2", |s| {
+            bundle(s) == from_stick && s.live_peer(c).is_some()
+        })
+        .await
+        .unwrap();
     fleet.stop().await.unwrap();
 }

@@ -5,7 +5,7 @@
 
 use deckhand_tests::browser::Browser;
 use deckhand_tests::fixtures::{self, Perturbation, ReferenceSpec};
-use deckhand_tests::{MIB, secs, shop};
+use deckhand_tests::{MIB, secs};
 use std::path::Path;
 
 /// The mean of a CSS `rgb(r, g, b)` colour's channels.
@@ -25,18 +25,7 @@ fn brightness(css: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_page_shows_the_fleet_syncing_tries_a_card_and_notices_a_lost_pi() {
     // Three agents serve version 1.
-    let mut fleet = shop("shop-page")
-        .agents(3)
-        .release(2 * MIB)
-        .start()
-        .await
-        .unwrap();
-    fleet
-        .wait_all(secs(60), "version 1 active", |s| {
-            s.active_version() == Some(1)
-        })
-        .await
-        .unwrap();
+    let mut fleet = deckhand_tests::serving_v1("shop-page", 3, 2 * MIB).await;
     // Version 2 (the same cards, a larger release) syncs over a 1 MiB/s uplink: it takes a while.
     let spec = ReferenceSpec::small(40);
     let dir = fleet.join("release-2");

@@ -1,0 +1,319 @@
+//! Who may start a QUIC handshake with this agent, as pure bookkeeping (the accept loop does the I/O).
+//!
+//! A handshake costs the agent a slot until it completes or times out, and anyone on the LAN can start
+//! one: a script replaying captured Initial packets from fresh ports holds a slot per packet without
+//! ever finishing. So handshakes in flight are bounded in total and per source address, and when a
+//! bound is reached the **oldest** handshake of that address (or of all) is shed: a member's handshake
+//! completes in milliseconds on a LAN, a stalled one never does, so shedding the oldest keeps a member's
+//! way in open. Under pressure (an address at its bound, or half the slots taken) an address that has
+//! not proved it receives our packets is first sent a QUIC Retry, which costs nothing to hold: replayed
+//! or spoofed Initials never come back with the token.
+//!
+//! Connections that completed the handshake are members (their certificate checked) and are counted
+//! apart, per agent id: a stalled stranger never takes a member's place.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// Handshakes in flight at once.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Handshakes in flight from one address.
+pub const PER_ADDRESS: usize = 8;
+/// How long a handshake may take before it is dropped (a LAN handshake takes milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections one member may hold open to this agent at once (a dial each way, and a spare while an
+/// old one is being replaced).
+pub const PER_MEMBER: usize = 4;
+
+/// What to do with a new Initial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Ask the address to prove it receives our packets first (a QUIC Retry).
+    Retry,
+    /// Start the handshake under `ticket`; cancel the handshake `shed` (the oldest) to make room.
+    Start { ticket: u64, shed: Option<u64> },
+}
+
+/// Handshakes in flight, oldest first.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    pending: VecDeque<(u64, IpAddr, Instant)>,
+    next: u64,
+    shed: u64,
+}
+
+impl Handshakes {
+    /// Admits an Initial from `ip`; `validated` says its address was proved (it came back with a Retry
+    /// token).
+    pub fn admit(&mut self, ip: IpAddr, validated: bool, now: Instant) -> Admit {
+        let from_ip = self.pending.iter().filter(|(_, a, _)| *a == ip).count();
+        let pressed = from_ip >= PER_ADDRESS || self.pending.len() >= MAX_HANDSHAKES / 2;
+        if pressed && !validated {
+            return Admit::Retry;
+        }
+        let shed = if from_ip >= PER_ADDRESS {
+            self.pending.iter().position(|(_, a, _)| *a == ip)
+        } else if self.pending.len() >= MAX_HANDSHAKES {
+            Some(0)
+        } else {
+            None
+        }
+        .and_then(|i| self.pending.remove(i))
+        .map(|(t, _, _)| t);
+        self.shed += u64::from(shed.is_some());
+        let ticket = self.next;
+        self.next += 1;
+        self.pending.push_back((ticket, ip, now));
+        Admit::Start { ticket, shed }
+    }
+
+    /// The handshake under `ticket` ended (completed, failed, timed out or shed).
+    pub fn done(&mut self, ticket: u64) {
+        self.pending.retain(|(t, _, _)| *t != ticket);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Handshakes shed to make room, since the start.
+    pub fn shed_total(&self) -> u64 {
+        self.shed
+    }
+}
+
+/// Addresses this agent dials (from mDNS, `--peer`, a peer's Hello), at most [`MAX_ADDRESSES`].
+pub const MAX_ADDRESSES: usize = 256;
+/// Failed dials in a row after which an address found by discovery is forgotten (about 3 minutes of
+/// backing off); it is learnt again when it is advertised again.
+pub const MAX_FAILURES: u32 = 6;
+/// The wait before the first retry of a failed dial, doubled after each failure (at most 16 times).
+pub const RETRY: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Copy, Debug)]
+struct Dial {
+    next: Instant,
+    failures: u32,
+    /// Configured (`--peer`): never forgotten nor evicted.
+    pinned: bool,
+}
+
+/// The addresses to dial. An advert that never connects backs off and ages out, and when the table is
+/// full a new address takes the place of the one that failed most (never a configured one, never one
+/// that has not failed): a LAN full of fake adverts cannot keep a member's address out for long.
+#[derive(Debug, Default)]
+pub struct DialTable {
+    addrs: std::collections::HashMap<std::net::SocketAddr, Dial>,
+    evicted: u64,
+    aged_out: u64,
+}
+
+impl DialTable {
+    /// Adds an address to dial now; `pinned` for a configured peer. An address already known is dialed
+    /// at once again if it was waiting (a peer that reconnects, an advert that came back). `false` when
+    /// the table is full of addresses that have not failed yet.
+    pub fn add(&mut self, addr: std::net::SocketAddr, pinned: bool, now: Instant) -> bool {
+        if let Some(d) = self.addrs.get_mut(&addr) {
+            d.pinned |= pinned;
+            d.next = d.next.min(now);
+            return true;
+        }
+        if self.addrs.len() >= MAX_ADDRESSES {
+            let worst = self
+                .addrs
+                .iter()
+                .filter(|(_, d)| !d.pinned && d.failures > 0)
+                .max_by_key(|(_, d)| (d.failures, std::cmp::Reverse(d.next)))
+                .map(|(a, _)| *a);
+            match worst {
+                Some(w) => {
+                    self.addrs.remove(&w);
+                    self.evicted += 1;
+                }
+                None => return false,
+            }
+        }
+        self.addrs.insert(
+            addr,
+            Dial {
+                next: now,
+                failures: 0,
+                pinned,
+            },
+        );
+        true
+    }
+
+    /// The addresses due for a dial at `now`, not in `skip` (connected already); each is given its next
+    /// attempt as if this one fails.
+    pub fn due(
+        &mut self,
+        now: Instant,
+        skip: &std::collections::HashSet<std::net::SocketAddr>,
+    ) -> Vec<std::net::SocketAddr> {
+        let mut due = Vec::new();
+        for (a, d) in &mut self.addrs {
+            if d.next <= now && !skip.contains(a) {
+                d.next = now + backoff(d.failures);
+                due.push(*a);
+            }
+        }
+        due
+    }
+
+    /// A dial of `addr` failed: it backs off further, and one found by discovery that failed
+    /// [`MAX_FAILURES`] times in a row is forgotten.
+    pub fn failed(&mut self, addr: std::net::SocketAddr, now: Instant) {
+        let Some(d) = self.addrs.get_mut(&addr) else {
+            return;
+        };
+        d.failures = d.failures.saturating_add(1);
+        d.next = now + backoff(d.failures);
+        if d.failures >= MAX_FAILURES && !d.pinned {
+            self.addrs.remove(&addr);
+            self.aged_out += 1;
+        }
+    }
+
+    /// A dial of `addr` reached a member.
+    pub fn connected(&mut self, addr: std::net::SocketAddr) {
+        if let Some(d) = self.addrs.get_mut(&addr) {
+            d.failures = 0;
+        }
+    }
+
+    pub fn remove(&mut self, addr: &std::net::SocketAddr) {
+        self.addrs.remove(addr);
+    }
+
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+
+    /// Addresses evicted for newer ones, and forgotten after failing, since the start.
+    pub fn dropped(&self) -> (u64, u64) {
+        (self.evicted, self.aged_out)
+    }
+}
+
+/// The wait after `failures` failed dials in a row.
+fn backoff(failures: u32) -> Duration {
+    RETRY * 2u32.pow(failures.min(4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_and_its_oldest_is_shed() {
+        let mut h = Handshakes::default();
+        let now = Instant::now();
+        let mut tickets = Vec::new();
+        for _ in 0..PER_ADDRESS {
+            match h.admit(ip(1), false, now) {
+                Admit::Start { ticket, shed: None } => tickets.push(ticket),
+                other => panic!("{other:?}"),
+            }
+        }
+        // At its share: an unproved address is asked to prove itself, which holds nothing.
+        assert_eq!(h.admit(ip(1), false, now), Admit::Retry);
+        assert_eq!(h.in_flight(), PER_ADDRESS);
+        // Proved (a member behind the same address, a Retry answered): its oldest is shed.
+        match h.admit(ip(1), true, now) {
+            Admit::Start { shed, .. } => assert_eq!(shed, Some(tickets[0])),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.in_flight(), PER_ADDRESS);
+        assert_eq!(h.shed_total(), 1);
+        // Another address is not held back by this one.
+        assert!(matches!(
+            h.admit(ip(2), false, now),
+            Admit::Start { shed: None, .. }
+        ));
+    }
+
+    #[test]
+    fn when_every_slot_is_taken_the_oldest_handshake_makes_room() {
+        let mut h = Handshakes::default();
+        let now = Instant::now();
+        let mut first = None;
+        for i in 0..MAX_HANDSHAKES {
+            let a = ip(u8::try_from(i / PER_ADDRESS).unwrap());
+            match h.admit(a, true, now) {
+                Admit::Start { ticket, shed: None } => {
+                    first.get_or_insert(ticket);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Half the slots taken: a new unproved address is retried; a proved one sheds the oldest.
+        assert_eq!(h.admit(ip(200), false, now), Admit::Retry);
+        match h.admit(ip(200), true, now) {
+            Admit::Start { shed, .. } => assert_eq!(shed, first),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.in_flight(), MAX_HANDSHAKES);
+        // Done handshakes free their slots.
+        for t in 0..200 {
+            h.done(t);
+        }
+        assert_eq!(h.in_flight(), 0);
+    }
+
+    fn addr(i: u32) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 7000))
+    }
+
+    #[test]
+    fn fake_adverts_age_out_and_a_full_table_makes_room_for_a_new_one() {
+        let mut t = DialTable::default();
+        let now = Instant::now();
+        assert!(t.add(addr(0), true, now), "a configured peer");
+        for i in 1..MAX_ADDRESSES as u32 {
+            assert!(t.add(addr(i), false, now));
+        }
+        // Full of addresses not yet tried: a new one waits for room.
+        assert!(!t.add(addr(9999), false, now));
+        // Every dial fails (fake adverts; the configured peer is down too).
+        let none = std::collections::HashSet::new();
+        let due = t.due(now, &none);
+        assert_eq!(due.len(), MAX_ADDRESSES);
+        for a in &due {
+            t.failed(*a, now);
+        }
+        // Nothing is due again before the backoff.
+        assert!(t.due(now + RETRY / 2, &none).is_empty());
+        // A member's advert takes the place of one that failed, and is dialed at once.
+        assert!(t.add(addr(9999), false, now));
+        assert_eq!(t.len(), MAX_ADDRESSES);
+        assert_eq!(t.due(now, &none), vec![addr(9999)]);
+        assert_eq!(t.dropped(), (1, 0));
+        // Failing on, the fakes are forgotten; the configured peer stays.
+        let mut at = now;
+        for _ in 0..MAX_FAILURES {
+            at += Duration::from_secs(3600);
+            for a in t.due(at, &none) {
+                if a != addr(9999) {
+                    t.failed(a, at);
+                } else {
+                    t.connected(a);
+                }
+            }
+        }
+        assert_eq!(t.len(), 2, "the configured peer and the member");
+        assert_eq!(t.dropped().1, MAX_ADDRESSES as u64 - 2);
+        // Connected addresses are not dialed again.
+        let skip: std::collections::HashSet<_> = [addr(9999)].into();
+        assert_eq!(t.due(at + Duration::from_secs(3600), &skip), vec![addr(0)]);
+    }
+}
