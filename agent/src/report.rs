@@ -44,6 +44,7 @@ pub struct Snapshot {
     /// Why this agent is not a fleet member, when it is not.
     pub fleet_error: Option<String>,
     pub fleet_trust: Option<deckhand_protocol::status::FleetTrust>,
+    pub dial_table: Option<deckhand_protocol::status::DialTable>,
     /// What the store repaired at open ([`store_repair`]).
     pub store_repair: Option<String>,
     pub scrub: Option<deckhand_protocol::status::ScrubStatus>,
@@ -87,6 +88,7 @@ pub fn status(s: Snapshot) -> Status {
         newest_manifest_at: s.time_floor.map(|t| t.to_string()),
         fleet_error: s.fleet_error,
         fleet_trust: s.fleet_trust,
+        dial_table: s.dial_table,
         store_repair: s.store_repair,
         scrub: s.scrub,
         agent_id: s.agent_id,
@@ -215,6 +217,14 @@ impl Sources {
             manifest_dates,
             fleet_error,
             fleet_trust: creds.map(|c| c.trust()),
+            dial_table: self.peers.as_ref().map(|p| {
+                let (known, evicted, forgotten) = p.dial_table();
+                deckhand_protocol::status::DialTable {
+                    known,
+                    evicted,
+                    forgotten,
+                }
+            }),
             store_repair: store_repair(self.store.recovery()),
             scrub: self
                 .scrub

@@ -80,6 +80,19 @@ pub struct Status {
     /// fleet credentials).
     #[serde(default)]
     pub fleet_trust: Option<FleetTrust>,
+    /// The addresses this agent dials to find peers (`None` without fleet credentials).
+    #[serde(default)]
+    pub dial_table: Option<DialTable>,
+}
+
+/// The addresses an agent dials (from mDNS, `--peer`, peers' Hellos).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialTable {
+    pub known: usize,
+    /// Evicted from a full table for a newer address.
+    pub evicted: u64,
+    /// Forgotten after failing again and again (adverts that never connect).
+    pub forgotten: u64,
 }
 
 /// What the newest fleet bundle taken (`deckhand fleet renew|revoke|rotate-ca|retire-ca`) left this

@@ -88,6 +88,10 @@ pub const MAX_ADDRESSES: usize = 256;
 /// Failed dials in a row after which an address found by discovery is forgotten (about 3 minutes of
 /// backing off); it is learnt again when it is advertised again.
 pub const MAX_FAILURES: u32 = 6;
+/// Addresses that did not fit in a full table, waiting for their one dial (the oldest dropped first).
+pub const MAX_FRESH: usize = 1024;
+/// Waiting addresses dialed per round of the dial loop (twice a second).
+pub const FRESH_PER_ROUND: usize = 16;
 /// The wait before the first retry of a failed dial, doubled after each failure (at most 16 times).
 pub const RETRY: Duration = Duration::from_secs(3);
 
@@ -101,10 +105,14 @@ struct Dial {
 
 /// The addresses to dial. An advert that never connects backs off and ages out, and when the table is
 /// full a new address takes the place of the one that failed most (never a configured one, never one
-/// that has not failed): a LAN full of fake adverts cannot keep a member's address out for long.
+/// that has not failed). One that finds no place (every address in the table is new) is not refused:
+/// it waits in a bounded queue and is dialed once, a few per round, and kept if it reaches a member.
+/// Every advert is tried, so a LAN full of fake adverts cannot keep a member's address out.
 #[derive(Debug, Default)]
 pub struct DialTable {
     addrs: std::collections::HashMap<std::net::SocketAddr, Dial>,
+    /// Addresses waiting for their one dial, oldest first.
+    fresh: VecDeque<std::net::SocketAddr>,
     evicted: u64,
     aged_out: u64,
 }
@@ -112,13 +120,35 @@ pub struct DialTable {
 impl DialTable {
     /// Adds an address to dial now; `pinned` for a configured peer. An address already known is dialed
     /// at once again if it was waiting (a peer that reconnects, an advert that came back). `false` when
-    /// the table is full of addresses that have not failed yet.
+    /// the table is full of addresses that have not failed yet: it waits for its one dial instead.
     pub fn add(&mut self, addr: std::net::SocketAddr, pinned: bool, now: Instant) -> bool {
         if let Some(d) = self.addrs.get_mut(&addr) {
             d.pinned |= pinned;
             d.next = d.next.min(now);
             return true;
         }
+        if !self.make_room() && !pinned {
+            if !self.fresh.contains(&addr) {
+                if self.fresh.len() >= MAX_FRESH {
+                    self.fresh.pop_front();
+                }
+                self.fresh.push_back(addr);
+            }
+            return false;
+        }
+        self.addrs.insert(
+            addr,
+            Dial {
+                next: now,
+                failures: 0,
+                pinned,
+            },
+        );
+        true
+    }
+
+    /// Whether there is room for one more address, evicting the one that failed most if need be.
+    fn make_room(&mut self) -> bool {
         if self.addrs.len() >= MAX_ADDRESSES {
             let worst = self
                 .addrs
@@ -134,14 +164,6 @@ impl DialTable {
                 None => return false,
             }
         }
-        self.addrs.insert(
-            addr,
-            Dial {
-                next: now,
-                failures: 0,
-                pinned,
-            },
-        );
         true
     }
 
@@ -157,6 +179,16 @@ impl DialTable {
             if d.next <= now && !skip.contains(a) {
                 d.next = now + backoff(d.failures);
                 due.push(*a);
+            }
+        }
+        let mut taken = 0;
+        while taken < FRESH_PER_ROUND {
+            let Some(a) = self.fresh.pop_front() else {
+                break;
+            };
+            if !skip.contains(&a) && !self.addrs.contains_key(&a) {
+                due.push(a);
+                taken += 1;
             }
         }
         due
@@ -176,10 +208,20 @@ impl DialTable {
         }
     }
 
-    /// A dial of `addr` reached a member.
-    pub fn connected(&mut self, addr: std::net::SocketAddr) {
+    /// A dial of `addr` reached a member: kept (an address that waited outside a full table takes a
+    /// place if one failed).
+    pub fn connected(&mut self, addr: std::net::SocketAddr, now: Instant) {
         if let Some(d) = self.addrs.get_mut(&addr) {
             d.failures = 0;
+        } else if self.make_room() {
+            self.addrs.insert(
+                addr,
+                Dial {
+                    next: now + RETRY,
+                    failures: 0,
+                    pinned: false,
+                },
+            );
         }
     }
 
@@ -282,15 +324,17 @@ mod tests {
         for i in 1..MAX_ADDRESSES as u32 {
             assert!(t.add(addr(i), false, now));
         }
-        // Full of addresses not yet tried: a new one waits for room.
-        assert!(!t.add(addr(9999), false, now));
-        // Every dial fails (fake adverts; the configured peer is down too).
+        // Full of addresses not yet tried: a new one waits outside, and is dialed once all the same.
+        assert!(!t.add(addr(8888), false, now));
         let none = std::collections::HashSet::new();
         let due = t.due(now, &none);
-        assert_eq!(due.len(), MAX_ADDRESSES);
+        assert_eq!(due.len(), MAX_ADDRESSES + 1);
+        assert!(due.contains(&addr(8888)));
+        // Every dial fails (fake adverts; the configured peer is down too); the waiting one is gone.
         for a in &due {
             t.failed(*a, now);
         }
+        assert_eq!(t.len(), MAX_ADDRESSES);
         // Nothing is due again before the backoff.
         assert!(t.due(now + RETRY / 2, &none).is_empty());
         // A member's advert takes the place of one that failed, and is dialed at once.
@@ -306,7 +350,7 @@ mod tests {
                 if a != addr(9999) {
                     t.failed(a, at);
                 } else {
-                    t.connected(a);
+                    t.connected(a, at);
                 }
             }
         }
@@ -315,5 +359,39 @@ mod tests {
         // Connected addresses are not dialed again.
         let skip: std::collections::HashSet<_> = [addr(9999)].into();
         assert_eq!(t.due(at + Duration::from_secs(3600), &skip), vec![addr(0)]);
+    }
+
+    #[test]
+    fn an_advert_that_found_no_room_is_dialed_once_and_kept_if_it_reaches_a_member() {
+        let mut t = DialTable::default();
+        let now = Instant::now();
+        for i in 0..MAX_ADDRESSES as u32 {
+            assert!(t.add(addr(i), false, now));
+        }
+        let none = std::collections::HashSet::new();
+        assert_eq!(t.due(now, &none).len(), MAX_ADDRESSES);
+        // More fresh adverts than a round takes: they wait, in order, a round's worth at a time.
+        for i in 0..(FRESH_PER_ROUND as u32 + 4) {
+            assert!(!t.add(addr(1000 + i), false, now));
+        }
+        let round = t.due(now, &none);
+        assert_eq!(round.len(), FRESH_PER_ROUND);
+        assert_eq!(round[0], addr(1000));
+        assert_eq!(t.due(now, &none).len(), 4);
+        // The member's address is kept once a table address failed to make room for it.
+        t.connected(addr(1000), now);
+        assert_eq!(t.len(), MAX_ADDRESSES, "no room yet: nothing failed");
+        t.failed(addr(0), now);
+        t.connected(addr(1000), now);
+        assert!(
+            t.due(now + Duration::from_secs(60), &none)
+                .contains(&addr(1000))
+        );
+        // The queue is bounded: the oldest waiting are dropped first.
+        for i in 0..(MAX_FRESH as u32 + 10) {
+            t.add(addr(5000 + i), false, now);
+        }
+        assert_eq!(t.fresh.len(), MAX_FRESH);
+        assert_eq!(t.fresh.front(), Some(&addr(5010)));
     }
 }

@@ -108,7 +108,7 @@ impl PeerNode {
             conn.close(1u8.into(), b"no fleet identity");
             return false;
         };
-        crate::locks::lock(&self.inner.addrs, "addresses").connected(addr);
+        crate::locks::lock(&self.inner.addrs, "addresses").connected(addr, Instant::now());
         if id == self.inner.me {
             conn.close(0u8.into(), b"self");
             {
