@@ -223,7 +223,7 @@ pub async fn run(
         sync: engine_status,
         service: service.clone(),
         peers: peers.clone(),
-        store,
+        store: store.clone(),
         trust: trust.clone(),
         fleet,
         scrub: scrubber.as_ref().map(|s| s.status_handle()),
@@ -274,6 +274,7 @@ pub async fn run(
         tokio::task::spawn_blocking(move || s.stop()).await?;
     }
     stop_all(tasks, peers, service).await;
+    store.close();
     Ok(())
 }
 
@@ -510,7 +511,6 @@ async fn stop_all(mut tasks: tokio::task::JoinSet<()>, peers: Option<PeerNode>, 
     tracing::debug!("the sync engine stopped");
     if let Some(node) = &peers {
         node.shutdown(std::time::Duration::from_secs(1)).await;
-        tracing::debug!("left the fleet");
     }
     service.shutdown();
 }

@@ -228,6 +228,36 @@ impl<'s> Ledger<'s> {
     }
 }
 
+/// The trust roots a store keeps (each verified when it was taken), by version, oldest first, and the
+/// fleet bundle taken last, read through a [`StoreReader`] from one committed state: what a stick
+/// exported from this Pi carries besides the releases. Roots are kept from the installed one up to the
+/// one followed; a version this Pi never held is absent.
+pub fn recorded_trust(reader: &StoreReader, deployment: &str) -> Result<RecordedTrust, StoreError> {
+    let mut head = reader.get_meta_many(&[ROOT, FLEET])?.into_iter();
+    let (followed, fleet) = (
+        nonempty(head.next().flatten()),
+        nonempty(head.next().flatten()),
+    );
+    let newest = followed
+        .and_then(|e| deckhand_protocol::root::TrustedRoot::installed(&e, deployment).ok())
+        .map_or(0, |r| r.version());
+    let keys: Vec<String> = (1..=newest).map(root_key).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let roots = (1..=newest)
+        .zip(reader.get_meta_many(&refs)?)
+        .filter_map(|(v, e)| Some((v, nonempty(e)?)))
+        .collect();
+    Ok(RecordedTrust { roots, fleet })
+}
+
+/// What [`recorded_trust`] read.
+pub struct RecordedTrust {
+    /// Root envelopes by version, oldest first.
+    pub roots: Vec<(u64, Vec<u8>)>,
+    /// The fleet bundle taken last.
+    pub fleet: Option<Vec<u8>>,
+}
+
 /// The active and previous releases' envelopes read through a [`StoreReader`] (another process, while
 /// the agent runs), from one committed state of the catalog (a swap records them together).
 pub fn recorded_releases(reader: &StoreReader) -> Result<[Option<Vec<u8>>; 2], StoreError> {

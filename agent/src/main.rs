@@ -361,6 +361,12 @@ fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
                 r.which, r.deployment, r.version, r.manifest_id
             );
         }
+        if let (Some(first), Some(last)) = (report.roots.first(), report.roots.last()) {
+            println!("trust roots: versions {first} to {last}");
+        }
+        if report.fleet_bundle {
+            println!("fleet bundle: the one this Pi took");
+        }
         println!(
             "wrote {} blobs and chunk maps, {} bytes, to {}",
             report.blobs, report.bytes, report.dir

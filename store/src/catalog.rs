@@ -250,9 +250,10 @@ impl Catalog {
         out
     }
 
-    /// Stops the writer after it has finished every job already sent. The idle read connections are
-    /// closed first, so the writer's connection is the last: closing, it checkpoints the WAL into the
-    /// catalog and removes it (a read-only connection closing last cannot).
+    /// Stops the writer after it has finished every job already sent; it checkpoints the WAL into the
+    /// catalog before it closes. The idle read connections are closed first, so the writer's connection
+    /// is normally the last: closing, it removes the WAL too (a read-only connection closing last
+    /// cannot).
     pub(crate) fn shutdown(&self) {
         if let Ok(mut pool) = self.readers.lock() {
             pool.clear();
@@ -280,6 +281,22 @@ impl Drop for Catalog {
 const DURABLE_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn writer_loop(mut conn: Connection, rx: Receiver<Envelope>) {
+    write_jobs(&mut conn, rx);
+    // Every sender is gone: the store is closing. Everything in the WAL goes into the catalog now,
+    // whoever else still holds a connection, so that a clean stop leaves one self-contained file (a
+    // damaged first page of it is then found at the next start, not masked by a log).
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!(
+            "the catalog's log was busy at close: it is checkpointed at the next start"
+        ),
+        Err(e) => tracing::warn!(cause = %e, "could not checkpoint the catalog's log at close"),
+    }
+}
+
+fn write_jobs(conn: &mut Connection, rx: Receiver<Envelope>) {
     let mut full = false;
     let mut last_durable = std::time::Instant::now();
     while let Ok(first) = rx.recv() {

@@ -446,6 +446,15 @@ impl Store {
         &self.inner.root
     }
 
+    /// Closes the store for every handle on it: the catalog's writer finishes the writes already
+    /// sent, checkpoints its log into the catalog and stops; later writes fail with
+    /// [`StoreError::WriterGone`]. The owner calls it at a clean stop, so that the catalog is one
+    /// self-contained file even when some task still holds a handle (dropping the last handle closes
+    /// it too).
+    pub fn close(&self) {
+        self.inner.catalog.shutdown();
+    }
+
     /// What recovery at open repaired.
     pub fn recovery(&self) -> &Recovery {
         &self.inner.recovery

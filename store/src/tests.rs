@@ -438,6 +438,49 @@ fn meta_values_survive_reopen() {
 }
 
 #[test]
+fn close_leaves_the_catalog_whole_in_one_file_while_handles_are_still_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let pinned = store.import_bytes(b"pinned").unwrap().blob;
+    store.set_pin("active", &[pinned]).unwrap();
+    store.set_meta("highest_version", b"9", true).unwrap();
+    // A task that never ended still holds a handle, and another process reads the store: its
+    // connection stays open, so the writer's is not the last to close.
+    let leaked = store.clone();
+    let reader = StoreReader::open(dir.path()).unwrap();
+    assert_eq!(reader.pins("active").unwrap(), vec![pinned]);
+    store.close();
+    // Everything is in catalog.sqlite itself: a copy of that one file, without the log, holds it.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join(CATALOG_FILE),
+        copy.path().join(CATALOG_FILE),
+    )
+    .unwrap();
+    let c = rusqlite::Connection::open(copy.path().join(CATALOG_FILE)).unwrap();
+    let meta: Vec<u8> = c
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'highest_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(meta, b"9");
+    let log = dir.path().join(format!("{CATALOG_FILE}-wal"));
+    assert!(
+        std::fs::metadata(&log).map_or(true, |m| m.len() == 0),
+        "{} still holds frames",
+        log.display()
+    );
+    // Writes after close are refused; reads of what is there still answer.
+    assert!(matches!(
+        leaked.set_meta("highest_version", b"10", true),
+        Err(StoreError::WriterGone)
+    ));
+    assert_eq!(reader.pins("active").unwrap(), vec![pinned]);
+}
+
+#[test]
 fn concurrent_chunk_writers_share_one_writer() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

@@ -496,16 +496,40 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// libfaketime, which the clock test runs the agent under (Debian's `libfaketime`; .ci/run installs it).
 pub const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
-/// The environment that runs the agent with its system clock at `faketime` (libfaketime's FAKETIME:
-/// `@1970-01-02 00:00:00`, `-10d`, `+3d`); monotonic time is left alone.
-pub fn clock_at(faketime: &str) -> Vec<(&'static str, String)> {
+/// The environment that runs a process with its system clock at what the file `clock` says, read again
+/// each second (libfaketime's FAKETIME_TIMESTAMP_FILE: `+30d`, `@1970-01-02 00:00:00`): a test moves
+/// the clock of running processes by rewriting the file ([`set_clock`]). Monotonic time is left alone.
+pub fn clock_from(clock: &Path) -> Vec<(&'static str, String)> {
+    faketime(&[
+        ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
+        ("FAKETIME_CACHE_DURATION", "1".into()),
+    ])
+}
+
+/// libfaketime preloaded, with `settings`; monotonic time left alone.
+fn faketime(settings: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     assert!(
         Path::new(FAKETIME).exists(),
         "{FAKETIME} is missing: apt-get install libfaketime"
     );
-    vec![
+    let mut env = vec![
         ("LD_PRELOAD", FAKETIME.into()),
-        ("FAKETIME", faketime.into()),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
-    ]
+    ];
+    env.extend_from_slice(settings);
+    env
+}
+
+/// Writes `faketime` to the clock file `clock` (atomically: a process never reads half of it).
+pub fn set_clock(clock: &Path, faketime: &str) {
+    let tmp = clock.with_extension("tmp");
+    std::fs::write(&tmp, format!("{faketime}\n"))
+        .and_then(|()| std::fs::rename(&tmp, clock))
+        .unwrap_or_else(|e| panic!("{}: {e}", clock.display()));
+}
+
+/// The environment that runs the agent with its system clock at `at` (libfaketime's FAKETIME:
+/// `@1970-01-02 00:00:00`, `-10d`, `+3d`); monotonic time is left alone.
+pub fn clock_at(at: &str) -> Vec<(&'static str, String)> {
+    faketime(&[("FAKETIME", at.into())])
 }

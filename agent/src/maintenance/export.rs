@@ -4,7 +4,8 @@
 //! The bundle has the layout `deckhand bundle export` writes, which is an origin's key layout under an
 //! empty prefix: every blob and chunk map at `deployments/_blob/<hex>`, each signed manifest at
 //! `deployments/<d>/manifest/<v>.json` byte for byte as it was signed, and `current.json` holding the
-//! newest one exported. It may run while the agent runs: it reads the store through
+//! newest one exported, with the trust roots the Pi kept (`deployments/<d>/root/`) and the fleet bundle it
+//! took (`fleet/bundle.pem`). It may run while the agent runs: it reads the store through
 //! [`deckhand_store::StoreReader`], which takes no lock and writes nothing. Everything is verified on the
 //! way out: each blob hashes to its id as it is copied, each chunk map decodes and describes its blob, and
 //! a file appears under its final name only after its bytes were verified and synced. Manifests are
@@ -76,6 +77,10 @@ pub struct ExportReport {
     /// Blobs and chunk maps written (each once, however many releases name it).
     pub blobs: usize,
     pub bytes: u64,
+    /// The versions of the deployment's trust roots written (`deployments/<d>/root/`).
+    pub roots: Vec<u64>,
+    /// Whether the fleet bundle this Pi took was written (`fleet/bundle.pem`).
+    pub fleet_bundle: bool,
 }
 
 /// Exports the releases `which` of the store in `data_dir/store` to the bundle directory `out`.
@@ -115,6 +120,8 @@ pub fn export(data_dir: &Path, out: &Path, which: Which) -> Result<ExportReport,
         releases: Vec::new(),
         blobs: 0,
         bytes: 0,
+        roots: Vec::new(),
+        fleet_bundle: false,
     };
     let mut written = BTreeSet::new();
     for (_, _, m) in &releases {
@@ -129,6 +136,39 @@ pub fn export(data_dir: &Path, out: &Path, which: Which) -> Result<ExportReport,
         }
     }
     sync_dirs(&root, &layout.blob_dir())?;
+
+    // The trust roots this Pi kept and the fleet bundle it took, so that a Pi given the stick follows
+    // the key rotations and takes the renewed certificates and revocations (each verified there as
+    // from the bucket). Before the manifests, which mark a complete bundle.
+    if let Some((_, _, m)) = releases.first() {
+        let deployment = Name::deployment(&m.deployment).map_err(|e| ExportError::BadManifest {
+            which: "active",
+            why: e.to_string(),
+        })?;
+        let crate::ledger::RecordedTrust { roots, fleet } =
+            crate::ledger::recorded_trust(&reader, &m.deployment)?;
+        for (version, envelope) in &roots {
+            write_file(
+                &root.join(layout.trust_root(&deployment, *version)),
+                envelope,
+            )?;
+            report.roots.push(*version);
+        }
+        if !roots.is_empty() {
+            let dir = layout.trust_root(&deployment, 1);
+            if let Some((dir, _)) = dir.rsplit_once('/') {
+                sync_dirs(&root, dir)?;
+            }
+        }
+        if let Some(bundle) = &fleet {
+            let key = layout.fleet();
+            write_file(&root.join(&key), bundle)?;
+            if let Some((dir, _)) = key.rsplit_once('/') {
+                sync_dirs(&root, dir)?;
+            }
+            report.fleet_bundle = true;
+        }
+    }
 
     // The manifests last, oldest first; current.json names the newest.
     releases.sort_by_key(|(_, _, m)| m.version);

@@ -58,7 +58,67 @@ pub async fn client(cfg: &OriginConfig) -> aws_sdk_s3::Client {
     if cfg.endpoint_url.is_some() || shared.endpoint_url().is_some() {
         b = b.force_path_style(true);
     }
+    b = b.retry_classifier(SkewedDenial);
     aws_sdk_s3::Client::from_conf(b.build())
+}
+
+/// How far this machine's clock may be from S3's before a refused request is put down to it (the SDK's
+/// own threshold; S3 refuses signatures more than 15 minutes off).
+const SKEW_SUSPECTED: Duration = Duration::from_secs(4 * 60);
+
+/// Retries a 403 whose `Date` is far from this machine's clock: the signature was refused for the
+/// clock, not the credentials. The SDK corrects the clock skew it measured on that response when it
+/// signs the retry, and for every later call, but recognises such a refusal only by its error code, and
+/// the answer to a HEAD has no body to carry one: a Pi that booted at 1970, or an operator's laptop a
+/// month off, would otherwise see "check the credentials" for the first HEAD after its clock moved.
+#[derive(Debug)]
+struct SkewedDenial;
+
+impl aws_sdk_s3::config::retry::ClassifyRetry for SkewedDenial {
+    fn classify_retry(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::InterceptorContext,
+    ) -> aws_sdk_s3::config::retry::RetryAction {
+        use aws_sdk_s3::config::retry::RetryAction;
+        let Some(response) = ctx.response() else {
+            return RetryAction::NoActionIndicated;
+        };
+        if response.status().as_u16() != 403 {
+            return RetryAction::NoActionIndicated;
+        }
+        let server = response
+            .headers()
+            .get("date")
+            .and_then(|d| {
+                aws_sdk_s3::primitives::DateTime::from_str(
+                    d,
+                    aws_sdk_s3::primitives::DateTimeFormat::HttpDate,
+                )
+                .ok()
+            })
+            .and_then(|d| std::time::SystemTime::try_from(d).ok());
+        let Some(server) = server else {
+            return RetryAction::NoActionIndicated;
+        };
+        let now = std::time::SystemTime::now();
+        let skew = server
+            .duration_since(now)
+            .or_else(|_| now.duration_since(server))
+            .unwrap_or_default();
+        if skew > SKEW_SUSPECTED {
+            tracing::debug!(
+                skew_secs = skew.as_secs(),
+                "a 403 from a server whose clock is far from ours: retried"
+            );
+            RetryAction::server_error()
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "deckhand: a 403 from clock skew"
+    }
 }
 
 /// The HTTP status of a failed S3 call, when the server answered.

@@ -184,6 +184,10 @@ impl PeerNode {
             let jobs = conns.into_iter().map(|(id, addr, conn)| {
                 let node = self.clone();
                 async move {
+                    let ends = super::presented_ends(&conn);
+                    if node.outlived(ends) {
+                        node.close_outlived(&id, &conn, ends);
+                    }
                     if let Err(e) = node.exchange_hello(&id, addr, conn.clone()).await {
                         tracing::debug!(peer = %id, cause = %e, "gossip failed");
                         if conn.close_reason().is_some()

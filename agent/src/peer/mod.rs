@@ -278,6 +278,19 @@ struct Inner {
     status: Mutex<Option<StatusSource>>,
 }
 
+/// The certificate chain a connection's peer presented in its handshake.
+fn presented(conn: &quinn::Connection) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    conn.peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
+}
+
+/// When the certificate a connection's peer presented stops being valid.
+fn presented_ends(conn: &quinn::Connection) -> Option<jiff::Timestamp> {
+    presented(conn).and_then(|c| c.first().and_then(tls::not_after))
+}
+
 /// Produces this agent's status document, as JSON, for peers that ask ([`PeerNode::set_status_source`]).
 pub type StatusSource = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 
@@ -461,11 +474,24 @@ impl PeerNode {
     /// Whether the certificate a connection's peer presented still checks under this agent's
     /// credentials as they are now.
     fn still_valid(&self, conn: &quinn::Connection) -> bool {
-        let chain = conn.peer_identity().and_then(|a| {
-            a.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        });
-        chain.is_some_and(|c| self.inner.fleet.current().verifies_peer(&c))
+        presented(conn).is_some_and(|c| self.inner.fleet.current().verifies_peer(&c))
+    }
+
+    /// Whether `ends`, the end of a connected peer's certificate, has passed: a connection made while
+    /// the certificate was valid does not outlive it. Judged at every Hello each way and at every
+    /// request served, so within [`GOSSIP`] of the clock passing it. A live connection is closed only
+    /// when both clocks agree it has ended, the trusted one (which new handshakes are judged at) and
+    /// the system's: a time floor raised by a manifest from a leaked key (created in 9999) does not cut
+    /// the links the fleet recovers through, and a Pi at 1970 keeps what it has.
+    fn outlived(&self, ends: Option<jiff::Timestamp>) -> bool {
+        let now = self.inner.fleet.current().now().min(jiff::Timestamp::now());
+        ends.is_some_and(|t| now > t)
+    }
+
+    /// Closes a connection whose peer's certificate ended at `ends`.
+    fn close_outlived(&self, id: &str, conn: &quinn::Connection, ends: Option<jiff::Timestamp>) {
+        tracing::warn!(peer = %id, ends = ?ends, "closing the connection: the peer's certificate has expired");
+        conn.close(1u8.into(), b"certificate expired");
     }
 
     /// This agent's fleet credentials, as they are now.
@@ -739,18 +765,23 @@ impl PeerNode {
     /// once instead of after an idle timeout), then waits, at most `limit`, for the node's tasks to end
     /// and the close to reach the peers. Call after `stop` turned true.
     pub async fn shutdown(&self, limit: Duration) {
+        // The status source holds the daemon's view of this node: dropped here, so that the node (and
+        // the store it holds) is freed once its tasks end.
+        crate::locks::lock(&self.inner.status, "status").take();
         self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);
         self.inner.tasks.close();
-        let wait = async {
-            self.inner.tasks.wait().await;
-            self.inner.endpoint.wait_idle().await;
-        };
-        if tokio::time::timeout(limit, wait).await.is_err() {
+        if tokio::time::timeout(limit, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 tasks = self.inner.tasks.len(),
                 "peer tasks still running at shutdown; leaving them"
             );
         }
+        // Connections closed by us drain for three probe timeouts; the peers were told at once.
+        let drained = tokio::time::timeout(limit, self.inner.endpoint.wait_idle()).await;
+        tracing::debug!(drained = drained.is_ok(), "left the fleet");
     }
 }
 

@@ -161,6 +161,7 @@ impl PeerNode {
 
     async fn serve_conn(&self, id: String, conn: quinn::Connection) {
         let mut fleet = self.inner.fleet.subscribe();
+        let ends = super::presented_ends(&conn);
         loop {
             let accepted = tokio::select! {
                 a = conn.accept_bi() => a,
@@ -190,6 +191,10 @@ impl PeerNode {
             };
             if self.is_banned(&id) {
                 conn.close(2u8.into(), b"banned");
+                return;
+            }
+            if self.outlived(ends) {
+                self.close_outlived(&id, &conn, ends);
                 return;
             }
             let node = self.clone();

@@ -499,7 +499,7 @@ fn not_before(cert: &CertificateDer<'_>) -> Option<jiff::Timestamp> {
 }
 
 /// When a DER certificate stops being valid.
-fn not_after(cert: &CertificateDer<'_>) -> Option<jiff::Timestamp> {
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<jiff::Timestamp> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     jiff::Timestamp::from_second(x509.validity().not_after.timestamp()).ok()
 }

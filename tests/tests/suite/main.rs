@@ -28,3 +28,4 @@ mod renewal;
 mod scrub;
 mod shop_page;
 mod store_crash;
+mod year;

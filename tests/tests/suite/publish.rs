@@ -838,3 +838,28 @@ async fn inputs_can_be_existing_s3_objects() {
         "{err}"
     );
 }
+
+/// An operator's laptop whose clock is a day off S3's still publishes. S3 refuses a signature more
+/// than 15 minutes off; the SDK measures the skew from the answer's `Date` and signs its retry with
+/// it, but knows such a refusal only by its error code, and the 403 to publish's first request, a
+/// HEAD, has no body to carry one (before the client retried such a 403 itself, publish failed with
+/// "refused (403): check the credentials").
+#[tokio::test]
+async fn an_operator_whose_clock_is_a_day_off_still_publishes() {
+    let w = s3_world("publish-skewed").await;
+    let key = w.fleet.join("ops.key");
+    std::fs::write(&key, w.fleet.key().to_file_text()).unwrap();
+    let origin = w.fleet.s3().origin_arg("fleet");
+    let args = publish_args(&origin, "shop-1", &key, &w.files, &w.files.metadata);
+    for offset in ["+1d", "-1d"] {
+        let out = deckhand(
+            w.fleet.s3(),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .envs(deckhand_tests::clock_at(offset))
+        .output()
+        .unwrap();
+        let published = ok(&out);
+        assert!(published["version"].as_u64().is_some(), "{published}");
+    }
+}
