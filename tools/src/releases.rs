@@ -258,6 +258,10 @@ pub struct PushReport {
     pub current_before: Option<u64>,
     /// What the operator should know (a restored manifest that has expired).
     pub warnings: Vec<String>,
+    /// The trust root versions written (the bundle's, checked as a chain).
+    pub roots: Vec<u64>,
+    /// Whether the bundle's fleet bundle was written (the origin had none).
+    pub fleet_bundle: bool,
 }
 
 /// Restores a bundle directory (`deckhand bundle export` or `deckhand-agent store export`) into an
@@ -266,7 +270,9 @@ pub struct PushReport {
 /// they name is verified against its id, and only when everything verified is anything written:
 /// the missing blobs and chunk maps, then each manifest under its own version with `If-None-Match: *`
 /// (the same bytes already there are fine; different bytes at that version are refused), then
-/// current.json, only if it is missing or names an older version.
+/// current.json, only if it is missing or names an older version. The deployment's trust roots in the
+/// bundle are checked as a chain and restored where missing, and its fleet bundle where the origin has
+/// none.
 pub async fn bundle_push(
     from: &Path,
     origin: &dyn Bucket,
@@ -293,10 +299,12 @@ pub async fn bundle_push(
         &mut problems,
     )
     .await?;
+    let roots = bundle_roots(&*bundle, origin, deployment, &mut problems).await?;
     if !problems.is_empty() {
         return Err(ToolError::BundleRefused { problems });
     }
-    // Only now is anything written: blobs and chunk maps, then the manifests, then current.json.
+    // Only now is anything written: blobs and chunk maps, the trust roots and the fleet bundle, then
+    // the manifests, then current.json.
     let bl = bundle.layout().clone();
     let dl = origin.layout().clone();
     for id in &lacking {
@@ -308,6 +316,24 @@ pub async fn bundle_push(
         origin.put_file(&key, &path, &|_| {}).await?;
         report.uploaded += 1;
         report.bytes_uploaded += size;
+    }
+    for (version, envelope) in roots {
+        let key = dl.trust_root(deployment, version);
+        match origin.put_new(&key, envelope).await {
+            Ok(()) => report.roots.push(version),
+            // Checked above to hold these bytes, or written since with them.
+            Err(OriginError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The fleet bundle (each part signed by a fleet CA, judged by the agents): restored only where
+    // the origin has none, never over a newer one the operator wrote since.
+    if let Some(fleet) = bundle.get_opt(&bl.fleet()).await? {
+        match origin.put_new(&dl.fleet(), fleet).await {
+            Ok(()) => report.fleet_bundle = true,
+            Err(OriginError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     write_manifests(origin, deployment, &manifests, &already, &mut report).await?;
     report.current_before = origin
@@ -330,6 +356,61 @@ pub async fn bundle_push(
         report.current_set_to = Some(newest.manifest.version);
     }
     Ok(report)
+}
+
+/// The deployment's trust roots in the bundle (`store export` writes those a Pi kept), oldest first,
+/// each checked to follow the one before it (signed by enough of its root keys), the first one
+/// self-signed; a root the origin holds with other bytes is a problem. Returns those to write.
+async fn bundle_roots(
+    bundle: &dyn Bucket,
+    origin: &dyn Bucket,
+    deployment: &Name,
+    problems: &mut Vec<String>,
+) -> Result<Vec<(u64, bytes::Bytes)>, ToolError> {
+    let bl = bundle.layout().clone();
+    let first = bl.trust_root(deployment, 1);
+    let dir = first.rsplit_once('/').map_or("", |(d, _)| d);
+    let mut found = Vec::new();
+    for obj in bundle.list(&format!("{dir}/")).await? {
+        if let Ok(Key::Root { version, .. }) = bl.classify(&obj.key) {
+            found.push((version, bundle.get(&obj.key).await?));
+        }
+    }
+    found.sort_by_key(|(v, _)| *v);
+    let mut chain: Option<deckhand_protocol::root::TrustedRoot> = None;
+    for (version, envelope) in &found {
+        let next = match &chain {
+            None => deckhand_protocol::root::TrustedRoot::installed(envelope, deployment.as_str()),
+            Some(prev) => prev.update(envelope),
+        };
+        match next {
+            Ok(root) if root.version() == *version => chain = Some(root),
+            Ok(root) => {
+                problems.push(format!(
+                    "{} holds root version {}",
+                    bl.trust_root(deployment, *version),
+                    root.version()
+                ));
+                return Ok(Vec::new());
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{} in the bundle does not follow the root before it: {e}",
+                    bl.trust_root(deployment, *version)
+                ));
+                return Ok(Vec::new());
+            }
+        }
+        let key = origin.layout().trust_root(deployment, *version);
+        if let Some(there) = origin.get_opt(&key).await?
+            && there != *envelope
+        {
+            problems.push(format!(
+                "{key} holds another root than the bundle's; refusing to overwrite it"
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// Step 1: every manifest of `deployment` in the bundle, verified against `trust` (expiry aside, with a

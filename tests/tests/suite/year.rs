@@ -463,6 +463,64 @@ async fn a_year_in_a_shop_certificates_clocks_a_key_rotation_and_damage_never_st
     ));
     assert_eq!(exported["roots"], serde_json::json!([1, 2]), "{exported}");
     assert_eq!(exported["fleet_bundle"], true, "{exported}");
+    // The same stick restores a lost bucket (here: another prefix) with the roots and the fleet
+    // bundle, not only the releases.
+    let restored = year.fleet.s3().origin_arg("restored");
+    let out = year.operator(&[
+        "bundle",
+        "push",
+        "--from",
+        p(&stick),
+        "--origin",
+        &restored,
+        "--deployment",
+        "shop-1",
+        "--trust",
+        p(&release_2_pub),
+        "--json",
+    ]);
+    let pushed = deckhand_tests::json(&out);
+    assert_eq!(pushed["roots"], serde_json::json!([1, 2]), "{pushed}");
+    assert_eq!(pushed["fleet_bundle"], true, "{pushed}");
+    let bucket = |prefix: &str, key: &str| {
+        std::fs::read(year.fleet.join("s3").join("cards").join(prefix).join(key)).unwrap()
+    };
+    for key in [
+        "deployments/shop-1/root/00000000000000000002.json",
+        "fleet/bundle.pem",
+    ] {
+        assert_eq!(bucket("restored", key), bucket("fleet", key), "{key}");
+    }
+    // A root that does not follow the one before it (root 1 replayed as root 3) refuses the push
+    // whole: nothing is written.
+    let third = stick.join("deployments/shop-1/root/00000000000000000003.json");
+    std::fs::copy(&year.root, &third).unwrap();
+    let refused = deckhand_tests::deckhand(
+        year.fleet.s3(),
+        &[
+            "bundle",
+            "push",
+            "--from",
+            p(&stick),
+            "--origin",
+            &year.fleet.s3().origin_arg("refused"),
+            "--deployment",
+            "shop-1",
+            "--trust",
+            p(&release_2_pub),
+        ],
+    )
+    .envs(clock_from(&year.operator_clock))
+    .output()
+    .unwrap();
+    let err = deckhand_tests::stderr(&refused);
+    assert!(
+        !refused.status.success()
+            && err.contains("00000000000000000003.json in the bundle does not follow"),
+        "{err}"
+    );
+    assert!(!year.fleet.join("s3/cards/refused").exists());
+    std::fs::remove_file(&third).unwrap();
     let ca = year.fleet.ca().dir.display().to_string();
     let certs = year.fleet.join("certs").display().to_string();
     year.operator(&[

@@ -217,6 +217,12 @@ pub async fn bundle(command: BundleCommand) -> Result<(), ToolError> {
                     "uploaded {} blobs and chunk maps ({} bytes); {} already there",
                     report.uploaded, report.bytes_uploaded, report.present
                 );
+                if !report.roots.is_empty() {
+                    println!("trust roots written: versions {:?}", report.roots);
+                }
+                if report.fleet_bundle {
+                    println!("fleet bundle written");
+                }
                 match report.current_set_to {
                     Some(v) => println!("current.json now names version {v}"),
                     None => println!(
