@@ -107,6 +107,8 @@ struct Year {
     till: Arc<Mutex<Till>>,
     files: deckhand_agent::release::ReleaseFiles,
     release_key: PathBuf,
+    /// The day every clock is at.
+    day: u64,
 }
 
 impl Year {
@@ -125,13 +127,27 @@ impl Year {
         self.fleet.s3().origin_arg("fleet")
     }
 
-    /// Every clock (the operator's and the Pis') at `day` days after the start.
-    fn set_day(&self, day: u64) {
+    /// Every clock (the operator's and the Pis') at `day` days after the start. Returns once every
+    /// running Pi sees it (libfaketime reads its file again within a second): the newest manifest it
+    /// verified, from the day before, has aged by the jump.
+    async fn set_day(&mut self, day: u64) {
         for c in self.clocks.iter().chain([&self.operator_clock]) {
             set_clock(c, &format!("+{day}d"));
         }
-        // libfaketime reads its file again after a second.
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let aged = ((day - self.day) * 86_400).saturating_sub(3_600);
+        self.day = day;
+        for agent in &self.fleet.agents {
+            let deadline = std::time::Instant::now() + secs(10);
+            while deckhand_tests::metric(agent, "deckhand_newest_manifest_age_seconds").await < aged
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} does not see day {day}",
+                    agent.name
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
     }
 
     /// Publishes release `version` (card 0 renamed [`print`]), signed with the current release key.
@@ -269,8 +285,9 @@ async fn a_year_in_a_shop_certificates_clocks_a_key_rotation_and_damage_never_st
         till: Arc::default(),
         files,
         release_key: release_1,
+        day: 0,
     };
-    year.set_day(0);
+    year.set_day(0).await;
     let origin = year.origin();
     year.operator(&[
         "keys",
@@ -298,7 +315,7 @@ async fn a_year_in_a_shop_certificates_clocks_a_key_rotation_and_damage_never_st
     let mut renewed = None;
     for month in 1..=12u64 {
         let version = month + 1;
-        year.set_day(month * DAYS_A_MONTH);
+        year.set_day(month * DAYS_A_MONTH).await;
         match month {
             // The release key is rotated; the root key signs the new root, the new key the release.
             6 => {
@@ -402,7 +419,7 @@ async fn a_year_in_a_shop_certificates_clocks_a_key_rotation_and_damage_never_st
     // A week past the year (day 372): the first certificates and the first root have expired. Every
     // Pi takes the next release, its peers still live: each presents its renewed certificate, follows
     // the rotated root and warns of nothing.
-    year.set_day(12 * DAYS_A_MONTH + 12);
+    year.set_day(12 * DAYS_A_MONTH + 12).await;
     year.publish(14);
     let end = year.all_serve(14).await;
     for st in &end {
@@ -425,7 +442,15 @@ async fn a_year_in_a_shop_certificates_clocks_a_key_rotation_and_damage_never_st
     }
     // The till ran through the year: every Pi answered with the newest release; nothing failed at a
     // Pi in service.
-    tokio::time::sleep(secs(1)).await;
+    let deadline = std::time::Instant::now() + secs(10);
+    let behind = |till: &Mutex<Till>| till.lock().unwrap().counters.iter().any(|c| c.version < 14);
+    while behind(&year.till) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the till never saw version 14 everywhere"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     till_task.await.unwrap();
     let till = std::mem::take(&mut *year.till.lock().unwrap());
