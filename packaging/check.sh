@@ -31,6 +31,9 @@ getent passwd deckhand >/dev/null || fail "the deckhand user was not created"
 [ -f /etc/deckhand/agent.toml ] || fail "/etc/deckhand/agent.toml is missing"
 dpkg-query -W -f='${Conffiles}\n' deckhand-agent | grep -q /etc/deckhand/agent.toml \
   || fail "/etc/deckhand/agent.toml is not a conffile"
+# It may hold secrets (webhook_secret, MQTT credentials): the service's group reads it, nobody else.
+[ "$(stat -c '%a %U %G' /etc/deckhand/agent.toml)" = "640 root deckhand" ] \
+  || fail "/etc/deckhand/agent.toml is $(stat -c '%a %U %G' /etc/deckhand/agent.toml), not 640 root deckhand"
 unit=$(dpkg -L deckhand-agent | grep '/systemd/system/deckhand-agent.service$') \
   || fail "the unit is not installed"
 systemd-analyze verify --man=no "$unit"
@@ -45,6 +48,7 @@ dpkg -r deckhand-agent
 dpkg -P deckhand-agent
 [ ! -e /var/lib/deckhand ] || fail "purge left /var/lib/deckhand"
 [ ! -e /etc/deckhand/agent.toml ] || fail "purge left /etc/deckhand/agent.toml"
+! dpkg-statoverride --list /etc/deckhand/agent.toml >/dev/null || fail "purge left the statoverride"
 echo "packaging check: both amd64 packages pass"
 
 # The arm64 agent package, when built (packaging/build.sh --target aarch64): lintian finds no errors, it

@@ -66,6 +66,10 @@ pub enum ConfigError {
     Trust { path: PathBuf, why: String },
     #[error("--threshold {threshold} is not between 1 and the {keys} trusted key(s)")]
     Threshold { threshold: usize, keys: usize },
+    #[error(
+        "--webhook is given without --webhook-secret (webhook_secret): webhook bodies are signed"
+    )]
+    WebhookUnsigned,
     #[error("uplink budget: {0}")]
     Budget(#[from] deckhand_protocol::budget::BudgetError),
 }
@@ -198,6 +202,55 @@ pub struct Settings {
     /// Seconds a ready agent waits for the rest of the shop when switching together.
     #[arg(long = "activate-deadline-secs", id = "activate_deadline_secs", default_value = "600", value_parser = secs(1, 86_400))]
     pub activate_deadline: Duration,
+    /// An MQTT broker recognitions are published to: mqtt://[user[:password]@]host[:port] or mqtts://
+    /// (QoS 1 to deckhand/DEPLOYMENT/AGENT/SOURCE/recognitions; online/offline retained at
+    /// deckhand/DEPLOYMENT/AGENT/status).
+    #[arg(long, env = "DECKHAND_MQTT")]
+    pub mqtt: Option<crate::events::mqtt::MqttUrl>,
+    /// The CA certificate(s) (PEM) an mqtts:// broker's certificate is checked against [default: the
+    /// system's].
+    #[arg(long)]
+    pub mqtt_ca: Option<PathBuf>,
+    /// A URL recognitions are POSTed to as JSON, signed with webhook_secret; repeatable.
+    #[arg(long = "webhook", id = "webhook", value_parser = webhook_url)]
+    pub webhooks: Vec<hyper::Uri>,
+    /// The secret webhook bodies are signed with (X-Deckhand-Signature: sha256=HMAC); at least 16
+    /// characters.
+    #[arg(long, env = "DECKHAND_WEBHOOK_SECRET", value_parser = token, hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// The CA certificate(s) (PEM) an https:// webhook's certificate is checked against [default: the
+    /// system's].
+    #[arg(long)]
+    pub webhook_ca: Option<PathBuf>,
+    /// The most recognition events the event log keeps for its sinks and for /v1/events.
+    #[arg(long, default_value = "10000", value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub events_keep: u64,
+    /// Hours an undelivered recognition event is kept before it is dropped.
+    #[arg(long = "events-max-age-hours", id = "events_max_age_hours", default_value = "168", value_parser = hours(1, 24 * 365))]
+    pub events_max_age: Duration,
+    /// A best card that leads the next-best card by less than this is an uncertain event, not a card
+    /// (0 takes every margin).
+    #[arg(long, default_value = "0", value_parser = fraction)]
+    pub min_margin: f32,
+}
+
+fn webhook_url(s: &str) -> Result<hyper::Uri, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(uri),
+        _ => Err("not an http:// or https:// URL with a host".into()),
+    }
+}
+
+fn hours(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
+    move |s| in_range(s, lo, hi).map(|h| Duration::from_secs(h * 3600))
+}
+
+fn fraction(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a number from 0 to 1")),
+    }
 }
 
 fn deployment(s: &str) -> Result<String, deckhand_protocol::layout::LayoutError> {
@@ -400,9 +453,7 @@ fn file_args(
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
-                toml::Value::Float(_) => {
-                    return Err(bad("a number with a fraction is not accepted"));
-                }
+                toml::Value::Float(f) => f.to_string(),
                 _ => {
                     return Err(bad(
                         "expected a string, a whole number, a boolean or a list of them",
@@ -469,6 +520,9 @@ impl Settings {
             self.uplink_budget,
             self.uplink_schedule.clone(),
         )?;
+        if !self.webhooks.is_empty() && self.webhook_secret.is_none() {
+            return Err(ConfigError::WebhookUnsigned);
+        }
         match (self.trust.is_empty(), &self.trust_root) {
             (true, None) => return Err(ConfigError::Missing("trust (or trust_root)")),
             (false, Some(_)) => return Err(ConfigError::TrustTwice),

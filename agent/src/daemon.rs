@@ -210,6 +210,7 @@ pub async fn run(
     let sync_beat = engine.beat();
     let engine_status = engine.status();
     let (scrubber, repairs) = start_scrub(&cfg, &store)?;
+    let events = start_events(&cfg, &me, &service, &stop, &mut tasks, &span);
     let inputs = crate::sync::Inputs {
         hints,
         haves: peers.as_ref().and_then(|p| p.take_haves()),
@@ -227,6 +228,7 @@ pub async fn run(
         trust: trust.clone(),
         fleet,
         scrub: scrubber.as_ref().map(|s| s.status_handle()),
+        events: events.clone(),
     };
     let peer_statuses = PeerStatuses::default();
     if let Some(node) = &peers {
@@ -252,6 +254,12 @@ pub async fn run(
     let watchdog = watchdog(sources.clone(), service.clone(), sync_beat, stop);
     tasks.spawn(watchdog.instrument(span));
     let _inbox = start_inbox(&cfg, &service)?;
+    // Streams (/v1/events) end as soon as the server begins to stop, not after its grace period.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
     let app = crate::http::router(AppState {
         service: service.clone(),
         status: {
@@ -260,6 +268,8 @@ pub async fn run(
         },
         fleet: Arc::new(move || sources.fleet(&peer_statuses)),
         token: cfg.settings.http_token.as_deref().map(Arc::from),
+        events: events.as_ref().map(|e| e.log.clone()),
+        closing,
     });
     let limits = crate::http::gate::Limits {
         max_connections: cfg.settings.http_max_connections as usize,
@@ -274,8 +284,77 @@ pub async fn run(
         tokio::task::spawn_blocking(move || s.stop()).await?;
     }
     stop_all(tasks, peers, service).await;
+    if let Some(events) = events {
+        tokio::task::spawn_blocking(move || events.log.close()).await?;
+    }
     store.close();
     Ok(())
+}
+
+/// The recognition event log (`events.sqlite` in the data directory), told of every answer, and its
+/// sinks (MQTT, webhooks), each a task until `stop`. A log that cannot be opened is logged and the agent
+/// serves without events: recognitions never stop for it.
+fn start_events(
+    cfg: &RunConfig,
+    me: &str,
+    service: &Service,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    span: &tracing::Span,
+) -> Option<crate::events::Events> {
+    use crate::events::{Recorder, SinkState, log, mqtt, webhook};
+    let s = &cfg.settings;
+    let mqtt = s.mqtt.clone().map(|url| mqtt::MqttConfig {
+        url,
+        ca: s.mqtt_ca.clone(),
+        deployment: cfg.deployment.clone(),
+        agent: me.to_owned(),
+    });
+    let secret: Arc<[u8]> = Arc::from(s.webhook_secret.as_deref().unwrap_or_default().as_bytes());
+    let hooks: Vec<webhook::WebhookConfig> = s
+        .webhooks
+        .iter()
+        .map(|url| webhook::WebhookConfig {
+            url: url.clone(),
+            secret: secret.clone(),
+            ca: s.webhook_ca.clone(),
+        })
+        .collect();
+    let mut keys: Vec<String> = hooks.iter().map(|h| h.sink()).collect();
+    if mqtt.is_some() {
+        keys.push(mqtt::SINK.to_owned());
+    }
+    let limits = log::Limits {
+        keep: s.events_keep,
+        max_age: s.events_max_age,
+    };
+    let log = match log::EventLog::open(&s.data_dir.join(log::FILE), limits, &keys) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(cause = %e, "no event log: recognitions are served, but no events are kept or sent");
+            return None;
+        }
+    };
+    service.listen(Arc::new(Recorder::new(
+        log.clone(),
+        me,
+        &cfg.deployment,
+        s.min_margin,
+    )));
+    let mut sinks = Vec::new();
+    if let Some(m) = mqtt {
+        let state = SinkState::new("mqtt", mqtt::SINK.to_owned(), m.url.to_string());
+        sinks.push(state.clone());
+        let run = mqtt::run(m, log.clone(), state, stop.clone());
+        tasks.spawn(run.instrument(tracing::info_span!(parent: span, "mqtt")));
+    }
+    for hook in hooks {
+        let state = SinkState::new("webhook", hook.sink(), hook.url.to_string());
+        sinks.push(state.clone());
+        let run = webhook::run(hook, log.clone(), state, stop.clone());
+        tasks.spawn(run.instrument(tracing::info_span!(parent: span, "webhook")));
+    }
+    Some(crate::events::Events { log, sinks })
 }
 
 /// The background scrub ([`crate::maintenance::scrub`]), unless `scrub_per_hour` is 0, and the channel

@@ -19,6 +19,8 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 #[cfg(feature = "daemon")]
+pub mod events;
+#[cfg(feature = "daemon")]
 pub mod ledger;
 #[cfg(feature = "daemon")]
 pub mod maintenance;

@@ -371,6 +371,9 @@ pub fn render_status(
     status: &deckhand_protocol::status::Status,
     now: jiff::Timestamp,
 ) {
+    if let Some(e) = &status.events {
+        render_events(out, e, now);
+    }
     let disk = status.disk_full.as_ref();
     let _ = write!(
         out,
@@ -458,6 +461,98 @@ pub fn render_status(
              # TYPE deckhand_newest_manifest_age_seconds gauge\n\
              deckhand_newest_manifest_age_seconds {}\n",
             now.duration_since(newest).as_secs().max(0)
+        );
+    }
+}
+
+/// A sink's label value: `mqtt`, or `webhook:<url>` (quotes and backslashes escaped).
+fn sink_label(s: &deckhand_protocol::status::EventSink) -> String {
+    let name = if s.kind == "mqtt" {
+        "mqtt".to_owned()
+    } else {
+        format!("{}:{}", s.kind, s.target)
+    };
+    name.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// The event log's and its sinks' metrics.
+fn render_events(
+    out: &mut String,
+    e: &deckhand_protocol::status::EventsStatus,
+    now: jiff::Timestamp,
+) {
+    let _ = write!(
+        out,
+        "# HELP deckhand_events_total Recognition events recorded since start.\n\
+         # TYPE deckhand_events_total counter\n\
+         deckhand_events_total {}\n\
+         # HELP deckhand_events_lost_total Events lost since start: the log's queue was full, or they left the log (count or age) before every sink had them.\n\
+         # TYPE deckhand_events_lost_total counter\n\
+         deckhand_events_lost_total{{reason=\"queue_full\"}} {}\n\
+         deckhand_events_lost_total{{reason=\"expired\"}} {}\n\
+         # HELP deckhand_events_kept Events the log keeps.\n\
+         # TYPE deckhand_events_kept gauge\n\
+         deckhand_events_kept {}\n",
+        e.recorded, e.dropped, e.expired, e.kept
+    );
+    if e.sinks.is_empty() {
+        return;
+    }
+    let _ = write!(
+        out,
+        "# HELP deckhand_event_backlog Events waiting for a sink.\n\
+         # TYPE deckhand_event_backlog gauge\n"
+    );
+    for s in &e.sinks {
+        let _ = writeln!(
+            out,
+            "deckhand_event_backlog{{sink=\"{}\"}} {}",
+            sink_label(s),
+            s.backlog
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP deckhand_event_oldest_undelivered_seconds Age of the oldest event a sink has not had (0 when none waits).\n\
+         # TYPE deckhand_event_oldest_undelivered_seconds gauge\n"
+    );
+    for s in &e.sinks {
+        let age = s
+            .oldest_undelivered
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map_or(0, |t| now.duration_since(t).as_secs().max(0));
+        let _ = writeln!(
+            out,
+            "deckhand_event_oldest_undelivered_seconds{{sink=\"{}\"}} {age}",
+            sink_label(s)
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP deckhand_event_sink_up 1 while a sink's last attempt succeeded.\n\
+         # TYPE deckhand_event_sink_up gauge\n"
+    );
+    for s in &e.sinks {
+        let _ = writeln!(
+            out,
+            "deckhand_event_sink_up{{sink=\"{}\"}} {}",
+            sink_label(s),
+            u8::from(s.connected)
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP deckhand_event_deliveries_total Events a sink took (delivered) or refused for good (rejected), since start.\n\
+         # TYPE deckhand_event_deliveries_total counter\n"
+    );
+    for s in &e.sinks {
+        let label = sink_label(s);
+        let _ = writeln!(
+            out,
+            "deckhand_event_deliveries_total{{sink=\"{label}\",outcome=\"delivered\"}} {}\n\
+             deckhand_event_deliveries_total{{sink=\"{label}\",outcome=\"rejected\"}} {}",
+            s.delivered, s.rejected
         );
     }
 }

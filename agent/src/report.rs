@@ -48,6 +48,7 @@ pub struct Snapshot {
     /// What the store repaired at open ([`store_repair`]).
     pub store_repair: Option<String>,
     pub scrub: Option<deckhand_protocol::status::ScrubStatus>,
+    pub events: Option<deckhand_protocol::status::EventsStatus>,
     pub bytes_served: u64,
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
@@ -91,6 +92,7 @@ pub fn status(s: Snapshot) -> Status {
         dial_table: s.dial_table,
         store_repair: s.store_repair,
         scrub: s.scrub,
+        events: s.events,
         agent_id: s.agent_id,
         deployment: s.deployment,
         active: s.active,
@@ -170,6 +172,8 @@ pub struct Sources {
     pub fleet: Result<Option<Arc<Fleet>>, String>,
     /// The background scrub's progress, when it runs.
     pub scrub: Option<Arc<std::sync::Mutex<deckhand_protocol::status::ScrubStatus>>>,
+    /// The recognition event log and its sinks.
+    pub events: Option<crate::events::Events>,
 }
 
 impl Sources {
@@ -230,6 +234,7 @@ impl Sources {
                 .scrub
                 .as_ref()
                 .map(|s| crate::locks::lock(s, "scrub status").clone()),
+            events: self.events.as_ref().map(|e| e.status()),
             agent_id: self.agent_id.clone(),
             deployment: self.deployment.clone(),
             sync,

@@ -83,6 +83,54 @@ pub struct Status {
     /// The addresses this agent dials to find peers (`None` without fleet credentials).
     #[serde(default)]
     pub dial_table: Option<DialTable>,
+    /// The recognition event log and its sinks (MQTT, webhooks).
+    #[serde(default)]
+    pub events: Option<EventsStatus>,
+}
+
+/// The recognition event log (the outbox) and where it is delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsStatus {
+    /// The log's id, the first part of every event id.
+    pub log: String,
+    /// The newest event's sequence number.
+    pub newest: u64,
+    /// Events the log keeps (bounded by `events_keep` and `events_max_age`).
+    pub kept: u64,
+    /// Events recorded since the agent started.
+    pub recorded: u64,
+    /// Events dropped since start because the log's queue was full.
+    pub dropped: u64,
+    /// Events that aged or were pushed out of the log before every sink had them, since start.
+    pub expired: u64,
+    /// Why the log file was set aside at start (damaged), if it was.
+    #[serde(default)]
+    pub reset: Option<String>,
+    pub sinks: Vec<EventSink>,
+}
+
+/// One place events are delivered to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventSink {
+    /// `mqtt` or `webhook`.
+    pub kind: String,
+    /// Where (credentials left out).
+    pub target: String,
+    /// Whether its last attempt succeeded.
+    pub connected: bool,
+    /// Events delivered since start.
+    pub delivered: u64,
+    /// Events the receiver refused for good (a 4xx) since start, passed over.
+    pub rejected: u64,
+    /// Events waiting for it.
+    pub backlog: u64,
+    /// When the oldest of those was made (RFC 3339).
+    pub oldest_undelivered: Option<String>,
+    /// Why its last attempt failed (cleared by a success).
+    pub last_error: Option<String>,
+    /// What the receiver said when it last refused an event for good.
+    #[serde(default)]
+    pub last_rejected: Option<String>,
 }
 
 /// The addresses an agent dials (from mDNS, `--peer`, peers' Hellos).
@@ -442,6 +490,42 @@ impl Status {
                     .map(|f| format!("; last: {f}"))
                     .unwrap_or_default()
             );
+        }
+        if let Some(e) = &self.events {
+            let lost = e.dropped + e.expired;
+            let _ = writeln!(
+                out,
+                "events      {} kept, {} since start{}{}",
+                e.kept,
+                e.recorded,
+                if lost > 0 {
+                    format!(", {lost} lost")
+                } else {
+                    String::new()
+                },
+                e.reset
+                    .as_ref()
+                    .map(|r| format!("; log set aside: {r}"))
+                    .unwrap_or_default()
+            );
+            for k in &e.sinks {
+                let state = if k.connected { "up" } else { "DOWN" };
+                let _ = write!(
+                    out,
+                    "  {:<9} {} {state}, {} delivered, {} waiting",
+                    k.kind, k.target, k.delivered, k.backlog
+                );
+                if let Some(o) = &k.oldest_undelivered {
+                    let _ = write!(out, " (oldest {o})");
+                }
+                if k.rejected > 0 {
+                    let _ = write!(out, ", {} refused", k.rejected);
+                }
+                if let Some(err) = &k.last_error {
+                    let _ = write!(out, "; {err}");
+                }
+                let _ = writeln!(out);
+            }
         }
         if let Some(t) = &self.newest_manifest_at {
             let _ = writeln!(out, "newest      manifest created {t}");

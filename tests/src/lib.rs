@@ -2,8 +2,10 @@
 //! helpers to run and kill real processes.
 
 pub mod browser;
+pub mod mqtt;
 pub mod powerfs;
 pub mod quic_flood;
+pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

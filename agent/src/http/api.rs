@@ -28,6 +28,10 @@ pub struct AppState {
     pub fleet: FleetFn,
     /// The bearer token every request but the page's must carry (`http_token`), if one is set.
     pub token: Option<Arc<str>>,
+    /// The recognition event log `/v1/events` streams, if the agent keeps one.
+    pub events: Option<crate::events::log::EventLog>,
+    /// Set when the server begins to stop: event streams end.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -37,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/fleet", get(fleet))
+        .route("/v1/events", get(super::events::events))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,

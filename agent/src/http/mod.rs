@@ -5,6 +5,8 @@
 mod api;
 pub mod client;
 #[cfg(feature = "daemon")]
+mod events;
+#[cfg(feature = "daemon")]
 pub mod gate;
 #[cfg(feature = "daemon")]
 pub mod server;

@@ -13,6 +13,7 @@ pub mod service;
 
 use crate::release::loaders::{self, LoadError};
 use deckhand_protocol::BlobId;
+pub use deckhand_protocol::event::Candidate;
 use deckhand_protocol::manifest::{Metric, RecognizerSettings};
 use image::RgbImage;
 use serde::Serialize;
@@ -99,6 +100,8 @@ pub struct Recognition {
     /// Score of the best card minus the score of the next-best distinct card.
     pub margin: Option<f32>,
     pub metadata: Option<serde_json::Value>,
+    /// The best cards, best first (at most [`deckhand_protocol::event::CANDIDATES`]).
+    pub candidates: Vec<Candidate>,
     pub reason: Option<String>,
     pub manifest_version: u64,
     pub manifest_id: String,
@@ -343,6 +346,14 @@ impl Recognizer {
             score: f32::NAN,
             margin: None,
             metadata: None,
+            candidates: best
+                .iter()
+                .take(deckhand_protocol::event::CANDIDATES)
+                .map(|&(card, score)| Candidate {
+                    card_id: card.to_owned(),
+                    score,
+                })
+                .collect(),
             reason: None,
             manifest_version: self.version,
             manifest_id: self.manifest_id.to_string(),

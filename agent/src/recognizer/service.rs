@@ -53,6 +53,12 @@ pub enum SwapError {
     CanaryUnusable { index: usize, why: String },
 }
 
+/// Told of every answer the inference thread makes (the event log records them). Called on the
+/// inference thread before the answer is sent: it must return at once (queue, never wait).
+pub trait Listener: Send + Sync {
+    fn answered(&self, answer: &Recognition, via: Via);
+}
+
 /// A release that was refused, for status.
 pub use deckhand_protocol::status::Refusal;
 
@@ -75,6 +81,8 @@ pub struct Service {
     busy: Arc<Busy>,
     /// Bytes of decoded images held at once by HTTP requests ([`DECODE_BUDGET`]).
     decoding: Arc<tokio::sync::Semaphore>,
+    /// Told of every answer, once set ([`Service::listen`]).
+    listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>>,
 }
 
 /// Memory that images being decoded may take at once, over every HTTP request
@@ -120,11 +128,13 @@ impl Service {
             epoch: Instant::now(),
             since_ms: std::sync::atomic::AtomicU64::new(0),
         });
+        let listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>> = Arc::default();
         let thread = {
             let (live, metrics, busy) = (live.clone(), metrics.clone(), busy.clone());
+            let listener = listener.clone();
             std::thread::Builder::new()
                 .name("deckhand-inference".into())
-                .spawn(move || inference_loop(rx, &live, &metrics, &busy))?
+                .spawn(move || inference_loop(rx, &live, &metrics, &busy, &listener))?
         };
         Ok(Self {
             live,
@@ -134,7 +144,14 @@ impl Service {
             thread: Arc::new(Mutex::new(Some(thread))),
             busy,
             decoding: Arc::new(tokio::sync::Semaphore::new(DECODE_BUDGET as usize)),
+            listener,
         })
+    }
+
+    /// Tells `listener` of every answer from now on. Only the first listener set is kept (the daemon
+    /// sets its event log once); `false` when one was already set.
+    pub fn listen(&self, listener: Arc<dyn Listener>) -> bool {
+        self.listener.set(listener).is_ok()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -358,6 +375,7 @@ fn inference_loop(
     live: &ArcSwapOption<Recognizer>,
     metrics: &Metrics,
     busy: &Busy,
+    listener: &std::sync::OnceLock<Arc<dyn Listener>>,
 ) {
     while let Ok(first) = rx.recv() {
         busy.enter();
@@ -388,6 +406,9 @@ fn inference_loop(
                 for (r, (started, reply, via)) in results.into_iter().zip(rest) {
                     metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());
                     metrics.remember(&r, via);
+                    if let Some(l) = listener.get() {
+                        l.answered(&r, via);
+                    }
                     let _ = reply.send(Ok(r));
                 }
             }

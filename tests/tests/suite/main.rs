@@ -13,6 +13,7 @@ mod catalog_repair;
 mod demo;
 mod discovery;
 mod disk_full;
+mod events;
 mod flaky_s3;
 mod fleet;
 mod flood;
