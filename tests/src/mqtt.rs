@@ -12,6 +12,29 @@ pub struct Broker {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// A second listener with TLS (a certificate for localhost and 127.0.0.1), and its CA's PEM file.
+    tls: Option<(u16, PathBuf)>,
+}
+
+/// A CA (PEM file `ca.pem`) and a server certificate it signed for `localhost` and 127.0.0.1
+/// (`server.pem`, `server.key`) in `dir`.
+fn write_tls_files(dir: &Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut server = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = server.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    dir.join("ca.pem")
 }
 
 fn mosquitto() -> PathBuf {
@@ -37,9 +60,36 @@ impl Broker {
             child: None,
             port: free_port(),
             dir: dir.to_owned(),
+            tls: None,
         };
         b.resume();
         b
+    }
+
+    /// Starts a broker with a plain listener and a TLS one (its CA: [`Broker::tls_ca`]).
+    pub fn start_with_tls(dir: &Path) -> Broker {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca = write_tls_files(dir);
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+            tls: Some((free_port(), ca)),
+        };
+        b.resume();
+        b
+    }
+
+    /// The agent's `--mqtt` value for the TLS listener (`mqtts://localhost:PORT`).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|(p, _)| format!("mqtts://localhost:{p}"))
+    }
+
+    /// The CA that signed the TLS listener's certificate (PEM).
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(_, ca)| ca.as_path())
     }
 
     pub fn port(&self) -> u16 {
@@ -55,17 +105,20 @@ impl Broker {
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "the broker is running");
         let conf = self.dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
-                 persistence true\npersistence_location {dir}/\nautosave_interval 1\n\
-                 log_dest stderr\nlog_type all\n",
-                port = self.port,
+        let mut text = format!(
+            "allow_anonymous true\nuser root\n\
+             persistence true\npersistence_location {dir}/\nautosave_interval 1\n\
+             log_dest stderr\nlog_type all\nlistener {port} 127.0.0.1\n",
+            port = self.port,
+            dir = self.dir.display()
+        );
+        if let Some((tls, _)) = &self.tls {
+            text.push_str(&format!(
+                "listener {tls} 127.0.0.1\ncertfile {dir}/server.pem\nkeyfile {dir}/server.key\n",
                 dir = self.dir.display()
-            ),
-        )
-        .unwrap();
+            ));
+        }
+        std::fs::write(&conf, text).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -81,7 +134,12 @@ impl Broker {
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let ports = [Some(self.port), self.tls.as_ref().map(|t| t.0)];
+        while ports
+            .iter()
+            .flatten()
+            .any(|p| TcpStream::connect(("127.0.0.1", *p)).is_err())
+        {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
                     "mosquitto exited with {status}; see {}",

@@ -5,24 +5,34 @@
 //! `deckhand/{deployment}/{agent}/status`: `online` once connected, `offline` at a clean stop, and
 //! `offline` from the broker itself (the last will) when the agent dies or its link does.
 //!
-//! Each session is a new client with a clean session: nothing is retransmitted behind the log's back,
-//! so what the cursor says is what goes out.
+//! MQTT 3.1.1's packets are rumqttc's (`rumqttc::mqttbytes::v4`); the session around them is this
+//! file's, over a TCP stream or, for `mqtts://`, the same rustls (aws-lc-rs) every other part of the
+//! agent uses (rumqttc's own TLS would bring a second crypto library). Each connection is a clean
+//! session: nothing is retransmitted behind the log's back, so what the cursor says is what goes out.
+//! A ping every half keep-alive notices a broker that went silent.
 
 use super::log::EventLog;
 use super::{Backoff, SinkState, pause, read_after, wait_for_events};
+use bytes::BytesMut;
 use deckhand_protocol::event::{recognitions_topic, status_topic};
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Disconnect, LastWill, Packet, PingReq, Publish,
+};
+use rumqttc::mqttbytes::{Error as PacketError, QoS};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-/// How long a broker has to accept the connection.
+/// How long a broker has to accept the connection (TCP, TLS and CONNACK).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a broker has to acknowledge one publish.
+/// How long a broker has to acknowledge one publish (or answer a ping).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the goodbye (`offline`, DISCONNECT) may take at shutdown.
 const GOODBYE: Duration = Duration::from_millis(800);
 /// Keep-alive: the broker gives the agent up (and publishes its will) after 1.5x this without a word.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The largest packet read from or written to the broker.
+const MAX_PACKET: usize = 1 << 20;
 /// The cursor's name in the event log.
 pub const SINK: &str = "mqtt";
 
@@ -31,21 +41,17 @@ pub enum MqttError {
     #[error("{0}")]
     Url(String),
     #[error("broker {target}: {source}")]
-    Connection {
+    Io {
         target: String,
         #[source]
-        source: Box<rumqttc::ConnectionError>,
+        source: std::io::Error,
     },
-    #[error("broker {target}: {source}")]
-    Client {
-        target: String,
-        #[source]
-        source: Box<rumqttc::ClientError>,
-    },
+    #[error("broker {target}: malformed packet: {why}")]
+    Packet { target: String, why: String },
     #[error("broker {target}: refused the connection: {code:?}")]
     Refused {
         target: String,
-        code: rumqttc::ConnectReturnCode,
+        code: ConnectReturnCode,
     },
     #[error("broker {target}: no answer within {secs} s ({what})")]
     Timeout {
@@ -53,6 +59,8 @@ pub enum MqttError {
         what: &'static str,
         secs: u64,
     },
+    #[error("broker {target}: closed the connection")]
+    Closed { target: String },
     #[error("broker {target}: TLS: {why}")]
     Tls { target: String, why: String },
     #[error(transparent)]
@@ -185,35 +193,189 @@ pub async fn run(
     }
 }
 
-fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
-    let target = cfg.url.to_string();
-    let mut o = MqttOptions::new(
-        format!("deckhand-{}", cfg.agent),
-        cfg.url.host.clone(),
-        cfg.url.port,
-    );
-    o.set_keep_alive(KEEP_ALIVE)
-        .set_clean_session(true)
-        .set_max_packet_size(1 << 20, 1 << 20)
-        .set_last_will(LastWill::new(
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One connection to the broker: the stream, what was read and not yet parsed, the next packet id.
+struct Conn {
+    io: Box<dyn Stream>,
+    rbuf: BytesMut,
+    target: String,
+    next_pkid: u16,
+}
+
+impl Conn {
+    /// TCP (and TLS for mqtts://), then CONNECT with the will, then CONNACK.
+    async fn open(cfg: &MqttConfig) -> Result<Conn, MqttError> {
+        let target = cfg.url.to_string();
+        let io_err = |source| MqttError::Io {
+            target: target.clone(),
+            source,
+        };
+        let tcp = tokio::net::TcpStream::connect((cfg.url.host.as_str(), cfg.url.port))
+            .await
+            .map_err(io_err)?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Stream> = if cfg.url.tls {
+            let tls_err = |why: String| MqttError::Tls {
+                target: target.clone(),
+                why,
+            };
+            let config = super::tls_client(cfg.ca.as_deref()).map_err(tls_err)?;
+            let name = rustls::pki_types::ServerName::try_from(cfg.url.host.clone())
+                .map_err(|e| tls_err(e.to_string()))?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| tls_err(e.to_string()))?;
+            Box::new(stream)
+        } else {
+            Box::new(tcp)
+        };
+        let mut conn = Conn {
+            io,
+            rbuf: BytesMut::with_capacity(4096),
+            target,
+            next_pkid: 0,
+        };
+        let mut connect = Connect::new(format!("deckhand-{}", cfg.agent));
+        connect.keep_alive = KEEP_ALIVE.as_secs() as u16;
+        connect.clean_session = true;
+        connect.last_will = Some(LastWill::new(
             status_topic(&cfg.deployment, &cfg.agent),
             "offline",
             QoS::AtLeastOnce,
             true,
         ));
-    if let Some(user) = &cfg.url.user {
-        o.set_credentials(user.clone(), cfg.url.password.clone().unwrap_or_default());
+        if let Some(user) = &cfg.url.user {
+            connect.set_login(user.clone(), cfg.url.password.clone().unwrap_or_default());
+        }
+        conn.send(|b| connect.write(b)).await?;
+        match conn.recv().await? {
+            Packet::ConnAck(ConnAck {
+                code: ConnectReturnCode::Success,
+                ..
+            }) => Ok(conn),
+            Packet::ConnAck(ConnAck { code, .. }) => Err(MqttError::Refused {
+                target: conn.target,
+                code,
+            }),
+            other => Err(conn.malformed(format!("expected CONNACK, got {other:?}"))),
+        }
     }
-    if cfg.url.tls {
-        let tls = super::tls_client(cfg.ca.as_deref()).map_err(|why| MqttError::Tls {
-            target: target.clone(),
+
+    fn malformed(&self, why: String) -> MqttError {
+        MqttError::Packet {
+            target: self.target.clone(),
             why,
-        })?;
-        o.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-        ));
+        }
     }
-    Ok(o)
+
+    async fn send(
+        &mut self,
+        write: impl FnOnce(&mut BytesMut) -> Result<usize, PacketError>,
+    ) -> Result<(), MqttError> {
+        let mut buf = BytesMut::new();
+        write(&mut buf).map_err(|e| self.malformed(e.to_string()))?;
+        self.io
+            .write_all(&buf)
+            .await
+            .map_err(|source| MqttError::Io {
+                target: self.target.clone(),
+                source,
+            })?;
+        self.io.flush().await.map_err(|source| MqttError::Io {
+            target: self.target.clone(),
+            source,
+        })
+    }
+
+    /// The next packet from the broker.
+    async fn recv(&mut self) -> Result<Packet, MqttError> {
+        loop {
+            match Packet::read(&mut self.rbuf, MAX_PACKET) {
+                Ok(p) => return Ok(p),
+                Err(PacketError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(self.malformed(e.to_string())),
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|source| MqttError::Io {
+                    target: self.target.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(MqttError::Closed {
+                    target: self.target.clone(),
+                });
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and waits (at most [`ACK_TIMEOUT`]) for the broker's PUBACK.
+    async fn publish(
+        &mut self,
+        topic: &str,
+        retain: bool,
+        payload: &[u8],
+    ) -> Result<(), MqttError> {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        let pkid = self.next_pkid;
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        p.retain = retain;
+        p.pkid = pkid;
+        self.send(|b| p.write(b)).await?;
+        self.expect(
+            |p| matches!(p, Packet::PubAck(a) if a.pkid == pkid),
+            "a PUBACK",
+        )
+        .await
+    }
+
+    /// A ping, answered within [`ACK_TIMEOUT`].
+    async fn ping(&mut self) -> Result<(), MqttError> {
+        self.send(|b| PingReq.write(b)).await?;
+        self.expect(|p| matches!(p, Packet::PingResp), "a ping")
+            .await
+    }
+
+    /// Reads until a packet `wanted` accepts, within [`ACK_TIMEOUT`]; a broker sends this client
+    /// nothing else it must answer (it subscribes to nothing).
+    async fn expect(
+        &mut self,
+        wanted: impl Fn(&Packet) -> bool,
+        what: &'static str,
+    ) -> Result<(), MqttError> {
+        let target = self.target.clone();
+        let wait = async {
+            loop {
+                let p = self.recv().await?;
+                if wanted(&p) {
+                    return Ok(());
+                }
+            }
+        };
+        tokio::time::timeout(ACK_TIMEOUT, wait)
+            .await
+            .map_err(|_| MqttError::Timeout {
+                target,
+                what,
+                secs: ACK_TIMEOUT.as_secs(),
+            })?
+    }
+
+    /// At a clean stop: `offline` (retained), then DISCONNECT (the broker then drops the will), bounded.
+    async fn goodbye(&mut self, status: &str) {
+        let bye = async {
+            self.publish(status, true, b"offline").await?;
+            self.send(|b| Disconnect.write(b)).await?;
+            let _ = self.io.shutdown().await;
+            Ok::<_, MqttError>(())
+        };
+        let _ = tokio::time::timeout(GOODBYE, bye).await;
+    }
 }
 
 /// One connection: connect, `online`, then deliver until stop (`Ok`) or a failure (`Err`).
@@ -225,80 +387,52 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<(), MqttError> {
     let target = cfg.url.to_string();
-    let (client, mut events) = AsyncClient::new(options(cfg)?, 16);
-    let conn = |source| MqttError::Connection {
-        target: target.clone(),
-        source: Box::new(source),
-    };
-    let timeout = |what, d: Duration| MqttError::Timeout {
-        target: target.clone(),
-        what,
-        secs: d.as_secs().max(1),
-    };
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        loop {
-            if let Event::Incoming(Packet::ConnAck(ack)) = events.poll().await.map_err(conn)? {
-                if ack.code != rumqttc::ConnectReturnCode::Success {
-                    return Err(MqttError::Refused {
-                        target: target.clone(),
-                        code: ack.code,
-                    });
-                }
-                return Ok(());
-            }
-        }
-    });
-    tokio::select! {
-        r = connected => r.map_err(|_| timeout("connecting", CONNECT_TIMEOUT))??,
+    let opened = tokio::select! {
+        c = tokio::time::timeout(CONNECT_TIMEOUT, Conn::open(cfg)) => c,
         _ = stop.changed() => return Ok(()),
-    }
+    };
+    let mut conn = opened.map_err(|_| MqttError::Timeout {
+        target: target.clone(),
+        what: "connecting",
+        secs: CONNECT_TIMEOUT.as_secs(),
+    })??;
     let status = status_topic(&cfg.deployment, &cfg.agent);
-    publish(
-        &client,
-        &mut events,
-        &target,
-        &status,
-        true,
-        b"online".to_vec(),
-    )
-    .await?;
+    conn.publish(&status, true, b"online").await?;
     state.connected(true);
     backoff.reset();
     tracing::info!(broker = %target, "MQTT connected");
     let mut head = log.watch_head();
+    let mut last_sent = tokio::time::Instant::now();
     loop {
         let cursor = log.cursor(SINK);
         let batch = read_after(log, cursor).await?;
         if batch.is_empty() {
-            // Nothing owed: wait for events, keeping the connection alive (pings) meanwhile.
+            // Nothing owed: wait for events; ping when quiet for half the keep-alive.
+            let ping_at = last_sent + KEEP_ALIVE / 2;
             tokio::select! {
                 more = wait_for_events(&mut head, cursor, stop) => {
                     if !more {
-                        goodbye(&client, &mut events, &status).await;
+                        conn.goodbye(&status).await;
                         state.connected(false);
                         return Ok(());
                     }
                 }
-                polled = events.poll() => { polled.map_err(conn)?; }
+                () = tokio::time::sleep_until(ping_at) => {
+                    conn.ping().await?;
+                    last_sent = tokio::time::Instant::now();
+                }
             }
             continue;
         }
         for stored in batch {
             if *stop.borrow() {
-                goodbye(&client, &mut events, &status).await;
+                conn.goodbye(&status).await;
                 state.connected(false);
                 return Ok(());
             }
             let topic = recognitions_topic(&cfg.deployment, &cfg.agent, &source_of(&stored.json));
-            publish(
-                &client,
-                &mut events,
-                &target,
-                &topic,
-                false,
-                stored.json.as_bytes().to_vec(),
-            )
-            .await?;
+            conn.publish(&topic, false, stored.json.as_bytes()).await?;
+            last_sent = tokio::time::Instant::now();
             super::advance(log, SINK, stored.seq).await?;
             state.delivered(1);
         }
@@ -316,67 +450,6 @@ fn source_of(json: &str) -> String {
         .map(|s| s.source)
         .filter(|s| deckhand_protocol::event::valid_source(s))
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Publishes at QoS 1 and drives the connection until the broker acknowledges it.
-async fn publish(
-    client: &AsyncClient,
-    events: &mut rumqttc::EventLoop,
-    target: &str,
-    topic: &str,
-    retain: bool,
-    payload: Vec<u8>,
-) -> Result<(), MqttError> {
-    client
-        .publish(topic, QoS::AtLeastOnce, retain, payload)
-        .await
-        .map_err(|source| MqttError::Client {
-            target: target.to_owned(),
-            source: Box::new(source),
-        })?;
-    let acked = async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(source) => {
-                    return Err(MqttError::Connection {
-                        target: target.to_owned(),
-                        source: Box::new(source),
-                    });
-                }
-            }
-        }
-    };
-    tokio::time::timeout(ACK_TIMEOUT, acked)
-        .await
-        .map_err(|_| MqttError::Timeout {
-            target: target.to_owned(),
-            what: "acknowledging a publish",
-            secs: ACK_TIMEOUT.as_secs(),
-        })?
-}
-
-/// At a clean stop: `offline` (retained), then DISCONNECT (the broker then drops the will), bounded.
-async fn goodbye(client: &AsyncClient, events: &mut rumqttc::EventLoop, status: &str) {
-    let bye = async {
-        if publish(client, events, "", status, true, b"offline".to_vec())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        if client.disconnect().await.is_err() {
-            return;
-        }
-        loop {
-            match events.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    let _ = tokio::time::timeout(GOODBYE, bye).await;
 }
 
 #[cfg(test)]

@@ -237,6 +237,42 @@ async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_res
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recognitions_reach_a_broker_over_tls_checked_against_the_ca_given() {
+    let mut fleet = shop_with_release("events-mqtts").await;
+    let broker = Broker::start_with_tls(&fleet.join("broker"));
+    let mut sub = Subscriber::connect(broker.port(), "deckhand/#").await;
+    // Without the broker's CA the agent refuses its certificate, and says so.
+    let untrusted = vec!["--mqtt".to_owned(), broker.tls_url().unwrap()];
+    serving(&mut fleet, &untrusted).await;
+    let s = fleet.agents[0]
+        .wait_for(secs(30), "a TLS error", |s| {
+            s.events.as_ref().is_some_and(|e| {
+                e.sinks
+                    .iter()
+                    .any(|k| k.last_error.as_deref().is_some_and(|e| e.contains("TLS")))
+            })
+        })
+        .await
+        .unwrap();
+    let sink = &s.events.unwrap().sinks[0];
+    assert!(!sink.connected, "{sink:?}");
+    fleet.agents.remove(0).stop().await.unwrap();
+    // With it, events go out over TLS.
+    let trusted = vec![
+        "--mqtt".to_owned(),
+        broker.tls_url().unwrap(),
+        "--mqtt-ca".to_owned(),
+        broker.tls_ca().unwrap().display().to_string(),
+    ];
+    let me = serving(&mut fleet, &trusted).await;
+    recognise(&fleet.agents[0], 9).await;
+    let topic = format!("deckhand/shop-1/{me}/http/recognitions");
+    let got = events_on(&mut sub, &topic, 1).await;
+    assert_eq!(cards_of(&got), [card_id(9)]);
+    fleet.agents.remove(0).stop().await.unwrap();
+}
+
 /// What a new subscriber to `topic` is sent first: the retained message, which must be one.
 async fn retained_status(port: u16, topic: &str) -> String {
     let mut late = Subscriber::connect(port, topic).await;
