@@ -232,6 +232,17 @@ pub struct Settings {
     /// (0 takes every margin).
     #[arg(long, default_value = "0", value_parser = fraction)]
     pub min_margin: f32,
+    /// A camera watching the counter, NAME=SOURCE; repeatable. SOURCE is exec:COMMAND (MJPEG on its
+    /// stdout, e.g. exec:rpicam-vid -t 0 --codec mjpeg --width 1280 --height 960 --framerate 10 -o -),
+    /// http://HOST/PATH (an IP camera's MJPEG stream) or dir:PATH (images replayed in name order).
+    #[arg(long = "camera", id = "camera")]
+    pub cameras: Vec<crate::camera::CameraSpec>,
+    /// The most frames a second a camera's frames are analysed (and a dir: source's replay rate).
+    #[arg(long, default_value = "10", value_parser = clap::value_parser!(u32).range(1..=60))]
+    pub camera_fps: u32,
+    /// Analysed frames a card must lie still before it is recognised (5 at 10 a second is 0.5 s).
+    #[arg(long, default_value = "5", value_parser = clap::value_parser!(u32).range(2..=100))]
+    pub still_frames: u32,
 }
 
 fn webhook_url(s: &str) -> Result<hyper::Uri, String> {

@@ -210,7 +210,8 @@ pub async fn run(
     let sync_beat = engine.beat();
     let engine_status = engine.status();
     let (scrubber, repairs) = start_scrub(&cfg, &store)?;
-    let events = start_events(&cfg, &me, &service, &stop, &mut tasks, &span);
+    let (events, recorder) = start_events(&cfg, &me, &service, &stop, &mut tasks, &span);
+    let cameras = start_cameras(&cfg, &service, recorder, &stop, &mut tasks, &span);
     let inputs = crate::sync::Inputs {
         hints,
         haves: peers.as_ref().and_then(|p| p.take_haves()),
@@ -229,6 +230,7 @@ pub async fn run(
         fleet,
         scrub: scrubber.as_ref().map(|s| s.status_handle()),
         events: events.clone(),
+        cameras: cameras.iter().map(|c| c.state.clone()).collect(),
     };
     let peer_statuses = PeerStatuses::default();
     if let Some(node) = &peers {
@@ -283,6 +285,8 @@ pub async fn run(
     if let Some(s) = scrubber {
         tokio::task::spawn_blocking(move || s.stop()).await?;
     }
+    tokio::task::spawn_blocking(move || cameras.into_iter().for_each(crate::camera::Camera::stop))
+        .await?;
     stop_all(tasks, peers, service).await;
     if let Some(events) = events {
         tokio::task::spawn_blocking(move || events.log.close()).await?;
@@ -301,7 +305,10 @@ fn start_events(
     stop: &tokio::sync::watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
     span: &tracing::Span,
-) -> Option<crate::events::Events> {
+) -> (
+    Option<crate::events::Events>,
+    Option<Arc<crate::events::Recorder>>,
+) {
     use crate::events::{Recorder, SinkState, log, mqtt, webhook};
     let s = &cfg.settings;
     let mqtt = s.mqtt.clone().map(|url| mqtt::MqttConfig {
@@ -332,15 +339,16 @@ fn start_events(
         Ok(l) => l,
         Err(e) => {
             tracing::error!(cause = %e, "no event log: recognitions are served, but no events are kept or sent");
-            return None;
+            return (None, None);
         }
     };
-    service.listen(Arc::new(Recorder::new(
+    let recorder = Arc::new(Recorder::new(
         log.clone(),
         me,
         &cfg.deployment,
         s.min_margin,
-    )));
+    ));
+    service.listen(recorder.clone());
     let mut sinks = Vec::new();
     if let Some(m) = mqtt {
         let state = SinkState::new("mqtt", mqtt::SINK.to_owned(), m.url.to_string());
@@ -354,7 +362,39 @@ fn start_events(
         let run = webhook::run(hook, log.clone(), state, stop.clone());
         tasks.spawn(run.instrument(tracing::info_span!(parent: span, "webhook")));
     }
-    Some(crate::events::Events { log, sinks })
+    (Some(crate::events::Events { log, sinks }), Some(recorder))
+}
+
+/// The counter's cameras, each reading on `tasks` and analysing on its own thread. A camera that
+/// cannot start its thread is logged and left out; the agent serves without it.
+fn start_cameras(
+    cfg: &RunConfig,
+    service: &Service,
+    recorder: Option<Arc<crate::events::Recorder>>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    span: &tracing::Span,
+) -> Vec<crate::camera::Camera> {
+    let s = &cfg.settings;
+    let counter = crate::camera::Counter {
+        service: service.clone(),
+        recorder,
+        fps: s.camera_fps,
+        stillness: crate::camera::tracker::Stillness {
+            frames: s.still_frames,
+            ..Default::default()
+        },
+    };
+    s.cameras
+        .iter()
+        .filter_map(|spec| {
+            crate::camera::Camera::start(spec.clone(), counter.clone(), stop.clone(), tasks, span)
+                .inspect_err(
+                    |e| tracing::error!(camera = %spec.name, cause = %e, "camera not started"),
+                )
+                .ok()
+        })
+        .collect()
 }
 
 /// The background scrub ([`crate::maintenance::scrub`]), unless `scrub_per_hour` is 0, and the channel

@@ -15,6 +15,8 @@ pub mod release;
 pub mod telemetry;
 
 #[cfg(feature = "daemon")]
+pub mod camera;
+#[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;

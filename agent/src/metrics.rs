@@ -19,6 +19,9 @@ const WINDOW_CAP: usize = 8192;
 pub enum Via {
     Http,
     Inbox,
+    /// A card on the counter: counted, remembered and recorded by the camera's analysis, once per
+    /// placement (it asks for both readings of a card and keeps one).
+    Camera,
 }
 
 /// Latency bucket upper bounds, in seconds.
@@ -128,6 +131,7 @@ impl Metrics {
             source: match via {
                 Via::Http => "http",
                 Via::Inbox => "inbox",
+                Via::Camera => "camera",
             }
             .to_owned(),
             version: r.manifest_version,

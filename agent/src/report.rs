@@ -49,6 +49,7 @@ pub struct Snapshot {
     pub store_repair: Option<String>,
     pub scrub: Option<deckhand_protocol::status::ScrubStatus>,
     pub events: Option<deckhand_protocol::status::EventsStatus>,
+    pub cameras: Vec<deckhand_protocol::status::CameraStatus>,
     pub bytes_served: u64,
     pub quic_listen: Option<String>,
     pub peers: Vec<PeerInfo>,
@@ -93,6 +94,7 @@ pub fn status(s: Snapshot) -> Status {
         store_repair: s.store_repair,
         scrub: s.scrub,
         events: s.events,
+        cameras: s.cameras,
         agent_id: s.agent_id,
         deployment: s.deployment,
         active: s.active,
@@ -174,6 +176,8 @@ pub struct Sources {
     pub scrub: Option<Arc<std::sync::Mutex<deckhand_protocol::status::ScrubStatus>>>,
     /// The recognition event log and its sinks.
     pub events: Option<crate::events::Events>,
+    /// The counter's cameras.
+    pub cameras: Vec<Arc<crate::camera::CameraState>>,
 }
 
 impl Sources {
@@ -235,6 +239,7 @@ impl Sources {
                 .as_ref()
                 .map(|s| crate::locks::lock(s, "scrub status").clone()),
             events: self.events.as_ref().map(|e| e.status()),
+            cameras: crate::camera::statuses(&self.cameras),
             agent_id: self.agent_id.clone(),
             deployment: self.deployment.clone(),
             sync,

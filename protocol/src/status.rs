@@ -86,6 +86,40 @@ pub struct Status {
     /// The recognition event log and its sinks (MQTT, webhooks).
     #[serde(default)]
     pub events: Option<EventsStatus>,
+    /// The counter's cameras.
+    #[serde(default)]
+    pub cameras: Vec<CameraStatus>,
+}
+
+/// One camera watching the counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CameraStatus {
+    pub name: String,
+    /// Its source, credentials left out.
+    pub source: String,
+    /// `starting`, `running`, `restarting in N s` (after a failure), `ended` (a dir: source played).
+    pub state: String,
+    /// Frames read from the source, since start.
+    pub frames_read: u64,
+    /// Frames not analysed: newer ones came first, or the counter was idle (analysed at 2 a second).
+    pub frames_dropped: u64,
+    pub frames_analysed: u64,
+    /// Frames that did not decode.
+    pub frames_refused: u64,
+    /// Byte runs in the stream that were not JPEG frames (garbage, frames cut short), since the source
+    /// last started.
+    pub refused_in_stream: u64,
+    /// Bytes in the stream outside any frame (garbage, part headers), since the source last started.
+    #[serde(default)]
+    pub skipped_bytes: u64,
+    /// Times the source was restarted after a failure.
+    pub restarts: u64,
+    /// Cards recognised (one per placement).
+    pub placements: u64,
+    /// Cards found in the newest analysed frame.
+    pub cards_in_view: u32,
+    pub last_card: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// The recognition event log (the outbox) and where it is delivered.

@@ -42,20 +42,29 @@ impl Recorder {
     }
 }
 
+impl Recorder {
+    /// Records an answer from `source` (a camera's name, with the card's corners in its frame).
+    pub fn record(&self, answer: &Recognition, source: &str, corners: Option<[[f32; 2]; 4]>) {
+        self.log.record(event_of(
+            answer,
+            source,
+            corners,
+            &self.agent,
+            &self.deployment,
+            self.min_margin,
+        ));
+    }
+}
+
 impl Listener for Recorder {
     fn answered(&self, answer: &Recognition, via: Via) {
         let source = match via {
             Via::Http => "http",
             Via::Inbox => "inbox",
+            // The camera's analysis records its own (with its name and the card's corners).
+            Via::Camera => return,
         };
-        self.log.record(event_of(
-            answer,
-            source,
-            None,
-            &self.agent,
-            &self.deployment,
-            self.min_margin,
-        ));
+        self.record(answer, source, None);
     }
 }
 

@@ -281,6 +281,22 @@ impl Service {
             .map_err(|_| RecognizeError::Stopped)?
     }
 
+    /// Recognises a decoded image (a card cropped from a camera frame) from a plain thread.
+    pub fn recognize_image_blocking(
+        &self,
+        image: RgbImage,
+        via: Via,
+    ) -> Result<Recognition, RecognizeError> {
+        let started = Instant::now();
+        if self.live.load().is_none() {
+            return Err(RecognizeError::NoRelease);
+        }
+        let image = self.fit(image);
+        self.submit(image, started, via)?
+            .blocking_recv()
+            .map_err(|_| RecognizeError::Stopped)?
+    }
+
     /// Checks a loaded candidate (every canary must be recognised as its card) and, if it passes, makes it
     /// the live recognizer in one atomic step. A refused candidate is recorded in status; the live
     /// recognizer keeps serving either way.
@@ -404,10 +420,12 @@ fn inference_loop(
         match recognizer.recognize(&images, &starts) {
             Ok(results) => {
                 for (r, (started, reply, via)) in results.into_iter().zip(rest) {
-                    metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());
-                    metrics.remember(&r, via);
-                    if let Some(l) = listener.get() {
-                        l.answered(&r, via);
+                    if via != Via::Camera {
+                        metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());
+                        metrics.remember(&r, via);
+                        if let Some(l) = listener.get() {
+                            l.answered(&r, via);
+                        }
                     }
                     let _ = reply.send(Ok(r));
                 }

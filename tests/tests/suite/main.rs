@@ -10,6 +10,7 @@
 mod agent_offline;
 mod agent_sync;
 mod catalog_repair;
+mod counter;
 mod demo;
 mod discovery;
 mod disk_full;

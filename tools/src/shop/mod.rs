@@ -14,6 +14,7 @@ pub mod demo;
 pub mod fixtures;
 pub mod locals3;
 pub mod onnx;
+pub mod scenes;
 
 use crate::ToolError;
 use crate::fleet_ca::CaDir;

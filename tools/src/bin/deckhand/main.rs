@@ -9,6 +9,7 @@ mod layout;
 mod output;
 mod publish;
 mod releases;
+mod scenes;
 mod settle;
 
 use clap::{Parser, Subcommand};
@@ -76,6 +77,10 @@ enum Command {
         #[arg(short, long)]
         verbose: bool,
     },
+    /// A generated shop counter (cards placed, left still, taken away) as MJPEG on stdout: a camera
+    /// for the tests and the demo.
+    #[command(hide = true)]
+    Scenes(scenes::ScenesArgs),
     /// Measure and print performance figures.
     Bench {
         #[command(subcommand)]
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<ExitCode, ToolError> {
     match command {
         Command::Keygen(a) => keys::keygen(a)?,
+        Command::Scenes(a) => tokio::task::spawn_blocking(move || scenes::run(&a)).await??,
         Command::Keys { cmd } => keys::keys(cmd).await?,
         Command::Publish(a) => publish::run(&a).await?,
         Command::Versions(a) => releases::versions(a).await?,

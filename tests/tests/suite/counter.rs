@@ -1,0 +1,193 @@
+//! The counter, through the real agent: a camera read through the same `exec:` source a Pi reads
+//! rpicam-vid through (here `deckhand scenes`, a generated counter: cards brought in by a hand, left
+//! still, taken away), each card recognised once when it lies still, its event on a real MQTT broker
+//! with the card's corners in the frame; a camera that dies is restarted and shown, a stream with
+//! garbage between its frames still works. And the classical finder held to the scenes' truth.
+
+use deckhand_agent::camera::finder::Finder;
+use deckhand_agent::camera::geometry::{corner_error, rotate_half};
+use deckhand_tests::mqtt::{Broker, Subscriber};
+use deckhand_tests::{AgentOptions, Credentials, Fleet, bin, secs, shop};
+use deckhand_tools::shop::scenes::Script;
+
+/// The most a found corner may be off the truth, in frame pixels (1280 x 960): 1% of the width.
+const CORNER_ERROR: f32 = 12.8;
+
+#[test]
+fn the_finder_finds_each_card_of_generated_scenes_within_a_percent_of_the_frame() {
+    for seed in 1..=4 {
+        let script = Script::new(seed, 3, 40);
+        let mut finder = Finder::new();
+        let mut worst = 0f32;
+        let mut still_frames = 0;
+        for i in 0..script.len() {
+            let (frame, truth) = script.frame(i);
+            // Through JPEG, as a camera sends it.
+            let frame = image::load_from_memory(&deckhand_tests::fixtures::encode_jpeg(&frame, 85))
+                .unwrap()
+                .into_rgb8();
+            let found = finder.find(&frame);
+            match truth.still {
+                Some(k) => {
+                    still_frames += 1;
+                    assert_eq!(found.cards.len(), 1, "seed {seed} frame {i}: {found:?}");
+                    let want = script.placements[k].quad();
+                    let q = found.cards[0];
+                    let err = corner_error(&q, &want).min(corner_error(&rotate_half(q), &want));
+                    assert!(
+                        err < CORNER_ERROR,
+                        "seed {seed} frame {i}: corners {err:.1} px off"
+                    );
+                    worst = worst.max(err);
+                }
+                None if truth.hand => {}
+                None => assert!(
+                    found.cards.is_empty(),
+                    "seed {seed} frame {i}: a card on an empty counter: {found:?}"
+                ),
+            }
+        }
+        assert!(still_frames > 0);
+        eprintln!("seed {seed}: worst corner error {worst:.1} px");
+    }
+}
+
+fn scenes_camera(args: &str) -> String {
+    format!("counter=exec:{} scenes {args}", bin("deckhand").display())
+}
+
+async fn shop_with_counter(name: &str, extra: Vec<String>) -> (Fleet, String) {
+    let mut fleet = shop(name)
+        .release(2 * 1024 * 1024)
+        .without_peers()
+        .start()
+        .await
+        .unwrap();
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi".into(),
+            origin: true,
+            credentials: Credentials::None,
+            extra,
+            ..AgentOptions::default()
+        })
+        .await
+        .unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    (fleet, s.agent_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_card_placed_on_the_counter_is_recognised_once_and_reaches_the_broker() {
+    let dir = deckhand_tests::TestDir::new("counter-broker");
+    let broker = Broker::start(&dir.join("broker"));
+    let mut sub = Subscriber::connect(broker.port(), "deckhand/#").await;
+    let (seed, placements) = (5, 4);
+    let script = Script::new(seed, placements, 40);
+    let camera = scenes_camera(&format!("--seed {seed} --placements {placements} --hold"));
+    let (fleet, me) = shop_with_counter(
+        "counter-broker",
+        vec!["--camera".into(), camera, "--mqtt".into(), broker.url()],
+    )
+    .await;
+    let topic = format!("deckhand/shop-1/{me}/counter/recognitions");
+    let mut events = Vec::new();
+    for i in 0..placements {
+        let m = sub
+            .next_on(&topic, secs(60))
+            .await
+            .unwrap_or_else(|| panic!("placement {} of {placements} was not recognised", i + 1));
+        events.push(m.json());
+    }
+    for (e, p) in events.iter().zip(&script.placements) {
+        assert_eq!(e["outcome"], "card", "{e}");
+        assert_eq!(e["card_id"], p.card_id(), "{e}");
+        assert_eq!(e["source"], "counter");
+        let corners: [[f32; 2]; 4] = serde_json::from_value(e["corners"].clone()).unwrap();
+        // The better reading is the card's own way up: the corners start at the card's top left.
+        let err = corner_error(&corners, &p.quad());
+        assert!(err < CORNER_ERROR, "corners {err:.1} px off: {e}");
+    }
+    let cards: Vec<String> = events
+        .iter()
+        .map(|e| e["card_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = script.placements.iter().map(|p| p.card_id()).collect();
+    assert_eq!(cards, expected);
+    // Once per placement: nothing more while the counter stays empty.
+    let more: Vec<_> = sub
+        .drain(secs(3))
+        .await
+        .into_iter()
+        .filter(|m| m.topic == topic)
+        .map(|m| m.json()["card_id"].clone())
+        .collect();
+    assert!(more.is_empty(), "recognised again: {more:?}");
+    let s = fleet.agents[0].status().await.unwrap();
+    let cam = &s.cameras[0];
+    assert_eq!(
+        (cam.name.as_str(), cam.state.as_str()),
+        ("counter", "running"),
+        "{cam:?}"
+    );
+    assert_eq!(cam.placements, placements as u64, "{cam:?}");
+    assert!(cam.frames_analysed > 0 && cam.restarts == 0, "{cam:?}");
+    fleet.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_dies_is_restarted_and_garbage_in_its_stream_is_refused() {
+    // One placement at 50 frames a second with 3 KB of garbage after every frame, then the command
+    // exits: the camera is restarted (and plays it again), shown in status; the agent serves on.
+    let camera = scenes_camera("--seed 2 --placements 1 --fps 50 --garbage 3000");
+    let (fleet, _) = shop_with_counter(
+        "counter-dies",
+        vec![
+            "--camera".into(),
+            camera,
+            "--camera-fps".into(),
+            "50".into(),
+        ],
+    )
+    .await;
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "the camera restarted", |s| {
+            s.cameras.first().is_some_and(|c| c.restarts >= 1)
+        })
+        .await
+        .unwrap();
+    let cam = &s.cameras[0];
+    assert!(
+        cam.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exited"),
+        "{cam:?}"
+    );
+    assert!(
+        cam.refused_in_stream > 0,
+        "the garbage was refused: {cam:?}"
+    );
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "the card recognised", |s| {
+            s.cameras.first().is_some_and(|c| c.placements >= 1)
+        })
+        .await
+        .unwrap();
+    let script = Script::new(2, 1, 40);
+    assert_eq!(
+        s.cameras[0].last_card.as_deref(),
+        Some(script.placements[0].card_id().as_str())
+    );
+    // Recognitions over HTTP go on meanwhile.
+    let photo =
+        deckhand_tests::fixtures::encode_jpeg(&deckhand_tests::fixtures::card_image(1, 0), 90);
+    let (code, _) = fleet.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!(code, 200);
+    fleet.stop().await.unwrap();
+}

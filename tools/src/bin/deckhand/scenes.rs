@@ -1,0 +1,78 @@
+//! `deckhand scenes`: a generated counter as MJPEG on stdout, a camera for the tests and the demo
+//! (`--camera counter=exec:deckhand scenes --hold`), as rpicam-vid is one on a Pi.
+
+use deckhand_tools::ToolError;
+use deckhand_tools::shop::scenes::Script;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct ScenesArgs {
+    /// The script's seed: the same seed, the same frames.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Cards placed, one after another.
+    #[arg(long, default_value_t = 3)]
+    placements: usize,
+    /// Cards are drawn from the first N of the fixtures' cards.
+    #[arg(long, default_value_t = 40)]
+    cards: usize,
+    /// Frames a second (0: as fast as they are made).
+    #[arg(long, default_value_t = 10)]
+    fps: u32,
+    /// After the script, keep sending the empty counter until the reader goes away.
+    #[arg(long)]
+    hold: bool,
+    /// Send this many bytes of garbage after every frame (a broken camera): the start of a JPEG, then
+    /// noise.
+    #[arg(long, default_value_t = 0)]
+    garbage: usize,
+    /// Write the script (each placement's card and corners) as JSON to this file first.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+}
+
+pub fn run(a: &ScenesArgs) -> Result<(), ToolError> {
+    let script = Script::new(a.seed, a.placements, a.cards);
+    if let Some(path) = &a.truth {
+        let doc: Vec<serde_json::Value> = script
+            .placements
+            .iter()
+            .map(|p| serde_json::json!({"card_id": p.card_id(), "corners": p.quad()}))
+            .collect();
+        std::fs::write(path, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            .map_err(ToolError::io("write", path))?;
+    }
+    let stdout = Path::new("<stdout>");
+    let interval = (a.fps > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(a.fps)));
+    let empty = deckhand_tools::shop::fixtures::encode_jpeg(&script.empty(), 85);
+    let mut out = std::io::stdout().lock();
+    let mut next = Instant::now();
+    let mut junk = deckhand_protocol::testdata::SplitMix(a.seed);
+    for i in 0.. {
+        let frame = if i < script.len() {
+            script.jpeg(i)
+        } else if a.hold {
+            empty.clone()
+        } else {
+            break;
+        };
+        if let Some(d) = interval {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next += d;
+        }
+        let mut bytes = frame;
+        if a.garbage > 0 {
+            bytes.extend([0xFF, 0xD8, 0xFF, 0xE0]);
+            bytes.extend((4..a.garbage).map(|_| junk.next_u64() as u8));
+        }
+        match out.write_all(&bytes).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // The camera's reader went away: done.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(ToolError::io("write", stdout)(e)),
+        }
+    }
+    Ok(())
+}
