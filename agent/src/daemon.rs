@@ -272,6 +272,7 @@ pub async fn run(
         token: cfg.settings.http_token.as_deref().map(Arc::from),
         events: events.as_ref().map(|e| e.log.clone()),
         closing,
+        cameras: cameras.iter().map(|c| c.state.clone()).collect(),
     });
     let limits = crate::http::gate::Limits {
         max_connections: cfg.settings.http_max_connections as usize,

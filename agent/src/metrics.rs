@@ -116,7 +116,8 @@ impl Metrics {
     }
 
     /// Remembers an answer for the shop page's "recent recognitions".
-    pub fn remember(&self, r: &crate::recognizer::Recognition, via: Via) {
+    /// `source` is `http`, `inbox` or a camera's name.
+    pub fn remember(&self, r: &crate::recognizer::Recognition, source: &str) {
         let entry = RecentRecognition {
             card_id: r.card_id.clone(),
             name: r
@@ -128,12 +129,7 @@ impl Metrics {
             score: r.score,
             margin: r.margin,
             at: jiff::Timestamp::now().to_string(),
-            source: match via {
-                Via::Http => "http",
-                Via::Inbox => "inbox",
-                Via::Camera => "camera",
-            }
-            .to_owned(),
+            source: source.to_owned(),
             version: r.manifest_version,
         };
         {

@@ -102,12 +102,13 @@ pub enum ToolError {
     #[error("the bundle was refused and nothing was written: {}", problems.join("; "))]
     BundleRefused { problems: Vec<String> },
     #[error(
-        "the demo saw {failed} failed and {mixed} mixed answers, and recognised {right} photos"
+        "the demo saw {failed} failed and {mixed} mixed answers, recognised {right} photos and {counted} cards on the counter"
     )]
     DemoFailed {
         failed: u64,
         mixed: u64,
         right: usize,
+        counted: usize,
     },
     #[error("{mode}: not every agent activated the release within {secs} s")]
     BenchTimeout { mode: &'static str, secs: u64 },

@@ -104,6 +104,8 @@ impl Slot {
 #[derive(Clone, Debug)]
 pub struct Analysed {
     pub jpeg: Arc<Vec<u8>>,
+    pub width: u32,
+    pub height: u32,
     pub cards: Vec<Quad>,
 }
 
@@ -163,6 +165,12 @@ impl CameraState {
         s.frames_read = self.slot.read.load(Ordering::Relaxed);
         s.frames_dropped = self.slot.dropped.load(Ordering::Relaxed);
         s
+    }
+
+    pub fn name(&self) -> String {
+        crate::locks::lock(&self.status, "camera status")
+            .name
+            .clone()
     }
 
     /// The newest analysed frame and the cards outlined in it.
@@ -296,6 +304,8 @@ impl Analysis {
             });
             *crate::locks::lock(&self.state.latest, "camera frame") = Some(Analysed {
                 jpeg: Arc::new(frame),
+                width: image.width(),
+                height: image.height(),
                 cards: found.cards.clone(),
             });
             for r in ready {
@@ -340,7 +350,7 @@ impl Analysis {
         answer.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let metrics = self.counter.service.metrics();
         metrics.recognition(answer.card_id.is_some(), started.elapsed().as_secs_f64());
-        metrics.remember(&answer, Via::Camera);
+        metrics.remember(&answer, &self.name);
         if let Some(r) = &self.counter.recorder {
             r.record(&answer, &self.name, Some(corners));
         }

@@ -32,6 +32,8 @@ pub struct AppState {
     pub events: Option<crate::events::log::EventLog>,
     /// Set when the server begins to stop: event streams end.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// The counter's cameras (their newest frames, for the page).
+    pub cameras: Vec<Arc<crate::camera::CameraState>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -42,6 +44,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/fleet", get(fleet))
         .route("/v1/events", get(super::events::events))
+        .route("/v1/cameras/{name}", get(camera))
+        .route("/v1/cameras/{name}/frame", get(camera_frame))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -160,4 +164,50 @@ async fn status(State(s): State<AppState>) -> Response {
 
 async fn fleet(State(s): State<AppState>) -> Response {
     axum::Json((s.fleet)()).into_response()
+}
+
+fn find_camera(s: &AppState, name: &str) -> Option<crate::camera::Analysed> {
+    s.cameras.iter().find(|c| c.name() == name)?.latest()
+}
+
+/// `GET /v1/cameras/{name}`: the newest analysed frame's size and the cards found in it (corners in
+/// frame pixels, clockwise from a card's top left).
+async fn camera(
+    State(s): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match find_camera(&s, &name) {
+        Some(a) => axum::Json(serde_json::json!({
+            "name": name,
+            "width": a.width,
+            "height": a.height,
+            "cards": a.cards,
+        }))
+        .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!("no camera {name:?} with a frame analysed"),
+        ),
+    }
+}
+
+/// `GET /v1/cameras/{name}/frame`: the newest analysed frame, as the camera sent it (JPEG).
+async fn camera_frame(
+    State(s): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match find_camera(&s, &name) {
+        Some(a) => (
+            [
+                (header::CONTENT_TYPE, "image/jpeg"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            a.jpeg.as_ref().clone(),
+        )
+            .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!("no camera {name:?} with a frame analysed"),
+        ),
+    }
 }

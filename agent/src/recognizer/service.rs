@@ -422,7 +422,7 @@ fn inference_loop(
                 for (r, (started, reply, via)) in results.into_iter().zip(rest) {
                     if via != Via::Camera {
                         metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());
-                        metrics.remember(&r, via);
+                        metrics.remember(&r, if via == Via::Inbox { "inbox" } else { "http" });
                         if let Some(l) = listener.get() {
                             l.answered(&r, via);
                         }

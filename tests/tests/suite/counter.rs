@@ -137,6 +137,45 @@ async fn each_card_placed_on_the_counter_is_recognised_once_and_reaches_the_brok
     );
     assert_eq!(cam.placements, placements as u64, "{cam:?}");
     assert!(cam.frames_analysed > 0 && cam.restarts == 0, "{cam:?}");
+    // The newest frame and what was found in it (nothing now: the counter is clear).
+    let (code, meta) = fleet.agents[0]
+        .request("GET", "/v1/cameras/counter", &[])
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(
+        (meta["width"].as_u64(), meta["height"].as_u64()),
+        (Some(1280), Some(960))
+    );
+    assert_eq!(meta["cards"], serde_json::json!([]));
+    let (code, _) = fleet.agents[0]
+        .request("GET", "/v1/cameras/till/frame", &[])
+        .await
+        .unwrap();
+    assert_eq!(code, 404, "no such camera");
+    // The shop page shows the counter: the camera's frame and the cards recognised there.
+    let url = format!("http://{}/", fleet.agents[0].http());
+    let names: Vec<String> = script.placements.iter().map(|p| p.card_id()).collect();
+    let shown = tokio::task::spawn_blocking(move || {
+        let mut b = deckhand_tests::browser::Browser::launch(1200, 1000);
+        b.open(&url);
+        b.wait_for(
+            "the counter's frame and cards",
+            "(() => { const f = document.querySelector('figure.camera[data-camera=counter]');\
+              return f && f.querySelector('img').naturalWidth === 1280 \
+                && f.querySelector('svg').getAttribute('viewBox') === '0 0 1280 960' \
+                && f.querySelectorAll('li.counter-card').length === 4 \
+                && !document.getElementById('counter').hidden; })()",
+            secs(30),
+        );
+        b.eval("document.querySelector('figure.camera').textContent")
+    })
+    .await
+    .unwrap();
+    let text = shown.as_str().unwrap_or_default().to_owned();
+    for n in names {
+        assert!(text.contains(&n), "{n} not on the page: {text}");
+    }
     fleet.stop().await.unwrap();
 }
 

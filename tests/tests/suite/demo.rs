@@ -40,7 +40,9 @@ fn the_demo_tells_its_story_without_log_lines() {
         "of 4 recognised; the photos are in".into(),
         "version 2 swapped in on every agent".into(),
         "0 failed, 0 saw a mix of two releases".into(),
-        "== 6. the fleet as pi-1 sees it".into(),
+        "== 5. a Pi with a camera on the counter".into(),
+        "3 of 3 cards on the counter recognised, each once".into(),
+        "== 7. the fleet as pi-1 sees it".into(),
         "demo done in".into(),
         "run `deckhand demo --keep`".into(),
     ] {

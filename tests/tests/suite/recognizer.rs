@@ -243,6 +243,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_inbox_answers_as_http_does() {
         token: None,
         events: None,
         closing: tokio::sync::watch::channel(false).1,
+        cameras: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -6,9 +6,12 @@
 //! 2. Starts a local S3 server, makes a signing key and a fleet CA, publishes the release.
 //! 3. Starts N agents that find each other over QUIC and sync it, S3 counting what it sends.
 //! 4. Recognises perturbed photos of cards on every agent.
-//! 5. Publishes a second release (one card renamed) while a client keeps asking: every answer comes from
+//! 5. Starts a Pi with a camera on its counter (`deckhand scenes`: generated frames of cards brought in,
+//!    left still, taken away, read through the `exec:` source a Pi reads rpicam-vid through) and prints
+//!    the recognition events as they arrive on its `/v1/events` stream.
+//! 6. Publishes a second release (one card renamed) while a client keeps asking: every answer comes from
 //!    exactly one release, and none fails.
-//! 6. Prints the fleet as one agent sees it, and the shop page's address (`--keep` keeps the shop running
+//! 7. Prints the fleet as one agent sees it, and the shop page's address (`--keep` keeps the shop running
 //!    until Ctrl-C, so the page can be opened and a card tried).
 //!
 //! The story is told in plain lines on stdout. Logs (this process's and every agent's) go to files in the
@@ -84,17 +87,23 @@ pub async fn run(opts: DemoOptions) -> Result<(), ToolError> {
     let right = recognise_photos(&shop, &spec, &photo_dir).await?;
     step(
         5,
+        "a Pi with a camera on the counter: cards placed, each recognised once",
+    );
+    let counted = counter(&mut shop).await?;
+    step(
+        6,
         "publish version 2 (a card renamed) while a client keeps asking",
     );
     let client = second_release(&shop, &spec, &files, &dir).await?;
-    step(6, &format!("the fleet as {} sees it", shop.agents[0].name));
+    step(7, &format!("the fleet as {} sees it", shop.agents[0].name));
     show_fleet(&shop, &photo_dir, started, opts.keep).await?;
     shop.stop().await?;
-    if client.failed > 0 || client.mixed > 0 || right == 0 {
+    if client.failed > 0 || client.mixed > 0 || right == 0 || counted == 0 {
         return Err(ToolError::DemoFailed {
             failed: client.failed,
             mixed: client.mixed,
             right,
+            counted,
         });
     }
     Ok(())
@@ -242,6 +251,72 @@ async fn recognise_photos(
         photos.len(),
         photo_dir.display()
     );
+    Ok(right)
+}
+
+/// Cards the demo's counter shows.
+const PLACEMENTS: usize = 3;
+
+/// Step 5: a Pi whose camera reads `deckhand scenes` (this binary); the events of its counter, read
+/// from its `/v1/events` stream as they come. Returns how many were the card placed.
+async fn counter(shop: &mut Fleet) -> Result<usize, ToolError> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let me =
+        std::env::current_exe().map_err(ToolError::io("find", std::path::Path::new("deckhand")))?;
+    let seed = 11;
+    let script = crate::shop::scenes::Script::new(seed, PLACEMENTS, 40);
+    // 8 s of empty counter first: the new Pi takes the release from its peers meanwhile.
+    let camera = format!(
+        "counter=exec:{} scenes --seed {seed} --placements {PLACEMENTS} --lead 80 --hold",
+        me.display()
+    );
+    let a = shop
+        .start_agent_args("pi-counter", vec!["--camera".into(), camera])
+        .await?;
+    println!(
+        "{}: started with a camera on its counter; log {}",
+        a.name,
+        a.log().display()
+    );
+    a.wait_for(WAIT, "version 1 active", |s| s.active_version() == Some(1))
+        .await?;
+    let http = a.http().to_owned();
+    let io = |e: std::io::Error| ToolError::Usage(format!("the event stream of {http}: {e}"));
+    let mut stream = tokio::net::TcpStream::connect(&http).await.map_err(io)?;
+    stream
+        .write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {http}\r\n\r\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let mut right = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    while seen < PLACEMENTS {
+        let line = match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(l))) => l,
+            _ => break,
+        };
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(data.trim()) else {
+            continue;
+        };
+        let placed = &script.placements[seen];
+        seen += 1;
+        right += usize::from(e["card_id"] == placed.card_id());
+        println!(
+            "event {}: camera {} saw {} \"{}\" (placed: {}), score {:.3}, corners {}",
+            e["id"].as_str().unwrap_or("-"),
+            e["source"].as_str().unwrap_or("-"),
+            e["card_id"].as_str().unwrap_or("no card"),
+            e["metadata"]["name"].as_str().unwrap_or("-"),
+            placed.card_id(),
+            e["score"].as_f64().unwrap_or(0.0),
+            e["corners"]
+        );
+    }
+    println!("{right} of {PLACEMENTS} cards on the counter recognised, each once");
     Ok(right)
 }
 

@@ -392,7 +392,17 @@ impl Fleet {
 
     /// Starts agent `name` with the S3 origin, a new certificate, dialling every agent started before.
     pub async fn start_agent(&mut self, name: &str) -> Result<&Agent, ToolError> {
+        self.start_agent_args(name, Vec::new()).await
+    }
+
+    /// [`Fleet::start_agent`] with more flags.
+    pub async fn start_agent_args(
+        &mut self,
+        name: &str,
+        extra: Vec<String>,
+    ) -> Result<&Agent, ToolError> {
         let opts = AgentOptions {
+            extra,
             name: name.to_owned(),
             origin: true,
             peers: self.quic_addrs(),

@@ -21,6 +21,9 @@ pub struct ScenesArgs {
     /// Frames a second (0: as fast as they are made).
     #[arg(long, default_value_t = 10)]
     fps: u32,
+    /// Empty-counter frames sent before the script (time for the agent to get a release).
+    #[arg(long, default_value_t = 0)]
+    lead: usize,
     /// After the script, keep sending the empty counter until the reader goes away.
     #[arg(long)]
     hold: bool,
@@ -51,8 +54,10 @@ pub fn run(a: &ScenesArgs) -> Result<(), ToolError> {
     let mut next = Instant::now();
     let mut junk = deckhand_protocol::testdata::SplitMix(a.seed);
     for i in 0.. {
-        let frame = if i < script.len() {
-            script.jpeg(i)
+        let frame = if i < a.lead {
+            empty.clone()
+        } else if i - a.lead < script.len() {
+            script.jpeg(i - a.lead)
         } else if a.hold {
             empty.clone()
         } else {
