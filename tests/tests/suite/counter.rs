@@ -230,3 +230,115 @@ async fn a_camera_that_dies_is_restarted_and_garbage_in_its_stream_is_refused() 
     assert_eq!(code, 200);
     fleet.stop().await.unwrap();
 }
+
+/// Waits until camera 0 recognised `n` cards, and returns its status.
+async fn recognised(fleet: &Fleet, n: u64) -> deckhand_protocol::status::CameraStatus {
+    let s = fleet.agents[0]
+        .wait_for(secs(90), "the cards recognised", |s| {
+            s.cameras.first().is_some_and(|c| c.placements >= n)
+        })
+        .await
+        .unwrap();
+    s.cameras[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_day_in_a_directory_is_replayed() {
+    let dir = deckhand_tests::TestDir::new("counter-dir");
+    let frames = dir.join("day");
+    std::fs::create_dir_all(&frames).unwrap();
+    let script = Script::new(8, 2, 40);
+    // Some empty counter first, as a recording starts.
+    for i in 0..5 {
+        std::fs::write(
+            frames.join(format!("{i:05}.jpg")),
+            deckhand_tests::fixtures::encode_jpeg(&script.empty(), 85),
+        )
+        .unwrap();
+    }
+    for i in 0..script.len() {
+        std::fs::write(frames.join(format!("{:05}.jpg", i + 5)), script.jpeg(i)).unwrap();
+    }
+    std::fs::write(frames.join("notes.txt"), "not a frame").unwrap();
+    let camera = format!("shelf=dir:{}", frames.display());
+    let (fleet, _) = shop_with_counter("counter-dir", vec!["--camera".into(), camera]).await;
+    let cam = recognised(&fleet, 2).await;
+    assert_eq!(
+        cam.last_card,
+        Some(script.placements[1].card_id()),
+        "{cam:?}"
+    );
+    let s = fleet.agents[0]
+        .wait_for(secs(30), "the replay ended", |s| {
+            s.cameras[0].state == "ended"
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.cameras[0].placements, 2, "each once");
+    let recent: Vec<_> = s.recent.iter().filter(|r| r.source == "shelf").collect();
+    assert_eq!(recent.len(), 2, "{recent:?}");
+    fleet.stop().await.unwrap();
+}
+
+/// An IP camera: multipart MJPEG over HTTP, the script's frames at 10 a second.
+async fn ip_camera(script: std::sync::Arc<Script>) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let script = script.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut req = [0u8; 1024];
+                let _ = stream.read(&mut req).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\nConnection: close\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for i in 0.. {
+                    let jpeg = if i < script.len() {
+                        script.jpeg(i)
+                    } else {
+                        deckhand_tests::fixtures::encode_jpeg(&script.empty(), 85)
+                    };
+                    let part = format!(
+                        "--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+                        jpeg.len()
+                    );
+                    if stream.write_all(part.as_bytes()).await.is_err()
+                        || stream.write_all(&jpeg).await.is_err()
+                        || stream.write_all(b"\r\n").await.is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_camera_streaming_multipart_mjpeg_is_read() {
+    let script = std::sync::Arc::new(Script::new(9, 2, 40));
+    let (port, server) = ip_camera(script.clone()).await;
+    let camera = format!("door=http://127.0.0.1:{port}/video.mjpg");
+    let (fleet, _) = shop_with_counter("counter-http", vec!["--camera".into(), camera]).await;
+    let cam = recognised(&fleet, 2).await;
+    assert_eq!(
+        cam.last_card,
+        Some(script.placements[1].card_id()),
+        "{cam:?}"
+    );
+    assert_eq!(cam.source, format!("http://127.0.0.1:{port}/video.mjpg"));
+    assert!(
+        cam.skipped_bytes > 0,
+        "the part headers were skipped: {cam:?}"
+    );
+    fleet.stop().await.unwrap();
+    server.abort();
+}
