@@ -38,8 +38,6 @@ pub const SINK: &str = "mqtt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("{0}")]
-    Url(String),
     #[error("broker {target}: {source}")]
     Io {
         target: String,

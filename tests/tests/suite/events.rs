@@ -10,7 +10,6 @@ use deckhand_tests::webhook::Receiver;
 use deckhand_tests::{AgentOptions, Credentials, Fleet, secs, shop};
 use deckhand_tools::shop::Agent;
 use hmac::{KeyInit as _, Mac as _};
-use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 const SECRET: &str = "till-secret-0123456789";
@@ -56,16 +55,28 @@ async fn serving(fleet: &mut Fleet, extra: &[String]) -> String {
     s.agent_id
 }
 
-/// The MQTT sink's backlog and whether it is connected, from status.
-async fn mqtt_sink(agent: &Agent) -> (u64, bool) {
-    let s = agent.status().await.unwrap();
-    let events = s.events.expect("status shows the event log");
+/// The MQTT sink's backlog and whether it is connected, in a status document.
+fn mqtt_of(s: &deckhand_protocol::status::Status) -> (u64, bool) {
+    let events = s.events.as_ref().expect("status shows the event log");
     let sink = events
         .sinks
         .iter()
         .find(|k| k.kind == "mqtt")
         .expect("an mqtt sink");
     (sink.backlog, sink.connected)
+}
+
+/// The MQTT sink's backlog and whether it is connected, now.
+async fn mqtt_sink(agent: &Agent) -> (u64, bool) {
+    mqtt_of(&agent.status().await.unwrap())
+}
+
+/// Waits until the MQTT sink's (backlog, connected) satisfies `pred`.
+async fn wait_sink(agent: &Agent, what: &str, pred: impl Fn((u64, bool)) -> bool) {
+    agent
+        .wait_for(secs(30), what, |s| pred(mqtt_of(s)))
+        .await
+        .unwrap();
 }
 
 /// The events received on `topic`, `n` of them, each within 30 s.
@@ -142,24 +153,18 @@ async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_res
     // The broker goes away (once it acknowledged those three: an event the broker forwarded but whose
     // PUBACK it never sent is sent again, at least once): recognitions go on, their events wait in the
     // log, shown in status.
-    let deadline = std::time::Instant::now() + secs(10);
-    while mqtt_sink(&fleet.agents[0]).await != (0, true) {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_sink(&fleet.agents[0], "the three acknowledged", |k| {
+        k == (0, true)
+    })
+    .await;
     broker.stop();
     for card in [4, 5, 6] {
         recognise(&fleet.agents[0], card).await;
     }
-    let deadline = std::time::Instant::now() + secs(30);
-    while mqtt_sink(&fleet.agents[0]).await != (3, false) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            mqtt_sink(&fleet.agents[0]).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_sink(&fleet.agents[0], "three waiting, the broker down", |k| {
+        k == (3, false)
+    })
+    .await;
     let metrics = deckhand_tests::metrics_text(&fleet.agents[0]).await;
     assert!(
         metrics.contains("deckhand_event_backlog{sink=\"mqtt\"} 3"),
@@ -167,11 +172,7 @@ async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_res
     );
     // ...and across a crash of the agent (one more recognised first, and committed: status counts it).
     recognise(&fleet.agents[0], 7).await;
-    let deadline = std::time::Instant::now() + secs(10);
-    while mqtt_sink(&fleet.agents[0]).await.0 != 4 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_sink(&fleet.agents[0], "the fourth committed", |k| k.0 == 4).await;
     fleet.agents.remove(0).kill().await.unwrap();
     fleet.start_agent_with(pi(&args)).await.unwrap();
     fleet.agents[0]
@@ -200,20 +201,16 @@ async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_res
             .all(|e| e["id"].as_str().unwrap().starts_with(&log)),
         "one log"
     );
-    let deadline = std::time::Instant::now() + secs(30);
-    while mqtt_sink(&fleet.agents[0]).await != (0, true) {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Nothing more: no event was sent twice.
-    let extra: Vec<_> = sub
-        .drain(secs(2))
-        .await
-        .into_iter()
-        .filter(|m| m.topic == topic)
-        .map(|m| m.json()["id"].clone())
-        .collect();
-    assert!(extra.is_empty(), "events delivered twice: {extra:?}");
+    wait_sink(&fleet.agents[0], "all delivered", |k| k == (0, true)).await;
+    // Nothing more: no event was sent twice. The next message on the topic is the next recognition's.
+    recognise(&fleet.agents[0], 8).await;
+    let next = events_on(&mut sub, &topic, 1).await;
+    assert_eq!(
+        cards_of(&next),
+        [card_id(8)],
+        "an event delivered twice: {next:?}"
+    );
+    assert_eq!(seqs(&next), [s[2] + 5]);
 
     // Killed: the broker says offline for it (its last will), retained.
     fleet.agents.remove(0).kill().await.unwrap();
@@ -349,9 +346,11 @@ async fn webhooks_are_signed_retried_after_a_500_and_a_refused_event_does_not_ho
             .contains("400 Bad Request"),
         "{sink:?}"
     );
-    // No more requests: nothing was sent twice after it was delivered.
-    tokio::time::sleep(secs(1)).await;
-    assert_eq!(till.received().len(), 5);
+    // Nothing was sent twice after it was delivered: the next request is the next recognition's.
+    recognise(&fleet.agents[0], 4).await;
+    let got = till.wait_for(6, secs(30)).await;
+    assert_eq!(got.len(), 6, "{got:#?}");
+    assert_eq!(got[5].json()["card_id"], card_id(4));
 }
 
 /// Opens `GET /v1/events` with raw HTTP/1.1 and returns a reader of its lines.
