@@ -527,7 +527,9 @@ impl Writer {
                 if added > 0 {
                     self.positions.head.store(seq, Ordering::Relaxed);
                     self.positions.recorded.fetch_add(added, Ordering::Relaxed);
-                    let _ = self.head.send(seq);
+                    // send_replace: the value is kept even while nobody watches (`send` drops it then,
+                    // and a reader that subscribes later would see a stale head).
+                    self.head.send_replace(seq);
                 }
             }
             Err(e) => {
