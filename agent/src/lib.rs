@@ -6,6 +6,7 @@
 //! `default-features = false`. Everything only the daemon runs (QUIC, TLS, mDNS, the HTTP server, file
 //! watching) sits behind the `daemon` feature, so the operator's CLI does not link it.
 
+pub mod camera;
 pub mod http;
 pub mod locks;
 pub mod metrics;
@@ -14,8 +15,6 @@ pub mod recognizer;
 pub mod release;
 pub mod telemetry;
 
-#[cfg(feature = "daemon")]
-pub mod camera;
 #[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]

@@ -129,6 +129,55 @@ pub struct RecognizerSettings {
     pub min_score: f32,
 }
 
+/// How to run a release's card detector: an ONNX model (and its HEF) with a YOLO-OBB style output,
+/// `[1, 4 + classes + 1, anchors]` (or anchors first): per anchor the box's centre, width and height in
+/// input pixels, a score per class, and the box's rotation in radians. Frames are letterboxed into the
+/// input (aspect kept, grey 114 around), RGB scaled to 0..1, channels first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorSettings {
+    pub input_width: u32,
+    pub input_height: u32,
+    /// Class scores per anchor.
+    pub classes: u32,
+    /// The class that is a trading card.
+    pub card_class: u32,
+    /// Below this score a box is not a card.
+    pub min_score: f32,
+    /// Of two boxes overlapping more than this (intersection over union), the lower-scored goes.
+    pub iou: f32,
+}
+
+impl DetectorSettings {
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let field = |what: &str, why| {
+            Err(ManifestError::Field {
+                what: format!("detector.{what}"),
+                why,
+            })
+        };
+        if !(32..=4096).contains(&self.input_width) {
+            return field("input_width", "must be 32..=4096");
+        }
+        if !(32..=4096).contains(&self.input_height) {
+            return field("input_height", "must be 32..=4096");
+        }
+        if !(1..=1000).contains(&self.classes) {
+            return field("classes", "must be 1..=1000");
+        }
+        if self.card_class >= self.classes {
+            return field("card_class", "must be below classes");
+        }
+        if !(self.min_score.is_finite() && (0.0..1.0).contains(&self.min_score)) {
+            return field("min_score", "must be at least 0 and below 1");
+        }
+        if !(self.iou.is_finite() && self.iou > 0.0 && self.iou <= 1.0) {
+            return field("iou", "must be above 0 and at most 1");
+        }
+        Ok(())
+    }
+}
+
 /// A release: schema `deckhand.manifest/v1`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

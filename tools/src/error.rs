@@ -110,6 +110,8 @@ pub enum ToolError {
         right: usize,
         counted: usize,
     },
+    #[error("mqtt broker: {0}")]
+    Broker(String),
     #[error("{mode}: not every agent activated the release within {secs} s")]
     BenchTimeout { mode: &'static str, secs: u64 },
     #[error(transparent)]

@@ -11,7 +11,7 @@ use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};
 use std::path::Path;
 use tract_onnx::prelude::*;
 
-type Plan = std::sync::Arc<TypedRunnableModel>;
+pub(crate) type Plan = std::sync::Arc<TypedRunnableModel>;
 
 pub struct CpuEmbedder {
     plan: Plan,
@@ -62,21 +62,7 @@ impl CpuEmbedder {
 
     /// Runs one image.
     fn run(&self, input: &[f32]) -> Result<Vec<f32>, BackendError> {
-        let tensor =
-            Tensor::from_shape(&self.shape, input).map_err(|e| BackendError::Run(e.to_string()))?;
-        let out = self
-            .plan
-            .run(tvec!(tensor.into()))
-            .map_err(|e| BackendError::Run(e.to_string()))?;
-        let first = out
-            .first()
-            .ok_or_else(|| BackendError::Run("the model produced no output".into()))?;
-        let out = first
-            .to_plain_array_view::<f32>()
-            .map_err(|e| BackendError::Run(format!("output is not float32: {e}")))?
-            .iter()
-            .copied()
-            .collect::<Vec<f32>>();
+        let (out, _) = run_plan(&self.plan, &self.shape, input)?;
         if out.is_empty() {
             return Err(BackendError::Run(
                 "the model produced an empty output".into(),
@@ -84,6 +70,28 @@ impl CpuEmbedder {
         }
         Ok(out)
     }
+}
+
+/// Runs a plan on one input of `shape`: its first output's values and shape.
+pub(crate) fn run_plan(
+    plan: &Plan,
+    shape: &[usize],
+    input: &[f32],
+) -> Result<(Vec<f32>, Vec<usize>), BackendError> {
+    let tensor = Tensor::from_shape(shape, input).map_err(|e| BackendError::Run(e.to_string()))?;
+    let out = plan
+        .run(tvec!(tensor.into()))
+        .map_err(|e| BackendError::Run(e.to_string()))?;
+    let first = out
+        .first()
+        .ok_or_else(|| BackendError::Run("the model produced no output".into()))?;
+    let values = first
+        .to_plain_array_view::<f32>()
+        .map_err(|e| BackendError::Run(format!("output is not float32: {e}")))?
+        .iter()
+        .copied()
+        .collect();
+    Ok((values, first.shape().to_vec()))
 }
 
 impl Embedder for CpuEmbedder {

@@ -52,6 +52,106 @@ fn the_finder_finds_each_card_of_generated_scenes_within_a_percent_of_the_frame(
     }
 }
 
+/// The detector path on a model whose output is known: a generated ONNX detector that always answers
+/// the boxes written into it (the card of a generated scene where it lies, that card again from a
+/// neighbouring anchor with a lower score, a second box elsewhere, one below the score), run by the
+/// agent's CPU detector on the scene's frame: decoded, the duplicate suppressed, the low score dropped,
+/// the card's corners mapped back to the frame within the finder's error, and the card warped from them
+/// recognised.
+#[test]
+fn the_detector_path_decodes_suppresses_and_warps_a_known_output_to_the_right_card() {
+    use deckhand_agent::camera::detector::{CpuDetector, Letterbox};
+    use deckhand_agent::camera::{CROP_H, CROP_W, geometry};
+    use deckhand_protocol::manifest::DetectorSettings;
+    let t = deckhand_tests::TestDir::new("detector-path");
+    let script = Script::new(7, 1, 40);
+    let placed = &script.placements[0];
+    // A frame in which the card lies still, through JPEG as a camera sends it.
+    let i = (0..script.len())
+        .find(|i| script.frame(*i).1.still.is_some())
+        .unwrap();
+    let frame = image::load_from_memory(&script.jpeg(i))
+        .unwrap()
+        .into_rgb8();
+    let s = DetectorSettings {
+        input_width: 640,
+        input_height: 640,
+        classes: 1,
+        card_class: 0,
+        min_score: 0.5,
+        iou: 0.45,
+    };
+    // The card as a rotated box in the detector's input: centre, width (short side), height, angle.
+    let lb = Letterbox::of(frame.width(), frame.height(), &s);
+    let q = placed.quad().map(|p| lb.to_input(p));
+    let c = geometry::centre(&q);
+    let (w, h) = (
+        ((q[1][0] - q[0][0]).powi(2) + (q[1][1] - q[0][1]).powi(2)).sqrt(),
+        ((q[2][0] - q[1][0]).powi(2) + (q[2][1] - q[1][1]).powi(2)).sqrt(),
+    );
+    let angle = (q[1][1] - q[0][1]).atan2(q[1][0] - q[0][0]);
+    let far = [
+        if c[0] < 320.0 { 520.0 } else { 120.0 },
+        if c[1] < 320.0 { 480.0 } else { 160.0 },
+    ];
+    let anchors = vec![
+        vec![c[0], c[1], w, h, 0.91, angle],
+        vec![
+            c[0] + 2.0,
+            c[1] - 1.5,
+            w * 0.97,
+            h * 1.02,
+            0.83,
+            angle + 0.03,
+        ],
+        vec![far[0], far[1], 60.0, 84.0, 0.66, 0.2],
+        vec![320.0, 320.0, 60.0, 84.0, 0.3, 0.0],
+    ];
+    let model = t.join("detector.onnx");
+    std::fs::write(
+        &model,
+        deckhand_tools::shop::onnx::known_output_detector_onnx(640, 640, &anchors),
+    )
+    .unwrap();
+    let mut detector = CpuDetector::load(&model, &s).unwrap();
+    let found = detector.detect(&frame).unwrap();
+    assert_eq!(
+        found.iter().map(|d| d.score).collect::<Vec<_>>(),
+        [0.91, 0.66],
+        "{found:?}"
+    );
+    let quad = found[0].quad;
+    let want = placed.quad();
+    let err = corner_error(&quad, &want).min(corner_error(&rotate_half(quad), &want));
+    assert!(
+        err < CORNER_ERROR,
+        "corners {err:.1} px off: {quad:?} {want:?}"
+    );
+
+    // Warped from the detector's quad (both ways up, as the counter does) and recognised.
+    let spec = deckhand_tools::shop::fixtures::ReferenceSpec::small(40);
+    let files =
+        deckhand_tools::shop::fixtures::write_reference_release(&t.join("release"), &spec).unwrap();
+    let rec = deckhand_tools::bench::recognizer::load(&files, &spec, 1).unwrap();
+    let crops: Vec<_> = [quad, rotate_half(quad)]
+        .iter()
+        .map(|q| geometry::warp(&frame, q, CROP_W, CROP_H).unwrap())
+        .collect();
+    let answers = rec
+        .recognize(&crops, &[std::time::Instant::now(); 2])
+        .unwrap();
+    let best = answers
+        .iter()
+        .max_by(|a, b| a.score.total_cmp(&b.score))
+        .unwrap();
+    assert_eq!(best.card_id.as_deref(), Some(placed.card_id().as_str()));
+
+    // A model whose output is not the settings' shape is refused when it loads, naming the shape.
+    let wrong = DetectorSettings { classes: 2, ..s };
+    let err = CpuDetector::load(&model, &wrong).err().unwrap().to_string();
+    assert!(err.contains("[1, 6, 4]"), "{err}");
+}
+
 fn scenes_camera(args: &str) -> String {
     format!("counter=exec:{} scenes {args}", bin("deckhand").display())
 }
@@ -85,8 +185,10 @@ async fn shop_with_counter(name: &str, extra: Vec<String>) -> (Fleet, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_card_placed_on_the_counter_is_recognised_once_and_reaches_the_broker() {
     let dir = deckhand_tests::TestDir::new("counter-broker");
-    let broker = Broker::start(&dir.join("broker"));
-    let mut sub = Subscriber::connect(broker.port(), "deckhand/#").await;
+    let broker = Broker::start(&dir.join("broker")).unwrap();
+    let mut sub = Subscriber::connect(broker.port(), "deckhand/#")
+        .await
+        .unwrap();
     let (seed, placements) = (5, 4);
     let script = Script::new(seed, placements, 40);
     let camera = scenes_camera(&format!("--seed {seed} --placements {placements} --hold"));

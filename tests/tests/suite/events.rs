@@ -112,8 +112,10 @@ fn seqs(events: &[serde_json::Value]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_restarts() {
     let mut fleet = shop_with_release("events-mqtt").await;
-    let mut broker = Broker::start(&fleet.join("broker"));
-    let mut sub = Subscriber::connect(broker.port(), "deckhand/#").await;
+    let mut broker = Broker::start(&fleet.join("broker")).unwrap();
+    let mut sub = Subscriber::connect(broker.port(), "deckhand/#")
+        .await
+        .unwrap();
     let args = vec!["--mqtt".to_owned(), broker.url()];
     let me = serving(&mut fleet, &args).await;
     let status_topic = format!("deckhand/shop-1/{me}/status");
@@ -188,7 +190,7 @@ async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_res
     );
 
     // The broker is back: the four arrive, in order, once each, with the ids they were given.
-    broker.resume();
+    broker.resume().unwrap();
     let later = events_on(&mut sub, &topic, 4).await;
     assert_eq!(
         cards_of(&later),
@@ -237,8 +239,10 @@ async fn recognitions_reach_the_broker_once_each_in_order_across_outages_and_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recognitions_reach_a_broker_over_tls_checked_against_the_ca_given() {
     let mut fleet = shop_with_release("events-mqtts").await;
-    let broker = Broker::start_with_tls(&fleet.join("broker"));
-    let mut sub = Subscriber::connect(broker.port(), "deckhand/#").await;
+    let broker = Broker::start_with_tls(&fleet.join("broker")).unwrap();
+    let mut sub = Subscriber::connect(broker.port(), "deckhand/#")
+        .await
+        .unwrap();
     // Without the broker's CA the agent refuses its certificate, and says so.
     let untrusted = vec!["--mqtt".to_owned(), broker.tls_url().unwrap()];
     serving(&mut fleet, &untrusted).await;
@@ -272,7 +276,7 @@ async fn recognitions_reach_a_broker_over_tls_checked_against_the_ca_given() {
 
 /// What a new subscriber to `topic` is sent first: the retained message, which must be one.
 async fn retained_status(port: u16, topic: &str) -> String {
-    let mut late = Subscriber::connect(port, topic).await;
+    let mut late = Subscriber::connect(port, topic).await.unwrap();
     let m = late
         .next_on(topic, secs(10))
         .await

@@ -124,7 +124,7 @@ fn proc_field(pid: u32, file: &str, field: &str) -> Result<u64, ToolError> {
 }
 
 /// User plus system CPU time of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
-fn cpu_ticks(pid: u32) -> Result<u64, ToolError> {
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64, ToolError> {
     let path = PathBuf::from(format!("/proc/{pid}/stat"));
     let text = std::fs::read_to_string(&path).map_err(ToolError::io("read", &path))?;
     // The command name (field 2) is in parentheses and may hold spaces: count from after it.
@@ -141,7 +141,7 @@ fn cpu_ticks(pid: u32) -> Result<u64, ToolError> {
     }
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub(crate) fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if hz > 0 { hz as f64 } else { 100.0 }

@@ -1,5 +1,6 @@
 //! `deckhand bench ...`: measured figures, printed. Benchmarks print; tests assert.
 
+pub mod counter;
 pub mod fleet;
 pub mod footprint;
 pub mod recognizer;

@@ -463,6 +463,18 @@ pub struct ReferenceSpec {
     pub seed: u64,
     /// Prefix for card ids, so releases built from the same images can be told apart.
     pub id_prefix: String,
+    /// The embedding model's shape.
+    pub model: ModelShape,
+}
+
+/// Which generated embedding model a reference release carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelShape {
+    /// The small sample model (a few convolutions and a pool): fast, for tests.
+    Sample,
+    /// An EfficientNet-Lite0-shaped network ([`efficientnet_lite0_onnx`], about 17 MB), for measuring
+    /// the CPU backend on a real-sized model. Its HEF is still the sample stand-in's.
+    Lite0,
 }
 
 impl ReferenceSpec {
@@ -474,6 +486,7 @@ impl ReferenceSpec {
             dim: 768,
             seed: 1,
             id_prefix: String::new(),
+            model: ModelShape::Sample,
         }
     }
 
@@ -485,6 +498,7 @@ impl ReferenceSpec {
             dim: 768,
             seed: 1,
             id_prefix: String::new(),
+            model: ModelShape::Sample,
         }
     }
 
@@ -534,10 +548,11 @@ pub fn write_reference_release(
             (dir.join("canary-1.jpg"), spec.card_id(1)),
         ],
     };
-    write(
-        &files.onnx,
-        embedding_model_onnx(224, 14, spec.dim, spec.seed),
-    )?;
+    let onnx = match spec.model {
+        ModelShape::Sample => embedding_model_onnx(224, 14, spec.dim, spec.seed),
+        ModelShape::Lite0 => efficientnet_lite0_onnx(spec.dim, spec.seed),
+    };
+    write(&files.onnx, onnx)?;
     write(
         &files.hef,
         hef_v0(&standin_hef_body(224, 14, spec.dim, spec.seed)),

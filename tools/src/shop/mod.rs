@@ -13,6 +13,7 @@
 pub mod demo;
 pub mod fixtures;
 pub mod locals3;
+pub mod mqtt;
 pub mod onnx;
 pub mod scenes;
 

@@ -143,18 +143,28 @@ impl Graph {
 
     /// A model with input `image` [N, 3, side, side] and output `embedding` [N, dim].
     fn finish(self, name: &str, side: u32, dim: usize) -> Vec<u8> {
+        self.finish_as(
+            name,
+            &[3, side as i64, side as i64],
+            "embedding",
+            &[dim as i64],
+        )
+    }
+
+    /// A model with input `image` [N, ...input] and one output [N, ...output].
+    fn finish_as(self, name: &str, input: &[i64], output: &str, output_dims: &[i64]) -> Vec<u8> {
         let graph = pb::GraphProto {
             name: name.into(),
             node: self.nodes,
             initializer: self.weights,
             input: vec![pb::ValueInfoProto {
                 name: "image".into(),
-                r#type: Some(batched_f32(&[3, side as i64, side as i64])),
+                r#type: Some(batched_f32(input)),
                 doc_string: String::new(),
             }],
             output: vec![pb::ValueInfoProto {
-                name: "embedding".into(),
-                r#type: Some(batched_f32(&[dim as i64])),
+                name: output.into(),
+                r#type: Some(batched_f32(output_dims)),
                 doc_string: String::new(),
             }],
             ..Default::default()
@@ -265,4 +275,40 @@ pub fn efficientnet_lite0_onnx(dim: usize, seed: u64) -> Vec<u8> {
     let w = g.weight(&[1280, dim as i64], &w);
     g.node_named("MatMul", &[&flat, &w], "embedding", vec![]);
     g.finish("deckhand-efficientnet-lite0-shaped", 224, dim)
+}
+
+/// A detector whose output is known: input `image` [N, 3, height, width], output `output0`
+/// [N, channels, anchors] equal to `anchors` (each anchor's `channels` values: centre, width, height in
+/// input pixels, class scores, angle) whatever the image. It still reads its input (the output adds
+/// zero times the image's mean), so a runtime plans and runs it as it would a real one.
+pub fn known_output_detector_onnx(width: u32, height: u32, anchors: &[Vec<f32>]) -> Vec<u8> {
+    let channels = anchors.first().map_or(0, Vec::len);
+    let mut g = Graph::new();
+    let mean = g.node(
+        "ReduceMean",
+        &["image"],
+        vec![ints("axes", vec![1, 2, 3]), int("keepdims", 1)],
+    );
+    let mean = g.node(
+        "ReduceMean",
+        &[&mean],
+        vec![ints("axes", vec![3]), int("keepdims", 0)],
+    );
+    let zero = g.weight(&[], &[0.0]);
+    let nothing = g.node("Mul", &[&mean, &zero], vec![]);
+    let values: Vec<f32> = (0..channels)
+        .flat_map(|c| {
+            anchors
+                .iter()
+                .map(move |a| a.get(c).copied().unwrap_or(0.0))
+        })
+        .collect();
+    let known = g.weight(&[1, channels as i64, anchors.len() as i64], &values);
+    g.node_named("Add", &[&known, &nothing], "output0", vec![]);
+    g.finish_as(
+        "deckhand-known-output-detector",
+        &[3, i64::from(height), i64::from(width)],
+        "output0",
+        &[channels as i64, anchors.len() as i64],
+    )
 }

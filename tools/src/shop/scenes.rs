@@ -69,6 +69,14 @@ pub const STILL: usize = 15;
 const TAKE: usize = 4;
 pub const FRAMES_PER_PLACEMENT: usize = EMPTY + CARRY + LIFT + STILL + TAKE;
 
+/// For frame `i` of a script: which frame of its placement's still run it is (0 for the first frame in
+/// which the card lies alone and still), if the card lies still in it.
+pub fn still_step(i: usize) -> Option<usize> {
+    (i % FRAMES_PER_PLACEMENT)
+        .checked_sub(EMPTY + CARRY + LIFT)
+        .filter(|j| *j < STILL)
+}
+
 /// A scripted counter.
 pub struct Script {
     pub placements: Vec<Placement>,

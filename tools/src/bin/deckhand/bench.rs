@@ -26,6 +26,17 @@ pub enum BenchCommand {
         #[arg(long)]
         full: bool,
     },
+    /// The counter loop: decode and find per frame and embed per placement (in process), then a real
+    /// agent with a camera of generated scenes publishing to mosquitto: idle CPU, frames analysed, and
+    /// the time from a card lying still to its MQTT message.
+    Counter {
+        /// Cards placed one after another.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        placements: u64,
+        /// How long to measure the empty counter, in seconds.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        idle_secs: u64,
+    },
     /// A fleet of agents syncing one release from an S3 server with a limited uplink, with and without
     /// peers: bytes pulled from S3 and time until every agent serves it.
     Fleet {
@@ -83,6 +94,10 @@ pub async fn run(what: BenchCommand) -> Result<(), ToolError> {
         } => bench::store(size_mib, dir.as_deref(), rounds as usize),
         BenchCommand::Chunking => bench::chunking(),
         BenchCommand::Recognizer { full } => deckhand_tools::bench::recognizer::run(full).await,
+        BenchCommand::Counter {
+            placements,
+            idle_secs,
+        } => bench::counter::run(placements as usize, idle_secs).await,
         BenchCommand::Fleet {
             agents,
             size,

@@ -2,7 +2,7 @@
 //! (`--camera counter=exec:deckhand scenes --hold`), as rpicam-vid is one on a Pi.
 
 use deckhand_tools::ToolError;
-use deckhand_tools::shop::scenes::Script;
+use deckhand_tools::shop::scenes::{Script, still_step};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,6 +34,13 @@ pub struct ScenesArgs {
     /// Write the script (each placement's card and corners) as JSON to this file first.
     #[arg(long)]
     truth: Option<PathBuf>,
+    /// Send the empty counter until this file exists, then the script (after the lead).
+    #[arg(long)]
+    start_after: Option<PathBuf>,
+    /// Append a line `PLACEMENT STILL_FRAME UNIX_MICROS` to this file as each frame in which a card
+    /// lies still is sent (the counter benchmark's clock for still-to-message latency).
+    #[arg(long)]
+    still_log: Option<PathBuf>,
 }
 
 pub fn run(a: &ScenesArgs) -> Result<(), ToolError> {
@@ -53,11 +60,32 @@ pub fn run(a: &ScenesArgs) -> Result<(), ToolError> {
     let mut out = std::io::stdout().lock();
     let mut next = Instant::now();
     let mut junk = deckhand_protocol::testdata::SplitMix(a.seed);
+    let mut still_log = match &a.still_log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(ToolError::io("open", p))?,
+        ),
+        None => None,
+    };
+    // Frames sent before the script began (the lead, and the wait for `--start-after`).
+    let mut before = a.lead;
+    let mut waiting = a.start_after.is_some();
     for i in 0.. {
-        let frame = if i < a.lead {
+        if waiting && a.start_after.as_deref().is_some_and(Path::exists) {
+            waiting = false;
+            before = before.max(i);
+        }
+        // The script's frame and whether a card lies still in it (placement, index of the still frame).
+        let mut still = None;
+        let frame = if waiting || i < before {
             empty.clone()
-        } else if i - a.lead < script.len() {
-            script.jpeg(i - a.lead)
+        } else if i - before < script.len() {
+            let (img, truth) = script.frame(i - before);
+            still = truth.still.zip(still_step(i - before));
+            deckhand_tools::shop::fixtures::encode_jpeg(&img, 85)
         } else if a.hold {
             empty.clone()
         } else {
@@ -73,7 +101,18 @@ pub fn run(a: &ScenesArgs) -> Result<(), ToolError> {
             bytes.extend((4..a.garbage).map(|_| junk.next_u64() as u8));
         }
         match out.write_all(&bytes).and_then(|()| out.flush()) {
-            Ok(()) => {}
+            Ok(()) => {
+                if let (Some(log), Some((k, j))) = (still_log.as_mut(), still) {
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_micros();
+                    writeln!(log, "{k} {j} {at}").map_err(ToolError::io(
+                        "write",
+                        a.still_log.as_deref().unwrap_or(stdout),
+                    ))?;
+                }
+            }
             // The camera's reader went away: done.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             Err(e) => return Err(ToolError::io("write", stdout)(e)),
