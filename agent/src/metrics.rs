@@ -486,14 +486,15 @@ fn render_events(
         "# HELP deckhand_events_total Recognition events recorded since start.\n\
          # TYPE deckhand_events_total counter\n\
          deckhand_events_total {}\n\
-         # HELP deckhand_events_lost_total Events lost since start: the log's queue was full, or they left the log (count or age) before every sink had them.\n\
+         # HELP deckhand_events_lost_total Events lost since start: the log's queue was full, they left the log (count or age) before every sink had them, or the log could not be written.\n\
          # TYPE deckhand_events_lost_total counter\n\
          deckhand_events_lost_total{{reason=\"queue_full\"}} {}\n\
          deckhand_events_lost_total{{reason=\"expired\"}} {}\n\
+         deckhand_events_lost_total{{reason=\"unwritable\"}} {}\n\
          # HELP deckhand_events_kept Events the log keeps.\n\
          # TYPE deckhand_events_kept gauge\n\
          deckhand_events_kept {}\n",
-        e.recorded, e.dropped, e.expired, e.kept
+        e.recorded, e.dropped, e.expired, e.unwritten, e.kept
     );
     if e.sinks.is_empty() {
         return;

@@ -137,6 +137,9 @@ pub struct EventsStatus {
     pub dropped: u64,
     /// Events that aged or were pushed out of the log before every sink had them, since start.
     pub expired: u64,
+    /// Events lost because the log file could not be written (after retries), since start.
+    #[serde(default)]
+    pub unwritten: u64,
     /// Why the log file was set aside at start (damaged), if it was.
     #[serde(default)]
     pub reset: Option<String>,
@@ -526,7 +529,7 @@ impl Status {
             );
         }
         if let Some(e) = &self.events {
-            let lost = e.dropped + e.expired;
+            let lost = e.dropped + e.expired + e.unwritten;
             let _ = writeln!(
                 out,
                 "events      {} kept, {} since start{}{}",
@@ -560,6 +563,30 @@ impl Status {
                 }
                 let _ = writeln!(out);
             }
+        }
+        for c in &self.cameras {
+            let _ = write!(
+                out,
+                "camera      {} {} ({}): {} frames read, {} analysed, {} cards recognised",
+                c.name, c.state, c.source, c.frames_read, c.frames_analysed, c.placements
+            );
+            if let Some(card) = &c.last_card {
+                let _ = write!(out, " (last {card})");
+            }
+            if c.frames_refused + c.refused_in_stream > 0 {
+                let _ = write!(
+                    out,
+                    ", {} frames refused",
+                    c.frames_refused + c.refused_in_stream
+                );
+            }
+            if c.restarts > 0 {
+                let _ = write!(out, ", {} restarts", c.restarts);
+            }
+            if let Some(err) = &c.last_error {
+                let _ = write!(out, "; {err}");
+            }
+            let _ = writeln!(out);
         }
         if let Some(t) = &self.newest_manifest_at {
             let _ = writeln!(out, "newest      manifest created {t}");
@@ -661,6 +688,18 @@ mod tests {
                 active: Some(7),
                 ..Default::default()
             }],
+            cameras: vec![CameraStatus {
+                name: "counter".into(),
+                source: "exec:rpicam-vid".into(),
+                state: "restarting in 2 s".into(),
+                frames_read: 120,
+                frames_analysed: 80,
+                placements: 3,
+                last_card: Some("c-7".into()),
+                restarts: 1,
+                last_error: Some("the command exited with status 1".into()),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let json = serde_json::to_string(&s).unwrap();
@@ -668,6 +707,13 @@ mod tests {
         let text = s.render();
         assert!(text.contains("active      version 7 (cpu)"), "{text}");
         assert!(text.contains("pi-2"), "{text}");
+        assert!(
+            text.contains(
+                "camera      counter restarting in 2 s (exec:rpicam-vid): 120 frames read, 80 \
+                 analysed, 3 cards recognised (last c-7), 1 restarts; the command exited with status 1"
+            ),
+            "{text}"
+        );
         assert_eq!(s.live_peers(), 1);
         assert_eq!(
             s.summary_line(),

@@ -70,11 +70,32 @@ pub struct Stored {
 /// An event before the log numbered it (its `id` is filled in by the writer).
 pub type Draft = Event;
 
+#[derive(Clone)]
 enum Job {
     Record(Box<Draft>),
     Advance { sink: String, seq: u64 },
     Stop,
 }
+
+/// What happened to the events since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub recorded: u64,
+    /// Dropped at a full queue.
+    pub dropped: u64,
+    /// Trimmed (count or age) before every sink had them.
+    pub expired: u64,
+    /// Their commit failed on every attempt.
+    pub unwritten: u64,
+}
+
+/// Pauses before a failed commit is tried again (a busy or briefly full file); after the last, its
+/// events are counted as unwritten.
+const COMMIT_RETRIES: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
 /// Counters and positions readers may look at without touching SQLite.
 #[derive(Debug, Default)]
@@ -85,6 +106,8 @@ struct Positions {
     first: AtomicU64,
     recorded: AtomicU64,
     dropped_full: AtomicU64,
+    /// Events whose commit failed on every attempt (the file could not be written).
+    unwritten: AtomicU64,
     expired: AtomicU64,
 }
 
@@ -426,14 +449,16 @@ impl EventLog {
         head.saturating_sub(cursor.max(self.first().saturating_sub(1)))
     }
 
-    /// Events recorded since start, dropped at a full queue, and trimmed before every sink had them.
-    pub fn counts(&self) -> (u64, u64, u64) {
+    /// Events recorded since start, dropped at a full queue, trimmed before every sink had them, and
+    /// lost because the file could not be written.
+    pub fn counts(&self) -> Counts {
         let p = &self.inner.positions;
-        (
-            p.recorded.load(Ordering::Relaxed),
-            p.dropped_full.load(Ordering::Relaxed),
-            p.expired.load(Ordering::Relaxed),
-        )
+        Counts {
+            recorded: p.recorded.load(Ordering::Relaxed),
+            dropped: p.dropped_full.load(Ordering::Relaxed),
+            expired: p.expired.load(Ordering::Relaxed),
+            unwritten: p.unwritten.load(Ordering::Relaxed),
+        }
     }
 
     /// Commits what is queued and stops the writer (bounded: the queue is).
@@ -465,7 +490,10 @@ impl Writer {
             let first = match rx.recv_timeout(TRIM_EVERY) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.commit(Vec::new());
+                    // Trimming by age; a failure is tried again at the next tick.
+                    if let Err(e) = self.commit(Vec::new()) {
+                        tracing::warn!(log = %self.path.display(), cause = %e, "the event log was not trimmed");
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -478,7 +506,7 @@ impl Writer {
                 }
             }
             let stop = jobs.iter().any(|j| matches!(j, Job::Stop));
-            self.commit(jobs);
+            self.commit_retrying(jobs);
             if stop {
                 break;
             }
@@ -486,8 +514,30 @@ impl Writer {
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
     }
 
+    /// [`Writer::commit`], tried again after a pause when it fails (the file busy past its timeout, the
+    /// disk briefly full): a failed transaction changed nothing, so the same jobs are simply committed
+    /// again. What still fails after the last pause is counted as unwritten and logged.
+    fn commit_retrying(&self, jobs: Vec<Job>) {
+        for pause in COMMIT_RETRIES {
+            match self.commit(jobs.clone()) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(log = %self.path.display(), cause = %e, retry_in = ?pause,
+                        "events not recorded yet; trying again");
+                    std::thread::sleep(pause);
+                }
+            }
+        }
+        if let Err(e) = self.commit(jobs.clone()) {
+            let lost = jobs.iter().filter(|j| matches!(j, Job::Record(_))).count() as u64;
+            self.positions.unwritten.fetch_add(lost, Ordering::Relaxed);
+            tracing::error!(log = %self.path.display(), cause = %e, lost,
+                "events not recorded: the event log could not be written");
+        }
+    }
+
     /// One transaction: the events numbered and inserted, the cursors moved, the log trimmed.
-    fn commit(&self, jobs: Vec<Job>) {
+    fn commit(&self, jobs: Vec<Job>) -> Result<(), rusqlite::Error> {
         let mut seq = self.positions.head.load(Ordering::Relaxed);
         let result = (|| -> Result<u64, rusqlite::Error> {
             let tx = self.conn.unchecked_transaction()?;
@@ -522,20 +572,15 @@ impl Writer {
             self.positions.expired.fetch_add(expired, Ordering::Relaxed);
             Ok(added)
         })();
-        match result {
-            Ok(added) => {
-                if added > 0 {
-                    self.positions.head.store(seq, Ordering::Relaxed);
-                    self.positions.recorded.fetch_add(added, Ordering::Relaxed);
-                    // send_replace: the value is kept even while nobody watches (`send` drops it then,
-                    // and a reader that subscribes later would see a stale head).
-                    self.head.send_replace(seq);
-                }
-            }
-            Err(e) => {
-                tracing::error!(log = %self.path.display(), cause = %e, "events not recorded");
-            }
+        let added = result?;
+        if added > 0 {
+            self.positions.head.store(seq, Ordering::Relaxed);
+            self.positions.recorded.fetch_add(added, Ordering::Relaxed);
+            // send_replace: the value is kept even while nobody watches (`send` drops it then, and a
+            // reader that subscribes later would see a stale head).
+            self.head.send_replace(seq);
         }
+        Ok(())
     }
 
     /// Drops what is beyond the limits; returns how many of those some sink had not delivered.
@@ -622,6 +667,35 @@ mod tests {
             .collect()
     }
 
+    /// A commit that fails (here: another process holds the file's write lock past the writer's busy
+    /// timeout) is tried again, and its events are recorded once the file can be written, in order,
+    /// none lost. (Before, the batch was dropped with an error in the log.)
+    #[test]
+    fn a_commit_that_fails_is_tried_again_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let log = EventLog::open(&path, LIMITS, &[]).unwrap();
+        log.record(draft("a"));
+        committed(&log, 1);
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        log.record(draft("b"));
+        log.record(draft("c"));
+        // Past the writer's 5 s busy timeout: its first attempt fails.
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(
+            log.head(),
+            1,
+            "nothing could be committed while the lock was held"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        committed(&log, 3);
+        assert_eq!(cards(&log.after(0, 10).unwrap()), ["a", "b", "c"]);
+        let c = log.counts();
+        assert_eq!((c.recorded, c.dropped, c.unwritten), (3, 0, 0));
+        log.close();
+    }
+
     #[test]
     fn events_are_numbered_kept_across_a_restart_and_cursors_with_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -664,8 +738,11 @@ mod tests {
         assert_eq!(kept.len(), 16);
         assert_eq!(kept[0].seq, 25);
         assert_eq!(log.backlog(0), 16);
-        let (recorded, dropped, expired) = log.counts();
-        assert_eq!((recorded, dropped, expired), (40, 0, 24));
+        let c = log.counts();
+        assert_eq!(
+            (c.recorded, c.dropped, c.expired, c.unwritten),
+            (40, 0, 24, 0)
+        );
         log.close();
     }
 

@@ -170,15 +170,16 @@ pub struct Events {
 
 impl Events {
     pub fn status(&self) -> EventsStatus {
-        let (recorded, dropped, expired) = self.log.counts();
+        let counts = self.log.counts();
         let head = self.log.head();
         EventsStatus {
             log: self.log.id().to_owned(),
             newest: head,
             kept: head.saturating_sub(self.log.first().saturating_sub(1)),
-            recorded,
-            dropped,
-            expired,
+            recorded: counts.recorded,
+            dropped: counts.dropped,
+            expired: counts.expired,
+            unwritten: counts.unwritten,
             reset: self.log.reset().map(str::to_owned),
             sinks: self
                 .sinks
