@@ -215,7 +215,17 @@ fn run_daemon() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(daemon::run(cfg, shutdown_signal()))?;
+    rt.block_on(async {
+        // The handlers are installed now, before the daemon starts anything. A tokio signal future
+        // installs its handler only when first polled, and the daemon first polls its shutdown future
+        // in the HTTP server's accept loop, whose `select!` may accept (and answer) connections before
+        // it polls that branch: a SIGTERM until then ended the process by the default action,
+        // uncleanly (seen once in CI, a stop right after the first status answer).
+        let shutdown = shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
+        daemon::run(cfg, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -236,21 +246,18 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Installs the SIGTERM and SIGINT handlers at once; the future resolves on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }
 
 fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {

@@ -87,6 +87,8 @@ pub struct Counts {
     pub expired: u64,
     /// Their commit failed on every attempt.
     pub unwritten: u64,
+    /// Commit attempts that failed (each tried again, up to the last).
+    pub failed_commits: u64,
 }
 
 /// Pauses before a failed commit is tried again (a busy or briefly full file); after the last, its
@@ -108,6 +110,8 @@ struct Positions {
     dropped_full: AtomicU64,
     /// Events whose commit failed on every attempt (the file could not be written).
     unwritten: AtomicU64,
+    /// Commits that failed (each attempt counted).
+    failed_commits: AtomicU64,
     expired: AtomicU64,
 }
 
@@ -458,6 +462,7 @@ impl EventLog {
             dropped: p.dropped_full.load(Ordering::Relaxed),
             expired: p.expired.load(Ordering::Relaxed),
             unwritten: p.unwritten.load(Ordering::Relaxed),
+            failed_commits: p.failed_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -522,6 +527,9 @@ impl Writer {
             match self.commit(jobs.clone()) {
                 Ok(()) => return,
                 Err(e) => {
+                    self.positions
+                        .failed_commits
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(log = %self.path.display(), cause = %e, retry_in = ?pause,
                         "events not recorded yet; trying again");
                     std::thread::sleep(pause);
@@ -529,6 +537,9 @@ impl Writer {
             }
         }
         if let Err(e) = self.commit(jobs.clone()) {
+            self.positions
+                .failed_commits
+                .fetch_add(1, Ordering::Relaxed);
             let lost = jobs.iter().filter(|j| matches!(j, Job::Record(_))).count() as u64;
             self.positions.unwritten.fetch_add(lost, Ordering::Relaxed);
             tracing::error!(log = %self.path.display(), cause = %e, lost,
@@ -681,8 +692,12 @@ mod tests {
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         log.record(draft("b"));
         log.record(draft("c"));
-        // Past the writer's 5 s busy timeout: its first attempt fails.
-        std::thread::sleep(Duration::from_secs(6));
+        // Held until the writer's attempt failed (after its 5 s busy timeout).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while log.counts().failed_commits == 0 {
+            assert!(std::time::Instant::now() < deadline, "no commit failed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(
             log.head(),
             1,
@@ -693,6 +708,7 @@ mod tests {
         assert_eq!(cards(&log.after(0, 10).unwrap()), ["a", "b", "c"]);
         let c = log.counts();
         assert_eq!((c.recorded, c.dropped, c.unwritten), (3, 0, 0));
+        assert!(c.failed_commits >= 1);
         log.close();
     }
 
