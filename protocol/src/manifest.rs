@@ -20,7 +20,8 @@ pub const MAX_CANARIES: usize = 64;
 /// The longest media type or card id accepted.
 pub const MAX_TEXT: usize = 256;
 
-/// What an artifact is for. The first five are required in every release.
+/// What an artifact is for. The first five are required in every release; the detector's two come
+/// together or not at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -36,6 +37,11 @@ pub enum Role {
     Metadata,
     /// embeddings.npy: the raw reference embeddings (optional).
     Embeddings,
+    /// The card detector as ONNX (optional; with [`Role::DetectorHef`] and [`Manifest::detector`]).
+    Detector,
+    /// The same detector compiled for the Hailo-8.
+    #[serde(rename = "detector_hef")]
+    DetectorHef,
 }
 
 impl Role {
@@ -46,13 +52,15 @@ impl Role {
         Role::Labels,
         Role::Metadata,
     ];
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 8] = [
         Role::Hef,
         Role::Onnx,
         Role::Index,
         Role::Labels,
         Role::Metadata,
         Role::Embeddings,
+        Role::Detector,
+        Role::DetectorHef,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +71,8 @@ impl Role {
             Role::Labels => "labels",
             Role::Metadata => "metadata",
             Role::Embeddings => "embeddings",
+            Role::Detector => "detector",
+            Role::DetectorHef => "detector_hef",
         }
     }
 }
@@ -199,6 +209,9 @@ pub struct Manifest {
     /// No agent switches to the release before this time (the operator's "switch at 03:00").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Timestamp>,
+    /// How to run the release's card detector: present exactly when the release carries one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<DetectorSettings>,
 }
 
 /// A blob a release needs, whatever its role.
@@ -226,6 +239,11 @@ pub enum ManifestError {
     DuplicateRole(Role),
     #[error("manifest has no {0} artifact")]
     MissingRole(Role),
+    #[error("manifest has a {has} artifact but no {missing}")]
+    Incomplete {
+        has: &'static str,
+        missing: &'static str,
+    },
     #[error("manifest deployment name is invalid: {0}")]
     Deployment(#[from] layout::LayoutError),
     #[error("manifest version must be at least 1")]
@@ -363,6 +381,19 @@ impl Manifest {
         if let Some(missing) = Role::REQUIRED.into_iter().find(|r| !seen.contains(r)) {
             return Err(ManifestError::MissingRole(missing));
         }
+        let incomplete = |has, missing| Err(ManifestError::Incomplete { has, missing });
+        match (
+            seen.contains(&Role::Detector),
+            seen.contains(&Role::DetectorHef),
+            &self.detector,
+        ) {
+            (true, true, Some(d)) => d.validate()?,
+            (false, false, None) => {}
+            (true, false, _) => return incomplete("detector", "detector_hef"),
+            (false, true, _) => return incomplete("detector_hef", "detector"),
+            (true, true, None) => return incomplete("detector", "detector settings"),
+            (false, false, Some(_)) => return incomplete("detector settings", "detector"),
+        }
         for (i, c) in self.canaries.iter().enumerate() {
             if c.size == 0 {
                 return Err(ManifestError::EmptyBlob {
@@ -443,6 +474,14 @@ pub(crate) mod tests {
             }],
             activate: None,
             not_before: None,
+            detector: Some(DetectorSettings {
+                input_width: 640,
+                input_height: 640,
+                classes: 1,
+                card_class: 0,
+                min_score: 0.5,
+                iou: 0.45,
+            }),
         }
     }
 
@@ -472,7 +511,7 @@ pub(crate) mod tests {
     fn payload_round_trips() {
         let m = sample(3);
         assert_eq!(Manifest::from_payload(&m.to_payload()).unwrap(), m);
-        assert_eq!(m.blobs().len(), 7);
+        assert_eq!(m.blobs().len(), 9);
         // The switch fields are absent unless set, and round-trip when set.
         let text = String::from_utf8(m.to_payload()).unwrap();
         assert!(!text.contains("activate") && !text.contains("not_before"));
@@ -482,6 +521,58 @@ pub(crate) mod tests {
         let text = String::from_utf8(m.to_payload()).unwrap();
         assert!(text.contains("\"activate\": \"together\""), "{text}");
         assert_eq!(Manifest::from_payload(&m.to_payload()).unwrap(), m);
+    }
+
+    #[test]
+    fn a_detector_comes_whole_and_older_agents_refuse_it() {
+        let m = sample(1);
+        let text = String::from_utf8(m.to_payload()).unwrap();
+        assert!(text.contains("\"role\": \"detector_hef\""), "{text}");
+        assert_eq!(Manifest::from_payload(&m.to_payload()).unwrap(), m);
+        let without = |roles: &[Role], settings: bool| {
+            let mut m = sample(1);
+            m.artifacts.retain(|a| !roles.contains(&a.role));
+            if !settings {
+                m.detector = None;
+            }
+            Manifest::from_payload(&m.to_payload())
+        };
+        // Neither is a release without a detector; any part alone is refused, naming what is missing.
+        assert!(without(&[Role::Detector, Role::DetectorHef], false).is_ok());
+        let incomplete = |has, missing| Err(ManifestError::Incomplete { has, missing });
+        assert_eq!(
+            without(&[Role::DetectorHef], true),
+            incomplete("detector", "detector_hef")
+        );
+        assert_eq!(
+            without(&[Role::Detector], true),
+            incomplete("detector_hef", "detector")
+        );
+        assert_eq!(
+            without(&[], false),
+            incomplete("detector", "detector settings")
+        );
+        assert_eq!(
+            without(&[Role::Detector, Role::DetectorHef], true),
+            incomplete("detector settings", "detector")
+        );
+        let mut bad = sample(1);
+        if let Some(d) = &mut bad.detector {
+            d.card_class = 1;
+        }
+        assert_eq!(
+            Manifest::from_payload(&bad.to_payload())
+                .unwrap_err()
+                .to_string(),
+            "detector.card_class is invalid: must be below classes"
+        );
+        // An agent from before detectors knows neither the role nor the field: it refuses the manifest
+        // rather than running the release without its detector.
+        let old = text.replace("\"detector_hef\"", "\"hef2\"");
+        assert!(matches!(
+            Manifest::from_payload(old.as_bytes()),
+            Err(ManifestError::Json(e)) if e.contains("unknown variant `hef2`")
+        ));
     }
 
     #[test]
@@ -511,7 +602,7 @@ pub(crate) mod tests {
             .extend(std::iter::repeat_n(extra, MAX_ARTIFACTS));
         assert_eq!(
             Manifest::from_payload(&m.to_payload()),
-            Err(ManifestError::TooManyArtifacts(MAX_ARTIFACTS + 6))
+            Err(ManifestError::TooManyArtifacts(MAX_ARTIFACTS + 8))
         );
 
         let mut m = sample(1);

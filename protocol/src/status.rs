@@ -118,6 +118,10 @@ pub struct CameraStatus {
     pub placements: u64,
     /// Cards found in the newest analysed frame.
     pub cards_in_view: u32,
+    /// What found them: `detector` (the live release's) or `classical` (no detector in the release);
+    /// empty before the first analysed frame.
+    #[serde(default)]
+    pub finder: String,
     pub last_card: Option<String>,
     pub last_error: Option<String>,
 }
@@ -573,6 +577,13 @@ impl Status {
             if let Some(card) = &c.last_card {
                 let _ = write!(out, " (last {card})");
             }
+            match c.finder.as_str() {
+                "" => {}
+                "detector" => out.push_str(", cards found by the release's detector"),
+                other => {
+                    let _ = write!(out, ", cards found by the {other} finder");
+                }
+            }
             if c.frames_refused + c.refused_in_stream > 0 {
                 let _ = write!(
                     out,
@@ -696,6 +707,7 @@ mod tests {
                 frames_analysed: 80,
                 placements: 3,
                 last_card: Some("c-7".into()),
+                finder: "detector".into(),
                 restarts: 1,
                 last_error: Some("the command exited with status 1".into()),
                 ..Default::default()
@@ -710,7 +722,8 @@ mod tests {
         assert!(
             text.contains(
                 "camera      counter restarting in 2 s (exec:rpicam-vid): 120 frames read, 80 \
-                 analysed, 3 cards recognised (last c-7), 1 restarts; the command exited with status 1"
+                 analysed, 3 cards recognised (last c-7), cards found by the release's detector, 1 \
+                 restarts; the command exited with status 1"
             ),
             "{text}"
         );

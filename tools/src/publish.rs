@@ -9,7 +9,7 @@
 use crate::error::ToolError;
 use crate::origin::{Bucket, OriginConfig, OriginError, OriginUrl};
 use deckhand_agent::origin::Fetched;
-use deckhand_agent::release::{ReleaseFiles, SettingsOverrides, check_release};
+use deckhand_agent::release::{DetectorFiles, ReleaseFiles, SettingsOverrides, check_release};
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::{Artifact, BlobRef, Canary, Manifest, Role, SCHEMA};
@@ -67,6 +67,8 @@ pub struct Inputs {
     pub labels: Input,
     pub metadata: Input,
     pub embeddings: Option<Input>,
+    /// The card detector: its ONNX model and its HEF.
+    pub detector: Option<(Input, Input)>,
     pub canaries: Vec<(Input, String)>,
 }
 
@@ -100,6 +102,7 @@ impl PublishOptions {
                 labels: l(&files.labels),
                 metadata: l(&files.metadata),
                 embeddings: files.embeddings.as_deref().map(l),
+                detector: files.detector.as_ref().map(|d| (l(&d.onnx), l(&d.hef))),
                 canaries: files
                     .canaries
                     .iter()
@@ -285,6 +288,8 @@ fn media_type(role: Role) -> &'static str {
         Role::Index => "application/vnd.usearch.index",
         Role::Labels | Role::Metadata => "application/json",
         Role::Embeddings => "application/x-npy",
+        Role::Detector => "application/onnx",
+        Role::DetectorHef => "application/vnd.hailo.hef",
     }
 }
 
@@ -304,10 +309,17 @@ pub async fn prepare(
         labels: localize(&i.labels, cfg, work, "input-labels.json").await?,
         metadata: localize(&i.metadata, cfg, work, "input-metadata.json").await?,
         embeddings: None,
+        detector: None,
         canaries: Vec::new(),
     };
     if let Some(e) = &i.embeddings {
         files.embeddings = Some(localize(e, cfg, work, "input-embeddings.npy").await?);
+    }
+    if let Some((onnx, hef)) = &i.detector {
+        files.detector = Some(DetectorFiles {
+            onnx: localize(onnx, cfg, work, "input-detector.onnx").await?,
+            hef: localize(hef, cfg, work, "input-detector.hef").await?,
+        });
     }
     for (n, (input, card)) in i.canaries.iter().enumerate() {
         files.canaries.push((
@@ -331,6 +343,10 @@ pub async fn prepare(
     ];
     if let Some(e) = &files.embeddings {
         roles.push((Role::Embeddings, e.clone()));
+    }
+    if let Some(d) = &files.detector {
+        roles.push((Role::Detector, d.onnx.clone()));
+        roles.push((Role::DetectorHef, d.hef.clone()));
     }
     let paths: Vec<PathBuf> = roles
         .iter()
@@ -393,6 +409,7 @@ pub async fn prepare(
         canaries,
         activate: opts.activate,
         not_before: opts.not_before,
+        detector: checked.detector,
     };
     sign(manifest, key, uploaded, skipped, bytes_uploaded)
 }

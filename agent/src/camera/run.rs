@@ -293,11 +293,14 @@ impl Analysis {
                     continue;
                 }
             };
+            // The finder always runs: it is the motion gate, and the cards when the live release has
+            // no detector.
             let found = self.finder.find(&image);
             if found.foreground == 0 {
                 self.tracker.clear_memory();
             }
-            let ready = self.tracker.update(&found.cards);
+            let (cards, by) = self.cards(&image, &found);
+            let ready = self.tracker.update(&cards);
             interval = if found.foreground == 0 && !self.tracker.busy() {
                 IDLE_INTERVAL.max(busy_interval)
             } else {
@@ -305,19 +308,44 @@ impl Analysis {
             };
             self.state.with(|s| {
                 s.frames_analysed += 1;
-                s.cards_in_view = found.cards.len() as u32;
+                s.cards_in_view = cards.len() as u32;
+                if s.finder != by {
+                    s.finder = by.to_owned();
+                }
             });
             *crate::locks::lock(&self.state.latest, "camera frame") = Some(Analysed {
                 jpeg: Arc::new(frame),
                 width: image.width(),
                 height: image.height(),
-                cards: found.cards.clone(),
+                cards,
             });
             for r in ready {
                 if !self.recognise(&image, r.quad) {
                     self.tracker.retry(r.track);
                 }
             }
+        }
+    }
+
+    /// The cards in a frame, and what found them: the live release's detector when it has one, else
+    /// the classical finder's. The detector runs only while something differs from the learnt counter:
+    /// an idle counter costs the finder's millisecond, not a detector pass.
+    fn cards(&self, image: &image::RgbImage, found: &finder::Finding) -> (Vec<Quad>, &'static str) {
+        let live = self.counter.service.active();
+        let Some(release) = live.filter(|r| r.has_detector()) else {
+            return (found.cards.clone(), "classical");
+        };
+        if found.foreground == 0 {
+            return (Vec::new(), "detector");
+        }
+        match release.detect(image) {
+            Some(Ok(d)) => (d.into_iter().map(|d| d.quad).collect(), "detector"),
+            Some(Err(e)) => {
+                self.state
+                    .with(|s| s.last_error = Some(format!("the detector failed: {e}")));
+                (Vec::new(), "detector")
+            }
+            None => (found.cards.clone(), "classical"),
         }
     }
 

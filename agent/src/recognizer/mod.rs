@@ -124,6 +124,8 @@ pub struct StageTimes {
 /// A loaded, checked release.
 pub struct Recognizer {
     embedder: Mutex<Box<dyn Embedder>>,
+    /// The release's card detector, when it has one (the counter finds cards with it).
+    detector: Option<Mutex<crate::camera::detector::CpuDetector>>,
     index: usearch::Index,
     labels: Vec<String>,
     metadata: HashMap<String, serde_json::Value>,
@@ -223,6 +225,7 @@ impl Recognizer {
         Ok(Self {
             backend: embedder.name(),
             embedder: Mutex::new(embedder),
+            detector: None,
             index,
             labels,
             metadata,
@@ -230,6 +233,28 @@ impl Recognizer {
             version,
             manifest_id,
             activated_at: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The release with its card detector.
+    pub fn with_detector(mut self, detector: crate::camera::detector::CpuDetector) -> Self {
+        self.detector = Some(Mutex::new(detector));
+        self
+    }
+
+    pub fn has_detector(&self) -> bool {
+        self.detector.is_some()
+    }
+
+    /// The cards the release's detector finds in `frame`, best first; `None` when it has no detector.
+    pub fn detect(
+        &self,
+        frame: &RgbImage,
+    ) -> Option<Result<Vec<crate::camera::detector::Detection>, BackendError>> {
+        let d = self.detector.as_ref()?;
+        Some(match d.lock() {
+            Ok(mut d) => d.detect(frame),
+            Err(_) => Err(BackendError::Run("the detector panicked earlier".into())),
         })
     }
 
@@ -252,6 +277,7 @@ impl Recognizer {
         Self {
             backend: embedder.name(),
             embedder: Mutex::new(embedder),
+            detector: None,
             index,
             labels,
             metadata,

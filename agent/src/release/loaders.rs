@@ -247,27 +247,8 @@ pub struct OnnxInfo {
 
 /// Loads an ONNX model with tract and reads its input size, channel layout and output dimension.
 pub fn inspect_onnx(path: &Path) -> Result<OnnxInfo, LoadError> {
-    use tract_onnx::prelude::*;
     let bad = |why: String| LoadError::invalid("onnx", path, why);
-    let model = tract_onnx::onnx()
-        .model_for_path(path)
-        .map_err(|e| bad(format!("does not load as ONNX: {e}")))?;
-    let model = model
-        .into_typed()
-        .map_err(|e| bad(format!("cannot type the model: {e}")))?;
-    if model.inputs.len() != 1 || model.outputs.is_empty() {
-        return Err(bad(format!(
-            "expected one image input and an embedding output, found {} inputs and {} outputs",
-            model.inputs.len(),
-            model.outputs.len()
-        )));
-    }
-    let input = model.input_fact(0).map_err(|e| bad(e.to_string()))?;
-    let dims: Vec<Option<usize>> = input
-        .shape
-        .iter()
-        .map(|d| d.to_i64().ok().map(|v| v as usize))
-        .collect();
+    let (dims, output) = onnx_shapes("onnx", path)?;
     let (layout, height, width) = match dims.as_slice() {
         [_, Some(3), Some(h), Some(w)] => (ChannelLayout::Nchw, *h, *w),
         [_, Some(h), Some(w), Some(3)] => (ChannelLayout::Nhwc, *h, *w),
@@ -277,19 +258,16 @@ pub fn inspect_onnx(path: &Path) -> Result<OnnxInfo, LoadError> {
             )));
         }
     };
-    let output = model.output_fact(0).map_err(|e| bad(e.to_string()))?;
     let output_dim = output
-        .shape
-        .iter()
         .last()
-        .and_then(|d| d.to_i64().ok())
+        .copied()
+        .flatten()
         .filter(|d| *d > 0)
         .ok_or_else(|| {
             bad(format!(
-                "output shape {:?} has no fixed embedding dimension",
-                output.shape
+                "output shape {output:?} has no fixed embedding dimension"
             ))
-        })? as usize;
+        })?;
     Ok(OnnxInfo {
         input_shape: dims,
         layout,
@@ -297,6 +275,77 @@ pub fn inspect_onnx(path: &Path) -> Result<OnnxInfo, LoadError> {
         height: height as u32,
         output_dim,
     })
+}
+
+/// What a detector's ONNX model says about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetectorInfo {
+    pub width: u32,
+    pub height: u32,
+    /// The output's dimensions, `None` where symbolic.
+    pub output_shape: Vec<Option<usize>>,
+}
+
+impl DetectorInfo {
+    /// The classes a YOLO-OBB output of this shape has (`[1, 4 + classes + 1, anchors]`, or anchors
+    /// first): the smaller of its two last dimensions less five, when both are fixed.
+    pub fn classes(&self) -> Option<u32> {
+        match self.output_shape.as_slice() {
+            [_, Some(a), Some(b)] => u32::try_from((*a).min(*b))
+                .ok()?
+                .checked_sub(5)
+                .filter(|c| *c > 0),
+            _ => None,
+        }
+    }
+}
+
+/// Loads a detector's ONNX model with tract: one image input `[N,3,H,W]` of fixed size, one output.
+pub fn inspect_detector(path: &Path) -> Result<DetectorInfo, LoadError> {
+    let bad = |why: String| LoadError::invalid("detector", path, why);
+    let (dims, output_shape) = onnx_shapes("detector", path)?;
+    let [_, Some(3), Some(h), Some(w)] = dims.as_slice() else {
+        return Err(bad(format!("input shape {dims:?} is not [N,3,H,W]")));
+    };
+    Ok(DetectorInfo {
+        width: u32::try_from(*w).map_err(|_| bad(format!("input width {w} is too large")))?,
+        height: u32::try_from(*h).map_err(|_| bad(format!("input height {h} is too large")))?,
+        output_shape,
+    })
+}
+
+/// A tensor's dimensions, `None` where symbolic.
+type Shape = Vec<Option<usize>>;
+
+/// The input and first output shapes of a model with one input.
+fn onnx_shapes(
+    what: &'static str,
+    path: &Path,
+) -> Result<(Shape, Shape), LoadError> {
+    use tract_onnx::prelude::*;
+    let bad = |why: String| LoadError::invalid(what, path, why);
+    let model = tract_onnx::onnx()
+        .model_for_path(path)
+        .map_err(|e| bad(format!("does not load as ONNX: {e}")))?;
+    let model = model
+        .into_typed()
+        .map_err(|e| bad(format!("cannot type the model: {e}")))?;
+    if model.inputs.len() != 1 || model.outputs.is_empty() {
+        return Err(bad(format!(
+            "expected one image input and an output, found {} inputs and {} outputs",
+            model.inputs.len(),
+            model.outputs.len()
+        )));
+    }
+    let dims = |shape: &ShapeFact| -> Shape {
+        shape
+            .iter()
+            .map(|d| d.to_i64().ok().and_then(|v| usize::try_from(v).ok()))
+            .collect()
+    };
+    let input = model.input_fact(0).map_err(|e| bad(e.to_string()))?;
+    let output = model.output_fact(0).map_err(|e| bad(e.to_string()))?;
+    Ok((dims(&input.shape), dims(&output.shape)))
 }
 
 // ---------------------------------------------------------------- usearch

@@ -6,7 +6,7 @@
 pub mod loaders;
 
 use crate::release::loaders::{IndexHeader, LoadError, OnnxInfo};
-use deckhand_protocol::manifest::{ChannelLayout, Metric, RecognizerSettings};
+use deckhand_protocol::manifest::{ChannelLayout, DetectorSettings, Metric, RecognizerSettings};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +15,17 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// The default minimum similarity for a match.
 pub const DEFAULT_MIN_SCORE: f32 = 0.5;
+/// The default score below which a detector's box is not a card.
+pub const DEFAULT_DETECTOR_MIN_SCORE: f32 = 0.5;
+/// The default overlap above which the lower-scored of two boxes goes.
+pub const DEFAULT_DETECTOR_IOU: f32 = 0.5;
+
+/// A release's card detector: the model as ONNX and compiled for the Hailo.
+#[derive(Clone, Debug)]
+pub struct DetectorFiles {
+    pub onnx: PathBuf,
+    pub hef: PathBuf,
+}
 
 /// The files of a release, on local disk.
 #[derive(Clone, Debug)]
@@ -25,6 +36,7 @@ pub struct ReleaseFiles {
     pub labels: PathBuf,
     pub metadata: PathBuf,
     pub embeddings: Option<PathBuf>,
+    pub detector: Option<DetectorFiles>,
     /// Canary image and the card id it must be recognised as.
     pub canaries: Vec<(PathBuf, String)>,
 }
@@ -40,6 +52,9 @@ impl ReleaseFiles {
             &self.metadata,
         ];
         out.extend(self.embeddings.as_deref());
+        if let Some(d) = &self.detector {
+            out.extend([d.onnx.as_path(), d.hef.as_path()]);
+        }
         out.extend(self.canaries.iter().map(|(p, _)| p.as_path()));
         out
     }
@@ -54,6 +69,17 @@ pub struct SettingsOverrides {
     pub std: Option<[f32; 3]>,
     pub metric: Option<Metric>,
     pub min_score: Option<f32>,
+    pub detector: DetectorOverrides,
+}
+
+/// Detector settings the operator gave explicitly; the input size is read from the model, the classes
+/// from its output shape.
+#[derive(Clone, Debug, Default)]
+pub struct DetectorOverrides {
+    pub classes: Option<u32>,
+    pub card_class: Option<u32>,
+    pub min_score: Option<f32>,
+    pub iou: Option<f32>,
 }
 
 /// What the checks established.
@@ -64,6 +90,8 @@ pub struct CheckedRelease {
     pub index: IndexHeader,
     pub rows: usize,
     pub cards: usize,
+    /// How to run the detector, when the release has one.
+    pub detector: Option<DetectorSettings>,
     /// The media type of each canary image, in order.
     pub canary_media_types: Vec<&'static str>,
 }
@@ -163,9 +191,14 @@ pub fn check_release(
         canary_media_types.push(loaders::image_media_type(format));
     }
 
+    let detector = match &files.detector {
+        Some(d) => Some(check_detector(d, &o.detector)?),
+        None => None,
+    };
     let settings = settle_settings(&onnx, &index, o)?;
     Ok(CheckedRelease {
         settings,
+        detector,
         rows: labels.len(),
         cards: metadata.len(),
         onnx,
@@ -195,6 +228,40 @@ pub fn check_card_ids(
         )));
     }
     Ok(())
+}
+
+/// Checks a detector's HEF header and ONNX model, settles its settings, and runs the model once on a
+/// blank frame: a model whose output does not have the settings' shape is refused before publishing.
+pub fn check_detector(
+    files: &DetectorFiles,
+    o: &DetectorOverrides,
+) -> Result<DetectorSettings, ReleaseError> {
+    let hef = loaders::read_nonempty("detector_hef", &files.hef)?;
+    loaders::check_hef(&hef).map_err(|e| LoadError::format("detector_hef", &files.hef, e))?;
+    drop(hef);
+    nonempty("detector", &files.onnx)?;
+    let info = loaders::inspect_detector(&files.onnx)?;
+    let classes = o.classes.or_else(|| info.classes()).ok_or_else(|| {
+        ReleaseError::Mismatch(format!(
+            "detector {}: output shape {:?} does not say how many classes it has; give --detector-classes",
+            files.onnx.display(),
+            info.output_shape
+        ))
+    })?;
+    let settings = DetectorSettings {
+        input_width: info.width,
+        input_height: info.height,
+        classes,
+        card_class: o.card_class.unwrap_or(0),
+        min_score: o.min_score.unwrap_or(DEFAULT_DETECTOR_MIN_SCORE),
+        iou: o.iou.unwrap_or(DEFAULT_DETECTOR_IOU),
+    };
+    settings
+        .validate()
+        .map_err(|e| ReleaseError::Mismatch(format!("detector {}: {e}", files.onnx.display())))?;
+    crate::camera::detector::CpuDetector::load(&files.onnx, &settings)
+        .map_err(|e| ReleaseError::Mismatch(e.to_string()))?;
+    Ok(settings)
 }
 
 fn settle_settings(

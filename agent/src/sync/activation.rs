@@ -11,6 +11,7 @@
 //! 4. `record_active`: only after the swap, the pins move (previous := old active, active := new) and
 //!    the active envelope is recorded durably; then gc drops everything unpinned.
 
+use crate::camera::detector::CpuDetector;
 use crate::ledger::Ledger;
 use crate::recognizer::{BackendChoice, Recognizer, RecognizerError, ReleasePaths};
 use deckhand_protocol::floors::SystemClock;
@@ -136,13 +137,14 @@ pub fn load_recognizer(
         labels: path_of(store, m, Role::Labels)?,
         metadata: path_of(store, m, Role::Metadata)?,
     };
-    Ok(Recognizer::load(
-        &paths,
-        &m.recognizer,
-        m.version,
-        v.id,
-        backend,
-    )?)
+    let recognizer = Recognizer::load(&paths, &m.recognizer, m.version, v.id, backend)?;
+    let Some(settings) = &m.detector else {
+        return Ok(recognizer);
+    };
+    // The detector runs on the CPU on every agent, Hailo or not, for now: see ARCHITECTURE.md.
+    let detector = CpuDetector::load(&path_of(store, m, Role::Detector)?, settings)
+        .map_err(RecognizerError::Backend)?;
+    Ok(recognizer.with_detector(detector))
 }
 
 /// The canary images of a release, read from the store.

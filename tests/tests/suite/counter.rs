@@ -84,18 +84,15 @@ fn the_detector_path_decodes_suppresses_and_warps_a_known_output_to_the_right_ca
     // The card as a rotated box in the detector's input: centre, width (short side), height, angle.
     let lb = Letterbox::of(frame.width(), frame.height(), &s);
     let q = placed.quad().map(|p| lb.to_input(p));
+    let card = deckhand_tools::shop::onnx::obb_anchor(&q, 0.91, 1);
     let c = geometry::centre(&q);
-    let (w, h) = (
-        ((q[1][0] - q[0][0]).powi(2) + (q[1][1] - q[0][1]).powi(2)).sqrt(),
-        ((q[2][0] - q[1][0]).powi(2) + (q[2][1] - q[1][1]).powi(2)).sqrt(),
-    );
-    let angle = (q[1][1] - q[0][1]).atan2(q[1][0] - q[0][0]);
     let far = [
         if c[0] < 320.0 { 520.0 } else { 120.0 },
         if c[1] < 320.0 { 480.0 } else { 160.0 },
     ];
+    let (w, h, angle) = (card[2], card[3], card[5]);
     let anchors = vec![
-        vec![c[0], c[1], w, h, 0.91, angle],
+        card,
         vec![
             c[0] + 2.0,
             c[1] - 1.5,
@@ -443,4 +440,145 @@ async fn an_ip_camera_streaming_multipart_mjpeg_is_read() {
     );
     fleet.stop().await.unwrap();
     server.abort();
+}
+
+/// A release that carries a detector: the counter finds cards with it. Two cards lie touching, which
+/// the classical finder sees as one region that is not card-shaped (asserted here, in-process, on the
+/// same frame); the release's detector (a generated model that answers both cards' boxes) finds each,
+/// and each is recognised once, through the real agent reading an `exec:` camera.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_with_a_detector_finds_two_touching_cards_the_classical_finder_cannot() {
+    use deckhand_agent::camera::detector::Letterbox;
+    use deckhand_protocol::manifest::DetectorSettings;
+    use deckhand_tools::shop::scenes::Placement;
+    let dir = deckhand_tests::TestDir::new("counter-detector");
+    let script = Script::new(9, 0, 40);
+    let cards = [
+        Placement {
+            card: 3,
+            centre: [500.0, 450.0],
+            width: 200.0,
+            angle: 0.0,
+        },
+        // Touching the first (5 px over its edge), and upside down.
+        Placement {
+            card: 11,
+            centre: [695.0, 560.0],
+            width: 200.0,
+            angle: 180.0,
+        },
+    ];
+    let two = script.still_life(&cards);
+    let jpeg = |img: &image::RgbImage| deckhand_tests::fixtures::encode_jpeg(img, 85);
+    let (empty_jpg, two_jpg) = (dir.join("empty.jpg"), dir.join("two.jpg"));
+    std::fs::write(&empty_jpg, jpeg(&script.empty())).unwrap();
+    std::fs::write(&two_jpg, jpeg(&two)).unwrap();
+
+    // The classical finder, on the same frames through JPEG, finds no card in them.
+    let decoded = |p: &std::path::Path| {
+        image::load_from_memory(&std::fs::read(p).unwrap())
+            .unwrap()
+            .into_rgb8()
+    };
+    let mut finder = Finder::new();
+    for _ in 0..5 {
+        assert!(finder.find(&decoded(&empty_jpg)).cards.is_empty());
+    }
+    for i in 0..10 {
+        let found = finder.find(&decoded(&two_jpg));
+        assert!(found.foreground > 0, "frame {i}: {found:?}");
+        assert!(found.cards.is_empty(), "frame {i}: {found:?}");
+    }
+
+    // Version 2 carries a detector that answers both cards where they lie.
+    let settings = DetectorSettings {
+        input_width: 640,
+        input_height: 640,
+        classes: 1,
+        card_class: 0,
+        min_score: 0.5,
+        iou: 0.5,
+    };
+    let lb = Letterbox::of(1280, 960, &settings);
+    // Among 100 anchors, as a real model has thousands; the others below the score.
+    let mut anchors: Vec<Vec<f32>> = cards
+        .iter()
+        .zip([0.93, 0.88])
+        .map(|(p, score)| {
+            let q = p.quad().map(|c| lb.to_input(c));
+            deckhand_tools::shop::onnx::obb_anchor(&q, score, 1)
+        })
+        .collect();
+    anchors.resize(100, vec![320.0, 320.0, 60.0, 84.0, 0.02, 0.0]);
+    let go = dir.join("go");
+    let fleet = {
+        let mut fleet = shop("counter-detector")
+            .release(2 * 1024 * 1024)
+            .without_peers()
+            .start()
+            .await
+            .unwrap();
+        let mut files = fleet.release_files().unwrap().clone();
+        files.detector = Some(
+            deckhand_tools::shop::fixtures::write_known_detector(
+                &dir.join("detector"),
+                640,
+                640,
+                &anchors,
+            )
+            .unwrap(),
+        );
+        let v2 = fleet.publish(&files).await.unwrap();
+        assert_eq!(v2.manifest.detector, Some(settings.clone()));
+        // The camera shows the empty counter until told to go on, then the two cards for 2 s, then
+        // the empty counter again.
+        let camera = format!(
+            "counter=exec:while [ ! -e {go} ]; do cat {empty}; sleep 0.1; done; \
+             i=0; while [ $i -lt 20 ]; do cat {two}; sleep 0.1; i=$((i+1)); done; \
+             while :; do cat {empty}; sleep 0.1; done",
+            go = go.display(),
+            empty = empty_jpg.display(),
+            two = two_jpg.display(),
+        );
+        fleet
+            .start_agent_with(AgentOptions {
+                name: "pi".into(),
+                origin: true,
+                credentials: Credentials::None,
+                extra: vec!["--camera".into(), camera],
+                ..AgentOptions::default()
+            })
+            .await
+            .unwrap();
+        fleet
+    };
+    fleet.agents[0]
+        .wait_for(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let cam = recognised(&fleet, 2).await;
+    assert_eq!(cam.finder, "detector", "{cam:?}");
+    // Each once: after the cards are gone, still two.
+    let s = fleet.agents[0]
+        .wait_for(secs(30), "the counter clear again", |s| {
+            s.cameras[0].cards_in_view == 0
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.cameras[0].placements, 2, "{:?}", s.cameras[0]);
+    let mut seen: Vec<Option<String>> = s
+        .recent
+        .iter()
+        .filter(|r| r.source == "counter")
+        .map(|r| r.card_id.clone())
+        .collect();
+    seen.sort();
+    let mut want: Vec<Option<String>> = cards.iter().map(|p| Some(p.card_id())).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    assert_eq!(s.recent.iter().filter(|r| r.version == 2).count(), 2);
+    fleet.stop().await.unwrap();
 }

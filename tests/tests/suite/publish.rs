@@ -294,6 +294,64 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("version 9"), "{}", stderr(&out));
+
+    // A release with a card detector: its ONNX and HEF, settings read from the model and the flags.
+    let mut anchors = vec![vec![100.0, 120.0, 60.0, 84.0, 0.9, 0.1]];
+    anchors.resize(50, vec![0.0; 6]);
+    let det = fixtures::write_known_detector(&dir.join("detector"), 320, 256, &anchors).unwrap();
+    let mut args = publish_args(&meta2);
+    args.extend([
+        "--detector".into(),
+        p(&det.onnx),
+        "--detector-hef".into(),
+        p(&det.hef),
+        "--detector-min-score".into(),
+        "0.4".into(),
+    ]);
+    let v4 = ok(&deckhand_out(
+        s3,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(v4["version"], 4);
+    let listed = ok(&deckhand_out(
+        s3,
+        &[&["versions"], &common[..], &["--json"]].concat(),
+    ));
+    let roles: Vec<&str> = listed[3]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a[0].as_str())
+        .collect();
+    assert!(
+        roles.contains(&"detector") && roles.contains(&"detector_hef"),
+        "{}",
+        listed[3]
+    );
+    // The fleet's origin is the same bucket and prefix the CLI published to.
+    let envelope = dir
+        .origin()
+        .get(&dir.origin().layout().manifest(&shop(), 4))
+        .await
+        .unwrap();
+    let manifest = deckhand_protocol::envelope::inspect_unverified(&envelope).unwrap();
+    assert_eq!(
+        manifest.detector,
+        Some(deckhand_protocol::manifest::DetectorSettings {
+            input_width: 320,
+            input_height: 256,
+            classes: 1,
+            card_class: 0,
+            min_score: 0.4,
+            iou: 0.5,
+        })
+    );
+    // The detector's two files come together.
+    let mut args = publish_args(&meta2);
+    args.extend(["--detector".into(), p(&det.onnx)]);
+    let out = deckhand_out(s3, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--detector-hef"), "{}", stderr(&out));
 }
 
 #[tokio::test]
@@ -515,6 +573,16 @@ async fn a_broken_release_is_refused_before_anything_is_uploaded() {
     let mut unknown_card = labels.clone();
     unknown_card["5"] = serde_json::json!("no-such-card");
 
+    let mut anchors = vec![vec![100.0, 120.0, 60.0, 84.0, 0.9, 0.1]];
+    anchors.resize(50, vec![0.0; 6]);
+    let det = fixtures::write_known_detector(&bad.join("detector"), 320, 256, &anchors).unwrap();
+    let with_detector = move |o: &mut PublishOptions| {
+        o.inputs.detector = Some((
+            Input::Local(det.onnx.clone()),
+            Input::Local(det.hef.clone()),
+        ))
+    };
+
     type Mutate = Box<dyn Fn(&mut PublishOptions)>;
     let local = |p: std::path::PathBuf| Input::Local(p);
     let cases: Vec<(&str, Mutate, &[&str])> = vec![
@@ -613,6 +681,52 @@ async fn a_broken_release_is_refused_before_anything_is_uploaded() {
                 move |o| o.inputs.embeddings = Some(local(p.clone()))
             }),
             &["embeddings", "[48, 32]"],
+        ),
+        (
+            "detector does not load",
+            Box::new({
+                let p = write("detector.onnx", b"not a detector");
+                let with_detector = with_detector.clone();
+                move |o| {
+                    with_detector(o);
+                    o.inputs.detector.as_mut().unwrap().0 = local(p.clone())
+                }
+            }),
+            &["detector", "detector.onnx", "does not load"],
+        ),
+        (
+            "detector hef is not a hef",
+            Box::new({
+                let p = write("detector.hef", b"\x7fELF not a HEF either");
+                let with_detector = with_detector.clone();
+                move |o| {
+                    with_detector(o);
+                    o.inputs.detector.as_mut().unwrap().1 = local(p.clone())
+                }
+            }),
+            &["detector_hef", "not a HEF"],
+        ),
+        (
+            "detector output is not the classes given",
+            Box::new({
+                let with_detector = with_detector.clone();
+                move |o| {
+                    with_detector(o);
+                    o.overrides.detector.classes = Some(3);
+                }
+            }),
+            &["detector", "[1, 6, 50]"],
+        ),
+        (
+            "detector card class beyond its classes",
+            Box::new({
+                let with_detector = with_detector.clone();
+                move |o| {
+                    with_detector(o);
+                    o.overrides.detector.card_class = Some(1);
+                }
+            }),
+            &["detector.card_class is invalid", "below classes"],
         ),
     ];
     for (name, mutate, phrases) in cases {

@@ -99,6 +99,28 @@ pub fn hef_v0(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Writes a detector whose output is known ([`super::onnx::known_output_detector_onnx`], input
+/// `width` x `height`) into `dir` as detector.onnx, with detector.hef beside it: a version-0 HEF whose
+/// body is `DHSTANDINDET1` and the ONNX model, for the Hailo stand-in.
+pub fn write_known_detector(
+    dir: &Path,
+    width: u32,
+    height: u32,
+    anchors: &[Vec<f32>],
+) -> std::io::Result<deckhand_agent::release::DetectorFiles> {
+    std::fs::create_dir_all(dir)?;
+    let files = deckhand_agent::release::DetectorFiles {
+        onnx: dir.join("detector.onnx"),
+        hef: dir.join("detector.hef"),
+    };
+    let onnx = super::onnx::known_output_detector_onnx(width, height, anchors);
+    let mut body = b"DHSTANDINDET1".to_vec();
+    body.extend_from_slice(&onnx);
+    std::fs::write(&files.hef, hef_v0(&body))?;
+    std::fs::write(&files.onnx, onnx)?;
+    Ok(files)
+}
+
 /// Encodes an RGB image as PNG.
 pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
@@ -222,6 +244,7 @@ pub fn write_sample_release(
         labels: dir.join("index.json"),
         metadata: dir.join("metadata.json"),
         embeddings: Some(dir.join("embeddings.npy")),
+        detector: None,
         canaries: vec![(dir.join("canary.png"), card_id(0))],
     };
     write(
@@ -543,6 +566,7 @@ pub fn write_reference_release(
         labels: dir.join("index.json"),
         metadata: dir.join("metadata.json"),
         embeddings: Some(dir.join("embeddings.npy")),
+        detector: None,
         canaries: vec![
             (dir.join("canary-0.png"), spec.card_id(0)),
             (dir.join("canary-1.jpg"), spec.card_id(1)),

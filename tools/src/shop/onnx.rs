@@ -277,6 +277,27 @@ pub fn efficientnet_lite0_onnx(dim: usize, seed: u64) -> Vec<u8> {
     g.finish("deckhand-efficientnet-lite0-shaped", 224, dim)
 }
 
+/// One anchor of a detector's output for a card at `quad` (corners in the detector's input, clockwise
+/// from the card's top left) scored `score` for class 0 of `classes`: centre, width, height, scores,
+/// angle, as a YOLO-OBB model writes it.
+pub fn obb_anchor(quad: &[[f32; 2]; 4], score: f32, classes: usize) -> Vec<f32> {
+    let d = |a: [f32; 2], b: [f32; 2]| ((b[0] - a[0]).powi(2) + (b[1] - a[1]).powi(2)).sqrt();
+    let centre = [
+        quad.iter().map(|p| p[0]).sum::<f32>() / 4.0,
+        quad.iter().map(|p| p[1]).sum::<f32>() / 4.0,
+    ];
+    let angle = (quad[1][1] - quad[0][1]).atan2(quad[1][0] - quad[0][0]);
+    let mut a = vec![
+        centre[0],
+        centre[1],
+        d(quad[0], quad[1]),
+        d(quad[1], quad[2]),
+    ];
+    a.extend((0..classes).map(|c| if c == 0 { score } else { 0.0 }));
+    a.push(angle);
+    a
+}
+
 /// A detector whose output is known: input `image` [N, 3, height, width], output `output0`
 /// [N, channels, anchors] equal to `anchors` (each anchor's `channels` values: centre, width, height in
 /// input pixels, class scores, angle) whatever the image. It still reads its input (the output adds

@@ -179,6 +179,15 @@ impl Script {
         )
     }
 
+    /// The counter with `cards` lying on it, no hand (several cards in one frame, touching or not).
+    pub fn still_life(&self, cards: &[Placement]) -> RgbImage {
+        let mut img = self.counter.clone();
+        for p in cards {
+            draw_card(&mut img, &card_image(p.card, 0), p.centre, p.width, p.angle);
+        }
+        img
+    }
+
     /// Frame `i` as JPEG, as a camera would send it.
     pub fn jpeg(&self, i: usize) -> Vec<u8> {
         encode_jpeg(&self.frame(i).0, 85)

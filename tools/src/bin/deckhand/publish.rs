@@ -6,7 +6,7 @@ use crate::settle::{
     OriginArgs, parse_duration, parse_input, parse_triple, read_secret_key, target, usage, work_dir,
 };
 use clap::Args;
-use deckhand_agent::release::SettingsOverrides;
+use deckhand_agent::release::{DetectorOverrides, SettingsOverrides};
 use deckhand_protocol::layout::Name;
 use deckhand_protocol::manifest::{ChannelLayout, Metric};
 use deckhand_tools::ToolError;
@@ -39,6 +39,27 @@ pub struct PublishArgs {
     /// embeddings.npy (optional).
     #[arg(long)]
     embeddings: Option<String>,
+    /// A card detector for the counter (optional): an ONNX model with a YOLO-OBB style output,
+    /// [1, 4 + classes + 1, anchors]. Agents then find cards in camera frames with it instead of the
+    /// classical finder.
+    #[arg(long, requires = "detector_hef")]
+    detector: Option<String>,
+    /// The same detector compiled for the Hailo (with --detector).
+    #[arg(long, requires = "detector")]
+    detector_hef: Option<String>,
+    /// The detector's classes (default: read from its output shape).
+    #[arg(long, requires = "detector")]
+    detector_classes: Option<u32>,
+    /// The detector's class that is a trading card (default 0).
+    #[arg(long, requires = "detector")]
+    detector_card_class: Option<u32>,
+    /// Below this score a detector's box is not a card (default 0.5).
+    #[arg(long, requires = "detector")]
+    detector_min_score: Option<f32>,
+    /// Of two boxes overlapping more than this (intersection over union), the lower-scored goes
+    /// (default 0.5).
+    #[arg(long, requires = "detector")]
+    detector_iou: Option<f32>,
     /// How long the manifest stays valid (e.g. 30d, 12h, 90m).
     #[arg(long, default_value = "30d")]
     expires_in: String,
@@ -171,6 +192,13 @@ fn options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, ToolErro
                 .as_deref()
                 .map(|e| parse_input("embeddings", e))
                 .transpose()?,
+            detector: match (&a.detector, &a.detector_hef) {
+                (Some(onnx), Some(hef)) => Some((
+                    parse_input("detector", onnx)?,
+                    parse_input("detector-hef", hef)?,
+                )),
+                _ => None,
+            },
             canaries,
         },
         expires_in: parse_duration("expires-in", &a.expires_in)?,
@@ -189,6 +217,12 @@ fn options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, ToolErro
                 .transpose()?,
             metric,
             min_score: a.min_score,
+            detector: DetectorOverrides {
+                classes: a.detector_classes,
+                card_class: a.detector_card_class,
+                min_score: a.detector_min_score,
+                iou: a.detector_iou,
+            },
         },
         activate: a.activate,
         not_before: a
