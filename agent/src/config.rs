@@ -202,6 +202,16 @@ pub struct Settings {
     /// Seconds a ready agent waits for the rest of the shop when switching together.
     #[arg(long = "activate-deadline-secs", id = "activate_deadline_secs", default_value = "600", value_parser = secs(1, 86_400))]
     pub activate_deadline: Duration,
+    /// A maintenance window, HH:MM-HH:MM in local time (it may wrap past midnight): a verified release
+    /// goes live only inside one (or after --activate-when-idle); repeatable. Downloading is never
+    /// held; an urgent release (deckhand publish --urgent, or a rollback) and an agent's first release
+    /// are not held [default: no window].
+    #[arg(long = "activate-window", id = "activate_window", value_parser = day_span)]
+    pub activate_window: Vec<deckhand_protocol::daily::Span>,
+    /// A verified release also goes live once nothing was recognised for this long: 90s, 5m, 1h
+    /// [default: not used].
+    #[arg(long, value_parser = duration)]
+    pub activate_when_idle: Option<Duration>,
     /// An MQTT broker recognitions are published to: mqtt://[user[:password]@]host[:port] or mqtts://
     /// (QoS 1 to deckhand/DEPLOYMENT/AGENT/SOURCE/recognitions; online/offline retained at
     /// deckhand/DEPLOYMENT/AGENT/status).
@@ -363,6 +373,30 @@ fn window(s: &str) -> Result<deckhand_protocol::budget::Window, String> {
 /// A whole number of milliseconds in `lo..=hi`.
 fn millis(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
     move |s| in_range(s, lo, hi).map(Duration::from_millis)
+}
+
+fn day_span(s: &str) -> Result<deckhand_protocol::daily::Span, String> {
+    deckhand_protocol::daily::Span::parse(s).ok_or_else(|| {
+        format!("{s:?} is not a window HH:MM-HH:MM of local time (for example 02:00-06:00)")
+    })
+}
+
+/// A duration: a whole number with a unit, s, m or h (`90s`, `5m`, `1h`), from 1 s to a day.
+fn duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration such as 90s, 5m or 1h (1 s to 24 h)");
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(bad)?,
+        "h" => n.checked_mul(3600).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    if !(1..=86_400).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 fn in_range(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
@@ -737,6 +771,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--deployment is required"), "{err}");
+    }
+
+    #[test]
+    fn maintenance_windows_and_the_idle_time_are_read_from_the_file_and_bad_ones_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = key_file(tmp.path());
+        let cfg = tmp.path().join("agent.toml");
+        let c = cfg.to_str().unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "deployment = \"shop-1\"\ntrust = [{k:?}]\nactivate_window = [\"02:00-06:00\", \"22:30-23:00\"]\nactivate_when_idle = \"5m\"\n"
+            ),
+        )
+        .unwrap();
+        let run = parse(&args(&["--config", c])).unwrap().resolve().unwrap();
+        let windows: Vec<String> = run
+            .settings
+            .activate_window
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
+        assert_eq!(windows, ["02:00-06:00", "22:30-23:00"]);
+        assert_eq!(
+            run.settings.activate_when_idle,
+            Some(Duration::from_secs(300))
+        );
+        for (flag, bad, says) in [
+            ("--activate-window", "2-6", "HH:MM-HH:MM"),
+            ("--activate-window", "03:00-03:00", "HH:MM-HH:MM"),
+            ("--activate-when-idle", "5 minutes", "90s, 5m or 1h"),
+            ("--activate-when-idle", "0s", "1 s to 24 h"),
+        ] {
+            let err = parse(&args(&["--config", c, flag, bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag) && err.contains(says), "{err}");
+        }
     }
 
     #[test]

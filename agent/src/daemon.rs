@@ -568,6 +568,10 @@ async fn engine(
         budget: cfg.budget.clone(),
         activate: cfg.settings.activate,
         activate_deadline: cfg.settings.activate_deadline,
+        gate: deckhand_protocol::switch::Gate {
+            windows: cfg.settings.activate_window.clone(),
+            when_idle: cfg.settings.activate_when_idle,
+        },
     };
     Ok(crate::sync::Engine::new(
         sync_cfg,

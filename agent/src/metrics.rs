@@ -84,6 +84,8 @@ pub struct Metrics {
     recent: Mutex<VecDeque<RecentRecognition>>,
     /// (when, latency in ms) of the answers of the last [`WINDOW`] (at most [`WINDOW_CAP`]).
     window: Mutex<VecDeque<(Instant, f64)>>,
+    /// When the last answer was given.
+    last: Mutex<Option<Instant>>,
 }
 
 impl Metrics {
@@ -113,6 +115,12 @@ impl Metrics {
             }
             w.push_back((now, seconds * 1000.0));
         }
+        *crate::locks::lock(&self.last, "last answer") = Some(Instant::now());
+    }
+
+    /// How long since the last answer, if there was one.
+    pub fn idle_for(&self) -> Option<Duration> {
+        crate::locks::lock(&self.last, "last answer").map(|t| t.elapsed())
     }
 
     /// Remembers an answer for the shop page's "recent recognitions".

@@ -4,8 +4,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs a stderr subscriber filtered by `RUST_LOG` (default `info`), as JSON when `json` is set.
 /// Under systemd (`JOURNAL_STREAM` set: stderr goes to the journal, which stamps every line itself)
-/// lines are plain: no colour, no timestamp.
+/// lines are plain: no colour, no timestamp. Colour only ever goes to a terminal: stderr redirected
+/// to a file or a pipe gets plain lines.
 pub fn init(json: bool) {
+    use std::io::IsTerminal as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
@@ -17,7 +19,9 @@ pub fn init(json: bool) {
     } else if journal {
         builder.with_ansi(false).without_time().try_init()
     } else {
-        builder.try_init()
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
     };
 }
 

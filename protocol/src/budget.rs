@@ -3,6 +3,8 @@
 //! passes the local minute of the day. The agents fetching share the budget equally
 //! ([`crate::fetch::Event::Budget`]): each counts the same group from the same announcements.
 
+use crate::daily::Span;
+
 /// Why a rate or a schedule entry does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BudgetError {
@@ -48,44 +50,27 @@ pub fn parse_rate(s: &str) -> Result<u64, BudgetError> {
     Ok(v as u64)
 }
 
-/// One entry of a schedule: from `start` to `end` (minutes of the day; wrapping past midnight when
-/// `end <= start`), `rate` bytes per second.
+/// One entry of a schedule: `span` of the day (wrapping past midnight when its end is before its start),
+/// `rate` bytes per second.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {
-    pub start: u16,
-    pub end: u16,
+    pub span: Span,
     pub rate: u64,
     text: String,
 }
 
 impl Window {
     fn covers(&self, minute: u16) -> bool {
-        if self.start < self.end {
-            (self.start..self.end).contains(&minute)
-        } else {
-            minute >= self.start || minute < self.end
-        }
+        self.span.covers(minute)
     }
-}
-
-fn minute(s: &str) -> Option<u16> {
-    let (h, m) = s.trim().split_once(':')?;
-    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60 && s.trim().len() == 5).then_some(h * 60 + m)
 }
 
 /// Parses `HH:MM-HH:MM=RATE`.
 pub fn parse_window(s: &str) -> Result<Window, BudgetError> {
     let bad = || BudgetError::Entry(s.to_owned());
     let (span, rate) = s.split_once('=').ok_or_else(bad)?;
-    let (a, b) = span.split_once('-').ok_or_else(bad)?;
-    let (start, end) = (minute(a).ok_or_else(bad)?, minute(b).ok_or_else(bad)?);
-    if start == end {
-        return Err(bad());
-    }
     Ok(Window {
-        start,
-        end,
+        span: Span::parse(span).ok_or_else(bad)?,
         rate: parse_rate(rate)?,
         text: s.to_owned(),
     })

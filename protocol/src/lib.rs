@@ -7,6 +7,7 @@
 pub mod budget;
 pub mod chunk;
 pub mod clock;
+pub mod daily;
 pub mod envelope;
 pub mod event;
 pub mod fetch;

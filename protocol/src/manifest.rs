@@ -209,6 +209,9 @@ pub struct Manifest {
     /// No agent switches to the release before this time (the operator's "switch at 03:00").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Timestamp>,
+    /// The operator marked the release urgent: agents do not hold it for their maintenance windows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub urgent: bool,
     /// How to run the release's card detector: present exactly when the release carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detector: Option<DetectorSettings>,
@@ -474,6 +477,7 @@ pub(crate) mod tests {
             }],
             activate: None,
             not_before: None,
+            urgent: false,
             detector: Some(DetectorSettings {
                 input_width: 640,
                 input_height: 640,

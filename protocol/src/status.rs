@@ -308,8 +308,8 @@ pub struct Pending {
     pub bytes_have: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_origin: u64,
-    /// Held complete and checked, waiting to switch (the manifest's `not_before`, or the shop switching
-    /// together): what it waits for.
+    /// Held complete and checked, waiting to switch (the agent's maintenance window or idle counter,
+    /// the manifest's `not_before`, or the shop switching together): what it waits for.
     #[serde(default)]
     pub waiting: Option<String>,
 }
@@ -321,7 +321,8 @@ pub struct Switch {
     /// When it was held complete and canary-checked, and when it went live (RFC 3339).
     pub ready_at: String,
     pub switched_at: String,
-    /// `at once`, `all ready`, `a member switched` or `deadline`.
+    /// `at once`, `all ready`, `a member switched`, `deadline`, `in the maintenance window`, `the counter
+    /// was idle` or `urgent`.
     pub why: String,
 }
 

@@ -71,6 +71,12 @@ pub enum Why {
     AllReady,
     MemberSwitched,
     Deadline,
+    /// The agent's [`Gate`] opened: inside a maintenance window.
+    Window,
+    /// The agent's [`Gate`] opened: nothing recognised for its idle time.
+    Idle,
+    /// The operator marked the release urgent: the gate does not hold it.
+    Urgent,
 }
 
 impl std::fmt::Display for Why {
@@ -80,7 +86,73 @@ impl std::fmt::Display for Why {
             Why::AllReady => "all ready",
             Why::MemberSwitched => "a member switched",
             Why::Deadline => "deadline",
+            Why::Window => "in the maintenance window",
+            Why::Idle => "the counter was idle",
+            Why::Urgent => "urgent",
         })
+    }
+}
+
+/// When an agent lets a ready release go live, by its own settings: inside one of its maintenance
+/// windows (local time), or once nothing was recognised for `when_idle`, whichever comes first. With
+/// neither set it holds nothing. Downloading and checking are never held, only the swap; a release
+/// marked urgent, the first release of an agent (nothing serves yet) and a repair of the live one are
+/// not held either ([`Gate::check`]'s caller decides those).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Gate {
+    pub windows: Vec<crate::daily::Span>,
+    pub when_idle: Option<Duration>,
+}
+
+impl Gate {
+    /// Whether the gate holds anything at all.
+    pub fn is_set(&self) -> bool {
+        !self.windows.is_empty() || self.when_idle.is_some()
+    }
+
+    /// Open now (and why), or at the soonest after the duration returned. `minute`: the minute of the
+    /// local day, by the trusted clock; `second`: the seconds into it; `idle`: how long since the last
+    /// recognition. A gate with nothing set is open ([`Why::AtOnce`]).
+    pub fn check(&self, minute: u16, second: u8, idle: Duration) -> Result<Why, Duration> {
+        if !self.is_set() {
+            return Ok(Why::AtOnce);
+        }
+        if self.windows.iter().any(|w| w.covers(minute)) {
+            return Ok(Why::Window);
+        }
+        let idle_left = match self.when_idle {
+            Some(need) if idle >= need => return Ok(Why::Idle),
+            Some(need) => Some(need - idle),
+            None => None,
+        };
+        let window_in = self
+            .windows
+            .iter()
+            .map(|w| {
+                Duration::from_secs(u64::from(w.starts_in(minute)) * 60)
+                    .saturating_sub(Duration::from_secs(u64::from(second)))
+            })
+            .min();
+        Err(match (window_in, idle_left) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => Duration::ZERO,
+        })
+    }
+
+    /// What the gate waits for, in words (for status).
+    pub fn describe(&self) -> String {
+        let windows: Vec<String> = self.windows.iter().map(|w| w.to_string()).collect();
+        match (windows.is_empty(), self.when_idle) {
+            (false, None) => format!("the maintenance window {}", windows.join(", ")),
+            (true, Some(d)) => format!("{} s without a recognition", d.as_secs()),
+            (false, Some(d)) => format!(
+                "the maintenance window {} or {} s without a recognition",
+                windows.join(", "),
+                d.as_secs()
+            ),
+            (true, None) => "nothing".into(),
+        }
     }
 }
 
@@ -223,6 +295,51 @@ mod tests {
         assert_eq!(
             decide(&plan, t(1001), secs(1), &[NotReady]),
             Decision::Wait(secs(59))
+        );
+    }
+
+    #[test]
+    fn the_gate_opens_in_a_window_or_after_idle_and_says_how_long_until() {
+        use crate::daily::Span;
+        let min = |h: u16, m: u16| h * 60 + m;
+        let none = Gate::default();
+        assert_eq!(none.check(min(12, 0), 0, Duration::ZERO), Ok(Why::AtOnce));
+        let night = Gate {
+            windows: vec![Span::parse("02:00-06:00").unwrap()],
+            when_idle: None,
+        };
+        assert_eq!(night.check(min(3, 0), 0, Duration::ZERO), Ok(Why::Window));
+        assert_eq!(
+            night.check(min(1, 59), 50, Duration::from_secs(9999)),
+            Err(Duration::from_secs(10))
+        );
+        assert_eq!(
+            night.check(min(6, 0), 0, Duration::ZERO),
+            Err(Duration::from_secs(20 * 3600))
+        );
+        let both = Gate {
+            windows: vec![
+                Span::parse("02:00-06:00").unwrap(),
+                Span::parse("13:00-13:30").unwrap(),
+            ],
+            when_idle: Some(Duration::from_secs(300)),
+        };
+        assert_eq!(
+            both.check(min(12, 0), 0, Duration::from_secs(60)),
+            Err(Duration::from_secs(240))
+        );
+        assert_eq!(
+            both.check(min(12, 58), 0, Duration::from_secs(60)),
+            Err(Duration::from_secs(120))
+        );
+        assert_eq!(
+            both.check(min(12, 0), 0, Duration::from_secs(300)),
+            Ok(Why::Idle)
+        );
+        assert_eq!(both.check(min(13, 10), 0, Duration::ZERO), Ok(Why::Window));
+        assert_eq!(
+            both.describe(),
+            "the maintenance window 02:00-06:00, 13:00-13:30 or 300 s without a recognition"
         );
     }
 }

@@ -355,3 +355,89 @@ fn a_full_vdevice_is_recreated_once_no_release_uses_it() {
     assert_eq!(configured_groups(), (1, 1));
     drop(fresh);
 }
+
+/// A release's detector on the Hailo: its HEF is a second network group on the embedder's vdevice
+/// (one vdevice, two groups), and it finds what the same detector finds on the CPU, the frame written
+/// as float32 NHWC and the output read as float32. A detector HEF whose output does not fit the
+/// release's settings leaves the detector on the CPU.
+#[test]
+fn the_detector_shares_the_embedders_vdevice_and_finds_what_the_cpu_finds() {
+    use deckhand_agent::camera::detector::{CpuDetector, Letterbox};
+    use deckhand_agent::recognizer::{BackendChoice, Recognizer, ReleasePaths, load_detector};
+    use deckhand_protocol::manifest::DetectorSettings;
+    use deckhand_tools::shop::scenes::Script;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(release_unused(), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ReferenceSpec::small(40);
+    let files = fixtures::write_reference_release(&dir.path().join("release"), &spec).unwrap();
+    let s = DetectorSettings {
+        input_width: 640,
+        input_height: 480,
+        classes: 1,
+        card_class: 0,
+        min_score: 0.5,
+        iou: 0.5,
+    };
+    let script = Script::new(3, 2, 40);
+    let lb = Letterbox::of(1280, 960, &s);
+    let mut anchors: Vec<Vec<f32>> = script
+        .placements
+        .iter()
+        .zip([0.9, 0.7])
+        .map(|(p, score)| {
+            deckhand_tools::shop::onnx::obb_anchor(&p.quad().map(|c| lb.to_input(c)), score, 1)
+        })
+        .collect();
+    anchors.resize(60, vec![10.0, 10.0, 5.0, 5.0, 0.1, 0.0]);
+    let det =
+        fixtures::write_known_detector(&dir.path().join("detector"), 640, 480, &anchors).unwrap();
+
+    let paths = ReleasePaths {
+        hef: files.hef.clone(),
+        onnx: files.onnx.clone(),
+        index: files.index.clone(),
+        labels: files.labels.clone(),
+        metadata: files.metadata.clone(),
+    };
+    let rec = Recognizer::load(
+        &paths,
+        &fixtures::reference_settings(spec.dim),
+        1,
+        deckhand_protocol::BlobId::of(b"1"),
+        BackendChoice::Hailo,
+    )
+    .unwrap();
+    assert_eq!(rec.backend(), "hailo");
+    let mut hailo = load_detector(&det.onnx, &det.hef, &s, rec.backend()).unwrap();
+    assert_eq!(hailo.name(), "hailo");
+    assert_eq!(configured_groups(), (2, 2), "embedder and detector");
+    assert_eq!(standin_groups(), 2, "on one vdevice");
+
+    let frame = script.empty();
+    let mut cpu = CpuDetector::load(&det.onnx, &s).unwrap();
+    let (h, c) = (hailo.detect(&frame).unwrap(), cpu.detect(&frame).unwrap());
+    assert_eq!(h.len(), 2, "{h:?}");
+    for (a, b) in h.iter().zip(&c) {
+        assert_eq!(a.score, b.score);
+        let err = deckhand_agent::camera::geometry::corner_error(&a.quad, &b.quad);
+        assert!(err < 0.01, "{err} px apart: {a:?} {b:?}");
+    }
+    // The recognizer holds it as the live release's detector.
+    let rec = rec.with_detector(hailo);
+    assert_eq!(rec.detector_backend(), Some("hailo"));
+    let found = rec.detect(&frame).unwrap().unwrap();
+    assert_eq!(found.len(), 2);
+
+    // Settings with two classes expect 7 values an anchor; the HEF's 360 values are not whole
+    // anchors of 7, so the Hailo refuses it and the CPU's tract plan is asked (which refuses it too,
+    // naming its shape): no half-working detector.
+    let wrong = DetectorSettings { classes: 2, ..s };
+    let err = load_detector(&det.onnx, &det.hef, &wrong, "hailo")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("[1, 6, 60]"), "{err}");
+    drop(rec);
+    assert_eq!(release_unused(), 0);
+}

@@ -81,6 +81,8 @@ pub struct PublishOptions {
     /// How the release goes live (`None`: each agent's own setting), and not before when.
     pub activate: Option<deckhand_protocol::switch::Mode>,
     pub not_before: Option<Timestamp>,
+    /// Agents do not hold it for their maintenance windows.
+    pub urgent: bool,
     /// Draw a progress bar (only ever on a terminal).
     pub progress: bool,
 }
@@ -113,6 +115,7 @@ impl PublishOptions {
             overrides: Default::default(),
             activate: None,
             not_before: None,
+            urgent: false,
             progress: false,
         }
     }
@@ -409,6 +412,7 @@ pub async fn prepare(
         canaries,
         activate: opts.activate,
         not_before: opts.not_before,
+        urgent: opts.urgent,
         detector: checked.detector,
     };
     sign(manifest, key, uploaded, skipped, bytes_uploaded)
@@ -596,8 +600,10 @@ pub async fn rollback(
         });
     }
     let now = Timestamp::now();
+    // A rollback is urgent: the release it replaces is the one to get away from, windows or not.
     let manifest = Manifest {
         version: next_version(origin, deployment).await?,
+        urgent: true,
         created_at: now,
         expires_at: now
             .checked_add(expires_in)

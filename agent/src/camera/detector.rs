@@ -244,6 +244,27 @@ pub fn iou(a: &Quad, b: &Quad) -> f32 {
     if union <= 0.0 { 0.0 } else { inter / union }
 }
 
+/// A release's detector on a backend: the CPU ([`CpuDetector`]) or the Hailo
+/// (`recognizer::hailo::HailoDetector`). Called from one thread at a time.
+pub trait Detect: Send {
+    /// The cards in `frame`, best first.
+    fn detect(&mut self, frame: &RgbImage) -> Result<Vec<Detection>, BackendError>;
+    fn name(&self) -> &'static str;
+}
+
+/// The output shape a model with `s` and `values` output values has: `[1, 4 + classes + 1, anchors]`.
+pub fn output_shape(s: &DetectorSettings, values: usize) -> Result<[usize; 3], BackendError> {
+    let channels = 4 + s.classes as usize + 1;
+    if values == 0 || !values.is_multiple_of(channels) {
+        return Err(BackendError::Load(format!(
+            "the detector's output has {values} values, not a whole number of anchors of {channels} \
+             (4 + {} classes + 1)",
+            s.classes
+        )));
+    }
+    Ok([1, channels, values / channels])
+}
+
 /// A release's detector on the CPU (tract), planned for one frame at the release's input size.
 pub struct CpuDetector {
     plan: crate::recognizer::cpu::Plan,
@@ -292,6 +313,16 @@ impl CpuDetector {
 
     pub fn settings(&self) -> &DetectorSettings {
         &self.settings
+    }
+}
+
+impl Detect for CpuDetector {
+    fn detect(&mut self, frame: &RgbImage) -> Result<Vec<Detection>, BackendError> {
+        CpuDetector::detect(self, frame)
+    }
+
+    fn name(&self) -> &'static str {
+        "cpu"
     }
 }
 

@@ -32,7 +32,8 @@
 //!   canaries) take turns on its vstreams (`Net::io`).
 
 use super::{BackendError, Embedder};
-use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};
+use crate::camera::detector::{Detect, Detection, decode, output_shape};
+use deckhand_protocol::manifest::{ChannelLayout, DetectorSettings, RecognizerSettings};
 use hailort_sys as sys;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -374,6 +375,61 @@ fn configure(
     Ok(net)
 }
 
+impl Net {
+    /// Writes one float32 NHWC frame and reads its float32 output, under the network's turn.
+    fn run(&self, frame: &[f32], out: &mut [f32]) -> Result<(), BackendError> {
+        if std::mem::size_of_val(frame) != self.in_frame
+            || std::mem::size_of_val(out) != self.out_frame
+        {
+            return Err(BackendError::Run(format!(
+                "frames of {} and {} bytes for a network of {} in and {} out",
+                std::mem::size_of_val(frame),
+                std::mem::size_of_val(out),
+                self.in_frame,
+                self.out_frame
+            )));
+        }
+        let _turn = self
+            .io
+            .lock()
+            .map_err(|_| BackendError::Run("the Hailo network's lock is poisoned".into()))?;
+        // SAFETY: `frame` holds exactly in_frame bytes and `out` exactly out_frame bytes (checked).
+        let s = unsafe {
+            ffi4::hailo_vstream_write_raw_buffer(self.input, frame.as_ptr().cast(), self.in_frame)
+        };
+        if s != sys::HAILO_SUCCESS {
+            return Err(BackendError::Run(format!(
+                "write to the input vstream: {}",
+                message(s)
+            )));
+        }
+        let s = unsafe {
+            ffi4::hailo_vstream_read_raw_buffer(
+                self.output,
+                out.as_mut_ptr().cast(),
+                self.out_frame,
+            )
+        };
+        if s != sys::HAILO_SUCCESS {
+            return Err(BackendError::Run(format!(
+                "read from the output vstream: {}",
+                message(s)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `chw` (3 planes of `plane` values) as NHWC, into `out`.
+fn to_nhwc(chw: &[f32], plane: usize, out: &mut Vec<f32>) {
+    out.resize(3 * plane, 0.0);
+    for i in 0..plane {
+        for c in 0..3 {
+            out[i * 3 + c] = chw[c * plane + i];
+        }
+    }
+}
+
 /// One release's network on the Hailo device.
 pub struct HailoEmbedder {
     net: Arc<Net>,
@@ -413,56 +469,16 @@ impl Embedder for HailoEmbedder {
             )));
         }
         let mut out = Vec::with_capacity(batch * self.frame.len());
-        let (w, h) = (
-            self.settings.input_width as usize,
-            self.settings.input_height as usize,
-        );
-        let _turn = self
-            .net
-            .io
-            .lock()
-            .map_err(|_| BackendError::Run("the Hailo network's lock is poisoned".into()))?;
+        let plane = self.settings.input_width as usize * self.settings.input_height as usize;
         for img in input.chunks(per) {
             let frame: &[f32] = match self.settings.layout {
                 ChannelLayout::Nhwc => img,
                 ChannelLayout::Nchw => {
-                    self.nhwc.resize(per, 0.0);
-                    let plane = w * h;
-                    for i in 0..plane {
-                        for c in 0..3 {
-                            self.nhwc[i * 3 + c] = img[c * plane + i];
-                        }
-                    }
+                    to_nhwc(img, plane, &mut self.nhwc);
                     &self.nhwc
                 }
             };
-            // SAFETY: `frame` holds exactly in_frame bytes; `self.frame` exactly out_frame bytes.
-            let s = unsafe {
-                ffi4::hailo_vstream_write_raw_buffer(
-                    self.net.input,
-                    frame.as_ptr().cast(),
-                    self.net.in_frame,
-                )
-            };
-            if s != sys::HAILO_SUCCESS {
-                return Err(BackendError::Run(format!(
-                    "write to the input vstream: {}",
-                    message(s)
-                )));
-            }
-            let s = unsafe {
-                ffi4::hailo_vstream_read_raw_buffer(
-                    self.net.output,
-                    self.frame.as_mut_ptr().cast(),
-                    self.net.out_frame,
-                )
-            };
-            if s != sys::HAILO_SUCCESS {
-                return Err(BackendError::Run(format!(
-                    "read from the output vstream: {}",
-                    message(s)
-                )));
-            }
+            self.net.run(frame, &mut self.frame)?;
             out.extend_from_slice(&self.frame);
         }
         Ok(out)
@@ -470,6 +486,65 @@ impl Embedder for HailoEmbedder {
 
     fn dim(&self) -> usize {
         self.frame.len()
+    }
+
+    fn name(&self) -> &'static str {
+        "hailo"
+    }
+}
+
+/// A release's card detector on the Hailo: its HEF configured on the same vdevice as the embedder's (a
+/// second network group, cached by content as every network is), float32 NHWC in, float32 out, decoded
+/// as the CPU detector's output is.
+pub struct HailoDetector {
+    net: Arc<Net>,
+    settings: DetectorSettings,
+    shape: [usize; 3],
+    chw: Vec<f32>,
+    nhwc: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl HailoDetector {
+    pub fn load(hef_path: &Path, settings: &DetectorSettings) -> Result<Self, BackendError> {
+        let net = network(hef_path)?;
+        let (w, h) = (
+            settings.input_width as usize,
+            settings.input_height as usize,
+        );
+        if net.in_frame != w * h * 3 * 4 {
+            return Err(BackendError::Load(format!(
+                "detector hef {}: its input frame is {} bytes, the release's {w}x{h} RGB float input \
+                 is {}",
+                hef_path.display(),
+                net.in_frame,
+                w * h * 3 * 4
+            )));
+        }
+        let shape = output_shape(settings, net.out_frame / 4)
+            .map_err(|e| BackendError::Load(format!("detector hef {}: {e}", hef_path.display())))?;
+        Ok(HailoDetector {
+            out: vec![0.0; net.out_frame / 4],
+            net,
+            settings: settings.clone(),
+            shape,
+            chw: Vec::new(),
+            nhwc: Vec::new(),
+        })
+    }
+}
+
+impl Detect for HailoDetector {
+    fn detect(&mut self, frame: &image::RgbImage) -> Result<Vec<Detection>, BackendError> {
+        let s = &self.settings;
+        let lb = crate::camera::detector::input(frame, s, &mut self.chw);
+        to_nhwc(
+            &self.chw,
+            s.input_width as usize * s.input_height as usize,
+            &mut self.nhwc,
+        );
+        self.net.run(&self.nhwc, &mut self.out)?;
+        decode(&self.out, &self.shape, s, &lb).map_err(|e| BackendError::Run(e.to_string()))
     }
 
     fn name(&self) -> &'static str {

@@ -125,7 +125,8 @@ pub struct StageTimes {
 pub struct Recognizer {
     embedder: Mutex<Box<dyn Embedder>>,
     /// The release's card detector, when it has one (the counter finds cards with it).
-    detector: Option<Mutex<crate::camera::detector::CpuDetector>>,
+    detector: Option<Mutex<Box<dyn crate::camera::detector::Detect>>>,
+    detector_backend: Option<&'static str>,
     index: usearch::Index,
     labels: Vec<String>,
     metadata: HashMap<String, serde_json::Value>,
@@ -226,6 +227,7 @@ impl Recognizer {
             backend: embedder.name(),
             embedder: Mutex::new(embedder),
             detector: None,
+            detector_backend: None,
             index,
             labels,
             metadata,
@@ -237,13 +239,19 @@ impl Recognizer {
     }
 
     /// The release with its card detector.
-    pub fn with_detector(mut self, detector: crate::camera::detector::CpuDetector) -> Self {
+    pub fn with_detector(mut self, detector: Box<dyn crate::camera::detector::Detect>) -> Self {
+        self.detector_backend = Some(detector.name());
         self.detector = Some(Mutex::new(detector));
         self
     }
 
     pub fn has_detector(&self) -> bool {
         self.detector.is_some()
+    }
+
+    /// Where the release's detector runs (`cpu`, `hailo`), when it has one.
+    pub fn detector_backend(&self) -> Option<&'static str> {
+        self.detector_backend
     }
 
     /// The cards the release's detector finds in `frame`, best first; `None` when it has no detector.
@@ -278,6 +286,7 @@ impl Recognizer {
             backend: embedder.name(),
             embedder: Mutex::new(embedder),
             detector: None,
+            detector_backend: None,
             index,
             labels,
             metadata,
@@ -408,6 +417,28 @@ impl Recognizer {
         r.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(r)
     }
+}
+
+/// Loads a release's card detector where its embedder runs: on the Hailo (a second network group on
+/// the same vdevice) when the embedder does, else on the CPU. A detector HEF the Hailo refuses (no
+/// room, a bad HEF) leaves the detector on the CPU, with a warning: the counter keeps finding cards.
+pub fn load_detector(
+    onnx: &Path,
+    hef: &Path,
+    settings: &deckhand_protocol::manifest::DetectorSettings,
+    embedder_backend: &str,
+) -> Result<Box<dyn crate::camera::detector::Detect>, BackendError> {
+    #[cfg(feature = "hailo")]
+    if embedder_backend == "hailo" {
+        match hailo::HailoDetector::load(hef, settings) {
+            Ok(d) => return Ok(Box::new(d)),
+            Err(e) => tracing::warn!(cause = %e, "the release's detector runs on the CPU"),
+        }
+    }
+    let _ = (hef, embedder_backend);
+    Ok(Box::new(crate::camera::detector::CpuDetector::load(
+        onnx, settings,
+    )?))
 }
 
 fn load_embedder(

@@ -318,10 +318,7 @@ pub fn inspect_detector(path: &Path) -> Result<DetectorInfo, LoadError> {
 type Shape = Vec<Option<usize>>;
 
 /// The input and first output shapes of a model with one input.
-fn onnx_shapes(
-    what: &'static str,
-    path: &Path,
-) -> Result<(Shape, Shape), LoadError> {
+fn onnx_shapes(what: &'static str, path: &Path) -> Result<(Shape, Shape), LoadError> {
     use tract_onnx::prelude::*;
     let bad = |why: String| LoadError::invalid(what, path, why);
     let model = tract_onnx::onnx()

@@ -11,7 +11,6 @@
 //! 4. `record_active`: only after the swap, the pins move (previous := old active, active := new) and
 //!    the active envelope is recorded durably; then gc drops everything unpinned.
 
-use crate::camera::detector::CpuDetector;
 use crate::ledger::Ledger;
 use crate::recognizer::{BackendChoice, Recognizer, RecognizerError, ReleasePaths};
 use deckhand_protocol::floors::SystemClock;
@@ -141,9 +140,13 @@ pub fn load_recognizer(
     let Some(settings) = &m.detector else {
         return Ok(recognizer);
     };
-    // The detector runs on the CPU on every agent, Hailo or not, for now: see ARCHITECTURE.md.
-    let detector = CpuDetector::load(&path_of(store, m, Role::Detector)?, settings)
-        .map_err(RecognizerError::Backend)?;
+    let detector = crate::recognizer::load_detector(
+        &path_of(store, m, Role::Detector)?,
+        &path_of(store, m, Role::DetectorHef)?,
+        settings,
+        recognizer.backend(),
+    )
+    .map_err(RecognizerError::Backend)?;
     Ok(recognizer.with_detector(detector))
 }
 

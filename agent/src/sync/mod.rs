@@ -88,6 +88,8 @@ pub struct SyncConfig {
     /// How a ready release goes live when its manifest does not say, and the longest wait for the shop.
     pub activate: deckhand_protocol::switch::Mode,
     pub activate_deadline: Duration,
+    /// When this agent lets a verified release go live (maintenance windows, idle counter).
+    pub gate: deckhand_protocol::switch::Gate,
 }
 
 /// Where a manifest came from.
@@ -226,6 +228,10 @@ pub struct Engine {
     fleet_etag: Option<String>,
     /// When the engine's loops last went round (the watchdog withholds its ping if they stop).
     beat: crate::systemd::Beat,
+    /// A verified, loaded release its gate holds (a maintenance window, an idle counter).
+    held: Option<switching::Held>,
+    /// When the engine started (an agent that has recognised nothing has been idle since).
+    started: Instant,
 }
 
 /// Inputs the engine listens to besides the origin.
@@ -256,6 +262,8 @@ impl Engine {
             retired: std::sync::Mutex::new(None),
             fleet_etag: None,
             beat: crate::systemd::Beat::default(),
+            held: None,
+            started: Instant::now(),
         }
     }
 
@@ -309,7 +317,12 @@ impl Engine {
                 self.beat.beat();
                 tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if self.held.is_some() {
+                            break Event::Held;
+                        }
+                        continue;
+                    }
                     _ = tokio::time::sleep_until(next_poll), if has_origin => break Event::Poll,
                     _ = tokio::time::sleep_until(next_poll), if !has_origin && resume => break Event::Retry,
                     Some(h) = recv_opt(&mut inputs.hints) => break Event::Hint(h),
@@ -394,6 +407,13 @@ impl Engine {
                         }
                     }
                 }
+                Event::Held => match self.release_held().await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "the held release could not go live");
+                        self.note_error(&e);
+                    }
+                },
                 Event::Repair => match self.repair_active().await {
                     Ok(()) => self.note_ok(),
                     Err(e) => {
@@ -434,6 +454,8 @@ impl Engine {
             return true;
         };
         match self.cfg.trust.policy().verify_ignoring_expiry(&env) {
+            // Held ready for its gate: nothing to resume.
+            Ok(v) if self.held.as_ref().is_some_and(|h| h.id() == v.id) => {}
             Ok(v) => {
                 if let Err(e) = self.fetch_and_activate(&v, Via::Resume).await {
                     tracing::warn!(cause = %e, "the pending release is not complete yet; will retry");
@@ -835,6 +857,8 @@ enum Event {
     Hint(Hint),
     Bundle(PathBuf),
     Repair,
+    /// A second passed while a release is held: is its gate open now?
+    Held,
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {

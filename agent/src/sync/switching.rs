@@ -1,6 +1,8 @@
 //! A complete release goes live: loaded and canary-checked off the runtime's threads, held until it
-//! is due ([`deckhand_protocol::switch`]: at once, or together with the shop, never before the
-//! manifest's `not_before`), then swapped in and recorded active, or refused and named.
+//! is due ([`deckhand_protocol::switch`]: the agent's gate (maintenance windows, an idle counter) open,
+//! then at once or together with the shop, never before the manifest's `not_before`), then swapped in
+//! and recorded active, or refused and named. While the gate holds a release the engine goes on
+//! (polling, serving peers, taking a newer release, which replaces the one held).
 
 use super::{Engine, SyncError, joined};
 use crate::recognizer::service::check_canaries;
@@ -10,18 +12,49 @@ use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
 use deckhand_protocol::wire::ReleaseRef;
 use std::time::{Duration, Instant};
 
+/// A verified, loaded, canary-checked release the agent's gate holds until a maintenance window or an
+/// idle counter.
+pub(crate) struct Held {
+    v: VerifiedManifest,
+    recognizer: crate::recognizer::Recognizer,
+    ready_at: jiff::Timestamp,
+}
+
+impl Held {
+    pub(super) fn id(&self) -> deckhand_protocol::BlobId {
+        self.v.id
+    }
+
+    pub(super) fn version(&self) -> u64 {
+        self.v.manifest.version
+    }
+}
+
 /// How often a ready release waiting to switch looks at the peers again.
 const SWITCH_POLL: Duration = Duration::from_millis(100);
 
 impl Engine {
-    /// `v` goes live when due ([`Engine::switch_when_due`]); a `repair` of the release already live
-    /// (blobs the scrub quarantined, fetched again) swaps at once.
+    /// `v` goes live when due: when the agent's gate lets it ([`switch::Gate`]: a maintenance window, an idle
+    /// counter; until then it is [`Held`] and the engine goes on), then as [`Engine::switch_when_due`]
+    /// says. A `repair` of the release already live swaps at once.
     pub(super) async fn activate(
         &mut self,
         v: &VerifiedManifest,
         repair: bool,
     ) -> Result<(), SyncError> {
-        let m = &v.manifest;
+        match &self.held {
+            Some(h) if h.id() == v.id => return Ok(()),
+            // A newer release replaces the one held.
+            Some(h) if !repair && h.version() < v.manifest.version => {
+                tracing::info!(
+                    held = h.version(),
+                    newer = v.manifest.version,
+                    "a newer release replaces the one held for the gate"
+                );
+                self.held = None;
+            }
+            _ => {}
+        }
         let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
         // Loaded and canary-checked off the runtime's threads: only the swap is left.
         let checked = joined(
@@ -34,16 +67,113 @@ impl Engine {
             })
             .await,
         )?;
+        let ready_at = jiff::Timestamp::now();
+        let gate = match &checked {
+            Ok(_) if repair => Some(switch::Why::AtOnce),
+            Ok(_) => match self.gate(&v.manifest).await? {
+                Ok(why) => Some(why),
+                Err(wait) => {
+                    if let Ok(recognizer) = checked {
+                        self.hold(v, recognizer, ready_at, wait);
+                    }
+                    return Ok(());
+                }
+            },
+            Err(_) => None,
+        };
+        self.go_live(v, checked, ready_at, repair, gate).await
+    }
+
+    /// Whether the agent's gate lets `m` go live now (and why), or how long until it may at the
+    /// soonest. An urgent release, and the first release of an agent with nothing live, pass.
+    async fn gate(
+        &self,
+        m: &deckhand_protocol::manifest::Manifest,
+    ) -> Result<Result<switch::Why, Duration>, SyncError> {
+        if m.urgent && self.cfg.gate.is_set() {
+            return Ok(Ok(switch::Why::Urgent));
+        }
+        if !self.cfg.gate.is_set() || self.service.active().is_none() {
+            return Ok(Ok(switch::Why::AtOnce));
+        }
+        // Local time by the trusted clock: a Pi whose clock fell back does not reach its window early.
+        let floor = self
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).time_floor()?))
+            .await?;
+        let now = deckhand_protocol::clock::trusted_now(jiff::Timestamp::now(), floor)
+            .to_zoned(jiff::tz::TimeZone::system());
+        let idle = self
+            .service
+            .metrics()
+            .idle_for()
+            .unwrap_or_else(|| self.started.elapsed());
+        let minute =
+            u16::try_from(now.hour()).unwrap_or(0) * 60 + u16::try_from(now.minute()).unwrap_or(0);
+        let second = u8::try_from(now.second()).unwrap_or(0);
+        Ok(self.cfg.gate.check(minute, second, idle))
+    }
+
+    /// Keeps a verified, loaded release until the gate opens; status says what it waits for.
+    fn hold(
+        &mut self,
+        v: &VerifiedManifest,
+        recognizer: crate::recognizer::Recognizer,
+        ready_at: jiff::Timestamp,
+        wait: Duration,
+    ) {
+        let waiting = format!(
+            "verified and ready; goes live in {} (in {} s at the soonest)",
+            self.cfg.gate.describe(),
+            wait.as_secs()
+        );
+        tracing::info!(version = v.manifest.version, waiting = %waiting, "release held for the gate");
+        self.pending_update(|p| p.waiting = Some(waiting));
+        self.held = Some(Held {
+            v: v.clone(),
+            recognizer,
+            ready_at,
+        });
+    }
+
+    /// The held release goes live if its gate opened.
+    pub(super) async fn release_held(&mut self) -> Result<(), SyncError> {
+        let Some(m) = self.held.as_ref().map(|h| h.v.manifest.clone()) else {
+            return Ok(());
+        };
+        let why = match self.gate(&m).await? {
+            Ok(why) => why,
+            Err(_) => return Ok(()),
+        };
+        let Some(h) = self.held.take() else {
+            return Ok(());
+        };
+        self.go_live(&h.v, Ok(h.recognizer), h.ready_at, false, Some(why))
+            .await
+    }
+
+    /// A checked release swapped in when due and recorded active, or its refusal recorded.
+    async fn go_live(
+        &mut self,
+        v: &VerifiedManifest,
+        checked: Result<crate::recognizer::Recognizer, String>,
+        ready_at: jiff::Timestamp,
+        repair: bool,
+        gate: Option<switch::Why>,
+    ) -> Result<(), SyncError> {
+        let m = &v.manifest;
         let result = match checked {
             Ok(recognizer) => {
-                let ready_at = jiff::Timestamp::now();
                 let due = if repair {
                     Ok(switch::Why::AtOnce)
                 } else {
                     self.switch_when_due(v).await
                 };
                 self.set_ready(None);
-                let why = due?;
+                // Going live at once: the gate's reason is the one to show.
+                let why = match (due?, gate) {
+                    (switch::Why::AtOnce, Some(g)) => g,
+                    (why, _) => why,
+                };
                 // The swap is published with the status that goes with it, in one change of the
                 // watched snapshot (status documents read the active release while they hold the
                 // snapshot): no reader sees the new release beside an error from the way to it,

@@ -10,6 +10,9 @@
 //! zero point 128, scale 1/32; 16-bit: zero point 32768, scale 1/4096; per channel, the scale varies by
 //! channel and there is one quantisation entry per channel). The output is read as the network's own
 //! type (`HAILO_FORMAT_TYPE_AUTO` or that type) or as float32, dequantised, as HailoRT 4.20 does.
+//! A detector network's body is `DHSTANDINDET1`, its input width and height and an output size (u32
+//! LE), then that many f32 LE: the output every frame gets (as deckhand's known-output ONNX detector
+//! answers), float32, not quantised (as a HEF whose box decoding runs on the host gives its output).
 //!
 //! Like a board without HailoRT's multi-process service, it allows one vdevice at a time (a second is
 //! `HAILO_OUT_OF_PHYSICAL_DEVICES`) and [`MAX_GROUPS`] configured network groups per vdevice. HailoRT 4.x
@@ -41,6 +44,10 @@ const FORMAT_TYPE_FLOAT32: c_int = 3;
 const FORMAT_ORDER_AUTO: c_int = 0;
 const FORMAT_ORDER_NHWC: c_int = 1;
 const FORMAT_ORDER_NC: c_int = 6;
+
+/// The body of a detector network: this, then input width, height and the output's value count (u32
+/// LE), then the output (f32 LE).
+const DETECTOR: &[u8] = b"DHSTANDINDET1";
 
 /// Network groups one vdevice holds.
 pub const MAX_GROUPS: usize = 32;
@@ -89,13 +96,17 @@ const _: () = assert!(std::mem::size_of::<ParamsByName>() == 156);
 const _: () = assert!(std::mem::size_of::<QuantInfo>() == 16);
 
 struct Network {
-    input: usize,
+    /// The input frame, NHWC float32 (an embedder's is square).
+    width: usize,
+    height: usize,
     pool: usize,
     dim: usize,
     weights: Vec<f32>,
-    /// 8 or 16.
+    /// 8 or 16; 32 for a float32 output (a detector's), not quantised.
     bits: u32,
     per_channel: bool,
+    /// A detector's output, whatever the frame: `dim` values.
+    known: Option<Vec<f32>>,
     /// Quantised output frames (one value per channel) waiting to be read.
     outputs: Mutex<VecDeque<Vec<u32>>>,
 }
@@ -110,13 +121,40 @@ impl Network {
             return None;
         }
         let body = data.get(32..)?;
-        if body.len() != be(8)? as usize || !body.starts_with(b"DHSTANDIN1") {
+        if body.len() != be(8)? as usize {
             return None;
         }
         let le = |at: usize| {
             body.get(at..at + 4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         };
+        let floats = |raw: &[u8]| -> Vec<f32> {
+            raw.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        if body.starts_with(DETECTOR) {
+            let at = DETECTOR.len();
+            let (width, height, dim) = (le(at)?, le(at + 4)?, le(at + 8)?);
+            let raw = body.get(at + 12..)?;
+            if width == 0 || height == 0 || dim == 0 || raw.len() != dim * 4 {
+                return None;
+            }
+            return Some(Network {
+                width,
+                height,
+                pool: 1,
+                dim,
+                weights: Vec::new(),
+                bits: 32,
+                per_channel: false,
+                known: Some(floats(raw)),
+                outputs: Mutex::new(VecDeque::new()),
+            });
+        }
+        if !body.starts_with(b"DHSTANDIN1") {
+            return None;
+        }
         let (input, pool, dim) = (le(10)?, le(14)?, le(18)?);
         if pool == 0 || input % pool != 0 {
             return None;
@@ -129,24 +167,24 @@ impl Network {
             [b'O', b'U', b'T', b'1', bits @ (8 | 16), pc @ (0 | 1)] => (u32::from(*bits), *pc == 1),
             _ => return None,
         };
-        let weights = raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
         Some(Network {
-            input,
+            width: input,
+            height: input,
             pool,
             dim,
-            weights,
+            weights: floats(raw),
             bits,
             per_channel,
+            known: None,
             outputs: Mutex::new(VecDeque::new()),
         })
     }
 
     /// The quantisation of output channel `c`: (zero point, scale).
     fn quant(&self, c: usize) -> (f32, f32) {
-        let (zp, scale) = if self.bits == 16 {
+        let (zp, scale) = if self.bits == 32 {
+            (0.0, 1.0)
+        } else if self.bits == 16 {
             (32768.0, 1.0 / 4096.0)
         } else {
             (128.0, 1.0 / 32.0)
@@ -163,6 +201,7 @@ impl Network {
         self.dim
             * match format_type {
                 FORMAT_TYPE_FLOAT32 => 4,
+                _ if self.bits == 32 => 4,
                 _ if self.bits == 16 => 2,
                 _ => 1,
             }
@@ -172,6 +211,7 @@ impl Network {
     fn output_type_ok(&self, format_type: c_int) -> bool {
         match format_type {
             FORMAT_TYPE_AUTO | FORMAT_TYPE_FLOAT32 => true,
+            _ if self.bits == 32 => false,
             FORMAT_TYPE_UINT8 => self.bits == 8,
             FORMAT_TYPE_UINT16 => self.bits == 16,
             _ => false,
@@ -179,12 +219,16 @@ impl Network {
     }
 
     fn frame_in(&self) -> usize {
-        self.input * self.input * 3 * 4
+        self.width * self.height * 3 * 4
     }
 
-    /// The sample model: average-pool, flatten channel-major, centre, project; then quantise.
+    /// The sample model: average-pool, flatten channel-major, centre, project; then quantise. A
+    /// detector: its known output, as float32 bits.
     fn infer(&self, nhwc: &[f32]) -> Vec<u32> {
-        let (s, p) = (self.input, self.pool);
+        if let Some(known) = &self.known {
+            return known.iter().map(|v| v.to_bits()).collect();
+        }
+        let (s, p) = (self.width, self.pool);
         let side = s / p;
         let mut features = vec![0f32; 3 * side * side];
         for y in 0..s {
@@ -585,6 +629,7 @@ pub unsafe extern "C" fn hailo_vstream_read_raw_buffer(
         let mut bytes = Vec::with_capacity(size);
         for (c, q) in frame.iter().enumerate() {
             match s.format_type {
+                _ if net.bits == 32 => bytes.extend_from_slice(&q.to_ne_bytes()),
                 FORMAT_TYPE_FLOAT32 => {
                     let (zp, scale) = net.quant(c);
                     bytes.extend_from_slice(&((*q as f32 - zp) * scale).to_ne_bytes());

@@ -20,7 +20,21 @@ fn main() {
 }
 
 fn run(store_dir: &str, source_dir: &str, log: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::open(store_dir, Options::default())?;
+    // The test process opened the store just before starting this child. It runs the suite's other
+    // stories beside this one, and a process one of them forks (chromium is forked, not spawned, for
+    // its pipe descriptors) holds a copy of every descriptor the test process had open, the store's
+    // LOCK among them, until it executes its program: the lock (flock, held by the open file
+    // description) can outlive the test's own close by that long. A lock still held after a second is
+    // a real failure.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let store = loop {
+        match Store::open(store_dir, Options::default()) {
+            Err(deckhand_store::StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other?,
+        }
+    };
     let log = std::sync::Mutex::new(
         std::fs::OpenOptions::new()
             .create(true)

@@ -70,3 +70,42 @@ fn the_demo_tells_its_story_without_log_lines() {
         "demo.log holds no log line:\n{logged}"
     );
 }
+
+/// A bench prints figures and nothing else: its logs go to a file (`--log`, or deckhand-bench.log in
+/// the temporary directory), on stderr only with `-v`, and without colour codes when stderr is not a
+/// terminal.
+#[test]
+fn a_bench_prints_figures_and_its_logs_go_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("bench.log");
+    let bench = |extra: &[&str]| {
+        let out = std::process::Command::new(bin("deckhand"))
+            .args(["bench", "fleet", "--agents", "2", "--size", "2"])
+            .args(extra)
+            .env("DECKHAND_AGENT_BIN", bin("deckhand-agent"))
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = bench(&["--log", log.to_str().unwrap()]);
+    assert!(stdout.contains("fleet, warm start"), "{stdout}");
+    for line in stdout.lines().chain(stderr.lines()) {
+        assert!(!looks_like_a_log_line(line), "a log line: {line:?}");
+    }
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains(" INFO "), "{logged}");
+    assert!(!logged.contains('\u{1b}'), "colour in the log file");
+    // -v: the logs on stderr, plain (stderr is a pipe here, not a terminal).
+    let (_, stderr) = bench(&["-v"]);
+    assert!(stderr.contains(" INFO "), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour on a pipe: {stderr}");
+}

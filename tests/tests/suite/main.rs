@@ -27,6 +27,7 @@ mod publish;
 mod recognizer;
 mod recovery;
 mod renewal;
+mod rollout;
 mod scrub;
 mod shop_page;
 mod store_crash;

@@ -100,8 +100,9 @@ pub fn hef_v0(body: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a detector whose output is known ([`super::onnx::known_output_detector_onnx`], input
-/// `width` x `height`) into `dir` as detector.onnx, with detector.hef beside it: a version-0 HEF whose
-/// body is `DHSTANDINDET1` and the ONNX model, for the Hailo stand-in.
+/// `width` x `height`) into `dir` as detector.onnx, with detector.hef beside it: a version-0 HEF the
+/// Hailo stand-in runs to the same output (body `DHSTANDINDET1`, width, height and the output's value
+/// count as u32 LE, then the values as f32 LE, channel by channel as the ONNX model gives them).
 pub fn write_known_detector(
     dir: &Path,
     width: u32,
@@ -114,8 +115,14 @@ pub fn write_known_detector(
         hef: dir.join("detector.hef"),
     };
     let onnx = super::onnx::known_output_detector_onnx(width, height, anchors);
+    let values = super::onnx::channel_major(anchors);
     let mut body = b"DHSTANDINDET1".to_vec();
-    body.extend_from_slice(&onnx);
+    for n in [width, height, values.len() as u32] {
+        body.extend_from_slice(&n.to_le_bytes());
+    }
+    for v in &values {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
     std::fs::write(&files.hef, hef_v0(&body))?;
     std::fs::write(&files.onnx, onnx)?;
     Ok(files)

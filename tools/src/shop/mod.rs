@@ -382,8 +382,21 @@ impl Fleet {
         files: &ReleaseFiles,
         key: &SecretKey,
     ) -> Result<publish::Prepared, ToolError> {
+        self.publish_with(files, key, |_| {}).await
+    }
+
+    /// Publishes `files` as the next version, signed with `key`, with the options `tweak` sets (urgent,
+    /// activate, not_before...).
+    pub async fn publish_with(
+        &self,
+        files: &ReleaseFiles,
+        key: &SecretKey,
+        tweak: impl FnOnce(&mut PublishOptions),
+    ) -> Result<publish::Prepared, ToolError> {
         let deployment = Name::deployment(DEPLOYMENT)?;
-        let opts = PublishOptions::local(deployment, files, jiff::SignedDuration::from_hours(24));
+        let mut opts =
+            PublishOptions::local(deployment, files, jiff::SignedDuration::from_hours(24));
+        tweak(&mut opts);
         let work = self.dir.join("work");
         std::fs::create_dir_all(&work).map_err(ToolError::io("create", &work))?;
         let (prepared, _) =

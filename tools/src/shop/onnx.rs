@@ -298,6 +298,18 @@ pub fn obb_anchor(quad: &[[f32; 2]; 4], score: f32, classes: usize) -> Vec<f32> 
     a
 }
 
+/// A detector's output for `anchors` (each anchor's values), channel by channel: `[channels, anchors]`.
+pub fn channel_major(anchors: &[Vec<f32>]) -> Vec<f32> {
+    let channels = anchors.first().map_or(0, Vec::len);
+    (0..channels)
+        .flat_map(|c| {
+            anchors
+                .iter()
+                .map(move |a| a.get(c).copied().unwrap_or(0.0))
+        })
+        .collect()
+}
+
 /// A detector whose output is known: input `image` [N, 3, height, width], output `output0`
 /// [N, channels, anchors] equal to `anchors` (each anchor's `channels` values: centre, width, height in
 /// input pixels, class scores, angle) whatever the image. It still reads its input (the output adds
@@ -317,13 +329,7 @@ pub fn known_output_detector_onnx(width: u32, height: u32, anchors: &[Vec<f32>])
     );
     let zero = g.weight(&[], &[0.0]);
     let nothing = g.node("Mul", &[&mean, &zero], vec![]);
-    let values: Vec<f32> = (0..channels)
-        .flat_map(|c| {
-            anchors
-                .iter()
-                .map(move |a| a.get(c).copied().unwrap_or(0.0))
-        })
-        .collect();
+    let values = channel_major(anchors);
     let known = g.weight(&[1, channels as i64, anchors.len() as i64], &values);
     g.node_named("Add", &[&known, &nothing], "output0", vec![]);
     g.finish_as(

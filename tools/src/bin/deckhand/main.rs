@@ -81,8 +81,14 @@ enum Command {
     /// for the tests and the demo.
     #[command(hide = true)]
     Scenes(scenes::ScenesArgs),
-    /// Measure and print performance figures.
+    /// Measure and print performance figures (figures only: this process's logs go to a file).
     Bench {
+        /// This process's logs on stderr instead of the log file.
+        #[arg(short, long, global = true)]
+        verbose: bool,
+        /// Where the logs go [default: deckhand-bench.log in the system temporary directory].
+        #[arg(long, global = true)]
+        log: Option<PathBuf>,
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
@@ -90,9 +96,27 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo tells its story on stdout and sets up its own logging (to a file unless -v).
-    if !matches!(cli.command, Command::Demo { .. }) {
-        deckhand_agent::telemetry::init(false);
+    // The demo tells its story on stdout and sets up its own logging (to a file unless -v); a bench
+    // prints figures, its logs going to a file unless -v.
+    match &cli.command {
+        Command::Demo { .. } => {}
+        Command::Bench {
+            verbose: false,
+            log,
+            ..
+        } => {
+            let path = log
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("deckhand-bench.log"));
+            if let Err(e) = deckhand_agent::telemetry::init_file(&path) {
+                eprintln!(
+                    "deckhand: error: cannot write the log {}: {e}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+        _ => deckhand_agent::telemetry::init(false),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -145,7 +169,7 @@ async fn run(command: Command) -> Result<ExitCode, ToolError> {
             })
             .await?
         }
-        Command::Bench { what } => bench::run(what).await?,
+        Command::Bench { what, .. } => bench::run(what).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -91,6 +91,10 @@ pub struct PublishArgs {
     /// No agent switches before this time (RFC 3339, e.g. 2026-12-03T03:00:00Z).
     #[arg(long)]
     not_before: Option<String>,
+    /// Agents switch to it as soon as it is verified, without waiting for their maintenance windows
+    /// (activate_window, activate_when_idle).
+    #[arg(long)]
+    urgent: bool,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -233,6 +237,7 @@ fn options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, ToolErro
                     .map_err(|e| usage("not-before", t, format!("not an RFC 3339 time: {e}")))
             })
             .transpose()?,
+        urgent: a.urgent,
         progress: !a.no_progress,
     })
 }
