@@ -212,6 +212,25 @@ pub struct Settings {
     /// [default: not used].
     #[arg(long, value_parser = duration)]
     pub activate_when_idle: Option<Duration>,
+    /// A release that goes live and then sees the agent end uncleanly (killed, crashed, stopped by the
+    /// watchdog) more than this many times within --crash-loop-minutes is left: the next start serves
+    /// the release before it, and the one left is not taken again until a newer one is published. 0
+    /// turns this off.
+    #[arg(long, default_value = "3", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub crash_loop_restarts: u32,
+    /// Minutes after a release goes live in which unclean ends count towards a crash loop.
+    #[arg(long = "crash-loop-minutes", id = "crash_loop_minutes", default_value = "10", value_parser = mins(1, 1_440))]
+    pub crash_loop_within: Duration,
+    /// A verified release is run on the agent's recent inputs beside the active release before it may
+    /// go live, and held below this policy when its manifest has none:
+    /// min-agreement=0..1,min-samples=N,too-few=wait|canaries [default: no shadow evaluation unless the
+    /// release asks for one].
+    #[arg(long)]
+    pub shadow: Option<deckhand_protocol::shadow::Policy>,
+    /// How many of the latest recognised inputs (camera crops, photos posted) the agent keeps in memory
+    /// for shadow evaluations (JPEG, a few kB each; never sent off the Pi). 0 keeps none.
+    #[arg(long, default_value = "300", value_parser = clap::value_parser!(u32).range(0..=5_000))]
+    pub shadow_samples: u32,
     /// An MQTT broker recognitions are published to: mqtt://[user[:password]@]host[:port] or mqtts://
     /// (QoS 1 to deckhand/DEPLOYMENT/AGENT/SOURCE/recognitions; online/offline retained at
     /// deckhand/DEPLOYMENT/AGENT/status).
@@ -371,6 +390,10 @@ fn window(s: &str) -> Result<deckhand_protocol::budget::Window, String> {
 }
 
 /// A whole number of milliseconds in `lo..=hi`.
+fn mins(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
+    move |s| in_range(s, lo, hi).map(|m| Duration::from_secs(m * 60))
+}
+
 fn millis(lo: u64, hi: u64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
     move |s| in_range(s, lo, hi).map(Duration::from_millis)
 }

@@ -185,8 +185,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let store = open_store(&cfg.settings.data_dir, cfg.settings.store_budget)?;
+    note_start(&store, &cfg);
     let trust = Arc::new(trust(&cfg, &store)?);
     let service = Service::start(Arc::new(Metrics::default()))?;
+    if cfg.settings.shadow_samples > 0 {
+        service.keep_samples(crate::recognizer::shadow::Samples::start(
+            cfg.settings.shadow_samples as usize,
+        )?);
+    }
     serve_from_store(&store, &service, &trust.policy(), cfg.settings.backend).await;
     let fleet = fleet_credentials(&cfg, &store);
     let creds = fleet.clone().ok().flatten();
@@ -292,8 +298,36 @@ pub async fn run(
     if let Some(events) = events {
         tokio::task::spawn_blocking(move || events.log.close()).await?;
     }
+    if let Err(e) = crate::ledger::Ledger::new(&store).note_clean_stop() {
+        tracing::warn!(cause = %e, "could not note the clean stop; the next start counts this run as a crash");
+    }
     store.close();
     Ok(())
+}
+
+/// Notes the start in the ledger; after a crash loop that follows a release going live, the previous
+/// release is made active again here, before anything is served.
+fn note_start(store: &Store, cfg: &RunConfig) {
+    let rule = deckhand_protocol::switch::CrashLoop {
+        restarts: cfg.settings.crash_loop_restarts,
+        within: cfg.settings.crash_loop_within,
+    };
+    let ledger = crate::ledger::Ledger::new(store);
+    let noted = ledger
+        .trusted_now(jiff::Timestamp::now())
+        .and_then(|now| ledger.note_start(now, &rule));
+    match noted {
+        Ok(Some(f)) => tracing::error!(
+            from = f.from_version,
+            to = f.to_version,
+            why = %f.why,
+            "crash loop after a release went live: serving the release before it"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(cause = %e, "could not note the start; crash loops are not counted")
+        }
+    }
 }
 
 /// The recognition event log (`events.sqlite` in the data directory), told of every answer, and its
@@ -572,6 +606,7 @@ async fn engine(
             windows: cfg.settings.activate_window.clone(),
             when_idle: cfg.settings.activate_when_idle,
         },
+        shadow: cfg.settings.shadow,
     };
     Ok(crate::sync::Engine::new(
         sync_cfg,

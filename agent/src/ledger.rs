@@ -9,8 +9,11 @@
 //! (store/DESIGN.md, "The ledger").
 
 use deckhand_protocol::floors::{Epoch, Floors};
+use deckhand_protocol::status::Fallback;
+use deckhand_protocol::switch::CrashLoop;
 use deckhand_protocol::{BlobId, VerifiedManifest};
 use deckhand_store::{Store, StoreError, StoreReader};
+use jiff::Timestamp;
 
 const AGENT_ID: &str = "agent_id";
 const TIME_FLOOR: &str = "time_floor";
@@ -29,6 +32,15 @@ const PENDING: &str = "pending_envelope";
 /// revocation lists), as received: a restart keeps the renewal and the revocations, and it is relayed
 /// to peers that hold an older one.
 const FLEET: &str = "fleet_bundle";
+/// When the agent started, while it runs (empty after a clean stop): found set at a start, the last
+/// run ended uncleanly (killed, crashed, stopped by the watchdog).
+const RUNNING: &str = "running_since";
+/// When the active release went live, and the unclean ends noticed since (RFC 3339, one a line): the
+/// crash-loop rule's facts ([`deckhand_protocol::switch::CrashLoop`]).
+const ACTIVATED_AT: &str = "activated_at";
+const UNCLEAN: &str = "unclean_ends";
+/// The agent's own fall back from a release (JSON [`Fallback`]), until the next release goes live.
+const FELL_BACK: &str = "fell_back";
 
 fn highest_key(deployment: &str) -> String {
     format!("highest_accepted/{deployment}")
@@ -162,9 +174,16 @@ impl<'s> Ledger<'s> {
 
     /// Records `v` as the active release after its swap, in one commit: the old active becomes previous
     /// (its blobs still pinned, for rollback), `blobs` are pinned as active, nothing is pending.
+    /// It also notes when it went live, and clears the unclean ends counted and any fall back.
     pub fn record_active(&self, v: &VerifiedManifest, blobs: &[BlobId]) -> Result<(), StoreError> {
         let old = self.active()?;
         let old_blobs = self.store.pins("active")?;
+        let now = self.trusted_now(Timestamp::now())?.to_string();
+        let live = [
+            (ACTIVATED_AT, now.as_bytes()),
+            (UNCLEAN, b"".as_slice()),
+            (FELL_BACK, b"".as_slice()),
+        ];
         match &old {
             Some(env) if *env != v.envelope => self.store.set_pins_and_meta(
                 &[
@@ -172,13 +191,108 @@ impl<'s> Ledger<'s> {
                     ("active", blobs),
                     ("pending", &[]),
                 ],
-                &[(PREVIOUS, env), (ACTIVE, &v.envelope), (PENDING, b"")],
+                &[
+                    &[
+                        (PREVIOUS, env.as_slice()),
+                        (ACTIVE, &v.envelope),
+                        (PENDING, b""),
+                    ],
+                    &live[..],
+                ]
+                .concat(),
             ),
             _ => self.store.set_pins_and_meta(
                 &[("active", blobs), ("pending", &[])],
-                &[(ACTIVE, &v.envelope), (PENDING, b"")],
+                &[
+                    &[(ACTIVE, v.envelope.as_slice()), (PENDING, b"")],
+                    &live[..],
+                ]
+                .concat(),
             ),
         }
+    }
+
+    /// Notes that the agent starts (at `now`, by the trusted clock). If its last run ended uncleanly
+    /// soon after the active release went live, that is counted, and when `rule` says the release
+    /// loops, the previous release (still pinned) becomes active again in one durable commit, the one
+    /// left is unpinned (the floors keep it from being taken again) and the fall back is recorded and
+    /// returned.
+    pub fn note_start(
+        &self,
+        now: Timestamp,
+        rule: &CrashLoop,
+    ) -> Result<Option<Fallback>, StoreError> {
+        let unclean = nonempty(self.store.get_meta(RUNNING)?).is_some();
+        self.store
+            .set_meta(RUNNING, now.to_string().as_bytes(), true)?;
+        let activated: Option<Timestamp> = parsed(self.store.get_meta(ACTIVATED_AT)?);
+        let (true, Some(activated)) = (unclean, activated) else {
+            return Ok(None);
+        };
+        let mut ends: Vec<Timestamp> = self
+            .store
+            .get_meta(UNCLEAN)?
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .filter(|t| *t >= activated)
+            .collect();
+        ends.push(now);
+        let keep = ends.len().saturating_sub(rule.restarts as usize + 1);
+        ends.drain(..keep);
+        let text: Vec<String> = ends.iter().map(|t| t.to_string()).collect();
+        let tripped = rule.tripped(activated, &ends);
+        let [Some(active), Some(previous)] = self.releases()? else {
+            self.store
+                .set_meta(UNCLEAN, text.join("\n").as_bytes(), true)?;
+            return Ok(None);
+        };
+        if !tripped {
+            self.store
+                .set_meta(UNCLEAN, text.join("\n").as_bytes(), true)?;
+            return Ok(None);
+        }
+        let version = |env: &[u8]| {
+            deckhand_protocol::envelope::inspect_unverified(env)
+                .map(|m| m.version)
+                .unwrap_or(0)
+        };
+        let fallback = Fallback {
+            from_version: version(&active),
+            to_version: version(&previous),
+            at: now.to_string(),
+            why: format!(
+                "the agent ended uncleanly {} times within {} min of version {} going live",
+                ends.len(),
+                rule.within.as_secs() / 60,
+                version(&active)
+            ),
+        };
+        let json = serde_json::to_vec(&fallback).unwrap_or_default();
+        let previous_blobs = self.store.pins("previous")?;
+        let now = now.to_string();
+        self.store.set_pins_and_meta(
+            &[("active", &previous_blobs), ("previous", &[])],
+            &[
+                (ACTIVE, previous.as_slice()),
+                (PREVIOUS, b""),
+                (ACTIVATED_AT, now.as_bytes()),
+                (UNCLEAN, b""),
+                (FELL_BACK, &json),
+            ],
+        )?;
+        Ok(Some(fallback))
+    }
+
+    /// The agent stops cleanly: its next start is not counted as following an unclean end.
+    pub fn note_clean_stop(&self) -> Result<(), StoreError> {
+        self.store.set_meta(RUNNING, b"", true)
+    }
+
+    /// The agent's own fall back from a release, until the next release goes live.
+    pub fn fallback(&self) -> Result<Option<Fallback>, StoreError> {
+        Ok(nonempty(self.store.get_meta(FELL_BACK)?).and_then(|j| serde_json::from_slice(&j).ok()))
     }
 
     /// The trust root followed: the newest verified one, reached from an installed root.

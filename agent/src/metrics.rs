@@ -410,6 +410,25 @@ pub fn render_status(
             s.bytes_checked, s.quarantined
         );
     }
+    if let Some(sh) = &status.shadow {
+        let f = sh.figures.clone().unwrap_or_default();
+        let _ = write!(
+            out,
+            "# HELP deckhand_shadow_held 1 while the last release shadow-evaluated is held by it (below the policy, or waiting for samples).\n\
+             # TYPE deckhand_shadow_held gauge\n\
+             deckhand_shadow_held{{version=\"{v}\"}} {}\n\
+             # HELP deckhand_shadow_agreement Top-1 agreement of the last release shadow-evaluated with the active release on the shop's own inputs.\n\
+             # TYPE deckhand_shadow_agreement gauge\n\
+             deckhand_shadow_agreement{{version=\"{v}\"}} {}\n\
+             # HELP deckhand_shadow_samples Samples the last shadow evaluation ran on.\n\
+             # TYPE deckhand_shadow_samples gauge\n\
+             deckhand_shadow_samples{{version=\"{v}\"}} {}\n",
+            u8::from(sh.outcome != "passed"),
+            f.agreement(),
+            f.samples,
+            v = sh.version,
+        );
+    }
     if let Some(t) = &status.fleet_trust {
         let _ = write!(
             out,

@@ -56,6 +56,8 @@ pub struct Snapshot {
     pub recognitions: RecognitionStats,
     pub recent: Vec<RecentRecognition>,
     pub releases: Vec<ReleaseSummary>,
+    /// The agent's own fall back from a release, until the next goes live.
+    pub fallback: Option<deckhand_protocol::status::Fallback>,
     /// The store's bytes (complete and partial) and its budget.
     pub store_bytes: Option<u64>,
     pub store_budget: Option<u64>,
@@ -104,6 +106,8 @@ pub fn status(s: Snapshot) -> Status {
         last_error: s.sync.last_error,
         last_refused: s.last_refused,
         last_switch: s.sync.last_switch,
+        fallback: s.fallback,
+        shadow: s.sync.shadow,
         clock_behind_trusting: s.clock_behind.map(|f| f.to_string()),
         last_refused_manifest: s.sync.last_refused_manifest,
         bytes_from_peers: s.sync.bytes_from_peers,
@@ -257,6 +261,10 @@ impl Sources {
             recognitions: metrics.recognition_stats(),
             recent: metrics.recent(),
             releases,
+            fallback: crate::ledger::Ledger::new(&self.store)
+                .fallback()
+                .ok()
+                .flatten(),
             store_bytes: usage.as_ref().map(|u| u.complete_bytes + u.partial_bytes),
             store_budget: usage.as_ref().and_then(|u| u.budget),
         }

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod manifest;
 pub mod migration;
 pub mod root;
+pub mod shadow;
 pub mod sim;
 pub mod status;
 pub mod switch;

@@ -215,6 +215,10 @@ pub struct Manifest {
     /// How to run the release's card detector: present exactly when the release carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detector: Option<DetectorSettings>,
+    /// What a shadow evaluation on each agent's own recent inputs must show before the release goes
+    /// live there ([`crate::shadow`]). Absent: the agent's own `shadow` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::Policy>,
 }
 
 /// A blob a release needs, whatever its role.
@@ -397,6 +401,15 @@ impl Manifest {
             (true, true, None) => return incomplete("detector", "detector settings"),
             (false, false, Some(_)) => return incomplete("detector settings", "detector"),
         }
+        if let Some(p) = &self.shadow {
+            p.validate().map_err(|e| ManifestError::Field {
+                what: "shadow policy".into(),
+                why: match e {
+                    crate::shadow::PolicyError::Value { why, .. } => why,
+                    crate::shadow::PolicyError::Unknown(_) => "unknown",
+                },
+            })?;
+        }
         for (i, c) in self.canaries.iter().enumerate() {
             if c.size == 0 {
                 return Err(ManifestError::EmptyBlob {
@@ -478,6 +491,7 @@ pub(crate) mod tests {
             activate: None,
             not_before: None,
             urgent: false,
+            shadow: None,
             detector: Some(DetectorSettings {
                 input_width: 640,
                 input_height: 640,

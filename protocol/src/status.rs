@@ -36,6 +36,13 @@ pub struct Status {
     /// How the last release this agent switched to went live.
     #[serde(default)]
     pub last_switch: Option<Switch>,
+    /// The agent fell back from the release it had switched to, by itself (a crash loop after it went
+    /// live); cleared when the next release goes live.
+    #[serde(default)]
+    pub fallback: Option<Fallback>,
+    /// The last shadow evaluation of a release before it went live ([`crate::shadow`]).
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
     /// Set while the system clock is behind the newest `created_at` the agent verified (a Pi without an
     /// RTC before NTP): the time the agent trusts instead (RFC 3339).
     #[serde(default)]
@@ -314,6 +321,31 @@ pub struct Pending {
     pub waiting: Option<String>,
 }
 
+/// The agent fell back to the release before the active one by itself ([`crate::switch::CrashLoop`]):
+/// the one it left is not taken again; the operator's next release clears this.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fallback {
+    pub from_version: u64,
+    pub to_version: u64,
+    /// When (RFC 3339).
+    pub at: String,
+    pub why: String,
+}
+
+/// A shadow evaluation of a release on the agent's own recent inputs, and what it decided.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shadow {
+    pub version: u64,
+    /// `passed`, `held` or `waiting` (for samples).
+    pub outcome: String,
+    /// The verdict in words, with the figures.
+    pub why: String,
+    /// When it was decided (RFC 3339).
+    pub at: String,
+    /// The figures measured (none while waiting for samples).
+    pub figures: Option<crate::shadow::Figures>,
+}
+
 /// How a release went live on an agent ([`crate::switch`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Switch {
@@ -486,6 +518,16 @@ impl Status {
             None => {
                 let _ = writeln!(out, "active      none");
             }
+        }
+        if let Some(f) = &self.fallback {
+            let _ = writeln!(
+                out,
+                "fell back   from version {} to {} at {}: {}",
+                f.from_version, f.to_version, f.at, f.why
+            );
+        }
+        if let Some(sh) = &self.shadow {
+            let _ = writeln!(out, "shadow      version {}: {}", sh.version, sh.why);
         }
         if let Some(p) = &self.pending {
             let _ = writeln!(

@@ -164,6 +164,29 @@ pub enum Decision {
     Wait(Duration),
 }
 
+/// The crash-loop rule: more than `restarts` unclean ends of the agent (it was found running at its
+/// next start: killed, crashed, stopped by the watchdog) within `within` of a release going live make
+/// the next start serve the release before it. `restarts` 0 turns it off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashLoop {
+    pub restarts: u32,
+    pub within: Duration,
+}
+
+impl CrashLoop {
+    /// Whether the unclean ends noticed at `unclean` (start times) after the release went live at
+    /// `activated_at` make a loop.
+    pub fn tripped(&self, activated_at: Timestamp, unclean: &[Timestamp]) -> bool {
+        let within =
+            jiff::SignedDuration::try_from(self.within).unwrap_or(jiff::SignedDuration::MAX);
+        let counted = unclean
+            .iter()
+            .filter(|t| **t >= activated_at && t.duration_since(activated_at) <= within)
+            .count();
+        self.restarts > 0 && counted > self.restarts as usize
+    }
+}
+
 /// Decides whether a ready release goes live now. `now`: the trusted time; `waited`: how long this
 /// agent has held the release ready since `not_before` passed (measured on a monotonic clock; zero while
 /// `not_before` is ahead); `members`: the live members of the deployment other than this agent.
@@ -341,5 +364,25 @@ mod tests {
             both.describe(),
             "the maintenance window 02:00-06:00, 13:00-13:30 or 300 s without a recognition"
         );
+    }
+
+    #[test]
+    fn a_crash_loop_is_more_unclean_ends_than_allowed_soon_after_going_live() {
+        let rule = CrashLoop {
+            restarts: 3,
+            within: secs(600),
+        };
+        let live = t(1000);
+        let ends = |at: &[i64]| at.iter().map(|s| t(*s)).collect::<Vec<_>>();
+        assert!(!rule.tripped(live, &ends(&[1010, 1020, 1030])));
+        assert!(rule.tripped(live, &ends(&[1010, 1020, 1030, 1040])));
+        // Before the release went live, or long after it: not its doing.
+        assert!(!rule.tripped(live, &ends(&[900, 1020, 1030, 1040])));
+        assert!(!rule.tripped(live, &ends(&[1010, 1020, 1030, 1601])));
+        let off = CrashLoop {
+            restarts: 0,
+            ..rule
+        };
+        assert!(!off.tripped(live, &ends(&[1010, 1020, 1030, 1040, 1050])));
     }
 }

@@ -124,6 +124,8 @@ pub enum ToolError {
     Swap(#[from] deckhand_agent::recognizer::service::SwapError),
     #[error("the recognizer service: {0}")]
     Service(#[source] std::io::Error),
+    #[error("shadow evaluation: {0}")]
+    Shadow(String),
     #[error("a temporary directory: {0}")]
     TempDir(#[source] std::io::Error),
     #[error("{what} is corrupt: {why}")]

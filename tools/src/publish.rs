@@ -83,6 +83,9 @@ pub struct PublishOptions {
     pub not_before: Option<Timestamp>,
     /// Agents do not hold it for their maintenance windows.
     pub urgent: bool,
+    /// What a shadow evaluation on each agent must show before it goes live (`None`: each agent's own
+    /// setting).
+    pub shadow: Option<deckhand_protocol::shadow::Policy>,
     /// Draw a progress bar (only ever on a terminal).
     pub progress: bool,
 }
@@ -116,6 +119,7 @@ impl PublishOptions {
             activate: None,
             not_before: None,
             urgent: false,
+            shadow: None,
             progress: false,
         }
     }
@@ -413,6 +417,7 @@ pub async fn prepare(
         activate: opts.activate,
         not_before: opts.not_before,
         urgent: opts.urgent,
+        shadow: opts.shadow,
         detector: checked.detector,
     };
     sign(manifest, key, uploaded, skipped, bytes_uploaded)
@@ -604,6 +609,7 @@ pub async fn rollback(
     let manifest = Manifest {
         version: next_version(origin, deployment).await?,
         urgent: true,
+        shadow: None,
         created_at: now,
         expires_at: now
             .checked_add(expires_in)

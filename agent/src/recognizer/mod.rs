@@ -10,6 +10,7 @@ pub mod hailo;
 pub mod inbox;
 pub mod preprocess;
 pub mod service;
+pub mod shadow;
 
 use crate::release::loaders::{self, LoadError};
 use deckhand_protocol::BlobId;

@@ -83,6 +83,8 @@ pub struct Service {
     decoding: Arc<tokio::sync::Semaphore>,
     /// Told of every answer, once set ([`Service::listen`]).
     listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>>,
+    /// Keeps answered inputs for shadow evaluations, once set ([`Service::keep_samples`]).
+    samples: Arc<std::sync::OnceLock<Arc<super::shadow::Samples>>>,
 }
 
 /// Memory that images being decoded may take at once, over every HTTP request
@@ -129,12 +131,13 @@ impl Service {
             since_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>> = Arc::default();
+        let samples: Arc<std::sync::OnceLock<Arc<super::shadow::Samples>>> = Arc::default();
         let thread = {
             let (live, metrics, busy) = (live.clone(), metrics.clone(), busy.clone());
-            let listener = listener.clone();
+            let (listener, samples) = (listener.clone(), samples.clone());
             std::thread::Builder::new()
                 .name("deckhand-inference".into())
-                .spawn(move || inference_loop(rx, &live, &metrics, &busy, &listener))?
+                .spawn(move || inference_loop(rx, &live, &metrics, &busy, &listener, &samples))?
         };
         Ok(Self {
             live,
@@ -145,6 +148,7 @@ impl Service {
             busy,
             decoding: Arc::new(tokio::sync::Semaphore::new(DECODE_BUDGET as usize)),
             listener,
+            samples,
         })
     }
 
@@ -152,6 +156,16 @@ impl Service {
     /// sets its event log once); `false` when one was already set.
     pub fn listen(&self, listener: Arc<dyn Listener>) -> bool {
         self.listener.set(listener).is_ok()
+    }
+
+    /// Keeps every answered input in `samples` from now on (the first set is kept).
+    pub fn keep_samples(&self, samples: Arc<super::shadow::Samples>) -> bool {
+        self.samples.set(samples).is_ok()
+    }
+
+    /// The inputs kept for shadow evaluations, if the agent keeps any.
+    pub fn samples(&self) -> Option<Arc<super::shadow::Samples>> {
+        self.samples.get().cloned()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -356,6 +370,9 @@ impl Service {
         if let Some(handle) = thread {
             let _ = handle.join();
         }
+        if let Some(s) = self.samples.get() {
+            s.stop();
+        }
     }
 }
 
@@ -392,6 +409,7 @@ fn inference_loop(
     metrics: &Metrics,
     busy: &Busy,
     listener: &std::sync::OnceLock<Arc<dyn Listener>>,
+    samples: &std::sync::OnceLock<Arc<super::shadow::Samples>>,
 ) {
     while let Ok(first) = rx.recv() {
         busy.enter();
@@ -419,6 +437,11 @@ fn inference_loop(
         let starts: Vec<Instant> = rest.iter().map(|(s, _, _)| *s).collect();
         match recognizer.recognize(&images, &starts) {
             Ok(results) => {
+                if let Some(s) = samples.get() {
+                    for (image, r) in images.iter().zip(&results) {
+                        s.offer(image, r);
+                    }
+                }
                 for (r, (started, reply, via)) in results.into_iter().zip(rest) {
                     if via != Via::Camera {
                         metrics.recognition(r.card_id.is_some(), started.elapsed().as_secs_f64());

@@ -63,6 +63,8 @@ pub struct SyncStatus {
     pub last_refused_manifest: Option<String>,
     /// How the last release this agent switched to went live.
     pub last_switch: Option<deckhand_protocol::status::Switch>,
+    /// The last shadow evaluation of a release before it went live.
+    pub shadow: Option<deckhand_protocol::status::Shadow>,
 }
 
 #[derive(Clone)]
@@ -90,6 +92,8 @@ pub struct SyncConfig {
     pub activate_deadline: Duration,
     /// When this agent lets a verified release go live (maintenance windows, idle counter).
     pub gate: deckhand_protocol::switch::Gate,
+    /// The shadow policy for releases whose manifest has none.
+    pub shadow: Option<deckhand_protocol::shadow::Policy>,
 }
 
 /// Where a manifest came from.

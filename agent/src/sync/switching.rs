@@ -8,16 +8,28 @@ use super::{Engine, SyncError, joined};
 use crate::recognizer::service::check_canaries;
 use crate::sync::activation;
 use deckhand_protocol::VerifiedManifest;
+use deckhand_protocol::shadow::{Policy, Verdict};
 use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
 use deckhand_protocol::wire::ReleaseRef;
 use std::time::{Duration, Instant};
 
-/// A verified, loaded, canary-checked release the agent's gate holds until a maintenance window or an
-/// idle counter.
+/// A verified, loaded, canary-checked release held aside: by the agent's gate until a maintenance
+/// window or an idle counter, or by shadow evaluation.
 pub(crate) struct Held {
     v: VerifiedManifest,
     recognizer: crate::recognizer::Recognizer,
     ready_at: jiff::Timestamp,
+    /// Held by shadow evaluation rather than the gate.
+    shadow: Option<Shadowed>,
+}
+
+/// Why shadow evaluation holds a release.
+enum Shadowed {
+    /// It fell below the policy: it stays held until a newer release replaces it.
+    Failed,
+    /// Too few samples, and the policy says wait: evaluated again once `policy.min_samples` of the
+    /// active release's answers are kept.
+    Samples(Policy),
 }
 
 impl Held {
@@ -28,6 +40,18 @@ impl Held {
     pub(super) fn version(&self) -> u64 {
         self.v.manifest.version
     }
+}
+
+/// What shadow evaluation made of a release.
+enum Evaluated {
+    /// On to the gate.
+    Go(crate::recognizer::Recognizer),
+    /// Held for samples (already kept aside).
+    Held,
+    /// Below the policy: held, not activated, for this reason.
+    Below(crate::recognizer::Recognizer, String),
+    /// The evaluation could not run and the release went with it: refused.
+    Lost(String),
 }
 
 /// How often a ready release waiting to switch looks at the peers again.
@@ -68,13 +92,42 @@ impl Engine {
             .await,
         )?;
         let ready_at = jiff::Timestamp::now();
+        // Shadow evaluation, for a release that would replace a live one.
+        let checked = match checked {
+            Ok(r) if !repair => match self.shadow(v, r).await {
+                Evaluated::Go(r) => Ok(r),
+                Evaluated::Held => return Ok(()),
+                Evaluated::Below(r, why) => {
+                    self.hold(v, r, ready_at, Some(Shadowed::Failed), why);
+                    return Ok(());
+                }
+                Evaluated::Lost(why) => Err(why),
+            },
+            other => other,
+        };
+        self.gate_then_live(v, checked, ready_at, repair).await
+    }
+
+    /// After shadow evaluation: the gate, then live.
+    async fn gate_then_live(
+        &mut self,
+        v: &VerifiedManifest,
+        checked: Result<crate::recognizer::Recognizer, String>,
+        ready_at: jiff::Timestamp,
+        repair: bool,
+    ) -> Result<(), SyncError> {
         let gate = match &checked {
             Ok(_) if repair => Some(switch::Why::AtOnce),
             Ok(_) => match self.gate(&v.manifest).await? {
                 Ok(why) => Some(why),
                 Err(wait) => {
                     if let Ok(recognizer) = checked {
-                        self.hold(v, recognizer, ready_at, wait);
+                        let waiting = format!(
+                            "goes live in {} (in {} s at the soonest)",
+                            self.cfg.gate.describe(),
+                            wait.as_secs()
+                        );
+                        self.hold(v, recognizer, ready_at, None, waiting);
                     }
                     return Ok(());
                 }
@@ -113,30 +166,135 @@ impl Engine {
         Ok(self.cfg.gate.check(minute, second, idle))
     }
 
-    /// Keeps a verified, loaded release until the gate opens; status says what it waits for.
+    /// Keeps a verified, loaded release aside (for the gate, or by shadow evaluation); status says what
+    /// it waits for.
     fn hold(
         &mut self,
         v: &VerifiedManifest,
         recognizer: crate::recognizer::Recognizer,
         ready_at: jiff::Timestamp,
-        wait: Duration,
+        shadow: Option<Shadowed>,
+        waiting: String,
     ) {
-        let waiting = format!(
-            "verified and ready; goes live in {} (in {} s at the soonest)",
-            self.cfg.gate.describe(),
-            wait.as_secs()
-        );
-        tracing::info!(version = v.manifest.version, waiting = %waiting, "release held for the gate");
+        tracing::info!(version = v.manifest.version, waiting = %waiting, "release held");
         self.pending_update(|p| p.waiting = Some(waiting));
         self.held = Some(Held {
             v: v.clone(),
             recognizer,
             ready_at,
+            shadow,
         });
     }
 
-    /// The held release goes live if its gate opened.
+    /// The shadow policy `m` goes live under, if any: the manifest's, else the agent's. An urgent
+    /// release (the operator's call, every rollback) is not evaluated.
+    fn shadow_policy(&self, m: &deckhand_protocol::manifest::Manifest) -> Option<Policy> {
+        if m.urgent {
+            return None;
+        }
+        m.shadow.or(self.cfg.shadow)
+    }
+
+    /// Shadow evaluation of a checked release before it may replace the live one
+    /// ([`deckhand_protocol::shadow`]): `Some` to go on to the gate, `None` when it is held for samples,
+    /// `Err` (with the release and why) when it falls below the policy. Status says what it decided.
+    async fn shadow(
+        &mut self,
+        v: &VerifiedManifest,
+        candidate: crate::recognizer::Recognizer,
+    ) -> Evaluated {
+        let Some(policy) = self.shadow_policy(&v.manifest) else {
+            return Evaluated::Go(candidate);
+        };
+        let Some(active) = self.service.active().map(|a| a.version) else {
+            return Evaluated::Go(candidate);
+        };
+        let version = v.manifest.version;
+        let samples = self.service.samples();
+        let have = samples.as_ref().map_or(0, |s| s.answered_by(active));
+        let (verdict, figures, candidate) = match (Verdict::before(&policy, have), samples) {
+            (Some(verdict), _) => (verdict, None, candidate),
+            (None, Some(samples)) => {
+                tracing::info!(version, active, samples = have, "shadow evaluation");
+                match crate::recognizer::shadow::evaluate(samples, active, candidate).await {
+                    Ok((c, f)) => (Verdict::judge(&policy, &f), Some(f), c),
+                    // The candidate went with the thread: refused, the live release serves on.
+                    Err(why) => return Evaluated::Lost(why),
+                }
+            }
+            (None, None) => (
+                Verdict::Wait {
+                    have,
+                    need: policy.min_samples,
+                },
+                None,
+                candidate,
+            ),
+        };
+        let outcome = match &verdict {
+            Verdict::Pass(_) => "passed",
+            Verdict::Hold(_) => "held",
+            Verdict::Wait { .. } => "waiting",
+        };
+        let why = verdict.to_string();
+        tracing::info!(version, outcome, why = %why, "shadow evaluation decided");
+        let report = deckhand_protocol::status::Shadow {
+            version,
+            outcome: outcome.into(),
+            why: why.clone(),
+            at: jiff::Timestamp::now().to_string(),
+            figures,
+        };
+        self.note_status(|s| s.shadow = Some(report));
+        match verdict {
+            Verdict::Pass(_) => Evaluated::Go(candidate),
+            Verdict::Hold(why) => Evaluated::Below(candidate, why),
+            Verdict::Wait { .. } => {
+                let ready_at = jiff::Timestamp::now();
+                self.hold(v, candidate, ready_at, Some(Shadowed::Samples(policy)), why);
+                Evaluated::Held
+            }
+        }
+    }
+
+    /// The held release goes live if its gate opened (or, held for shadow samples, once they are kept
+    /// and it passes).
     pub(super) async fn release_held(&mut self) -> Result<(), SyncError> {
+        match self.held.as_ref().map(|h| &h.shadow) {
+            None => return Ok(()),
+            Some(Some(Shadowed::Failed)) => return Ok(()),
+            Some(Some(Shadowed::Samples(policy))) => {
+                let active = self.service.active().map(|a| a.version);
+                let have = match (self.service.samples(), active) {
+                    (Some(s), Some(a)) => s.answered_by(a),
+                    _ => 0,
+                };
+                if have < policy.min_samples {
+                    let waiting = Verdict::Wait {
+                        have,
+                        need: policy.min_samples,
+                    }
+                    .to_string();
+                    self.pending_update(|p| p.waiting = Some(waiting));
+                    return Ok(());
+                }
+                let Some(h) = self.held.take() else {
+                    return Ok(());
+                };
+                return match self.shadow(&h.v, h.recognizer).await {
+                    Evaluated::Go(r) => self.gate_then_live(&h.v, Ok(r), h.ready_at, false).await,
+                    Evaluated::Held => Ok(()),
+                    Evaluated::Below(r, why) => {
+                        self.hold(&h.v, r, h.ready_at, Some(Shadowed::Failed), why);
+                        Ok(())
+                    }
+                    Evaluated::Lost(why) => {
+                        self.gate_then_live(&h.v, Err(why), h.ready_at, false).await
+                    }
+                };
+            }
+            Some(None) => {}
+        }
         let Some(m) = self.held.as_ref().map(|h| h.v.manifest.clone()) else {
             return Ok(());
         };

@@ -11,6 +11,18 @@ fn next(fleet: &Fleet, name: &str) -> deckhand_agent::release::ReleaseFiles {
     deckhand_tests::with_card_renamed(fleet, &files, &ReferenceSpec::small(40), 3, name)
 }
 
+/// The shop's one Pi: the S3 origin, no fleet credentials.
+fn the_pi(extra: Vec<String>, env: Vec<(&'static str, String)>) -> AgentOptions {
+    AgentOptions {
+        name: "pi".into(),
+        origin: true,
+        credentials: Credentials::None,
+        extra,
+        env,
+        ..AgentOptions::default()
+    }
+}
+
 async fn one_agent(name: &str, extra: Vec<String>, env: Vec<(&'static str, String)>) -> Fleet {
     let mut fleet = shop(name)
         .release(1024 * 1024)
@@ -18,17 +30,7 @@ async fn one_agent(name: &str, extra: Vec<String>, env: Vec<(&'static str, Strin
         .start()
         .await
         .unwrap();
-    fleet
-        .start_agent_with(AgentOptions {
-            name: "pi".into(),
-            origin: true,
-            credentials: Credentials::None,
-            extra,
-            env,
-            ..AgentOptions::default()
-        })
-        .await
-        .unwrap();
+    fleet.start_agent_with(the_pi(extra, env)).await.unwrap();
     // The first release is not held: nothing served before it.
     fleet.agents[0]
         .wait_for(secs(60), "version 1 active", |s| {
@@ -201,7 +203,240 @@ async fn a_release_waits_while_the_counter_is_busy_and_goes_live_once_it_is_idle
     assert_eq!(s.last_switch.unwrap().why, "the counter was idle");
     // The agent's stderr is a file here: its lines carry no colour codes.
     let log = std::fs::read_to_string(agent.log()).unwrap();
-    assert!(log.contains("release held for the gate"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("release held") && l.contains("4 s without a recognition")),
+        "{log}"
+    );
     assert!(!log.contains('\u{1b}'), "colour in a log file");
     fleet.stop().await.unwrap();
+}
+
+/// Restarts the shop's one agent: stopped cleanly (SIGTERM) or killed (SIGKILL, as a crash).
+async fn restart(fleet: &mut Fleet, kill: bool) -> deckhand_protocol::status::Status {
+    let agent = fleet.agents.remove(0);
+    if kill {
+        agent.kill().await.unwrap();
+    } else {
+        agent.stop().await.unwrap();
+    }
+    fleet
+        .start_agent_with(the_pi(Vec::new(), Vec::new()))
+        .await
+        .unwrap();
+    fleet.agents[0].status().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_the_agent_keeps_crashing_on_is_left_for_the_one_before() {
+    let mut fleet = one_agent("rollout-crash-loop", Vec::new(), Vec::new()).await;
+    fleet
+        .publish(&next(&fleet, "Card three, v2"))
+        .await
+        .unwrap();
+    fleet.agents[0]
+        .wait_for(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    // Clean restarts are not crashes, and three crashes are within the rule (more than 3 in 10 min).
+    for kill in [false, false, true, true, true] {
+        let s = restart(&mut fleet, kill).await;
+        assert_eq!(
+            s.active_version(),
+            Some(2),
+            "after a restart (kill: {kill})"
+        );
+        assert_eq!(s.fallback, None);
+    }
+    // The fourth crash: the next start serves version 1, says why, and does not take version 2 again
+    // although the origin still publishes it.
+    let s = restart(&mut fleet, true).await;
+    assert_eq!(s.active_version(), Some(1), "{s:?}");
+    let f = s.fallback.clone().unwrap();
+    assert_eq!((f.from_version, f.to_version), (2, 1));
+    assert!(
+        f.why.contains("4 times within 10 min of version 2"),
+        "{}",
+        f.why
+    );
+    assert!(
+        s.render().contains("fell back   from version 2 to 1"),
+        "{}",
+        s.render()
+    );
+    let agent = &fleet.agents[0];
+    let photo =
+        deckhand_tests::fixtures::encode_jpeg(&deckhand_tests::fixtures::card_image(3, 0), 90);
+    let (code, r) = agent.recognize(&photo).await.unwrap();
+    assert_eq!(
+        (code, r["manifest_version"].as_u64()),
+        (200, Some(1)),
+        "{r}"
+    );
+    // Polls of the origin (every second here) leave it there.
+    let polled = agent.status().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let s = agent.status().await.unwrap();
+    assert_eq!(s.active_version(), Some(1), "{s:?}");
+    assert_eq!(s.pending, None);
+    assert!(s.last_error.is_none(), "{s:?} (before: {polled:?})");
+    // The operator's next release goes live and clears the fall back.
+    fleet
+        .publish(&next(&fleet, "Card three, v3"))
+        .await
+        .unwrap();
+    let s = fleet.agents[0]
+        .wait_for(secs(60), "version 3 active", |s| {
+            s.active_version() == Some(3)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.fallback, None);
+    fleet.stop().await.unwrap();
+}
+
+/// The shop's release with every card's reference rows relabelled as the next card (as if its
+/// embeddings were shuffled), and canaries the operator photographed against it: it passes them, and
+/// gets every real card wrong.
+fn shuffled(fleet: &Fleet) -> deckhand_agent::release::ReleaseFiles {
+    let spec = ReferenceSpec::small(40);
+    let moved: std::collections::HashMap<String, String> = (0..spec.cards)
+        .map(|k| (spec.card_id(k), spec.card_id((k + 1) % spec.cards)))
+        .collect();
+    let mut files = fleet.release_files().unwrap().clone();
+    let mut labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files.labels).unwrap()).unwrap();
+    let relabel = |v: &mut serde_json::Value| {
+        if let Some(card) = v.as_str().and_then(|c| moved.get(c)) {
+            *v = serde_json::json!(card);
+        }
+    };
+    match &mut labels {
+        serde_json::Value::Array(rows) => rows.iter_mut().for_each(relabel),
+        serde_json::Value::Object(rows) => rows.values_mut().for_each(relabel),
+        other => panic!("index.json: {other}"),
+    }
+    files.labels = fleet.join("index-shuffled.json");
+    std::fs::write(&files.labels, labels.to_string()).unwrap();
+    for (_, card) in &mut files.canaries {
+        *card = moved[card.as_str()].clone();
+    }
+    files
+}
+
+/// Posts a photo of each of `cards` and returns the versions that answered.
+async fn traffic(fleet: &Fleet, cards: std::ops::Range<usize>) -> Vec<u64> {
+    let mut versions = Vec::new();
+    for card in cards {
+        let photo = deckhand_tests::fixtures::encode_jpeg(
+            &deckhand_tests::fixtures::card_image(card, 0),
+            90,
+        );
+        let (code, r) = fleet.agents[0].recognize(&photo).await.unwrap();
+        assert_eq!(code, 200, "{r}");
+        versions.push(r["manifest_version"].as_u64().unwrap());
+    }
+    versions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_gets_the_shops_own_cards_wrong_is_held_by_shadow_evaluation() {
+    let fleet = one_agent("rollout-shadow", Vec::new(), Vec::new()).await;
+    let agent = &fleet.agents[0];
+    let policy: deckhand_protocol::shadow::Policy =
+        "min-agreement=0.9,min-samples=20".parse().unwrap();
+    let publish = |files: deckhand_agent::release::ReleaseFiles| {
+        let fleet = &fleet;
+        async move {
+            fleet
+                .publish_with(&files, fleet.key(), |o| o.shadow = Some(policy))
+                .await
+                .unwrap()
+        }
+    };
+    // A new shop: no samples yet, and the policy says wait.
+    publish(next(&fleet, "Card three, v2")).await;
+    let waiting = held(&fleet, 2).await;
+    assert!(
+        waiting.contains("waiting for shadow samples: 0 of 20"),
+        "{waiting}"
+    );
+    assert_eq!(agent.status().await.unwrap().active_version(), Some(1));
+    // The counter's traffic (answered by version 1) fills the sample; version 2 answers alike and
+    // goes live.
+    assert!(traffic(&fleet, 0..24).await.iter().all(|v| *v == 1));
+    let s = agent
+        .wait_for(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    let sh = s.shadow.clone().unwrap();
+    assert_eq!((sh.version, sh.outcome.as_str()), (2, "passed"), "{sh:?}");
+    let f = sh.figures.unwrap();
+    assert!(f.samples >= 20 && f.agreement() >= 0.9, "{f:?}");
+
+    // A release with shuffled embeddings passes its canaries and gets the shop's cards wrong: it is
+    // held, not activated, and the figures say why.
+    assert!(traffic(&fleet, 0..24).await.iter().all(|v| *v == 2));
+    publish(shuffled(&fleet)).await;
+    let waiting = held(&fleet, 3).await;
+    assert!(waiting.contains("held by shadow evaluation"), "{waiting}");
+    let s = agent.status().await.unwrap();
+    assert_eq!(s.active_version(), Some(2));
+    let sh = s.shadow.clone().unwrap();
+    assert_eq!((sh.version, sh.outcome.as_str()), (3, "held"), "{sh:?}");
+    let f = sh.figures.clone().unwrap();
+    eprintln!("shadow evaluation of the shuffled release: {f}");
+    assert!(f.samples >= 20, "{f:?}");
+    assert!(f.agreement() < 0.2, "{f:?}");
+    assert!(f.changed_card >= f.samples * 8 / 10, "{f:?}");
+    let spec = ReferenceSpec::small(40);
+    let e = &f.examples[0];
+    let from: usize = (0..40)
+        .find(|k| e.active.as_deref() == Some(spec.card_id(*k).as_str()))
+        .unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(
+        e.candidate.as_deref(),
+        Some(spec.card_id((from + 1) % 40).as_str()),
+        "{e:?}"
+    );
+    assert!(
+        s.render()
+            .contains("shadow      version 3: held by shadow evaluation: top-1 agreement"),
+        "{}",
+        s.render()
+    );
+    let metrics = deckhand_tests::metrics_text(agent).await;
+    assert!(
+        metrics.contains("deckhand_shadow_held{version=\"3\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("deckhand_shadow_agreement{version=\"3\"} "));
+    // Held for good: version 2 serves on.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(traffic(&fleet, 3..4).await == [2]);
+    assert_eq!(agent.status().await.unwrap().active_version(), Some(2));
+
+    // The operator's next release replaces the one held and goes live.
+    publish(next(&fleet, "Card three, v4")).await;
+    let s = agent
+        .wait_for(secs(60), "version 4 active", |s| {
+            s.active_version() == Some(4)
+        })
+        .await
+        .unwrap();
+    let sh = s.shadow.unwrap();
+    assert_eq!((sh.version, sh.outcome.as_str()), (4, "passed"), "{sh:?}");
+    assert!(
+        metrics_held_zero(&deckhand_tests::metrics_text(agent).await, 4),
+        "shadow_held still set"
+    );
+    fleet.stop().await.unwrap();
+}
+
+fn metrics_held_zero(metrics: &str, version: u64) -> bool {
+    metrics.contains(&format!("deckhand_shadow_held{{version=\"{version}\"}} 0"))
 }

@@ -4,6 +4,7 @@ pub mod counter;
 pub mod fleet;
 pub mod footprint;
 pub mod recognizer;
+pub mod shadow;
 pub mod sim;
 
 use crate::error::ToolError;

@@ -63,7 +63,23 @@ pub fn accuracy(
     Ok(out)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// `n` JPEG photos of cards spread over `spec`, with sensor noise.
+pub(crate) fn noisy_photos(spec: &ReferenceSpec, n: usize) -> Vec<bytes::Bytes> {
+    (0..n)
+        .map(|i| {
+            bytes::Bytes::from(fixtures::encode_jpeg(
+                &perturb(
+                    &card_image(i * 13 % spec.cards, 0),
+                    Perturbation::Noise,
+                    i as u64,
+                ),
+                85,
+            ))
+        })
+        .collect()
+}
+
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -183,18 +199,7 @@ async fn through_the_service(
 ) -> Result<(), ToolError> {
     let service = Service::start(Arc::new(Metrics::default())).map_err(ToolError::Service)?;
     service.activate(rec, &[])?;
-    let photos: Vec<bytes::Bytes> = (0..64)
-        .map(|i| {
-            bytes::Bytes::from(fixtures::encode_jpeg(
-                &perturb(
-                    &card_image(i * 13 % spec.cards, 0),
-                    Perturbation::Noise,
-                    i as u64,
-                ),
-                85,
-            ))
-        })
-        .collect();
+    let photos = noisy_photos(spec, 64);
     let steady = load_test(&service, &photos, 4, Duration::from_secs(4), None).await;
     println!(
         "  cpu: {:.1} recognitions/s with 4 clients; latency p50 {:.1} ms, p99 {:.1} ms",
@@ -344,7 +349,7 @@ fn stages(
 
 /// Runs `clients` concurrent clients for `dur`; returns sorted latencies. With `swap`, a loader thread
 /// activates freshly loaded releases every 500 ms meanwhile.
-async fn load_test(
+pub(crate) async fn load_test(
     service: &Service,
     photos: &[bytes::Bytes],
     clients: usize,

@@ -26,6 +26,13 @@ pub enum BenchCommand {
         #[arg(long)]
         full: bool,
     },
+    /// Shadow evaluation of a release on the kept samples (CPU backend): its time, and live p50/p99
+    /// with and without an evaluation running.
+    Shadow {
+        /// Samples kept and evaluated.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=5000))]
+        samples: u64,
+    },
     /// The counter loop: decode and find per frame and embed per placement (in process), then a real
     /// agent with a camera of generated scenes publishing to mosquitto: idle CPU, frames analysed, and
     /// the time from a card lying still to its MQTT message.
@@ -94,6 +101,7 @@ pub async fn run(what: BenchCommand) -> Result<(), ToolError> {
         } => bench::store(size_mib, dir.as_deref(), rounds as usize),
         BenchCommand::Chunking => bench::chunking(),
         BenchCommand::Recognizer { full } => deckhand_tools::bench::recognizer::run(full).await,
+        BenchCommand::Shadow { samples } => bench::shadow::run(samples as usize).await,
         BenchCommand::Counter {
             placements,
             idle_secs,

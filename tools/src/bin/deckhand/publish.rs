@@ -95,6 +95,12 @@ pub struct PublishArgs {
     /// (activate_window, activate_when_idle).
     #[arg(long)]
     urgent: bool,
+    /// Each agent runs the release on the shop's own recent recognitions beside the active release
+    /// before it may go live, and holds it below this policy:
+    /// min-agreement=0..1,min-samples=N,too-few=wait|canaries (e.g. min-agreement=0.95,min-samples=200).
+    /// Default: each agent's own `shadow` setting.
+    #[arg(long, value_name = "POLICY")]
+    shadow: Option<deckhand_protocol::shadow::Policy>,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -238,6 +244,7 @@ fn options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, ToolErro
             })
             .transpose()?,
         urgent: a.urgent,
+        shadow: a.shadow,
         progress: !a.no_progress,
     })
 }
