@@ -307,6 +307,8 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
         p(&det.hef),
         "--detector-min-score".into(),
         "0.4".into(),
+        "--shadow".into(),
+        "min-agreement=0.9,min-samples=20".into(),
     ]);
     let v4 = ok(&deckhand_out(
         s3,
@@ -345,6 +347,24 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
             min_score: 0.4,
             iou: 0.5,
         })
+    );
+    assert_eq!(
+        manifest.shadow,
+        Some(deckhand_protocol::shadow::Policy {
+            min_agreement: 0.9,
+            min_samples: 20,
+            too_few: deckhand_protocol::shadow::TooFew::Wait,
+        })
+    );
+    // A shadow policy that cannot hold is a usage error naming the flag and the setting.
+    let mut args = publish_args(&meta2);
+    args.extend(["--shadow".into(), "min-agreement=2".into()]);
+    let out = deckhand_out(s3, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--shadow") && stderr(&out).contains("at most 1"),
+        "{}",
+        stderr(&out)
     );
     // The detector's two files come together.
     let mut args = publish_args(&meta2);
