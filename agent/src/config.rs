@@ -231,6 +231,16 @@ pub struct Settings {
     /// for shadow evaluations (JPEG, a few kB each; never sent off the Pi). 0 keeps none.
     #[arg(long, default_value = "300", value_parser = clap::value_parser!(u32).range(0..=5_000))]
     pub shadow_samples: u32,
+    /// After a release goes live it is on probation, when its manifest has no policy of its own: once
+    /// it answered `answers` requests, a release that fails more of them, answers more without a card,
+    /// or has a p99 latency over `p99` times the release before's is rolled back to that release by the
+    /// agent, and its peers do not take it: probation=DURATION,answers=N,p99=RATIO,errors=0..1,
+    /// uncertain=0..1 (probation=0: none). Urgent releases (and rollbacks) are not on probation.
+    #[arg(
+        long,
+        default_value = "probation=10m,answers=100,p99=3,errors=0.05,uncertain=0.2"
+    )]
+    pub rollout: deckhand_protocol::probation::Rollout,
     /// An MQTT broker recognitions are published to: mqtt://[user[:password]@]host[:port] or mqtts://
     /// (QoS 1 to deckhand/DEPLOYMENT/AGENT/SOURCE/recognitions; online/offline retained at
     /// deckhand/DEPLOYMENT/AGENT/status).
@@ -406,20 +416,12 @@ fn day_span(s: &str) -> Result<deckhand_protocol::daily::Span, String> {
 
 /// A duration: a whole number with a unit, s, m or h (`90s`, `5m`, `1h`), from 1 s to a day.
 fn duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration such as 90s, 5m or 1h (1 s to 24 h)");
-    let t = s.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60).ok_or_else(bad)?,
-        "h" => n.checked_mul(3600).ok_or_else(bad)?,
-        _ => return Err(bad()),
-    };
-    if !(1..=86_400).contains(&secs) {
-        return Err(bad());
+    match deckhand_protocol::daily::seconds(s) {
+        Some(secs) if (1..=86_400).contains(&secs) => Ok(Duration::from_secs(secs)),
+        _ => Err(format!(
+            "{s:?} is not a duration such as 90s, 5m or 1h (1 s to 24 h)"
+        )),
     }
-    Ok(Duration::from_secs(secs))
 }
 
 fn in_range(s: &str, lo: u64, hi: u64) -> Result<u64, String> {

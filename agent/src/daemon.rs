@@ -185,8 +185,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let store = open_store(&cfg.settings.data_dir, cfg.settings.store_budget)?;
-    note_start(&store, &cfg);
     let trust = Arc::new(trust(&cfg, &store)?);
+    let fleet = fleet_credentials(&cfg, &store);
+    let creds = fleet.clone().ok().flatten();
+    let me = agent_id(&store, creds.as_ref().map(|f| f.current()).as_deref())?;
+    note_start(&store, &cfg, &me);
     let service = Service::start(Arc::new(Metrics::default()))?;
     if cfg.settings.shadow_samples > 0 {
         service.keep_samples(crate::recognizer::shadow::Samples::start(
@@ -194,9 +197,6 @@ pub async fn run(
         )?);
     }
     serve_from_store(&store, &service, &trust.policy(), cfg.settings.backend).await;
-    let fleet = fleet_credentials(&cfg, &store);
-    let creds = fleet.clone().ok().flatten();
-    let me = agent_id(&store, creds.as_ref().map(|f| f.current()).as_deref())?;
     let span = tracing::info_span!("agent", agent = %me, deployment = %cfg.deployment);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -307,7 +307,7 @@ pub async fn run(
 
 /// Notes the start in the ledger; after a crash loop that follows a release going live, the previous
 /// release is made active again here, before anything is served.
-fn note_start(store: &Store, cfg: &RunConfig) {
+fn note_start(store: &Store, cfg: &RunConfig, me: &str) {
     let rule = deckhand_protocol::switch::CrashLoop {
         restarts: cfg.settings.crash_loop_restarts,
         within: cfg.settings.crash_loop_within,
@@ -315,7 +315,7 @@ fn note_start(store: &Store, cfg: &RunConfig) {
     let ledger = crate::ledger::Ledger::new(store);
     let noted = ledger
         .trusted_now(jiff::Timestamp::now())
-        .and_then(|now| ledger.note_start(now, &rule));
+        .and_then(|now| ledger.note_start(now, &rule, me));
     match noted {
         Ok(Some(f)) => tracing::error!(
             from = f.from_version,
@@ -607,6 +607,7 @@ async fn engine(
             when_idle: cfg.settings.activate_when_idle,
         },
         shadow: cfg.settings.shadow,
+        rollout: cfg.settings.rollout,
     };
     Ok(crate::sync::Engine::new(
         sync_cfg,

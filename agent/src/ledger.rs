@@ -9,7 +9,7 @@
 //! (store/DESIGN.md, "The ledger").
 
 use deckhand_protocol::floors::{Epoch, Floors};
-use deckhand_protocol::status::Fallback;
+use deckhand_protocol::status::{Fallback, Rejected};
 use deckhand_protocol::switch::CrashLoop;
 use deckhand_protocol::{BlobId, VerifiedManifest};
 use deckhand_store::{Store, StoreError, StoreReader};
@@ -41,6 +41,9 @@ const ACTIVATED_AT: &str = "activated_at";
 const UNCLEAN: &str = "unclean_ends";
 /// The agent's own fall back from a release (JSON [`Fallback`]), until the next release goes live.
 const FELL_BACK: &str = "fell_back";
+/// The release the agent will not take (JSON [`Rejected`]): it fell back from it, or learnt that a
+/// peer did. Cleared when a newer release goes live.
+const REJECTED: &str = "rejected_release";
 
 fn highest_key(deployment: &str) -> String {
     format!("highest_accepted/{deployment}")
@@ -179,10 +182,18 @@ impl<'s> Ledger<'s> {
         let old = self.active()?;
         let old_blobs = self.store.pins("active")?;
         let now = self.trusted_now(Timestamp::now())?.to_string();
+        // A release the agent rejected stays rejected until a newer one goes live (a new Pi that
+        // learnt of a rejection from its peers takes the older release they serve).
+        let rejected = self
+            .rejected()?
+            .filter(|r| r.version >= v.manifest.version)
+            .map(|r| serde_json::to_vec(&r).unwrap_or_default())
+            .unwrap_or_default();
         let live = [
             (ACTIVATED_AT, now.as_bytes()),
             (UNCLEAN, b"".as_slice()),
             (FELL_BACK, b"".as_slice()),
+            (REJECTED, rejected.as_slice()),
         ];
         match &old {
             Some(env) if *env != v.envelope => self.store.set_pins_and_meta(
@@ -212,15 +223,14 @@ impl<'s> Ledger<'s> {
         }
     }
 
-    /// Notes that the agent starts (at `now`, by the trusted clock). If its last run ended uncleanly
-    /// soon after the active release went live, that is counted, and when `rule` says the release
-    /// loops, the previous release (still pinned) becomes active again in one durable commit, the one
-    /// left is unpinned (the floors keep it from being taken again) and the fall back is recorded and
-    /// returned.
+    /// Notes that the agent (`by`) starts (at `now`, by the trusted clock). If its last run ended
+    /// uncleanly soon after the active release went live, that is counted, and when `rule` says the
+    /// release loops, the agent falls back to the previous release ([`Ledger::fall_back`]).
     pub fn note_start(
         &self,
         now: Timestamp,
         rule: &CrashLoop,
+        by: &str,
     ) -> Result<Option<Fallback>, StoreError> {
         let unclean = nonempty(self.store.get_meta(RUNNING)?).is_some();
         self.store
@@ -242,34 +252,64 @@ impl<'s> Ledger<'s> {
         let keep = ends.len().saturating_sub(rule.restarts as usize + 1);
         ends.drain(..keep);
         let text: Vec<String> = ends.iter().map(|t| t.to_string()).collect();
-        let tripped = rule.tripped(activated, &ends);
-        let [Some(active), Some(previous)] = self.releases()? else {
-            self.store
-                .set_meta(UNCLEAN, text.join("\n").as_bytes(), true)?;
-            return Ok(None);
-        };
-        if !tripped {
+        if !rule.tripped(activated, &ends) {
             self.store
                 .set_meta(UNCLEAN, text.join("\n").as_bytes(), true)?;
             return Ok(None);
         }
+        let why = |from: u64| {
+            format!(
+                "the agent ended uncleanly {} times within {} min of version {from} going live",
+                ends.len(),
+                rule.within.as_secs() / 60,
+            )
+        };
+        let fell = self.fall_back(now, why, by)?;
+        if fell.is_none() {
+            self.store
+                .set_meta(UNCLEAN, text.join("\n").as_bytes(), true)?;
+        }
+        Ok(fell)
+    }
+
+    /// Falls back from the active release to the previous one (still pinned), in one durable commit:
+    /// the previous becomes active, the one left is unpinned and recorded rejected ([`Rejected`], by
+    /// `by`, for `why(its version)`) so that neither this agent nor its peers take it again (the
+    /// floors keep the origin's copy out), and the fall back is recorded and returned. `None` when
+    /// there is no previous release to fall back to.
+    pub fn fall_back(
+        &self,
+        now: Timestamp,
+        why: impl FnOnce(u64) -> String,
+        by: &str,
+    ) -> Result<Option<Fallback>, StoreError> {
+        let [Some(active), Some(previous)] = self.releases()? else {
+            return Ok(None);
+        };
         let version = |env: &[u8]| {
             deckhand_protocol::envelope::inspect_unverified(env)
                 .map(|m| m.version)
                 .unwrap_or(0)
         };
+        let from = version(&active);
+        let why = why(from);
         let fallback = Fallback {
-            from_version: version(&active),
+            from_version: from,
             to_version: version(&previous),
             at: now.to_string(),
-            why: format!(
-                "the agent ended uncleanly {} times within {} min of version {} going live",
-                ends.len(),
-                rule.within.as_secs() / 60,
-                version(&active)
-            ),
+            why: why.clone(),
+        };
+        let rejected = Rejected {
+            version: from,
+            manifest_id: deckhand_protocol::envelope::unverified_id(&active)
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            by: by.to_owned(),
+            why,
+            at: now.to_string(),
         };
         let json = serde_json::to_vec(&fallback).unwrap_or_default();
+        let rejected = serde_json::to_vec(&rejected).unwrap_or_default();
         let previous_blobs = self.store.pins("previous")?;
         let now = now.to_string();
         self.store.set_pins_and_meta(
@@ -280,9 +320,27 @@ impl<'s> Ledger<'s> {
                 (ACTIVATED_AT, now.as_bytes()),
                 (UNCLEAN, b""),
                 (FELL_BACK, &json),
+                (REJECTED, &rejected),
             ],
         )?;
         Ok(Some(fallback))
+    }
+
+    /// The release the agent will not take, if any.
+    pub fn rejected(&self) -> Result<Option<Rejected>, StoreError> {
+        Ok(nonempty(self.store.get_meta(REJECTED)?).and_then(|j| serde_json::from_slice(&j).ok()))
+    }
+
+    /// Records a release the agent will not take (a peer rolled back from it), until a newer one goes
+    /// live.
+    pub fn reject(&self, rejected: &Rejected) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(rejected).unwrap_or_default();
+        self.store.set_meta(REJECTED, &json, true)
+    }
+
+    /// When the active release went live (by the trusted clock), if recorded.
+    pub fn activated_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(parsed(self.store.get_meta(ACTIVATED_AT)?))
     }
 
     /// The agent stops cleanly: its next start is not counted as following an unclean end.

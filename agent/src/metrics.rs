@@ -429,6 +429,29 @@ pub fn render_status(
             v = sh.version,
         );
     }
+    if let Some(p) = &status.probation {
+        let _ = write!(
+            out,
+            "# HELP deckhand_probation 1 while the active release is on probation (watched, rolled back if it serves worse than the release before).\n\
+             # TYPE deckhand_probation gauge\n\
+             deckhand_probation{{version=\"{v}\"}} {}\n\
+             # HELP deckhand_probation_rolled_back 1 when the release on probation was rolled back.\n\
+             # TYPE deckhand_probation_rolled_back gauge\n\
+             deckhand_probation_rolled_back{{version=\"{v}\"}} {}\n",
+            u8::from(p.outcome == "watching"),
+            u8::from(p.why.is_some()),
+            v = p.version,
+        );
+    }
+    if let Some(r) = &status.rejected {
+        let _ = write!(
+            out,
+            "# HELP deckhand_release_rejected A release this agent will not take (it or a peer rolled back from it) until a newer one is published.\n\
+             # TYPE deckhand_release_rejected gauge\n\
+             deckhand_release_rejected{{version=\"{}\"}} 1\n",
+            r.version
+        );
+    }
     if let Some(t) = &status.fleet_trust {
         let _ = write!(
             out,

@@ -58,6 +58,8 @@ pub struct Snapshot {
     pub releases: Vec<ReleaseSummary>,
     /// The agent's own fall back from a release, until the next goes live.
     pub fallback: Option<deckhand_protocol::status::Fallback>,
+    /// The release this agent will not take.
+    pub rejected: Option<deckhand_protocol::status::Rejected>,
     /// The store's bytes (complete and partial) and its budget.
     pub store_bytes: Option<u64>,
     pub store_budget: Option<u64>,
@@ -108,6 +110,9 @@ pub fn status(s: Snapshot) -> Status {
         last_switch: s.sync.last_switch,
         fallback: s.fallback,
         shadow: s.sync.shadow,
+        probation: s.sync.probation,
+        origin_polls: s.sync.origin_polls,
+        rejected: s.rejected,
         clock_behind_trusting: s.clock_behind.map(|f| f.to_string()),
         last_refused_manifest: s.sync.last_refused_manifest,
         bytes_from_peers: s.sync.bytes_from_peers,
@@ -263,6 +268,10 @@ impl Sources {
             releases,
             fallback: crate::ledger::Ledger::new(&self.store)
                 .fallback()
+                .ok()
+                .flatten(),
+            rejected: crate::ledger::Ledger::new(&self.store)
+                .rejected()
                 .ok()
                 .flatten(),
             store_bytes: usage.as_ref().map(|u| u.complete_bytes + u.partial_bytes),

@@ -56,6 +56,30 @@ impl std::fmt::Display for Span {
     }
 }
 
+/// Seconds in a duration written as a whole number with a unit, `s`, `m` or `h` (`90s`, `5m`,
+/// `1h`), for settings and release policies; `None` when it is not one.
+pub fn seconds(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        _ => None,
+    }
+}
+
+/// `secs` written the way [`seconds`] reads it, in the largest unit that divides it.
+pub fn write_seconds(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

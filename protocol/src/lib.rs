@@ -17,6 +17,7 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod migration;
+pub mod probation;
 pub mod root;
 pub mod shadow;
 pub mod sim;

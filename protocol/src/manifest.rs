@@ -219,6 +219,10 @@ pub struct Manifest {
     /// live there ([`crate::shadow`]). Absent: the agent's own `shadow` setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::shadow::Policy>,
+    /// How the release is watched after it goes live on each agent, and rolled back if it serves worse
+    /// than the one before ([`crate::probation`]). Absent: the agent's own `rollout` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::probation::Rollout>,
 }
 
 /// A blob a release needs, whatever its role.
@@ -410,6 +414,15 @@ impl Manifest {
                 },
             })?;
         }
+        if let Some(r) = &self.rollout {
+            r.validate().map_err(|e| ManifestError::Field {
+                what: "rollout policy".into(),
+                why: match e {
+                    crate::probation::RolloutError::Value { why, .. } => why,
+                    crate::probation::RolloutError::Unknown(_) => "unknown",
+                },
+            })?;
+        }
         for (i, c) in self.canaries.iter().enumerate() {
             if c.size == 0 {
                 return Err(ManifestError::EmptyBlob {
@@ -492,6 +505,7 @@ pub(crate) mod tests {
             not_before: None,
             urgent: false,
             shadow: None,
+            rollout: None,
             detector: Some(DetectorSettings {
                 input_width: 640,
                 input_height: 640,

@@ -37,9 +37,19 @@ pub struct Status {
     #[serde(default)]
     pub last_switch: Option<Switch>,
     /// The agent fell back from the release it had switched to, by itself (a crash loop after it went
-    /// live); cleared when the next release goes live.
+    /// live, or worse figures on probation); cleared when the next release goes live.
     #[serde(default)]
     pub fallback: Option<Fallback>,
+    /// Polls of the origin answered since the agent started (a changed manifest or not).
+    #[serde(default)]
+    pub origin_polls: u64,
+    /// The active release's probation ([`crate::probation`]): watched, passed, or rolled back.
+    #[serde(default)]
+    pub probation: Option<Probation>,
+    /// The release this agent will not take: it rolled back from it, or a peer did (the operator's
+    /// next release clears this).
+    #[serde(default)]
+    pub rejected: Option<Rejected>,
     /// The last shadow evaluation of a release before it went live ([`crate::shadow`]).
     #[serde(default)]
     pub shadow: Option<Shadow>,
@@ -321,8 +331,9 @@ pub struct Pending {
     pub waiting: Option<String>,
 }
 
-/// The agent fell back to the release before the active one by itself ([`crate::switch::CrashLoop`]):
-/// the one it left is not taken again; the operator's next release clears this.
+/// The agent fell back to the release before the active one by itself (a crash loop,
+/// [`crate::switch::CrashLoop`], or a release worse on probation, [`crate::probation`]): the one it
+/// left is not taken again; the operator's next release clears this.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fallback {
     pub from_version: u64,
@@ -330,6 +341,37 @@ pub struct Fallback {
     /// When (RFC 3339).
     pub at: String,
     pub why: String,
+}
+
+/// A release on probation after it went live here ([`crate::probation`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probation {
+    pub version: u64,
+    /// When it went live, and when its time on probation ends (RFC 3339).
+    pub since: String,
+    pub until: String,
+    /// `watching`, `passed` or `rolled back`.
+    pub outcome: String,
+    /// What it served so far, and what the release before it served while it was live (none after
+    /// a restart).
+    pub health: crate::probation::Health,
+    pub before: Option<crate::probation::Health>,
+    /// Why it was rolled back.
+    #[serde(default)]
+    pub why: Option<String>,
+}
+
+/// A release an agent will not take, until the operator publishes a newer one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub version: u64,
+    /// Its manifest id (hex).
+    pub manifest_id: String,
+    /// The agent that rolled back from it (this one, or the peer this one learnt it from).
+    pub by: String,
+    pub why: String,
+    /// When (RFC 3339).
+    pub at: String,
 }
 
 /// A shadow evaluation of a release on the agent's own recent inputs, and what it decided.
@@ -354,7 +396,7 @@ pub struct Switch {
     pub ready_at: String,
     pub switched_at: String,
     /// `at once`, `all ready`, `a member switched`, `deadline`, `in the maintenance window`, `the counter
-    /// was idle` or `urgent`.
+    /// was idle`, `urgent`, `a canary`, `the canary passed its probation`, or `rolled back` (probation).
     pub why: String,
 }
 
@@ -524,6 +566,30 @@ impl Status {
                 out,
                 "fell back   from version {} to {} at {}: {}",
                 f.from_version, f.to_version, f.at, f.why
+            );
+        }
+        if let Some(p) = &self.probation {
+            let _ = match (&p.why, p.outcome.as_str()) {
+                (Some(why), _) => {
+                    writeln!(out, "probation   version {} rolled back: {why}", p.version)
+                }
+                (None, "watching") => writeln!(
+                    out,
+                    "probation   version {} until {}: {}",
+                    p.version, p.until, p.health
+                ),
+                (None, outcome) => writeln!(
+                    out,
+                    "probation   version {} {outcome}: {}",
+                    p.version, p.health
+                ),
+            };
+        }
+        if let Some(r) = &self.rejected {
+            let _ = writeln!(
+                out,
+                "rejected    version {} (by {}): {}",
+                r.version, r.by, r.why
             );
         }
         if let Some(sh) = &self.shadow {

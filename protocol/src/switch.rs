@@ -77,6 +77,10 @@ pub enum Why {
     Idle,
     /// The operator marked the release urgent: the gate does not hold it.
     Urgent,
+    /// The release is rolled out to canaries first, and this agent is one ([`crate::probation`]).
+    Canary,
+    /// The shop's canaries served the release through their probation.
+    AfterCanaries,
 }
 
 impl std::fmt::Display for Why {
@@ -89,6 +93,8 @@ impl std::fmt::Display for Why {
             Why::Window => "in the maintenance window",
             Why::Idle => "the counter was idle",
             Why::Urgent => "urgent",
+            Why::Canary => "a canary",
+            Why::AfterCanaries => "the canary passed its probation",
         })
     }
 }

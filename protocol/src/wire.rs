@@ -121,6 +121,13 @@ pub struct Hello {
     /// so renewed certificates and revocations reach a Pi without S3. A trailing field after `root`
     /// (written as 0, read back as `None`, when only this is present).
     pub fleet: Option<u64>,
+    /// The release the agent will not take: it rolled it back (on probation, or after a crash loop),
+    /// or learnt that a peer did. A peer does not take it either, until a newer one is published. A
+    /// trailing field after `fleet` (written as 0 when only later fields are present).
+    pub rejected: Option<ReleaseRef>,
+    /// The agent's active release once it passed its probation there ([`crate::probation`]). A
+    /// trailing field after `rejected`.
+    pub proven: Option<ReleaseRef>,
 }
 
 impl Hello {
@@ -156,7 +163,7 @@ impl Hello {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Exchange hellos; the response is the responder's [`Response::Hello`].
-    Hello(Hello),
+    Hello(Box<Hello>),
     /// The newest verified manifest envelope the responder holds for a deployment.
     GetManifest { deployment: String },
     /// One verified chunk (or a small whole blob such as a chunk map) by content id.
@@ -280,14 +287,29 @@ impl W {
         self.release(&h.pending);
         self.bytes(h.listen.as_bytes());
         self.0.push(u8::from(h.origin));
-        if h.ready.is_some() || h.root.is_some() || h.fleet.is_some() {
+        // Each trailing field is written when it or a later one is present.
+        let later = [
+            h.proven.is_some(),
+            h.rejected.is_some(),
+            h.fleet.is_some(),
+            h.root.is_some(),
+            h.ready.is_some(),
+        ];
+        let present = |field: usize| later[..=4 - field].iter().any(|p| *p);
+        if present(0) {
             self.release(&h.ready);
         }
-        if h.root.is_some() || h.fleet.is_some() {
+        if present(1) {
             self.u64(h.root.unwrap_or(0));
         }
-        if let Some(fleet) = h.fleet {
-            self.u64(fleet);
+        if present(2) {
+            self.u64(h.fleet.unwrap_or(0));
+        }
+        if present(3) {
+            self.release(&h.rejected);
+        }
+        if present(4) {
+            self.release(&h.proven);
         }
     }
     fn finish(mut self) -> Vec<u8> {
@@ -370,7 +392,17 @@ impl<'a> R<'a> {
             fleet: if self.0.is_empty() {
                 None
             } else {
-                Some(self.u64("fleet bundle number")?)
+                Some(self.u64("fleet bundle number")?).filter(|v| *v != 0)
+            },
+            rejected: if self.0.is_empty() {
+                None
+            } else {
+                self.release("rejected release")?
+            },
+            proven: if self.0.is_empty() {
+                None
+            } else {
+                self.release("proven release")?
             },
         })
     }
@@ -447,7 +479,7 @@ impl Request {
         }
         let (t, mut r) = split_tag(body)?;
         let msg = match t {
-            tag::HELLO => Request::Hello(r.hello()?),
+            tag::HELLO => Request::Hello(Box::new(r.hello()?)),
             tag::GET_MANIFEST => Request::GetManifest {
                 deployment: r.string("deployment")?,
             },
@@ -607,42 +639,60 @@ mod tests {
             ready: None,
             root: None,
             fleet: None,
+            rejected: None,
+            proven: None,
         }
     }
 
     #[test]
     fn every_message_round_trips() {
         let requests = [
-            Request::Hello(hello()),
-            Request::Hello(Hello {
+            Request::Hello(Box::new(hello())),
+            Request::Hello(Box::new(Hello {
                 ready: Some(ReleaseRef {
                     version: 4,
                     manifest: BlobId::of(b"m4"),
                 }),
                 ..hello()
-            }),
-            Request::Hello(Hello {
+            })),
+            Request::Hello(Box::new(Hello {
                 root: Some(2),
                 ..hello()
-            }),
-            Request::Hello(Hello {
+            })),
+            Request::Hello(Box::new(Hello {
                 ready: Some(ReleaseRef {
                     version: 4,
                     manifest: BlobId::of(b"m4"),
                 }),
                 root: Some(u64::MAX),
                 ..hello()
-            }),
+            })),
             // A fleet number without a rotated root: the root is written as 0 and read back as none.
-            Request::Hello(Hello {
+            Request::Hello(Box::new(Hello {
                 fleet: Some(1_800_000_000),
                 ..hello()
-            }),
-            Request::Hello(Hello {
+            })),
+            Request::Hello(Box::new(Hello {
                 root: Some(3),
                 fleet: Some(9),
                 ..hello()
-            }),
+            })),
+            // A rejected release alone: ready, root and fleet are written as none and 0.
+            Request::Hello(Box::new(Hello {
+                rejected: Some(ReleaseRef {
+                    version: 4,
+                    manifest: BlobId::of(b"m4"),
+                }),
+                ..hello()
+            })),
+            Request::Hello(Box::new(Hello {
+                proven: Some(ReleaseRef {
+                    version: 3,
+                    manifest: BlobId::of(b"m3"),
+                }),
+                fleet: Some(2),
+                ..hello()
+            })),
             Request::GetFleet,
             Request::GetManifest {
                 deployment: "shop".into(),
@@ -668,7 +718,7 @@ mod tests {
             },
         ];
         // A Hello that is not ready ends with the origin flag, as before the optional field existed.
-        let plain = Request::Hello(hello()).encode();
+        let plain = Request::Hello(Box::new(hello())).encode();
         assert_eq!(plain.last(), Some(&1));
         for m in requests {
             assert!(m.encode().len() - 4 <= MAX_REQUEST);
@@ -790,7 +840,7 @@ mod tests {
             edits in proptest::collection::vec((any::<u32>(), any::<u8>(), 0u8..3), 1..6),
         ) {
             let requests = [
-                Request::Hello(hello()),
+                Request::Hello(Box::new(hello())),
                 Request::GetManifest { deployment: "shop".into() },
                 Request::GetChunk { id: BlobId::of(b"c") },
                 Request::GetHave { blob: BlobId::of(b"b") },

@@ -86,6 +86,9 @@ pub struct PublishOptions {
     /// What a shadow evaluation on each agent must show before it goes live (`None`: each agent's own
     /// setting).
     pub shadow: Option<deckhand_protocol::shadow::Policy>,
+    /// How each agent watches it after it goes live, and rolls it back (`None`: each agent's own
+    /// setting).
+    pub rollout: Option<deckhand_protocol::probation::Rollout>,
     /// Draw a progress bar (only ever on a terminal).
     pub progress: bool,
 }
@@ -120,6 +123,7 @@ impl PublishOptions {
             not_before: None,
             urgent: false,
             shadow: None,
+            rollout: None,
             progress: false,
         }
     }
@@ -418,6 +422,7 @@ pub async fn prepare(
         not_before: opts.not_before,
         urgent: opts.urgent,
         shadow: opts.shadow,
+        rollout: opts.rollout,
         detector: checked.detector,
     };
     sign(manifest, key, uploaded, skipped, bytes_uploaded)
@@ -610,6 +615,7 @@ pub async fn rollback(
         version: next_version(origin, deployment).await?,
         urgent: true,
         shadow: None,
+        rollout: None,
         created_at: now,
         expires_at: now
             .checked_add(expires_in)

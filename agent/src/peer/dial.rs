@@ -148,7 +148,7 @@ impl PeerNode {
         let resp = roundtrip(
             &conn,
             id,
-            &Request::Hello(self.hello()),
+            &Request::Hello(Box::new(self.hello())),
             "hello",
             HELLO_TIMEOUT,
         )

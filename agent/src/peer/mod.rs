@@ -110,6 +110,10 @@ pub struct LocalState {
     pub ready: Option<ReleaseRef>,
     /// The trust root version followed, once it was rotated (2 and up).
     pub root: Option<u64>,
+    /// The release this agent will not take (rolled back here, or by a peer).
+    pub rejected: Option<ReleaseRef>,
+    /// The active release, once it passed its probation here.
+    pub proven: Option<ReleaseRef>,
 }
 
 impl LocalState {
@@ -443,6 +447,8 @@ impl PeerNode {
                 && l.pending == state.pending
                 && l.origin == state.origin
                 && l.ready == state.ready
+                && l.rejected == state.rejected
+                && l.proven == state.proven
                 && l.envelope == state.envelope;
             *l = state;
             if same {
@@ -468,6 +474,8 @@ impl PeerNode {
             ready: l.ready,
             root: l.root,
             fleet: self.inner.fleet.current().number(),
+            rejected: l.rejected,
+            proven: l.proven,
         }
     }
 

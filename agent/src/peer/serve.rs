@@ -265,7 +265,7 @@ impl PeerNode {
 
     async fn answer(&self, id: &str, remote: SocketAddr, req: Request) -> Response {
         match req {
-            Request::Hello(h) => self.answer_hello(id, remote, h),
+            Request::Hello(h) => self.answer_hello(id, remote, *h),
             Request::GetManifest { deployment } => {
                 if deployment != self.inner.deployment {
                     return Response::NotFound;

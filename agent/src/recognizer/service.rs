@@ -14,7 +14,9 @@ use super::preprocess::{self, ImageError};
 use super::{BackendError, MAX_BATCH, Recognition, Recognizer};
 use crate::metrics::{Metrics, Via};
 use arc_swap::ArcSwapOption;
+use deckhand_protocol::probation::{Health, Tally};
 use image::RgbImage;
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -85,6 +87,43 @@ pub struct Service {
     listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>>,
     /// Keeps answered inputs for shadow evaluations, once set ([`Service::keep_samples`]).
     samples: Arc<std::sync::OnceLock<Arc<super::shadow::Samples>>>,
+    /// What the latest releases served while live ([`Service::health`]).
+    tallies: Arc<Tallies>,
+}
+
+/// How many releases' tallies are kept: the live one, the one before (probation compares them), and
+/// the one before that (a rollback's).
+const TALLIES: usize = 3;
+
+/// What the latest releases served while they were live, by version.
+#[derive(Default)]
+struct Tallies(Mutex<VecDeque<(u64, Tally)>>);
+
+impl Tallies {
+    /// `version` goes live: its tally starts again.
+    fn start(&self, version: u64) {
+        let mut t = crate::locks::lock(&self.0, "tallies");
+        t.retain(|(v, _)| *v != version);
+        t.push_back((version, Tally::default()));
+        while t.len() > TALLIES {
+            t.pop_front();
+        }
+    }
+
+    /// Counts what `version` served (one batch).
+    fn record(&self, version: u64, f: impl FnOnce(&mut Tally)) {
+        let mut t = crate::locks::lock(&self.0, "tallies");
+        if let Some((_, tally)) = t.iter_mut().find(|(v, _)| *v == version) {
+            f(tally);
+        }
+    }
+
+    fn health(&self, version: u64) -> Option<Health> {
+        crate::locks::lock(&self.0, "tallies")
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, t)| t.health())
+    }
 }
 
 /// Memory that images being decoded may take at once, over every HTTP request
@@ -132,12 +171,15 @@ impl Service {
         });
         let listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>> = Arc::default();
         let samples: Arc<std::sync::OnceLock<Arc<super::shadow::Samples>>> = Arc::default();
+        let tallies = Arc::new(Tallies::default());
         let thread = {
             let (live, metrics, busy) = (live.clone(), metrics.clone(), busy.clone());
-            let (listener, samples) = (listener.clone(), samples.clone());
+            let (listener, samples, tallies) = (listener.clone(), samples.clone(), tallies.clone());
             std::thread::Builder::new()
                 .name("deckhand-inference".into())
-                .spawn(move || inference_loop(rx, &live, &metrics, &busy, &listener, &samples))?
+                .spawn(move || {
+                    inference_loop(rx, &live, &metrics, &busy, &listener, &samples, &tallies)
+                })?
         };
         Ok(Self {
             live,
@@ -149,7 +191,14 @@ impl Service {
             decoding: Arc::new(tokio::sync::Semaphore::new(DECODE_BUDGET as usize)),
             listener,
             samples,
+            tallies,
         })
+    }
+
+    /// What release `version` served while it was live (answers, failures, answers without a card,
+    /// latency), if it was one of the latest.
+    pub fn health(&self, version: u64) -> Option<Health> {
+        self.tallies.health(version)
     }
 
     /// Tells `listener` of every answer from now on. Only the first listener set is kept (the daemon
@@ -335,6 +384,7 @@ impl Service {
     pub fn swap(&self, candidate: Recognizer) {
         let version = candidate.version;
         let _ = candidate.activated_at.set(jiff::Timestamp::now());
+        self.tallies.start(version);
         // The swap: one atomic store. In-flight batches keep their own Arc of the old recognizer.
         self.live.store(Some(Arc::new(candidate)));
         self.metrics.swap();
@@ -410,6 +460,7 @@ fn inference_loop(
     busy: &Busy,
     listener: &std::sync::OnceLock<Arc<dyn Listener>>,
     samples: &std::sync::OnceLock<Arc<super::shadow::Samples>>,
+    tallies: &Tallies,
 ) {
     while let Ok(first) = rx.recv() {
         busy.enter();
@@ -437,6 +488,14 @@ fn inference_loop(
         let starts: Vec<Instant> = rest.iter().map(|(s, _, _)| *s).collect();
         match recognizer.recognize(&images, &starts) {
             Ok(results) => {
+                tallies.record(recognizer.version, |t| {
+                    for (r, (started, _, _)) in results.iter().zip(&rest) {
+                        t.answer(
+                            r.card_id.is_none(),
+                            started.elapsed().as_secs_f64() * 1000.0,
+                        );
+                    }
+                });
                 if let Some(s) = samples.get() {
                     for (image, r) in images.iter().zip(&results) {
                         s.offer(image, r);
@@ -455,6 +514,9 @@ fn inference_loop(
             }
             Err(e) => {
                 tracing::error!(cause = %e, version = recognizer.version, "inference failed");
+                tallies.record(recognizer.version, |t| {
+                    rest.iter().for_each(|_| t.failure())
+                });
                 for (_, reply, _) in rest {
                     metrics.failure();
                     let _ = reply.send(Err(RecognizeError::Backend(e.clone())));

@@ -14,7 +14,7 @@ use super::{Recognition, Recognizer, preprocess};
 use deckhand_protocol::shadow::{Figures, Pair};
 use image::RgbImage;
 use std::collections::VecDeque;
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -43,7 +43,6 @@ struct Offer {
 
 /// The newest recognised inputs, bounded. Cheap to share.
 pub struct Samples {
-    capacity: usize,
     kept: Arc<Mutex<VecDeque<Sample>>>,
     tx: Mutex<Option<SyncSender<Offer>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -84,7 +83,6 @@ impl Samples {
                 })?
         };
         Ok(Arc::new(Self {
-            capacity,
             kept,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -94,20 +92,16 @@ impl Samples {
     /// Offers an input the live release answered (from the inference thread): copied and handed to
     /// the sampler, or dropped at once when it is behind.
     pub fn offer(&self, image: &RgbImage, answer: &Recognition) {
-        if self.capacity == 0 {
-            return;
-        }
         let tx = crate::locks::lock(&self.tx, "samples").clone();
         let Some(tx) = tx else { return };
-        match tx.try_send(Offer {
+        // Full (the sampler is behind) or stopped: the offer is dropped.
+        let _ = tx.try_send(Offer {
             image: image.clone(),
             version: answer.manifest_version,
             card_id: answer.card_id.clone(),
             score: answer.score,
             latency_ms: answer.latency_ms,
-        }) {
-            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-        }
+        });
     }
 
     /// How many kept inputs `version` answered.

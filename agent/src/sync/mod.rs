@@ -24,6 +24,7 @@
 pub mod activation;
 pub mod bundle;
 mod download;
+mod probation;
 mod sources;
 mod switching;
 pub mod trust;
@@ -43,6 +44,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// How often a new Pi looks whether it heard a peer yet, before its first origin poll (for at most
+/// `gather` after it started).
+const HEAR_PEERS_STEP: Duration = Duration::from_millis(50);
 
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
@@ -65,6 +70,10 @@ pub struct SyncStatus {
     pub last_switch: Option<deckhand_protocol::status::Switch>,
     /// The last shadow evaluation of a release before it went live.
     pub shadow: Option<deckhand_protocol::status::Shadow>,
+    /// The active release's probation.
+    pub probation: Option<deckhand_protocol::status::Probation>,
+    /// Polls of the origin answered since start.
+    pub origin_polls: u64,
 }
 
 #[derive(Clone)]
@@ -94,6 +103,8 @@ pub struct SyncConfig {
     pub gate: deckhand_protocol::switch::Gate,
     /// The shadow policy for releases whose manifest has none.
     pub shadow: Option<deckhand_protocol::shadow::Policy>,
+    /// The probation policy for releases whose manifest has none.
+    pub rollout: deckhand_protocol::probation::Rollout,
 }
 
 /// Where a manifest came from.
@@ -234,6 +245,10 @@ pub struct Engine {
     beat: crate::systemd::Beat,
     /// A verified, loaded release its gate holds (a maintenance window, an idle counter).
     held: Option<switching::Held>,
+    /// The active release on probation.
+    probation: Option<probation::OnProbation>,
+    /// The release this agent will not take (from the ledger).
+    rejected: Option<deckhand_protocol::status::Rejected>,
     /// When the engine started (an agent that has recognised nothing has been idle since).
     started: Instant,
 }
@@ -267,6 +282,8 @@ impl Engine {
             fleet_etag: None,
             beat: crate::systemd::Beat::default(),
             held: None,
+            probation: None,
+            rejected: None,
             started: Instant::now(),
         }
     }
@@ -311,6 +328,10 @@ impl Engine {
         let mut failures = 0u64;
         // A download accepted before a restart resumes first.
         let mut resume = true;
+        // Once a second, whatever else comes (polls come that often in tests): the held release's
+        // gate, the probation, peers' rejections are looked at.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if resume {
                 resume = !self.resume_pending().await;
@@ -321,9 +342,9 @@ impl Engine {
                 self.beat.beat();
                 tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                        if self.held.is_some() {
-                            break Event::Held;
+                    _ = tick.tick() => {
+                        if self.held.is_some() || self.watching() || self.peers.is_some() {
+                            break Event::Tick;
                         }
                         continue;
                     }
@@ -335,6 +356,12 @@ impl Engine {
                 }
             };
             match event {
+                Event::Poll if self.hear_peers_first() => {
+                    // A new Pi hears its peers before it takes a release from the origin: one they
+                    // rejected is not accepted (which would raise its floors above the one they
+                    // serve). It looks again shortly, and polls once one is heard.
+                    next_poll = tokio::time::Instant::now() + HEAR_PEERS_STEP;
+                }
                 Event::Poll | Event::Retry => {
                     let outcome = if has_origin {
                         self.poll_origin(&mut etag).await
@@ -349,6 +376,7 @@ impl Engine {
                             // being retried (`resume`) still stands until a retry succeeds.
                             let settled = !resume;
                             self.note_status(|s| {
+                                s.origin_polls += u64::from(has_origin);
                                 s.offline_since = None;
                                 if settled {
                                     s.last_error = None;
@@ -411,13 +439,20 @@ impl Engine {
                         }
                     }
                 }
-                Event::Held => match self.release_held().await {
-                    Ok(()) => {}
-                    Err(e) => {
+                Event::Tick => {
+                    if let Err(e) = self.heed_rejections().await {
+                        tracing::warn!(cause = %e, "a rejection a peer announced could not be recorded");
+                        self.note_error(&e);
+                    }
+                    if let Err(e) = self.watch_probation().await {
+                        tracing::warn!(cause = %e, "the release on probation could not be judged");
+                        self.note_error(&e);
+                    }
+                    if let Err(e) = self.release_held().await {
                         tracing::warn!(cause = %e, "the held release could not go live");
                         self.note_error(&e);
                     }
-                },
+                }
                 Event::Repair => match self.repair_active().await {
                     Ok(()) => self.note_ok(),
                     Err(e) => {
@@ -436,6 +471,14 @@ impl Engine {
         }
     }
 
+    /// Whether the first origin poll waits for the peers' hellos: nothing is live here yet, peers are
+    /// looked for, none was heard, and the gathering time since start has not passed.
+    fn hear_peers_first(&self) -> bool {
+        self.service.active().is_none()
+            && self.started.elapsed() < self.cfg.gather
+            && self.peers.as_ref().is_some_and(|n| n.usable().is_empty())
+    }
+
     /// The active release's envelope, as the store records it (relayed to peers while nothing is pending).
     async fn read_active_envelope(&mut self) {
         match self
@@ -444,6 +487,22 @@ impl Engine {
         {
             Ok(envelope) => self.set_active_envelope(envelope),
             Err(e) => tracing::warn!(cause = %e, "cannot read the active release's envelope"),
+        }
+        match self
+            .on_store(|store| Ok(crate::ledger::Ledger::new(store).rejected()?))
+            .await
+        {
+            Ok(rejected) => self.rejected = rejected,
+            Err(e) => tracing::warn!(cause = %e, "cannot read the release rejected"),
+        }
+        let active = self
+            .active_envelope
+            .as_deref()
+            .and_then(|env| self.cfg.trust.policy().verify_ignoring_expiry(env).ok());
+        if let Some(v) = active
+            && let Err(e) = self.resume_probation(&v).await
+        {
+            tracing::warn!(cause = %e, "cannot resume the active release's probation");
         }
     }
 
@@ -584,16 +643,33 @@ impl Engine {
             origin: self.origin_reachable(),
             ready: self.ready,
             root: self.cfg.trust.version().filter(|v| *v > 1),
+            rejected: self.rejected_ref(),
+            proven: self.proven(),
         });
     }
 
     /// Verifies an envelope and, if it is new, records it as pending. `Ok(None)` when it is the newest
     /// already accepted (nothing to do) or older (refused, logged).
     async fn admit(
-        &self,
+        &mut self,
         envelope: &[u8],
         from: &Via,
     ) -> Result<Option<VerifiedManifest>, SyncError> {
+        // A release this agent or a peer rejected is not accepted: the floors stay where they are, so
+        // the release the shop serves can still be taken.
+        if let (Ok(id), Ok(m)) = (
+            deckhand_protocol::envelope::unverified_id(envelope),
+            deckhand_protocol::envelope::inspect_unverified(envelope),
+        ) {
+            let release = ReleaseRef {
+                version: m.version,
+                manifest: id,
+            };
+            if self.refuses(release).await? {
+                tracing::debug!(version = m.version, source = %from.label(), "a rejected release was offered; not taken");
+                return Ok(None);
+            }
+        }
         let policy = self.cfg.trust.admit_policy(jiff::Timestamp::now())?;
         let (deployment, envelope) = (self.cfg.deployment.to_string(), envelope.to_vec());
         let clock = self.cfg.clock;
@@ -861,8 +937,9 @@ enum Event {
     Hint(Hint),
     Bundle(PathBuf),
     Repair,
-    /// A second passed while a release is held: is its gate open now?
-    Held,
+    /// A second passed while a release is held (is its gate open now?), on probation (is it worse?),
+    /// or while peers may announce a release they rejected.
+    Tick,
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {

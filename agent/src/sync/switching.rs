@@ -8,6 +8,7 @@ use super::{Engine, SyncError, joined};
 use crate::recognizer::service::check_canaries;
 use crate::sync::activation;
 use deckhand_protocol::VerifiedManifest;
+use deckhand_protocol::probation::Canary;
 use deckhand_protocol::shadow::{Policy, Verdict};
 use deckhand_protocol::switch::{self, Decision, Member, Mode, Plan};
 use deckhand_protocol::wire::ReleaseRef;
@@ -19,17 +20,21 @@ pub(crate) struct Held {
     v: VerifiedManifest,
     recognizer: crate::recognizer::Recognizer,
     ready_at: jiff::Timestamp,
-    /// Held by shadow evaluation rather than the gate.
-    shadow: Option<Shadowed>,
+    /// What it waits for.
+    until: Until,
 }
 
-/// Why shadow evaluation holds a release.
-enum Shadowed {
-    /// It fell below the policy: it stays held until a newer release replaces it.
-    Failed,
-    /// Too few samples, and the policy says wait: evaluated again once `policy.min_samples` of the
-    /// active release's answers are kept.
-    Samples(Policy),
+/// What a held release waits for.
+enum Until {
+    /// The agent's gate: a maintenance window, an idle counter.
+    Gate,
+    /// The shop's canaries to serve it through their probation (this many).
+    Canaries(u32),
+    /// Nothing: it fell below the shadow policy, and stays held until a newer release replaces it.
+    ShadowFailed,
+    /// Too few shadow samples, and the policy says wait: evaluated again once `policy.min_samples`
+    /// of the active release's answers are kept.
+    ShadowSamples(Policy),
 }
 
 impl Held {
@@ -79,6 +84,23 @@ impl Engine {
             }
             _ => {}
         }
+        let release = ReleaseRef {
+            version: v.manifest.version,
+            manifest: v.id,
+        };
+        if !repair && self.refuses(release).await? {
+            // Rejected since it was accepted (a peer rolled it back): not activated.
+            tracing::warn!(
+                version = v.manifest.version,
+                "a rejected release is not activated"
+            );
+            self.note_status(|s| s.pending = None);
+            self.pending = None;
+            self.on_store(|store| Ok(crate::ledger::Ledger::new(store).clear_pending()?))
+                .await?;
+            self.announce();
+            return Ok(());
+        }
         let (s2, v2, backend) = (self.store.clone(), v.clone(), self.cfg.backend);
         // Loaded and canary-checked off the runtime's threads: only the swap is left.
         let checked = joined(
@@ -98,27 +120,87 @@ impl Engine {
                 Evaluated::Go(r) => Ok(r),
                 Evaluated::Held => return Ok(()),
                 Evaluated::Below(r, why) => {
-                    self.hold(v, r, ready_at, Some(Shadowed::Failed), why);
+                    self.hold(v, r, ready_at, Until::ShadowFailed, why);
                     return Ok(());
                 }
                 Evaluated::Lost(why) => Err(why),
             },
             other => other,
         };
-        self.gate_then_live(v, checked, ready_at, repair).await
+        self.canaries_then_live(v, checked, ready_at, repair).await
     }
 
-    /// After shadow evaluation: the gate, then live.
-    async fn gate_then_live(
+    /// After shadow evaluation: the canaries (when the release is rolled out to canaries first), then
+    /// the gate, then live.
+    async fn canaries_then_live(
         &mut self,
         v: &VerifiedManifest,
         checked: Result<crate::recognizer::Recognizer, String>,
         ready_at: jiff::Timestamp,
         repair: bool,
     ) -> Result<(), SyncError> {
+        let n = self.rollout_policy(&v.manifest).map_or(0, |p| p.canary);
+        let checked = match checked {
+            Ok(r) if !repair && n > 0 => match self.canary_step(v, n).await? {
+                Some(why) => {
+                    return self
+                        .gate_then_live(v, Ok(r), ready_at, false, Some(why))
+                        .await;
+                }
+                None => {
+                    if let Some(waiting) = self.canary_waiting(v, n) {
+                        self.hold(v, r, ready_at, Until::Canaries(n), waiting);
+                    }
+                    return Ok(());
+                }
+            },
+            other => other,
+        };
+        self.gate_then_live(v, checked, ready_at, repair, None)
+            .await
+    }
+
+    /// Where `v` stands with its canaries: `Some(why)` to go on, `None` to wait (or, a member rejected
+    /// it, dropped and recorded).
+    async fn canary_step(
+        &mut self,
+        v: &VerifiedManifest,
+        n: u32,
+    ) -> Result<Option<switch::Why>, SyncError> {
+        let release = ReleaseRef {
+            version: v.manifest.version,
+            manifest: v.id,
+        };
+        match self.canary_decision(release, n) {
+            Canary::Go(why) => {
+                tracing::info!(version = release.version, why = %why, "canary rollout: going live");
+                Ok(Some(if why == "a canary" {
+                    switch::Why::Canary
+                } else {
+                    switch::Why::AfterCanaries
+                }))
+            }
+            Canary::Wait(_) => Ok(None),
+            Canary::Rejected(peer) => {
+                self.drop_rejected(release, peer).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// After the canaries (`canary`: why this agent goes on, if they were asked): the gate, then live.
+    async fn gate_then_live(
+        &mut self,
+        v: &VerifiedManifest,
+        checked: Result<crate::recognizer::Recognizer, String>,
+        ready_at: jiff::Timestamp,
+        repair: bool,
+        canary: Option<switch::Why>,
+    ) -> Result<(), SyncError> {
         let gate = match &checked {
             Ok(_) if repair => Some(switch::Why::AtOnce),
             Ok(_) => match self.gate(&v.manifest).await? {
+                Ok(switch::Why::AtOnce) => Some(canary.unwrap_or(switch::Why::AtOnce)),
                 Ok(why) => Some(why),
                 Err(wait) => {
                     if let Ok(recognizer) = checked {
@@ -127,7 +209,7 @@ impl Engine {
                             self.cfg.gate.describe(),
                             wait.as_secs()
                         );
-                        self.hold(v, recognizer, ready_at, None, waiting);
+                        self.hold(v, recognizer, ready_at, Until::Gate, waiting);
                     }
                     return Ok(());
                 }
@@ -173,7 +255,7 @@ impl Engine {
         v: &VerifiedManifest,
         recognizer: crate::recognizer::Recognizer,
         ready_at: jiff::Timestamp,
-        shadow: Option<Shadowed>,
+        until: Until,
         waiting: String,
     ) {
         tracing::info!(version = v.manifest.version, waiting = %waiting, "release held");
@@ -182,7 +264,7 @@ impl Engine {
             v: v.clone(),
             recognizer,
             ready_at,
-            shadow,
+            until,
         });
     }
 
@@ -251,19 +333,23 @@ impl Engine {
             Verdict::Hold(why) => Evaluated::Below(candidate, why),
             Verdict::Wait { .. } => {
                 let ready_at = jiff::Timestamp::now();
-                self.hold(v, candidate, ready_at, Some(Shadowed::Samples(policy)), why);
+                self.hold(v, candidate, ready_at, Until::ShadowSamples(policy), why);
                 Evaluated::Held
             }
         }
     }
 
-    /// The held release goes live if its gate opened (or, held for shadow samples, once they are kept
-    /// and it passes).
+    /// The held release goes live if what it waits for came: its gate opened, its canaries served it
+    /// through their probation (or, one rejected it, it is dropped), or its shadow samples are kept and
+    /// it passes.
     pub(super) async fn release_held(&mut self) -> Result<(), SyncError> {
-        match self.held.as_ref().map(|h| &h.shadow) {
-            None => return Ok(()),
-            Some(Some(Shadowed::Failed)) => return Ok(()),
-            Some(Some(Shadowed::Samples(policy))) => {
+        let Some(until) = self.held.as_ref().map(|h| &h.until) else {
+            return Ok(());
+        };
+        match until {
+            Until::ShadowFailed => Ok(()),
+            Until::ShadowSamples(policy) => {
+                let policy = *policy;
                 let active = self.service.active().map(|a| a.version);
                 let have = match (self.service.samples(), active) {
                     (Some(s), Some(a)) => s.answered_by(a),
@@ -281,32 +367,54 @@ impl Engine {
                 let Some(h) = self.held.take() else {
                     return Ok(());
                 };
-                return match self.shadow(&h.v, h.recognizer).await {
-                    Evaluated::Go(r) => self.gate_then_live(&h.v, Ok(r), h.ready_at, false).await,
+                match self.shadow(&h.v, h.recognizer).await {
+                    Evaluated::Go(r) => {
+                        self.canaries_then_live(&h.v, Ok(r), h.ready_at, false)
+                            .await
+                    }
                     Evaluated::Held => Ok(()),
                     Evaluated::Below(r, why) => {
-                        self.hold(&h.v, r, h.ready_at, Some(Shadowed::Failed), why);
+                        self.hold(&h.v, r, h.ready_at, Until::ShadowFailed, why);
                         Ok(())
                     }
                     Evaluated::Lost(why) => {
-                        self.gate_then_live(&h.v, Err(why), h.ready_at, false).await
+                        self.canaries_then_live(&h.v, Err(why), h.ready_at, false)
+                            .await
                     }
-                };
+                }
             }
-            Some(None) => {}
+            Until::Canaries(n) => {
+                let n = *n;
+                let Some(v) = self.held.as_ref().map(|h| h.v.clone()) else {
+                    return Ok(());
+                };
+                let Some(why) = self.canary_step(&v, n).await? else {
+                    if let Some(waiting) = self.canary_waiting(&v, n) {
+                        self.pending_update(|p| p.waiting = Some(waiting));
+                    }
+                    return Ok(());
+                };
+                let Some(h) = self.held.take() else {
+                    return Ok(());
+                };
+                self.gate_then_live(&h.v, Ok(h.recognizer), h.ready_at, false, Some(why))
+                    .await
+            }
+            Until::Gate => {
+                let Some(m) = self.held.as_ref().map(|h| h.v.manifest.clone()) else {
+                    return Ok(());
+                };
+                let why = match self.gate(&m).await? {
+                    Ok(why) => why,
+                    Err(_) => return Ok(()),
+                };
+                let Some(h) = self.held.take() else {
+                    return Ok(());
+                };
+                self.go_live(&h.v, Ok(h.recognizer), h.ready_at, false, Some(why))
+                    .await
+            }
         }
-        let Some(m) = self.held.as_ref().map(|h| h.v.manifest.clone()) else {
-            return Ok(());
-        };
-        let why = match self.gate(&m).await? {
-            Ok(why) => why,
-            Err(_) => return Ok(()),
-        };
-        let Some(h) = self.held.take() else {
-            return Ok(());
-        };
-        self.go_live(&h.v, Ok(h.recognizer), h.ready_at, false, Some(why))
-            .await
     }
 
     /// A checked release swapped in when due and recorded active, or its refusal recorded.
@@ -319,12 +427,15 @@ impl Engine {
         gate: Option<switch::Why>,
     ) -> Result<(), SyncError> {
         let m = &v.manifest;
+        let mut before = None;
         let result = match checked {
             Ok(recognizer) => {
                 let due = if repair {
                     Ok(switch::Why::AtOnce)
                 } else {
-                    self.switch_when_due(v).await
+                    // A canary goes live on its own: the others wait for it, not it for them.
+                    self.switch_when_due(v, gate == Some(switch::Why::Canary))
+                        .await
                 };
                 self.set_ready(None);
                 // Going live at once: the gate's reason is the one to show.
@@ -337,6 +448,8 @@ impl Engine {
                 // snapshot): no reader sees the new release beside an error from the way to it,
                 // which is over. The swap itself is one pointer store.
                 let service = &self.service;
+                // What the release it replaces served while it was live: its probation's yardstick.
+                before = service.active().and_then(|a| service.health(a.version));
                 self.status.send_modify(|s| {
                     service.swap(recognizer);
                     s.pending = None;
@@ -377,6 +490,17 @@ impl Engine {
                     freed = gc.bytes_freed,
                     "release active"
                 );
+                if !repair {
+                    // A newer release live clears a rejection of an older one.
+                    if self
+                        .rejected
+                        .as_ref()
+                        .is_some_and(|r| r.version < m.version)
+                    {
+                        self.rejected = None;
+                    }
+                    self.start_probation(v, before);
+                }
             }
             Err(why) => {
                 self.on_store(|store| Ok(crate::ledger::Ledger::new(store).clear_pending()?))
@@ -389,16 +513,22 @@ impl Engine {
     }
 
     /// Holds a ready release until it is due ([`deckhand_protocol::switch`]): not before the manifest's
-    /// `not_before`, and when the shop switches together, until every live member is ready for it, one
+    /// `not_before`, and when the shop switches together (and this agent does not go `alone`, as a
+    /// canary does), until every live member is ready for it, one
     /// already serves it, or the deadline passed. Meanwhile this agent announces it ready, status says
     /// what it waits for, and a newer release announced by a peer ends the wait (superseded).
     pub(super) async fn switch_when_due(
         &mut self,
         v: &VerifiedManifest,
+        alone: bool,
     ) -> Result<switch::Why, SyncError> {
         let m = &v.manifest;
         let plan = Plan {
-            mode: m.activate.unwrap_or(self.cfg.activate),
+            mode: if alone {
+                Mode::AtOnce
+            } else {
+                m.activate.unwrap_or(self.cfg.activate)
+            },
             not_before: m.not_before,
             deadline: self.cfg.activate_deadline,
         };

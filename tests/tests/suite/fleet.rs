@@ -361,6 +361,8 @@ fn fake_peer(
         ready: None,
         root: None,
         fleet: None,
+        rejected: None,
+        proven: None,
     };
     if let Some(agent) = introduce {
         let (endpoint, hello, client) = (
@@ -375,7 +377,7 @@ fn fake_peer(
                 .unwrap()
                 .await
                 .unwrap();
-            let hello_req = Request::Hello(hello.clone());
+            let hello_req = Request::Hello(Box::new(hello.clone()));
             deckhand_agent::peer::roundtrip(
                 &conn,
                 "agent",
@@ -832,7 +834,7 @@ async fn a_device_without_a_fleet_certificate_or_with_a_revoked_one_gets_no_chun
         };
         let mut out = Vec::new();
         for req in [
-            Request::Hello(Hello {
+            Request::Hello(Box::new(Hello {
                 agent_id: name.into(),
                 deployment: "shop-1".into(),
                 active: None,
@@ -842,7 +844,9 @@ async fn a_device_without_a_fleet_certificate_or_with_a_revoked_one_gets_no_chun
                 ready: None,
                 root: None,
                 fleet: None,
-            }),
+                rejected: None,
+                proven: None,
+            })),
             Request::GetManifest {
                 deployment: "shop-1".into(),
             },

@@ -309,6 +309,8 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
         "0.4".into(),
         "--shadow".into(),
         "min-agreement=0.9,min-samples=20".into(),
+        "--rollout".into(),
+        "canary=1,probation=5m,answers=40".into(),
     ]);
     let v4 = ok(&deckhand_out(
         s3,
@@ -355,6 +357,25 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
             min_samples: 20,
             too_few: deckhand_protocol::shadow::TooFew::Wait,
         })
+    );
+    assert_eq!(
+        manifest.rollout,
+        Some(deckhand_protocol::probation::Rollout {
+            canary: 1,
+            probation: 300,
+            answers: 40,
+            ..Default::default()
+        })
+    );
+    // A rollout without a probation for its canaries is a usage error naming the flag.
+    let mut args = publish_args(&meta2);
+    args.extend(["--rollout".into(), "canary=2,probation=0".into()]);
+    let out = deckhand_out(s3, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--rollout") && stderr(&out).contains("needs a probation"),
+        "{}",
+        stderr(&out)
     );
     // A shadow policy that cannot hold is a usage error naming the flag and the setting.
     let mut args = publish_args(&meta2);

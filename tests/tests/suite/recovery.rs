@@ -52,6 +52,13 @@ async fn a_deployment_lost_from_s3_is_restored_from_a_pi_while_it_serves() {
     let v1 = fleet.publish(&files).await.unwrap();
     fleet.start_agent("pi-1").await.unwrap();
     fleet.start_agent("pi-2").await.unwrap();
+    // Each Pi serves version 1 before version 2 is published, so version 1 is kept as the previous.
+    fleet
+        .wait_all(secs(90), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
     let v2 = fleet
         .publish(&renamed(&fleet, &files, &spec))
         .await

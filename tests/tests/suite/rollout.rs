@@ -212,6 +212,17 @@ async fn a_release_waits_while_the_counter_is_busy_and_goes_live_once_it_is_idle
     fleet.stop().await.unwrap();
 }
 
+/// Waits until `agent` answered three more polls of the origin than it had, and returns its status.
+async fn more_polls(agent: &deckhand_tests::Agent) -> deckhand_protocol::status::Status {
+    let polled = agent.status().await.unwrap().origin_polls;
+    agent
+        .wait_for(secs(30), "three more origin polls", |s| {
+            s.origin_polls >= polled + 3
+        })
+        .await
+        .unwrap()
+}
+
 /// Restarts the shop's one agent: stopped cleanly (SIGTERM) or killed (SIGKILL, as a crash).
 async fn restart(fleet: &mut Fleet, kill: bool) -> deckhand_protocol::status::Status {
     let agent = fleet.agents.remove(0);
@@ -277,8 +288,7 @@ async fn a_release_the_agent_keeps_crashing_on_is_left_for_the_one_before() {
     );
     // Polls of the origin (every second here) leave it there.
     let polled = agent.status().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    let s = agent.status().await.unwrap();
+    let s = more_polls(agent).await;
     assert_eq!(s.active_version(), Some(1), "{s:?}");
     assert_eq!(s.pending, None);
     assert!(s.last_error.is_none(), "{s:?} (before: {polled:?})");
@@ -416,7 +426,7 @@ async fn a_release_that_gets_the_shops_own_cards_wrong_is_held_by_shadow_evaluat
     );
     assert!(metrics.contains("deckhand_shadow_agreement{version=\"3\"} "));
     // Held for good: version 2 serves on.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    more_polls(agent).await;
     assert!(traffic(&fleet, 3..4).await == [2]);
     assert_eq!(agent.status().await.unwrap().active_version(), Some(2));
 
@@ -431,12 +441,319 @@ async fn a_release_that_gets_the_shops_own_cards_wrong_is_held_by_shadow_evaluat
     let sh = s.shadow.unwrap();
     assert_eq!((sh.version, sh.outcome.as_str()), (4, "passed"), "{sh:?}");
     assert!(
-        metrics_held_zero(&deckhand_tests::metrics_text(agent).await, 4),
+        deckhand_tests::metrics_text(agent)
+            .await
+            .contains("deckhand_shadow_held{version=\"4\"} 0"),
         "shadow_held still set"
     );
     fleet.stop().await.unwrap();
 }
 
-fn metrics_held_zero(metrics: &str, version: u64) -> bool {
-    metrics.contains(&format!("deckhand_shadow_held{{version=\"{version}\"}} 0"))
+/// Publishes the shop's next release with an EfficientNet-Lite0-shaped embedder (its reference rows
+/// computed with it) under the rollout policy `rollout`: it recognises the cards, canaries included,
+/// several times slower than the sample model.
+async fn publish_slow(fleet: &Fleet, rollout: &str) {
+    let spec = ReferenceSpec {
+        model: deckhand_tests::fixtures::ModelShape::Lite0,
+        ..ReferenceSpec::small(40)
+    };
+    let slow =
+        deckhand_tests::fixtures::write_reference_release(&fleet.join("lite0"), &spec).unwrap();
+    let rollout: deckhand_protocol::probation::Rollout = rollout.parse().unwrap();
+    fleet
+        .publish_with(&slow, fleet.key(), |o| o.rollout = Some(rollout))
+        .await
+        .unwrap();
+}
+
+/// Posts a photo of each of `cards` to `agent` until `done` holds of its status (looked at after each),
+/// and returns how many were posted.
+async fn traffic_until(
+    agent: &deckhand_tests::Agent,
+    cards: std::ops::Range<usize>,
+    done: impl Fn(&deckhand_protocol::status::Status) -> bool,
+) -> usize {
+    for (n, card) in cards.enumerate() {
+        if done(&agent.status().await.unwrap()) {
+            return n;
+        }
+        let photo = deckhand_tests::fixtures::encode_jpeg(
+            &deckhand_tests::fixtures::card_image(card % 40, 0),
+            90,
+        );
+        let (code, r) = agent.recognize(&photo).await.unwrap();
+        assert_eq!(code, 200, "{r}");
+    }
+    panic!(
+        "{} never got there: {:?}",
+        agent.http(),
+        agent.status().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_answers_slowly_is_rolled_back_on_probation_and_the_shop_does_not_take_it() {
+    let mut fleet = deckhand_tests::serving_v1("rollout-probation", 2, deckhand_tests::MIB).await;
+    // What version 1 serves at the counter of pi-0: its probation yardstick.
+    assert!(traffic(&fleet, 0..30).await.iter().all(|v| *v == 1));
+    // Version 2 answers several times slower.
+    publish_slow(&fleet, "probation=10m,answers=20,p99=2").await;
+    fleet
+        .wait_all(secs(120), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    // The counter's traffic on pi-0: once it answered 20, version 2 is judged slower and rolled back.
+    let posted = traffic_until(&fleet.agents[0], 30..90, |s| s.active_version() == Some(1)).await;
+    let s = fleet.agents[0].status().await.unwrap();
+    let p = s.probation.clone().unwrap();
+    eprintln!("pi-0 rolled back after {posted} answers: {p:?}");
+    assert_eq!((p.version, p.outcome.as_str()), (2, "rolled back"), "{p:?}");
+    let why = p.why.clone().unwrap();
+    assert!(
+        why.contains("p99 latency") && why.contains("more than 2 times"),
+        "{why}"
+    );
+    let (now, before) = (p.health.p99_ms.unwrap(), p.before.unwrap().p99_ms.unwrap());
+    assert!(now > 2.0 * before, "{now} against {before}");
+    assert!(p.health.requests() >= 20, "{p:?} after {posted}");
+    let f = s.fallback.clone().unwrap();
+    assert_eq!((f.from_version, f.to_version), (2, 1), "{f:?}");
+    let at = |t: &str| t.parse::<jiff::Timestamp>().unwrap();
+    assert!(
+        at(&f.at) < at(&p.until),
+        "rolled back after its probation: {f:?}"
+    );
+    let r = s.rejected.clone().unwrap();
+    assert_eq!((r.version, r.by.as_str()), (2, "pi-0"), "{r:?}");
+    assert_eq!(s.last_switch.clone().unwrap().why, "rolled back");
+    assert!(
+        s.render()
+            .contains("probation   version 2 rolled back: p99 latency"),
+        "{}",
+        s.render()
+    );
+    let metrics = deckhand_tests::metrics_text(&fleet.agents[0]).await;
+    for line in [
+        "deckhand_probation_rolled_back{version=\"2\"} 1",
+        "deckhand_release_rejected{version=\"2\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+    let log = std::fs::read_to_string(fleet.agents[0].log()).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("release rolled back on probation")),
+        "{log}"
+    );
+    let photo =
+        deckhand_tests::fixtures::encode_jpeg(&deckhand_tests::fixtures::card_image(3, 0), 90);
+    let (code, answer) = fleet.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!(
+        (code, answer["manifest_version"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+
+    // pi-1 runs version 2 on probation without traffic: told by pi-0, it rolls back too.
+    let s = fleet.agents[1]
+        .wait_for(secs(30), "pi-1 back on version 1", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    assert!(
+        s.fallback
+            .as_ref()
+            .is_some_and(|f| f.why == "peer pi-0 rolled version 2 back"),
+        "{s:?}"
+    );
+    assert_eq!(s.rejected.as_ref().map(|r| r.by.as_str()), Some("pi-0"));
+
+    // A Pi that joins the shop later does not take version 2, which S3 still publishes: it takes
+    // version 1, which its peers serve.
+    fleet.start_agent("pi-2").await.unwrap();
+    let s = fleet.agents[2]
+        .wait_for(
+            secs(60),
+            "pi-2 serving version 1, version 2 rejected",
+            |s| s.active_version() == Some(1) && s.rejected.is_some(),
+        )
+        .await
+        .unwrap();
+    let r = s.rejected.clone().unwrap();
+    assert_eq!((r.version, r.by.as_str()), (2, "pi-0"), "{r:?}");
+    let log = std::fs::read_to_string(fleet.agents[2].log()).unwrap();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("release accepted") && l.contains("version=2")),
+        "pi-2 accepted version 2: {log}"
+    );
+
+    // The operator's next release goes live everywhere and clears the rejection.
+    fleet
+        .publish(&next(&fleet, "Card three, v3"))
+        .await
+        .unwrap();
+    fleet
+        .wait_all(secs(120), "version 3 active, nothing rejected", |s| {
+            s.active_version() == Some(3) && s.rejected.is_none() && s.fallback.is_none()
+        })
+        .await
+        .unwrap();
+    fleet.stop().await.unwrap();
+}
+
+/// The agents of `fleet` but the one at `canary`, with their indices.
+fn all_but(fleet: &Fleet, canary: usize) -> impl Iterator<Item = (usize, &deckhand_tests::Agent)> {
+    fleet
+        .agents
+        .iter()
+        .enumerate()
+        .filter(move |(i, _)| *i != canary)
+}
+
+/// The index of the one agent of `fleet` serving `version` (the others must not), once there is one.
+async fn the_one_serving(fleet: &Fleet, version: u64) -> usize {
+    let deadline = std::time::Instant::now() + secs(120);
+    loop {
+        let mut serving = Vec::new();
+        for (i, a) in fleet.agents.iter().enumerate() {
+            if a.status().await.unwrap().active_version() == Some(version) {
+                serving.push(i);
+            }
+        }
+        match serving[..] {
+            [] if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            [one] => return one,
+            _ => panic!("version {version} went live on {serving:?} at once"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_pis_take_a_release_after_their_canary_served_it_none_after_it_rolled_back_nor_a_fifth()
+ {
+    let mut fleet = deckhand_tests::serving_v1("rollout-canary", 4, deckhand_tests::MIB).await;
+    // Every Pi hears the three others, so each ranks the same four.
+    fleet
+        .wait_all(secs(30), "three live peers each", |s| {
+            s.peers.iter().filter(|p| p.live).count() == 3
+        })
+        .await
+        .unwrap();
+    let rollout: deckhand_protocol::probation::Rollout =
+        "canary=1,probation=3s,answers=5".parse().unwrap();
+    fleet
+        .publish_with(&next(&fleet, "Card three, v2"), fleet.key(), |o| {
+            o.rollout = Some(rollout)
+        })
+        .await
+        .unwrap();
+    // One Pi goes live first; the three others hold version 2 ready and say whom they wait for.
+    let canary = the_one_serving(&fleet, 2).await;
+    let name = format!("pi-{canary}");
+    for (i, a) in all_but(&fleet, canary) {
+        let s = a
+            .wait_for(secs(60), "version 2 held for the canary", |s| {
+                s.pending
+                    .as_ref()
+                    .and_then(|p| p.waiting.as_deref())
+                    .is_some_and(|w| {
+                        w.contains(&format!(
+                            "waiting for {name} to serve version 2 through its probation"
+                        ))
+                    })
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.active_version(), Some(1), "pi-{i}: {s:?}");
+    }
+    let s = fleet.agents[canary].status().await.unwrap();
+    assert_eq!(s.last_switch.unwrap().why, "a canary");
+    // The counter's traffic at the canary: 5 answers and 3 s later it passed its probation, and the
+    // others follow.
+    let photo =
+        deckhand_tests::fixtures::encode_jpeg(&deckhand_tests::fixtures::card_image(3, 0), 90);
+    for _ in 0..6 {
+        let (code, r) = fleet.agents[canary].recognize(&photo).await.unwrap();
+        assert_eq!(
+            (code, r["manifest_version"].as_u64()),
+            (200, Some(2)),
+            "{r}"
+        );
+    }
+    fleet
+        .wait_all(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    let s = fleet.agents[canary].status().await.unwrap();
+    let p = s.probation.unwrap();
+    assert_eq!(p.outcome, "passed", "{p:?}");
+    let passed_after = p.until.parse::<jiff::Timestamp>().unwrap();
+    for (i, a) in all_but(&fleet, canary) {
+        let sw = a.status().await.unwrap().last_switch.unwrap();
+        assert_eq!(sw.why, "the canary passed its probation", "pi-{i}");
+        let at = sw.switched_at.parse::<jiff::Timestamp>().unwrap();
+        assert!(
+            at >= passed_after,
+            "pi-{i} switched at {at}, before the canary's probation ended at {passed_after}"
+        );
+    }
+
+    // Version 3 answers several times slower (an EfficientNet-Lite0-shaped embedder). Each Pi first
+    // serves the counter with version 2 (the yardstick), then the release goes to its canary, which
+    // rolls it back; none of the others switch.
+    for a in &fleet.agents {
+        for _ in 0..25 {
+            let (code, _) = a.recognize(&photo).await.unwrap();
+            assert_eq!(code, 200);
+        }
+    }
+    publish_slow(&fleet, "canary=1,probation=10m,answers=20,p99=2").await;
+    let canary = the_one_serving(&fleet, 3).await;
+    traffic_until(&fleet.agents[canary], 0..80, |s| {
+        s.active_version() == Some(2)
+    })
+    .await;
+    let s = fleet.agents[canary].status().await.unwrap();
+    assert_eq!(s.probation.unwrap().outcome, "rolled back");
+    for (i, a) in all_but(&fleet, canary) {
+        let s = a
+            .wait_for(secs(30), "version 3 dropped", |s| {
+                s.rejected.as_ref().is_some_and(|r| r.version == 3) && s.pending.is_none()
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.active_version(), Some(2), "pi-{i}: {s:?}");
+        assert_eq!(s.last_switch.unwrap().version, 2, "pi-{i} switched");
+        // Learnt from the canary, or from a Pi that learnt it first.
+        let by = s.rejected.unwrap().by;
+        assert!(by.starts_with("pi-") && by != format!("pi-{i}"), "{by}");
+    }
+    // A fifth Pi joining the shop later takes version 2 from its peers, not version 3 from S3.
+    fleet.start_agent("pi-4").await.unwrap();
+    let s = fleet.agents[4]
+        .wait_for(
+            secs(60),
+            "pi-4 serving version 2, version 3 rejected",
+            |s| {
+                s.active_version() == Some(2) && s.rejected.as_ref().is_some_and(|r| r.version == 3)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.last_switch.unwrap().version, 2, "{:?}", s.probation);
+    let log = std::fs::read_to_string(fleet.agents[4].log()).unwrap();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("release accepted") && l.contains("version=3")),
+        "pi-4 accepted version 3: {log}"
+    );
+    fleet.stop().await.unwrap();
 }

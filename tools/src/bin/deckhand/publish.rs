@@ -101,6 +101,13 @@ pub struct PublishArgs {
     /// Default: each agent's own `shadow` setting.
     #[arg(long, value_name = "POLICY")]
     shadow: Option<deckhand_protocol::shadow::Policy>,
+    /// After it goes live each agent keeps it on probation, and rolls back to the release before by
+    /// itself if it serves worse (fails, answers without a card, or answers slower than it):
+    /// probation=DURATION,answers=N,p99=RATIO,errors=0..1,uncertain=0..1 (e.g. probation=10m,answers=100,
+    /// p99=3,errors=0.05,uncertain=0.2; probation=0 for none). Default: each agent's own `rollout`
+    /// setting.
+    #[arg(long, value_name = "POLICY")]
+    rollout: Option<deckhand_protocol::probation::Rollout>,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -245,6 +252,7 @@ fn options(a: &PublishArgs, deployment: Name) -> Result<PublishOptions, ToolErro
             .transpose()?,
         urgent: a.urgent,
         shadow: a.shadow,
+        rollout: a.rollout,
         progress: !a.no_progress,
     })
 }
