@@ -39,19 +39,27 @@ impl Engine {
         Some(m.rollout.unwrap_or(self.cfg.rollout)).filter(|p| p.probation > 0)
     }
 
-    /// `v` went live, replacing a release that served `before`: its probation starts.
-    pub(super) fn start_probation(&mut self, v: &VerifiedManifest, before: Option<Health>) {
+    /// `v` went live `served` ago, replacing a release that served `before`: its probation starts
+    /// (from then).
+    pub(super) fn start_probation(
+        &mut self,
+        v: &VerifiedManifest,
+        before: Option<Health>,
+        served: std::time::Duration,
+    ) {
         let Some(policy) = self.rollout_policy(&v.manifest) else {
             self.probation = None;
             self.note_status(|s| s.probation = None);
             return;
         };
+        let ago = jiff::SignedDuration::try_from(served).unwrap_or(jiff::SignedDuration::ZERO);
         let now = jiff::Timestamp::now();
-        let until = now
+        let since = now.checked_sub(ago).unwrap_or(now);
+        let until = since
             .checked_add(jiff::SignedDuration::from_secs(
                 i64::try_from(policy.probation).unwrap_or(i64::MAX),
             ))
-            .unwrap_or(now);
+            .unwrap_or(since);
         tracing::info!(version = v.manifest.version, policy = %policy, "release on probation");
         self.probation = Some(OnProbation {
             release: ReleaseRef {
@@ -59,14 +67,16 @@ impl Engine {
                 manifest: v.id,
             },
             policy,
-            since: Instant::now(),
+            since: Instant::now()
+                .checked_sub(served)
+                .unwrap_or_else(Instant::now),
             before,
             done: false,
             passed: false,
         });
         let report = Probation {
             version: v.manifest.version,
-            since: now.to_string(),
+            since: since.to_string(),
             until: until.to_string(),
             outcome: "watching".into(),
             health: Health::default(),
@@ -93,20 +103,17 @@ impl Engine {
             .duration_since(at)
             .try_into()
             .unwrap_or(std::time::Duration::ZERO);
-        self.start_probation(v, None);
-        if let Some(p) = self.probation.as_mut() {
-            p.since = Instant::now()
-                .checked_sub(served)
-                .unwrap_or_else(Instant::now);
-            if served >= policy.probation() {
-                p.done = true;
-                p.passed = true;
-                self.note_status(|s| {
-                    if let Some(r) = s.probation.as_mut() {
-                        r.outcome = "passed".into();
-                    }
-                });
-            }
+        self.start_probation(v, None, served);
+        if let Some(p) = self.probation.as_mut()
+            && served >= policy.probation()
+        {
+            p.done = true;
+            p.passed = true;
+            self.note_status(|s| {
+                if let Some(r) = s.probation.as_mut() {
+                    r.outcome = "passed".into();
+                }
+            });
         }
         Ok(())
     }

@@ -499,7 +499,7 @@ impl Engine {
                     {
                         self.rejected = None;
                     }
-                    self.start_probation(v, before);
+                    self.start_probation(v, before, Duration::ZERO);
                 }
             }
             Err(why) => {

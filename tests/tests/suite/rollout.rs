@@ -245,12 +245,13 @@ async fn a_release_the_agent_keeps_crashing_on_is_left_for_the_one_before() {
         .publish(&next(&fleet, "Card three, v2"))
         .await
         .unwrap();
-    fleet.agents[0]
+    let live = fleet.agents[0]
         .wait_for(secs(60), "version 2 active", |s| {
             s.active_version() == Some(2)
         })
         .await
         .unwrap();
+    let went_live: jiff::Timestamp = live.probation.unwrap().since.parse().unwrap();
     // Clean restarts are not crashes, and three crashes are within the rule (more than 3 in 10 min).
     for kill in [false, false, true, true, true] {
         let s = restart(&mut fleet, kill).await;
@@ -260,6 +261,18 @@ async fn a_release_the_agent_keeps_crashing_on_is_left_for_the_one_before() {
             "after a restart (kill: {kill})"
         );
         assert_eq!(s.fallback, None);
+        // Its probation (the agent's default, 10 min) goes on from when it went live.
+        let s = fleet.agents[0]
+            .wait_for(secs(10), "probation resumed", |s| s.probation.is_some())
+            .await
+            .unwrap();
+        let p = s.probation.unwrap();
+        assert_eq!((p.version, p.outcome.as_str()), (2, "watching"));
+        let since: jiff::Timestamp = p.since.parse().unwrap();
+        assert!(
+            since.duration_since(went_live).abs() < jiff::SignedDuration::from_secs(1),
+            "probation since {since}, went live {went_live}"
+        );
     }
     // The fourth crash: the next start serves version 1, says why, and does not take version 2 again
     // although the origin still publishes it.
