@@ -104,6 +104,11 @@ pub struct Settings {
     /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
+    /// Cores the CPU backend runs one image on (tract's thread pool, used by the inference thread
+    /// only; shadow evaluation and the camera's finder stay on one): 0 for every core the agent may
+    /// use, 1 for none beside the inference thread.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub cpu_threads: u16,
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8640")]
     pub http_listen: SocketAddr,

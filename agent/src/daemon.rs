@@ -190,7 +190,12 @@ pub async fn run(
     let creds = fleet.clone().ok().flatten();
     let me = agent_id(&store, creds.as_ref().map(|f| f.current()).as_deref())?;
     note_start(&store, &cfg, &me);
-    let service = Service::start(Arc::new(Metrics::default()))?;
+    let (cores, refused) = crate::recognizer::cpu::Cores::new(cfg.settings.cpu_threads.into());
+    if let Some(e) = refused {
+        tracing::warn!(error = %e, "the CPU backend's thread pool could not start: one image runs on one core");
+    }
+    tracing::debug!(threads = cores.threads(), "CPU backend cores for one image");
+    let service = Service::start(Arc::new(Metrics::default()), cores)?;
     if cfg.settings.shadow_samples > 0 {
         service.keep_samples(crate::recognizer::shadow::Samples::start(
             cfg.settings.shadow_samples as usize,

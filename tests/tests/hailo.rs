@@ -239,7 +239,11 @@ fn a_hundred_swaps_between_two_hefs_fail_no_request_and_reuse_their_network_grou
     };
     let canary = fixtures::encode_jpeg(&fixtures::card_image(4, 0), 90);
     let canaries = [(canary, spec.card_id(4))];
-    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let service = Service::start(
+        Arc::new(Metrics::default()),
+        deckhand_agent::recognizer::cpu::Cores::one(),
+    )
+    .unwrap();
     service.activate(load(1), &canaries).unwrap();
     let groups_before = standin_groups();
 

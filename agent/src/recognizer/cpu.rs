@@ -4,14 +4,74 @@
 //! nothing is padded, and the weights are held once. A symbolic batch dimension looked attractive (one
 //! plan for every batch size) but costs tract most of its convolution optimisations: on the generated
 //! EfficientNet-Lite0-shaped model an image took 117 ms with it and 28 ms without (`deckhand bench
-//! recognizer`; batching gained nothing on either model). It runs on the inference thread.
+//! recognizer`; batching gained nothing on either model). It runs on the inference thread, which may
+//! lend one image's convolutions and matrix products to a small pool of threads ([`Cores`]).
 
 use super::{BackendError, Embedder};
 use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};
 use std::path::Path;
 use tract_onnx::prelude::*;
 
-pub(crate) type Plan = std::sync::Arc<TypedRunnableModel>;
+/// The cores one image runs on. Set once per thread with [`Cores::run`]: the inference thread runs with
+/// the agent's `cpu_threads`; every other thread that runs a model (shadow evaluation at nice 19, the
+/// camera's detector) keeps tract's default, its own thread alone.
+#[derive(Clone, Debug)]
+pub struct Cores(tract_linalg::multithread::Executor);
+
+impl Cores {
+    /// `threads` cores for one image: 0 for every core this process may use, 1 for the calling thread
+    /// alone. The pool is built here; if the system will not give it threads the calling thread
+    /// works alone, and the error says why.
+    pub fn new(threads: usize) -> (Self, Option<std::io::Error>) {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if threads <= 1 {
+            return (Self::one(), None);
+        }
+        match rayon::ThreadPoolBuilder::new()
+            .thread_name(|n| format!("deckhand-cpu-{n}"))
+            .num_threads(threads)
+            .build()
+        {
+            Ok(pool) => (
+                Self(tract_linalg::multithread::Executor::MultiThread(
+                    std::sync::Arc::new(pool),
+                )),
+                None,
+            ),
+            Err(e) => (Self::one(), Some(std::io::Error::other(e))),
+        }
+    }
+
+    /// The calling thread alone.
+    pub fn one() -> Self {
+        Self(tract_linalg::multithread::Executor::SingleThread)
+    }
+
+    /// How many threads one image runs on.
+    pub fn threads(&self) -> usize {
+        match &self.0 {
+            tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+            _ => 1,
+        }
+    }
+
+    /// Runs `f` on this thread, with the models it runs spreading over these cores.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        tract_linalg::multithread::multithread_tract_scope(self.0.clone(), f)
+    }
+}
+
+/// Whether tract has a vectorised kernel for depthwise convolutions on this machine (where it has none,
+/// they run a scalar loop). `deckhand bench recognizer` prints it beside where the embed's time goes.
+pub fn vectorised_depthwise() -> bool {
+    tract_linalg::routines::depthwise_w_f32().is_some()
+}
+
+/// A model optimised and planned for one image.
+pub type Plan = std::sync::Arc<TypedRunnableModel>;
 
 pub struct CpuEmbedder {
     plan: Plan,
@@ -29,7 +89,8 @@ fn image_shape(s: &RecognizerSettings) -> [usize; 4] {
     }
 }
 
-fn plan(path: &Path, s: &RecognizerSettings) -> Result<Plan, BackendError> {
+/// The release's ONNX model at `path`, optimised by tract for one image of the release's input size.
+pub fn plan(path: &Path, s: &RecognizerSettings) -> Result<Plan, BackendError> {
     let fail = |what: &str, e: TractError| {
         BackendError::Load(format!("onnx {}: {what}: {e}", path.display()))
     };

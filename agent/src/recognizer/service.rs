@@ -161,8 +161,9 @@ impl Busy {
 }
 
 impl Service {
-    /// Starts the inference thread. No release is active until [`Service::activate`].
-    pub fn start(metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    /// Starts the inference thread, which runs the CPU backend's models on `cores`. No release is
+    /// active until [`Service::activate`].
+    pub fn start(metrics: Arc<Metrics>, cores: super::cpu::Cores) -> std::io::Result<Self> {
         let live: Arc<ArcSwapOption<Recognizer>> = Arc::new(ArcSwapOption::empty());
         let (tx, rx) = sync_channel::<Job>(QUEUE);
         let busy = Arc::new(Busy {
@@ -178,7 +179,9 @@ impl Service {
             std::thread::Builder::new()
                 .name("deckhand-inference".into())
                 .spawn(move || {
-                    inference_loop(rx, &live, &metrics, &busy, &listener, &samples, &tallies)
+                    cores.run(|| {
+                        inference_loop(rx, &live, &metrics, &busy, &listener, &samples, &tallies)
+                    })
                 })?
         };
         Ok(Self {
@@ -594,7 +597,11 @@ mod tests {
             1,
             deckhand_protocol::BlobId::of(b"1"),
         );
-        let service = Service::start(Arc::new(Metrics::default())).unwrap();
+        let service = Service::start(
+            Arc::new(Metrics::default()),
+            crate::recognizer::cpu::Cores::one(),
+        )
+        .unwrap();
         service.activate(rec, &[]).unwrap();
         let img = RgbImage::new(2, 2);
         let mut waiting = Vec::new();

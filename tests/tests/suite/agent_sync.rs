@@ -236,6 +236,13 @@ async fn a_two_gib_current_json_at_the_origin_is_refused_without_being_read() {
     let pid = fleet.agents[0].pid().unwrap();
     let peak_kib = deckhand_tests::peak_rss_kib(pid);
     assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+    // cpu_threads' default: one image may use every core, through a pool of that many threads.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        deckhand_tests::threads_named(pid, "deckhand-cpu-"),
+        if cores > 1 { cores } else { 0 },
+        "the CPU backend's pool has a thread per core"
+    );
 }
 
 /// Writes `body` over the object `key` in the local S3's bucket, as someone with write access to the

@@ -80,7 +80,11 @@ fn canaries(files: &deckhand_agent::release::ReleaseFiles) -> Vec<(Vec<u8>, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn swapping_releases_under_load_fails_no_request_and_never_mixes_releases() {
     let t = TestDir::new("swap-under-load");
-    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let service = Service::start(
+        Arc::new(Metrics::default()),
+        deckhand_agent::recognizer::cpu::Cores::one(),
+    )
+    .unwrap();
     let (first, files, _) = release(&t, 1, "v1-");
     service.activate(first, &canaries(&files)).unwrap();
 
@@ -235,7 +239,11 @@ async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8])
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_4xx_and_the_inbox_answers_as_http_does() {
     let t = TestDir::new("http-inbox");
-    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let service = Service::start(
+        Arc::new(Metrics::default()),
+        deckhand_agent::recognizer::cpu::Cores::one(),
+    )
+    .unwrap();
     let app = router(AppState {
         service: service.clone(),
         status: Arc::new(deckhand_protocol::status::Status::default),
@@ -375,7 +383,11 @@ async fn wait_json(path: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn no_release_means_a_clear_error_not_a_hang() {
-    let service = Service::start(Arc::new(Metrics::default())).unwrap();
+    let service = Service::start(
+        Arc::new(Metrics::default()),
+        deckhand_agent::recognizer::cpu::Cores::one(),
+    )
+    .unwrap();
     let err = service
         .recognize_blocking(&encode_png(&card_image(1, 0)))
         .unwrap_err();
@@ -385,4 +397,92 @@ fn no_release_means_a_clear_error_not_a_hang() {
         service.recognize_blocking(b"x"),
         Err(RecognizeError::NoRelease | RecognizeError::Stopped)
     ));
+}
+
+/// CPU time (user + system, in clock ticks) of this process's threads whose name starts with `prefix`.
+fn threads_cpu_ticks(prefix: &str) -> (usize, u64) {
+    let (mut threads, mut ticks) = (0, 0);
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        threads += 1;
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    (threads, ticks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_image_on_two_cores_answers_as_on_one_and_the_pool_does_the_work() {
+    use deckhand_agent::recognizer::cpu::Cores;
+    let t = TestDir::new("cpu-cores");
+    let (_, files, spec) = release(&t, 1, "c-");
+    // The EfficientNet-Lite0-shaped embedder: its convolutions are large enough for tract to share.
+    let paths = deckhand_agent::recognizer::ReleasePaths {
+        hef: files.hef.clone(),
+        onnx: t.join("lite0.onnx"),
+        index: files.index.clone(),
+        labels: files.labels.clone(),
+        metadata: files.metadata.clone(),
+    };
+    std::fs::write(&paths.onnx, fixtures::efficientnet_lite0_onnx(spec.dim, 5)).unwrap();
+    let load = |paths: &deckhand_agent::recognizer::ReleasePaths| {
+        Recognizer::load(
+            paths,
+            &fixtures::reference_settings(spec.dim),
+            1,
+            deckhand_protocol::BlobId::of(b"lite0"),
+            BackendChoice::Cpu,
+        )
+        .unwrap()
+    };
+    let photos: Vec<bytes::Bytes> = (0..4)
+        .map(|i| bytes::Bytes::from(encode_jpeg(&card_image(i * 7, 0), 85)))
+        .collect();
+    let mut answers = Vec::new();
+    for cores in [Cores::one(), Cores::new(2).0] {
+        assert!(cores.threads() <= 2);
+        let service = Service::start(Arc::new(Metrics::default()), cores.clone()).unwrap();
+        service.activate(load(&paths), &[]).unwrap();
+        let (_, before) = threads_cpu_ticks("deckhand-cpu");
+        let mut got = Vec::new();
+        // Enough images for the pool's threads to be seen working (CPU time is counted in 1/100 s).
+        for round in 0..15 {
+            for p in &photos {
+                let r = service.recognize(p.clone()).await.unwrap();
+                if round == 0 {
+                    got.push((r.card_id, r.score, r.candidates.len()));
+                }
+            }
+        }
+        let (threads, after) = threads_cpu_ticks("deckhand-cpu");
+        if cores.threads() == 2 {
+            assert_eq!(threads, 2, "a pool of two threads named deckhand-cpu-N");
+            assert!(
+                after > before,
+                "the pool's threads did none of the work ({before} ticks before, {after} after)"
+            );
+        }
+        answers.push(got);
+        service.shutdown();
+    }
+    for (one, two) in answers[0].iter().zip(&answers[1]) {
+        assert_eq!(one.0, two.0, "the same card on one core and on two");
+        assert!(
+            (one.1 - two.1).abs() < 1e-5,
+            "the same score on one core ({}) and on two ({})",
+            one.1,
+            two.1
+        );
+        assert_eq!(one.2, two.2);
+    }
+    assert_eq!(answers[0].len(), photos.len());
 }

@@ -6,6 +6,7 @@ use crate::shop::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, perturb, reference_settings,
 };
 use deckhand_agent::metrics::Metrics;
+use deckhand_agent::recognizer::cpu::Cores;
 use deckhand_agent::recognizer::service::Service;
 use deckhand_agent::recognizer::{BackendChoice, BackendError, Recognizer, ReleasePaths};
 use deckhand_agent::release::ReleaseFiles;
@@ -197,7 +198,13 @@ async fn through_the_service(
     files: &deckhand_agent::release::ReleaseFiles,
     spec: &ReferenceSpec,
 ) -> Result<(), ToolError> {
-    let service = Service::start(Arc::new(Metrics::default())).map_err(ToolError::Service)?;
+    let (cores, _) = Cores::new(0);
+    println!(
+        "\n  through the service (queue, batching, the inference thread on {} cores, as the agent's default):",
+        cores.threads()
+    );
+    let service =
+        Service::start(Arc::new(Metrics::default()), cores).map_err(ToolError::Service)?;
     service.activate(rec, &[])?;
     let photos = noisy_photos(spec, 64);
     let steady = load_test(&service, &photos, 4, Duration::from_secs(4), None).await;
@@ -320,6 +327,7 @@ fn stages(
             )
         })
         .collect();
+    let one = Cores::one();
     for (name, rec) in [
         ("sample model (pool + projection)".to_string(), sample),
         (
@@ -334,7 +342,7 @@ fn stages(
     ] {
         println!("    {name}:");
         for batch in [1, deckhand_agent::recognizer::MAX_BATCH] {
-            let [pre, emb, search] = stage_times(rec, &images, batch, RUNS)?;
+            let [pre, emb, search] = one.run(|| stage_times(rec, &images, batch, RUNS))?;
             println!(
                 "      batch {batch}, per image: resize+normalise {:.2} ms, embed {:.2} ms, search {:.3} ms over {} rows",
                 ms(pre),
@@ -344,7 +352,223 @@ fn stages(
             );
         }
     }
+    let jpegs: Vec<Vec<u8>> = images
+        .iter()
+        .map(|i| fixtures::encode_jpeg(i, 85))
+        .collect();
+    against_onnxruntime(&lite, &lite_paths.onnx, &jpegs, work)?;
+    where_the_embed_goes(&lite_paths.onnx, &reference_settings(spec.dim))
+}
+
+/// The EfficientNet-Lite0-shaped model's embed time on one core by tract operator, over `RUNS` runs:
+/// where tract spends it.
+fn where_the_embed_goes(
+    model: &std::path::Path,
+    settings: &deckhand_protocol::manifest::RecognizerSettings,
+) -> Result<(), ToolError> {
+    use tract_onnx::prelude::*;
+    use tract_onnx::tract_core::plan::{SimpleState, eval};
+    const RUNS: u32 = 20;
+    let run_error = |e: TractError| ToolError::Backend(BackendError::Run(e.to_string()));
+    let plan = deckhand_agent::recognizer::cpu::plan(model, settings)?;
+    let shape = [
+        1,
+        3,
+        settings.input_height as usize,
+        settings.input_width as usize,
+    ];
+    let input =
+        Tensor::from_shape(&shape, &vec![0.5f32; shape.iter().product()]).map_err(run_error)?;
+    let mut by_op: std::collections::BTreeMap<String, (Duration, u32)> = Default::default();
+    let mut total = Duration::ZERO;
+    for run in 0..RUNS + 2 {
+        let mut state = SimpleState::new(&plan).map_err(run_error)?;
+        let t = Instant::now();
+        state
+            .run_plan_with_eval(
+                tvec!(input.clone().into()),
+                |ctx, op_state, node, inputs| {
+                    let t = Instant::now();
+                    let out = eval(ctx, op_state, node, inputs);
+                    if run >= 2 {
+                        let e = by_op.entry(node.op().name().to_string()).or_default();
+                        e.0 += t.elapsed();
+                        e.1 += 1;
+                    }
+                    out
+                },
+            )
+            .map_err(run_error)?;
+        if run >= 2 {
+            total += t.elapsed();
+        }
+    }
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by_key(|(_, (d, _))| std::cmp::Reverse(*d));
+    println!(
+        "\n  where tract spends that embed on one core ({:.1} ms a run over {RUNS}; tract has {} depthwise \
+         kernel for this machine):",
+        ms(total / RUNS),
+        if deckhand_agent::recognizer::cpu::vectorised_depthwise() {
+            "a vectorised"
+        } else {
+            "no vectorised"
+        }
+    );
+    for (op, (d, n)) in ops.iter().take(5) {
+        println!(
+            "    {op:<24} {:>6.2} ms ({:>4.1}%), {} nodes",
+            ms(*d / RUNS),
+            d.as_secs_f64() / total.as_secs_f64() * 100.0,
+            n / RUNS
+        );
+    }
     Ok(())
+}
+
+/// One image at a time, decode + resize and normalise + embed, median per image over `RUNS` passes:
+/// (total, embed).
+fn per_image(
+    rec: &Recognizer,
+    jpegs: &[Vec<u8>],
+    cores: &Cores,
+) -> Result<(Duration, Duration), ToolError> {
+    const RUNS: usize = 40;
+    let (mut total, mut embed) = (Vec::new(), Vec::new());
+    cores.run(|| {
+        for r in 0..RUNS + 3 {
+            let t = Instant::now();
+            let img = deckhand_agent::recognizer::preprocess::decode(&jpegs[r % jpegs.len()])
+                .map_err(|e| ToolError::Backend(BackendError::Run(e.to_string())))?;
+            let decoded = t.elapsed();
+            let (_, times) = rec.recognize_timed(&[img], &[Instant::now()])?;
+            if r >= 3 {
+                total.push(decoded + times.preprocess + times.embed);
+                embed.push(times.embed);
+            }
+        }
+        Ok::<_, ToolError>(())
+    })?;
+    Ok((median(total), median(embed)))
+}
+
+/// The onnxruntime anchor's figures for one thread count.
+#[derive(serde::Deserialize)]
+struct Anchor {
+    threads: usize,
+    version: String,
+    infer_ms: f64,
+    total_ms: f64,
+}
+
+/// The EfficientNet-Lite0-shaped model on tract beside onnxruntime on the same model file and photos,
+/// on one core and on all: decode, resize and normalise, embed. onnxruntime runs in a Python helper
+/// (`onnxruntime_anchor.py`) with `$DECKHAND_PYTHON` or `python3`; where it cannot be imported the
+/// bench says so and prints deckhand's figures alone.
+fn against_onnxruntime(
+    lite: &Recognizer,
+    model: &std::path::Path,
+    jpegs: &[Vec<u8>],
+    work: &std::path::Path,
+) -> Result<(), ToolError> {
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut counts = vec![1];
+    if all > 1 {
+        counts.push(all);
+    }
+    let anchors = onnxruntime(model, jpegs, &counts, work);
+    let version = match &anchors {
+        Ok(a) => a.first().map_or("?", |a| a.version.as_str()),
+        Err(_) => "-",
+    };
+    println!(
+        "\n  EfficientNet-Lite0-shaped, one image at a time: decode + resize and normalise + embed, median \
+         (deckhand: tract; anchor: onnxruntime {version}, Pillow and numpy, same model file and photos)"
+    );
+    for threads in counts {
+        let (cores, refused) = Cores::new(threads);
+        if let Some(e) = refused {
+            println!("    {threads} threads: no pool ({e})");
+            continue;
+        }
+        let (total, embed) = per_image(lite, jpegs, &cores)?;
+        let anchor = anchors
+            .as_ref()
+            .ok()
+            .and_then(|a| a.iter().find(|a| a.threads == threads));
+        match anchor {
+            Some(a) => println!(
+                "    {threads} thread{}: deckhand {:.1} ms (embed {:.1}), onnxruntime {:.1} ms (infer {:.1}): {:.2}x",
+                if threads == 1 { " " } else { "s" },
+                ms(total),
+                ms(embed),
+                a.total_ms,
+                a.infer_ms,
+                ms(total) / a.total_ms
+            ),
+            None => println!(
+                "    {threads} thread{}: deckhand {:.1} ms (embed {:.1})",
+                if threads == 1 { " " } else { "s" },
+                ms(total),
+                ms(embed)
+            ),
+        }
+    }
+    if let Err(why) = anchors {
+        println!("    onnxruntime not measured: {why}");
+    }
+    Ok(())
+}
+
+/// Runs the onnxruntime helper: one figure per thread count, or why there are none.
+fn onnxruntime(
+    model: &std::path::Path,
+    jpegs: &[Vec<u8>],
+    counts: &[usize],
+    work: &std::path::Path,
+) -> Result<Vec<Anchor>, String> {
+    let script = work.join("onnxruntime_anchor.py");
+    std::fs::write(&script, include_str!("onnxruntime_anchor.py"))
+        .map_err(|e| format!("writing {}: {e}", script.display()))?;
+    let mut photos = Vec::new();
+    for (i, jpeg) in jpegs.iter().enumerate() {
+        let path = work.join(format!("photo-{i}.jpg"));
+        std::fs::write(&path, jpeg).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        photos.push(path);
+    }
+    let python = std::env::var_os("DECKHAND_PYTHON").unwrap_or_else(|| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(model)
+        .arg("40")
+        .args(counts.iter().map(|c| c.to_string()))
+        .arg("--")
+        .args(&photos)
+        .output()
+        .map_err(|e| format!("{} does not run: {e}", python.to_string_lossy()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the helper failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut anchors = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("the helper printed {line:?}: {e}"))?;
+        if let Some(missing) = v.get("missing") {
+            return Err(format!(
+                "{} cannot import it ({missing}); `pip install onnxruntime numpy pillow`, or point \
+                 DECKHAND_PYTHON at a Python that has them",
+                python.to_string_lossy()
+            ));
+        }
+        anchors.push(
+            serde_json::from_value(v).map_err(|e| format!("the helper printed {line:?}: {e}"))?,
+        );
+    }
+    Ok(anchors)
 }
 
 /// Runs `clients` concurrent clients for `dur`; returns sorted latencies. With `swap`, a loader thread

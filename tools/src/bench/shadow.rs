@@ -30,7 +30,11 @@ pub async fn run(samples: usize) -> Result<(), ToolError> {
         spec.rows,
         spec.dim
     );
-    let service = Service::start(Arc::new(Metrics::default())).map_err(ToolError::Service)?;
+    let service = Service::start(
+        Arc::new(Metrics::default()),
+        deckhand_agent::recognizer::cpu::Cores::one(),
+    )
+    .map_err(ToolError::Service)?;
     let kept = Samples::start(samples).map_err(ToolError::Service)?;
     service.keep_samples(kept.clone());
     service.activate(load(&files, &spec, 1)?, &[])?;
