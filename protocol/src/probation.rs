@@ -111,18 +111,16 @@ impl std::str::FromStr for Rollout {
     /// their defaults. `probation=0` turns probation off.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut r = Rollout::default();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| RolloutError::Unknown(part.to_owned()))?;
-            let value = value.trim();
+        for pair in crate::pairs::pairs(s) {
+            let crate::pairs::Pair { key, value, part } =
+                pair.map_err(|part| RolloutError::Unknown(part.to_owned()))?;
             let bad = |key, why| RolloutError::Value {
                 key,
                 value: value.to_owned(),
                 why,
             };
             let ratio = |key| value.parse::<f64>().map_err(|_| bad(key, "not a number"));
-            match key.trim() {
+            match key {
                 "probation" => {
                     r.probation = match value {
                         "0" => 0,

@@ -81,30 +81,27 @@ impl std::str::FromStr for Policy {
     /// `min-agreement=0.95,min-samples=200,too-few=wait`; settings left out keep their defaults.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut p = Policy::default();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| PolicyError::Unknown(part.to_owned()))?;
+        for pair in crate::pairs::pairs(s) {
+            let crate::pairs::Pair { key, value, part } =
+                pair.map_err(|part| PolicyError::Unknown(part.to_owned()))?;
             let bad = |key, why| PolicyError::Value {
                 key,
                 value: value.to_owned(),
                 why,
             };
-            match key.trim() {
+            match key {
                 "min-agreement" => {
                     p.min_agreement = value
-                        .trim()
                         .parse()
                         .map_err(|_| bad("min-agreement", "not a number"))?;
                 }
                 "min-samples" => {
                     p.min_samples = value
-                        .trim()
                         .parse()
                         .map_err(|_| bad("min-samples", "not a whole number"))?;
                 }
                 "too-few" => {
-                    p.too_few = match value.trim() {
+                    p.too_few = match value {
                         "wait" => TooFew::Wait,
                         "canaries" => TooFew::Canaries,
                         _ => return Err(bad("too-few", "must be wait or canaries")),

@@ -47,6 +47,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub use deckhand_tools::shop::fixtures::{self, SplitMix, noise};
+pub use deckhand_tools::shop::netns::NetNs;
 pub use deckhand_tools::shop::{Agent, AgentOptions, Credentials, Fleet, FleetBuilder, MIB};
 use std::time::Duration;
 
@@ -321,124 +322,6 @@ impl Drop for TestDir {
     }
 }
 
-/// A network namespace made by a test, deleted (with its interfaces) when dropped. Needs root.
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new(name: &str) -> Self {
-        let name = format!("dh-{name}-{}", std::process::id());
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]);
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs a command inside the namespace and checks that it succeeded.
-    pub fn exec(&self, cmd: &[&str]) {
-        let mut args = vec!["netns", "exec", &self.name];
-        args.extend_from_slice(cmd);
-        ip(&args);
-    }
-
-    /// Joins `self` and `other` with a veth pair, addressed `a`/`b` (CIDR), both up.
-    pub fn link(&self, a: &str, other: &NetNs, b: &str) {
-        let (va, vb) = (
-            format!("dha{}", std::process::id() % 100_000),
-            format!("dhb{}", std::process::id() % 100_000),
-        );
-        ip(&[
-            "link",
-            "add",
-            &va,
-            "netns",
-            &self.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vb,
-            "netns",
-            &other.name,
-        ]);
-        for (ns, dev, addr) in [(self, &va, a), (other, &vb, b)] {
-            ns.exec(&["ip", "addr", "add", addr, "dev", dev]);
-            ns.exec(&["ip", "link", "set", dev, "multicast", "on", "up"]);
-        }
-    }
-}
-
-impl NetNs {
-    /// A bridge `dev` in this namespace, up: the shop's LAN switch. Multicast goes to every port (mDNS).
-    pub fn bridge(&self, dev: &str) {
-        self.exec(&[
-            "ip",
-            "link",
-            "add",
-            dev,
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ]);
-        self.exec(&["ip", "link", "set", dev, "up"]);
-    }
-
-    /// Plugs `other` into `bridge` (in this namespace) with a veth pair: `port` is the end on the
-    /// bridge, and the end in `other`, `lan0`, is addressed `addr` (CIDR). Both are up.
-    pub fn plug(&self, bridge: &str, port: &str, other: &NetNs, addr: &str) {
-        ip(&[
-            "link",
-            "add",
-            port,
-            "netns",
-            &self.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "lan0",
-            "netns",
-            &other.name,
-        ]);
-        self.exec(&["ip", "link", "set", port, "master", bridge, "up"]);
-        other.exec(&["ip", "addr", "add", addr, "dev", "lan0"]);
-        other.exec(&["ip", "link", "set", "lan0", "multicast", "on", "up"]);
-    }
-
-    /// Sets device `dev` in this namespace up or down (a cable plugged in or pulled out).
-    pub fn set_link(&self, dev: &str, up: bool) {
-        self.exec(&["ip", "link", "set", dev, if up { "up" } else { "down" }]);
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes the veth ends inside it.
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ip (iproute2): {e}"));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Enrolls `name` in the shop's fleet CA and loads its credentials, for an in-process participant (a
 /// peer that lies on purpose, a probe).
 pub fn credentials(fleet: &Fleet, name: &str) -> deckhand_agent::peer::tls::FleetCredentials {
@@ -462,26 +345,10 @@ pub async fn publish_to_dir(
     files: &deckhand_agent::release::ReleaseFiles,
     dir: &Path,
 ) -> deckhand_tools::publish::Prepared {
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let cfg = deckhand_tools::origin::OriginConfig::default();
-    let origin = deckhand_tools::origin::connect(
-        &deckhand_tools::origin::OriginUrl::File {
-            root: dir.to_owned(),
-        },
-        &cfg,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    deckhand_tools::publish::publish(
-        &*origin,
-        &cfg,
-        fleet.key(),
-        &publish_options(files),
-        &fleet.join("work"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("publishing into {}: {e}", dir.display()))
-    .0
+    fleet
+        .publish_to_dir(files, dir)
+        .await
+        .unwrap_or_else(|e| panic!("publishing into {}: {e}", dir.display()))
 }
 
 /// A process's peak resident set (VmHWM in /proc/PID/status), in KiB.

@@ -112,6 +112,8 @@ pub enum ToolError {
     },
     #[error("mqtt broker: {0}")]
     Broker(String),
+    #[error("network namespace: {0}")]
+    Netns(String),
     #[error("{mode}: not every agent activated the release within {secs} s")]
     BenchTimeout { mode: &'static str, secs: u64 },
     #[error(transparent)]

@@ -4,7 +4,8 @@
 //! Without `Last-Event-ID` (or `?after=ID`) the stream starts at the next event. With an id of this
 //! log it resumes after that event (what the log still keeps of what came after it); with an id of
 //! another log (this agent's log was set aside, or the id is another agent's) it replays every event
-//! kept. Each stream reads the log from its own cursor, at most [`READ_BATCH`](crate::events::READ_BATCH)
+//! kept. `?recent=N` (without a last id: a reconnecting client's id wins) starts with the newest `N`
+//! events kept, at most [`RECENT_MAX`]: how the shop page fills its lists before following. Each stream reads the log from its own cursor, at most [`READ_BATCH`](crate::events::READ_BATCH)
 //! events at a time: a slow reader holds no events in memory, only its place. A comment every 15 s keeps
 //! proxies from closing an idle stream. Streams end when the agent stops.
 
@@ -23,7 +24,12 @@ use std::time::Duration;
 pub struct EventsQuery {
     /// The id of the last event seen (as `Last-Event-ID`, for clients that cannot set headers).
     after: Option<String>,
+    /// How many of the newest kept events to replay first, when no last id is given.
+    recent: Option<u64>,
 }
+
+/// The most events `?recent=` replays.
+pub const RECENT_MAX: u64 = 100;
 
 struct Reader {
     log: EventLog,
@@ -33,10 +39,17 @@ struct Reader {
     ready: VecDeque<crate::events::log::Stored>,
 }
 
-/// Where a stream starts: after the event `last` names, or at the next event.
-pub fn start_after(log: &EventLog, last: Option<&str>) -> Result<u64, String> {
+/// Where a stream starts: after the event `last` names, else `recent` events before the next one
+/// (the log keeps a gapless run of seqs), else at the next event.
+pub fn start_after(log: &EventLog, last: Option<&str>, recent: Option<u64>) -> Result<u64, String> {
     let Some(last) = last else {
-        return Ok(log.head());
+        let back = recent.unwrap_or(0);
+        if back > RECENT_MAX {
+            return Err(format!(
+                "recent={back} asks for more than the {RECENT_MAX} events a stream replays"
+            ));
+        }
+        return Ok(log.head().saturating_sub(back));
     };
     let id: EventId = last
         .parse()
@@ -60,7 +73,7 @@ pub async fn events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .or(q.after.as_deref());
-    let cursor = match start_after(&log, last) {
+    let cursor = match start_after(&log, last, q.recent) {
         Ok(c) => c,
         Err(why) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
     };

@@ -168,25 +168,34 @@ impl PeerNode {
 
     pub(super) async fn gossip_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(GOSSIP) => {}
-                _ = self.inner.changed.notified() => {}
+            let changed = tokio::select! {
+                _ = tokio::time::sleep(GOSSIP) => false,
+                _ = self.inner.changed.notified() => true,
                 _ = stop.changed() => return,
-            }
-            let conns: Vec<(String, SocketAddr, quinn::Connection)> =
+            };
+            let now = Instant::now();
+            let conns: Vec<(String, SocketAddr, quinn::Connection, bool)> =
                 crate::locks::lock(&self.inner.peers, "peers")
                     .iter()
                     .filter_map(|(id, s)| {
                         let c = s.conn.clone()?;
-                        c.close_reason().is_none().then(|| (id.clone(), s.addr, c))
+                        // A change goes to everyone; the timer skips a peer just heard from.
+                        let heard =
+                            !changed && s.last_hello.is_some_and(|t| now.duration_since(t) < HEARD);
+                        c.close_reason()
+                            .is_none()
+                            .then(|| (id.clone(), s.addr, c, !heard))
                     })
                     .collect();
-            let jobs = conns.into_iter().map(|(id, addr, conn)| {
+            let jobs = conns.into_iter().map(|(id, addr, conn, exchange)| {
                 let node = self.clone();
                 async move {
                     let ends = super::presented_ends(&conn);
+                    // A connection closed here is still tried, so that it is recorded as closed.
                     if node.outlived(ends) {
                         node.close_outlived(&id, &conn, ends);
+                    } else if !exchange {
+                        return;
                     }
                     if let Err(e) = node.exchange_hello(&id, addr, conn.clone()).await {
                         tracing::debug!(peer = %id, cause = %e, "gossip failed");

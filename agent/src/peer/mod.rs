@@ -56,7 +56,11 @@ pub const MAX_PEERS: usize = 256;
 const BUSY_AFTER: Duration = Duration::from_secs(2);
 /// A peer is live if it answered a Hello this recently.
 pub const LIVE: Duration = Duration::from_secs(8);
+/// How often each connected peer's Hello is refreshed (and on every change of this agent's state).
 const GOSSIP: Duration = Duration::from_secs(2);
+/// A peer whose Hello came this recently, because it gossiped to us, is not gossiped to on the timer:
+/// an exchange tells each side the other's state, so one a round per pair is enough.
+const HEARD: Duration = Duration::from_millis(1500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a chunk request may take (a chunk is at most a few hundred KiB on a LAN).

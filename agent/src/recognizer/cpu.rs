@@ -13,8 +13,9 @@ use std::path::Path;
 use tract_onnx::prelude::*;
 
 /// The cores one image runs on. Set once per thread with [`Cores::run`]: the inference thread runs with
-/// the agent's `cpu_threads`; every other thread that runs a model (shadow evaluation at nice 19, the
-/// camera's detector) keeps tract's default, its own thread alone.
+/// the agent's `cpu_threads`; every other thread that runs a model (shadow evaluation at nice 19, a
+/// camera's detector on its `deckhand-cam-*` analysis thread) keeps tract's default, its own thread
+/// alone.
 #[derive(Clone, Debug)]
 pub struct Cores(tract_linalg::multithread::Executor);
 
@@ -81,7 +82,8 @@ pub struct CpuEmbedder {
     dim: usize,
 }
 
-fn image_shape(s: &RecognizerSettings) -> [usize; 4] {
+/// The shape of one image as the release's model takes it (its channel layout).
+pub fn image_shape(s: &RecognizerSettings) -> [usize; 4] {
     let (h, w) = (s.input_height as usize, s.input_width as usize);
     match s.layout {
         ChannelLayout::Nchw => [1, 3, h, w],

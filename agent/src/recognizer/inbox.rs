@@ -9,8 +9,9 @@ use crate::recognizer::service::{RecognizeError, Service};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{RecvTimeoutError, TrySendError, sync_channel};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 /// The most file events waiting; beyond this the watcher rescans the directory instead.
 const EVENT_QUEUE: usize = 1024;
@@ -97,9 +98,16 @@ fn scan(service: &Service, inbox: &Path, outbox: &Path) {
     }
 }
 
+/// What wakes the inbox thread: the file system, or the end. It sleeps on its queue in between.
+enum Wake {
+    Fs(notify::Result<notify::Event>),
+    Stop,
+}
+
 /// A running inbox watcher; stops when dropped.
 pub struct Inbox {
-    stop: Option<std::sync::mpsc::SyncSender<()>>,
+    stop: Option<SyncSender<Wake>>,
+    stopping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -112,12 +120,14 @@ impl Inbox {
                 source,
             })?;
         }
-        let (tx, rx) = sync_channel::<notify::Result<notify::Event>>(EVENT_QUEUE);
-        let overflow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = overflow.clone();
+        let (tx, rx) = sync_channel::<Wake>(EVENT_QUEUE);
+        let stop_tx = tx.clone();
+        let overflow = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (flag, ending) = (overflow.clone(), stopping.clone());
         let mut watcher = notify::recommended_watcher(move |ev| {
-            if let Err(TrySendError::Full(_)) = tx.try_send(ev) {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Err(TrySendError::Full(_)) = tx.try_send(Wake::Fs(ev)) {
+                flag.store(true, Ordering::SeqCst);
             }
         })
         .map_err(|source| InboxError::Watch {
@@ -130,18 +140,14 @@ impl Inbox {
                 path: inbox.clone(),
                 source,
             })?;
-        let (stop_tx, stop_rx) = sync_channel::<()>(1);
         let thread = std::thread::Builder::new()
             .name("deckhand-inbox".into())
             .spawn(move || {
                 let _watcher = watcher;
                 scan(&service, &inbox, &outbox);
-                loop {
-                    if stop_rx.try_recv().is_ok() {
-                        break;
-                    }
-                    match rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok(Ok(ev)) => {
+                while !ending.load(Ordering::SeqCst) {
+                    match rx.recv() {
+                        Ok(Wake::Fs(Ok(ev))) => {
                             let complete = matches!(
                                 ev.kind,
                                 EventKind::Access(AccessKind::Close(AccessMode::Write))
@@ -158,11 +164,10 @@ impl Inbox {
                                 }
                             }
                         }
-                        Ok(Err(e)) => tracing::warn!(cause = %e, "inbox watch error"),
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => break,
+                        Ok(Wake::Fs(Err(e))) => tracing::warn!(cause = %e, "inbox watch error"),
+                        Ok(Wake::Stop) | Err(_) => break,
                     }
-                    if overflow.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    if overflow.swap(false, Ordering::SeqCst) {
                         scan(&service, &inbox, &outbox);
                     }
                 }
@@ -173,6 +178,7 @@ impl Inbox {
             })?;
         Ok(Self {
             stop: Some(stop_tx),
+            stopping,
             thread: Some(thread),
         })
     }
@@ -180,8 +186,11 @@ impl Inbox {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
+        // The thread ends after the image it is on, whatever is queued behind it. The send waits for
+        // room in a full queue, which the thread drains; it fails at once if the thread has ended.
+        self.stopping.store(true, Ordering::SeqCst);
         if let Some(s) = self.stop.take() {
-            let _ = s.try_send(());
+            let _ = s.send(Wake::Stop);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();

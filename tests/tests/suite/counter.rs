@@ -73,14 +73,7 @@ fn the_detector_path_decodes_suppresses_and_warps_a_known_output_to_the_right_ca
     let frame = image::load_from_memory(&script.jpeg(i))
         .unwrap()
         .into_rgb8();
-    let s = DetectorSettings {
-        input_width: 640,
-        input_height: 640,
-        classes: 1,
-        card_class: 0,
-        min_score: 0.5,
-        iou: 0.45,
-    };
+    let s = deckhand_tools::shop::onnx::yolo_settings();
     // The card as a rotated box in the detector's input: centre, width (short side), height, angle.
     let lb = Letterbox::of(frame.width(), frame.height(), &s);
     let q = placed.quad().map(|p| lb.to_input(p));
@@ -252,10 +245,15 @@ async fn each_card_placed_on_the_counter_is_recognised_once_and_reaches_the_brok
         .await
         .unwrap();
     assert_eq!(code, 404, "no such camera");
-    // The shop page shows the counter: the camera's frame and the cards recognised there.
+    // The shop page shows the counter: the camera's frame and the cards recognised there, the events
+    // from the agent's event stream (/v1/events: their ids are on the page).
     let url = format!("http://{}/", fleet.agents[0].http());
     let names: Vec<String> = script.placements.iter().map(|p| p.card_id()).collect();
-    let shown = tokio::task::spawn_blocking(move || {
+    let mut ids: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (b, shown, on_page) = tokio::task::spawn_blocking(move || {
         let mut b = deckhand_tests::browser::Browser::launch(1200, 1000);
         b.open(&url);
         b.wait_for(
@@ -263,11 +261,15 @@ async fn each_card_placed_on_the_counter_is_recognised_once_and_reaches_the_brok
             "(() => { const f = document.querySelector('figure.camera[data-camera=counter]');\
               return f && f.querySelector('img').naturalWidth === 1280 \
                 && f.querySelector('svg').getAttribute('viewBox') === '0 0 1280 960' \
-                && f.querySelectorAll('li.counter-card').length === 4 \
+                && f.querySelectorAll('li.counter-card[data-event]').length === 4 \
                 && !document.getElementById('counter').hidden; })()",
             secs(30),
         );
-        b.eval("document.querySelector('figure.camera').textContent")
+        let text = b.eval("document.querySelector('figure.camera').textContent");
+        let ids = b.eval(
+            "JSON.stringify([...document.querySelectorAll('li.counter-card')].map((l) => l.dataset.event))",
+        );
+        (b, text, ids)
     })
     .await
     .unwrap();
@@ -275,6 +277,35 @@ async fn each_card_placed_on_the_counter_is_recognised_once_and_reaches_the_brok
     for n in names {
         assert!(text.contains(&n), "{n} not on the page: {text}");
     }
+    let mut on_page: Vec<String> = serde_json::from_str(on_page.as_str().unwrap()).unwrap();
+    on_page.sort();
+    ids.sort();
+    assert_eq!(
+        on_page, ids,
+        "the page's cards are the events the broker got"
+    );
+    // A recognition made while the page is open appears on it from the stream: the next event id.
+    let last: deckhand_protocol::event::EventId =
+        events[3]["id"].as_str().unwrap().parse().unwrap();
+    let next = deckhand_protocol::event::EventId::new(&last.log, last.seq + 1).to_string();
+    let photo =
+        deckhand_tests::fixtures::encode_jpeg(&deckhand_tests::fixtures::card_image(3, 0), 90);
+    let (code, body) = fleet.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let card = deckhand_tests::fixtures::card_id(3);
+    tokio::task::spawn_blocking(move || {
+        let mut b = b;
+        b.wait_for(
+            "the live recognition",
+            &format!(
+                "(() => {{ const r = document.querySelector('#recent-rows tr.recognition[data-event=\"{next}\"]');\
+                  return r !== null && r.textContent.includes('{card}'); }})()"
+            ),
+            secs(30),
+        );
+    })
+    .await
+    .unwrap();
     fleet.stop().await.unwrap();
 }
 

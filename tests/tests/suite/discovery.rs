@@ -37,8 +37,9 @@ async fn start_pair(fleet: &mut deckhand_tests::Fleet, ns_a: &NetNs, ns_b: &NetN
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_find_each_other_by_mdns_and_sync_over_quic() {
     let mut fleet = shop("mdns").start().await.unwrap();
-    let (ns_a, ns_b) = (NetNs::new("a"), NetNs::new("b"));
-    ns_a.link("10.231.77.1/24", &ns_b, "10.231.77.2/24");
+    let (ns_a, ns_b) = (NetNs::new("a").unwrap(), NetNs::new("b").unwrap());
+    ns_a.link("10.231.77.1/24", &ns_b, "10.231.77.2/24")
+        .unwrap();
 
     start_pair(&mut fleet, &ns_a, &ns_b).await;
     let (a, b) = (&fleet.agents[0], &fleet.agents[1]);
@@ -107,12 +108,12 @@ fn fake_adverts(ns: &NetNs, count: usize, prefix: &str) -> Killed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_mdns_adverts_do_not_keep_two_pis_apart() {
     let mut fleet = shop("mdns-fakes").start().await.unwrap();
-    let hub = NetNs::new("fhub");
-    hub.bridge("br0");
-    let (ns_a, ns_b) = (NetNs::new("fa"), NetNs::new("fb"));
-    hub.plug("br0", "port0", &ns_a, "10.231.81.1/24");
-    hub.plug("br0", "port1", &ns_b, "10.231.81.2/24");
-    hub.set_link("port1", false);
+    let hub = NetNs::new("fhub").unwrap();
+    hub.bridge("br0").unwrap();
+    let (ns_a, ns_b) = (NetNs::new("fa").unwrap(), NetNs::new("fb").unwrap());
+    hub.plug("br0", "port0", &ns_a, "10.231.81.1/24").unwrap();
+    hub.plug("br0", "port1", &ns_b, "10.231.81.2/24").unwrap();
+    hub.set_link("port1", false).unwrap();
     let _fakes = [
         fake_adverts(&ns_a, 300, "fake-a"),
         fake_adverts(&ns_b, 300, "fake-b"),
@@ -128,7 +129,7 @@ async fn fake_mdns_adverts_do_not_keep_two_pis_apart() {
     }
     tokio::time::sleep(secs(6)).await;
     // The cable is plugged in: each hears the other's advert at its next query.
-    hub.set_link("port1", true);
+    hub.set_link("port1", true).unwrap();
     let s = fleet.agents[1]
         .wait_for(secs(90), "pi-b to find pi-a and sync from it", |s| {
             s.active_version() == Some(1) && s.live_peer("pi-a").is_some()

@@ -365,10 +365,21 @@ async fn open_stream(
     u16,
     tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
 ) {
+    open_stream_at(agent, "/v1/events", last).await
+}
+
+/// Opens `path` (`/v1/events` with a query) as [`open_stream`] does.
+async fn open_stream_at(
+    agent: &Agent,
+    path: &str,
+    last: Option<&str>,
+) -> (
+    u16,
+    tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+) {
     let addr = agent.http().trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let mut req =
-        format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
     if let Some(id) = last {
         req.push_str(&format!("Last-Event-ID: {id}\r\n"));
     }
@@ -446,6 +457,24 @@ async fn the_event_stream_is_live_and_resumes_after_the_last_event_seen() {
     assert_eq!(next[0].1["card_id"], card_id(5));
     // The stream that resumed sees it too.
     assert_eq!(sse_events(&mut resumed, 1).await[0].0, next[0].0);
+    // The shop page's start: the newest two kept events, then what comes; a last id seen wins.
+    let (code, mut recent) = open_stream_at(agent, "/v1/events?recent=2", None).await;
+    assert_eq!(code, 200);
+    let two = sse_events(&mut recent, 2).await;
+    assert_eq!(
+        (&two[0].1["card_id"], &two[1].1["card_id"]),
+        (&card_id(4).into(), &card_id(5).into())
+    );
+    let (_, mut after) = open_stream_at(agent, "/v1/events?recent=2", Some(&rest[1].0)).await;
+    recognise(agent, 6).await;
+    assert_eq!(sse_events(&mut recent, 1).await[0].1["card_id"], card_id(6));
+    let after = sse_events(&mut after, 2).await;
+    assert_eq!(
+        (&after[0].1["card_id"], &after[1].1["card_id"]),
+        (&card_id(5).into(), &card_id(6).into())
+    );
+    let (code, _) = open_stream_at(agent, "/v1/events?recent=101", None).await;
+    assert_eq!(code, 400, "more than a stream replays");
     // An id that is not one is refused, and says why.
     let (code, _) = open_stream(agent, Some("yesterday")).await;
     assert_eq!(code, 400);

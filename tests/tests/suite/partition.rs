@@ -13,16 +13,19 @@ use std::time::{Duration, Instant};
 async fn agents_cut_off_for_20_s_mid_transfer_reconnect_and_converge() {
     const RELEASE: u64 = 24 * MIB;
     let mut fleet = shop("partition").start().await.unwrap();
-    let hub = NetNs::new("hub");
-    hub.bridge("br0");
-    let pis: Vec<NetNs> = (0..4).map(|i| NetNs::new(&format!("p{i}"))).collect();
+    let hub = NetNs::new("hub").unwrap();
+    hub.bridge("br0").unwrap();
+    let pis: Vec<NetNs> = (0..4)
+        .map(|i| NetNs::new(&format!("p{i}")).unwrap())
+        .collect();
     for (i, ns) in pis.iter().enumerate() {
         hub.plug(
             "br0",
             &format!("port{i}"),
             ns,
             &format!("10.231.79.{}/24", i + 1),
-        );
+        )
+        .unwrap();
     }
 
     let spec = ReferenceSpec::small(20);
@@ -61,8 +64,8 @@ async fn agents_cut_off_for_20_s_mid_transfer_reconnect_and_converge() {
         .await
         .unwrap();
     let before = s.pending.map(|p| p.bytes_have).unwrap_or(0);
-    hub.set_link("port2", false);
-    hub.set_link("port3", false);
+    hub.set_link("port2", false).unwrap();
+    hub.set_link("port3", false).unwrap();
     let cut_at = Instant::now();
     // The others see both lost (no Hello answered within the liveness window).
     let s = fleet.agents[0]
@@ -89,8 +92,8 @@ async fn agents_cut_off_for_20_s_mid_transfer_reconnect_and_converge() {
     let held = during.pending.as_ref().map(|p| p.bytes_have).unwrap_or(0);
     assert!(held < RELEASE, "{during:?}");
 
-    hub.set_link("port2", true);
-    hub.set_link("port3", true);
+    hub.set_link("port2", true).unwrap();
+    hub.set_link("port3", true).unwrap();
     let restored = Instant::now();
     let s = fleet.agents[0]
         .wait_for(secs(60), "pi-0 to see pi-2 and pi-3 again", |s| {

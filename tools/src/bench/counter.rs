@@ -2,8 +2,9 @@
 //! shop's systems. On generated scenes (1280x960 JPEG frames, [`crate::shop::scenes`]) with a release
 //! whose embedder is EfficientNet-Lite0-shaped, on the CPU backend. Printed:
 //! - in this process, one thread: the time to decode a frame and to find the cards in it (the work
-//!   every analysed frame costs, so the frames a second one camera can sustain), and the time to warp
-//!   and embed one placement (both ways up);
+//!   every analysed frame costs, so the frames a second one camera can sustain), the time of one pass
+//!   of a release's detector (a YOLO11n-OBB-shaped model at 640x640, run while something moves on the
+//!   counter, on the camera's own thread), and the time to warp and embed one placement (both ways up);
 //! - through a real agent whose camera reads `deckhand scenes` at 10 frames a second over `exec:`, as a
 //!   Pi reads rpicam-vid, publishing to Debian's mosquitto on a loopback port: the agent's CPU while the
 //!   counter is empty; frames read, analysed and dropped while cards are placed; and the time from a
@@ -68,8 +69,8 @@ pub async fn run(placements: usize, idle_secs: u64) -> Result<(), ToolError> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     {
-        let (files, spec) = (files.clone(), spec.clone());
-        tokio::task::spawn_blocking(move || in_process(&files, &spec)).await??;
+        let (files, spec, work) = (files.clone(), spec.clone(), work.path().to_owned());
+        tokio::task::spawn_blocking(move || in_process(&files, &spec, &work)).await??;
     }
     through_an_agent(work.path(), &files, placements, idle_secs).await
 }
@@ -78,6 +79,7 @@ pub async fn run(placements: usize, idle_secs: u64) -> Result<(), ToolError> {
 fn in_process(
     files: &deckhand_agent::release::ReleaseFiles,
     spec: &ReferenceSpec,
+    work: &Path,
 ) -> Result<(), ToolError> {
     let script = Script::new(SEED, 4, spec.cards);
     let jpegs: Vec<Vec<u8>> = (0..script.len()).map(|i| script.jpeg(i)).collect();
@@ -101,6 +103,7 @@ fn in_process(
             }
         }
     }
+    let detect = detector_pass(work, &frames)?;
     let rec = super::recognizer::load(files, spec, 1)?;
     let mut recognise = Vec::new();
     let mut right = 0;
@@ -137,12 +140,42 @@ fn in_process(
         1000.0 / (d + f)
     );
     println!(
+        "    a detector pass ({:.1} MB model)     {:>7.1} ms: while something moves on the counter, \
+         decode + detect = {:.0} frames a second",
+        detect.1,
+        detect.0,
+        1000.0 / (d + detect.0)
+    );
+    println!(
         "    warp and embed a placement (x2)     {:>7.1} ms ({right} of {} named right: the model's \
          weights are random, so its names are not judged here)",
         median_ms(recognise),
         script.placements.len()
     );
     Ok(())
+}
+
+/// The median time in ms of one pass of a YOLO11n-OBB-shaped detector (640x640, one class) on the frames,
+/// letterboxing and decoding included, on this thread alone as a camera's analysis thread runs it;
+/// and the model's size in MB.
+fn detector_pass(
+    work: &Path,
+    frames: &[(image::RgbImage, Vec<geometry::Quad>)],
+) -> Result<(f64, f64), ToolError> {
+    use deckhand_agent::camera::detector::CpuDetector;
+    const PASSES: usize = 12;
+    let model = work.join("detector.onnx");
+    let bytes = crate::shop::onnx::yolo11n_obb_shaped_onnx(640, 1, SEED);
+    std::fs::write(&model, &bytes).map_err(ToolError::io("write", &model))?;
+    let mut detector = CpuDetector::load(&model, &crate::shop::onnx::yolo_settings())?;
+    let step = (frames.len() / PASSES).max(1);
+    let mut times = Vec::new();
+    for (image, _) in frames.iter().step_by(step).take(PASSES) {
+        let t = Instant::now();
+        detector.detect(image)?;
+        times.push(t.elapsed());
+    }
+    Ok((median_ms(times), bytes.len() as f64 / 1e6))
 }
 
 /// A real agent, its camera reading `deckhand scenes`, its events going to mosquitto.

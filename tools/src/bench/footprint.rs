@@ -5,11 +5,16 @@
 //! - bytes the agent wrote to disk while syncing, over the release's bytes (`write_bytes` of
 //!   `/proc/PID/io`: what reached the block layer, so the directory must be on a disk, not a tmpfs);
 //! - CPU while idle over the window (`utime + stime` of `/proc/PID/stat`);
-//! - the stripped size of both binaries for each target and profile built in this target directory.
+//! - the stripped size of both binaries for each target and profile built in this target directory;
+//! - then a shop of `shop` agents idling together as Pis on one LAN do: each in its own network namespace
+//!   plugged into one bridge (made here and deleted after; needs root and iproute2), finding the others
+//!   by mDNS, with fleet certificates, one reading the release from a USB stick and the others fetching
+//!   it from their peers; once all serve it and see every peer live, the CPU each uses idle.
 
 use crate::ToolError;
-use crate::shop::Fleet;
 use crate::shop::fixtures::{self, ReferenceSpec};
+use crate::shop::netns::NetNs;
+use crate::shop::{AgentOptions, Fleet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,7 +23,12 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// The agent's default `--poll-secs`: idling is measured as a Pi idles.
 const DEFAULT_POLL_SECS: u64 = 30;
 
-pub async fn run(size_mib: u64, idle_secs: u64, dir: Option<&Path>) -> Result<(), ToolError> {
+pub async fn run(
+    size_mib: u64,
+    idle_secs: u64,
+    dir: Option<&Path>,
+    shop: usize,
+) -> Result<(), ToolError> {
     let base = dir.map_or_else(std::env::temp_dir, Path::to_owned);
     let tmp = tempfile::Builder::new()
         .prefix("deckhand-bench-footprint-")
@@ -109,6 +119,100 @@ pub async fn run(size_mib: u64, idle_secs: u64, dir: Option<&Path>) -> Result<()
             size as f64 / MIB
         );
     }
+    if shop > 1 {
+        let base = dir.map_or_else(std::env::temp_dir, Path::to_owned);
+        if let Err(e) = idle_shop(shop, idle_secs, &base).await {
+            println!("a shop of {shop} agents could not be measured: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `n` agents converged on a LAN of network namespaces, with mDNS: the idle CPU of each.
+async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("deckhand-bench-shop-")
+        .tempdir_in(base)
+        .map_err(ToolError::io("create a directory in", base))?;
+    let hub = NetNs::new("fphub")?;
+    hub.bridge("br0")?;
+    let pis = (0..n)
+        .map(|i| NetNs::new(&format!("fp{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, ns) in pis.iter().enumerate() {
+        hub.plug(
+            "br0",
+            &format!("port{i}"),
+            ns,
+            &format!("10.231.91.{}/24", i + 1),
+        )?;
+    }
+    let mut fleet = Fleet::new()
+        .name("footprint-shop")
+        .dir(&tmp.path().join("shop"))
+        .poll_secs(DEFAULT_POLL_SECS)
+        .start()
+        .await?;
+    let release_dir = tmp.path().join("release");
+    let files = tokio::task::spawn_blocking(move || {
+        fixtures::write_reference_release(&release_dir, &ReferenceSpec::small(40))
+    })
+    .await??;
+    let stick = tmp.path().join("usb");
+    fleet.publish_to_dir(&files, &stick).await?;
+    for (i, ns) in pis.iter().enumerate() {
+        let extra = if i == 0 {
+            vec!["--bundle-dir".to_owned(), stick.display().to_string()]
+        } else {
+            Vec::new()
+        };
+        fleet
+            .start_agent_with(AgentOptions {
+                name: format!("pi-{i}"),
+                extra,
+                netns: Some(ns.name.clone()),
+                mdns: true,
+                ..AgentOptions::default()
+            })
+            .await?;
+    }
+    let mut pids = Vec::new();
+    for agent in &fleet.agents {
+        agent
+            .wait_for(
+                Duration::from_secs(300),
+                "version 1 active and every peer live",
+                |s| s.active_version() == Some(1) && s.live_peers() == n - 1,
+            )
+            .await?;
+        pids.push(agent.pid().ok_or_else(|| ToolError::AgentApi {
+            name: agent.name.clone(),
+            why: "no process id".into(),
+        })?);
+    }
+    let before = pids
+        .iter()
+        .map(|p| cpu_ticks(*p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let secs = started.elapsed().as_secs_f64();
+    let hz = clock_ticks_per_second();
+    let mut each = Vec::new();
+    for (pid, b) in pids.iter().zip(before) {
+        let ticks = cpu_ticks(*pid)?.saturating_sub(b);
+        each.push(ticks as f64 / hz / secs * 100.0);
+    }
+    fleet.stop().await?;
+    let list: Vec<String> = each.iter().map(|c| format!("{c:.2}%")).collect();
+    println!(
+        "a shop of {n} agents (each in its own network namespace on one bridge, mDNS on, fleet \
+         certificates, release from a USB stick to pi-0 and from peers to the rest), converged, idle \
+         CPU over {secs:.0} s: {} (mean {:.2}% of one core)",
+        list.join(", "),
+        each.iter().sum::<f64>() / n as f64
+    );
+    drop((pis, hub));
     Ok(())
 }
 

@@ -371,12 +371,7 @@ fn where_the_embed_goes(
     const RUNS: u32 = 20;
     let run_error = |e: TractError| ToolError::Backend(BackendError::Run(e.to_string()));
     let plan = deckhand_agent::recognizer::cpu::plan(model, settings)?;
-    let shape = [
-        1,
-        3,
-        settings.input_height as usize,
-        settings.input_width as usize,
-    ];
+    let shape = deckhand_agent::recognizer::cpu::image_shape(settings);
     let input =
         Tensor::from_shape(&shape, &vec![0.5f32; shape.iter().product()]).map_err(run_error)?;
     let mut by_op: std::collections::BTreeMap<String, (Duration, u32)> = Default::default();

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod fixtures;
 pub mod locals3;
 pub mod mqtt;
+pub mod netns;
 pub mod onnx;
 pub mod scenes;
 
@@ -402,6 +403,34 @@ impl Fleet {
         let (prepared, _) =
             publish::publish(&*self.origin, &self.s3.origin_config(), key, &opts, &work).await?;
         Ok(prepared)
+    }
+
+    /// Publishes `files` as the next version into `dir`, a `file://` origin in the bundle layout (a USB
+    /// stick the operator wrote), signed with the shop's key.
+    pub async fn publish_to_dir(
+        &self,
+        files: &ReleaseFiles,
+        dir: &Path,
+    ) -> Result<publish::Prepared, ToolError> {
+        std::fs::create_dir_all(dir).map_err(ToolError::io("create", dir))?;
+        let cfg = crate::origin::OriginConfig::default();
+        let origin = crate::origin::connect(
+            &crate::origin::OriginUrl::File {
+                root: dir.to_owned(),
+            },
+            &cfg,
+        )
+        .await?;
+        let opts = PublishOptions::local(
+            Name::deployment(DEPLOYMENT)?,
+            files,
+            jiff::SignedDuration::from_hours(24),
+        );
+        let work = self.dir.join("work");
+        std::fs::create_dir_all(&work).map_err(ToolError::io("create", &work))?;
+        Ok(publish::publish(&*origin, &cfg, &self.key, &opts, &work)
+            .await?
+            .0)
     }
 
     /// Starts agent `name` with the S3 origin, a new certificate, dialling every agent started before.

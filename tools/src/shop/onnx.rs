@@ -1,5 +1,6 @@
 //! Generated ONNX models, written with tract's own protobuf types: the small sample embedder every test
-//! uses, and an EfficientNet-Lite0-shaped embedder for measuring the CPU backend on a real-sized network.
+//! uses, an EfficientNet-Lite0-shaped embedder and a YOLO11n-OBB-shaped detector for measuring the CPU
+//! backend on real-sized networks, and a detector whose output is known for testing the decoding.
 //! Weights come from a seeded generator, so the same seed always gives the same bytes.
 
 use deckhand_protocol::testdata::SplitMix;
@@ -133,6 +134,38 @@ impl Graph {
                 int("group", group as i64),
             ],
         )
+    }
+
+    /// Adds an int64 initializer (shapes for Reshape); returns its name.
+    fn int64s(&mut self, values: &[i64]) -> String {
+        let name = self.fresh("s");
+        self.weights.push(pb::TensorProto {
+            name: name.clone(),
+            dims: vec![values.len() as i64],
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            int64_data: values.to_vec(),
+            ..Default::default()
+        });
+        name
+    }
+
+    /// x * sigmoid(x), YOLO's activation.
+    fn silu(&mut self, input: &str) -> String {
+        let s = self.node("Sigmoid", &[input], vec![]);
+        self.node("Mul", &[input, &s], vec![])
+    }
+
+    /// A YOLO `Conv`: convolution (batch norm folded in) and SiLU.
+    fn conv_silu(
+        &mut self,
+        rng: &mut SplitMix,
+        input: &str,
+        channels: (usize, usize),
+        kernel: usize,
+        stride: usize,
+    ) -> String {
+        let c = self.conv(rng, input, channels, kernel, stride, 1);
+        self.silu(&c)
     }
 
     fn relu6(&mut self, input: &str) -> String {
@@ -338,4 +371,211 @@ pub fn known_output_detector_onnx(width: u32, height: u32, anchors: &[Vec<f32>])
         "output0",
         &[channels as i64, anchors.len() as i64],
     )
+}
+
+/// YOLO11's C3k2 block as the n-scale model has it (one bottleneck): two 1x1 halves, a bottleneck of
+/// two 3x3 convolutions with a residual on the second half, the three concatenated and fused by 1x1.
+fn c3k2(
+    g: &mut Graph,
+    rng: &mut SplitMix,
+    x: &str,
+    (cin, cout): (usize, usize),
+    hidden: usize,
+) -> String {
+    let a = g.conv_silu(rng, x, (cin, hidden), 1, 1);
+    let b = g.conv_silu(rng, x, (cin, hidden), 1, 1);
+    let m = g.conv_silu(rng, &b, (hidden, hidden), 3, 1);
+    let m = g.conv_silu(rng, &m, (hidden, hidden), 3, 1);
+    let m = g.node("Add", &[&b, &m], vec![]);
+    let cat = g.node("Concat", &[&a, &b, &m], vec![int("axis", 1)]);
+    g.conv_silu(rng, &cat, (3 * hidden, cout), 1, 1)
+}
+
+/// Nearest-neighbour upsampling by 2 (a depthwise transposed convolution of ones).
+fn upsample2(g: &mut Graph, x: &str, channels: usize) -> String {
+    let w = g.weight(&[channels as i64, 1, 2, 2], &vec![1.0; channels * 4]);
+    g.node(
+        "ConvTranspose",
+        &[x, &w],
+        vec![
+            ints("kernel_shape", vec![2, 2]),
+            ints("strides", vec![2, 2]),
+            int("group", channels as i64),
+        ],
+    )
+}
+
+/// One scale of YOLO11's OBB head: box (16-bin distributions per side, reduced to their expectation),
+/// class scores (sigmoid) and angle, as `[N, 4 + classes + 1, cells]`. The class branch's last bias is
+/// -10, so the random network finds no card: the decoding costs what an empty counter's does.
+fn obb_head(
+    g: &mut Graph,
+    rng: &mut SplitMix,
+    x: &str,
+    channels: usize,
+    cells: usize,
+    classes: usize,
+) -> String {
+    const BINS: usize = 16;
+    let c2 = 64.max(channels / 4);
+    let c3 = channels.max(classes.min(100));
+    let bx = g.conv_silu(rng, x, (channels, c2), 3, 1);
+    let bx = g.conv_silu(rng, &bx, (c2, c2), 3, 1);
+    let bx = g.conv(rng, &bx, (c2, 4 * BINS), 1, 1, 1);
+    let shape = g.int64s(&[1, 4, BINS as i64, cells as i64]);
+    let bx = g.node("Reshape", &[&bx, &shape], vec![]);
+    let bx = g.node("Softmax", &[&bx], vec![int("axis", 2)]);
+    let bins: Vec<f32> = (0..BINS).map(|i| i as f32 * BINS as f32).collect();
+    let bins = g.weight(&[1, 1, BINS as i64, 1], &bins);
+    let bx = g.node("Mul", &[&bx, &bins], vec![]);
+    let bx = g.node(
+        "ReduceMean",
+        &[&bx],
+        vec![ints("axes", vec![2]), int("keepdims", 0)],
+    );
+    let cl = g.conv(rng, x, (channels, channels), 3, 1, channels);
+    let cl = g.silu(&cl);
+    let cl = g.conv_silu(rng, &cl, (channels, c3), 1, 1);
+    let cl = g.conv(rng, &cl, (c3, c3), 3, 1, c3);
+    let cl = g.silu(&cl);
+    let cl = g.conv_silu(rng, &cl, (c3, c3), 1, 1);
+    let w: Vec<f32> = (0..classes * c3).map(|_| rng.normal() * 0.01).collect();
+    let w = g.weight(&[classes as i64, c3 as i64, 1, 1], &w);
+    let b = g.weight(&[classes as i64], &vec![-10.0; classes]);
+    let cl = g.node(
+        "Conv",
+        &[&cl, &w, &b],
+        vec![ints("kernel_shape", vec![1, 1])],
+    );
+    let shape = g.int64s(&[1, classes as i64, cells as i64]);
+    let cl = g.node("Reshape", &[&cl, &shape], vec![]);
+    let cl = g.node("Sigmoid", &[&cl], vec![]);
+    let c4 = (channels / 4).max(1);
+    let an = g.conv_silu(rng, x, (channels, c4), 3, 1);
+    let an = g.conv_silu(rng, &an, (c4, c4), 3, 1);
+    let an = g.conv(rng, &an, (c4, 1), 1, 1, 1);
+    let shape = g.int64s(&[1, 1, cells as i64]);
+    let an = g.node("Reshape", &[&an, &shape], vec![]);
+    let an = g.node("Sigmoid", &[&an], vec![]);
+    g.node("Concat", &[&bx, &cl, &an], vec![int("axis", 1)])
+}
+
+/// The settings a one-class [`yolo11n_obb_shaped_onnx`] at 640 is published with.
+pub fn yolo_settings() -> deckhand_protocol::manifest::DetectorSettings {
+    deckhand_protocol::manifest::DetectorSettings {
+        input_width: 640,
+        input_height: 640,
+        classes: 1,
+        card_class: 0,
+        min_score: 0.5,
+        iou: 0.45,
+    }
+}
+
+/// A YOLO11n-OBB-shaped detector: input `image` [N, 3, side, side] (`side` a multiple of 32), output
+/// `output0` [N, 4 + classes + 1, anchors] over the three scales (8400 anchors at 640), as the
+/// agent's detector decodes it. The n-scale backbone (stride-2 3x3 convolutions, C3k2 blocks, SPPF),
+/// the feature pyramid (upsampling, concatenation, C3k2) and the OBB head, with SiLU throughout; the
+/// attention block (C2PSA) is stood in for by its 1x1 convolutions. Random weights: the arithmetic
+/// and memory traffic are those of the n-scale widths, the boxes mean nothing.
+pub fn yolo11n_obb_shaped_onnx(side: u32, classes: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SplitMix(seed);
+    let mut g = Graph::new();
+    let r = &mut rng;
+    let x = g.conv_silu(r, "image", (3, 16), 3, 2);
+    let x = g.conv_silu(r, &x, (16, 32), 3, 2);
+    let x = c3k2(&mut g, r, &x, (32, 64), 8);
+    let x = g.conv_silu(r, &x, (64, 64), 3, 2);
+    let p3 = c3k2(&mut g, r, &x, (64, 128), 16);
+    let x = g.conv_silu(r, &p3, (128, 128), 3, 2);
+    let p4 = c3k2(&mut g, r, &x, (128, 128), 64);
+    let x = g.conv_silu(r, &p4, (128, 256), 3, 2);
+    let x = c3k2(&mut g, r, &x, (256, 256), 128);
+    // SPPF: three 5x5 max pools in a row, concatenated.
+    let s = g.conv_silu(r, &x, (256, 128), 1, 1);
+    let pool = |g: &mut Graph, v: &str| {
+        g.node(
+            "MaxPool",
+            &[v],
+            vec![
+                ints("kernel_shape", vec![5, 5]),
+                ints("strides", vec![1, 1]),
+                ints("pads", vec![2; 4]),
+            ],
+        )
+    };
+    let m1 = pool(&mut g, &s);
+    let m2 = pool(&mut g, &m1);
+    let m3 = pool(&mut g, &m2);
+    let cat = g.node("Concat", &[&s, &m1, &m2, &m3], vec![int("axis", 1)]);
+    let x = g.conv_silu(r, &cat, (512, 256), 1, 1);
+    // C2PSA's convolutions.
+    let a = g.conv_silu(r, &x, (256, 256), 1, 1);
+    let a = g.conv(r, &a, (256, 256), 3, 1, 256);
+    let p5 = g.conv_silu(r, &a, (256, 256), 1, 1);
+    // The pyramid, top down and bottom up.
+    let up = upsample2(&mut g, &p5, 256);
+    let cat = g.node("Concat", &[&up, &p4], vec![int("axis", 1)]);
+    let h4 = c3k2(&mut g, r, &cat, (384, 128), 32);
+    let up = upsample2(&mut g, &h4, 128);
+    let cat = g.node("Concat", &[&up, &p3], vec![int("axis", 1)]);
+    let o3 = c3k2(&mut g, r, &cat, (256, 64), 16);
+    let d = g.conv_silu(r, &o3, (64, 64), 3, 2);
+    let cat = g.node("Concat", &[&d, &h4], vec![int("axis", 1)]);
+    let o4 = c3k2(&mut g, r, &cat, (192, 128), 32);
+    let d = g.conv_silu(r, &o4, (128, 128), 3, 2);
+    let cat = g.node("Concat", &[&d, &p5], vec![int("axis", 1)]);
+    let o5 = c3k2(&mut g, r, &cat, (384, 256), 64);
+    let side = side as usize;
+    let heads: Vec<String> = [(o3, 64, 8), (o4, 128, 16), (o5, 256, 32)]
+        .into_iter()
+        .map(|(o, c, stride)| obb_head(&mut g, r, &o, c, (side / stride).pow(2), classes))
+        .collect();
+    let anchors: usize = [8, 16, 32].iter().map(|s| (side / s).pow(2)).sum();
+    g.node_named(
+        "Concat",
+        &[&heads[0], &heads[1], &heads[2]],
+        "output0",
+        vec![int("axis", 2)],
+    );
+    g.finish_as(
+        "deckhand-yolo11n-obb-shaped",
+        &[3, side as i64, side as i64],
+        "output0",
+        &[(4 + classes + 1) as i64, anchors as i64],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bench's detector loads and plans in the agent's CPU detector, answers the shape the agent
+    /// decodes (4 + 1 class + 1 values for 8400 anchors at 640), and finds nothing on a bare counter.
+    #[test]
+    fn the_yolo_shaped_detector_runs_in_the_agents_detector_and_finds_no_card() {
+        use deckhand_agent::camera::detector::CpuDetector;
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("detector.onnx");
+        std::fs::write(&model, yolo11n_obb_shaped_onnx(640, 1, 3)).unwrap();
+        let mut detector = CpuDetector::load(&model, &yolo_settings()).unwrap();
+        use tract_onnx::prelude::*;
+        let plan = tract_onnx::onnx()
+            .model_for_path(&model)
+            .unwrap()
+            .with_input_fact(0, f32::fact([1, 3, 640, 640]).into())
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let image = Tensor::from_shape(&[1, 3, 640, 640], &vec![0.5f32; 3 * 640 * 640]).unwrap();
+        let out = plan.run(tvec!(image.into())).unwrap();
+        assert_eq!(out[0].shape(), [1, 6, 8400]);
+        let values = out[0].clone().into_tensor();
+        let values = values.to_plain_array_view::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()));
+        let frame = image::RgbImage::from_pixel(1280, 960, image::Rgb([90, 110, 80]));
+        assert!(detector.detect(&frame).unwrap().is_empty());
+    }
 }

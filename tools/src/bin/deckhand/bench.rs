@@ -71,6 +71,10 @@ pub enum BenchCommand {
         /// Directory on a disk (not a tmpfs) for the store (default: the system temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Then this many agents idling together on a LAN of network namespaces with mDNS (needs
+        /// root); 0 or 1 to skip.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=16))]
+        shop: u64,
     },
     /// The agents' download state machines in the fleet simulator (virtual time): origin bytes per
     /// release and convergence against the uplink limit, for fleets too large to run live.
@@ -118,7 +122,11 @@ pub async fn run(what: BenchCommand) -> Result<(), ToolError> {
             size,
             idle_secs,
             dir,
-        } => deckhand_tools::bench::footprint::run(size, idle_secs, dir.as_deref()).await,
+            shop,
+        } => {
+            deckhand_tools::bench::footprint::run(size, idle_secs, dir.as_deref(), shop as usize)
+                .await
+        }
         BenchCommand::Sim {
             agents,
             size,
