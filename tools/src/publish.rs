@@ -140,6 +140,8 @@ pub struct Prepared {
     /// Blobs and chunk maps already present.
     pub skipped: Vec<BlobId>,
     pub bytes_uploaded: u64,
+    /// What the operator should know of a release that was still published: each a sentence.
+    pub warnings: Vec<String>,
 }
 
 /// A committed release.
@@ -344,6 +346,23 @@ pub async fn prepare(
         let (files, overrides) = (files.clone(), opts.overrides.clone());
         tokio::task::spawn_blocking(move || check_release(&files, &overrides)).await??
     };
+    let mut warnings = Vec::new();
+    if let Some(in_place) = checked.index_rows_in_place.filter(|n| *n < checked.rows) {
+        warnings.push(format!(
+            "{} of the {} vectors in {} are not at their row of {} (an index built on several threads \
+             stores them in the order the threads added them): every release that rebuilds it sends the \
+             whole index to every shop, where an index built on one thread from the rows in order \
+             (usearch: index.add(keys, vectors, threads=1)) sends its new rows and graph; `deckhand bench \
+             delta` measures both",
+            checked.rows - in_place,
+            checked.rows,
+            files.index.display(),
+            files
+                .embeddings
+                .as_deref()
+                .map_or_else(|| "embeddings.npy".into(), |p| p.display().to_string())
+        ));
+    }
 
     let mut roles: Vec<(Role, PathBuf)> = vec![
         (Role::Hef, files.hef.clone()),
@@ -425,7 +444,9 @@ pub async fn prepare(
         rollout: opts.rollout,
         detector: checked.detector,
     };
-    sign(manifest, key, uploaded, skipped, bytes_uploaded)
+    let mut prepared = sign(manifest, key, uploaded, skipped, bytes_uploaded)?;
+    prepared.warnings = warnings;
+    Ok(prepared)
 }
 
 fn sign(
@@ -445,6 +466,7 @@ fn sign(
         uploaded,
         skipped,
         bytes_uploaded,
+        warnings: Vec::new(),
     })
 }
 

@@ -94,6 +94,9 @@ pub struct CheckedRelease {
     pub detector: Option<DetectorSettings>,
     /// The media type of each canary image, in order.
     pub canary_media_types: Vec<&'static str>,
+    /// With embeddings.npy beside an f32 index: how many of the index's stored vectors sit at their own
+    /// row's place in the file ([`vectors_in_row_order`]).
+    pub index_rows_in_place: Option<usize>,
 }
 
 /// Why a release was refused. Each message names the file and the problem.
@@ -161,9 +164,10 @@ pub fn check_release(
     }
     check_card_ids(&labels, &metadata, &files.labels, &files.metadata)?;
 
+    let mut index_rows_in_place = None;
     if let Some(path) = &files.embeddings {
         let data = loaders::read_nonempty("embeddings", path)?;
-        let (rows, cols, _) =
+        let (rows, cols, start) =
             loaders::npy_header(&data).map_err(|e| LoadError::format("embeddings", path, e))?;
         if rows as u64 != index.count || cols != index.dimensions {
             return mismatch(format!(
@@ -173,6 +177,9 @@ pub fn check_release(
                 index.count,
                 index.dimensions
             ));
+        }
+        if index.scalar == "f32" {
+            index_rows_in_place = vectors_in_row_order(&files.index, &data[start..], rows, cols)?;
         }
     }
 
@@ -204,7 +211,50 @@ pub fn check_release(
         onnx,
         index,
         canary_media_types,
+        index_rows_in_place,
     })
+}
+
+/// How many rows of `embeddings` (`rows` x `cols` little-endian f32) a usearch index file stores at
+/// their own row's place: usearch writes the vectors first, as a matrix (rows u32, bytes per row u32, then
+/// each vector in the order it was added). An index built on one thread from the rows in order holds
+/// every row in place, and its next rebuild changes only the new rows and the graph; one built on
+/// several threads holds them in the order the threads added them, and every rebuild rewrites the
+/// whole file (`deckhand bench delta` measures both). `None` when the file does not start with that
+/// matrix.
+pub fn vectors_in_row_order(
+    index: &Path,
+    embeddings: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<Option<usize>, LoadError> {
+    use std::io::Read as _;
+    let read = |source| LoadError::Read {
+        what: "index",
+        file: index.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(index).map_err(read)?;
+    let mut file = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; 8];
+    file.read_exact(&mut header).map_err(read)?;
+    let matrix = (
+        u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize,
+        u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize,
+    );
+    let row_len = cols * 4;
+    if matrix != (rows, row_len) || embeddings.len() != rows * row_len {
+        return Ok(None);
+    }
+    let mut stored = vec![0u8; row_len];
+    let mut in_place = 0;
+    for row in embeddings.chunks_exact(row_len) {
+        file.read_exact(&mut stored).map_err(read)?;
+        if stored == row {
+            in_place += 1;
+        }
+    }
+    Ok(Some(in_place))
 }
 
 /// Every card id the labels name must have metadata. Several rows may share a card.

@@ -348,6 +348,7 @@ async fn a_pi_without_a_clock_trusts_the_newest_signed_time_and_expiry_never_sto
             uploaded: Vec::new(),
             skipped: Vec::new(),
             bytes_uploaded: 0,
+            warnings: Vec::new(),
         },
     )
     .await

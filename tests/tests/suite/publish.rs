@@ -176,6 +176,7 @@ async fn the_cli_round_trip_keygen_publish_versions_verify_rollback_export() {
     ));
     assert_eq!(v1["version"], 1);
     assert!(v1["manifest_id"].as_str().unwrap().starts_with("b3:"));
+    assert_eq!(v1["warnings"], serde_json::json!([]), "{v1}");
 
     let mut meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
@@ -1017,4 +1018,46 @@ async fn an_operator_whose_clock_is_a_day_off_still_publishes() {
         let published = ok(&out);
         assert!(published["version"].as_u64().is_some(), "{published}");
     }
+}
+
+/// An index whose vectors are not in embeddings.npy's row order (as one built on several threads) is
+/// published, with a warning that names it and what it costs every shop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_of_an_index_out_of_row_order_warns_and_publishes() {
+    let dir = world("index-row-order").start().await.unwrap();
+    let s3 = dir.s3();
+    let spec = SampleSpec::small(5);
+    let files = fixtures::write_sample_release(&dir.join("release"), &spec).unwrap();
+    let rows = fixtures::rewrite_index_rows_reversed(&files).unwrap();
+    let key_path = dir.join("ops.key");
+    std::fs::write(&key_path, key(1).to_file_text()).unwrap();
+    let mut args = publish_args(
+        &s3.origin_arg("fleet"),
+        "shop-1",
+        &key_path,
+        &files,
+        &files.metadata,
+    );
+    args.extend([
+        "--embeddings".into(),
+        files.embeddings.as_ref().unwrap().display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v1 = ok(&deckhand_out(s3, &args));
+    assert_eq!(v1["version"], 1);
+    let warnings = v1["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{v1}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(
+        w.contains(&format!(
+            "of the {rows} vectors in {}",
+            files.index.display()
+        )) && w.contains("threads=1"),
+        "{w}"
+    );
+    // Without --json the warning goes to stderr.
+    let plain: Vec<&str> = args.iter().copied().filter(|a| *a != "--json").collect();
+    let out = deckhand_out(s3, &plain);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning: "), "{}", stderr(&out));
 }

@@ -1,6 +1,7 @@
 //! `deckhand bench ...`: measured figures, printed. Benchmarks print; tests assert.
 
 pub mod counter;
+pub mod delta;
 pub mod fleet;
 pub mod footprint;
 pub mod recognizer;
@@ -94,6 +95,47 @@ pub fn store(size_mib: u64, dir: Option<&Path>, rounds: usize) -> Result<(), Too
         i_med.as_secs_f64() / m_med.as_secs_f64()
     );
     Ok(())
+}
+
+/// Runs one of the benches' Python helpers: writes `script` into `work` as `name` and runs it with
+/// `$DECKHAND_PYTHON` or `python3` and `args`. Returns the JSON lines it printed, or why there are none;
+/// a helper that cannot import what it needs prints `{"missing": ...}`, answered with `install`.
+fn python_helper(
+    name: &str,
+    script: &str,
+    args: &[std::ffi::OsString],
+    work: &Path,
+    install: &str,
+) -> Result<Vec<serde_json::Value>, String> {
+    let path = work.join(name);
+    std::fs::write(&path, script).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let python = std::env::var_os("DECKHAND_PYTHON").unwrap_or_else(|| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{} does not run: {e}", python.to_string_lossy()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the helper failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut lines = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("the helper printed {line:?}: {e}"))?;
+        if let Some(missing) = v.get("missing") {
+            return Err(format!(
+                "{} cannot import it ({missing}); `{install}`, or point DECKHAND_PYTHON at a Python \
+                 that has them",
+                python.to_string_lossy()
+            ));
+        }
+        lines.push(v);
+    }
+    Ok(lines)
 }
 
 fn num_cores() -> usize {

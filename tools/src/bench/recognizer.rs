@@ -522,45 +522,28 @@ fn onnxruntime(
     counts: &[usize],
     work: &std::path::Path,
 ) -> Result<Vec<Anchor>, String> {
-    let script = work.join("onnxruntime_anchor.py");
-    std::fs::write(&script, include_str!("onnxruntime_anchor.py"))
-        .map_err(|e| format!("writing {}: {e}", script.display()))?;
     let mut photos = Vec::new();
     for (i, jpeg) in jpegs.iter().enumerate() {
         let path = work.join(format!("photo-{i}.jpg"));
         std::fs::write(&path, jpeg).map_err(|e| format!("writing {}: {e}", path.display()))?;
         photos.push(path);
     }
-    let python = std::env::var_os("DECKHAND_PYTHON").unwrap_or_else(|| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(model)
-        .arg("40")
-        .args(counts.iter().map(|c| c.to_string()))
-        .arg("--")
-        .args(&photos)
-        .output()
-        .map_err(|e| format!("{} does not run: {e}", python.to_string_lossy()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "the helper failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    let mut args: Vec<std::ffi::OsString> = vec![model.into(), "40".into()];
+    args.extend(counts.iter().map(|c| c.to_string().into()));
+    args.push("--".into());
+    args.extend(photos.into_iter().map(Into::into));
+    let lines = super::python_helper(
+        "onnxruntime_anchor.py",
+        include_str!("onnxruntime_anchor.py"),
+        &args,
+        work,
+        "pip install onnxruntime numpy pillow",
+    )?;
     let mut anchors = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("the helper printed {line:?}: {e}"))?;
-        if let Some(missing) = v.get("missing") {
-            return Err(format!(
-                "{} cannot import it ({missing}); `pip install onnxruntime numpy pillow`, or point \
-                 DECKHAND_PYTHON at a Python that has them",
-                python.to_string_lossy()
-            ));
-        }
+    for v in lines {
         anchors.push(
-            serde_json::from_value(v).map_err(|e| format!("the helper printed {line:?}: {e}"))?,
+            serde_json::from_value(v.clone())
+                .map_err(|e| format!("the helper printed {v}: {e}"))?,
         );
     }
     Ok(anchors)

@@ -152,6 +152,19 @@ pub fn write_usearch_index(
     metric: usearch::MetricKind,
     vectors: &[Vec<f32>],
 ) -> Result<(), FixtureError> {
+    write_usearch_index_added_in(path, dim, metric, vectors, 0..vectors.len())
+}
+
+/// [`write_usearch_index`], adding row `r` (under key `r`) in the order `rows` gives (each row of
+/// `vectors` once): the file stores the vectors in that order, as an index built on several threads
+/// stores them in the order the threads added them.
+pub fn write_usearch_index_added_in(
+    path: &std::path::Path,
+    dim: usize,
+    metric: usearch::MetricKind,
+    vectors: &[Vec<f32>],
+    rows: impl IntoIterator<Item = usize>,
+) -> Result<(), FixtureError> {
     let opts = usearch::IndexOptions {
         dimensions: dim,
         metric,
@@ -167,13 +180,54 @@ pub fn write_usearch_index(
     };
     let index = usearch::Index::new(&opts).map_err(|e| fail(&e))?;
     index.reserve(vectors.len()).map_err(|e| fail(&e))?;
-    for (row, v) in vectors.iter().enumerate() {
+    for row in rows {
+        let v = vectors
+            .get(row)
+            .ok_or_else(|| fail(&format!("no row {row}")))?;
         index.add(row as u64, v).map_err(|e| fail(&e))?;
     }
     let p = path
         .to_str()
         .ok_or_else(|| fail(&"the path is not UTF-8"))?;
     index.save(p).map_err(|e| fail(&e))
+}
+
+/// Rewrites a release's usearch.index (cosine, f32) from its embeddings.npy with the rows added last
+/// first, so that at most the middle row stays at its row's place in the file, as in an index built on
+/// several threads. Returns the number of rows.
+pub fn rewrite_index_rows_reversed(
+    files: &deckhand_agent::release::ReleaseFiles,
+) -> Result<usize, FixtureError> {
+    let fail = |message: String| FixtureError::Index {
+        path: files.index.clone(),
+        message,
+    };
+    let path = files
+        .embeddings
+        .as_ref()
+        .ok_or_else(|| fail("the release has no embeddings.npy".into()))?;
+    let npy = std::fs::read(path).map_err(|source| FixtureError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let (rows, cols, start) = deckhand_agent::release::loaders::npy_header(&npy)
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    let vectors: Vec<Vec<f32>> = npy[start..]
+        .chunks_exact(cols * 4)
+        .map(|r| {
+            r.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+        .collect();
+    write_usearch_index_added_in(
+        &files.index,
+        cols,
+        usearch::MetricKind::Cos,
+        &vectors,
+        (0..rows).rev(),
+    )?;
+    Ok(rows)
 }
 
 /// The shape of a generated sample release.
@@ -694,6 +748,29 @@ mod tests {
         ] {
             assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
         }
+    }
+
+    #[test]
+    fn the_release_check_counts_the_index_vectors_out_of_row_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SampleSpec::small(3);
+        let files = write_sample_release(dir.path(), &spec).unwrap();
+        let check = || deckhand_agent::release::check_release(&files, &Default::default()).unwrap();
+        assert_eq!(check().index_rows_in_place, Some(spec.rows));
+        // The same vectors added last row first: at most the middle row stays in place.
+        let rows = rewrite_index_rows_reversed(&files).unwrap();
+        let checked = check();
+        assert!(
+            checked.index_rows_in_place.is_some_and(|n| n <= 1),
+            "{:?} of {rows} in place",
+            checked.index_rows_in_place
+        );
+        // Without embeddings.npy there is nothing to compare with.
+        let mut without = files.clone();
+        without.embeddings = None;
+        let checked =
+            deckhand_agent::release::check_release(&without, &Default::default()).unwrap();
+        assert_eq!(checked.index_rows_in_place, None);
     }
 
     #[test]

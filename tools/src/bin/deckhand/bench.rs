@@ -20,6 +20,23 @@ pub enum BenchCommand {
     },
     /// Chunk-size trade-offs (requests, dedup, speed) on a synthetic reference-DB update.
     Chunking,
+    /// A reference-DB update (cards added, prices edited, the index rebuilt with numpy and usearch as
+    /// the seeds do): the bytes a Pi holding the old DB fetches, where they go, raw and compressed, and
+    /// casync's bytes for the same update when casync is installed.
+    Delta {
+        /// Reference rows in the first DB.
+        #[arg(long, default_value_t = 17_592, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+        rows: u64,
+        /// Cards the second DB adds.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        added: u64,
+        /// Prices the second DB edits, per thousand cards.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        edited_per_mille: u64,
+        /// Directory for the two releases (default: the system temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Recognition accuracy on perturbed photos, throughput, latency, search time, cold start, swap p99.
     Recognizer {
         /// Use the seeds' full 17,592 x 768 reference DB (otherwise 2,200 rows).
@@ -104,6 +121,17 @@ pub async fn run(what: BenchCommand) -> Result<(), ToolError> {
             rounds,
         } => bench::store(size_mib, dir.as_deref(), rounds as usize),
         BenchCommand::Chunking => bench::chunking(),
+        BenchCommand::Delta {
+            rows,
+            added,
+            edited_per_mille,
+            dir,
+        } => bench::delta::run(&bench::delta::DeltaArgs {
+            rows: rows as usize,
+            added: added as usize,
+            edited_per_mille: edited_per_mille as usize,
+            dir,
+        }),
         BenchCommand::Recognizer { full } => deckhand_tools::bench::recognizer::run(full).await,
         BenchCommand::Shadow { samples } => bench::shadow::run(samples as usize).await,
         BenchCommand::Counter {

@@ -132,6 +132,7 @@ pub async fn run(a: &PublishArgs) -> Result<(), ToolError> {
         "already_present": prepared.skipped.len(),
         "bytes_uploaded": prepared.bytes_uploaded,
         "current_updated": published.current_updated,
+        "warnings": prepared.warnings,
     });
     emit(a.json, &report, |_| {
         println!(
@@ -146,6 +147,9 @@ pub async fn run(a: &PublishArgs) -> Result<(), ToolError> {
         );
         if !published.current_updated {
             eprintln!("note: current.json already names a newer version and was left as it is");
+        }
+        for w in &prepared.warnings {
+            eprintln!("warning: {w}");
         }
     })
 }
