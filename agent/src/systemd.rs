@@ -2,7 +2,7 @@
 //! active release), `STATUS=` one human line whenever it changes, `WATCHDOG=1` at half of
 //! `WATCHDOG_USEC` but only while the inference thread and the sync loop are alive, so a hung inference
 //! thread gets the agent restarted, and `STOPPING=1` on shutdown. Without `NOTIFY_SOCKET` (not under
-//! systemd) every message is dropped, and the loop only keeps the status line.
+//! systemd) every message is dropped, and the status loop does not run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,11 @@ pub async fn run(
     alive: impl Fn() -> Result<(), String> + Send + 'static,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        // Not under systemd: nobody to tell, so nothing to wake for.
+        let _ = stop.wait_for(|s| *s).await;
+        return;
+    }
     let watchdog = sd_notify::watchdog_enabled();
     let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).max(Duration::from_millis(50)));
     let mut tick = tokio::time::interval(every);

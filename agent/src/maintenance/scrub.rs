@@ -10,17 +10,20 @@
 use deckhand_protocol::status::ScrubStatus;
 use deckhand_store::{Scrubbed, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The longest the thread sleeps without looking at its stop flag.
-const SLICE: Duration = Duration::from_millis(100);
 /// The pause between passes when there is nothing to check (no active release yet).
 const IDLE: Duration = Duration::from_secs(10);
 
-/// The scrub thread, stopped (within [`SLICE`] and one 1 MiB read) when dropped or stopped.
+/// The scrub thread, stopped (at once when it waits, after one 1 MiB read when it reads) when dropped or
+/// stopped.
 pub struct Scrubber {
     stop: Arc<AtomicBool>,
+    /// Wakes the thread from its pause between reads (it sleeps on it, so an idle agent is not woken
+    /// to look at its stop flag).
+    wake: Option<SyncSender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     status: Arc<Mutex<ScrubStatus>>,
 }
@@ -34,6 +37,7 @@ impl Scrubber {
         found: tokio::sync::mpsc::Sender<()>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let status = Arc::new(Mutex::new(ScrubStatus {
             bytes_per_hour: per_hour,
             ..ScrubStatus::default()
@@ -43,6 +47,7 @@ impl Scrubber {
             per_second: (per_hour as f64 / 3600.0).max(1.0),
             found,
             stop: stop.clone(),
+            woken,
             status: status.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -50,6 +55,7 @@ impl Scrubber {
             .spawn(move || run.run())?;
         Ok(Self {
             stop,
+            wake: Some(wake),
             thread: Some(thread),
             status,
         })
@@ -66,6 +72,8 @@ impl Scrubber {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Dropping the sender wakes a pause at once.
+        self.wake.take();
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -85,6 +93,7 @@ struct Run {
     per_second: f64,
     found: tokio::sync::mpsc::Sender<()>,
     stop: Arc<AtomicBool>,
+    woken: Receiver<()>,
     status: Arc<Mutex<ScrubStatus>>,
 }
 
@@ -93,18 +102,14 @@ impl Run {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Sleeps `d` in slices; false when asked to stop.
+    /// Sleeps `d`, or until asked to stop (then false).
     fn sleep(&self, d: Duration) -> bool {
-        let deadline = std::time::Instant::now() + d;
-        loop {
-            if self.stopped() {
-                return false;
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return true;
-            }
-            std::thread::sleep((deadline - now).min(SLICE));
+        if self.stopped() {
+            return false;
+        }
+        match self.woken.recv_timeout(d) {
+            Err(RecvTimeoutError::Timeout) => !self.stopped(),
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => false,
         }
     }
 
@@ -182,5 +187,56 @@ fn idle_io_priority() {
     };
     if r != 0 {
         tracing::debug!(cause = %std::io::Error::last_os_error(), "scrub: cannot lower its I/O priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Voluntary context switches of this process's thread named `name` (each time it blocked).
+    fn switches_of(name: &str) -> Option<u64> {
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if comm.trim_end() != name {
+                continue;
+            }
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok());
+        }
+        None
+    }
+
+    #[test]
+    fn between_reads_the_scrub_sleeps_without_waking_and_stops_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open(dir.path().join("store"), deckhand_store::Options::default()).unwrap();
+        let blob = store.import_bytes(&vec![7u8; 3 << 20]).unwrap().blob;
+        store.set_pin("active", &[blob]).unwrap();
+        let (found, _rx) = tokio::sync::mpsc::channel(1);
+        // 1 MiB a day: after its first read, the thread pauses for hours.
+        let scrubber = Scrubber::start(store, 24 << 20, found).unwrap();
+        let status = scrubber.status_handle();
+        let read_once = std::time::Instant::now();
+        while status.lock().unwrap().bytes_checked == 0 {
+            assert!(read_once.elapsed() < Duration::from_secs(30), "no read");
+            std::thread::yield_now();
+        }
+        let before = switches_of("scrub").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let after = switches_of("scrub").unwrap();
+        // Sleeping in slices to look at a stop flag woke it ten times a second.
+        assert!(after - before <= 1, "{} wake-ups in 1 s", after - before);
+        let stopping = std::time::Instant::now();
+        scrubber.stop();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "stopped after {:?}",
+            stopping.elapsed()
+        );
     }
 }

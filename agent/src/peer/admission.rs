@@ -90,7 +90,7 @@ pub const MAX_ADDRESSES: usize = 256;
 pub const MAX_FAILURES: u32 = 6;
 /// Addresses that did not fit in a full table, waiting for their one dial (the oldest dropped first).
 pub const MAX_FRESH: usize = 1024;
-/// Waiting addresses dialed per round of the dial loop (twice a second).
+/// Waiting addresses dialed per round of the dial loop.
 pub const FRESH_PER_ROUND: usize = 16;
 /// The wait before the first retry of a failed dial, doubled after each failure (at most 16 times).
 pub const RETRY: Duration = Duration::from_secs(3);
@@ -192,6 +192,30 @@ impl DialTable {
             }
         }
         due
+    }
+
+    /// When the next address not in `skip` (connected already) is due for a dial (`now` when one
+    /// waits outside a full table), `None` when there is nothing to dial.
+    pub fn next_due(
+        &self,
+        now: Instant,
+        skip: &std::collections::HashSet<std::net::SocketAddr>,
+    ) -> Option<Instant> {
+        let waiting = self
+            .fresh
+            .iter()
+            .any(|a| !skip.contains(a) && !self.addrs.contains_key(a));
+        let next = self
+            .addrs
+            .iter()
+            .filter(|(a, _)| !skip.contains(*a))
+            .map(|(_, d)| d.next)
+            .min();
+        if waiting {
+            Some(next.map_or(now, |n| n.min(now)))
+        } else {
+            next
+        }
     }
 
     /// A dial of `addr` failed: it backs off further, and one found by discovery that failed
@@ -359,6 +383,41 @@ mod tests {
         // Connected addresses are not dialed again.
         let skip: std::collections::HashSet<_> = [addr(9999)].into();
         assert_eq!(t.due(at + Duration::from_secs(3600), &skip), vec![addr(0)]);
+    }
+
+    #[test]
+    fn the_dial_loop_sleeps_until_the_next_address_not_connected_is_due() {
+        let mut t = DialTable::default();
+        let now = Instant::now();
+        let none = std::collections::HashSet::new();
+        assert_eq!(t.next_due(now, &none), None, "nothing to dial: no wake-up");
+        t.add(addr(1), false, now);
+        t.add(addr(2), false, now);
+        assert_eq!(t.next_due(now, &none), Some(now));
+        assert_eq!(t.due(now, &none).len(), 2);
+        // Both dialed: each is next due after a retry's wait, as if it failed.
+        assert_eq!(t.next_due(now, &none), Some(now + RETRY));
+        t.failed(addr(1), now);
+        t.connected(addr(2), now);
+        let connected: std::collections::HashSet<_> = [addr(2)].into();
+        // The connected one is not dialed while it stays connected; the failed one backs off.
+        assert_eq!(t.next_due(now, &connected), Some(now + backoff(1)));
+        t.remove(&addr(1));
+        assert_eq!(
+            t.next_due(now, &connected),
+            None,
+            "all connected: no wake-up"
+        );
+        // The connection closes: its address is due at once (its last dial is long past).
+        assert_eq!(t.next_due(now + RETRY, &none), Some(now + RETRY));
+        // An advert waiting outside a full table is due now.
+        for i in 10..(MAX_ADDRESSES as u32 + 9) {
+            t.add(addr(i), false, now);
+        }
+        let all: std::collections::HashSet<_> = (0..MAX_ADDRESSES as u32 + 9).map(addr).collect();
+        assert_eq!(t.next_due(now, &all), None);
+        assert!(!t.add(addr(9999), false, now));
+        assert_eq!(t.next_due(now, &all), Some(now));
     }
 
     #[test]

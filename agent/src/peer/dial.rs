@@ -21,7 +21,8 @@ impl PeerNode {
         let newer_root = hello.newer_root(local.root);
         let newer_fleet = hello.newer_fleet(self.inner.fleet.current().number());
         let ours = hello.deployment == self.inner.deployment;
-        {
+        let rejects = hello.rejected;
+        let rejection_changed = {
             let mut peers = crate::locks::lock(&self.inner.peers, "peers");
             if !peers.contains_key(id) && peers.len() >= MAX_PEERS {
                 return;
@@ -33,9 +34,14 @@ impl PeerNode {
                 p.conn = Some(c);
                 p.addr = addr;
             }
+            let before = p.hello.as_ref().and_then(|h| h.rejected);
             p.hello = Some(hello);
             p.last_hello = Some(Instant::now());
             p.left = false;
+            rejects.is_some() && before != rejects
+        };
+        if ours && rejection_changed {
+            self.inner.rejections.notify_one();
         }
         if ours
             && (newer_release || newer_root.is_some() || newer_fleet.is_some())
@@ -50,13 +56,13 @@ impl PeerNode {
             });
         }
     }
+    /// Dials each address when it is due, and sleeps until the next one is: a new address
+    /// ([`PeerNode::add_addr`]), a connection found closed (by the gossip loop, or when a peer's
+    /// connection to us ends) and the end of a backoff wake it, so a shop whose peers are all connected
+    /// does not wake it at all (but for [`DIAL_IDLE`]).
     pub(super) async fn dial_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
+            let round = tokio::time::Instant::now();
             let now = Instant::now();
             let connected: HashSet<SocketAddr> = crate::locks::lock(&self.inner.peers, "peers")
                 .values()
@@ -64,12 +70,29 @@ impl PeerNode {
                 .map(|s| s.addr)
                 .collect();
             // Each is given its next attempt as if it fails; it backs off while it keeps failing.
-            let due = crate::locks::lock(&self.inner.addrs, "addresses").due(now, &connected);
+            let (due, next) = {
+                let mut table = crate::locks::lock(&self.inner.addrs, "addresses");
+                let due = table.due(now, &connected);
+                (due, table.next_due(now, &connected))
+            };
             for addr in due {
                 let node = self.clone();
                 self.inner
                     .tasks
                     .spawn(async move { node.dial(addr).await }.in_current_span());
+            }
+            let wait = next.map_or(DIAL_IDLE, |n| {
+                n.saturating_duration_since(now).min(DIAL_IDLE)
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.inner.dial_wake.notified() => {}
+                _ = stop.changed() => return,
+            }
+            // Rounds are spaced, however many addresses arrive (a LAN full of adverts).
+            tokio::select! {
+                _ = tokio::time::sleep_until(round + DIAL_ROUND) => {}
+                _ = stop.changed() => return,
             }
         }
     }
@@ -174,6 +197,7 @@ impl PeerNode {
                 _ = stop.changed() => return,
             };
             let now = Instant::now();
+            let mut closed = false;
             let conns: Vec<(String, SocketAddr, quinn::Connection, bool)> =
                 crate::locks::lock(&self.inner.peers, "peers")
                     .iter()
@@ -182,11 +206,17 @@ impl PeerNode {
                         // A change goes to everyone; the timer skips a peer just heard from.
                         let heard =
                             !changed && s.last_hello.is_some_and(|t| now.duration_since(t) < HEARD);
-                        c.close_reason()
-                            .is_none()
-                            .then(|| (id.clone(), s.addr, c, !heard))
+                        if c.close_reason().is_some() {
+                            closed = true;
+                            return None;
+                        }
+                        Some((id.clone(), s.addr, c, !heard))
                     })
                     .collect();
+            if closed {
+                // Its address is dialed again at once.
+                self.inner.dial_wake.notify_one();
+            }
             let jobs = conns.into_iter().map(|(id, addr, conn, exchange)| {
                 let node = self.clone();
                 async move {
@@ -210,6 +240,7 @@ impl PeerNode {
                                 let mut a = crate::locks::lock(&node.inner.addrs, "addrs");
                                 a.add(p.addr, false, Instant::now());
                             }
+                            node.inner.dial_wake.notify_one();
                         }
                     }
                 }

@@ -57,10 +57,14 @@ const BUSY_AFTER: Duration = Duration::from_secs(2);
 /// A peer is live if it answered a Hello this recently.
 pub const LIVE: Duration = Duration::from_secs(8);
 /// How often each connected peer's Hello is refreshed (and on every change of this agent's state).
-const GOSSIP: Duration = Duration::from_secs(2);
+const GOSSIP: Duration = Duration::from_secs(3);
 /// A peer whose Hello came this recently, because it gossiped to us, is not gossiped to on the timer:
 /// an exchange tells each side the other's state, so one a round per pair is enough.
-const HEARD: Duration = Duration::from_millis(1500);
+const HEARD: Duration = Duration::from_millis(2500);
+/// The dial loop's longest sleep: a safety net, not how it learns of work (see `dial_loop`).
+const DIAL_IDLE: Duration = Duration::from_secs(30);
+/// The least time between two rounds of the dial loop.
+const DIAL_ROUND: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a chunk request may take (a chunk is at most a few hundred KiB on a LAN).
@@ -257,6 +261,10 @@ struct Inner {
     store: Store,
     local: Mutex<LocalState>,
     changed: Notify,
+    /// Wakes the dial loop: an address to dial, a connection that closed.
+    dial_wake: Notify,
+    /// A peer announced a different release it will not take (the sync engine heeds it).
+    rejections: Notify,
     peers: Mutex<HashMap<String, PeerState>>,
     /// The verdicts passed on peers (recorded by the sync engine, enforced here).
     verdicts: Verdicts,
@@ -352,6 +360,8 @@ impl PeerNode {
                 store,
                 local: Mutex::new(LocalState::default()),
                 changed: Notify::new(),
+                dial_wake: Notify::new(),
+                rejections: Notify::new(),
                 peers: Mutex::new(HashMap::new()),
                 verdicts: Verdicts::default(),
                 addrs: Mutex::default(),
@@ -434,6 +444,12 @@ impl PeerNode {
         if !added {
             tracing::debug!(%addr, "the dial table is full of addresses not tried yet; this one waits");
         }
+        self.inner.dial_wake.notify_one();
+    }
+
+    /// Waits until a peer announces a release it will not take, or another one than it did.
+    pub async fn rejection_heard(&self) {
+        self.inner.rejections.notified().await;
     }
 
     /// Addresses known to dial, and how many were evicted for newer ones and forgotten after failing.

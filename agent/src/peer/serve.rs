@@ -102,6 +102,8 @@ impl PeerNode {
                 };
                 let span = tracing::info_span!("peer", peer = %id, %remote);
                 node.serve_conn(id, conn).instrument(span).await;
+                // Its address (if this agent dials it too) is due again.
+                node.inner.dial_wake.notify_one();
             });
         }
         self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);

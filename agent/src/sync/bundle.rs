@@ -38,7 +38,7 @@ impl BundleWatcher {
         }
         let (ev_tx, mut ev_rx) = mpsc::channel::<()>(64);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|e| changes(&e)) {
                 // Full: a wake-up is already queued, which is all this needs.
                 let _ = ev_tx.try_send(());
             }
@@ -78,6 +78,17 @@ impl BundleWatcher {
             }
         };
         Ok((BundleWatcher { _watcher: watcher }, debounce))
+    }
+}
+
+/// Whether an event on the stick may have changed what it holds. Opening and reading a file do not
+/// (closing one written does): the engine reading the bundle opens its files, and were that an event
+/// it would read the stick again a second later, forever.
+fn changes(e: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match e.kind {
+        notify::EventKind::Access(a) => a == AccessKind::Close(AccessMode::Write),
+        _ => true,
     }
 }
 
@@ -149,5 +160,32 @@ impl Bundle {
             tokio::task::spawn_blocking(move || super::activation::import_bundle(&store, &dir, &m))
                 .await??;
         Ok(imported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reading_the_stick_does_not_wake_the_engine_and_writing_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("current.json"), b"{}").unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (_watcher, debounce) = BundleWatcher::start(dir.path().to_owned(), tx, stop).unwrap();
+        let task = tokio::spawn(debounce);
+        // The look at start.
+        assert_eq!(rx.recv().await.as_deref(), Some(dir.path()));
+        // The engine reads the bundle: nothing to look at again (it looked at it every second).
+        for _ in 0..3 {
+            std::fs::read(dir.path().join("current.json")).unwrap();
+        }
+        let woke = tokio::time::timeout(QUIET * 3, rx.recv()).await;
+        assert!(woke.is_err(), "reading the stick woke the engine: {woke:?}");
+        // A new release copied on: looked at once it settles.
+        std::fs::write(dir.path().join("current.json"), b"{\"v\": 2}").unwrap();
+        assert_eq!(rx.recv().await.as_deref(), Some(dir.path()));
+        task.abort();
     }
 }

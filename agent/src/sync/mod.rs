@@ -51,6 +51,10 @@ const HEAR_PEERS_STEP: Duration = Duration::from_millis(50);
 
 /// The least time between two manifest requests to the same peer.
 const HINT_SPACING: Duration = Duration::from_secs(5);
+/// How often a release held at its gate or on probation is looked at.
+const BUSY_TICK: Duration = Duration::from_secs(1);
+/// How often the loop goes round when nothing happens (well inside [`crate::systemd::SYNC_LIMIT`]).
+const IDLE_BEAT: Duration = Duration::from_secs(30);
 
 /// What status shows about syncing.
 #[derive(Clone, Debug, Default)]
@@ -293,8 +297,9 @@ impl Engine {
         self.status.subscribe()
     }
 
-    /// The engine's heartbeat: its loops beat each time they go round (at least every second while
-    /// idle, every 250 ms while downloading, every 100 ms while waiting to switch).
+    /// The engine's heartbeat: its loops beat each time they go round (at least every 30 s while idle,
+    /// every second while a release is held or on probation, every 250 ms while downloading, every
+    /// 100 ms while waiting to switch).
     pub fn beat(&self) -> crate::systemd::Beat {
         self.beat.clone()
     }
@@ -328,26 +333,33 @@ impl Engine {
         let mut failures = 0u64;
         // A download accepted before a restart resumes first.
         let mut resume = true;
-        // Once a second, whatever else comes (polls come that often in tests): the held release's
-        // gate, the probation, peers' rejections are looked at.
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = tokio::time::Instant::now() + BUSY_TICK;
         loop {
             if resume {
                 resume = !self.resume_pending().await;
             }
             let has_origin = self.cfg.origin.is_some();
-            // Waiting for something to do, the loop still beats every second (the watchdog's sign of life).
+            // A release held at its gate or on probation is looked at every second; otherwise the loop
+            // sleeps until there is something to do (a rejection a peer announces wakes it), and
+            // still beats every IDLE_BEAT (the watchdog's sign of life; peers' rejections are looked
+            // at again then).
             let event = loop {
                 self.beat.beat();
+                let busy = self.held.is_some() || self.watching();
+                let beat = if busy { BUSY_TICK } else { IDLE_BEAT };
+                // A release just held or put on probation brings the next look forward; the deadline
+                // outlives the other events, so that frequent ones do not starve it.
+                next_tick = next_tick.min(tokio::time::Instant::now() + beat);
                 tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tick.tick() => {
-                        if self.held.is_some() || self.watching() || self.peers.is_some() {
+                    _ = tokio::time::sleep_until(next_tick) => {
+                        next_tick = tokio::time::Instant::now() + beat;
+                        if busy || self.peers.is_some() {
                             break Event::Tick;
                         }
                         continue;
                     }
+                    () = rejection_heard(self.peers.as_ref()) => break Event::Tick,
                     _ = tokio::time::sleep_until(next_poll), if has_origin => break Event::Poll,
                     _ = tokio::time::sleep_until(next_poll), if !has_origin && resume => break Event::Retry,
                     Some(h) = recv_opt(&mut inputs.hints) => break Event::Hint(h),
@@ -940,6 +952,14 @@ enum Event {
     /// A second passed while a release is held (is its gate open now?), on probation (is it worse?),
     /// or while peers may announce a release they rejected.
     Tick,
+}
+
+/// Until a peer announces a release it will not take (never without peers).
+async fn rejection_heard(peers: Option<&PeerNode>) {
+    match peers {
+        Some(p) => p.rejection_heard().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {

@@ -311,7 +311,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Heeds the releases peers rejected (every second while the engine waits): one held here is
+    /// Heeds the releases peers rejected (when a peer announces one, and every time the engine looks
+    /// at what it holds): one held here is
     /// dropped, and one live here and still on probation is rolled back; one newer than what this agent
     /// serves is recorded, so it is not taken later.
     pub(super) async fn heed_rejections(&mut self) -> Result<(), SyncError> {

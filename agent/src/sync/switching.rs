@@ -481,6 +481,10 @@ impl Engine {
                 // before it resumes the release at the next start (it is accepted, so only resuming
                 // reaches it).
                 let v2 = v.clone();
+                // The ledger notes it live as the commit starts; collecting what it replaced
+                // follows in the same call and can take a while (a busy disk): the probation
+                // counts from the first, as it does when it resumes after a restart.
+                let recorded = std::time::Instant::now();
                 let gc = self
                     .on_store(move |s| Ok(activation::record_active(s, &v2)?))
                     .await?;
@@ -499,7 +503,7 @@ impl Engine {
                     {
                         self.rejected = None;
                     }
-                    self.start_probation(v, before, Duration::ZERO);
+                    self.start_probation(v, before, recorded.elapsed());
                 }
             }
             Err(why) => {

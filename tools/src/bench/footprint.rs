@@ -4,7 +4,8 @@
 //!   model weights the CPU backend holds (the ONNX file's size), which the anonymous figure includes;
 //! - bytes the agent wrote to disk while syncing, over the release's bytes (`write_bytes` of
 //!   `/proc/PID/io`: what reached the block layer, so the directory must be on a disk, not a tmpfs);
-//! - CPU while idle over the window (`utime + stime` of `/proc/PID/stat`);
+//! - CPU while idle over the window (`utime + stime` of `/proc/PID/stat`), under a notify socket and the
+//!   shipped unit's `WatchdogSec`, as systemd runs the agent on a Pi;
 //! - the stripped size of both binaries for each target and profile built in this target directory;
 //! - then a shop of `shop` agents idling together as Pis on one LAN do: each in its own network namespace
 //!   plugged into one bridge (made here and deleted after; needs root and iproute2), finding the others
@@ -14,7 +15,7 @@
 use crate::ToolError;
 use crate::shop::fixtures::{self, ReferenceSpec};
 use crate::shop::netns::NetNs;
-use crate::shop::{AgentOptions, Fleet};
+use crate::shop::{AgentOptions, Credentials, Fleet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -60,8 +61,17 @@ pub async fn run(
         release_bytes as f64 / MIB,
         tmp.path().display()
     );
+    let notify = ServiceManager::bind(&tmp.path().join("notify-pi"))?;
     let started = Instant::now();
-    fleet.start_agent("pi").await?;
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "pi".into(),
+            origin: true,
+            credentials: Credentials::None,
+            env: notify.env(),
+            ..AgentOptions::default()
+        })
+        .await?;
     let agent = &fleet.agents[0];
     let pid = agent.pid().ok_or_else(|| ToolError::AgentApi {
         name: "pi".into(),
@@ -107,8 +117,11 @@ pub async fn run(
         mb(shmem)
     );
     println!(
-        "idle CPU over {:.0} s: {idle_cpu:.2}% of one core ({ticks} ticks of 1/{hz:.0} s)",
-        idle_started.elapsed().as_secs_f64()
+        "idle CPU over {:.0} s: {idle_cpu:.2}% of one core ({ticks} ticks of 1/{hz:.0} s), under a \
+         systemd-like notify socket with the unit's WatchdogSec={} s ({} watchdog pings)",
+        idle_started.elapsed().as_secs_f64(),
+        WATCHDOG.as_secs(),
+        notify.pings()
     );
     fleet.stop().await?;
 
@@ -160,6 +173,9 @@ async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolErro
     .await??;
     let stick = tmp.path().join("usb");
     fleet.publish_to_dir(&files, &stick).await?;
+    let managers = (0..n)
+        .map(|i| ServiceManager::bind(&tmp.path().join(format!("notify-{i}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     for (i, ns) in pis.iter().enumerate() {
         let extra = if i == 0 {
             vec!["--bundle-dir".to_owned(), stick.display().to_string()]
@@ -172,6 +188,7 @@ async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolErro
                 extra,
                 netns: Some(ns.name.clone()),
                 mdns: true,
+                env: managers[i].env(),
                 ..AgentOptions::default()
             })
             .await?;
@@ -205,15 +222,77 @@ async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolErro
     }
     fleet.stop().await?;
     let list: Vec<String> = each.iter().map(|c| format!("{c:.2}%")).collect();
+    let pings: Vec<String> = managers.iter().map(|m| m.pings().to_string()).collect();
     println!(
         "a shop of {n} agents (each in its own network namespace on one bridge, mDNS on, fleet \
-         certificates, release from a USB stick to pi-0 and from peers to the rest), converged, idle \
-         CPU over {secs:.0} s: {} (mean {:.2}% of one core)",
+         certificates, release from a USB stick to pi-0 and from peers to the rest, under notify \
+         sockets with WatchdogSec={} s), converged, idle CPU over {secs:.0} s: {} (mean {:.2}% of one \
+         core); watchdog pings {}",
+        WATCHDOG.as_secs(),
         list.join(", "),
-        each.iter().sum::<f64>() / n as f64
+        each.iter().sum::<f64>() / n as f64,
+        pings.join("/")
     );
     drop((pis, hub));
     Ok(())
+}
+
+/// The shipped unit, whose `WatchdogSec` the agents idle under as on a Pi.
+const UNIT: &str = include_str!("../../../packaging/deckhand-agent.service");
+
+/// The unit's `WatchdogSec`.
+static WATCHDOG: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    UNIT.lines()
+        .find_map(|l| l.strip_prefix("WatchdogSec="))
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
+});
+
+/// What systemd gives the agent on a Pi (`Type=notify`, the unit's watchdog): a notify socket, read
+/// here, and `WATCHDOG_USEC`, so that the idle figures include the status and watchdog loop a Pi runs.
+struct ServiceManager {
+    path: PathBuf,
+    pings: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ServiceManager {
+    fn bind(path: &Path) -> Result<Self, ToolError> {
+        let socket = tokio::net::UnixDatagram::bind(path)
+            .map_err(ToolError::io("bind a notify socket at", path))?;
+        let pings = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = pings.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf).await {
+                if buf[..n].split(|b| *b == b'\n').any(|l| l == b"WATCHDOG=1") {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(Self {
+            path: path.to_owned(),
+            pings,
+            reader,
+        })
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NOTIFY_SOCKET", self.path.display().to_string()),
+            ("WATCHDOG_USEC", WATCHDOG.as_micros().to_string()),
+        ]
+    }
+
+    fn pings(&self) -> u64 {
+        self.pings.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for ServiceManager {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// A numeric field of `/proc/PID/<file>` (`write_bytes:` of io; `VmRSS:` and the like, in kB, of status).
