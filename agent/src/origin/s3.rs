@@ -22,6 +22,10 @@ pub struct S3Origin {
     progress_window: Duration,
 }
 
+/// Idle connections the S3 client keeps: one carries the next poll; the others a sync opened are closed
+/// as they come back (keeping them cost an idle agent about 2 MB of read buffers).
+const IDLE_CONNECTIONS: usize = 1;
+
 /// Builds an S3 client. Unset fields of `cfg` come from the standard AWS chain (environment,
 /// profile, ...); a custom endpoint is addressed path-style. No request is sent.
 pub async fn client(cfg: &OriginConfig) -> aws_sdk_s3::Client {
@@ -30,7 +34,17 @@ pub async fn client(cfg: &OriginConfig) -> aws_sdk_s3::Client {
         .operation_attempt_timeout(cfg.attempt_timeout)
         .operation_timeout(cfg.operation_timeout)
         .build();
+    use aws_smithy_http_client::tls;
+    // The SDK's own client (rustls on aws-lc, the system's roots), keeping fewer idle connections: each
+    // keeps its read buffer (a few hundred KiB after a sync), and an idle agent needs one, for its poll.
+    let http = aws_smithy_http_client::Builder::new()
+        .pool_max_idle_per_host(IDLE_CONNECTIONS)
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .build_https();
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
         .timeout_config(timeouts)
         .retry_config(
             aws_config::retry::RetryConfig::standard().with_max_attempts(cfg.max_attempts.max(1)),

@@ -408,7 +408,7 @@ mod tests {
             None,
             "all connected: no wake-up"
         );
-        // The connection closes: its address is due at once (its last dial is long past).
+        // The connection closes: its address is due a retry's wait after it was dialed, as if that failed.
         assert_eq!(t.next_due(now + RETRY, &none), Some(now + RETRY));
         // An advert waiting outside a full table is due now.
         for i in 10..(MAX_ADDRESSES as u32 + 9) {

@@ -189,6 +189,18 @@ impl PeerNode {
         }
     }
 
+    /// A peer's connection found closed: whether it said it was leaving is kept, the connection
+    /// dropped, and its address handed to the dial table (the caller wakes the dial loop). Called with
+    /// the peers lock held (peers before addresses, as everywhere).
+    fn forget_closed(&self, p: &mut PeerState, conn: &quinn::Connection, error: Option<String>) {
+        p.left |= closed_by_leaving(conn);
+        p.conn = None;
+        if error.is_some() {
+            p.last_error = error;
+        }
+        crate::locks::lock(&self.inner.addrs, "addrs").add(p.addr, false, Instant::now());
+    }
+
     pub(super) async fn gossip_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             let changed = tokio::select! {
@@ -200,16 +212,18 @@ impl PeerNode {
             let mut closed = false;
             let conns: Vec<(String, SocketAddr, quinn::Connection, bool)> =
                 crate::locks::lock(&self.inner.peers, "peers")
-                    .iter()
+                    .iter_mut()
                     .filter_map(|(id, s)| {
                         let c = s.conn.clone()?;
-                        // A change goes to everyone; the timer skips a peer just heard from.
-                        let heard =
-                            !changed && s.last_hello.is_some_and(|t| now.duration_since(t) < HEARD);
                         if c.close_reason().is_some() {
+                            // Recorded once: the next round does not find it again.
+                            self.forget_closed(s, &c, None);
                             closed = true;
                             return None;
                         }
+                        // A change goes to everyone; the timer skips a peer just heard from.
+                        let heard =
+                            !changed && s.last_hello.is_some_and(|t| now.duration_since(t) < HEARD);
                         Some((id.clone(), s.addr, c, !heard))
                     })
                     .collect();
@@ -233,13 +247,7 @@ impl PeerNode {
                             && let Some(p) =
                                 crate::locks::lock(&node.inner.peers, "peers").get_mut(&id)
                         {
-                            p.left |= closed_by_leaving(&conn);
-                            p.conn = None;
-                            p.last_error = Some(e.to_string());
-                            {
-                                let mut a = crate::locks::lock(&node.inner.addrs, "addrs");
-                                a.add(p.addr, false, Instant::now());
-                            }
+                            node.forget_closed(p, &conn, Some(e.to_string()));
                             node.inner.dial_wake.notify_one();
                         }
                     }

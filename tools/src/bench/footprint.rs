@@ -120,7 +120,7 @@ pub async fn run(
         "idle CPU over {:.0} s: {idle_cpu:.2}% of one core ({ticks} ticks of 1/{hz:.0} s), under a \
          systemd-like notify socket with the unit's WatchdogSec={} s ({} watchdog pings)",
         idle_started.elapsed().as_secs_f64(),
-        WATCHDOG.as_secs(),
+        notify.watchdog.as_secs(),
         notify.pings()
     );
     fleet.stop().await?;
@@ -228,7 +228,7 @@ async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolErro
          certificates, release from a USB stick to pi-0 and from peers to the rest, under notify \
          sockets with WatchdogSec={} s), converged, idle CPU over {secs:.0} s: {} (mean {:.2}% of one \
          core); watchdog pings {}",
-        WATCHDOG.as_secs(),
+        watchdog()?.as_secs(),
         list.join(", "),
         each.iter().sum::<f64>() / n as f64,
         pings.join("/")
@@ -240,18 +240,23 @@ async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolErro
 /// The shipped unit, whose `WatchdogSec` the agents idle under as on a Pi.
 const UNIT: &str = include_str!("../../../packaging/deckhand-agent.service");
 
-/// The unit's `WatchdogSec`.
-static WATCHDOG: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+/// The unit's `WatchdogSec` (whole seconds, as the unit writes it).
+fn watchdog() -> Result<Duration, ToolError> {
     UNIT.lines()
         .find_map(|l| l.strip_prefix("WatchdogSec="))
         .and_then(|v| v.trim().parse().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
-});
+        .map(Duration::from_secs)
+        .ok_or_else(|| ToolError::Corrupt {
+            what: "packaging/deckhand-agent.service (built into this binary)".into(),
+            why: "it has no WatchdogSec= in whole seconds",
+        })
+}
 
 /// What systemd gives the agent on a Pi (`Type=notify`, the unit's watchdog): a notify socket, read
 /// here, and `WATCHDOG_USEC`, so that the idle figures include the status and watchdog loop a Pi runs.
 struct ServiceManager {
     path: PathBuf,
+    watchdog: Duration,
     pings: std::sync::Arc<std::sync::atomic::AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -272,6 +277,7 @@ impl ServiceManager {
         });
         Ok(Self {
             path: path.to_owned(),
+            watchdog: watchdog()?,
             pings,
             reader,
         })
@@ -280,7 +286,7 @@ impl ServiceManager {
     fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("NOTIFY_SOCKET", self.path.display().to_string()),
-            ("WATCHDOG_USEC", WATCHDOG.as_micros().to_string()),
+            ("WATCHDOG_USEC", self.watchdog.as_micros().to_string()),
         ]
     }
 
