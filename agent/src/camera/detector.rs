@@ -276,20 +276,9 @@ impl CpuDetector {
     /// Loads and plans the model, and runs it once on a blank frame: a model whose output does not
     /// have the settings' shape is refused here, not on the counter.
     pub fn load(path: &Path, s: &DetectorSettings) -> Result<Self, BackendError> {
-        use tract_onnx::prelude::*;
-        let fail = |what: &str, e: TractError| {
-            BackendError::Load(format!("detector {}: {what}: {e}", path.display()))
-        };
+        use crate::recognizer::cpu::{DepthwiseLayout, plan_model};
         let shape = [1, 3, s.input_height as usize, s.input_width as usize];
-        let plan = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| fail("does not load", e))?
-            .with_input_fact(0, f32::fact(shape).into())
-            .map_err(|e| fail("input does not accept the release's input size", e))?
-            .into_optimized()
-            .map_err(|e| fail("cannot be optimised", e))?
-            .into_runnable()
-            .map_err(|e| fail("cannot be planned", e))?;
+        let (plan, _) = plan_model(path, "detector", &shape, DepthwiseLayout::Chosen)?;
         let mut me = CpuDetector {
             plan,
             settings: s.clone(),

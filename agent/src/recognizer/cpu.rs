@@ -93,19 +93,136 @@ pub fn image_shape(s: &RecognizerSettings) -> [usize; 4] {
 
 /// The release's ONNX model at `path`, optimised by tract for one image of the release's input size.
 pub fn plan(path: &Path, s: &RecognizerSettings) -> Result<Plan, BackendError> {
-    let fail = |what: &str, e: TractError| {
-        BackendError::Load(format!("onnx {}: {what}: {e}", path.display()))
+    Ok(plan_model(path, "onnx", &image_shape(s), DepthwiseLayout::Chosen)?.0)
+}
+
+/// Where a model's depthwise convolutions run: as the ONNX file lays them out, or channel-last where
+/// that is faster ([`choose_depthwise_layout`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DepthwiseLayout {
+    Chosen,
+    AsExported,
+}
+
+/// An ONNX model at `path` (`what` names it in errors), optimised and planned by tract for one input of
+/// `shape`, with the number of depthwise convolutions moved channel-last.
+pub fn plan_model(
+    path: &Path,
+    what: &str,
+    shape: &[usize],
+    layout: DepthwiseLayout,
+) -> Result<(Plan, usize), BackendError> {
+    let fail = |step: &str, e: TractError| {
+        BackendError::Load(format!("{what} {}: {step}: {e}", path.display()))
     };
-    let model = tract_onnx::onnx()
+    let mut model = tract_onnx::onnx()
         .model_for_path(path)
-        .map_err(|e| fail("does not load", e))?;
-    model
-        .with_input_fact(0, f32::fact(image_shape(s)).into())
+        .map_err(|e| fail("does not load", e))?
+        .with_input_fact(0, f32::fact(shape).into())
         .map_err(|e| fail("input does not accept the release's input size", e))?
+        .into_typed()
+        .map_err(|e| fail("cannot be typed", e))?;
+    let moved = match layout {
+        DepthwiseLayout::Chosen => choose_depthwise_layout(&mut model)
+            .map_err(|e| fail("cannot lay out its depthwise convolutions", e))?,
+        DepthwiseLayout::AsExported => 0,
+    };
+    let plan = model
         .into_optimized()
         .map_err(|e| fail("cannot be optimised", e))?
         .into_runnable()
-        .map_err(|e| fail("cannot be planned", e))
+        .map_err(|e| fail("cannot be planned", e))?;
+    Ok((plan, moved))
+}
+
+/// Moves a depthwise convolution channel-last (each output point a run of channels, contiguous for
+/// the vector units: tract's NEON kernel on aarch64, a loop the compiler vectorises elsewhere) where
+/// the row-wise kernel it has as exported cannot fill vectors: a strided one (the row-wise kernel
+/// vectorises stride 1; on aarch64 strides 2 and 3 only up to four taps, so a 3x3 or 5x5 kernel runs
+/// scalar) and one whose output rows are shorter than 8. On this project's x86_64 machine that made
+/// the strided ones 3x faster and the 7x7 ones 2x; the others ran faster as exported (`deckhand bench
+/// recognizer` prints the embed both ways). tract's own pass moves them only when the whole graph
+/// can follow, which an exported model's first convolution stops, and only where it has a
+/// channel-inner kernel. Each moved convolution is wrapped in two axis moves, which tract folds into
+/// the pointwise convolutions around it. Returns how many moved.
+pub fn choose_depthwise_layout(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    use tract_onnx::tract_core::ops::cnn::{Conv, PoolSpec};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+    /// Output rows shorter than this run channel-last.
+    const NARROW: usize = 8;
+    let mut chosen = Vec::new();
+    for node in &model.nodes {
+        let Some(op) = node.op_as::<Conv>() else {
+            continue;
+        };
+        let depthwise = op.q_params.is_none()
+            && node.inputs.len() == 3
+            && op.group > 1
+            && op.group == op.input_channels()
+            && op.group == op.output_channels()
+            && matches!(op.pool_spec.data_format, DataFormat::NCHW | DataFormat::CHW);
+        let Some(out) = node
+            .outputs
+            .first()
+            .and_then(|o| o.fact.shape.as_concrete())
+        else {
+            continue;
+        };
+        if !depthwise
+            || model
+                .outlet_fact(node.inputs[0])?
+                .shape
+                .as_concrete()
+                .is_none()
+        {
+            continue;
+        }
+        let out = op.pool_spec.data_format.shape(out.to_vec())?;
+        let strided = op.pool_spec.strides().iter().any(|s| *s > 1);
+        let narrow = out.hw_dims().last().is_some_and(|w| *w < NARROW);
+        if strided || narrow {
+            chosen.push(node.id);
+        }
+    }
+    for &id in &chosen {
+        let node = &model.nodes[id];
+        let Some(op) = node.op_as::<Conv>() else {
+            continue;
+        };
+        let name = node.name.clone();
+        let fact = model.outlet_fact(node.inputs[0])?;
+        let rank = fact.rank();
+        let c_axis = op.pool_spec.data_format.shape(&fact.shape)?.c_axis();
+        let data_format = match op.pool_spec.data_format {
+            DataFormat::NCHW => DataFormat::NHWC,
+            _ => DataFormat::HWC,
+        };
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format,
+                ..op.pool_spec.clone()
+            },
+            ..op.clone()
+        };
+        let mut patch = TypedModelPatch::default();
+        let inputs = patch.taps(model, &node.inputs)?;
+        let mut wires = patch.wire_node(
+            format!("{name}.channel_last"),
+            AxisOp::Move(c_axis, rank - 1),
+            &[inputs[0]],
+        )?;
+        wires.extend_from_slice(&inputs[1..]);
+        let y = conv.wire_as_depth_wise(&mut patch, &name, &wires)?;
+        let back = patch.wire_node(
+            format!("{name}.channel_first"),
+            AxisOp::Move(rank - 1, c_axis),
+            &[y],
+        )?;
+        patch.shunt_outside(model, id.into(), back[0])?;
+        patch.apply(model)?;
+    }
+    Ok(chosen.len())
 }
 
 impl CpuEmbedder {
@@ -136,7 +253,7 @@ impl CpuEmbedder {
 }
 
 /// Runs a plan on one input of `shape`: its first output's values and shape.
-pub(crate) fn run_plan(
+pub fn run_plan(
     plan: &Plan,
     shape: &[usize],
     input: &[f32],

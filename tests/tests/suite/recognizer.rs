@@ -486,3 +486,40 @@ async fn one_image_on_two_cores_answers_as_on_one_and_the_pool_does_the_work() {
     }
     assert_eq!(answers[0].len(), photos.len());
 }
+
+#[test]
+fn strided_and_narrow_depthwise_convolutions_move_channel_last_and_answer_as_exported() {
+    use deckhand_agent::recognizer::cpu::{DepthwiseLayout, image_shape, plan_model, run_plan};
+    let t = TestDir::new("dw-layout");
+    let dim = 64;
+    let onnx = t.join("lite0.onnx");
+    std::fs::write(&onnx, fixtures::efficientnet_lite0_onnx(dim, 3)).unwrap();
+    let shape = image_shape(&fixtures::reference_settings(dim));
+    let (chosen, moved) = plan_model(&onnx, "onnx", &shape, DepthwiseLayout::Chosen).unwrap();
+    let (exported, none) = plan_model(&onnx, "onnx", &shape, DepthwiseLayout::AsExported).unwrap();
+    assert_eq!(none, 0);
+    // The model's four strided depthwise convolutions and the four on 7x7 (EfficientNet-Lite0's last
+    // stage); the other eight stay as exported.
+    assert_eq!(moved, 8, "depthwise convolutions moved channel-last");
+    let mut seed = 0x9e37_79b9u32;
+    let input: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32
+        })
+        .collect();
+    let (a, a_shape) = run_plan(&chosen, &shape, &input).unwrap();
+    let (b, b_shape) = run_plan(&exported, &shape, &input).unwrap();
+    assert_eq!(a_shape, b_shape);
+    assert_eq!(a.len(), dim);
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "the model answers zeros");
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        worst <= 1e-4 * scale,
+        "the embedding moved by {worst} (its largest value {scale}) with the layout"
+    );
+}
