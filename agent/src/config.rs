@@ -278,7 +278,8 @@ pub struct Settings {
     pub min_margin: f32,
     /// A camera watching the counter, NAME=SOURCE; repeatable. SOURCE is exec:COMMAND (MJPEG on its
     /// stdout, e.g. exec:rpicam-vid -t 0 --codec mjpeg --width 1280 --height 960 --framerate 10 -o -),
-    /// http://HOST/PATH (an IP camera's MJPEG stream) or dir:PATH (images replayed in name order).
+    /// v4l2:/dev/videoN (a USB camera: MJPEG or YUYV, up to 1280x960), http://HOST/PATH (an IP
+    /// camera's MJPEG stream) or dir:PATH (images replayed in name order).
     #[arg(long = "camera", id = "camera")]
     pub cameras: Vec<crate::camera::CameraSpec>,
     /// The most frames a second a camera's frames are analysed (and a dir: source's replay rate).

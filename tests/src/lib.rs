@@ -5,6 +5,7 @@ pub mod browser;
 pub mod mqtt;
 pub mod powerfs;
 pub mod quic_flood;
+pub mod v4l2cam;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};

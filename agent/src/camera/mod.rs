@@ -11,9 +11,12 @@
 
 pub mod detector;
 pub mod finder;
+mod frame;
 pub mod geometry;
 pub mod mjpeg;
 pub mod tracker;
+
+pub use frame::{Frame, FrameError, yuyv_to_rgb};
 
 // The cameras at work (sources, reader tasks, analysis threads) are the daemon's; the geometry, the
 // finder and the tracker above are pure and also serve the operator's benchmarks.
@@ -21,6 +24,8 @@ pub mod tracker;
 mod run;
 #[cfg(feature = "daemon")]
 pub mod source;
+#[cfg(feature = "daemon")]
+pub mod v4l2;
 #[cfg(feature = "daemon")]
 pub use run::*;
 

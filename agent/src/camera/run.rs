@@ -1,6 +1,6 @@
 //! A camera at work: its source read by a task into a one-frame slot, its frames analysed by a thread.
 
-use super::{CROP_H, CROP_W, finder, geometry, source, tracker};
+use super::{CROP_H, CROP_W, Frame, finder, geometry, source, tracker};
 use crate::events::Recorder;
 use crate::metrics::Via;
 use crate::recognizer::service::Service;
@@ -45,7 +45,7 @@ impl std::str::FromStr for CameraSpec {
 /// The newest frame read and not yet analysed.
 #[derive(Default)]
 pub struct Slot {
-    frame: Mutex<(Option<Vec<u8>>, bool)>,
+    frame: Mutex<(Option<Frame>, bool)>,
     ready: Condvar,
     /// Frames replaced before they were analysed.
     dropped: AtomicU64,
@@ -54,7 +54,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn put(&self, frame: Vec<u8>) {
+    pub fn put(&self, frame: Frame) {
         self.read.fetch_add(1, Ordering::Relaxed);
         let mut f = crate::locks::lock(&self.frame, "camera frame");
         if f.0.replace(frame).is_some() {
@@ -64,7 +64,7 @@ impl Slot {
     }
 
     /// Waits (at most `limit`) for a frame; `Err` once closed.
-    fn take(&self, limit: Duration) -> Result<Option<Vec<u8>>, ()> {
+    fn take(&self, limit: Duration) -> Result<Option<Frame>, ()> {
         let f = crate::locks::lock(&self.frame, "camera frame");
         let (mut f, _) = self
             .ready
@@ -82,10 +82,10 @@ impl Slot {
     }
 }
 
-/// A frame as analysed: the JPEG the camera sent and the cards found in it.
+/// A frame as analysed: the frame the camera sent and the cards found in it.
 #[derive(Clone, Debug)]
 pub struct Analysed {
-    pub jpeg: Arc<Vec<u8>>,
+    pub frame: Arc<Frame>,
     pub width: u32,
     pub height: u32,
     pub cards: Vec<Quad>,
@@ -283,7 +283,7 @@ impl Analysis {
                 slot.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let image = match crate::recognizer::preprocess::decode(&frame) {
+            let image = match frame.decode() {
                 Ok(i) => i,
                 Err(e) => {
                     self.state.with(|s| {
@@ -314,7 +314,7 @@ impl Analysis {
                 }
             });
             *crate::locks::lock(&self.state.latest, "camera frame") = Some(Analysed {
-                jpeg: Arc::new(frame),
+                frame: Arc::new(frame),
                 width: image.width(),
                 height: image.height(),
                 cards,

@@ -5,6 +5,8 @@
 //!   exits (its last line on stderr is the camera's error).
 //! - `http://...`: an IP camera's multipart MJPEG stream (the part headers are skipped as bytes between
 //!   frames). Reconnected with backoff; a stream silent for 10 s counts as dead.
+//! - `v4l2:/dev/videoN`: a USB camera through the kernel's V4L2 API, MJPEG or YUYV ([`super::v4l2`]),
+//!   read on a blocking thread; reopened with backoff when it fails or is unplugged.
 //! - `dir:PATH`: the images in a directory, in name order, once, at the camera's rate (tests, demos, a
 //!   recorded day); the camera then says `ended`.
 //!
@@ -12,9 +14,10 @@
 //! dropped (and counted), so nothing queues behind a slow recognizer.
 
 use super::mjpeg::{MAX_FRAME, Splitter};
-use super::{CameraState, Slot};
+use super::{CameraState, Frame, Slot};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
 
@@ -29,6 +32,7 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 pub enum Source {
     Exec(String),
     Http(String),
+    V4l2(PathBuf),
     Dir(PathBuf),
 }
 
@@ -40,6 +44,11 @@ impl std::str::FromStr for Source {
                 return Err("exec: needs a command".into());
             }
             Ok(Source::Exec(cmd.to_owned()))
+        } else if let Some(dev) = s.strip_prefix("v4l2:") {
+            if !dev.starts_with('/') || dev.contains('\0') {
+                return Err("v4l2: needs a device's absolute path, e.g. v4l2:/dev/video0".into());
+            }
+            Ok(Source::V4l2(PathBuf::from(dev)))
         } else if let Some(dir) = s.strip_prefix("dir:") {
             if dir.is_empty() {
                 return Err("dir: needs a directory".into());
@@ -52,7 +61,10 @@ impl std::str::FromStr for Source {
             }
             Ok(Source::Http(s.to_owned()))
         } else {
-            Err("a source is exec:COMMAND, http://HOST/PATH (MJPEG) or dir:PATH".into())
+            Err(
+                "a source is exec:COMMAND, v4l2:/dev/videoN, http://HOST/PATH (MJPEG) or dir:PATH"
+                    .into(),
+            )
         }
     }
 }
@@ -62,6 +74,7 @@ impl std::fmt::Display for Source {
         match self {
             Source::Exec(c) => write!(f, "exec:{c}"),
             Source::Dir(d) => write!(f, "dir:{}", d.display()),
+            Source::V4l2(d) => write!(f, "v4l2:{}", d.display()),
             // Credentials in the URL are not shown.
             Source::Http(u) => match u.parse::<hyper::Uri>() {
                 Ok(uri) => write!(
@@ -93,6 +106,7 @@ pub async fn run(
         let ended = match &source {
             Source::Exec(cmd) => exec(cmd, &slot, &state, &mut stop).await,
             Source::Http(url) => http(url, &slot, &state, &mut stop).await,
+            Source::V4l2(dev) => v4l2(dev, fps, &slot, &state, &mut stop).await,
             Source::Dir(dir) => match replay(dir, fps, &slot, &mut stop).await {
                 Ok(()) => {
                     state.ended();
@@ -129,7 +143,7 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 fn feed(splitter: &mut Splitter, bytes: &[u8], slot: &Slot, state: &CameraState) {
     splitter.push(bytes);
     while let Some(frame) = splitter.next_frame() {
-        slot.put(frame);
+        slot.put(Frame::Jpeg(frame));
     }
     state.stream(splitter.refused, splitter.skipped);
 }
@@ -200,6 +214,31 @@ async fn exec(
         (None, true) => how,
         (None, false) => format!("{how}: {last_err}"),
     })
+}
+
+/// A V4L2 device, read on a blocking thread that looks at its stop flag between frames. `Ok` on stop.
+async fn v4l2(
+    dev: &std::path::Path,
+    fps: u32,
+    slot: &Arc<Slot>,
+    state: &Arc<CameraState>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut reader = {
+        let (dev, slot, state, flag) = (dev.to_owned(), slot.clone(), state.clone(), flag.clone());
+        tokio::task::spawn_blocking(move || {
+            super::v4l2::capture(&dev, fps, SILENCE, &slot, &state, &flag)
+        })
+    };
+    tokio::select! {
+        r = &mut reader => r.unwrap_or_else(|e| Err(format!("the camera's reader failed: {e}"))),
+        () = stopped(stop) => {
+            flag.store(true, Ordering::Relaxed);
+            let _ = reader.await;
+            Ok(())
+        }
+    }
 }
 
 /// An MJPEG stream over HTTP. `Ok` on stop.
@@ -273,7 +312,7 @@ async fn replay(
         let bytes = tokio::fs::read(&path)
             .await
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        slot.put(bytes);
+        slot.put(Frame::Jpeg(bytes));
     }
     Ok(())
 }
@@ -289,12 +328,29 @@ mod tests {
             Ok(Source::Exec("rpicam-vid -t 0 -o -".into()))
         );
         assert_eq!(
+            "v4l2:/dev/video0".parse::<Source>(),
+            Ok(Source::V4l2("/dev/video0".into()))
+        );
+        assert_eq!(
+            Source::V4l2("/dev/video2".into()).to_string(),
+            "v4l2:/dev/video2"
+        );
+        assert_eq!(
             "dir:/srv/day".parse::<Source>(),
             Ok(Source::Dir("/srv/day".into()))
         );
         let cam: Source = "http://admin:pw@10.0.0.9:8080/video.mjpg".parse().unwrap();
         assert_eq!(cam.to_string(), "http://10.0.0.9:8080/video.mjpg");
-        for bad in ["exec:", "dir:", "rtsp://cam/1", "/dev/video0", "http://"] {
+        for bad in [
+            "exec:",
+            "dir:",
+            "rtsp://cam/1",
+            "/dev/video0",
+            "http://",
+            "v4l2:",
+            "v4l2:video0",
+            "v4l2:/dev/vid\0eo0",
+        ] {
             assert!(bad.parse::<Source>().is_err(), "{bad}");
         }
     }

@@ -191,23 +191,33 @@ async fn camera(
     }
 }
 
-/// `GET /v1/cameras/{name}/frame`: the newest analysed frame, as the camera sent it (JPEG).
+/// `GET /v1/cameras/{name}/frame`: the newest analysed frame as a JPEG: as the camera sent it, or
+/// encoded now from a camera's uncompressed (YUYV) frame.
 async fn camera_frame(
     State(s): State<AppState>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
-    match find_camera(&s, &name) {
-        Some(a) => (
+    let Some(a) = find_camera(&s, &name) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            format!("no camera {name:?} with a frame analysed"),
+        );
+    };
+    let jpeg = match a.frame.as_ref() {
+        crate::camera::Frame::Jpeg(bytes) => Ok(bytes.clone()),
+        _ => tokio::task::spawn_blocking(move || a.frame.jpeg())
+            .await
+            .unwrap_or_else(|e| Err(crate::camera::FrameError::Encode(e.to_string()))),
+    };
+    match jpeg {
+        Ok(jpeg) => (
             [
                 (header::CONTENT_TYPE, "image/jpeg"),
                 (header::CACHE_CONTROL, "no-store"),
             ],
-            a.jpeg.as_ref().clone(),
+            jpeg,
         )
             .into_response(),
-        None => error_response(
-            StatusCode::NOT_FOUND,
-            format!("no camera {name:?} with a frame analysed"),
-        ),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

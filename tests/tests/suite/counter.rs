@@ -613,3 +613,168 @@ async fn a_release_with_a_detector_finds_two_touching_cards_the_classical_finder
     assert_eq!(s.recent.iter().filter(|r| r.version == 2).count(), 2);
     fleet.stop().await.unwrap();
 }
+
+/// Stand-in USB cameras, each `(name, formats offered, script)`, mounted under `dir`, and an agent
+/// reading them through `v4l2:` (the cameras in that order in its status).
+async fn shop_with_usb_cameras(
+    name: &str,
+    dir: &deckhand_tests::TestDir,
+    cameras: &[(&str, &[u32], &std::sync::Arc<Script>)],
+) -> (Fleet, Vec<deckhand_tests::v4l2cam::StandIn>) {
+    let mut args = Vec::new();
+    let mut mounted = Vec::new();
+    for (cam, formats, script) in cameras {
+        let at = dir.join(cam);
+        std::fs::create_dir_all(&at).unwrap();
+        let s = deckhand_tests::v4l2cam::StandIn::mount(&at, formats, (*script).clone(), 10);
+        args.extend([
+            "--camera".into(),
+            format!("{cam}=v4l2:{}", s.path().display()),
+        ]);
+        mounted.push(s);
+    }
+    let (fleet, _) = shop_with_counter(name, args).await;
+    (fleet, mounted)
+}
+
+/// A USB camera through `v4l2:`, on the stand-in device (a FUSE file answering V4L2's ioctls, its
+/// buffers mapped through the kernel): one camera offers MJPEG beside YUYV and is read in MJPEG,
+/// one offers only YUYV and is read in YUYV; both at the largest size up to 1280x960 (they also
+/// offer 1920x1080). Each camera's cards are recognised, and the YUYV camera's frame is served to the
+/// page as a JPEG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usb_cameras_are_read_through_v4l2_in_mjpeg_and_in_yuyv() {
+    use deckhand_tests::v4l2cam::{MJPG, YUYV};
+    let dir = deckhand_tests::TestDir::new("counter-v4l2");
+    let (desk_script, till_script) = (
+        std::sync::Arc::new(Script::new(11, 2, 40)),
+        std::sync::Arc::new(Script::new(12, 1, 40)),
+    );
+    let (fleet, cams) = shop_with_usb_cameras(
+        "counter-v4l2",
+        &dir,
+        &[
+            ("desk", &[YUYV, MJPG], &desk_script),
+            ("till", &[YUYV], &till_script),
+        ],
+    )
+    .await;
+    let (desk, till) = (&cams[0], &cams[1]);
+    let s = fleet.agents[0]
+        .wait_for(secs(120), "both cameras' cards recognised", |s| {
+            s.cameras.len() == 2 && s.cameras[0].placements >= 2 && s.cameras[1].placements >= 1
+        })
+        .await
+        .unwrap();
+    let (d, t) = (&s.cameras[0], &s.cameras[1]);
+    assert_eq!(
+        d.last_card,
+        Some(desk_script.placements[1].card_id()),
+        "{d:?}"
+    );
+    assert_eq!(
+        t.last_card,
+        Some(till_script.placements[0].card_id()),
+        "{t:?}"
+    );
+    for c in [d, t] {
+        assert_eq!((c.state.as_str(), c.restarts), ("running", 0), "{c:?}");
+    }
+    assert_eq!(d.source, format!("v4l2:{}", desk.path().display()));
+    // MJPEG preferred where offered, YUYV where not; 1280x960, not the larger size.
+    assert_eq!(desk.seen().formats, vec![(MJPG, 1280, 960)]);
+    assert_eq!(till.seen().formats, vec![(YUYV, 1280, 960)]);
+    assert!(desk.seen().streaming && till.seen().streaming);
+    let (code, meta) = fleet.agents[0]
+        .request("GET", "/v1/cameras/till", &[])
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(
+        (meta["width"].as_u64(), meta["height"].as_u64()),
+        (Some(1280), Some(960))
+    );
+    let (code, jpeg) = deckhand_agent::http::request(
+        fleet.agents[0].http(),
+        "GET",
+        "/v1/cameras/till/frame",
+        bytes::Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    let frame = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
+    assert_eq!((frame.width(), frame.height()), (1280, 960));
+    fleet.stop().await.unwrap();
+    // The agent stopped streaming and closed the devices.
+    assert!(!desk.seen().streaming && !till.seen().streaming);
+}
+
+/// A USB camera pulled out is shown in status and read again when it is plugged back in; a device
+/// that offers neither MJPEG nor YUYV is refused by name. The agent serves on throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usb_camera_unplugged_is_shown_and_read_again_when_it_returns() {
+    use deckhand_tests::v4l2cam::MJPG;
+    let dir = deckhand_tests::TestDir::new("counter-v4l2-unplug");
+    let script = std::sync::Arc::new(Script::new(13, 2, 40));
+    let grey = u32::from_le_bytes(*b"GREY");
+    let (fleet, cams) = shop_with_usb_cameras(
+        "counter-v4l2-unplug",
+        &dir,
+        &[("counter", &[MJPG], &script), ("mono", &[grey], &script)],
+    )
+    .await;
+    let cam = &cams[0];
+    let s = fleet.agents[0]
+        .wait_for(secs(90), "the first card", |s| {
+            s.cameras.first().is_some_and(|c| c.placements >= 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.cameras[0].last_card, Some(script.placements[0].card_id()));
+    let m = &s.cameras[1];
+    assert!(m.state.starts_with("restarting"), "{m:?}");
+    assert!(
+        m.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("deckhand stand-in camera): offers neither MJPEG nor YUYV (it offers GREY)"),
+        "{m:?}"
+    );
+    cam.unplug();
+    let s = fleet.agents[0]
+        .wait_for(secs(30), "the unplugged camera shown", |s| {
+            s.cameras[0].restarts >= 1
+        })
+        .await
+        .unwrap();
+    let c = &s.cameras[0];
+    assert!(c.state.starts_with("restarting"), "{c:?}");
+    assert!(
+        c.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("is gone (unplugged?)"),
+        "{c:?}"
+    );
+    // Recognitions over HTTP go on meanwhile.
+    let photo =
+        deckhand_tests::fixtures::encode_jpeg(&deckhand_tests::fixtures::card_image(1, 0), 90);
+    let (code, _) = fleet.agents[0].recognize(&photo).await.unwrap();
+    assert_eq!(code, 200);
+    let opens = cam.seen().opens;
+    cam.plug();
+    let s = fleet.agents[0]
+        .wait_for(
+            secs(90),
+            "the second card, after the camera came back",
+            |s| s.cameras[0].placements >= 2,
+        )
+        .await
+        .unwrap();
+    let c = &s.cameras[0];
+    assert_eq!(c.last_card, Some(script.placements[1].card_id()), "{c:?}");
+    assert_eq!(c.state, "running", "{c:?}");
+    assert!(cam.seen().opens > opens, "reopened");
+    fleet.stop().await.unwrap();
+}
