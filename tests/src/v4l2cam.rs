@@ -6,8 +6,9 @@
 //!
 //! - **Formats.** It offers the formats it is built with (MJPEG, YUYV, or anything else a test wants
 //!   refused) at 1920x1080 and 1280x960, and fixes any other size asked for to 1280x960, as drivers do.
-//! - **Frames.** The scene script's frames in order, at `fps`, then the empty counter: JPEG for MJPEG,
-//!   the frame converted to YUYV (BT.601, limited range) for YUYV.
+//! - **Frames.** The scene script's frames in order, at `fps`, then the empty counter: for MJPEG a JPEG
+//!   without Huffman tables (as many UVC cameras send it), for YUYV the frame converted (BT.601,
+//!   limited range).
 //! - **Buffers.** `VIDIOC_REQBUFS` gives up to 8 buffers at fixed offsets in the file; `VIDIOC_DQBUF`
 //!   waits for the next frame (at most 150 ms: a camera that sends nothing answers `EAGAIN`, as with
 //!   `O_NONBLOCK`), writes it into the kernel's cached pages of the dequeued buffer (FUSE's store
@@ -238,6 +239,22 @@ pub fn rgb_to_yuyv(img: &image::RgbImage) -> Vec<u8> {
     out
 }
 
+/// A JPEG without its Huffman tables (its DHT segments), as many UVC cameras send MJPEG (the decoder
+/// must know JPEG's standard tables).
+pub fn without_huffman_tables(jpeg: &[u8]) -> Vec<u8> {
+    let mut out = jpeg[..2].to_vec();
+    let mut at = 2;
+    while at + 4 <= jpeg.len() && jpeg[at] == 0xFF && jpeg[at + 1] != 0xDA {
+        let len = usize::from(u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]));
+        if jpeg[at + 1] != 0xC4 {
+            out.extend(&jpeg[at..at + 2 + len]);
+        }
+        at += 2 + len;
+    }
+    out.extend(&jpeg[at..]);
+    out
+}
+
 impl Fs {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
@@ -258,7 +275,7 @@ impl Fs {
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
                 .encode_image(&image)
                 .expect("encode a frame");
-            jpeg
+            without_huffman_tables(&jpeg)
         }
     }
 

@@ -16,7 +16,7 @@ pub mod geometry;
 pub mod mjpeg;
 pub mod tracker;
 
-pub use frame::{Frame, FrameError, yuyv_to_rgb};
+pub use frame::{Frame, FrameError, with_huffman_tables, yuyv_to_rgb};
 
 // The cameras at work (sources, reader tasks, analysis threads) are the daemon's; the geometry, the
 // finder and the tracker above are pure and also serve the operator's benchmarks.

@@ -432,13 +432,17 @@ impl<'a> Ring<'a> {
         if n == 0 {
             return Ok(None);
         }
-        if fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 && fd.revents & libc::POLLIN == 0 {
-            return Err(io::Error::from_raw_os_error(libc::ENODEV));
-        }
+        // Dequeue even on POLLERR: what the driver answers then says why (ENODEV: unplugged).
         let mut buf = self.desc(0);
         match ioctl(self.dev, vidioc::VIDIOC_DQBUF, &mut buf) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return if fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    Err(io::Error::other("the device reports an error (POLLERR)"))
+                } else {
+                    Ok(None)
+                };
+            }
             Err(e) => return Err(e),
         }
         let Some(&(_, len)) = self.maps.get(buf.index as usize) else {

@@ -615,12 +615,13 @@ async fn a_release_with_a_detector_finds_two_touching_cards_the_classical_finder
 }
 
 /// Stand-in USB cameras, each `(name, formats offered, script)`, mounted under `dir`, and an agent
-/// reading them through `v4l2:` (the cameras in that order in its status).
+/// reading them through `v4l2:` (the cameras in that order in its status). The cameras come first:
+/// bound in that order, the agent is dropped (killed) before the cameras are unmounted.
 async fn shop_with_usb_cameras(
     name: &str,
     dir: &deckhand_tests::TestDir,
     cameras: &[(&str, &[u32], &std::sync::Arc<Script>)],
-) -> (Fleet, Vec<deckhand_tests::v4l2cam::StandIn>) {
+) -> (Vec<deckhand_tests::v4l2cam::StandIn>, Fleet) {
     let mut args = Vec::new();
     let mut mounted = Vec::new();
     for (cam, formats, script) in cameras {
@@ -634,7 +635,7 @@ async fn shop_with_usb_cameras(
         mounted.push(s);
     }
     let (fleet, _) = shop_with_counter(name, args).await;
-    (fleet, mounted)
+    (mounted, fleet)
 }
 
 /// A USB camera through `v4l2:`, on the stand-in device (a FUSE file answering V4L2's ioctls, its
@@ -650,7 +651,7 @@ async fn usb_cameras_are_read_through_v4l2_in_mjpeg_and_in_yuyv() {
         std::sync::Arc::new(Script::new(11, 2, 40)),
         std::sync::Arc::new(Script::new(12, 1, 40)),
     );
-    let (fleet, cams) = shop_with_usb_cameras(
+    let (cams, fleet) = shop_with_usb_cameras(
         "counter-v4l2",
         &dir,
         &[
@@ -718,7 +719,7 @@ async fn a_usb_camera_unplugged_is_shown_and_read_again_when_it_returns() {
     let dir = deckhand_tests::TestDir::new("counter-v4l2-unplug");
     let script = std::sync::Arc::new(Script::new(13, 2, 40));
     let grey = u32::from_le_bytes(*b"GREY");
-    let (fleet, cams) = shop_with_usb_cameras(
+    let (cams, fleet) = shop_with_usb_cameras(
         "counter-v4l2-unplug",
         &dir,
         &[("counter", &[MJPG], &script), ("mono", &[grey], &script)],
@@ -777,4 +778,27 @@ async fn a_usb_camera_unplugged_is_shown_and_read_again_when_it_returns() {
     assert_eq!(c.state, "running", "{c:?}");
     assert!(cam.seen().opens > opens, "reopened");
     fleet.stop().await.unwrap();
+}
+
+/// MJPEG as many USB cameras send it, without Huffman tables, decodes with JPEG's standard ones; a
+/// JPEG with its own tables, or anything else, is left as it is.
+#[test]
+fn a_usb_cameras_mjpeg_without_huffman_tables_decodes_with_the_standard_ones() {
+    use deckhand_agent::camera::{Frame, with_huffman_tables};
+    let img = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+    });
+    let jpeg = deckhand_tests::fixtures::encode_jpeg(&img, 90);
+    let bare = deckhand_tests::v4l2cam::without_huffman_tables(&jpeg);
+    assert!(bare.len() < jpeg.len(), "the tables were there to strip");
+    assert!(!bare.windows(2).any(|w| w == [0xFF, 0xC4]), "no DHT left");
+    for same in [&jpeg[..], b"not a jpeg", &jpeg[..40]] {
+        assert!(matches!(
+            with_huffman_tables(same),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+    let with = Frame::Jpeg(jpeg).decode().unwrap();
+    let without = Frame::Jpeg(bare).decode().unwrap();
+    assert_eq!(with, without);
 }
