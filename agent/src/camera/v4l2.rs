@@ -108,16 +108,19 @@ pub fn capture(
         Ring::map(&dev, BUFFERS).map_err(|e| format!("{shown}: mapping buffers: {e}"))?;
     ring.start()
         .map_err(|e| format!("{shown}: starting the stream: {e}"))?;
+    // Unplugged, the device answers ENODEV to whichever call comes next: waiting for a frame or
+    // handing one back.
+    let failed = |doing: &str, e: io::Error| {
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            format!("{shown} is gone (unplugged?)")
+        } else {
+            format!("{shown}: {doing}: {e}")
+        }
+    };
     let mut last = Instant::now();
     let mut refused = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let filled = match ring.next(POLL) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
-                return Err(format!("{shown} is gone (unplugged?)"));
-            }
-            Err(e) => return Err(format!("{shown}: reading a frame: {e}")),
-        };
+        let filled = ring.next(POLL).map_err(|e| failed("reading a frame", e))?;
         let Some((index, used, error)) = filled else {
             if last.elapsed() >= silence {
                 return Err(format!("{shown} sent no frame for {} s", silence.as_secs()));
@@ -133,7 +136,7 @@ pub fn capture(
             slot.put(frame(&set, bytes));
         }
         ring.requeue(index)
-            .map_err(|e| format!("{shown}: handing a buffer back: {e}"))?;
+            .map_err(|e| failed("handing a buffer back", e))?;
     }
     Ok(())
 }

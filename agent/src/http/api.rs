@@ -203,8 +203,10 @@ async fn camera_frame(
             format!("no camera {name:?} with a frame analysed"),
         );
     };
+    // A camera's JPEG is served as it came, with the standard Huffman tables added when it had
+    // none (cheap: a scan of its markers); YUYV is encoded on a blocking thread.
     let jpeg = match a.frame.as_ref() {
-        crate::camera::Frame::Jpeg(bytes) => Ok(bytes.clone()),
+        crate::camera::Frame::Jpeg(_) => a.frame.jpeg(),
         _ => tokio::task::spawn_blocking(move || a.frame.jpeg())
             .await
             .unwrap_or_else(|e| Err(crate::camera::FrameError::Encode(e.to_string()))),

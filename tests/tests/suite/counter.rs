@@ -641,8 +641,8 @@ async fn shop_with_usb_cameras(
 /// A USB camera through `v4l2:`, on the stand-in device (a FUSE file answering V4L2's ioctls, its
 /// buffers mapped through the kernel): one camera offers MJPEG beside YUYV and is read in MJPEG,
 /// one offers only YUYV and is read in YUYV; both at the largest size up to 1280x960 (they also
-/// offer 1920x1080). Each camera's cards are recognised, and the YUYV camera's frame is served to the
-/// page as a JPEG.
+/// offer 1920x1080). Each camera's cards are recognised, and both frames are served to the page as
+/// JPEGs that decode (the YUYV one encoded, the table-less MJPEG one with the standard tables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usb_cameras_are_read_through_v4l2_in_mjpeg_and_in_yuyv() {
     use deckhand_tests::v4l2cam::{MJPG, YUYV};
@@ -695,17 +695,22 @@ async fn usb_cameras_are_read_through_v4l2_in_mjpeg_and_in_yuyv() {
         (meta["width"].as_u64(), meta["height"].as_u64()),
         (Some(1280), Some(960))
     );
-    let (code, jpeg) = deckhand_agent::http::request(
-        fleet.agents[0].http(),
-        "GET",
-        "/v1/cameras/till/frame",
-        bytes::Bytes::new(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(code, 200);
-    let frame = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
-    assert_eq!((frame.width(), frame.height()), (1280, 960));
+    // Both frames reach the page as JPEGs a decoder takes: the YUYV one encoded, the MJPEG one
+    // (sent without Huffman tables) with the standard tables.
+    for camera in ["till", "desk"] {
+        let (code, jpeg) = deckhand_agent::http::request(
+            fleet.agents[0].http(),
+            "GET",
+            &format!("/v1/cameras/{camera}/frame"),
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 200, "{camera}");
+        let frame = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg)
+            .unwrap_or_else(|e| panic!("{camera}'s frame: {e}"));
+        assert_eq!((frame.width(), frame.height()), (1280, 960), "{camera}");
+    }
     fleet.stop().await.unwrap();
     // The agent stopped streaming and closed the devices.
     assert!(!desk.seen().streaming && !till.seen().streaming);
