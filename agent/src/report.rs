@@ -225,6 +225,7 @@ impl Sources {
             (Err(e), None) => Some(e.clone()),
             (Ok(_), None) => None,
         };
+        let active_version = active.as_ref().map(|r| r.version);
         Snapshot {
             now: deckhand_protocol::clock::trusted_now(system, time_floor),
             time_floor,
@@ -266,10 +267,14 @@ impl Sources {
             recognitions: metrics.recognition_stats(),
             recent: metrics.recent(),
             releases,
+            // A fall back lasts until the next release goes live; that release is swapped in just
+            // before the ledger records it (and clears the fall back), so one the live release is not
+            // the end of is over already.
             fallback: crate::ledger::Ledger::new(&self.store)
                 .fallback()
                 .ok()
-                .flatten(),
+                .flatten()
+                .filter(|f| active_version == Some(f.to_version)),
             rejected: crate::ledger::Ledger::new(&self.store)
                 .rejected()
                 .ok()

@@ -7,6 +7,7 @@
 //! {prefix}/deployments/{deployment}/manifest/{version as 20 digits}.json
 //! {prefix}/deployments/{deployment}/current.json
 //! {prefix}/deployments/_blob/{64 hex}          content-addressed blobs and chunk maps
+//! {prefix}/deployments/_pack/{64 hex}          a blob's chunks compressed (crate::pack), by chunk map id
 //! {prefix}/migration/{journal}/{path}          layout migration journals
 //! ```
 //!
@@ -210,6 +211,8 @@ pub enum Key {
         version: u64,
     },
     Blob(BlobId),
+    /// The pack of the blob a chunk map (this id) describes ([`Layout::pack`]).
+    Pack(BlobId),
     /// The fleet's certificates and revocation lists ([`Layout::fleet`]).
     Fleet,
     Migration {
@@ -226,6 +229,7 @@ pub struct Layout {
 }
 
 const BLOB_DIR: &str = "deployments/_blob";
+const PACK_DIR: &str = "deployments/_pack";
 
 impl Layout {
     /// `prefix` may be empty (the bucket root); otherwise it must be a valid relative path.
@@ -320,6 +324,11 @@ impl Layout {
         self.join(&format!("{BLOB_DIR}/"))
     }
 
+    /// The pack of the blob that chunk map `map` describes: its chunks compressed ([`crate::pack`]).
+    pub fn pack(&self, map: &BlobId) -> String {
+        self.join(&format!("{PACK_DIR}/{}", map.to_hex()))
+    }
+
     pub fn migration(&self, journal: &Name, path: &RelPath) -> String {
         self.join(&format!("migration/{journal}/{path}"))
     }
@@ -374,6 +383,9 @@ impl Layout {
             ["fleet", "bundle.pem"] => Ok(Key::Fleet),
             ["deployments", "_blob", hex] => BlobId::from_hex(hex)
                 .map(Key::Blob)
+                .map_err(|_| unrecognized()),
+            ["deployments", "_pack", hex] => BlobId::from_hex(hex)
+                .map(Key::Pack)
                 .map_err(|_| unrecognized()),
             ["deployments", deployment, "current.json"] => Ok(Key::Current {
                 deployment: Name::deployment(deployment)?,
@@ -468,6 +480,7 @@ mod tests {
                     },
                 ),
                 (l.blob(&id), Key::Blob(id)),
+                (l.pack(&id), Key::Pack(id)),
                 (l.fleet(), Key::Fleet),
                 (
                     l.migration(&name("m1"), &rel("journal.json")),
@@ -578,6 +591,7 @@ mod tests {
             "deployments/shop/manifest/7.json",
             "deployments/shop/manifest/0000000000000000000x.json",
             "deployments/_blob/XYZ",
+            "deployments/_pack/XYZ",
             "deployments/shop/other.json",
             "datasets/cards",
         ] {

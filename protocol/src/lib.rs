@@ -17,6 +17,7 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod migration;
+pub mod pack;
 pub mod pairs;
 pub mod probation;
 pub mod root;

@@ -104,6 +104,34 @@ pub fn unique_chunk_bytes(files: &deckhand_agent::release::ReleaseFiles) -> u64 
     unique.values().sum()
 }
 
+/// What [`unique_chunk_bytes`] come to in the blobs' packs: each distinct chunk as its pack stores it
+/// (`deckhand_protocol::pack`), the bytes an agent fetches from the origin when the packs are there.
+pub fn packed_chunk_bytes(files: &deckhand_agent::release::ReleaseFiles) -> u64 {
+    use deckhand_protocol::pack;
+    let mut unique = std::collections::HashMap::new();
+    for p in files.paths() {
+        let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        for c in deckhand_protocol::ChunkMap::build(&bytes).chunks() {
+            unique.entry(c.id).or_insert_with(|| {
+                let raw = &bytes[c.range().start as usize..c.range().end as usize];
+                pack::pack_chunk(raw, pack::PACK_LEVEL).len() as u64
+            });
+        }
+    }
+    unique.values().sum()
+}
+
+/// The bytes of `blob`'s pack that hold its chunks (each chunk as the pack stores it; the header aside):
+/// what fetching the whole blob from its pack costs.
+pub fn packed_len(blob: &[u8]) -> u64 {
+    use deckhand_protocol::pack;
+    let map = deckhand_protocol::ChunkMap::build(blob);
+    pack::stored(&map, blob, pack::PACK_LEVEL)
+        .iter()
+        .map(|s| s.len() as u64)
+        .sum()
+}
+
 /// The next version of `files`: card `card` renamed to `name` in metadata.json (written as
 /// `DIR/metadata-v2.json` of the fleet), everything else the same.
 pub fn with_card_renamed(

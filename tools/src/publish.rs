@@ -13,7 +13,7 @@ use deckhand_agent::release::{DetectorFiles, ReleaseFiles, SettingsOverrides, ch
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::{Artifact, BlobRef, Canary, Manifest, Role, SCHEMA};
-use deckhand_protocol::{BlobId, ChunkMap, Envelope, SecretKey};
+use deckhand_protocol::{BlobId, ChunkMap, Envelope, SecretKey, pack};
 use indicatif::{ProgressBar, ProgressStyle};
 use jiff::{SignedDuration, Timestamp};
 use std::io::IsTerminal as _;
@@ -139,6 +139,7 @@ pub struct Prepared {
     pub uploaded: Vec<BlobId>,
     /// Blobs and chunk maps already present.
     pub skipped: Vec<BlobId>,
+    /// Bytes uploaded: the blobs and their packs.
     pub bytes_uploaded: u64,
     /// What the operator should know of a release that was still published: each a sentence.
     pub warnings: Vec<String>,
@@ -185,9 +186,9 @@ async fn localize(
 }
 
 /// A file to publish, chunked.
-struct Blob {
-    path: PathBuf,
-    map: ChunkMap,
+pub(crate) struct Blob {
+    pub(crate) path: PathBuf,
+    pub(crate) map: ChunkMap,
 }
 
 fn chunk_file(path: &Path) -> Result<ChunkMap, ToolError> {
@@ -242,6 +243,7 @@ async fn upload_missing(
         uploaded.push(b.map.blob());
     }
     bar.finish_and_clear();
+    let packed = upload_packs(origin, blobs).await?;
     for b in blobs {
         let encoded = b.map.encode();
         let id = BlobId::of(&encoded);
@@ -257,7 +259,59 @@ async fn upload_missing(
         origin.put(&key, encoded.into()).await?;
         uploaded.push(id);
     }
-    Ok((uploaded, skipped, total))
+    Ok((uploaded, skipped, total + packed))
+}
+
+/// Uploads the pack of each of `blobs` the origin lacks (`deckhand_protocol::pack`: its chunks
+/// compressed, what agents fetch over the uplink), after the blobs and before their chunk maps, so an
+/// agent that finds a chunk map finds its pack. Returns the bytes uploaded.
+pub(crate) async fn upload_packs(origin: &dyn Bucket, blobs: &[Blob]) -> Result<u64, ToolError> {
+    let layout = origin.layout();
+    let mut bytes = 0;
+    for b in blobs {
+        let key = layout.pack(&b.map.id());
+        if origin.head(&key).await?.is_some() {
+            continue;
+        }
+        let (path, map) = (b.path.clone(), b.map.clone());
+        let file = tokio::task::spawn_blocking(move || write_pack(&path, &map)).await??;
+        let size = file
+            .as_file()
+            .metadata()
+            .map_err(ToolError::io("stat", file.path()))?
+            .len();
+        tracing::info!(blob = %b.map.blob(), size = b.map.size(), packed = size, "uploading pack");
+        origin.put_file(&key, file.path(), &|_| {}).await?;
+        bytes += size;
+    }
+    Ok(bytes)
+}
+
+/// Writes the pack of the file at `path` (chunked as `map`) to a temporary file.
+fn write_pack(path: &Path, map: &ChunkMap) -> Result<tempfile::NamedTempFile, ToolError> {
+    use std::io::Write;
+    let file = std::fs::File::open(path).map_err(ToolError::io("open", path))?;
+    // SAFETY: as in `chunk_file`; a file changed since it was chunked fails the length check here or,
+    // with its bytes, every agent's hash check of the chunks unpacked (and then the pack is not used).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(ToolError::io("map", path))?;
+    if mmap.len() as u64 != map.size() {
+        return Err(ToolError::Corrupt {
+            what: path.display().to_string(),
+            why: "changed while it was being published",
+        });
+    }
+    let stored = pack::stored(map, &mmap, pack::PACK_LEVEL);
+    let mut out = tempfile::NamedTempFile::new().map_err(ToolError::TempDir)?;
+    let tmp = out.path().to_owned();
+    let mut w = std::io::BufWriter::new(out.as_file_mut());
+    w.write_all(&pack::header(map, &stored))
+        .map_err(ToolError::io("write", &tmp))?;
+    for s in &stored {
+        w.write_all(s).map_err(ToolError::io("write", &tmp))?;
+    }
+    w.flush().map_err(ToolError::io("write", &tmp))?;
+    drop(w);
+    Ok(out)
 }
 
 /// The version after the highest one the origin holds for `deployment` (listed manifests and

@@ -247,7 +247,7 @@ pub struct PushedManifest {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PushReport {
     pub manifests: Vec<PushedManifest>,
-    /// Blobs and chunk maps uploaded, and their bytes.
+    /// Blobs and chunk maps uploaded; the bytes uploaded, their packs' included.
     pub uploaded: usize,
     pub bytes_uploaded: u64,
     /// Blobs and chunk maps the origin already held.
@@ -317,6 +317,26 @@ pub async fn bundle_push(
         report.uploaded += 1;
         report.bytes_uploaded += size;
     }
+    // Each blob's pack (its chunks compressed, what agents fetch over the uplink), made where the
+    // origin lacks it: a bundle holds blobs and chunk maps, not packs.
+    let mut packable: Vec<crate::publish::Blob> = Vec::new();
+    for b in manifests.iter().flat_map(|v| v.manifest.blobs()) {
+        if packable.iter().any(|p| p.map.id() == b.chunk_map) {
+            continue;
+        }
+        let path = root.join(bl.blob(&b.chunk_map));
+        let bytes = std::fs::read(&path).map_err(ToolError::io("read", &path))?;
+        // Checked against its id and its blob above.
+        let map = deckhand_protocol::ChunkMap::decode(&bytes).map_err(|_| ToolError::Corrupt {
+            what: path.display().to_string(),
+            why: "is not a chunk map",
+        })?;
+        packable.push(crate::publish::Blob {
+            path: root.join(bl.blob(&b.blob)),
+            map,
+        });
+    }
+    report.bytes_uploaded += crate::publish::upload_packs(origin, &packable).await?;
     for (version, envelope) in roots {
         let key = dl.trust_root(deployment, version);
         match origin.put_new(&key, envelope).await {

@@ -53,15 +53,15 @@ enum Done {
 }
 
 /// What became of one Range GET.
-struct RangeOutcome {
+pub(super) struct RangeOutcome {
     /// The chunks stored from it.
-    stored: Vec<BlobId>,
+    pub(super) stored: Vec<BlobId>,
     /// Bytes the origin sent.
-    received: u64,
-    error: Option<RangeError>,
+    pub(super) received: u64,
+    pub(super) error: Option<RangeError>,
 }
 
-enum RangeError {
+pub(super) enum RangeError {
     Origin(OriginError),
     /// The origin sent fewer bytes than the range, or bytes that do not hash to the chunk map's ids.
     Bad(&'static str),
@@ -138,6 +138,8 @@ struct Pump<'e> {
     blobs: Vec<BlobChunks>,
     /// Where each chunk id sits, for the HAVEs this agent pushes.
     places: HashMap<BlobId, Vec<(BlobId, u32)>>,
+    /// Each blob's pack, read from the origin instead of the blob's raw bytes when it has one.
+    packs: HashMap<BlobId, std::sync::Arc<super::packed::Pack>>,
     tasks: JoinSet<Done>,
     /// The peers fed to the machine as up, and whether each shares the origin fetches.
     known: BTreeMap<String, bool>,
@@ -205,6 +207,10 @@ impl<'e> Pump<'e> {
             release,
             blobs,
             places,
+            packs: maps
+                .iter()
+                .map(|m| (m.blob(), std::sync::Arc::new(super::packed::Pack::new(m))))
+                .collect(),
             tasks: JoinSet::new(),
             known: BTreeMap::new(),
             serving: BTreeSet::new(),
@@ -410,24 +416,17 @@ impl<'e> Pump<'e> {
                 let Some(origin) = self.engine.cfg.origin.clone() else {
                     return;
                 };
+                let pack = self.packs.get(&blob).cloned();
                 self.tasks.spawn(async move {
-                    let key = origin.layout().blob(&blob);
-                    let outcome = match origin.get_range(&key, range.clone()).await {
-                        Err(OriginError::Short { .. }) => {
-                            RangeOutcome::failed(RangeError::Bad("fewer bytes than the range"))
-                        }
-                        Err(e) => RangeOutcome::failed(RangeError::Origin(e)),
-                        Ok(data) => {
-                            let start = range.start;
-                            tokio::task::spawn_blocking(move || {
-                                store_range(&store, start, &data, &chunks)
-                            })
-                            .await
-                            .unwrap_or_else(|e| {
-                                RangeOutcome::failed(RangeError::Store(SyncError::Worker(e)))
-                            })
-                        }
-                    };
+                    let outcome = super::packed::get_range(
+                        &*origin,
+                        &store,
+                        pack.as_deref(),
+                        &blob,
+                        range.clone(),
+                        chunks,
+                    )
+                    .await;
                     Done::Range {
                         blob,
                         range,
@@ -630,7 +629,7 @@ impl Owed {
 }
 
 impl RangeOutcome {
-    fn failed(error: RangeError) -> Self {
+    pub(super) fn failed(error: RangeError) -> Self {
         RangeOutcome {
             stored: Vec::new(),
             received: 0,
@@ -640,28 +639,41 @@ impl RangeOutcome {
 }
 
 /// Stores the chunks of one origin range (on a blocking thread).
-fn store_range(
+pub(super) fn store_range(
     store: &deckhand_store::Store,
     start: u64,
     data: &[u8],
     chunks: &[Chunk],
 ) -> RangeOutcome {
-    let mut out = RangeOutcome {
-        stored: Vec::new(),
-        received: data.len() as u64,
-        error: None,
-    };
     let mut batch = Vec::with_capacity(chunks.len());
+    let mut short = false;
     for c in chunks {
         let at = (c.offset - start) as usize;
         let Some(bytes) = data.get(at..at + c.len as usize) else {
-            out.error = Some(RangeError::Bad("fewer bytes than the range"));
+            short = true;
             break;
         };
         batch.push((c.id, bytes));
     }
-    // One sync and one commit for the whole range.
-    let put = store.put_chunks(&batch);
+    let mut out = store_batch(store, &batch, data.len() as u64);
+    if short && out.error.is_none() {
+        out.error = Some(RangeError::Bad("fewer bytes than the range"));
+    }
+    out
+}
+
+/// Stores the chunks of one origin answer (`received` bytes) with one sync and one commit.
+pub(super) fn store_batch(
+    store: &deckhand_store::Store,
+    batch: &[(BlobId, &[u8])],
+    received: u64,
+) -> RangeOutcome {
+    let mut out = RangeOutcome {
+        stored: Vec::new(),
+        received,
+        error: None,
+    };
+    let put = store.put_chunks(batch);
     out.stored = batch[..put.stored].iter().map(|(id, _)| *id).collect();
     match put.error {
         // Bytes that do not hash to the chunk map's id: the origin's copy is damaged.

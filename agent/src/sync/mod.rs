@@ -24,6 +24,7 @@
 pub mod activation;
 pub mod bundle;
 mod download;
+mod packed;
 mod probation;
 mod sources;
 mod switching;

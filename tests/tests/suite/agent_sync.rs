@@ -42,12 +42,24 @@ async fn an_agent_follows_s3_and_fetches_only_what_changed() {
     let (fleet, files, spec) = one_agent_on_v1("agent-sync").await;
     let agent = &fleet.agents[0];
     // Identical chunks anywhere in the release (the HEF and the ONNX carry the same weights) cross the
-    // uplink once: what the agent needs from S3 is the release's unique chunk bytes.
+    // uplink once, and packed: what the agent needs from S3 is the release's unique chunks as the
+    // blobs' packs store them (the text compressed, the weights as they are), plus the manifest, the
+    // chunk maps and the packs' headers.
     let unique_bytes = deckhand_tests::unique_chunk_bytes(&files);
+    let packed = deckhand_tests::packed_chunk_bytes(&files);
+    assert!(packed < unique_bytes, "{packed} of {unique_bytes}");
     let sent = fleet.s3().stats().bytes_sent();
     assert!(
-        sent >= unique_bytes && sent < unique_bytes + 100_000,
-        "S3 sent {sent} bytes for {unique_bytes} unique bytes of release"
+        sent >= packed && sent < packed + 100_000,
+        "S3 sent {sent} bytes for {unique_bytes} unique bytes of release, {packed} packed"
+    );
+    // The agent counts what the ranges carried (a range over a chunk a blob holds twice carries it
+    // twice), all of which S3 sent.
+    let s = agent.status().await.unwrap();
+    assert!(
+        (packed..=sent).contains(&s.bytes_from_origin),
+        "{} from the origin, {packed} packed, {sent} sent",
+        s.bytes_from_origin
     );
     let (code, answer) = agent.recognize(&photo()).await.unwrap();
     assert_eq!(code, 200, "{answer}");
@@ -77,6 +89,69 @@ async fn an_agent_follows_s3_and_fetches_only_what_changed() {
     );
     let (_, answer) = agent.recognize(&photo()).await.unwrap();
     assert_eq!(answer["metadata"]["name"], "Card six, second print");
+}
+
+/// A blob's pack that answers wrong bytes, or is not a pack at all, is set aside and the blob's own
+/// bytes are read: the release arrives whole, and the origin's blob is not called damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_or_foreign_pack_is_set_aside_and_the_blob_itself_is_read() {
+    use deckhand_protocol::{ChunkMap, pack};
+    let (fleet, files, spec) = one_agent_on_v1("agent-sync-pack").await;
+    let agent = &fleet.agents[0];
+    let layout = fleet.origin().layout().clone();
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
+    for (version, damage) in [(2u64, "damaged"), (3, "foreign")] {
+        let name = format!("Card six, print {version}");
+        meta[spec.card_id(CARD)]["name"] = serde_json::json!(name);
+        let mut next = files.clone();
+        next.metadata = fleet.join(format!("metadata-v{version}.json"));
+        std::fs::write(&next.metadata, meta.to_string()).unwrap();
+        // The pack is in place before the publish, which keeps what it finds there.
+        let bytes = std::fs::read(&next.metadata).unwrap();
+        let map = ChunkMap::build(&bytes);
+        let key = layout.pack(&map.id());
+        let body = match damage {
+            "damaged" => {
+                // A byte of every chunk's stored form flipped, the header intact.
+                let mut p = pack::build(&map, &bytes, pack::PACK_LEVEL);
+                let n = pack::header_len(&map) as usize;
+                let index = pack::PackIndex::decode(&map, &p[..n]).unwrap();
+                let mut at = n;
+                for i in 0..map.chunks().len() {
+                    let len = index.stored_len(i).unwrap() as usize;
+                    p[at + len / 2] ^= 0x5a;
+                    at += len;
+                }
+                p
+            }
+            _ => {
+                // Version 2's pack, under version 3's key.
+                let v2 = std::fs::read(fleet.join("metadata-v2.json")).unwrap();
+                pack::build(&ChunkMap::build(&v2), &v2, pack::PACK_LEVEL)
+            }
+        };
+        fleet.origin().put(&key, body.into()).await.unwrap();
+        fleet.s3().stats().reset();
+        fleet.publish(&next).await.unwrap();
+        let s = agent
+            .wait_for(secs(60), "the next version active", |s| {
+                s.active_version() == Some(version)
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.last_error, None, "{damage}: {s:?}");
+        let (code, answer) = agent.recognize(&photo()).await.unwrap();
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(answer["metadata"]["name"], name.as_str(), "{damage}");
+        // The changed chunks came from the blob itself.
+        let blob = layout.blob(&map.blob());
+        let ranges = fleet.s3().stats().ranges();
+        assert!(
+            ranges.iter().any(|(k, _)| *k == blob),
+            "{damage}: nothing read from {blob}: {ranges:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,8 +384,18 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
 
     let pi = &fleet.agents[0];
     // 2. The chunk map is whole again, but version 2's metadata object is version 1's metadata (another
-    //    release's blob): every range of it is refused, status names the blob, version 1 serves on.
+    //    release's blob), and its pack version 1's pack (set aside for the blob: it is another chunk
+    //    map's): every range of the blob is refused, status names it, version 1 serves on.
     overwrite_object(&fleet, &map_key, &map_good);
+    let meta1_pack = layout
+        .pack(&deckhand_protocol::ChunkMap::build(&std::fs::read(&files.metadata).unwrap()).id());
+    let pack_key = layout.pack(&meta2.chunk_map);
+    let pack_good = std::fs::read(fleet.s3().bucket_dir().join(&pack_key)).unwrap();
+    overwrite_object(
+        &fleet,
+        &pack_key,
+        &std::fs::read(fleet.s3().bucket_dir().join(meta1_pack)).unwrap(),
+    );
     overwrite_object(
         &fleet,
         &blob_key,
@@ -333,6 +418,7 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
 
     // 3. The operator repairs the bucket: version 2 completes, with nothing lost on the way.
     overwrite_object(&fleet, &blob_key, &blob_good);
+    overwrite_object(&fleet, &pack_key, &pack_good);
     let s = pi
         .wait_for(secs(120), "version 2 active", |s| {
             s.active_version() == Some(2)

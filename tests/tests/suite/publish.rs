@@ -571,6 +571,7 @@ async fn republishing_with_one_changed_file_uploads_only_that_file() {
         .unwrap();
     let expected = vec![
         l.blob(&labels_artifact.blob),
+        l.pack(&labels_artifact.chunk_map),
         l.blob(&labels_artifact.chunk_map),
         l.manifest(&shop(), 2),
         l.current(&shop()),

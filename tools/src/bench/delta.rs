@@ -10,9 +10,10 @@
 //!
 //! deckhand's figure is what its download fetches: each chunk of the new release that no blob of the old
 //! one holds (the store copies the others locally, `Store::fill_local`), once however many artifacts
-//! share it, and the chunk map of each new blob. It is computed from the chunk maps a publish writes,
-//! with the chunking the publish uses and with smaller chunks, and each figure also with every fetched
-//! chunk compressed on its own by zstd at casync's level. casync's figure (when `casync` is installed) is
+//! share it, and the chunk map and pack header of each new blob. It is computed from the chunk maps a
+//! publish writes, with the chunking the publish uses and with smaller chunks, raw (a chunk read from
+//! its blob) and packed (as the blob's pack stores it, `deckhand_protocol::pack`, which is what an
+//! agent fetches when the pack is there). casync's figure (when `casync` is installed) is
 //! the size of the chunk files its `make` of the new release adds to a store that holds the old one:
 //! its new chunks, compressed.
 
@@ -21,6 +22,7 @@ use crate::error::ToolError;
 use crate::shop::fixtures::{SplitMix, card_id, metadata_json, npy_f32, write_usearch_index};
 use deckhand_protocol::chunk::{CHUNK_PARAMS, ChunkMap, ChunkParams};
 use deckhand_protocol::id::BlobId;
+use deckhand_protocol::pack;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -29,8 +31,6 @@ const DIM: usize = 768;
 /// The index options of the seeds' script, the fixtures and the helper alike.
 const CONNECTIVITY: usize = 16;
 const EXPANSION_ADD: usize = 128;
-/// The zstd level casync compresses its chunks at (its default).
-const ZSTD_LEVEL: i32 = 3;
 
 /// What `deckhand bench delta` builds.
 #[derive(Clone, Debug)]
@@ -65,6 +65,38 @@ struct Fetched {
     total_zstd: u64,
     /// The encoded chunk maps of the new blobs.
     maps: u64,
+    /// Every fetched chunk once, patched: compressed with the old artifact's bytes around its place as
+    /// zstd's dictionary (what a delta against the release a Pi holds would carry), per artifact too.
+    total_patched: u64,
+    per_artifact_patched: Vec<u64>,
+}
+
+/// How far either side of a chunk's place in the old artifact the patch's dictionary reaches.
+const PATCH_WINDOW: usize = 512 * 1024;
+
+/// A chunk at `offset` of an artifact now `new_len` bytes, compressed with `old`'s bytes around the
+/// same place (offsets scaled by the artifact's growth) as zstd's dictionary; never more than packed.
+fn patched_len(old: &[u8], new_len: usize, offset: u64, bytes: &[u8]) -> u64 {
+    let packed = pack::pack_chunk(bytes, pack::PACK_LEVEL).len() as u64;
+    if old.is_empty() || new_len == 0 {
+        return packed;
+    }
+    let centre = (u128::from(offset) * old.len() as u128 / new_len as u128) as usize;
+    let hi = (centre + bytes.len() + PATCH_WINDOW).min(old.len());
+    let lo = centre.saturating_sub(PATCH_WINDOW).min(hi);
+    let dict = &old[lo..hi];
+    let with = |level| {
+        zstd::bulk::Compressor::with_dictionary(level, dict)
+            .and_then(|mut c| c.compress(bytes))
+            .map_or(u64::MAX, |z| z.len() as u64)
+    };
+    let probe = with(pack::PROBE_LEVEL);
+    let best = if probe * 8 <= bytes.len() as u64 * 7 {
+        probe.min(with(pack::PACK_LEVEL))
+    } else {
+        probe
+    };
+    best.min(packed)
 }
 
 pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
@@ -134,7 +166,7 @@ pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
     );
     println!(
         "  the new information, the {} new vectors alone: {:.2} MiB; fetched = chunks no blob of release 1 \
-         holds, each once, and the new chunk maps; zstd = each fetched chunk compressed alone at level {ZSTD_LEVEL}",
+         holds, each once, and the new chunk maps and pack headers; packed = each fetched chunk as its blob's pack stores it (deckhand's download); raw = the same chunks from the blobs",
         args.added,
         new_vectors as f64 / MIB
     );
@@ -199,9 +231,11 @@ pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
             .iter()
             .filter(|a| a.name != "usearch.index")
             .collect();
-        let with = chunkings.map(|p| fetched(&all, p, vectors.len()));
-        let without = chunkings.map(|p| fetched(&no_index, p, vectors.len()));
-        print!("    {:<40}", "KiB fetched, raw / zstd, FastCDC");
+        // Patches only where the rows keep their order (an all-cores index moves every vector).
+        let patch = threads == 1;
+        let with = chunkings.map(|p| fetched(&all, p, vectors.len(), patch));
+        let without = chunkings.map(|p| fetched(&no_index, p, vectors.len(), false));
+        print!("    {:<40}", "KiB fetched, raw / packed, FastCDC");
         for p in chunkings {
             print!(
                 " {:>21}",
@@ -234,7 +268,7 @@ pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
                 );
             }
         }
-        row("chunk maps", &|f| (f.maps, f.maps));
+        row("chunk maps and pack headers", &|f| (f.maps, f.maps));
         let total = |f: &Fetched| (f.total + f.maps, f.total_zstd + f.maps);
         let verdict = |f: &Fetched| {
             let (raw, zstd) = total(f);
@@ -257,6 +291,29 @@ pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
         for (i, p) in chunkings.iter().enumerate() {
             let size = format!("{}/{}/{}", p.min / 1024, p.avg / 1024, p.max / 1024);
             println!("    in all, {size:<9} {}", verdict(&with[i]));
+            if !patch {
+                println!(
+                    "      the index built on the Pi instead {}",
+                    verdict(&without[i])
+                );
+                continue;
+            }
+            let patched = with[i].total_patched + with[i].maps;
+            println!(
+                "      patched against release 1 instead: {:.2} MiB, {:.2}x the new vectors{} ({})",
+                patched as f64 / MIB,
+                patched as f64 / new_vectors.max(1) as f64,
+                casync_bytes.as_ref().map_or(String::new(), |c| format!(
+                    ", {:.2}x casync",
+                    patched as f64 / *c as f64
+                )),
+                artifacts
+                    .iter()
+                    .zip(&with[i].per_artifact_patched)
+                    .map(|(a, p)| format!("{} {:.1} KiB", a.name, kib(*p)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             println!(
                 "      the index built on the Pi instead {}",
                 verdict(&without[i])
@@ -389,7 +446,8 @@ fn vectors_end(rows: usize) -> u64 {
 }
 
 /// What a Pi holding the old artifacts fetches for the new ones (`new_rows` vectors) cut with `params`.
-fn fetched(artifacts: &[&Artifact], params: ChunkParams, new_rows: usize) -> Fetched {
+/// With `patch`, each fetched chunk is also patched against the old artifact ([`patched_len`]).
+fn fetched(artifacts: &[&Artifact], params: ChunkParams, new_rows: usize, patch: bool) -> Fetched {
     let held: HashSet<BlobId> = artifacts
         .iter()
         .flat_map(|a| {
@@ -408,23 +466,31 @@ fn fetched(artifacts: &[&Artifact], params: ChunkParams, new_rows: usize) -> Fet
         total: 0,
         total_zstd: 0,
         maps: 0,
+        total_patched: 0,
+        per_artifact_patched: Vec::new(),
     };
     for a in artifacts {
         let map = ChunkMap::build_with(params, &a.new);
         if a.new != a.old {
-            f.maps += map.encode().len() as u64;
+            f.maps += map.encode().len() as u64 + pack::header_len(&map);
         }
-        let (mut raw, mut zstd) = (0, 0);
+        let (mut raw, mut zstd, mut patched) = (0, 0, 0);
         for c in map.chunks().iter().filter(|c| !held.contains(&c.id)) {
             let r = c.range();
             let bytes = &a.new[r.start as usize..r.end as usize];
-            let packed =
-                zstd::bulk::compress(bytes, ZSTD_LEVEL).map_or(bytes.len(), |z| z.len()) as u64;
+            let packed = pack::pack_chunk(bytes, pack::PACK_LEVEL).len() as u64;
+            let patch = if patch {
+                patched_len(&a.old, a.new.len(), r.start, bytes)
+            } else {
+                packed
+            };
             raw += u64::from(c.len);
             zstd += packed;
+            patched += patch;
             if once.insert(c.id) {
                 f.total += u64::from(c.len);
                 f.total_zstd += packed;
+                f.total_patched += patch;
             }
             if a.name == "usearch.index" {
                 let end = vectors_end(new_rows);
@@ -434,6 +500,7 @@ fn fetched(artifacts: &[&Artifact], params: ChunkParams, new_rows: usize) -> Fet
             }
         }
         f.per_artifact.push((raw, zstd));
+        f.per_artifact_patched.push(patched);
     }
     f
 }
@@ -522,7 +589,7 @@ mod tests {
                 new: same,
             },
         ];
-        let f = fetched(&artifacts.iter().collect::<Vec<_>>(), CHUNK_PARAMS, 0);
+        let f = fetched(&artifacts.iter().collect::<Vec<_>>(), CHUNK_PARAMS, 0, true);
         let max = u64::from(CHUNK_PARAMS.max);
         let (grown_raw, grown_zstd) = f.per_artifact[0];
         let tail_len = tail.len() as u64;
@@ -544,12 +611,50 @@ mod tests {
             "{} fetched for {grown_raw} + {tail_len}",
             f.total
         );
-        let two_maps =
-            (ChunkMap::build(&grown).encode().len() + ChunkMap::build(&tail).encode().len()) as u64;
+        let two_maps = [&grown, &tail]
+            .iter()
+            .map(|b| {
+                let map = ChunkMap::build(b);
+                map.encode().len() as u64 + pack::header_len(&map)
+            })
+            .sum::<u64>();
         assert_eq!(
             f.maps, two_maps,
-            "only the changed blobs' chunk maps are fetched"
+            "only the changed blobs' chunk maps and pack headers are fetched"
         );
+    }
+
+    #[test]
+    fn a_patch_against_the_old_artifact_carries_the_edits_not_the_chunks_they_touch() {
+        // Noise (which no compressor shrinks) with a byte changed every 100 KiB, after 3 KiB inserted
+        // at the front: every chunk is new, but each is the old bytes around its place but one byte.
+        let old = noise(5, 2 << 20);
+        let mut new = noise(6, 3 << 10);
+        new.extend_from_slice(&old);
+        for at in (5_000..new.len()).step_by(100 << 10) {
+            new[at] ^= 0xff;
+        }
+        let artifacts = [Artifact {
+            name: "usearch.index",
+            old,
+            new,
+        }];
+        let f = fetched(&[&artifacts[0]], CHUNK_PARAMS, 0, true);
+        let (raw, packed) = f.per_artifact[0];
+        assert!(packed >= raw, "noise: {packed} of {raw}");
+        assert!(
+            f.total_patched * 20 < packed,
+            "patched {} of {packed}",
+            f.total_patched
+        );
+        // Without an old artifact there is nothing to patch against: packed it is.
+        let fresh = [Artifact {
+            name: "metadata.json",
+            old: Vec::new(),
+            new: noise(7, 1 << 20),
+        }];
+        let f = fetched(&[&fresh[0]], CHUNK_PARAMS, 0, true);
+        assert_eq!(f.total_patched, f.total_zstd);
     }
 
     #[test]
@@ -560,7 +665,7 @@ mod tests {
             old: Vec::new(),
             new: json.clone(),
         }];
-        let f = fetched(&[&artifacts[0]], CHUNK_PARAMS, 0);
+        let f = fetched(&[&artifacts[0]], CHUNK_PARAMS, 0, true);
         assert_eq!(f.total, json.len() as u64);
         assert!(
             f.total_zstd * 3 < f.total,

@@ -717,6 +717,7 @@ pub async fn audit(
     let mut report = AuditReport::default();
     let mut manifests = Vec::new();
     let mut blobs_present = BTreeSet::new();
+    let mut packs_present = BTreeSet::new();
     for obj in &listing {
         report.objects += 1;
         report.bytes += obj.size;
@@ -729,6 +730,9 @@ pub async fn audit(
             Ok(Key::Manifest { .. } | Key::Current { .. }) => manifests.push(obj.key.clone()),
             Ok(Key::Blob(id)) => {
                 blobs_present.insert(id);
+            }
+            Ok(Key::Pack(map)) => {
+                packs_present.insert(map);
             }
             Ok(_) => {}
             Err(_) if migrating.contains(obj.key.as_str()) => report.awaiting_finalize += 1,
@@ -770,10 +774,16 @@ pub async fn audit(
         report.blobs_checked += 1;
         check_blob(origin, b, what, work, &mut report.missing).await?;
     }
+    // A pack is named through its chunk map.
+    let orphan_packs: Vec<String> = packs_present
+        .difference(&maps)
+        .map(|id| format!("{} is the pack of no manifest's chunk map", layout.pack(id)))
+        .collect();
     let named_ids: BTreeSet<BlobId> = named.keys().map(|b| b.blob).chain(maps).collect();
     report.orphans = blobs_present
         .difference(&named_ids)
         .map(|id| format!("{} is named by no manifest", layout.blob(id)))
+        .chain(orphan_packs)
         .collect();
     // Migrated copies must be reachable at their new keys (R4.4, R6.2).
     let present: BTreeMap<&str, u64> = listing.iter().map(|o| (o.key.as_str(), o.size)).collect();
