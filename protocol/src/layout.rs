@@ -8,6 +8,8 @@
 //! {prefix}/deployments/{deployment}/current.json
 //! {prefix}/deployments/_blob/{64 hex}          content-addressed blobs and chunk maps
 //! {prefix}/deployments/_pack/{64 hex}          a blob's chunks compressed (crate::pack), by chunk map id
+//! {prefix}/deployments/_delta/{64 hex}/{64 hex} a blob's new chunks patched against a base blob
+//!                                               (crate::delta), by chunk map id and base blob id
 //! {prefix}/migration/{journal}/{path}          layout migration journals
 //! ```
 //!
@@ -213,6 +215,11 @@ pub enum Key {
     Blob(BlobId),
     /// The pack of the blob a chunk map (this id) describes ([`Layout::pack`]).
     Pack(BlobId),
+    /// The delta pack of the blob chunk map `map` describes against blob `base` ([`Layout::delta`]).
+    Delta {
+        map: BlobId,
+        base: BlobId,
+    },
     /// The fleet's certificates and revocation lists ([`Layout::fleet`]).
     Fleet,
     Migration {
@@ -230,6 +237,7 @@ pub struct Layout {
 
 const BLOB_DIR: &str = "deployments/_blob";
 const PACK_DIR: &str = "deployments/_pack";
+const DELTA_DIR: &str = "deployments/_delta";
 
 impl Layout {
     /// `prefix` may be empty (the bucket root); otherwise it must be a valid relative path.
@@ -329,6 +337,11 @@ impl Layout {
         self.join(&format!("{PACK_DIR}/{}", map.to_hex()))
     }
 
+    /// The delta pack of the blob that chunk map `map` describes against blob `base` ([`crate::delta`]).
+    pub fn delta(&self, map: &BlobId, base: &BlobId) -> String {
+        self.join(&format!("{DELTA_DIR}/{}/{}", map.to_hex(), base.to_hex()))
+    }
+
     pub fn migration(&self, journal: &Name, path: &RelPath) -> String {
         self.join(&format!("migration/{journal}/{path}"))
     }
@@ -387,6 +400,10 @@ impl Layout {
             ["deployments", "_pack", hex] => BlobId::from_hex(hex)
                 .map(Key::Pack)
                 .map_err(|_| unrecognized()),
+            ["deployments", "_delta", map, base] => Ok(Key::Delta {
+                map: BlobId::from_hex(map).map_err(|_| unrecognized())?,
+                base: BlobId::from_hex(base).map_err(|_| unrecognized())?,
+            }),
             ["deployments", deployment, "current.json"] => Ok(Key::Current {
                 deployment: Name::deployment(deployment)?,
             }),
@@ -481,6 +498,13 @@ mod tests {
                 ),
                 (l.blob(&id), Key::Blob(id)),
                 (l.pack(&id), Key::Pack(id)),
+                (
+                    l.delta(&id, &BlobId::of(b"y")),
+                    Key::Delta {
+                        map: id,
+                        base: BlobId::of(b"y"),
+                    },
+                ),
                 (l.fleet(), Key::Fleet),
                 (
                     l.migration(&name("m1"), &rel("journal.json")),
@@ -592,6 +616,7 @@ mod tests {
             "deployments/shop/manifest/0000000000000000000x.json",
             "deployments/_blob/XYZ",
             "deployments/_pack/XYZ",
+            "deployments/_delta/XYZ",
             "deployments/shop/other.json",
             "datasets/cards",
         ] {

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod chunk;
 pub mod clock;
 pub mod daily;
+pub mod delta;
 pub mod envelope;
 pub mod event;
 pub mod fetch;

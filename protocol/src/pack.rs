@@ -50,6 +50,12 @@ pub enum PackError {
     Count { got: u32, want: usize },
     #[error("pack stores chunk {index} in {stored} bytes, outside 1..={len} (its length)")]
     Stored { index: usize, stored: u32, len: u32 },
+    #[error("delta pack is against another base blob, or a base of another size")]
+    Base,
+    #[error(
+        "delta pack's window for chunk {index} is outside its base or wider than a patch reads"
+    )]
+    Window { index: usize },
     #[error("packed chunk does not unpack to its {len} bytes: {why}")]
     Unpack { len: u32, why: String },
 }
@@ -143,27 +149,7 @@ impl PackIndex {
     /// Reads the header of `map`'s pack (exactly [`header_len`] bytes) and checks it against the map.
     pub fn decode(map: &ChunkMap, header: &[u8]) -> Result<Self, PackError> {
         let want = header_len(map) as usize;
-        if header.len() != want {
-            return Err(PackError::HeaderLen {
-                got: header.len(),
-                want,
-            });
-        }
-        if header[..4] != *MAGIC {
-            return Err(PackError::Magic);
-        }
-        if header[4] != VERSION {
-            return Err(PackError::Version(header[4]));
-        }
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&header[5..37]);
-        let (got, want_map) = (BlobId::from_bytes(id), map.id());
-        if got != want_map {
-            return Err(PackError::Map {
-                got,
-                want: want_map,
-            });
-        }
+        check_header(header, want, MAGIC, VERSION, map)?;
         let count = u32::from_le_bytes([header[37], header[38], header[39], header[40]]);
         let chunks = map.chunks();
         if count as usize != chunks.len() {
@@ -200,14 +186,8 @@ impl PackIndex {
     /// The pack's bytes holding the chunks that make up `range` of the blob, and the index of its first
     /// chunk; `None` when `range` does not start and end on chunk boundaries.
     pub fn locate(&self, range: &Range<u64>) -> Option<(Range<u64>, usize)> {
-        let first = self.raw.binary_search(&range.start).ok()?;
-        let end = match self.raw.binary_search(&range.end) {
-            Ok(i) => i,
-            // The blob's end: one past the last chunk.
-            Err(i) if i == self.raw.len() => i,
-            Err(_) => return None,
-        };
-        (end > first).then(|| (self.packed[first]..self.packed[end], first))
+        let (first, end) = chunk_run(&self.raw, range)?;
+        Some((self.packed[first]..self.packed[end], first))
     }
 
     /// The stored length of chunk `index`.
@@ -223,6 +203,52 @@ impl PackIndex {
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }
+}
+
+/// Checks what a pack's and a delta pack's headers open with: their length (`want`), magic, version,
+/// and the chunk map id at bytes 5..37.
+pub(crate) fn check_header(
+    header: &[u8],
+    want: usize,
+    magic: &[u8; 4],
+    version: u8,
+    map: &ChunkMap,
+) -> Result<(), PackError> {
+    if header.len() != want {
+        return Err(PackError::HeaderLen {
+            got: header.len(),
+            want,
+        });
+    }
+    if header[..4] != *magic {
+        return Err(PackError::Magic);
+    }
+    if header[4] != version {
+        return Err(PackError::Version(header[4]));
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&header[5..37]);
+    let (got, want_map) = (BlobId::from_bytes(id), map.id());
+    if got != want_map {
+        return Err(PackError::Map {
+            got,
+            want: want_map,
+        });
+    }
+    Ok(())
+}
+
+/// The chunks (first, one past the last) that make up `range` of a blob whose chunks start at `raw`;
+/// `None` when `range` is empty or not on chunk boundaries.
+pub(crate) fn chunk_run(raw: &[u64], range: &Range<u64>) -> Option<(usize, usize)> {
+    let first = raw.binary_search(&range.start).ok()?;
+    let end = match raw.binary_search(&range.end) {
+        Ok(i) => i,
+        // The blob's end: one past the last chunk.
+        Err(i) if i == raw.len() => i,
+        Err(_) => return None,
+    };
+    (end > first).then_some((first, end))
 }
 
 /// The bytes of `chunk` from its stored form: as they are when stored at full length, else

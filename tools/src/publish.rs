@@ -13,7 +13,7 @@ use deckhand_agent::release::{DetectorFiles, ReleaseFiles, SettingsOverrides, ch
 use deckhand_protocol::envelope::inspect_unverified;
 use deckhand_protocol::layout::{Key, Name};
 use deckhand_protocol::manifest::{Artifact, BlobRef, Canary, Manifest, Role, SCHEMA};
-use deckhand_protocol::{BlobId, ChunkMap, Envelope, SecretKey, pack};
+use deckhand_protocol::{BlobId, ChunkMap, Envelope, SecretKey, delta, pack};
 use indicatif::{ProgressBar, ProgressStyle};
 use jiff::{SignedDuration, Timestamp};
 use std::io::IsTerminal as _;
@@ -287,19 +287,97 @@ pub(crate) async fn upload_packs(origin: &dyn Bucket, blobs: &[Blob]) -> Result<
     Ok(bytes)
 }
 
-/// Writes the pack of the file at `path` (chunked as `map`) to a temporary file.
-fn write_pack(path: &Path, map: &ChunkMap) -> Result<tempfile::NamedTempFile, ToolError> {
-    use std::io::Write;
+/// Uploads, for each artifact of `new` that changed since the release `base` (the one current.json
+/// names when publishing), its delta pack against `base`'s blob of the same role
+/// (`deckhand_protocol::delta`): the chunks a Pi serving `base` lacks, each patched against the old
+/// blob's bytes around its place. `base` is only a guess at what the Pis hold (and read unverified: a
+/// wrong guess costs bytes, not trust, since agents hash every chunk): an agent holding another
+/// release reads the packs. The old blobs are read from `origin`. Returns the bytes uploaded.
+pub(crate) async fn upload_deltas(
+    origin: &dyn Bucket,
+    base: &Manifest,
+    new: &[(Role, &Blob)],
+) -> Result<u64, ToolError> {
+    let layout = origin.layout();
+    // Every chunk the base release holds: a Pi serving it copies these locally.
+    let mut held = std::collections::HashSet::new();
+    for b in base.blobs() {
+        let Some(bytes) = origin.get_opt(&layout.blob(&b.chunk_map)).await? else {
+            return Ok(0);
+        };
+        let Ok(map) = ChunkMap::decode(&bytes) else {
+            return Ok(0);
+        };
+        held.extend(map.chunks().iter().map(|c| c.id));
+    }
+    let held = std::sync::Arc::new(held);
+    let mut bytes = 0;
+    for (role, b) in new {
+        let Some(old) = base.artifact(*role).filter(|a| a.blob != b.map.blob()) else {
+            continue;
+        };
+        let key = layout.delta(&b.map.id(), &old.blob);
+        if origin.head(&key).await?.is_some() || b.map.chunks().iter().all(|c| held.contains(&c.id))
+        {
+            continue;
+        }
+        let old_file = tempfile::NamedTempFile::new().map_err(ToolError::TempDir)?;
+        // A base the bucket lost is no base: the packs serve.
+        match origin
+            .download(&layout.blob(&old.blob), old_file.path())
+            .await
+        {
+            Err(OriginError::NotFound { .. }) => continue,
+            r => r?,
+        };
+        let (path, map, base_id, held) = (b.path.clone(), b.map.clone(), old.blob, held.clone());
+        let built = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, ToolError> {
+            let new = read_mapped(&path, map.size())?;
+            let base = read_mapped(old_file.path(), 0)?;
+            if BlobId::of(&base) != base_id {
+                return Ok(None);
+            }
+            let delta = delta::build(
+                &map,
+                &new,
+                base_id,
+                &base,
+                |c| !held.contains(&c.id),
+                pack::PACK_LEVEL,
+            );
+            drop(base);
+            drop(old_file);
+            Ok(delta)
+        })
+        .await??;
+        if let Some(delta) = built {
+            tracing::info!(blob = %b.map.blob(), base = %old.blob, size = delta.len(), "uploading delta pack");
+            bytes += delta.len() as u64;
+            origin.put(&key, delta.into()).await?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// The file at `path` mapped, checked to be `len` bytes long (0: any length).
+fn read_mapped(path: &Path, len: u64) -> Result<memmap2::Mmap, ToolError> {
     let file = std::fs::File::open(path).map_err(ToolError::io("open", path))?;
-    // SAFETY: as in `chunk_file`; a file changed since it was chunked fails the length check here or,
-    // with its bytes, every agent's hash check of the chunks unpacked (and then the pack is not used).
+    // SAFETY: as in `chunk_file`: a file changed while mapped fails a length or hash check here, or
+    // every agent's hash check of the chunks it gives.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(ToolError::io("map", path))?;
-    if mmap.len() as u64 != map.size() {
+    if len != 0 && mmap.len() as u64 != len {
         return Err(ToolError::Corrupt {
             what: path.display().to_string(),
             why: "changed while it was being published",
         });
     }
+    Ok(mmap)
+}
+
+/// Writes the pack of the file at `path` (chunked as `map`) to a temporary file.
+fn write_pack(path: &Path, map: &ChunkMap) -> Result<tempfile::NamedTempFile, ToolError> {
+    use std::io::Write;
+    let mmap = read_mapped(path, map.size())?;
     let stored = pack::stored(map, &mmap, pack::PACK_LEVEL);
     let mut out = tempfile::NamedTempFile::new().map_err(ToolError::TempDir)?;
     let tmp = out.path().to_owned();
@@ -453,7 +531,16 @@ pub async fn prepare(
         .map(|(path, map)| Blob { path, map })
         .collect();
 
-    let (uploaded, skipped, bytes_uploaded) = upload_missing(origin, &blobs, opts.progress).await?;
+    let (uploaded, skipped, mut bytes_uploaded) =
+        upload_missing(origin, &blobs, opts.progress).await?;
+    if let Some(current) = origin
+        .get_opt(&origin.layout().current(&opts.deployment))
+        .await?
+        && let Ok(base) = inspect_unverified(&current)
+    {
+        let new: Vec<(Role, &Blob)> = roles.iter().map(|(r, _)| *r).zip(&blobs).collect();
+        bytes_uploaded += upload_deltas(origin, &base, &new).await?;
+    }
 
     let artifacts = roles
         .iter()

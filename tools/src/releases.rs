@@ -337,6 +337,17 @@ pub async fn bundle_push(
         });
     }
     report.bytes_uploaded += crate::publish::upload_packs(origin, &packable).await?;
+    // And each manifest's delta packs against the one before it in the bundle (what a Pi serving
+    // that one fetches).
+    for pair in manifests.windows(2) {
+        let (base, next) = (&pair[0].manifest, &pair[1].manifest);
+        let new: Vec<(deckhand_protocol::manifest::Role, &crate::publish::Blob)> = next
+            .artifacts
+            .iter()
+            .filter_map(|a| Some((a.role, packable.iter().find(|p| p.map.id() == a.chunk_map)?)))
+            .collect();
+        report.bytes_uploaded += crate::publish::upload_deltas(origin, base, &new).await?;
+    }
     for (version, envelope) in roots {
         let key = dl.trust_root(deployment, version);
         match origin.put_new(&key, envelope).await {

@@ -77,8 +77,19 @@ impl Engine {
         maps: &[ChunkMap],
         release: &ReleaseRef,
         before: u64,
+        bases: &HashMap<BlobId, (BlobId, u64)>,
     ) -> Result<(), SyncError> {
         let mut pump = Pump::new(self, maps, *release, before).await?;
+        pump.deltas = maps
+            .iter()
+            .filter_map(|m| {
+                let (base, size) = bases.get(&m.blob())?;
+                Some((
+                    m.blob(),
+                    std::sync::Arc::new(super::packed::Delta::new(m, *base, *size)),
+                ))
+            })
+            .collect();
         loop {
             pump.engine.beat.beat();
             let t = pump.now();
@@ -140,6 +151,8 @@ struct Pump<'e> {
     places: HashMap<BlobId, Vec<(BlobId, u32)>>,
     /// Each blob's pack, read from the origin instead of the blob's raw bytes when it has one.
     packs: HashMap<BlobId, std::sync::Arc<super::packed::Pack>>,
+    /// The delta packs of the blobs that replace one of the active release, read before their packs.
+    deltas: HashMap<BlobId, std::sync::Arc<super::packed::Delta>>,
     tasks: JoinSet<Done>,
     /// The peers fed to the machine as up, and whether each shares the origin fetches.
     known: BTreeMap<String, bool>,
@@ -211,6 +224,7 @@ impl<'e> Pump<'e> {
                 .iter()
                 .map(|m| (m.blob(), std::sync::Arc::new(super::packed::Pack::new(m))))
                 .collect(),
+            deltas: HashMap::new(),
             tasks: JoinSet::new(),
             known: BTreeMap::new(),
             serving: BTreeSet::new(),
@@ -417,10 +431,12 @@ impl<'e> Pump<'e> {
                     return;
                 };
                 let pack = self.packs.get(&blob).cloned();
+                let delta = self.deltas.get(&blob).cloned();
                 self.tasks.spawn(async move {
                     let outcome = super::packed::get_range(
                         &*origin,
                         &store,
+                        delta.as_deref(),
                         pack.as_deref(),
                         &blob,
                         range.clone(),

@@ -39,7 +39,7 @@ use crate::sync::activation::ActivationError;
 use deckhand_protocol::layout::Name;
 use deckhand_protocol::status::Pending;
 use deckhand_protocol::wire::ReleaseRef;
-use deckhand_protocol::{VerifiedManifest, VerifyError};
+use deckhand_protocol::{BlobId, VerifiedManifest, VerifyError};
 use deckhand_store::Store;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -823,6 +823,25 @@ impl Engine {
         });
     }
 
+    /// For each artifact of `m` that differs from the active release's of the same role, that blob:
+    /// the base its delta pack is patched against (`packed::Delta`).
+    fn delta_bases(&self, m: &deckhand_protocol::Manifest) -> HashMap<BlobId, (BlobId, u64)> {
+        let active = self
+            .active_envelope
+            .as_deref()
+            .and_then(|env| self.cfg.trust.policy().verify_ignoring_expiry(env).ok());
+        let Some(active) = active else {
+            return HashMap::new();
+        };
+        m.artifacts
+            .iter()
+            .filter_map(|a| {
+                let old = active.manifest.artifact(a.role)?;
+                (old.blob != a.blob).then_some((a.blob, (old.blob, old.size)))
+            })
+            .collect()
+    }
+
     /// Fetches what the store misses of `v` (announced and shown as pending meanwhile): every blob's
     /// chunk map, the blobs begun, one download of their chunks from peers and the origin, each blob
     /// completed.
@@ -880,7 +899,8 @@ impl Engine {
                 maps.push(map);
             }
             self.pending_update(|p| p.bytes_have = have);
-            self.download(&maps, &release, have).await?;
+            let bases = self.delta_bases(m);
+            self.download(&maps, &release, have, &bases).await?;
             for map in &maps {
                 let id = map.blob();
                 self.on_store(move |s| Ok(s.complete(&id)?)).await?;

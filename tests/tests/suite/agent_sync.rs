@@ -91,47 +91,153 @@ async fn an_agent_follows_s3_and_fetches_only_what_changed() {
     assert_eq!(answer["metadata"]["name"], "Card six, second print");
 }
 
-/// A blob's pack that answers wrong bytes, or is not a pack at all, is set aside and the blob's own
-/// bytes are read: the release arrives whole, and the origin's blob is not called damaged.
+/// A release that edits the active one crosses the uplink as patches against it: each chunk the Pi
+/// lacks, compressed with the bytes of the active release's blob around its place as dictionary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_or_foreign_pack_is_set_aside_and_the_blob_itself_is_read() {
-    use deckhand_protocol::{ChunkMap, pack};
+async fn an_edit_crosses_the_uplink_as_patches_against_the_release_the_pi_serves() {
+    use deckhand_protocol::{ChunkMap, delta, pack};
+    let (fleet, files, spec) = one_agent_on_v1("agent-sync-delta").await;
+    let agent = &fleet.agents[0];
+    let before = agent.status().await.unwrap().bytes_from_origin;
+    let v2 = renamed(&fleet, &files, &spec);
+    fleet.s3().stats().reset();
+    fleet.publish(&v2).await.unwrap();
+    agent
+        .wait_for(secs(60), "version 2 active", |s| {
+            s.active_version() == Some(2)
+        })
+        .await
+        .unwrap();
+    let (old, new) = (
+        std::fs::read(&files.metadata).unwrap(),
+        std::fs::read(&v2.metadata).unwrap(),
+    );
+    let held: std::collections::HashSet<_> = files
+        .paths()
+        .iter()
+        .flat_map(|p| {
+            let map = ChunkMap::build(&std::fs::read(p).unwrap());
+            map.chunks().iter().map(|c| c.id).collect::<Vec<_>>()
+        })
+        .collect();
+    let map = ChunkMap::build(&new);
+    let missing: Vec<_> = map
+        .chunks()
+        .iter()
+        .filter(|c| !held.contains(&c.id))
+        .collect();
+    let d = delta::build(
+        &map,
+        &new,
+        deckhand_protocol::BlobId::of(&old),
+        &old,
+        |c| !held.contains(&c.id),
+        pack::PACK_LEVEL,
+    )
+    .unwrap();
+    let patches = d.len() as u64 - delta::header_len(&map);
+    let packed: u64 = missing
+        .iter()
+        .map(|c| {
+            pack::pack_chunk(
+                &new[c.range().start as usize..c.range().end as usize],
+                pack::PACK_LEVEL,
+            )
+            .len() as u64
+        })
+        .sum();
+    // The origin sent the new chunk map and the patches.
+    let s = agent.status().await.unwrap();
+    assert_eq!(
+        s.bytes_from_origin - before,
+        map.encode().len() as u64 + patches,
+        "{s:?}"
+    );
+    assert!(
+        patches * 4 < packed,
+        "{patches} bytes of patches for {packed} packed ({} raw)",
+        missing.iter().map(|c| u64::from(c.len)).sum::<u64>()
+    );
+    let layout = fleet.origin().layout();
+    let ranges = fleet.s3().stats().ranges();
+    let key = layout.delta(&map.id(), &deckhand_protocol::BlobId::of(&old));
+    assert!(ranges.iter().any(|(k, _)| *k == key), "{ranges:?}");
+    assert!(
+        !ranges
+            .iter()
+            .any(|(k, _)| *k == layout.pack(&map.id()) || *k == layout.blob(&map.blob())),
+        "{ranges:?}"
+    );
+    let (_, answer) = agent.recognize(&photo()).await.unwrap();
+    assert_eq!(answer["metadata"]["name"], "Card six, second print");
+}
+
+/// A delta pack or a pack that answers wrong bytes, or is another blob's, is set aside and the next
+/// way tried (delta pack, then pack, then the blob itself): the release arrives whole, and the
+/// origin's blob is not called damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_or_foreign_packs_are_set_aside_and_the_blob_itself_is_read() {
+    use deckhand_protocol::{BlobId, ChunkMap, delta, pack};
     let (fleet, files, spec) = one_agent_on_v1("agent-sync-pack").await;
     let agent = &fleet.agents[0];
     let layout = fleet.origin().layout().clone();
     let mut meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&files.metadata).unwrap()).unwrap();
+    let mut base = std::fs::read(&files.metadata).unwrap();
+    // A byte of every stored chunk flipped, the header intact.
+    let flip = |mut body: Vec<u8>, parts: Vec<std::ops::Range<u64>>| {
+        for p in parts {
+            body[((p.start + p.end) / 2) as usize] ^= 0x5a;
+        }
+        body
+    };
     for (version, damage) in [(2u64, "damaged"), (3, "foreign")] {
         let name = format!("Card six, print {version}");
         meta[spec.card_id(CARD)]["name"] = serde_json::json!(name);
         let mut next = files.clone();
         next.metadata = fleet.join(format!("metadata-v{version}.json"));
         std::fs::write(&next.metadata, meta.to_string()).unwrap();
-        // The pack is in place before the publish, which keeps what it finds there.
+        // The packs are in place before the publish, which keeps what it finds there.
         let bytes = std::fs::read(&next.metadata).unwrap();
         let map = ChunkMap::build(&bytes);
-        let key = layout.pack(&map.id());
-        let body = match damage {
+        let base_id = BlobId::of(&base);
+        let (pack_body, delta_body) = match damage {
             "damaged" => {
-                // A byte of every chunk's stored form flipped, the header intact.
-                let mut p = pack::build(&map, &bytes, pack::PACK_LEVEL);
+                let p = pack::build(&map, &bytes, pack::PACK_LEVEL);
                 let n = pack::header_len(&map) as usize;
                 let index = pack::PackIndex::decode(&map, &p[..n]).unwrap();
-                let mut at = n;
+                let mut parts = Vec::new();
+                let mut at = n as u64;
                 for i in 0..map.chunks().len() {
-                    let len = index.stored_len(i).unwrap() as usize;
-                    p[at + len / 2] ^= 0x5a;
+                    let len = index.stored_len(i).unwrap();
+                    parts.push(at..at + len);
                     at += len;
                 }
-                p
+                let d = delta::build(&map, &bytes, base_id, &base, |_| true, 3).unwrap();
+                let n = delta::header_len(&map) as usize;
+                let index =
+                    delta::DeltaIndex::decode(&map, base_id, base.len() as u64, &d[..n]).unwrap();
+                let patches = (0..map.chunks().len())
+                    .map(|i| index.patch(i).unwrap().0)
+                    .collect();
+                (flip(p, parts), flip(d, patches))
             }
             _ => {
-                // Version 2's pack, under version 3's key.
+                // Version 2's, under version 3's keys.
                 let v2 = std::fs::read(fleet.join("metadata-v2.json")).unwrap();
-                pack::build(&ChunkMap::build(&v2), &v2, pack::PACK_LEVEL)
+                let v2_map = ChunkMap::build(&v2);
+                let v1 = std::fs::read(&files.metadata).unwrap();
+                let d = delta::build(&v2_map, &v2, BlobId::of(&v1), &v1, |_| true, 3).unwrap();
+                (pack::build(&v2_map, &v2, pack::PACK_LEVEL), d)
             }
         };
-        fleet.origin().put(&key, body.into()).await.unwrap();
+        let o = fleet.origin();
+        o.put(&layout.pack(&map.id()), pack_body.into())
+            .await
+            .unwrap();
+        o.put(&layout.delta(&map.id(), &base_id), delta_body.into())
+            .await
+            .unwrap();
         fleet.s3().stats().reset();
         fleet.publish(&next).await.unwrap();
         let s = agent
@@ -151,6 +257,7 @@ async fn a_damaged_or_foreign_pack_is_set_aside_and_the_blob_itself_is_read() {
             ranges.iter().any(|(k, _)| *k == blob),
             "{damage}: nothing read from {blob}: {ranges:?}"
         );
+        base = bytes;
     }
 }
 
@@ -384,13 +491,16 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
 
     let pi = &fleet.agents[0];
     // 2. The chunk map is whole again, but version 2's metadata object is version 1's metadata (another
-    //    release's blob), and its pack version 1's pack (set aside for the blob: it is another chunk
-    //    map's): every range of the blob is refused, status names it, version 1 serves on.
-    overwrite_object(&fleet, &map_key, &map_good);
+    //    release's blob), its pack version 1's pack and its delta pack gone (the packs set aside for
+    //    the blob: one is another chunk map's, the other missing): every range of the blob is
+    //    refused, status names it, version 1 serves on.
     let meta1_pack = layout
         .pack(&deckhand_protocol::ChunkMap::build(&std::fs::read(&files.metadata).unwrap()).id());
     let pack_key = layout.pack(&meta2.chunk_map);
     let pack_good = std::fs::read(fleet.s3().bucket_dir().join(&pack_key)).unwrap();
+    let delta_key = layout.delta(&meta2.chunk_map, &meta1_blob);
+    let delta_good = std::fs::read(fleet.s3().bucket_dir().join(&delta_key)).unwrap();
+    std::fs::remove_file(fleet.s3().bucket_dir().join(&delta_key)).unwrap();
     overwrite_object(
         &fleet,
         &pack_key,
@@ -401,6 +511,8 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
         &blob_key,
         &std::fs::read(fleet.s3().bucket_dir().join(layout.blob(&meta1_blob))).unwrap(),
     );
+    // Last, so that no download starts before the rest is in place.
+    overwrite_object(&fleet, &map_key, &map_good);
     let s = pi
         .wait_for(secs(60), "the swapped blob refused", |s| {
             s.last_error.as_deref().is_some_and(|e| {
@@ -419,6 +531,7 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
     // 3. The operator repairs the bucket: version 2 completes, with nothing lost on the way.
     overwrite_object(&fleet, &blob_key, &blob_good);
     overwrite_object(&fleet, &pack_key, &pack_good);
+    overwrite_object(&fleet, &delta_key, &delta_good);
     let s = pi
         .wait_for(secs(120), "version 2 active", |s| {
             s.active_version() == Some(2)

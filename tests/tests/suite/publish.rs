@@ -569,10 +569,13 @@ async fn republishing_with_one_changed_file_uploads_only_that_file() {
         .iter()
         .find(|a| a.role == deckhand_protocol::Role::Labels)
         .unwrap();
+    // The changed file, its pack, its chunk map and its delta pack against version 1's labels.
+    let v1_labels = deckhand_protocol::BlobId::of(&std::fs::read(&w.files.labels).unwrap());
     let expected = vec![
         l.blob(&labels_artifact.blob),
         l.pack(&labels_artifact.chunk_map),
         l.blob(&labels_artifact.chunk_map),
+        l.delta(&labels_artifact.chunk_map, &v1_labels),
         l.manifest(&shop(), 2),
         l.current(&shop()),
     ];

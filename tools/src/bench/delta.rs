@@ -13,16 +13,18 @@
 //! share it, and the chunk map and pack header of each new blob. It is computed from the chunk maps a
 //! publish writes, with the chunking the publish uses and with smaller chunks, raw (a chunk read from
 //! its blob) and packed (as the blob's pack stores it, `deckhand_protocol::pack`, which is what an
-//! agent fetches when the pack is there). casync's figure (when `casync` is installed) is
+//! agent fetches when the pack is there), and for the one-thread index as delta packs against the
+//! first release (`deckhand_protocol::delta`: each chunk patched against the first release's bytes
+//! around its place, what an agent serving the first release fetches). casync's figure (when `casync` is installed) is
 //! the size of the chunk files its `make` of the new release adds to a store that holds the old one:
 //! its new chunks, compressed.
 
 use super::{MIB, python_helper};
 use crate::error::ToolError;
 use crate::shop::fixtures::{SplitMix, card_id, metadata_json, npy_f32, write_usearch_index};
-use deckhand_protocol::chunk::{CHUNK_PARAMS, ChunkMap, ChunkParams};
+use deckhand_protocol::chunk::{CHUNK_PARAMS, Chunk, ChunkMap, ChunkParams};
 use deckhand_protocol::id::BlobId;
-use deckhand_protocol::pack;
+use deckhand_protocol::{delta, pack};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -69,34 +71,28 @@ struct Fetched {
     /// zstd's dictionary (what a delta against the release a Pi holds would carry), per artifact too.
     total_patched: u64,
     per_artifact_patched: Vec<u64>,
+    /// The chunk maps and delta pack headers of the new blobs.
+    maps_patched: u64,
 }
 
-/// How far either side of a chunk's place in the old artifact the patch's dictionary reaches.
-const PATCH_WINDOW: usize = 512 * 1024;
-
-/// A chunk at `offset` of an artifact now `new_len` bytes, compressed with `old`'s bytes around the
-/// same place (offsets scaled by the artifact's growth) as zstd's dictionary; never more than packed.
-fn patched_len(old: &[u8], new_len: usize, offset: u64, bytes: &[u8]) -> u64 {
-    let packed = pack::pack_chunk(bytes, pack::PACK_LEVEL).len() as u64;
-    if old.is_empty() || new_len == 0 {
-        return packed;
+/// A chunk of an artifact now `new_len` bytes as a delta pack against `old` carries it
+/// (`deckhand_protocol::delta`: patched against the old bytes around its place), or packed when the
+/// patch is no smaller.
+fn patched_len(old: &[u8], new_len: usize, chunk: &Chunk, bytes: &[u8]) -> u64 {
+    let w = delta::window(chunk, new_len as u64, old.len() as u64);
+    let patch = (!w.is_empty())
+        .then(|| {
+            delta::patch(
+                bytes,
+                &old[w.start as usize..w.end as usize],
+                pack::PACK_LEVEL,
+            )
+        })
+        .flatten();
+    match patch {
+        Some(p) => p.len() as u64,
+        None => pack::pack_chunk(bytes, pack::PACK_LEVEL).len() as u64,
     }
-    let centre = (u128::from(offset) * old.len() as u128 / new_len as u128) as usize;
-    let hi = (centre + bytes.len() + PATCH_WINDOW).min(old.len());
-    let lo = centre.saturating_sub(PATCH_WINDOW).min(hi);
-    let dict = &old[lo..hi];
-    let with = |level| {
-        zstd::bulk::Compressor::with_dictionary(level, dict)
-            .and_then(|mut c| c.compress(bytes))
-            .map_or(u64::MAX, |z| z.len() as u64)
-    };
-    let probe = with(pack::PROBE_LEVEL);
-    let best = if probe * 8 <= bytes.len() as u64 * 7 {
-        probe.min(with(pack::PACK_LEVEL))
-    } else {
-        probe
-    };
-    best.min(packed)
 }
 
 pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
@@ -298,9 +294,9 @@ pub fn run(args: &DeltaArgs) -> Result<(), ToolError> {
                 );
                 continue;
             }
-            let patched = with[i].total_patched + with[i].maps;
+            let patched = with[i].total_patched + with[i].maps_patched;
             println!(
-                "      patched against release 1 instead: {:.2} MiB, {:.2}x the new vectors{} ({})",
+                "      as delta packs against release 1 (what is fetched): {:.2} MiB, {:.2}x the new vectors{} ({})",
                 patched as f64 / MIB,
                 patched as f64 / new_vectors.max(1) as f64,
                 casync_bytes.as_ref().map_or(String::new(), |c| format!(
@@ -468,11 +464,13 @@ fn fetched(artifacts: &[&Artifact], params: ChunkParams, new_rows: usize, patch:
         maps: 0,
         total_patched: 0,
         per_artifact_patched: Vec::new(),
+        maps_patched: 0,
     };
     for a in artifacts {
         let map = ChunkMap::build_with(params, &a.new);
         if a.new != a.old {
             f.maps += map.encode().len() as u64 + pack::header_len(&map);
+            f.maps_patched += map.encode().len() as u64 + delta::header_len(&map);
         }
         let (mut raw, mut zstd, mut patched) = (0, 0, 0);
         for c in map.chunks().iter().filter(|c| !held.contains(&c.id)) {
@@ -480,7 +478,7 @@ fn fetched(artifacts: &[&Artifact], params: ChunkParams, new_rows: usize, patch:
             let bytes = &a.new[r.start as usize..r.end as usize];
             let packed = pack::pack_chunk(bytes, pack::PACK_LEVEL).len() as u64;
             let patch = if patch {
-                patched_len(&a.old, a.new.len(), r.start, bytes)
+                patched_len(&a.old, a.new.len(), c, bytes)
             } else {
                 packed
             };

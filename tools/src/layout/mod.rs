@@ -732,7 +732,10 @@ pub async fn audit(
                 blobs_present.insert(id);
             }
             Ok(Key::Pack(map)) => {
-                packs_present.insert(map);
+                packs_present.insert((map, obj.key.clone()));
+            }
+            Ok(Key::Delta { map, .. }) => {
+                packs_present.insert((map, obj.key.clone()));
             }
             Ok(_) => {}
             Err(_) if migrating.contains(obj.key.as_str()) => report.awaiting_finalize += 1,
@@ -774,10 +777,11 @@ pub async fn audit(
         report.blobs_checked += 1;
         check_blob(origin, b, what, work, &mut report.missing).await?;
     }
-    // A pack is named through its chunk map.
+    // A pack or delta pack is named through its chunk map.
     let orphan_packs: Vec<String> = packs_present
-        .difference(&maps)
-        .map(|id| format!("{} is the pack of no manifest's chunk map", layout.pack(id)))
+        .iter()
+        .filter(|(map, _)| !maps.contains(map))
+        .map(|(_, key)| format!("{key} is the pack of no manifest's chunk map"))
         .collect();
     let named_ids: BTreeSet<BlobId> = named.keys().map(|b| b.blob).chain(maps).collect();
     report.orphans = blobs_present

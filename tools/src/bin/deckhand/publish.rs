@@ -140,7 +140,7 @@ pub async fn run(a: &PublishArgs) -> Result<(), ToolError> {
             published.version, published.id
         );
         eprintln!(
-            "uploaded {} blobs and chunk maps ({} bytes of blobs); {} already present",
+            "uploaded {} blobs and chunk maps ({} bytes with their packs); {} already present",
             prepared.uploaded.len(),
             prepared.bytes_uploaded,
             prepared.skipped.len()

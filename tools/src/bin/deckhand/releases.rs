@@ -214,7 +214,7 @@ pub async fn bundle(command: BundleCommand) -> Result<(), ToolError> {
                     println!("version {} (manifest {}): {what}", m.version, m.id);
                 }
                 println!(
-                    "uploaded {} blobs and chunk maps ({} bytes); {} already there",
+                    "uploaded {} blobs and chunk maps ({} bytes with their packs); {} already there",
                     report.uploaded, report.bytes_uploaded, report.present
                 );
                 if !report.roots.is_empty() {
