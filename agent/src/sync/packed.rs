@@ -1,8 +1,8 @@
 //! Origin ranges read from a blob's delta pack (`deckhand_protocol::delta`: its new chunks patched
 //! against the blob of the same role in the active release) or its pack (`deckhand_protocol::pack`:
 //! its chunks each compressed alone): the same chunks as the blob's raw bytes, in fewer bytes over the
-//! uplink. The machine still plans in the
-//! blob's offsets; a range is translated here to the packed bytes of the same chunks. Each chunk
+//! uplink. The machine still plans in the blob's offsets; a range is translated here to the packed
+//! bytes of the same chunks. Each chunk
 //! unpacked is hashed by the store against the signed chunk map as any other, so a pack needs no
 //! trust: one that is missing (a release published before packs, a bucket restored from a Pi) or wrong
 //! is set aside for the download and the blob's raw bytes are read instead.
@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// One blob's pack, as far as this download knows it.
 pub(super) struct Pack {
     map: ChunkMap,
+    /// The chunk map's id (its encoding hashed), which names the pack: computed once.
+    map_id: BlobId,
     /// The pack's header, read once: `None` when there is no usable pack.
     index: tokio::sync::OnceCell<Option<Arc<PackIndex>>>,
     /// Set when the pack answered bytes that are not its chunks: the raw blob is read from then on.
@@ -29,6 +31,7 @@ impl Pack {
     pub(super) fn new(map: &ChunkMap) -> Self {
         Self {
             map: map.clone(),
+            map_id: map.id(),
             index: tokio::sync::OnceCell::new(),
             refused: AtomicBool::new(false),
         }
@@ -40,7 +43,7 @@ impl Pack {
         if self.refused.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let key = origin.layout().pack(&self.map.id());
+        let key = origin.layout().pack(&self.map_id);
         let index = self
             .index
             .get_or_try_init(|| async {
@@ -68,8 +71,7 @@ impl Pack {
 
     fn refuse(&self, why: &str) {
         if !self.refused.swap(true, Ordering::Relaxed) {
-            let key = self.map.id();
-            tracing::warn!(chunk_map = %key, why, "the blob's pack answered wrong bytes; reading the blob itself");
+            tracing::warn!(chunk_map = %self.map_id, why, "the blob's pack answered wrong bytes; reading the blob itself");
         }
     }
 }
@@ -78,6 +80,7 @@ impl Pack {
 /// in the store), as far as this download knows it.
 pub(super) struct Delta {
     map: ChunkMap,
+    map_id: BlobId,
     base: BlobId,
     base_size: u64,
     index: tokio::sync::OnceCell<Option<Arc<DeltaIndex>>>,
@@ -88,6 +91,7 @@ impl Delta {
     pub(super) fn new(map: &ChunkMap, base: BlobId, base_size: u64) -> Self {
         Self {
             map: map.clone(),
+            map_id: map.id(),
             base,
             base_size,
             index: tokio::sync::OnceCell::new(),
@@ -96,7 +100,7 @@ impl Delta {
     }
 
     fn key(&self, origin: &dyn Origin) -> String {
-        origin.layout().delta(&self.map.id(), &self.base)
+        origin.layout().delta(&self.map_id, &self.base)
     }
 
     /// As [`Pack::index`], for the delta pack; `Ok(None)` also when the base is not in the store.
@@ -140,7 +144,7 @@ impl Delta {
 
     fn refuse(&self, why: &str) {
         if !self.refused.swap(true, Ordering::Relaxed) {
-            tracing::warn!(chunk_map = %self.map.id(), base = %self.base, why, "the blob's delta pack answered wrong bytes; reading its pack");
+            tracing::warn!(chunk_map = %self.map_id, base = %self.base, why, "the blob's delta pack answered wrong bytes; reading its pack");
         }
     }
 }
@@ -202,7 +206,7 @@ pub(super) async fn get_range(
         if let Some(index) = index
             && let Some((packed, first)) = index.locate(&range)
         {
-            let key = origin.layout().pack(&p.map.id());
+            let key = origin.layout().pack(&p.map_id);
             match origin.get_range(&key, packed.clone()).await {
                 Ok(data) => {
                     let got = data.len() as u64;
