@@ -117,6 +117,8 @@ struct StoreArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: a thread's first allocation fixes the arena limit.
+    deckhand_agent::systemd::limit_malloc_arenas();
     let cli = Cli::parse();
     telemetry::init(cli.log_json);
     match run(cli.command) {

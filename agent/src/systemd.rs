@@ -136,6 +136,34 @@ pub fn raise_open_files() {
     }
 }
 
+/// The malloc arenas the daemon's threads share: one. glibc gives each thread that meets a locked
+/// arena a new one, up to 8 per core (32 on a Pi), and an idle agent kept its few megabytes of live
+/// heap scattered over them: `deckhand bench footprint` on 2 cores measured 7.2-10.5 MB anonymous
+/// memory without the model's weights with glibc's default, 6.4-8.0 MB with two arenas, 5.1-6.0 MB
+/// with one (ARCHITECTURE.md, "Idle"). Each thread's cache (tcache) still serves small allocations
+/// without the lock: `deckhand bench recognizer` served 743-759 recognitions a second with 4 clients
+/// against 673-715 with the default, and a 128 MiB sync took as long. A lower mmap threshold
+/// (128 KiB) saved a little more but doubled the embed time: tract's buffers were then mapped and
+/// faulted in on every run.
+pub const MALLOC_ARENAS: i32 = 1;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`] before any thread starts, unless the operator set
+/// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`, which then stands.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let set_by_operator = std::env::var_os("GLIBC_TUNABLES")
+            .is_some_and(|t| t.to_string_lossy().contains("glibc.malloc.arena_max"));
+        if set_by_operator {
+            return;
+        }
+        // SAFETY: mallopt only sets an allocator parameter; it is called before the runtime's threads.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) } != 1 {
+            tracing::warn!(arenas = MALLOC_ARENAS, "cannot cap the malloc arenas");
+        }
+    }
+}
+
 /// Whether the system clock is taken as synchronised, for refusing a manifest created far ahead of it
 /// ([`deckhand_protocol::floors::MAX_AHEAD`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -442,3 +442,44 @@ pub fn set_clock(clock: &Path, faketime: &str) {
 pub fn clock_at(at: &str) -> Vec<(&'static str, String)> {
     faketime(&[("FAKETIME", at.into())])
 }
+
+/// How many malloc arenas process `pid` has besides glibc's main one (the `[heap]`): each is an
+/// anonymous mapping of 64 MiB (glibc's `HEAP_MAX_SIZE` on 64-bit systems) aligned to its size, its
+/// used part read-write and the rest reserved (`---p`), as `/proc/<pid>/maps` lists them.
+pub fn malloc_arenas_besides_main(pid: u32) -> usize {
+    const HEAP: u64 = 64 << 20;
+    let path = format!("/proc/{pid}/maps");
+    let maps = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // (start, end, permissions) of the anonymous mappings, in address order.
+    let anon: Vec<(u64, u64, &str)> = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (range, perms) = (f.first()?, f.get(1)?);
+            if f.len() > 5 {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let b = u64::from_str_radix(b, 16).ok()?;
+            Some((a, b, *perms))
+        })
+        .collect();
+    anon.iter()
+        .enumerate()
+        .filter(|(i, (start, end, perms))| {
+            if start % HEAP != 0 || !perms.starts_with("rw") {
+                return false;
+            }
+            // The rest of the 64 MiB follows at once: reserved, or the used part reaching its end.
+            let mut reached = *end;
+            for (a, b, p) in &anon[i + 1..] {
+                if reached >= start + HEAP || *a != reached || !p.starts_with("---") {
+                    break;
+                }
+                reached = *b;
+            }
+            reached == start + HEAP
+        })
+        .count()
+}

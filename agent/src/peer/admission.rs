@@ -103,6 +103,19 @@ struct Dial {
     pinned: bool,
 }
 
+/// What [`DialTable::add`] did with an address: the dial loop is woken only when there is a dial to
+/// make that it does not know of already (an idle shop hears each peer's address in every Hello).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Added {
+    /// New, or known and waiting out a backoff: it is due now.
+    Due,
+    /// The table is full of addresses that have not failed yet: it waits outside for its one dial,
+    /// due now too.
+    Waiting,
+    /// Known and due already, or connected (not dialed while it stays so), or waiting outside already.
+    Unchanged,
+}
+
 /// The addresses to dial. An advert that never connects backs off and ages out, and when the table is
 /// full a new address takes the place of the one that failed most (never a configured one, never one
 /// that has not failed). One that finds no place (every address in the table is new) is not refused:
@@ -119,22 +132,26 @@ pub struct DialTable {
 
 impl DialTable {
     /// Adds an address to dial now; `pinned` for a configured peer. An address already known is dialed
-    /// at once again if it was waiting (a peer that reconnects, an advert that came back). `false` when
-    /// the table is full of addresses that have not failed yet: it waits for its one dial instead.
-    pub fn add(&mut self, addr: std::net::SocketAddr, pinned: bool, now: Instant) -> bool {
+    /// at once again if it was waiting (a peer that reconnects, an advert that came back). When the
+    /// table is full of addresses that have not failed yet, a new one waits for its one dial instead.
+    pub fn add(&mut self, addr: std::net::SocketAddr, pinned: bool, now: Instant) -> Added {
         if let Some(d) = self.addrs.get_mut(&addr) {
             d.pinned |= pinned;
-            d.next = d.next.min(now);
-            return true;
+            if d.next <= now {
+                return Added::Unchanged;
+            }
+            d.next = now;
+            return Added::Due;
         }
         if !self.make_room() && !pinned {
-            if !self.fresh.contains(&addr) {
-                if self.fresh.len() >= MAX_FRESH {
-                    self.fresh.pop_front();
-                }
-                self.fresh.push_back(addr);
+            if self.fresh.contains(&addr) {
+                return Added::Unchanged;
             }
-            return false;
+            if self.fresh.len() >= MAX_FRESH {
+                self.fresh.pop_front();
+            }
+            self.fresh.push_back(addr);
+            return Added::Waiting;
         }
         self.addrs.insert(
             addr,
@@ -144,7 +161,7 @@ impl DialTable {
                 pinned,
             },
         );
-        true
+        Added::Due
     }
 
     /// Whether there is room for one more address, evicting the one that failed most if need be.
@@ -344,12 +361,12 @@ mod tests {
     fn fake_adverts_age_out_and_a_full_table_makes_room_for_a_new_one() {
         let mut t = DialTable::default();
         let now = Instant::now();
-        assert!(t.add(addr(0), true, now), "a configured peer");
+        assert_eq!(t.add(addr(0), true, now), Added::Due, "a configured peer");
         for i in 1..MAX_ADDRESSES as u32 {
-            assert!(t.add(addr(i), false, now));
+            assert_eq!(Added::Due, t.add(addr(i), false, now));
         }
         // Full of addresses not yet tried: a new one waits outside, and is dialed once all the same.
-        assert!(!t.add(addr(8888), false, now));
+        assert_eq!(Added::Waiting, t.add(addr(8888), false, now));
         let none = std::collections::HashSet::new();
         let due = t.due(now, &none);
         assert_eq!(due.len(), MAX_ADDRESSES + 1);
@@ -362,7 +379,7 @@ mod tests {
         // Nothing is due again before the backoff.
         assert!(t.due(now + RETRY / 2, &none).is_empty());
         // A member's advert takes the place of one that failed, and is dialed at once.
-        assert!(t.add(addr(9999), false, now));
+        assert_eq!(Added::Due, t.add(addr(9999), false, now));
         assert_eq!(t.len(), MAX_ADDRESSES);
         assert_eq!(t.due(now, &none), vec![addr(9999)]);
         assert_eq!(t.dropped(), (1, 0));
@@ -416,8 +433,35 @@ mod tests {
         }
         let all: std::collections::HashSet<_> = (0..MAX_ADDRESSES as u32 + 9).map(addr).collect();
         assert_eq!(t.next_due(now, &all), None);
-        assert!(!t.add(addr(9999), false, now));
+        assert_eq!(Added::Waiting, t.add(addr(9999), false, now));
         assert_eq!(t.next_due(now, &all), Some(now));
+    }
+
+    #[test]
+    fn an_address_heard_again_changes_the_table_only_when_it_was_waiting() {
+        let mut t = DialTable::default();
+        let now = Instant::now();
+        let none = std::collections::HashSet::new();
+        assert_eq!(t.add(addr(1), false, now), Added::Due);
+        assert_eq!(t.add(addr(1), false, now), Added::Unchanged, "due already");
+        assert_eq!(t.due(now, &none), vec![addr(1)]);
+        t.connected(addr(1), now);
+        // Connected: its next dial is a retry's wait away, and the peer's every Hello names it.
+        let later = now + RETRY * 2;
+        assert_eq!(t.add(addr(1), false, later), Added::Unchanged);
+        assert_eq!(t.next_due(later, &none), Some(now + RETRY));
+        // Failing, it backs off; heard again (an advert that came back), it is due at once.
+        t.failed(addr(1), later);
+        let soon = later + Duration::from_millis(10);
+        assert_eq!(t.next_due(soon, &none), Some(later + backoff(1)));
+        assert_eq!(t.add(addr(1), false, soon), Added::Due);
+        assert_eq!(t.next_due(soon, &none), Some(soon));
+        // A configured peer heard as an advert first is pinned all the same.
+        assert_eq!(t.add(addr(1), true, soon), Added::Unchanged);
+        for _ in 0..MAX_FAILURES + 1 {
+            t.failed(addr(1), soon);
+        }
+        assert_eq!(t.len(), 1, "pinned: never forgotten");
     }
 
     #[test]
@@ -425,13 +469,13 @@ mod tests {
         let mut t = DialTable::default();
         let now = Instant::now();
         for i in 0..MAX_ADDRESSES as u32 {
-            assert!(t.add(addr(i), false, now));
+            assert_eq!(Added::Due, t.add(addr(i), false, now));
         }
         let none = std::collections::HashSet::new();
         assert_eq!(t.due(now, &none).len(), MAX_ADDRESSES);
         // More fresh adverts than a round takes: they wait, in order, a round's worth at a time.
         for i in 0..(FRESH_PER_ROUND as u32 + 4) {
-            assert!(!t.add(addr(1000 + i), false, now));
+            assert_eq!(Added::Waiting, t.add(addr(1000 + i), false, now));
         }
         let round = t.due(now, &none);
         assert_eq!(round.len(), FRESH_PER_ROUND);

@@ -9,6 +9,11 @@ use std::net::SocketAddr;
 
 pub const SERVICE: &str = "_deckhand._udp.local.";
 
+/// How often the mDNS daemon lists the interfaces for a changed address (its default, 5 s, was a
+/// third of an idle agent's system calls: a netlink dump and an ioctl per interface each time). A Pi
+/// renumbered by DHCP announces its new address within this.
+const IP_CHECK_SECS: u32 = 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("mdns: {0}")]
@@ -31,6 +36,7 @@ impl Mdns {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(Mdns, impl Future<Output = ()> + Send + 'static), DiscoveryError> {
         let daemon = mdns_sd::ServiceDaemon::new()?;
+        daemon.set_ip_check_interval(IP_CHECK_SECS)?;
         let me = node.me().to_owned();
         let port = node.listen_addr().port();
         let info = mdns_sd::ServiceInfo::new(

@@ -441,10 +441,15 @@ impl PeerNode {
         }
         let added =
             crate::locks::lock(&self.inner.addrs, "addresses").add(addr, pinned, Instant::now());
-        if !added {
-            tracing::debug!(%addr, "the dial table is full of addresses not tried yet; this one waits");
+        match added {
+            admission::Added::Due => self.inner.dial_wake.notify_one(),
+            admission::Added::Waiting => {
+                tracing::debug!(%addr, "the dial table is full of addresses not tried yet; this one waits");
+                self.inner.dial_wake.notify_one();
+            }
+            // Every Hello names its sender's address, and mDNS repeats its adverts: nothing to wake for.
+            admission::Added::Unchanged => {}
         }
-        self.inner.dial_wake.notify_one();
     }
 
     /// Waits until a peer announces a release it will not take, or another one than it did.

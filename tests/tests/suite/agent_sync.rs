@@ -542,3 +542,49 @@ async fn objects_swapped_at_the_origin_are_refused_and_version_1_keeps_serving()
     fleet.agents.remove(0).stop().await.unwrap();
     deckhand_tests::verify_store(&dir);
 }
+
+/// An agent's threads share glibc's one main malloc arena (an idle Pi's heap otherwise lay scattered
+/// over a dozen: agent/src/systemd.rs, `MALLOC_ARENAS`), unless the operator's `GLIBC_TUNABLES` says
+/// otherwise, which then stands (and shows the count sees arenas where there are some).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_threads_share_one_malloc_arena_unless_the_operator_tunes_it() {
+    let (mut fleet, _files, spec) = one_agent_on_v1("malloc-arenas").await;
+    fleet
+        .start_agent_with(AgentOptions {
+            name: "tuned".into(),
+            origin: true,
+            credentials: Credentials::None,
+            env: vec![("GLIBC_TUNABLES", "glibc.malloc.arena_max=8".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    fleet
+        .wait_all(secs(60), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    let mut arenas = Vec::new();
+    for agent in &fleet.agents {
+        // Every thread has allocated by now: the sync, the store's, the recognizer's.
+        let (code, answer) = agent.recognize(&photo()).await.unwrap();
+        assert_eq!(code, 200, "{}: {answer}", agent.name);
+        assert_eq!(
+            answer["card_id"].as_str(),
+            Some(spec.card_id(CARD).as_str())
+        );
+        let pid = agent.pid().unwrap();
+        arenas.push(deckhand_tests::malloc_arenas_besides_main(pid));
+    }
+    assert_eq!(
+        arenas[0], 0,
+        "the default agent's arenas besides the main one"
+    );
+    assert!(
+        arenas[1] >= 1,
+        "with arena_max=8 the agent has {} arenas besides the main one",
+        arenas[1]
+    );
+    fleet.stop().await.unwrap();
+}
