@@ -12,7 +12,7 @@
 //!   includes the hold of `still_frames` frames) and from the end of the hold. The scene program writes
 //!   when it sent each still frame, the subscriber when each message came: one clock, one machine.
 
-use super::footprint::{clock_ticks_per_second, cpu_ticks};
+use super::footprint::cpu_time;
 use crate::ToolError;
 use crate::shop::Fleet;
 use crate::shop::fixtures::{self, ModelShape, ReferenceSpec};
@@ -240,11 +240,11 @@ async fn through_an_agent(
     let camera =
         |s: &deckhand_protocol::status::Status| s.cameras.first().cloned().unwrap_or_default();
     let before = camera(&agent.status().await?);
-    let ticks = cpu_ticks(pid)?;
+    let cpu_before = cpu_time(pid)?;
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let idle = t.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid)? - ticks) as f64 / clock_ticks_per_second() / idle * 100.0;
+    let cpu = cpu_time(pid)?.saturating_sub(cpu_before).as_secs_f64() / idle * 100.0;
     let after = camera(&agent.status().await?);
     println!(
         "    empty counter, {idle:.0} s: agent CPU {cpu:.1}% of one core; frames read {:.1}/s, \
@@ -256,7 +256,7 @@ async fn through_an_agent(
     // Cards placed one after another.
     let script = Script::new(SEED, placements, 40);
     let before = after;
-    let ticks = cpu_ticks(pid)?;
+    let cpu_before = cpu_time(pid)?;
     std::fs::write(&start, b"").map_err(ToolError::io("write", &start))?;
     let t = Instant::now();
     let limit = Duration::from_secs_f64((script.len() as f64 / f64::from(FPS)) * 2.0 + 30.0);
@@ -277,7 +277,7 @@ async fn through_an_agent(
     let script_time = Duration::from_secs_f64(script.len() as f64 / f64::from(FPS) + 0.5);
     tokio::time::sleep(script_time.saturating_sub(t.elapsed())).await;
     let busy = t.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid)? - ticks) as f64 / clock_ticks_per_second() / busy * 100.0;
+    let cpu = cpu_time(pid)?.saturating_sub(cpu_before).as_secs_f64() / busy * 100.0;
     let after = camera(&agent.status().await?);
     fleet.stop().await?;
 

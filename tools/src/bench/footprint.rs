@@ -4,8 +4,9 @@
 //!   model weights the CPU backend holds (the ONNX file's size), which the anonymous figure includes;
 //! - bytes the agent wrote to disk while syncing, over the release's bytes (`write_bytes` of
 //!   `/proc/PID/io`: what reached the block layer, so the directory must be on a disk, not a tmpfs);
-//! - CPU while idle over the window (`utime + stime` of `/proc/PID/stat`), under a notify socket and the
-//!   shipped unit's `WatchdogSec`, as systemd runs the agent on a Pi;
+//! - CPU while idle over the window (the process's CPU-time clock, `clock_getcpuclockid`: every thread's
+//!   user and system time to the nanosecond, where `/proc/PID/stat` counts 1/100 s ticks), under a notify
+//!   socket and the shipped unit's `WatchdogSec`, as systemd runs the agent on a Pi;
 //! - the stripped size of both binaries for each target and profile built in this target directory;
 //! - then a shop of `shop` agents idling together as Pis on one LAN do: each in its own network namespace
 //!   plugged into one bridge (made here and deleted after; needs root and iproute2), finding the others
@@ -92,12 +93,11 @@ pub async fn run(
     );
 
     // Idle: the sync is done and the recognizer loaded; no request is made.
-    let ticks_before = cpu_ticks(pid)?;
+    let cpu_before = cpu_time(pid)?;
     let idle_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let ticks = cpu_ticks(pid)?.saturating_sub(ticks_before);
-    let hz = clock_ticks_per_second();
-    let idle_cpu = ticks as f64 / hz / idle_started.elapsed().as_secs_f64() * 100.0;
+    let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
+    let idle_cpu = cpu.as_secs_f64() / idle_started.elapsed().as_secs_f64() * 100.0;
     let kib = |field: &str| proc_field(pid, "status", field);
     let (rss, anon, file, shmem) = (
         kib("VmRSS:")?,
@@ -117,9 +117,10 @@ pub async fn run(
         mb(shmem)
     );
     println!(
-        "idle CPU over {:.0} s: {idle_cpu:.2}% of one core ({ticks} ticks of 1/{hz:.0} s), under a \
-         systemd-like notify socket with the unit's WatchdogSec={} s ({} watchdog pings)",
+        "idle CPU over {:.0} s: {idle_cpu:.3}% of one core ({:.1} ms), under a systemd-like notify \
+         socket with the unit's WatchdogSec={} s ({} watchdog pings)",
         idle_started.elapsed().as_secs_f64(),
+        cpu.as_secs_f64() * 1e3,
         notify.watchdog.as_secs(),
         notify.pings()
     );
@@ -209,24 +210,23 @@ async fn idle_shop(n: usize, idle_secs: u64, base: &Path) -> Result<(), ToolErro
     }
     let before = pids
         .iter()
-        .map(|p| cpu_ticks(*p))
+        .map(|p| cpu_time(*p))
         .collect::<Result<Vec<_>, _>>()?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let secs = started.elapsed().as_secs_f64();
-    let hz = clock_ticks_per_second();
     let mut each = Vec::new();
     for (pid, b) in pids.iter().zip(before) {
-        let ticks = cpu_ticks(*pid)?.saturating_sub(b);
-        each.push(ticks as f64 / hz / secs * 100.0);
+        let cpu = cpu_time(*pid)?.saturating_sub(b);
+        each.push(cpu.as_secs_f64() / secs * 100.0);
     }
     fleet.stop().await?;
-    let list: Vec<String> = each.iter().map(|c| format!("{c:.2}%")).collect();
+    let list: Vec<String> = each.iter().map(|c| format!("{c:.3}%")).collect();
     let pings: Vec<String> = managers.iter().map(|m| m.pings().to_string()).collect();
     println!(
         "a shop of {n} agents (each in its own network namespace on one bridge, mDNS on, fleet \
          certificates, release from a USB stick to pi-0 and from peers to the rest, under notify \
-         sockets with WatchdogSec={} s), converged, idle CPU over {secs:.0} s: {} (mean {:.2}% of one \
+         sockets with WatchdogSec={} s), converged, idle CPU over {secs:.0} s: {} (mean {:.3}% of one \
          core); watchdog pings {}",
         watchdog()?.as_secs(),
         list.join(", "),
@@ -312,28 +312,29 @@ fn proc_field(pid: u32, file: &str, field: &str) -> Result<u64, ToolError> {
         .ok_or_else(|| ToolError::Usage(format!("{} has no {field}", path.display())))
 }
 
-/// User plus system CPU time of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
-pub(crate) fn cpu_ticks(pid: u32) -> Result<u64, ToolError> {
-    let path = PathBuf::from(format!("/proc/{pid}/stat"));
-    let text = std::fs::read_to_string(&path).map_err(ToolError::io("read", &path))?;
-    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    match (field(11), field(12)) {
-        (Some(u), Some(s)) => Ok(u + s),
-        _ => Err(ToolError::Usage(format!(
-            "{} has no utime and stime",
-            path.display()
-        ))),
+/// The CPU time a process has used, user and system, all its threads' (those that exited too), read
+/// from its CPU-time clock to the nanosecond.
+pub(crate) fn cpu_time(pid: u32) -> Result<Duration, ToolError> {
+    let no_clock = |why: String| ToolError::Usage(format!("process {pid}'s CPU-time clock: {why}"));
+    let id = libc::pid_t::try_from(pid).map_err(|_| no_clock("no such process id".into()))?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: clock_getcpuclockid writes only the clock id passed, which lives on this stack.
+    let e = unsafe { libc::clock_getcpuclockid(id, &mut clock) };
+    if e != 0 {
+        return Err(no_clock(std::io::Error::from_raw_os_error(e).to_string()));
     }
-}
-
-pub(crate) fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { hz as f64 } else { 100.0 }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec passed, which lives on this stack.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(no_clock(std::io::Error::last_os_error().to_string()));
+    }
+    match (u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
+        (Ok(secs), Ok(nanos)) => Ok(Duration::new(secs, nanos)),
+        _ => Err(no_clock(format!("{}.{} s", ts.tv_sec, ts.tv_nsec))),
+    }
 }
 
 /// (target, profile, binary, stripped bytes) for every deckhand binary built beside this one: the host's
@@ -377,4 +378,51 @@ fn stripped_sizes(work: &Path) -> Result<Vec<(String, String, String, u64)>, Too
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_cpu_time() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes only the timespec passed.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) },
+            0
+        );
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn a_process_cpu_time_keeps_threads_that_exited_and_names_a_process_that_is_gone() {
+        let me = std::process::id();
+        let before = cpu_time(me).unwrap();
+        // A thread that works 30 ms of CPU and exits, as an idle runtime's blocking threads do.
+        std::thread::spawn(|| {
+            let mut x = 0u64;
+            while thread_cpu_time() < Duration::from_millis(30) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        })
+        .join()
+        .unwrap();
+        let after = cpu_time(me).unwrap();
+        assert!(
+            after.saturating_sub(before) >= Duration::from_millis(30),
+            "{before:?} then {after:?}"
+        );
+        // A child that exited and was reaped has no clock left.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let e = cpu_time(pid).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("process {pid}'s CPU-time clock")) && e.contains("No such process"),
+            "{e}"
+        );
+    }
 }
