@@ -24,6 +24,9 @@ trap cleanup EXIT
 # lintian: no errors (warnings are printed for the reader).
 lintian --fail-on error --suppress-tags no-manual-page "$agent_deb" "$cli_deb"
 
+# The CPU backend's XNNPACK engine comes with the agent unless the admin declines recommended packages.
+dpkg-deb -f "$agent_deb" Recommends | grep -qw libxnnpack0 || fail "the agent does not recommend libxnnpack0"
+
 dpkg -i "$agent_deb" "$cli_deb"
 /usr/bin/deckhand-agent --version
 /usr/bin/deckhand --version

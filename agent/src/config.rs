@@ -101,12 +101,13 @@ pub struct Settings {
     /// systemd-timesyncd, chrony and ntpd set), yes, or no (the clock never judges a manifest).
     #[arg(long, default_value = "auto")]
     pub clock_synchronised: crate::systemd::ClockSync,
-    /// auto (Hailo if built with it and a device answers, else CPU), cpu or hailo.
+    /// auto (Hailo if built with it and a device answers, else CPU), cpu (XNNPACK where libxnnpack0
+    /// is installed and runs the model, else tract), tract (the CPU on tract alone) or hailo.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
-    /// Cores the CPU backend runs one image on (tract's thread pool, used by the inference thread
-    /// only; shadow evaluation and the camera's finder stay on one): 0 for every core the agent may
-    /// use, 1 for none beside the inference thread.
+    /// Cores the CPU backend runs one image on (a thread pool used by the inference thread only;
+    /// shadow evaluation and the camera's finder stay on one): 0 for every core the agent may use, 1
+    /// for none beside the inference thread.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub cpu_threads: u16,
     /// Where the HTTP API listens.

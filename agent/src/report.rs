@@ -257,6 +257,7 @@ impl Sources {
                 version: r.version,
                 manifest: r.manifest_id.to_string(),
                 backend: r.backend().to_owned(),
+                engine: Some(r.engine().to_owned()),
                 activated_at: r.activated_at().map(|t| t.to_string()),
             }),
             last_refused: self.service.last_refusal(),

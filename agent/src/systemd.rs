@@ -136,8 +136,8 @@ pub fn raise_open_files() {
     }
 }
 
-/// The malloc arenas the daemon's threads share: one. glibc gives each thread that meets a locked
-/// arena a new one, up to 8 per core (32 on a Pi), and an idle agent kept its few megabytes of live
+/// The malloc arenas the daemon's threads share: one. glibc gives each thread that allocates an
+/// arena of its own, up to 8 per core (32 on a Pi), and an idle agent kept its few megabytes of live
 /// heap scattered over them: `deckhand bench footprint` on 2 cores measured 7.2-10.5 MB anonymous
 /// memory without the model's weights with glibc's default, 6.4-8.0 MB with two arenas, 5.1-6.0 MB
 /// with one (ARCHITECTURE.md, "Idle"). Each thread's cache (tcache) still serves small allocations

@@ -310,6 +310,10 @@ pub struct ActiveRelease {
     pub manifest: String,
     /// `hailo` or `cpu`.
     pub backend: String,
+    /// What runs the model within the backend: `xnnpack` or `tract` on the CPU, `hailo`. Absent from
+    /// agents before it was reported.
+    #[serde(default)]
+    pub engine: Option<String>,
     /// When it went live on this agent (RFC 3339).
     #[serde(default)]
     pub activated_at: Option<String>,
@@ -555,7 +559,14 @@ impl Status {
         let _ = writeln!(out, "deployment  {}", self.deployment);
         match &self.active {
             Some(a) => {
-                let _ = writeln!(out, "active      version {} ({})", a.version, a.backend);
+                let _ = match a.engine.as_deref().filter(|e| *e != a.backend) {
+                    Some(engine) => writeln!(
+                        out,
+                        "active      version {} ({} on {engine})",
+                        a.version, a.backend
+                    ),
+                    None => writeln!(out, "active      version {} ({})", a.version, a.backend),
+                };
             }
             None => {
                 let _ = writeln!(out, "active      none");
@@ -794,6 +805,7 @@ mod tests {
                 version: 7,
                 manifest: "b3:00".into(),
                 backend: "cpu".into(),
+                engine: Some("xnnpack".into()),
                 activated_at: None,
             }),
             pending: Some(Pending {
@@ -826,7 +838,10 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), s);
         let text = s.render();
-        assert!(text.contains("active      version 7 (cpu)"), "{text}");
+        assert!(
+            text.contains("active      version 7 (cpu on xnnpack)"),
+            "{text}"
+        );
         assert!(text.contains("pi-2"), "{text}");
         assert!(
             text.contains(

@@ -4,7 +4,9 @@
 //! CPU backend, and on the Hailo backend through the FFI path with aarch64's ABI: a HEF with 8-bit
 //! per-tensor outputs, one with 16-bit per-channel outputs (the quantisation structs read across the
 //! boundary), and a board that is missing (HailoRT's status code and message read back, the CPU taking
-//! over). What the Hailo backend does beyond the ABI (swaps, network groups, error kinds) is the same code
+//! over). And a release with an EfficientNet-Lite0-shaped embedder on the CPU backend's XNNPACK engine
+//! (Debian's arm64 libxnnpack0, unpacked by .ci/run) answers as on x86_64. What the Hailo backend does
+//! beyond the ABI (swaps, network groups, error kinds) is the same code
 //! on both ISAs and is tested on x86_64 (`tests/hailo.rs`). Built with `--features aarch64`.
 #![cfg(feature = "aarch64")]
 
@@ -47,12 +49,24 @@ fn aarch64_agent(t: &TestDir) -> PathBuf {
         "{} is not an aarch64 ELF",
         agent.display()
     );
+    // Debian's arm64 libxnnpack0 (and the two libraries it needs), unpacked by .ci/run's setup.
+    let xnnpack = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("xnnpack-aarch64/usr/lib/aarch64-linux-gnu"))
+        .unwrap_or_default();
+    assert!(
+        xnnpack.join("libXNNPACK.so.0").exists(),
+        "{} lacks libXNNPACK.so.0: unpack Debian's arm64 libxnnpack0 there (.ci/run's setup does)",
+        xnnpack.display()
+    );
     let script = t.join("deckhand-agent-aarch64");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nLD_LIBRARY_PATH={} exec qemu-aarch64-static -L /usr/aarch64-linux-gnu {} \"$@\"\n",
+            "#!/bin/sh\nLD_LIBRARY_PATH={}:{} exec qemu-aarch64-static -L /usr/aarch64-linux-gnu {} \"$@\"\n",
             dir.display(),
+            xnnpack.display(),
             agent.display()
         ),
     )
@@ -97,7 +111,6 @@ async fn the_aarch64_agent_serves_offline_and_answers_like_the_x86_64_one() {
     let bundle16 = fleet.join("bundle-16");
     deckhand_tests::publish_to_dir(&fleet, &files16, &bundle16).await;
     let photo = encode_jpeg(&perturb(&card_image(5, 0), Perturbation::Crop, 2), 85);
-    let trust = fleet.trust().display().to_string();
     let no_board = [("DECKHAND_STANDIN_NO_DEVICE", "1".to_owned())];
 
     let mut answers = Vec::new();
@@ -136,53 +149,12 @@ async fn the_aarch64_agent_serves_offline_and_answers_like_the_x86_64_one() {
             "cpu",
         ),
     ] {
-        // The store is filled the Pi way, offline, by the binary under test.
-        let data_dir = fleet.join(name).display().to_string();
-        let out = run_path(
-            &binary,
-            &[
-                "import",
-                "--data-dir",
-                &data_dir,
-                "--deployment",
-                "shop-1",
-                "--trust",
-                &trust,
-                "--bundle",
-                &bundle.display().to_string(),
-                "--backend",
-                "cpu",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{name} import: {}",
-            deckhand_tests::stderr(&out)
-        );
-        let log = fleet.join("logs").join(format!("{name}.log"));
-        let agent = Agent::spawn(
-            &binary,
-            name,
-            &offline_args(&fleet, name, backend),
-            env,
-            &[],
-            &log,
-        )
-        .await
-        .unwrap();
-        agent
-            .wait_for(secs(120), "version 1 active", |s| {
-                s.active_version() == Some(1)
-            })
-            .await
-            .unwrap();
-        let (code, answer) = agent.recognize(&photo).await.unwrap();
-        assert_eq!(code, 200, "{name}: {answer}");
+        let answer = answer(&fleet, name, &binary, backend, bundle, env, &photo).await;
         assert_eq!(answer["backend"], answered_by, "{name}: {answer}");
         answers.push((name, answer["card_id"].clone(), answer["score"].as_f64()));
-        agent.stop().await.unwrap();
         if !env.is_empty() {
             // HailoRT's status code and its message came back across the aarch64 boundary.
+            let log = fleet.join("logs").join(format!("{name}.log"));
             let logged = std::fs::read_to_string(&log).unwrap();
             assert!(
                 logged.contains("HAILO_OUT_OF_PHYSICAL_DEVICES (74)"),
@@ -203,6 +175,109 @@ async fn the_aarch64_agent_serves_offline_and_answers_like_the_x86_64_one() {
         let tolerance = if name.contains("hailo") { 0.01 } else { 1e-4 };
         assert!(
             score.is_some_and(|s| (s - reference).abs() < tolerance),
+            "{name}'s score differs from x86_64's: {answers:?}"
+        );
+    }
+}
+
+/// Imports `bundle` the Pi way (offline, by the binary under test), serves it with `binary` on
+/// `backend` and returns its answer to `photo`, with the engine its status names under `"engine"`.
+async fn answer(
+    fleet: &deckhand_tests::Fleet,
+    name: &str,
+    binary: &Path,
+    backend: &str,
+    bundle: &Path,
+    env: &[(&str, String)],
+    photo: &[u8],
+) -> serde_json::Value {
+    let data_dir = fleet.join(name).display().to_string();
+    let trust = fleet.trust().display().to_string();
+    let out = run_path(
+        binary,
+        &[
+            "import",
+            "--data-dir",
+            &data_dir,
+            "--deployment",
+            "shop-1",
+            "--trust",
+            &trust,
+            "--bundle",
+            &bundle.display().to_string(),
+            "--backend",
+            "cpu",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{name} import: {}",
+        deckhand_tests::stderr(&out)
+    );
+    let log = fleet.join("logs").join(format!("{name}.log"));
+    let agent = Agent::spawn(
+        binary,
+        name,
+        &offline_args(fleet, name, backend),
+        env,
+        &[],
+        &log,
+    )
+    .await
+    .unwrap();
+    let status = agent
+        .wait_for(secs(120), "version 1 active", |s| {
+            s.active_version() == Some(1)
+        })
+        .await
+        .unwrap();
+    let (code, mut answer) = agent.recognize(photo).await.unwrap();
+    assert_eq!(code, 200, "{name}: {answer}");
+    answer["engine"] = serde_json::json!(status.active.and_then(|a| a.engine));
+    agent.stop().await.unwrap();
+    answer
+}
+
+/// A release whose embedder is EfficientNet-Lite0-shaped runs on XNNPACK on the Pi as on x86_64 (Debian's
+/// arm64 libxnnpack0: its NEON kernels, and the FFI's float arguments in aarch64's registers), and
+/// answers the same card with the same score as the x86_64 agent on XNNPACK and the aarch64 one on tract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aarch64_agent_runs_a_lite0_shaped_release_on_xnnpack_and_answers_like_x86_64() {
+    let t = TestDir::new("aarch64-xnnpack");
+    let arm = aarch64_agent(&t);
+    let fleet = shop("aarch64-xnnpack").start().await.unwrap();
+    let spec = ReferenceSpec {
+        model: fixtures::ModelShape::Lite0,
+        ..ReferenceSpec::small(12)
+    };
+    let files = fixtures::write_reference_release(&fleet.join("release"), &spec).unwrap();
+    let bundle = fleet.join("bundle");
+    deckhand_tests::publish_to_dir(&fleet, &files, &bundle).await;
+    // The very image of card 5's reference row, losslessly: the model's random weights tell cards
+    // apart only by a little (they all score above 0.99), so nothing short of its own image is
+    // answered by a margin no engine's rounding could upset.
+    let photo = fixtures::encode_png(&card_image(5, 0));
+    let mut answers = Vec::new();
+    for (name, binary, backend, engine) in [
+        ("pi-x86", bin("deckhand-agent"), "cpu", "xnnpack"),
+        ("pi-arm", arm.clone(), "cpu", "xnnpack"),
+        ("pi-arm-tract", arm.clone(), "tract", "tract"),
+    ] {
+        let answer = answer(&fleet, name, &binary, backend, &bundle, &[], &photo).await;
+        assert_eq!(answer["engine"], engine, "{name}: {answer}");
+        let margin = answer["margin"].as_f64().unwrap_or(0.0);
+        assert!(margin > 1e-3, "{name}: a margin of {margin}: {answer}");
+        answers.push((name, answer["card_id"].clone(), answer["score"].as_f64()));
+    }
+    let want = serde_json::json!(spec.card_id(5));
+    let reference = answers[0].2.unwrap_or(f64::NAN);
+    for (name, card, score) in &answers {
+        assert_eq!(
+            card, &want,
+            "{name} answered {card}, not {want}: {answers:?}"
+        );
+        assert!(
+            score.is_some_and(|s| (s - reference).abs() < 1e-4),
             "{name}'s score differs from x86_64's: {answers:?}"
         );
     }

@@ -1,6 +1,7 @@
-//! The CPU backend: the release's ONNX model run by tract.
+//! The CPU backend: the release's ONNX model run by XNNPACK where it has a translation of the model
+//! and Debian's libxnnpack0 is installed ([`super::xnnpack`]), else by tract.
 //!
-//! One plan is optimised at load for one image (a concrete batch of 1), and a batch runs image by image:
+//! On tract, one plan is optimised at load for one image (a concrete batch of 1), and a batch runs image by image:
 //! nothing is padded, and the weights are held once. A symbolic batch dimension looked attractive (one
 //! plan for every batch size) but costs tract most of its convolution optimisations: on the generated
 //! EfficientNet-Lite0-shaped model an image took 117 ms with it and 28 ms without (`deckhand bench
@@ -59,6 +60,14 @@ impl Cores {
         }
     }
 
+    /// How many cores one image gets on the calling thread (set by [`Cores::run`]; 1 elsewhere).
+    pub fn current_threads() -> usize {
+        match tract_linalg::multithread::current_tract_executor() {
+            tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+            _ => 1,
+        }
+    }
+
     /// Runs `f` on this thread, with the models it runs spreading over these cores.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
         tract_linalg::multithread::multithread_tract_scope(self.0.clone(), f)
@@ -75,11 +84,25 @@ pub fn vectorised_depthwise() -> bool {
 pub type Plan = std::sync::Arc<TypedRunnableModel>;
 
 pub struct CpuEmbedder {
-    plan: Plan,
+    engine: Engine,
     /// The input shape of one image, batch dimension (1) first.
     shape: [usize; 4],
     input_len: usize,
     dim: usize,
+}
+
+/// What runs a CPU embedder's model.
+enum Engine {
+    Xnnpack(Box<super::xnnpack::XnnpackModel>),
+    Tract(Plan),
+}
+
+/// Which engine a CPU embedder may use: XNNPACK when it is installed and has a translation of the
+/// model, else tract ([`EngineChoice::Fastest`]); or tract alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineChoice {
+    Fastest,
+    Tract,
 }
 
 /// The shape of one image as the release's model takes it (its channel layout).
@@ -226,11 +249,35 @@ pub fn choose_depthwise_layout(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 impl CpuEmbedder {
+    /// The release's ONNX model at `path`, on XNNPACK where it can run it, else on tract.
     pub fn load(path: &Path, s: &RecognizerSettings) -> Result<Self, BackendError> {
+        Self::load_with(path, s, EngineChoice::Fastest)
+    }
+
+    /// The model at `path` on the engine `choice` allows. XNNPACK's runtime is planned for the cores
+    /// of the calling thread ([`Cores::current_threads`]); a thread with other cores plans its own.
+    pub fn load_with(
+        path: &Path,
+        s: &RecognizerSettings,
+        choice: EngineChoice,
+    ) -> Result<Self, BackendError> {
         let input_len = 3 * s.input_width as usize * s.input_height as usize;
+        let shape = image_shape(s);
+        let engine = match choice {
+            EngineChoice::Fastest => {
+                match super::xnnpack::XnnpackModel::load(path, shape, Cores::current_threads()) {
+                    Ok(model) => Engine::Xnnpack(Box::new(model)),
+                    Err(e) => {
+                        tracing::info!(model = %path.display(), reason = %e, "the cpu backend runs this model on tract");
+                        Engine::Tract(plan(path, s)?)
+                    }
+                }
+            }
+            EngineChoice::Tract => Engine::Tract(plan(path, s)?),
+        };
         let mut me = Self {
-            plan: plan(path, s)?,
-            shape: image_shape(s),
+            engine,
+            shape,
             input_len,
             dim: 0,
         };
@@ -240,9 +287,23 @@ impl CpuEmbedder {
         Ok(me)
     }
 
+    /// The engine running the model: "xnnpack" or "tract".
+    pub fn engine(&self) -> &'static str {
+        match self.engine {
+            Engine::Xnnpack(_) => "xnnpack",
+            Engine::Tract(_) => "tract",
+        }
+    }
+
     /// Runs one image.
-    fn run(&self, input: &[f32]) -> Result<Vec<f32>, BackendError> {
-        let (out, _) = run_plan(&self.plan, &self.shape, input)?;
+    fn run(&mut self, input: &[f32]) -> Result<Vec<f32>, BackendError> {
+        let out = match &mut self.engine {
+            Engine::Tract(plan) => run_plan(plan, &self.shape, input)?.0,
+            Engine::Xnnpack(model) => model
+                .run(input, Cores::current_threads())
+                .map_err(|e| BackendError::Run(e.to_string()))?
+                .to_vec(),
+        };
         if out.is_empty() {
             return Err(BackendError::Run(
                 "the model produced an empty output".into(),
@@ -304,5 +365,18 @@ impl Embedder for CpuEmbedder {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn engine(&self) -> &'static str {
+        CpuEmbedder::engine(self)
+    }
+
+    fn prepare(&mut self, threads: usize) -> Result<(), BackendError> {
+        match &mut self.engine {
+            Engine::Xnnpack(model) => model
+                .prepare(threads)
+                .map_err(|e| BackendError::Run(e.to_string())),
+            Engine::Tract(_) => Ok(()),
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod inbox;
 pub mod preprocess;
 pub mod service;
 pub mod shadow;
+pub mod xnnpack;
 
 use crate::release::loaders::{self, LoadError};
 use deckhand_protocol::BlobId;
@@ -47,6 +48,15 @@ pub trait Embedder: Send {
     fn embed(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, BackendError>;
     fn dim(&self) -> usize;
     fn name(&self) -> &'static str;
+    /// What runs the model within the backend (the CPU backend's "xnnpack" or "tract").
+    fn engine(&self) -> &'static str {
+        self.name()
+    }
+    /// Gets ready to embed on a thread with `threads` cores for one image, so that the first embed
+    /// there does no planning.
+    fn prepare(&mut self, _threads: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// Which backend to run.
@@ -55,7 +65,10 @@ pub trait Embedder: Send {
 pub enum BackendChoice {
     /// Hailo when built with it and a device answers, else CPU.
     Auto,
+    /// The CPU backend: XNNPACK where it can run the model, else tract.
     Cpu,
+    /// The CPU backend on tract alone.
+    Tract,
     Hailo,
 }
 
@@ -65,8 +78,9 @@ impl std::str::FromStr for BackendChoice {
         match s {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
+            "tract" => Ok(Self::Tract),
             "hailo" => Ok(Self::Hailo),
-            other => Err(format!("{other:?} is not auto, cpu or hailo")),
+            other => Err(format!("{other:?} is not auto, cpu, tract or hailo")),
         }
     }
 }
@@ -133,6 +147,8 @@ pub struct Recognizer {
     metadata: HashMap<String, serde_json::Value>,
     settings: RecognizerSettings,
     backend: &'static str,
+    /// What runs the model within the backend (fixed at load).
+    engine: &'static str,
     pub version: u64,
     pub manifest_id: BlobId,
     /// When it went live (set once, at the swap).
@@ -226,6 +242,7 @@ impl Recognizer {
         }
         Ok(Self {
             backend: embedder.name(),
+            engine: embedder.engine(),
             embedder: Mutex::new(embedder),
             detector: None,
             detector_backend: None,
@@ -285,6 +302,7 @@ impl Recognizer {
     ) -> Self {
         Self {
             backend: embedder.name(),
+            engine: embedder.engine(),
             embedder: Mutex::new(embedder),
             detector: None,
             detector_backend: None,
@@ -304,6 +322,20 @@ impl Recognizer {
 
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// What runs the model within the backend: "xnnpack" or "tract" on the CPU, "hailo".
+    pub fn engine(&self) -> &'static str {
+        self.engine
+    }
+
+    /// Gets the embedder ready for a thread with `threads` cores for one image (the inference
+    /// thread's), before the release goes live there.
+    pub fn prepare(&self, threads: usize) -> Result<(), BackendError> {
+        self.embedder
+            .lock()
+            .map_err(|_| BackendError::Run("the backend panicked earlier".into()))?
+            .prepare(threads)
     }
 
     pub fn rows(&self) -> usize {
@@ -449,6 +481,11 @@ fn load_embedder(
 ) -> Result<Box<dyn Embedder>, BackendError> {
     match backend {
         BackendChoice::Cpu => Ok(Box::new(cpu::CpuEmbedder::load(&paths.onnx, settings)?)),
+        BackendChoice::Tract => Ok(Box::new(cpu::CpuEmbedder::load_with(
+            &paths.onnx,
+            settings,
+            cpu::EngineChoice::Tract,
+        )?)),
         #[cfg(feature = "hailo")]
         BackendChoice::Hailo => Ok(Box::new(hailo::HailoEmbedder::load(&paths.hef, settings)?)),
         #[cfg(not(feature = "hailo"))]

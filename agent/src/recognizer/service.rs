@@ -79,6 +79,9 @@ pub struct Service {
     metrics: Arc<Metrics>,
     refused: Arc<Mutex<Option<Refusal>>>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// The cores the inference thread runs one image on: a release is prepared for them before it
+    /// goes live.
+    threads: usize,
     /// Since when the inference thread has been inside a batch (`busy.since`), or idle.
     busy: Arc<Busy>,
     /// Bytes of decoded images held at once by HTTP requests ([`DECODE_BUDGET`]).
@@ -173,6 +176,7 @@ impl Service {
         let listener: Arc<std::sync::OnceLock<Arc<dyn Listener>>> = Arc::default();
         let samples: Arc<std::sync::OnceLock<Arc<super::shadow::Samples>>> = Arc::default();
         let tallies = Arc::new(Tallies::default());
+        let threads = cores.threads();
         let thread = {
             let (live, metrics, busy) = (live.clone(), metrics.clone(), busy.clone());
             let (listener, samples, tallies) = (listener.clone(), samples.clone(), tallies.clone());
@@ -190,6 +194,7 @@ impl Service {
             metrics,
             refused: Arc::new(Mutex::new(None)),
             thread: Arc::new(Mutex::new(Some(thread))),
+            threads,
             busy,
             decoding: Arc::new(tokio::sync::Semaphore::new(DECODE_BUDGET as usize)),
             listener,
@@ -386,12 +391,18 @@ impl Service {
     /// Makes a recognizer whose canaries were already checked ([`check_canaries`]) the live one.
     pub fn swap(&self, candidate: Recognizer) {
         let version = candidate.version;
+        // Planned here for the inference thread's cores, so its first request there plans nothing.
+        // If that cannot be done it keeps the plan it has (its canaries ran on it).
+        if let Err(e) = candidate.prepare(self.threads) {
+            tracing::warn!(version, threads = self.threads, error = %e, "release not prepared for the inference thread's cores");
+        }
+        let engine = candidate.engine();
         let _ = candidate.activated_at.set(jiff::Timestamp::now());
         self.tallies.start(version);
         // The swap: one atomic store. In-flight batches keep their own Arc of the old recognizer.
         self.live.store(Some(Arc::new(candidate)));
         self.metrics.swap();
-        tracing::info!(version, "release activated");
+        tracing::info!(version, engine = engine, "release activated");
     }
 
     /// Records a release refused before it could be checked here (it did not load).

@@ -467,7 +467,7 @@ async fn a_release_that_gets_the_shops_own_cards_wrong_is_held_by_shadow_evaluat
 /// several times slower than the sample model.
 async fn publish_slow(fleet: &Fleet, rollout: &str) {
     let spec = ReferenceSpec {
-        model: deckhand_tests::fixtures::ModelShape::Lite0,
+        model: deckhand_tests::fixtures::ModelShape::Lite0Large,
         ..ReferenceSpec::small(40)
     };
     let slow =
@@ -479,16 +479,21 @@ async fn publish_slow(fleet: &Fleet, rollout: &str) {
         .unwrap();
 }
 
-/// Posts a photo of each of `cards` to `agent` until `done` holds of its status (looked at after each),
-/// and returns how many were posted.
+/// Posts a photo of each of `cards` to `agent`, round and round, until `done` holds of its status
+/// (looked at after each; the agent judges a probation once a second, however fast it answers), and
+/// returns how many were posted. Gives up after 60 s.
 async fn traffic_until(
     agent: &deckhand_tests::Agent,
     cards: std::ops::Range<usize>,
     done: impl Fn(&deckhand_protocol::status::Status) -> bool,
 ) -> usize {
-    for (n, card) in cards.enumerate() {
+    let deadline = std::time::Instant::now() + secs(60);
+    for (n, card) in cards.cycle().enumerate() {
         if done(&agent.status().await.unwrap()) {
             return n;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
         }
         let photo = deckhand_tests::fixtures::encode_jpeg(
             &deckhand_tests::fixtures::card_image(card % 40, 0),

@@ -98,7 +98,11 @@ pub async fn run(full: bool) -> Result<(), ToolError> {
         .tempdir()
         .map_err(ToolError::TempDir)?;
     println!(
-        "recognizer benchmark (cpu backend, tract), {} cores",
+        "recognizer benchmark (cpu backend: XNNPACK {}, tract for models it cannot run), {} cores",
+        match deckhand_agent::recognizer::xnnpack::available() {
+            Ok(()) => "installed".to_string(),
+            Err(e) => format!("not used: {e}"),
+        },
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
@@ -340,7 +344,7 @@ fn stages(
             &lite,
         ),
     ] {
-        println!("    {name}:");
+        println!("    {name}, on {}:", rec.engine());
         for batch in [1, deckhand_agent::recognizer::MAX_BATCH] {
             let [pre, emb, search] = one.run(|| stage_times(rec, &images, batch, RUNS))?;
             println!(
@@ -382,7 +386,8 @@ fn where_the_embed_goes(
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by_key(|(_, (d, _))| std::cmp::Reverse(*d));
     println!(
-        "\n  where tract spends that embed on one core ({:.1} ms a run over {RUNS}; tract has {} depthwise \
+        "\n  where tract, the engine for models XNNPACK cannot run, spends that embed on one core ({:.1} ms a \
+         run over {RUNS}; tract has {} depthwise \
          kernel for this machine; {moved} of {depthwise} depthwise convolutions moved channel-last, the \
          strided ones and those under 8 wide; all as exported: {:.1} ms):",
         ms(total / RUNS),
@@ -485,7 +490,7 @@ struct Anchor {
     total_ms: f64,
 }
 
-/// The EfficientNet-Lite0-shaped model on tract beside onnxruntime on the same model file and photos,
+/// The EfficientNet-Lite0-shaped model on the agent's CPU engine beside onnxruntime on the same model file and photos,
 /// on one core and on all: decode, resize and normalise, embed. onnxruntime runs in a Python helper
 /// (`onnxruntime_anchor.py`) with `$DECKHAND_PYTHON` or `python3`; where it cannot be imported the
 /// bench says so and prints deckhand's figures alone.
@@ -507,7 +512,8 @@ fn against_onnxruntime(
     };
     println!(
         "\n  EfficientNet-Lite0-shaped, one image at a time: decode + resize and normalise + embed, median \
-         (deckhand: tract; anchor: onnxruntime {version}, Pillow and numpy, same model file and photos)"
+         (deckhand: {}; anchor: onnxruntime {version}, Pillow and numpy, same model file and photos)",
+        lite.engine()
     );
     for threads in counts {
         let (cores, refused) = Cores::new(threads);

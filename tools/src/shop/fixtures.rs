@@ -36,7 +36,7 @@ fn create_dir(path: &Path) -> Result<(), FixtureError> {
 }
 
 use super::onnx::projection;
-pub use super::onnx::{efficientnet_lite0_onnx, embedding_model_onnx};
+pub use super::onnx::{efficientnet_lite0_onnx, efficientnet_lite0_onnx_at, embedding_model_onnx};
 pub use deckhand_protocol::testdata::{SplitMix, noise};
 
 /// Encodes a float32 matrix as a NumPy `.npy` file (format 1.0, little-endian, C order).
@@ -559,6 +559,20 @@ pub enum ModelShape {
     /// An EfficientNet-Lite0-shaped network ([`efficientnet_lite0_onnx`], about 17 MB), for measuring
     /// the CPU backend on a real-sized model. Its HEF is still the sample stand-in's.
     Lite0,
+    /// The same network on 448 x 448 images: four times its work, so that a release answers several
+    /// times slower than one with the sample model on either CPU engine, beyond a loaded machine's
+    /// noise (the probation tests' slow release).
+    Lite0Large,
+}
+
+impl ModelShape {
+    /// The side of the square images the model takes.
+    pub fn side(self) -> u32 {
+        match self {
+            ModelShape::Sample | ModelShape::Lite0 => 224,
+            ModelShape::Lite0Large => 448,
+        }
+    }
 }
 
 impl ReferenceSpec {
@@ -635,14 +649,20 @@ pub fn write_reference_release(
     };
     let onnx = match spec.model {
         ModelShape::Sample => embedding_model_onnx(224, 14, spec.dim, spec.seed),
-        ModelShape::Lite0 => efficientnet_lite0_onnx(spec.dim, spec.seed),
+        ModelShape::Lite0 | ModelShape::Lite0Large => {
+            efficientnet_lite0_onnx_at(spec.model.side(), spec.dim, spec.seed)
+        }
     };
     write(&files.onnx, onnx)?;
     write(
         &files.hef,
         hef_v0(&standin_hef_body(224, 14, spec.dim, spec.seed)),
     )?;
-    let settings = reference_settings(spec.dim);
+    let settings = deckhand_protocol::manifest::RecognizerSettings {
+        input_width: spec.model.side(),
+        input_height: spec.model.side(),
+        ..reference_settings(spec.dim)
+    };
     let mut embedder = deckhand_agent::recognizer::cpu::CpuEmbedder::load(&files.onnx, &settings)?;
     let mut vectors = Vec::with_capacity(spec.rows);
     let rows: Vec<usize> = (0..spec.rows).collect();

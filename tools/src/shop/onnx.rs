@@ -275,6 +275,12 @@ pub const LITE0_BLOCKS: usize = 16;
 /// `embedding`. Random weights (He-scaled): the shape and the arithmetic are the real network's, the
 /// embeddings mean nothing. About 17 MB for `dim` 768.
 pub fn efficientnet_lite0_onnx(dim: usize, seed: u64) -> Vec<u8> {
+    efficientnet_lite0_onnx_at(224, dim, seed)
+}
+
+/// [`efficientnet_lite0_onnx`] taking images of `side` x `side` (the same weights; the work grows with
+/// the image's area).
+pub fn efficientnet_lite0_onnx_at(side: u32, dim: usize, seed: u64) -> Vec<u8> {
     let mut rng = SplitMix(seed);
     let mut g = Graph::new();
     let stem = g.conv(&mut rng, "image", (3, 32), 3, 2, 1);
@@ -307,7 +313,7 @@ pub fn efficientnet_lite0_onnx(dim: usize, seed: u64) -> Vec<u8> {
     let w: Vec<f32> = (0..1280 * dim).map(|_| rng.normal() * scale).collect();
     let w = g.weight(&[1280, dim as i64], &w);
     g.node_named("MatMul", &[&flat, &w], "embedding", vec![]);
-    g.finish("deckhand-efficientnet-lite0-shaped", 224, dim)
+    g.finish("deckhand-efficientnet-lite0-shaped", side, dim)
 }
 
 /// One anchor of a detector's output for a card at `quad` (corners in the detector's input, clockwise
@@ -577,5 +583,96 @@ mod tests {
         assert!(values.iter().all(|v| v.is_finite()));
         let frame = image::RgbImage::from_pixel(1280, 960, image::Rgb([90, 110, 80]));
         assert!(detector.detect(&frame).unwrap().is_empty());
+    }
+
+    /// XNNPACK (Debian's libxnnpack0, which the README's test command installs) embeds the
+    /// EfficientNet-Lite0-shaped model as tract does: every value within 1e-4 of the embedding's
+    /// scale, on one thread, on two (planned on first use) and on two prepared ahead.
+    #[test]
+    fn the_lite0_shaped_model_embeds_the_same_on_xnnpack_and_on_tract() {
+        use deckhand_agent::recognizer::Embedder as _;
+        use deckhand_agent::recognizer::cpu::{Cores, CpuEmbedder, EngineChoice};
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("lite0.onnx");
+        std::fs::write(&model, efficientnet_lite0_onnx(96, 5)).unwrap();
+        let settings = crate::shop::fixtures::reference_settings(96);
+        let mut xnn = CpuEmbedder::load_with(&model, &settings, EngineChoice::Fastest).unwrap();
+        assert_eq!(xnn.engine(), "xnnpack", "is libxnnpack0 installed?");
+        let mut tract = CpuEmbedder::load_with(&model, &settings, EngineChoice::Tract).unwrap();
+        assert_eq!(tract.engine(), "tract");
+        let mut rng = SplitMix(11);
+        let image: Vec<f32> = (0..2 * 3 * 224 * 224).map(|_| rng.normal()).collect();
+        let want = tract.embed(&image, 2).unwrap();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        let (first, second) = want.split_at(96);
+        assert!(
+            first
+                .iter()
+                .zip(second)
+                .any(|(a, b)| (a - b).abs() > 1e-2 * scale)
+        );
+        let (two, _) = Cores::new(2);
+        let check = |xnn: &mut CpuEmbedder, cores: &Cores, what: &str| {
+            let got = cores.run(|| xnn.embed(&image, 2)).unwrap();
+            assert_eq!(got.len(), want.len());
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{what}: off by {worst} at scale {scale}"
+            );
+        };
+        check(&mut xnn, &Cores::one(), "one thread");
+        check(&mut xnn, &two, "two threads");
+        check(&mut xnn, &Cores::one(), "one thread again");
+        xnn.prepare(2).unwrap();
+        check(&mut xnn, &two, "two threads prepared");
+    }
+
+    /// What XNNPACK is given: the lite0-shaped model with every ReLU6 fused into the node before it
+    /// and its depthwise convolutions as such; models with other operators are refused with the
+    /// operator named (they run on tract).
+    #[test]
+    fn xnnpack_translates_the_lite0_shaped_model_and_names_what_it_cannot() {
+        use deckhand_agent::recognizer::xnnpack::graph::{Node, Unsupported, translate};
+        use prost::Message as _;
+        let proto = |bytes: Vec<u8>| tract_onnx::pb::ModelProto::decode(bytes.as_slice()).unwrap();
+        let g = translate(&proto(efficientnet_lite0_onnx(64, 5)), [1, 3, 224, 224]).unwrap();
+        let count = |f: fn(&Node) -> bool| g.nodes.iter().filter(|n| f(n)).count();
+        assert_eq!(count(|n| matches!(n, Node::Depthwise { .. })), LITE0_BLOCKS);
+        assert_eq!(count(|n| matches!(n, Node::Clamp { .. })), 0);
+        assert_eq!(
+            count(|n| matches!(
+                n,
+                Node::Convolution {
+                    clamp: (0.0, 6.0),
+                    ..
+                }
+            ) || matches!(
+                n,
+                Node::Depthwise {
+                    clamp: (0.0, 6.0),
+                    ..
+                }
+            )),
+            // the stem, the head, every expansion and every depthwise convolution
+            2 + LITE0_BLOCKS - 1 + LITE0_BLOCKS
+        );
+        assert_eq!(count(|n| matches!(n, Node::FullyConnected { .. })), 1);
+        assert_eq!(g.output_len, 64);
+        assert!(g.input_nchw);
+        let refused = |bytes: Vec<u8>, shape| translate(&proto(bytes), shape).unwrap_err();
+        assert_eq!(
+            refused(yolo11n_obb_shaped_onnx(320, 1, 3), [1, 3, 320, 320]),
+            Unsupported("operator Sigmoid".into())
+        );
+        assert_eq!(
+            refused(embedding_model_onnx(224, 8, 64, 1), [1, 3, 224, 224]),
+            Unsupported("operator AveragePool".into())
+        );
     }
 }
