@@ -1,13 +1,14 @@
 //! The CPU backend's fast path: XNNPACK, the kernels onnxruntime and TensorFlow Lite run MobileNet-
 //! and EfficientNet-shaped models with on ARM, from Debian's `libxnnpack0` (bookworm and Raspberry Pi
-//! OS have it). The library is opened at run time, so an agent on a machine without it, or a model
-//! [`graph::translate`] has no translation for, runs on tract as before: the package recommends
-//! `libxnnpack0`, it does not depend on it.
+//! OS have it). The library is opened at run time, for the first model [`graph::translate`] has a
+//! translation for: an agent on a machine without it, or with a model it cannot translate, runs on
+//! tract as before. The package recommends `libxnnpack0`, it does not depend on it.
 //!
 //! A model is translated once into a [`graph::Graph`] (weights rearranged into XNNPACK's layouts),
 //! then planned into a runtime for a number of threads: the calling thread alone, or a pthreadpool of
-//! that many (the cores [`super::cpu::Cores`] gives the inference thread). A thread that runs the
-//! embedder with another number of cores gets a runtime of its own, planned on first use.
+//! that many (the cores [`super::cpu::Cores`] gives the inference thread). A model holds one runtime:
+//! run from a thread with another number of cores it is planned again for them
+//! ([`XnnpackModel::prepare`] does that ahead, and the service does it before a release goes live).
 
 pub mod graph;
 
@@ -466,13 +467,14 @@ impl XnnpackModel {
         shape: [usize; 4],
         threads: usize,
     ) -> Result<Self, XnnpackError> {
-        let api = api()?;
         use tract_onnx::prelude::Framework;
         let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(|e| {
             XnnpackError::Refused(format!("{} does not parse: {e}", path.display()))
         })?;
         let graph = graph::translate(&proto, shape)?;
         drop(proto);
+        // Opened for the first model it can run: an agent whose models all run on tract never maps it.
+        let api = api()?;
         let runtime = plan(api, &graph, threads.max(1))?;
         let input_len = graph.values[graph.input as usize]
             .dims
