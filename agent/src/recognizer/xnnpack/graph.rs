@@ -184,7 +184,8 @@ fn tensor_values(t: &pb::TensorProto) -> Result<(Vec<f64>, Vec<usize>), Unsuppor
             t.name, t.data_type
         ));
     };
-    if values.len() != dims.iter().product::<usize>() {
+    let count = dims.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+    if count != Some(values.len()) {
         return unsupported(format!(
             "initializer {:?} holds {} values for dims {:?}",
             t.name,
@@ -676,4 +677,62 @@ pub fn translate(model: &pb::ModelProto, shape: [usize; 4]) -> Result<Graph, Uns
     b.graph.output = out.id;
     b.graph.output_len = b.graph.values[out.id as usize].dims.iter().product();
     Ok(b.graph)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model whose only node is a 1x1 convolution by `weight` (dims and raw little-endian bytes).
+    fn one_conv(dims: Vec<i64>, raw: Vec<u8>) -> pb::ModelProto {
+        let input = |name: &str| pb::ValueInfoProto {
+            name: name.into(),
+            ..Default::default()
+        };
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: vec![pb::NodeProto {
+                    input: vec!["image".into(), "w".into()],
+                    output: vec!["out".into()],
+                    op_type: "Conv".into(),
+                    ..Default::default()
+                }],
+                initializer: vec![pb::TensorProto {
+                    name: "w".into(),
+                    dims,
+                    data_type: pb::tensor_proto::DataType::Float as i32,
+                    raw_data: raw,
+                    ..Default::default()
+                }],
+                input: vec![input("image")],
+                output: vec![input("out")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_weight_whose_dims_do_not_match_its_data_is_refused_not_trusted() {
+        let shape = [1, 3, 8, 8];
+        // Dims whose product overflows, over 4 bytes.
+        let huge = translate(&one_conv(vec![1 << 33, 1 << 33, 1, 1], vec![0; 4]), shape);
+        assert!(matches!(huge, Err(Unsupported(m)) if m.contains("holds 1 values")));
+        let short = translate(&one_conv(vec![4, 3, 1, 1], vec![0; 8]), shape);
+        assert!(matches!(short, Err(Unsupported(m)) if m.contains("holds 2 values")));
+        let negative = translate(&one_conv(vec![4, -3, 1, 1], vec![]), shape);
+        assert!(matches!(negative, Err(Unsupported(m)) if m.contains("has dims")));
+        // And a well-formed one translates: 4 output channels from 3, 1x1.
+        let good = translate(&one_conv(vec![4, 3, 1, 1], vec![0; 48]), shape).unwrap();
+        assert_eq!(good.output_len, 4 * 8 * 8);
+        assert!(matches!(
+            good.nodes[..],
+            [Node::Convolution {
+                groups: 1,
+                group_input_channels: 3,
+                group_output_channels: 4,
+                ..
+            }]
+        ));
+    }
 }
