@@ -1,8 +1,8 @@
 //! The CPU backend: the release's ONNX model run by XNNPACK where it has a translation of the model
 //! and Debian's libxnnpack0 is installed ([`super::xnnpack`]), else by tract.
 //!
-//! On tract, one plan is optimised at load for one image (a concrete batch of 1), and a batch runs image by image:
-//! nothing is padded, and the weights are held once. A symbolic batch dimension looked attractive (one
+//! On tract, one plan is optimised at load for one image (a concrete batch of 1), and a batch runs
+//! image by image: nothing is padded, and the weights are held once. A symbolic batch dimension looked attractive (one
 //! plan for every batch size) but costs tract most of its convolution optimisations: on the generated
 //! EfficientNet-Lite0-shaped model an image took 117 ms with it and 28 ms without (`deckhand bench
 //! recognizer`; batching gained nothing on either model). It runs on the inference thread, which may
@@ -255,7 +255,8 @@ impl CpuEmbedder {
     }
 
     /// The model at `path` on the engine `choice` allows. XNNPACK's runtime is planned for the cores
-    /// of the calling thread ([`Cores::current_threads`]); a thread with other cores plans its own.
+    /// of the calling thread ([`Cores::current_threads`]); [`Embedder::prepare`] re-plans it for
+    /// another thread count (the inference thread's) before a swap goes live.
     pub fn load_with(
         path: &Path,
         s: &RecognizerSettings,
