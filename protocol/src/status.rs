@@ -435,6 +435,11 @@ pub struct PeerInfo {
     /// Whether its last Hello said it can fetch from the origin.
     #[serde(default)]
     pub origin: Option<bool>,
+    /// This agent's own connection to it is up and it answered a Hello recently: a download asks it for
+    /// chunks and counts it among the agents sharing the origin fetches. A peer heard only over the
+    /// connection it opened is `live` before this agent's dial back makes it `connected`.
+    #[serde(default)]
+    pub connected: bool,
 }
 
 /// `GET /v1/fleet`: the shop as one agent sees it, itself first.

@@ -605,6 +605,7 @@ impl PeerNode {
                         _ => p.last_error.clone(),
                     },
                     origin: p.hello.as_ref().map(|h| h.origin),
+                    connected: p.connected(now),
                 }
             })
             .collect();

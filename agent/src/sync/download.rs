@@ -275,7 +275,11 @@ impl<'e> Pump<'e> {
             .cloned()
             .collect();
         for peer in gone {
-            self.known.remove(&peer);
+            // Its origin pieces go to the others: rare, and the reason a piece can cross the uplink
+            // twice, so it is logged.
+            if self.known.remove(&peer) == Some(true) {
+                tracing::info!(%peer, "a peer sharing the origin fetches is no longer usable; its pieces go to the others");
+            }
             self.fetch.handle(Event::PeerDown { peer }, t);
         }
         if t >= self.refresh_at {
@@ -295,7 +299,9 @@ impl<'e> Pump<'e> {
             && hello.origin;
         let new = !self.known.contains_key(peer);
         if self.known.get(peer) != Some(&shares) {
-            self.known.insert(peer.to_owned(), shares);
+            if self.known.insert(peer.to_owned(), shares) == Some(true) {
+                tracing::info!(%peer, pending = ?hello.pending.map(|r| r.version), origin = hello.origin, "a peer stopped sharing the origin fetches; its pieces go to the others");
+            }
             let peer = peer.to_owned();
             self.fetch.handle(Event::PeerUp { peer, shares }, t);
         }

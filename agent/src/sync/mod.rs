@@ -764,6 +764,9 @@ impl Engine {
     /// and peers are told this agent does not share the origin fetches.
     fn origin_failed(&mut self, e: &OriginError) {
         if e.is_unreachable() || e.is_denied() {
+            if self.origin_last_ok {
+                tracing::info!(cause = %e, "the origin failed: this agent stops sharing the origin fetches until it answers again");
+            }
             self.origin_down_until = Some(Instant::now() + self.fetch_config().origin_retry);
             self.origin_last_ok = false;
             self.announce();

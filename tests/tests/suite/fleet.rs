@@ -48,6 +48,30 @@ fn with_renamed_card(fleet: &Fleet, files: &ReleaseFiles, card: &str, name: &str
     out
 }
 
+/// The lines of the agents' logs that say why a piece's designated origin fetcher changed during a
+/// download (a peer that stopped sharing, an origin that failed, a verdict), for a failure's message.
+fn group_changes(fleet: &Fleet) -> String {
+    let mut out = String::new();
+    for a in &fleet.agents {
+        let log = fleet.join(format!("logs/{}.log", a.name));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines().filter(|l| {
+            [
+                "origin fetches",
+                "set aside",
+                "banned",
+                "stalled",
+                "release accepted",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
+            out.push_str(&format!("{}: {line}\n", a.name));
+        }
+    }
+    out
+}
+
 fn is_version(v: u64) -> impl Fn(&Status) -> bool {
     move |s| s.active_version() == Some(v)
 }
@@ -55,7 +79,8 @@ fn is_version(v: u64) -> impl Fn(&Status) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_needs_no_s3() {
     // Five agents; each dials those started before it (they learn the later ones from their Hellos).
-    // Once every agent sees the four others, the release is published.
+    // Once every agent sees the four others and is connected to them by its own dial, the release is
+    // published.
     let mut fleet = shop("fleet-five")
         .agents(5)
         .release(64 * MIB)
@@ -126,7 +151,9 @@ async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_nee
         let mine = designated[&ids[i]];
         assert!(
             origin <= mine + maps,
-            "pi-{i} pulled {origin} bytes from S3 but was designated for {mine} (+{maps} of chunk maps)"
+            "pi-{i} pulled {origin} bytes from S3 but was designated for {mine} (+{maps} of chunk maps); \
+             what changed the agents' origin groups:\n{}",
+            group_changes(&fleet)
         );
         // Every chunk arrived, raw from peers or packed from S3.
         assert!(
@@ -165,10 +192,20 @@ async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_nee
     assert_eq!(s.bytes_from_origin, 0, "{s:?}");
     assert!(s.bytes_from_peers >= need, "{s:?}");
     assert_eq!(fleet.s3().stats().bytes_sent(), 0);
+    // The newcomer does try S3, and finds it down: a poll it makes after it had the release from its
+    // peers (when that came first) still counts.
+    let s = newcomer
+        .wait_for(secs(30), "the newcomer finding S3 down", |s| {
+            s.offline_since.is_some()
+        })
+        .await
+        .unwrap();
     assert!(
         fleet.s3().stats().refused() > 0,
-        "the newcomer never tried S3, so S3 being down proved nothing"
+        "the server refused nothing, so S3 being down proved nothing"
     );
+    assert_eq!(s.bytes_from_origin, 0, "{s:?}");
+    assert_eq!(fleet.s3().stats().bytes_sent(), 0);
     let (code, answer) = newcomer.recognize(&photo).await.unwrap();
     assert_eq!((code, answer["manifest_version"].as_u64()), (200, Some(1)));
     fleet.stop().await.unwrap();

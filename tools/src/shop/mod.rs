@@ -294,9 +294,18 @@ impl FleetBuilder {
         }
         if fleet.quic && self.agents > 1 {
             fleet
-                .wait_all(Duration::from_secs(30), "every other agent live", |s| {
-                    s.live_peers() + 1 == self.agents
-                })
+                // Connected too, each by its own dial back: a download counts a peer among the agents
+                // sharing the origin fetches only then. Live alone (heard over the connection the peer
+                // opened), a release published in that moment was shared out among fewer agents, and
+                // the five-agent test saw a piece cross the uplink twice (one run in about fifteen).
+                .wait_all(
+                    Duration::from_secs(30),
+                    "every other agent live and connected",
+                    |s| {
+                        s.live_peers() + 1 == self.agents
+                            && s.peers.iter().filter(|p| p.connected).count() + 1 == self.agents
+                    },
+                )
                 .await?;
         }
         if let Some(uplink) = self.uplink {
