@@ -398,6 +398,15 @@ pub fn render_status(
         disk.map_or(0, |d| d.bytes_needed),
         u8::from(status.fleet_error.is_none()),
     );
+    if let Some(d) = &status.dial_table {
+        let _ = write!(
+            out,
+            "# HELP deckhand_quic_connections QUIC connections open, dialed or accepted (one per peer once settled).\n\
+             # TYPE deckhand_quic_connections gauge\n\
+             deckhand_quic_connections {}\n",
+            d.connections
+        );
+    }
     if let Some(s) = &status.scrub {
         let _ = write!(
             out,

@@ -235,14 +235,7 @@ impl Sources {
             manifest_dates,
             fleet_error,
             fleet_trust: creds.map(|c| c.trust()),
-            dial_table: self.peers.as_ref().map(|p| {
-                let (known, evicted, forgotten) = p.dial_table();
-                deckhand_protocol::status::DialTable {
-                    known,
-                    evicted,
-                    forgotten,
-                }
-            }),
+            dial_table: self.peers.as_ref().map(|p| p.dial_table()),
             store_repair: store_repair(self.store.recovery()),
             scrub: self
                 .scrub

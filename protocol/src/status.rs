@@ -199,6 +199,10 @@ pub struct DialTable {
     pub evicted: u64,
     /// Forgotten after failing again and again (adverts that never connect).
     pub forgotten: u64,
+    /// QUIC connections open at this agent's endpoint, whichever side dialed them: one per peer once
+    /// a pair has settled on one (and any a stranger or a probe holds open).
+    #[serde(default)]
+    pub connections: usize,
 }
 
 /// What the newest fleet bundle taken (`deckhand fleet renew|revoke|rotate-ca|retire-ca`) left this
@@ -435,9 +439,10 @@ pub struct PeerInfo {
     /// Whether its last Hello said it can fetch from the origin.
     #[serde(default)]
     pub origin: Option<bool>,
-    /// This agent's own connection to it is up and it answered a Hello recently: a download asks it for
-    /// chunks and counts it among the agents sharing the origin fetches. A peer heard only over the
-    /// connection it opened is `live` before this agent's dial back makes it `connected`.
+    /// The pair's connection (whichever side dialed it) is up and the peer answered a Hello recently: a
+    /// download asks it for chunks and counts it among the agents sharing the origin fetches. A peer
+    /// whose connection closed stays `live`, not connected, until its last Hello is 8 s old (unless it
+    /// said it left).
     #[serde(default)]
     pub connected: bool,
 }

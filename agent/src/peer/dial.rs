@@ -4,14 +4,16 @@
 use super::*;
 
 impl PeerNode {
-    /// Records a peer's Hello, learnt from either side of a connection. Sends a hint if it announces a
-    /// newer release of our deployment.
+    /// Records a peer's Hello, learnt on `conn` (`mine`: this agent dialed it). The connection becomes
+    /// the peer's unless another is open to it that the pair keeps instead ([`keeps_new`]): the one
+    /// not kept is closed. Sends a hint if the Hello announces a newer release of our deployment.
     pub(super) fn record_hello(
         &self,
         id: &str,
         hello: Hello,
         addr: SocketAddr,
-        conn: Option<quinn::Connection>,
+        conn: &quinn::Connection,
+        mine: bool,
     ) {
         let local = self.local();
         let announced = hello.newest().unwrap_or(0);
@@ -22,6 +24,7 @@ impl PeerNode {
         let newer_fleet = hello.newer_fleet(self.inner.fleet.current().number());
         let ours = hello.deployment == self.inner.deployment;
         let rejects = hello.rejected;
+        let mut dropped = None;
         let rejection_changed = {
             let mut peers = crate::locks::lock(&self.inner.peers, "peers");
             if !peers.contains_key(id) && peers.len() >= MAX_PEERS {
@@ -30,9 +33,17 @@ impl PeerNode {
             let p = peers
                 .entry(id.to_owned())
                 .or_insert_with(|| PeerState::new(addr));
-            if let Some(c) = conn {
-                p.conn = Some(c);
-                p.addr = addr;
+            match p.conn.clone().filter(|c| c.close_reason().is_none()) {
+                Some(old) if old.stable_id() == conn.stable_id() => p.addr = addr,
+                Some(_) if !keeps_new(&self.inner.me, id, p.mine, mine) => {
+                    dropped = Some(conn.clone())
+                }
+                old => {
+                    dropped = old;
+                    p.conn = Some(conn.clone());
+                    p.mine = mine;
+                    p.addr = addr;
+                }
             }
             let before = p.hello.as_ref().and_then(|h| h.rejected);
             p.hello = Some(hello);
@@ -40,6 +51,10 @@ impl PeerNode {
             p.left = false;
             rejects.is_some() && before != rejects
         };
+        if let Some(c) = dropped {
+            tracing::debug!(peer = %id, "a second connection to the peer: closing one of the two");
+            c.close(0u8.into(), DUPLICATE);
+        }
         if ours && rejection_changed {
             self.inner.rejections.notify_one();
         }
@@ -105,17 +120,18 @@ impl PeerNode {
 
     /// One dial: `false` when it reached no member (nothing answered, or not with a fleet identity).
     async fn try_dial(&self, addr: SocketAddr) -> bool {
-        let connecting = match self.inner.endpoint.connect_with(
-            crate::locks::lock(&self.inner.client, "client config").clone(),
-            addr,
-            PEER_NAME,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(%addr, cause = %e, "cannot dial");
-                return false;
-            }
-        };
+        let connecting =
+            match self
+                .inner
+                .endpoint
+                .connect_with(self.client_config(), addr, PEER_NAME)
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%addr, cause = %e, "cannot dial");
+                    return false;
+                }
+            };
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -131,6 +147,11 @@ impl PeerNode {
             conn.close(1u8.into(), b"no fleet identity");
             return false;
         };
+        // A handshake judged under credentials replaced while it ran (a revocation taken).
+        if !self.still_valid(&conn) {
+            conn.close(1u8.into(), b"certificate no longer valid");
+            return false;
+        }
         crate::locks::lock(&self.inner.addrs, "addresses").connected(addr, Instant::now());
         if id == self.inner.me {
             conn.close(0u8.into(), b"self");
@@ -144,29 +165,48 @@ impl PeerNode {
             }
             return true;
         }
-        // One connection per peer: a second address of a connected peer is dropped.
+        // One connection per peer, whichever side dialed it: a peer connected already (by either
+        // side, at this address or another) is not dialed again.
         let already = self.conn(&id).is_ok();
         if already {
-            conn.close(0u8.into(), b"duplicate");
+            conn.close(0u8.into(), DUPLICATE);
             {
                 let mut a = crate::locks::lock(&self.inner.addrs, "addrs");
                 a.remove(&addr);
             }
             return true;
         }
-        if let Err(e) = self.exchange_hello(&id, addr, conn).await {
+        if self.is_banned(&id) {
+            // Counted as a failed dial: the address backs off while the ban stands.
+            conn.close(2u8.into(), b"banned");
+            return false;
+        }
+        if let Err(e) = self.exchange_hello(&id, addr, conn.clone(), true).await {
             tracing::debug!(peer = %id, cause = %e, "hello failed");
-        } else {
+            return true;
+        }
+        // Kept (a dial that crossed the peer's may have lost): serve the peer's requests on it too.
+        if self
+            .conn(&id)
+            .is_ok_and(|c| c.stable_id() == conn.stable_id())
+        {
             tracing::info!(peer = %id, %addr, "connected");
+            let node = self.clone();
+            let span = tracing::info_span!("peer", peer = %id, remote = %addr);
+            self.inner
+                .tasks
+                .spawn(async move { node.serve_conn(id, conn, true).await }.instrument(span));
         }
         true
     }
 
+    /// Sends this agent's Hello on `conn` (`mine`: this agent dialed it) and records the answer.
     async fn exchange_hello(
         &self,
         id: &str,
         addr: SocketAddr,
         conn: quinn::Connection,
+        mine: bool,
     ) -> Result<(), PeerError> {
         let resp = roundtrip(
             &conn,
@@ -178,7 +218,7 @@ impl PeerNode {
         .await?;
         match resp {
             Response::Hello(h) if h.agent_id == id => {
-                self.record_hello(id, *h, addr, Some(conn));
+                self.record_hello(id, *h, addr, &conn, mine);
                 Ok(())
             }
             Response::Hello(h) => Err(PeerError::Remote {
@@ -190,9 +230,21 @@ impl PeerNode {
     }
 
     /// A peer's connection found closed: whether it said it was leaving is kept, the connection
-    /// dropped, and its address handed to the dial table (the caller wakes the dial loop). Called with
-    /// the peers lock held (peers before addresses, as everywhere).
-    fn forget_closed(&self, p: &mut PeerState, conn: &quinn::Connection, error: Option<String>) {
+    /// dropped, and its address handed to the dial table (the caller wakes the dial loop). Nothing is
+    /// done when the peer's connection is another one by now. Called with the peers lock held (peers
+    /// before addresses, as everywhere).
+    pub(super) fn forget_closed(
+        &self,
+        p: &mut PeerState,
+        conn: &quinn::Connection,
+        error: Option<String>,
+    ) {
+        if p.conn
+            .as_ref()
+            .is_none_or(|c| c.stable_id() != conn.stable_id())
+        {
+            return;
+        }
         p.left |= closed_by_leaving(conn);
         p.conn = None;
         if error.is_some() {
@@ -210,7 +262,7 @@ impl PeerNode {
             };
             let now = Instant::now();
             let mut closed = false;
-            let conns: Vec<(String, SocketAddr, quinn::Connection, bool)> =
+            let conns: Vec<(String, SocketAddr, quinn::Connection, bool, bool)> =
                 crate::locks::lock(&self.inner.peers, "peers")
                     .iter_mut()
                     .filter_map(|(id, s)| {
@@ -224,14 +276,14 @@ impl PeerNode {
                         // A change goes to everyone; the timer skips a peer just heard from.
                         let heard =
                             !changed && s.last_hello.is_some_and(|t| now.duration_since(t) < HEARD);
-                        Some((id.clone(), s.addr, c, !heard))
+                        Some((id.clone(), s.addr, c, s.mine, !heard))
                     })
                     .collect();
             if closed {
                 // Its address is dialed again at once.
                 self.inner.dial_wake.notify_one();
             }
-            let jobs = conns.into_iter().map(|(id, addr, conn, exchange)| {
+            let jobs = conns.into_iter().map(|(id, addr, conn, mine, exchange)| {
                 let node = self.clone();
                 async move {
                     let ends = super::presented_ends(&conn);
@@ -241,7 +293,7 @@ impl PeerNode {
                     } else if !exchange {
                         return;
                     }
-                    if let Err(e) = node.exchange_hello(&id, addr, conn.clone()).await {
+                    if let Err(e) = node.exchange_hello(&id, addr, conn.clone(), mine).await {
                         tracing::debug!(peer = %id, cause = %e, "gossip failed");
                         if conn.close_reason().is_some()
                             && let Some(p) =

@@ -202,7 +202,11 @@ pub struct PeerConfig {
 
 struct PeerState {
     addr: SocketAddr,
+    /// The one connection to the peer, whichever side dialed it: both sides make requests on it and
+    /// serve the other's ([`keeps_new`] picks one when two cross).
     conn: Option<quinn::Connection>,
+    /// Whether this agent dialed `conn`.
+    mine: bool,
     hello: Option<Hello>,
     last_hello: Option<Instant>,
     bytes_from: u64,
@@ -226,6 +230,7 @@ impl PeerState {
         PeerState {
             addr,
             conn: None,
+            mine: false,
             hello: None,
             last_hello: None,
             bytes_from: 0,
@@ -254,8 +259,9 @@ struct Inner {
     me: String,
     deployment: String,
     endpoint: quinn::Endpoint,
-    /// The client side of this agent's credentials (replaced when a fleet bundle is taken).
-    client: Mutex<quinn::ClientConfig>,
+    /// The client side of this agent's credentials, and the credentials it was made of: made again at
+    /// the first dial after a fleet bundle is taken ([`PeerNode::client_config`]).
+    client: Mutex<(Arc<tls::FleetCredentials>, quinn::ClientConfig)>,
     fleet: Arc<renewal::Fleet>,
     streams_per_peer: u32,
     store: Store,
@@ -313,9 +319,27 @@ pub type StatusSource = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 /// How long a peer has to answer a status request (the shop page waits for it).
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// Which of two open connections between this agent (`me`) and `peer` the pair keeps, given which side
+/// dialed each: `true` for the new one. Both sides decide alike, so a pair holds one connection, which
+/// carries each side's requests and Hellos (a second would only carry keep-alives):
+/// * dialed by different sides (two dials crossed): the one dialed by the smaller agent id;
+/// * both by the peer: the new one (it dialed again because it lost the old one, which this side has
+///   not noticed yet);
+/// * both by this agent: the old one (a second address of a peer it reached already).
+fn keeps_new(me: &str, peer: &str, old_mine: bool, new_mine: bool) -> bool {
+    match (old_mine, new_mine) {
+        (true, true) => false,
+        (false, false) => true,
+        (false, true) => me < peer,
+        (true, false) => peer < me,
+    }
+}
+
 /// The application close code an agent leaving on purpose sends its peers.
 const LEAVING: u32 = 0;
 const LEAVING_REASON: &[u8] = b"shutting down";
+/// The reason a connection to a peer connected by another one already is closed with.
+const DUPLICATE: &[u8] = b"duplicate";
 
 /// This agent's QUIC endpoint, its peer table, and the background tasks that keep it fresh.
 #[derive(Clone)]
@@ -354,7 +378,7 @@ impl PeerNode {
                 me: creds.agent_id.clone(),
                 deployment: cfg.deployment.clone(),
                 endpoint,
-                client: Mutex::new(client),
+                client: Mutex::new((creds.clone(), client)),
                 fleet: cfg.fleet.clone(),
                 streams_per_peer: cfg.streams_per_peer.max(1),
                 store,
@@ -457,11 +481,17 @@ impl PeerNode {
         self.inner.rejections.notified().await;
     }
 
-    /// Addresses known to dial, and how many were evicted for newer ones and forgotten after failing.
-    pub fn dial_table(&self) -> (usize, u64, u64) {
+    /// The addresses known to dial, how many were evicted for newer ones and forgotten after failing,
+    /// and the QUIC connections open (dialed or accepted).
+    pub fn dial_table(&self) -> deckhand_protocol::status::DialTable {
         let t = crate::locks::lock(&self.inner.addrs, "addresses");
-        let (evicted, aged_out) = t.dropped();
-        (t.len(), evicted, aged_out)
+        let (evicted, forgotten) = t.dropped();
+        deckhand_protocol::status::DialTable {
+            known: t.len(),
+            evicted,
+            forgotten,
+            connections: self.inner.endpoint.open_connections(),
+        }
     }
 
     /// Updates what this agent announces, and tells connected peers at once if it changed.
@@ -504,6 +534,25 @@ impl PeerNode {
         }
     }
 
+    /// The client side of this agent's credentials as they are now. Made again when they changed: a
+    /// connection closed because its peer no longer checks wakes the dial loop, which may dial before
+    /// `follow_fleet` runs, and a dial with the old revocation lists would connect again to the peer
+    /// just revoked. When the new ones do not make a config, the old one is kept (and said so).
+    pub(super) fn client_config(&self) -> quinn::ClientConfig {
+        let creds = self.inner.fleet.current();
+        let mut client = crate::locks::lock(&self.inner.client, "client config");
+        if !Arc::ptr_eq(&client.0, &creds) {
+            match creds.client_config() {
+                Ok(c) => *client = (creds, c),
+                Err(e) => {
+                    tracing::error!(cause = %e, "cannot dial with the new fleet credentials; dialing with the old ones");
+                    client.0 = creds;
+                }
+            }
+        }
+        client.1.clone()
+    }
+
     /// Whether the certificate a connection's peer presented still checks under this agent's
     /// credentials as they are now.
     fn still_valid(&self, conn: &quinn::Connection) -> bool {
@@ -533,8 +582,9 @@ impl PeerNode {
     }
 
     /// Switches the endpoint to new credentials when a fleet bundle is taken: the server side for the
-    /// next handshakes, the client side for the next dials; connections whose peer no longer checks
-    /// (revoked, its CA retired) are closed; peers hear the new bundle number in the next Hello.
+    /// next handshakes (the client side is made again at the next dial); connections whose peer no
+    /// longer checks (revoked, its CA retired) are closed; peers hear the new bundle number in the next
+    /// Hello.
     async fn follow_fleet(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut changed = self.inner.fleet.subscribe();
         loop {
@@ -543,14 +593,8 @@ impl PeerNode {
                 _ = stop.changed() => return,
             }
             let creds = self.inner.fleet.current();
-            let configs = creds
-                .server_config(self.inner.streams_per_peer)
-                .and_then(|s| Ok((s, creds.client_config()?)));
-            match configs {
-                Ok((server, client)) => {
-                    self.inner.endpoint.set_server_config(Some(server));
-                    *crate::locks::lock(&self.inner.client, "client config") = client;
-                }
+            match creds.server_config(self.inner.streams_per_peer) {
+                Ok(server) => self.inner.endpoint.set_server_config(Some(server)),
                 Err(e) => {
                     tracing::error!(cause = %e, "cannot use the new fleet credentials; the endpoint keeps the old ones");
                     continue;
@@ -832,4 +876,51 @@ fn wall(now: Instant, t: Instant) -> String {
             .and_then(|d| ts.checked_sub(d).ok())
     };
     shifted.unwrap_or(ts).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keeps_new;
+
+    #[test]
+    fn both_sides_of_a_pair_keep_the_same_one_of_two_connections() {
+        // A connection is named by who dialed it; each side sees `mine` from its own end.
+        for (a, b) in [("pi-1", "pi-2"), ("pi-2", "pi-1")] {
+            // Two dials crossed: whichever each side recorded first, both keep the smaller id's.
+            for (old_by, new_by) in [(a, b), (b, a)] {
+                let kept_by_a = if keeps_new(a, b, old_by == a, new_by == a) {
+                    new_by
+                } else {
+                    old_by
+                };
+                let kept_by_b = if keeps_new(b, a, old_by == b, new_by == b) {
+                    new_by
+                } else {
+                    old_by
+                };
+                assert_eq!(
+                    kept_by_a,
+                    a.min(b),
+                    "{a} keeps the connection dialed by the smaller id"
+                );
+                assert_eq!(
+                    kept_by_b,
+                    a.min(b),
+                    "{b} keeps the connection dialed by the smaller id"
+                );
+                // Recorded in the other order on one side, the choice is the same.
+                let swapped = if keeps_new(b, a, new_by == b, old_by == b) {
+                    old_by
+                } else {
+                    new_by
+                };
+                assert_eq!(swapped, kept_by_a);
+            }
+        }
+        // A peer that dials again lost its old connection: its new one is kept. This agent's own
+        // second dial (another address of the same peer) is not.
+        assert!(keeps_new("pi-1", "pi-2", false, false));
+        assert!(keeps_new("pi-2", "pi-1", false, false));
+        assert!(!keeps_new("pi-1", "pi-2", true, true));
+    }
 }

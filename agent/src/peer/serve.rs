@@ -95,15 +95,19 @@ impl PeerNode {
                     conn.close(1u8.into(), b"no fleet identity");
                     return;
                 };
+                // A handshake judged under credentials replaced while it ran (a revocation taken).
+                if !node.still_valid(&conn) {
+                    tracing::info!(peer = %id, %remote, "refused an incoming connection: the peer's certificate no longer checks");
+                    conn.close(1u8.into(), b"certificate no longer valid");
+                    return;
+                }
                 let Some(_slot) = node.member_slot(&id) else {
                     tracing::warn!(peer = %id, %remote, limit = admission::PER_MEMBER, "refused a connection: the member holds its share already");
                     conn.close(3u8.into(), b"too many connections");
                     return;
                 };
                 let span = tracing::info_span!("peer", peer = %id, %remote);
-                node.serve_conn(id, conn).instrument(span).await;
-                // Its address (if this agent dials it too) is due again.
-                node.inner.dial_wake.notify_one();
+                node.serve_conn(id, conn, false).instrument(span).await;
             });
         }
         self.inner.endpoint.close(LEAVING.into(), LEAVING_REASON);
@@ -161,16 +165,27 @@ impl PeerNode {
         })
     }
 
-    async fn serve_conn(&self, id: String, conn: quinn::Connection) {
+    /// Serves the requests a peer makes on a connection, whichever side dialed it (`mine`: this agent
+    /// did), until it closes. When it was the peer's connection, that is recorded at once and the
+    /// peer's address is due for a dial again.
+    pub(super) async fn serve_conn(&self, id: String, conn: quinn::Connection, mine: bool) {
+        self.serve_streams(&id, &conn, mine).await;
+        if let Some(p) = crate::locks::lock(&self.inner.peers, "peers").get_mut(&id) {
+            self.forget_closed(p, &conn, None);
+        }
+        self.inner.dial_wake.notify_one();
+    }
+
+    async fn serve_streams(&self, id: &str, conn: &quinn::Connection, mine: bool) {
         let mut fleet = self.inner.fleet.subscribe();
-        let ends = super::presented_ends(&conn);
+        let ends = super::presented_ends(conn);
         loop {
             let accepted = tokio::select! {
                 a = conn.accept_bi() => a,
                 Ok(()) = fleet.changed() => {
                     // New credentials (a revocation, a retired CA): a peer that no longer checks
                     // is dropped from the connections it opened too.
-                    if !self.still_valid(&conn) {
+                    if !self.still_valid(conn) {
                         tracing::warn!(peer = %id, "closing the connection: the peer's certificate no longer checks");
                         conn.close(1u8.into(), b"certificate no longer valid");
                         return;
@@ -182,8 +197,8 @@ impl PeerNode {
                 Ok(s) => s,
                 Err(_) => {
                     // A peer known only by the connections it opened says here that it left.
-                    if closed_by_leaving(&conn)
-                        && let Some(p) = crate::locks::lock(&self.inner.peers, "peers").get_mut(&id)
+                    if closed_by_leaving(conn)
+                        && let Some(p) = crate::locks::lock(&self.inner.peers, "peers").get_mut(id)
                     {
                         p.left = true;
                         tracing::info!(peer = %id, "the peer left");
@@ -191,19 +206,19 @@ impl PeerNode {
                     return;
                 }
             };
-            if self.is_banned(&id) {
+            if self.is_banned(id) {
                 conn.close(2u8.into(), b"banned");
                 return;
             }
             if self.outlived(ends) {
-                self.close_outlived(&id, &conn, ends);
+                self.close_outlived(id, conn, ends);
                 return;
             }
             let node = self.clone();
-            let (id2, remote) = (id.clone(), conn.remote_address());
+            let (id2, conn2) = (id.to_owned(), conn.clone());
             self.inner.tasks.spawn(
                 async move {
-                    if let Err(e) = node.serve_stream(&id2, remote, send, recv).await {
+                    if let Err(e) = node.serve_stream(&id2, &conn2, mine, send, recv).await {
                         tracing::debug!(cause = %e, "stream ended with an error");
                     }
                 }
@@ -215,7 +230,8 @@ impl PeerNode {
     async fn serve_stream(
         &self,
         id: &str,
-        remote: SocketAddr,
+        conn: &quinn::Connection,
+        mine: bool,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), PeerError> {
@@ -241,7 +257,7 @@ impl PeerNode {
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
-            Ok(req) => self.answer(id, remote, req).await,
+            Ok(req) => self.answer(id, conn, mine, req).await,
         };
         let bytes = response.encode();
         if let Response::Chunk { data } = &response {
@@ -265,9 +281,15 @@ impl PeerNode {
         Ok(())
     }
 
-    async fn answer(&self, id: &str, remote: SocketAddr, req: Request) -> Response {
+    async fn answer(
+        &self,
+        id: &str,
+        conn: &quinn::Connection,
+        mine: bool,
+        req: Request,
+    ) -> Response {
         match req {
-            Request::Hello(h) => self.answer_hello(id, remote, *h),
+            Request::Hello(h) => self.answer_hello(id, conn, mine, *h),
             Request::GetManifest { deployment } => {
                 if deployment != self.inner.deployment {
                     return Response::NotFound;
@@ -345,9 +367,11 @@ impl PeerNode {
         }
     }
 
-    /// A peer's Hello: its claimed id must be its certificate's; its address is learnt (with the
-    /// address it came from when it listens on any) and its state recorded. Answered with ours.
-    fn answer_hello(&self, id: &str, remote: SocketAddr, h: Hello) -> Response {
+    /// A peer's Hello on `conn`: its claimed id must be its certificate's; its state is recorded, with
+    /// the connection (which serves this agent's requests to the peer too), and its address is learnt
+    /// (with the address it came from when it listens on any). Answered with ours.
+    fn answer_hello(&self, id: &str, conn: &quinn::Connection, mine: bool, h: Hello) -> Response {
+        let remote = conn.remote_address();
         if h.agent_id != id {
             return Response::Error {
                 message: format!(
@@ -357,17 +381,16 @@ impl PeerNode {
             };
         }
         // The peer's own listen address, with the address it actually came from.
-        if let Ok(listen) = h.listen.parse::<SocketAddr>() {
-            let back = SocketAddr::new(
+        let back = h.listen.parse::<SocketAddr>().ok().map(|listen| {
+            SocketAddr::new(
                 if listen.ip().is_unspecified() {
                     remote.ip()
                 } else {
                     listen.ip()
                 },
                 listen.port(),
-            );
-            self.add_addr(back);
-        }
+            )
+        });
         let known = crate::locks::lock(&self.inner.peers, "peers").contains_key(id);
         let addr = h
             .listen
@@ -375,7 +398,12 @@ impl PeerNode {
             .ok()
             .filter(|a| !a.ip().is_unspecified())
             .unwrap_or(remote);
-        self.record_hello(id, h, addr, None);
+        // Recorded before its address is given to the dial loop, which then finds it connected: it
+        // is dialed only if this connection closes.
+        self.record_hello(id, h, addr, conn, mine);
+        if let Some(back) = back {
+            self.add_addr(back);
+        }
         if !known {
             tracing::info!(peer = id, "new peer");
         }

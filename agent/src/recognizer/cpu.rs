@@ -2,11 +2,12 @@
 //! and Debian's libxnnpack0 is installed ([`super::xnnpack`]), else by tract.
 //!
 //! On tract, one plan is optimised at load for one image (a concrete batch of 1), and a batch runs
-//! image by image: nothing is padded, and the weights are held once. A symbolic batch dimension looked attractive (one
-//! plan for every batch size) but costs tract most of its convolution optimisations: on the generated
-//! EfficientNet-Lite0-shaped model an image took 117 ms with it and 28 ms without (`deckhand bench
-//! recognizer`; batching gained nothing on either model). It runs on the inference thread, which may
-//! lend one image's convolutions and matrix products to a small pool of threads ([`Cores`]).
+//! image by image: nothing is padded, and the weights are held once. A symbolic batch dimension looked
+//! attractive (one plan for every batch size) but costs tract most of its convolution optimisations:
+//! on the generated EfficientNet-Lite0-shaped model an image took 117 ms with it and 28 ms without
+//! (`deckhand bench recognizer`; batching gained nothing on either model). It runs on the inference
+//! thread, which may lend one image's convolutions and matrix products to a small pool of threads
+//! ([`Cores`]).
 
 use super::{BackendError, Embedder};
 use deckhand_protocol::manifest::{ChannelLayout, RecognizerSettings};

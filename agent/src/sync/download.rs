@@ -549,9 +549,15 @@ impl<'e> Pump<'e> {
                 false
             }
             Some(RangeError::Origin(e)) => {
+                // The bytes received before it failed were counted; the chunks they did not complete
+                // are fetched again.
+                let received = outcome.received;
                 let why = if matches!(e, OriginError::Stalled { .. }) {
-                    tracing::info!(blob = %blob, ?range, cause = %e, "range GET abandoned as stalled; fetching it again");
+                    tracing::info!(blob = %blob, ?range, received, cause = %e, "range GET abandoned as stalled; fetching it again");
                     RangeFailure::Stalled
+                } else if received > 0 {
+                    tracing::info!(blob = %blob, ?range, received, cause = %e, "range GET failed part way; fetching the rest again");
+                    RangeFailure::Error
                 } else {
                     tracing::debug!(blob = %blob, ?range, cause = %e, "range GET failed");
                     RangeFailure::Error

@@ -8,7 +8,7 @@ use deckhand_tests::fixtures::{
     self, Perturbation, ReferenceSpec, card_image, encode_jpeg, perturb,
 };
 use deckhand_tests::{
-    Agent, AgentOptions, Credentials, Fleet, MIB, credentials, publish_to_dir, secs, shop,
+    Agent, AgentOptions, Credentials, Fleet, MIB, credentials, metric, publish_to_dir, secs, shop,
     unique_chunk_bytes,
 };
 use deckhand_tools::publish;
@@ -53,14 +53,14 @@ fn with_renamed_card(fleet: &Fleet, files: &ReleaseFiles, card: &str, name: &str
 fn group_changes(fleet: &Fleet) -> String {
     let mut out = String::new();
     for a in &fleet.agents {
-        let log = fleet.join(format!("logs/{}.log", a.name));
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = std::fs::read_to_string(a.log()).unwrap_or_default();
         for line in text.lines().filter(|l| {
             [
                 "origin fetches",
                 "set aside",
                 "banned",
                 "stalled",
+                "range GET",
                 "release accepted",
             ]
             .iter()
@@ -79,8 +79,7 @@ fn is_version(v: u64) -> impl Fn(&Status) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_needs_no_s3() {
     // Five agents; each dials those started before it (they learn the later ones from their Hellos).
-    // Once every agent sees the four others and is connected to them by its own dial, the release is
-    // published.
+    // Once every agent sees the four others and is connected to them, the release is published.
     let mut fleet = shop("fleet-five")
         .agents(5)
         .release(64 * MIB)
@@ -169,6 +168,19 @@ async fn five_agents_pull_a_64_mib_release_from_s3_about_once_and_a_newcomer_nee
         assert_eq!(answer["card_id"], spec.card_id(3));
         assert_eq!(answer["manifest_version"], 1);
     }
+    // Each pair holds one QUIC connection, which carried chunks both ways: an agent has four open, not
+    // one dialed and one accepted per peer. The gauge in /metrics says the same.
+    for a in &fleet.agents {
+        a.wait_for(secs(20), "one connection per peer", |s| {
+            s.dial_table.as_ref().is_some_and(|d| d.connections == 4)
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        metric(&fleet.agents[0], "deckhand_quic_connections").await,
+        4
+    );
 
     // S3 goes away; a new Pi joins (it knows one peer) and gets the release entirely from its peers. It
     // does try S3: the server counts the connections it refused.

@@ -294,10 +294,11 @@ impl FleetBuilder {
         }
         if fleet.quic && self.agents > 1 {
             fleet
-                // Connected too, each by its own dial back: a download counts a peer among the agents
-                // sharing the origin fetches only then. Live alone (heard over the connection the peer
-                // opened), a release published in that moment was shared out among fewer agents, and
-                // the five-agent test saw a piece cross the uplink twice (one run in about fifteen).
+                // Connected too: a download counts a peer among the agents sharing the origin fetches
+                // only while the pair's connection is up. (When each side dialed a connection of its
+                // own, a peer was live over the one it opened before the dial back connected; a release
+                // published then was shared out among fewer agents, and the five-agent test saw a piece
+                // cross the uplink twice, one run in about fifteen.)
                 .wait_all(
                     Duration::from_secs(30),
                     "every other agent live and connected",
