@@ -230,20 +230,21 @@ impl PeerNode {
     }
 
     /// A peer's connection found closed: whether it said it was leaving is kept, the connection
-    /// dropped, and its address handed to the dial table (the caller wakes the dial loop). Nothing is
-    /// done when the peer's connection is another one by now. Called with the peers lock held (peers
-    /// before addresses, as everywhere).
+    /// dropped, and its address handed to the dial table. Nothing is done when the peer's connection
+    /// is another one by now (`conn` lost a crossing of dials, or was replaced). Returns whether it
+    /// was the peer's connection: then the caller wakes the dial loop. Called with the peers lock held
+    /// (peers before addresses, as everywhere).
     pub(super) fn forget_closed(
         &self,
         p: &mut PeerState,
         conn: &quinn::Connection,
         error: Option<String>,
-    ) {
+    ) -> bool {
         if p.conn
             .as_ref()
             .is_none_or(|c| c.stable_id() != conn.stable_id())
         {
-            return;
+            return false;
         }
         p.left |= closed_by_leaving(conn);
         p.conn = None;
@@ -251,6 +252,7 @@ impl PeerNode {
             p.last_error = error;
         }
         crate::locks::lock(&self.inner.addrs, "addrs").add(p.addr, false, Instant::now());
+        true
     }
 
     pub(super) async fn gossip_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -269,8 +271,7 @@ impl PeerNode {
                         let c = s.conn.clone()?;
                         if c.close_reason().is_some() {
                             // Recorded once: the next round does not find it again.
-                            self.forget_closed(s, &c, None);
-                            closed = true;
+                            closed |= self.forget_closed(s, &c, None);
                             return None;
                         }
                         // A change goes to everyone; the timer skips a peer just heard from.
@@ -298,8 +299,8 @@ impl PeerNode {
                         if conn.close_reason().is_some()
                             && let Some(p) =
                                 crate::locks::lock(&node.inner.peers, "peers").get_mut(&id)
+                            && node.forget_closed(p, &conn, Some(e.to_string()))
                         {
-                            node.forget_closed(p, &conn, Some(e.to_string()));
                             node.inner.dial_wake.notify_one();
                         }
                     }

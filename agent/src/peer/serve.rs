@@ -167,13 +167,15 @@ impl PeerNode {
 
     /// Serves the requests a peer makes on a connection, whichever side dialed it (`mine`: this agent
     /// did), until it closes. When it was the peer's connection, that is recorded at once and the
-    /// peer's address is due for a dial again.
+    /// peer's address is due for a dial again (the loser of a crossing of dials wakes nothing).
     pub(super) async fn serve_conn(&self, id: String, conn: quinn::Connection, mine: bool) {
         self.serve_streams(&id, &conn, mine).await;
-        if let Some(p) = crate::locks::lock(&self.inner.peers, "peers").get_mut(&id) {
-            self.forget_closed(p, &conn, None);
+        let forgot = crate::locks::lock(&self.inner.peers, "peers")
+            .get_mut(&id)
+            .is_some_and(|p| self.forget_closed(p, &conn, None));
+        if forgot {
+            self.inner.dial_wake.notify_one();
         }
-        self.inner.dial_wake.notify_one();
     }
 
     async fn serve_streams(&self, id: &str, conn: &quinn::Connection, mine: bool) {
